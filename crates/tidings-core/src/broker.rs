@@ -1,0 +1,78 @@
+//! The broker contract: where offsets are assigned, history is kept and messages are fanned
+//! out to nodes.
+//!
+//! Contract every implementation keeps (the conformance suite in `conformance.rs` checks it):
+//! - `publish` assigns the channel's next offset, appends to history and hands the message to
+//!   every subscribed node's `Hub::deliver` as one atomic step per channel; it returns only
+//!   after the message is in history, so a success is never a lie.
+//! - Per channel, nodes receive messages in offset order.
+//! - `read` returns the channel's `top` (epoch, last offset) taken atomically with the replay,
+//!   which is what lets `Node::subscribe` discard live duplicates (register first, read, skip
+//!   offsets <= top).
+//! - `subscribe`/`unsubscribe` are node-level, called on a channel's first and last local
+//!   subscriber. Calls for one channel may race (a leave and a join at once): implementations
+//!   that keep remote subscriptions reconcile against `Hub::subscriber_count` rather than
+//!   trusting call order.
+//! - An unsupported capability answers `BrokerError::Unsupported`, never a silent no-op.
+
+pub mod memory;
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use thiserror::Error;
+
+use crate::channel::{ChannelName, EventName};
+use crate::history::{HistoryRead, Since};
+use crate::message::{Data, Message, Position};
+
+#[derive(Debug, Error, Clone, PartialEq, Eq)]
+pub enum BrokerError {
+    #[error("broker unavailable: {0}")]
+    Unavailable(String),
+    #[error("not supported by this broker: {0}")]
+    Unsupported(&'static str),
+}
+
+/// A channel's state as the broker knows it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ChannelStats {
+    pub top: Position,
+    pub history_len: usize,
+}
+
+#[async_trait]
+pub trait Broker: Send + Sync + 'static {
+    /// A short name for logs and `/readyz` (`memory`, `redis`).
+    fn kind(&self) -> &'static str;
+
+    async fn publish(
+        &self,
+        channel: &ChannelName,
+        event: Option<EventName>,
+        data: Data,
+    ) -> Result<Arc<Message>, BrokerError>;
+
+    /// Reads history from `since`, at most `limit` messages, with the channel's top.
+    async fn read(
+        &self,
+        channel: &ChannelName,
+        since: &Since,
+        limit: Option<usize>,
+    ) -> Result<HistoryRead, BrokerError>;
+
+    /// This node wants the channel's messages delivered to its hub.
+    async fn subscribe(&self, channel: &ChannelName) -> Result<(), BrokerError>;
+
+    /// This node no longer has local subscribers for the channel.
+    async fn unsubscribe(&self, channel: &ChannelName) -> Result<(), BrokerError>;
+
+    /// One channel's position and history length, `None` when the broker has no such channel.
+    async fn stats(&self, channel: &ChannelName) -> Result<Option<ChannelStats>, BrokerError>;
+
+    /// Channels the broker currently holds (with history or subscribers).
+    async fn channels(&self) -> Result<Vec<ChannelName>, BrokerError>;
+
+    /// Whether the broker can serve requests now (`/readyz`).
+    async fn ready(&self) -> Result<(), BrokerError>;
+}

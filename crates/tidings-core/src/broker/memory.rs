@@ -1,0 +1,186 @@
+//! The in-memory broker: one node, history in RAM, an epoch per channel incarnation.
+//!
+//! Concurrency: channels live in a sharded map of `Arc<Mutex<History>>` (std mutexes, never
+//! held across an `.await`). `publish` assigns the offset, appends and calls
+//! `Hub::deliver` under the channel's lock: that makes "in history before anyone sees it" and
+//! "delivered in offset order" hold by construction. Fan-out under the lock costs one queue
+//! push per local subscriber and blocks only other publishers of the same channel.
+//!
+//! A channel with no subscribers and no retained history is reclaimed by a sweeper task;
+//! when it comes back it gets a new epoch, so an old cursor reports `epoch_changed`.
+
+use std::collections::HashMap;
+use std::hash::{BuildHasher, RandomState};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use async_trait::async_trait;
+use tokio::time::Instant;
+
+use crate::broker::{Broker, BrokerError, ChannelStats};
+use crate::channel::{ChannelName, EventName};
+use crate::history::{History, HistoryRead, Since};
+use crate::hub::Hub;
+use crate::message::{Data, Epoch, Message};
+use crate::policy::Policies;
+
+const SHARDS: usize = 32;
+const SWEEP_EVERY: Duration = Duration::from_secs(5);
+
+type Channels = HashMap<ChannelName, Arc<Mutex<History>>>;
+
+pub struct MemoryBroker {
+    hub: Arc<Hub>,
+    policies: Arc<Policies>,
+    shards: Vec<Mutex<Channels>>,
+    hasher: RandomState,
+}
+
+fn relock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Every critical section leaves the data valid at each step; poisoning carries no meaning.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+pub fn now_millis() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+impl MemoryBroker {
+    /// Creates the broker and, inside a tokio runtime, its sweeper (which ends with the broker).
+    pub fn new(hub: Arc<Hub>, policies: Arc<Policies>) -> Arc<Self> {
+        let broker = Arc::new(Self {
+            hub,
+            policies,
+            shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+            hasher: RandomState::new(),
+        });
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            let weak = Arc::downgrade(&broker);
+            rt.spawn(sweep_loop(weak));
+        }
+        broker
+    }
+
+    fn shard(&self, channel: &ChannelName) -> &Mutex<Channels> {
+        &self.shards[(self.hasher.hash_one(channel) as usize) % SHARDS]
+    }
+
+    fn channel(&self, channel: &ChannelName) -> Arc<Mutex<History>> {
+        let mut shard = relock(self.shard(channel));
+        shard
+            .entry(channel.clone())
+            .or_insert_with(|| {
+                let policy = self.policies.for_channel(channel);
+                Arc::new(Mutex::new(History::new(
+                    channel.clone(),
+                    Epoch::random(),
+                    policy.history_size,
+                    policy.history_ttl,
+                )))
+            })
+            .clone()
+    }
+
+    /// Expires history everywhere and reclaims channels nobody follows and nothing is kept for.
+    pub fn sweep(&self) {
+        let now = Instant::now();
+        for shard in &self.shards {
+            let mut shard = relock(shard);
+            shard.retain(|name, history| {
+                let mut h = relock(history);
+                h.expire(now);
+                // The hub check happens under the shard lock: a subscriber that registers
+                // after it and then reads will create a fresh channel, which is consistent.
+                !h.is_empty() || self.hub.subscriber_count(name) > 0
+            });
+        }
+    }
+}
+
+async fn sweep_loop(broker: Weak<MemoryBroker>) {
+    let mut tick = tokio::time::interval(SWEEP_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        match broker.upgrade() {
+            Some(b) => b.sweep(),
+            None => return,
+        }
+    }
+}
+
+#[async_trait]
+impl Broker for MemoryBroker {
+    fn kind(&self) -> &'static str {
+        "memory"
+    }
+
+    async fn publish(
+        &self,
+        channel: &ChannelName,
+        event: Option<EventName>,
+        data: Data,
+    ) -> Result<Arc<Message>, BrokerError> {
+        let history = self.channel(channel);
+        let mut h = relock(&history);
+        let now = Instant::now();
+        h.expire(now);
+        let message = Arc::new(Message::new(
+            channel.clone(),
+            h.next_position(),
+            event,
+            data,
+            now_millis(),
+        ));
+        h.append(message.clone(), now);
+        self.hub.deliver(&message);
+        Ok(message)
+    }
+
+    async fn read(
+        &self,
+        channel: &ChannelName,
+        since: &Since,
+        limit: Option<usize>,
+    ) -> Result<HistoryRead, BrokerError> {
+        let history = self.channel(channel);
+        let mut h = relock(&history);
+        h.expire(Instant::now());
+        Ok(h.read(since, limit))
+    }
+
+    async fn subscribe(&self, _channel: &ChannelName) -> Result<(), BrokerError> {
+        // One process: every publish already goes through this node's hub.
+        Ok(())
+    }
+
+    async fn unsubscribe(&self, _channel: &ChannelName) -> Result<(), BrokerError> {
+        Ok(())
+    }
+
+    async fn stats(&self, channel: &ChannelName) -> Result<Option<ChannelStats>, BrokerError> {
+        let history = relock(self.shard(channel)).get(channel).cloned();
+        Ok(history.map(|h| {
+            let mut h = relock(&h);
+            h.expire(Instant::now());
+            ChannelStats {
+                top: h.top(),
+                history_len: h.len(),
+            }
+        }))
+    }
+
+    async fn channels(&self) -> Result<Vec<ChannelName>, BrokerError> {
+        Ok(self
+            .shards
+            .iter()
+            .flat_map(|s| relock(s).keys().cloned().collect::<Vec<_>>())
+            .collect())
+    }
+
+    async fn ready(&self) -> Result<(), BrokerError> {
+        Ok(())
+    }
+}

@@ -1,0 +1,205 @@
+//! Cursors: opaque, URL-safe tokens holding one position per channel of a subscription.
+//!
+//! Layout (then base64url without padding): version byte `1`, then per channel, sorted by
+//! channel hash: the channel's FNV-1a hash (4 bytes, big-endian), the epoch's length (1 byte)
+//! and bytes, the offset as LEB128. Sorting makes the encoding canonical, so a one-channel
+//! subscription's cursor is byte-for-byte the message's own cursor and can be shared.
+//! Clients must not parse it; the format may change behind the version byte.
+
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use thiserror::Error;
+
+use crate::channel::ChannelName;
+use crate::message::{Epoch, Position};
+
+const VERSION: u8 = 1;
+/// Longer input is refused before decoding: 64 channels need well under 4 KiB.
+pub const MAX_CURSOR_LEN: usize = 8192;
+
+#[derive(Debug, Error, Clone, PartialEq, Eq)]
+#[error("malformed cursor: {0}; pass back a cursor exactly as the server sent it")]
+pub struct CursorError(&'static str);
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Cursor {
+    entries: Vec<(u32, Position)>,
+}
+
+impl Cursor {
+    pub fn single(channel: &ChannelName, position: Position) -> Self {
+        Self {
+            entries: vec![(channel.hash32(), position)],
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// The position this cursor holds for `channel`, if it covers it.
+    pub fn get(&self, channel: &ChannelName) -> Option<&Position> {
+        self.entries
+            .binary_search_by_key(&channel.hash32(), |(h, _)| *h)
+            .ok()
+            .map(|i| &self.entries[i].1)
+    }
+
+    pub fn set(&mut self, channel: &ChannelName, position: Position) {
+        let h = channel.hash32();
+        match self.entries.binary_search_by_key(&h, |(k, _)| *k) {
+            Ok(i) => self.entries[i].1 = position,
+            Err(i) => self.entries.insert(i, (h, position)),
+        }
+    }
+
+    /// Sets only the offset when the epoch is unchanged (the hot path: no epoch clone).
+    pub fn advance(&mut self, channel: &ChannelName, position: &Position) {
+        let h = channel.hash32();
+        match self.entries.binary_search_by_key(&h, |(k, _)| *k) {
+            Ok(i) if self.entries[i].1.epoch == position.epoch => {
+                self.entries[i].1.offset = position.offset;
+            }
+            _ => self.set(channel, position.clone()),
+        }
+    }
+
+    pub fn encode(&self) -> String {
+        let mut raw = Vec::with_capacity(1 + self.entries.len() * 16);
+        raw.push(VERSION);
+        for (hash, pos) in &self.entries {
+            raw.extend_from_slice(&hash.to_be_bytes());
+            let epoch = pos.epoch.as_str().as_bytes();
+            // Epochs are at most 32 bytes by construction (Epoch::new).
+            raw.push(epoch.len() as u8);
+            raw.extend_from_slice(epoch);
+            let mut v = pos.offset;
+            loop {
+                let byte = (v & 0x7f) as u8;
+                v >>= 7;
+                if v == 0 {
+                    raw.push(byte);
+                    break;
+                }
+                raw.push(byte | 0x80);
+            }
+        }
+        URL_SAFE_NO_PAD.encode(raw)
+    }
+
+    pub fn decode(text: &str) -> Result<Self, CursorError> {
+        if text.is_empty() {
+            return Err(CursorError("empty"));
+        }
+        if text.len() > MAX_CURSOR_LEN {
+            return Err(CursorError("too long"));
+        }
+        let raw = URL_SAFE_NO_PAD
+            .decode(text.trim_matches('"'))
+            .map_err(|_| CursorError("not base64url"))?;
+        let (&version, mut rest) = raw.split_first().ok_or(CursorError("empty"))?;
+        if version != VERSION {
+            return Err(CursorError("unknown version"));
+        }
+        let mut entries: Vec<(u32, Position)> = Vec::new();
+        while !rest.is_empty() {
+            let (hash, r) = rest.split_at_checked(4).ok_or(CursorError("truncated"))?;
+            let hash = u32::from_be_bytes([hash[0], hash[1], hash[2], hash[3]]);
+            let (&elen, r) = r.split_first().ok_or(CursorError("truncated"))?;
+            let (epoch, r) = r
+                .split_at_checked(usize::from(elen))
+                .ok_or(CursorError("truncated"))?;
+            let epoch = std::str::from_utf8(epoch)
+                .ok()
+                .and_then(Epoch::new)
+                .ok_or(CursorError("bad epoch"))?;
+            let mut offset: u64 = 0;
+            let mut shift = 0u32;
+            let mut r = r;
+            loop {
+                let (&b, r2) = r.split_first().ok_or(CursorError("truncated"))?;
+                r = r2;
+                if shift == 63 && b > 1 {
+                    return Err(CursorError("offset overflows"));
+                }
+                offset |= u64::from(b & 0x7f) << shift;
+                if b & 0x80 == 0 {
+                    break;
+                }
+                shift += 7;
+                if shift > 63 {
+                    return Err(CursorError("offset overflows"));
+                }
+            }
+            if let Some((last, _)) = entries.last()
+                && *last >= hash
+            {
+                return Err(CursorError("entries out of order"));
+            }
+            entries.push((hash, Position { epoch, offset }));
+            rest = r;
+        }
+        if entries.is_empty() {
+            return Err(CursorError("covers no channel"));
+        }
+        Ok(Self { entries })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pos(e: &str, o: u64) -> Position {
+        Position {
+            epoch: Epoch::new(e).unwrap(),
+            offset: o,
+        }
+    }
+
+    #[test]
+    fn a_cursor_round_trips_through_its_text() {
+        let a = ChannelName::new("a").unwrap();
+        let b = ChannelName::new("chat:b").unwrap();
+        let mut c = Cursor::default();
+        c.set(&b, pos("e2", 0));
+        c.set(&a, pos("e1", u64::MAX));
+        let text = c.encode();
+        assert!(text.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_'));
+        let back = Cursor::decode(&text).unwrap();
+        assert_eq!(back, c);
+        assert_eq!(back.get(&a), Some(&pos("e1", u64::MAX)));
+        assert_eq!(back.get(&ChannelName::new("zzz").unwrap()), None);
+    }
+
+    #[test]
+    fn encoding_is_canonical_whatever_the_insertion_order() {
+        let a = ChannelName::new("a").unwrap();
+        let b = ChannelName::new("b").unwrap();
+        let mut x = Cursor::default();
+        x.set(&a, pos("e", 1));
+        x.set(&b, pos("e", 2));
+        let mut y = Cursor::default();
+        y.set(&b, pos("e", 2));
+        y.set(&a, pos("e", 1));
+        assert_eq!(x.encode(), y.encode());
+    }
+
+    #[test]
+    fn garbage_is_refused_with_a_reason_and_never_panics() {
+        for bad in ["", "!!", "AA", "AQ", "AgAAAAA", &"A".repeat(9000), "AQAAAAAB", "\"\""] {
+            assert!(Cursor::decode(bad).is_err(), "{bad:?} decoded");
+        }
+        // Every truncation of a valid cursor fails cleanly.
+        let mut c = Cursor::default();
+        c.set(&ChannelName::new("a").unwrap(), pos("epoch", 300));
+        let raw = URL_SAFE_NO_PAD.decode(c.encode()).unwrap();
+        for n in 1..raw.len() {
+            let _ = Cursor::decode(&URL_SAFE_NO_PAD.encode(&raw[..n]));
+        }
+        // An overlong varint is refused.
+        let mut raw = vec![1, 0, 0, 0, 1, 1, b'e'];
+        raw.extend([0xff; 11]);
+        assert!(Cursor::decode(&URL_SAFE_NO_PAD.encode(&raw)).is_err());
+    }
+}

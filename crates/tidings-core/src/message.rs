@@ -1,0 +1,317 @@
+//! Messages, positions and their envelope encoding.
+//!
+//! A message is encoded once: the envelope is kept as two shared byte strings around the
+//! cursor (`head` + cursor + `tail`), because the cursor is the one part that differs per
+//! subscription (a multi-channel cursor covers every channel of its subscription). Every other
+//! wire format a transport needs is cached in `cached_frame` slots, so each format is
+//! serialized at most once per message whatever the number of subscribers.
+
+use std::fmt;
+use std::sync::{Arc, OnceLock};
+
+use base64::Engine;
+use bytes::{BufMut, Bytes, BytesMut};
+use serde::Serialize;
+
+use crate::channel::{ChannelName, EventName};
+use crate::cursor::Cursor;
+
+/// The name of one incarnation of a channel's stream. It changes when history is lost.
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct Epoch(Arc<str>);
+
+pub const MAX_EPOCH_LEN: usize = 32;
+
+impl Epoch {
+    /// Accepts 1–32 URL-safe ASCII characters (the alphabet every broker draws from).
+    pub fn new(s: &str) -> Option<Self> {
+        let valid = !s.is_empty()
+            && s.len() <= MAX_EPOCH_LEN
+            && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+        valid.then(|| Self(Arc::from(s)))
+    }
+
+    /// A fresh random epoch of 8 base-36 characters.
+    pub fn random() -> Self {
+        const ALPHABET: &[u8] = b"0123456789abcdefghijklmnopqrstuvwxyz";
+        let s: String = (0..8)
+            .map(|_| char::from(ALPHABET[rand::random_range(0..ALPHABET.len())]))
+            .collect();
+        Self(Arc::from(s.as_str()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Epoch {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:?}", &*self.0)
+    }
+}
+impl fmt::Display for Epoch {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+impl Serialize for Epoch {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.0)
+    }
+}
+
+/// `(epoch, offset)` in one channel. Offset 0 means "before the first message".
+#[derive(Clone, PartialEq, Eq, Debug)]
+pub struct Position {
+    pub epoch: Epoch,
+    pub offset: u64,
+}
+
+/// What was published. JSON is kept as its (validated) text; text as UTF-8 bytes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Data {
+    Json(Bytes),
+    Text(Bytes),
+    Binary(Bytes),
+}
+
+impl Data {
+    pub fn len(&self) -> usize {
+        match self {
+            Data::Json(b) | Data::Text(b) | Data::Binary(b) => b.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The payload as a raw transport sends it: JSON text, the string, or the bytes.
+    pub fn raw(&self) -> &Bytes {
+        match self {
+            Data::Json(b) | Data::Text(b) | Data::Binary(b) => b,
+        }
+    }
+
+    /// Appends the JSON value used in envelopes.
+    pub fn write_json(&self, out: &mut BytesMut) {
+        match self {
+            // Raw CR/LF can only be insignificant whitespace in valid JSON (inside strings
+            // they must be escaped), so replacing them keeps the value and keeps an envelope
+            // on one line, which NDJSON and SSE `data:` need.
+            Data::Json(b) => {
+                let start = out.len();
+                out.put_slice(b);
+                for byte in &mut out[start..] {
+                    if *byte == b'\n' || *byte == b'\r' {
+                        *byte = b' ';
+                    }
+                }
+            }
+            Data::Text(b) => write_json_str(out, &String::from_utf8_lossy(b)),
+            Data::Binary(b) => {
+                out.put_u8(b'"');
+                out.put_slice(base64::engine::general_purpose::STANDARD.encode(b).as_bytes());
+                out.put_u8(b'"');
+            }
+        }
+    }
+
+    /// Text for transports that carry only text (raw SSE): binary becomes base64.
+    pub fn as_text(&self) -> std::borrow::Cow<'_, str> {
+        match self {
+            Data::Json(b) | Data::Text(b) => String::from_utf8_lossy(b),
+            Data::Binary(b) => base64::engine::general_purpose::STANDARD.encode(b).into(),
+        }
+    }
+}
+
+/// Appends `s` as a JSON string literal.
+pub fn write_json_str(out: &mut BytesMut, s: &str) {
+    // serde_json's escaper is correct for every code point; writing into a Vec cannot fail.
+    let mut w = out.writer();
+    if serde_json::to_writer(&mut w, s).is_err() {
+        w.get_mut().put_slice(b"\"\"");
+    }
+}
+
+/// Slots a transport may use to cache its own per-message frame (see `Message::cached_frame`).
+pub const FRAME_SLOTS: usize = 4;
+
+pub struct Message {
+    pub channel: ChannelName,
+    pub epoch: Epoch,
+    pub offset: u64,
+    pub event: Option<EventName>,
+    pub data: Data,
+    /// Milliseconds since the Unix epoch, set by the broker.
+    pub time: u64,
+    envelope: OnceLock<EnvelopeParts>,
+    frames: [OnceLock<Bytes>; FRAME_SLOTS],
+}
+
+struct EnvelopeParts {
+    head: Bytes,
+    cursor: Bytes,
+    tail: Bytes,
+}
+
+impl fmt::Debug for Message {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Message")
+            .field("channel", &self.channel)
+            .field("epoch", &self.epoch)
+            .field("offset", &self.offset)
+            .field("event", &self.event)
+            .field("len", &self.data.len())
+            .finish()
+    }
+}
+
+impl Message {
+    pub fn new(
+        channel: ChannelName,
+        position: Position,
+        event: Option<EventName>,
+        data: Data,
+        time: u64,
+    ) -> Self {
+        Self {
+            channel,
+            epoch: position.epoch,
+            offset: position.offset,
+            event,
+            data,
+            time,
+            envelope: OnceLock::new(),
+            frames: Default::default(),
+        }
+    }
+
+    pub fn position(&self) -> Position {
+        Position {
+            epoch: self.epoch.clone(),
+            offset: self.offset,
+        }
+    }
+
+    /// Bytes this message counts for in an outbound queue.
+    pub fn weight(&self) -> usize {
+        self.data.len() + 160
+    }
+
+    fn parts(&self) -> &EnvelopeParts {
+        self.envelope.get_or_init(|| {
+            let mut head = BytesMut::with_capacity(96);
+            head.put_slice(b"{\"channel\":\"");
+            head.put_slice(self.channel.as_str().as_bytes());
+            head.put_slice(b"\",\"offset\":");
+            head.put_slice(self.offset.to_string().as_bytes());
+            head.put_slice(b",\"epoch\":\"");
+            head.put_slice(self.epoch.as_str().as_bytes());
+            head.put_slice(b"\",\"cursor\":\"");
+            let mut tail = BytesMut::with_capacity(self.data.len() + 64);
+            tail.put_u8(b'"');
+            if let Some(event) = &self.event {
+                tail.put_slice(b",\"event\":\"");
+                tail.put_slice(event.as_str().as_bytes());
+                tail.put_u8(b'"');
+            }
+            tail.put_slice(b",\"data\":");
+            self.data.write_json(&mut tail);
+            if matches!(self.data, Data::Binary(_)) {
+                tail.put_slice(b",\"encoding\":\"base64\"");
+            }
+            tail.put_slice(b",\"time\":");
+            tail.put_slice(self.time.to_string().as_bytes());
+            tail.put_u8(b'}');
+            let cursor = Cursor::single(&self.channel, self.position()).encode();
+            EnvelopeParts {
+                head: head.freeze(),
+                cursor: Bytes::from(cursor),
+                tail: tail.freeze(),
+            }
+        })
+    }
+
+    /// The cursor of this message's own channel at this message (valid as `since`).
+    pub fn cursor(&self) -> &Bytes {
+        &self.parts().cursor
+    }
+
+    /// Appends the envelope with the given cursor text (a subscription's cursor).
+    pub fn write_envelope(&self, out: &mut BytesMut, cursor: &[u8]) {
+        let p = self.parts();
+        out.reserve(p.head.len() + cursor.len() + p.tail.len());
+        out.put_slice(&p.head);
+        out.put_slice(cursor);
+        out.put_slice(&p.tail);
+    }
+
+    /// The envelope with this message's own cursor, encoded once and shared.
+    pub fn envelope(&self) -> Bytes {
+        let p = self.parts();
+        let mut out = BytesMut::with_capacity(p.head.len() + p.cursor.len() + p.tail.len());
+        self.write_envelope(&mut out, &p.cursor);
+        out.freeze()
+    }
+
+    /// A per-message frame cache for transports: `slot` must be one the caller owns
+    /// (each transport names its slot constant), `encode` runs at most once per message.
+    pub fn cached_frame(&self, slot: usize, encode: impl FnOnce(&Message) -> Bytes) -> &Bytes {
+        self.frames[slot % FRAME_SLOTS].get_or_init(|| encode(self))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn msg(data: Data, event: Option<&str>) -> Message {
+        Message::new(
+            ChannelName::new("chat:lobby").unwrap(),
+            Position {
+                epoch: Epoch::new("h3k9").unwrap(),
+                offset: 42,
+            },
+            event.map(|e| EventName::new(e).unwrap()),
+            data,
+            1_732_200_000_123,
+        )
+    }
+
+    #[test]
+    fn an_envelope_is_valid_json_with_every_spec_field() {
+        let m = msg(Data::Json(Bytes::from_static(b"{\"a\":\n 1}")), Some("msg"));
+        let v: serde_json::Value = serde_json::from_slice(&m.envelope()).unwrap();
+        assert_eq!(v["channel"], "chat:lobby");
+        assert_eq!(v["offset"], 42);
+        assert_eq!(v["epoch"], "h3k9");
+        assert_eq!(v["event"], "msg");
+        assert_eq!(v["data"]["a"], 1);
+        assert_eq!(v["time"], 1_732_200_000_123u64);
+        assert_eq!(v["cursor"].as_str().unwrap().as_bytes(), &m.cursor()[..]);
+        assert!(!m.envelope().contains(&b'\n'));
+    }
+
+    #[test]
+    fn text_data_is_a_json_string_and_binary_is_base64_with_its_encoding() {
+        let m = msg(Data::Text(Bytes::from_static(b"he said \"hi\"\n")), None);
+        let v: serde_json::Value = serde_json::from_slice(&m.envelope()).unwrap();
+        assert_eq!(v["data"], "he said \"hi\"\n");
+        assert!(v.get("event").is_none());
+        let m = msg(Data::Binary(Bytes::from_static(&[0, 255])), None);
+        let v: serde_json::Value = serde_json::from_slice(&m.envelope()).unwrap();
+        assert_eq!(v["data"], "AP8=");
+        assert_eq!(v["encoding"], "base64");
+    }
+
+    #[test]
+    fn epochs_are_short_and_url_safe() {
+        let e = Epoch::random();
+        assert_eq!(e.as_str().len(), 8);
+        assert!(Epoch::new(e.as_str()).is_some());
+        assert!(Epoch::new("no spaces").is_none());
+    }
+}

@@ -1,0 +1,147 @@
+//! The bounded outbound queue of one session.
+//!
+//! Concurrency: many producers (the hub's fan-out, one per channel, possibly on several
+//! threads) and exactly one consumer (the session's writer). The lock is a std `Mutex`
+//! because it is held for a push or a swap, never across an `.await`. Producers never wait
+//! for the consumer: a push that would exceed `max_bytes` marks the queue overflowed, drops
+//! what it held and wakes the writer, which ends the session with `slow` — the subscriber
+//! resumes from its cursor, so nothing is lost, and the publisher is never blocked.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use tokio::sync::Notify;
+
+use crate::message::Message;
+
+pub struct SessionQueue {
+    state: Mutex<QueueState>,
+    notify: Notify,
+    max_bytes: usize,
+}
+
+#[derive(Default)]
+struct QueueState {
+    items: VecDeque<Arc<Message>>,
+    bytes: usize,
+    overflowed: bool,
+}
+
+impl SessionQueue {
+    pub fn new(max_bytes: usize) -> Arc<Self> {
+        Arc::new(Self {
+            state: Mutex::new(QueueState::default()),
+            notify: Notify::new(),
+            max_bytes,
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, QueueState> {
+        // A panic while holding this lock cannot leave the state inconsistent (each
+        // critical section is a handful of field updates), so poisoning is ignored.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Enqueues without waiting. Returns false when the queue is (or just became) overflowed.
+    pub fn push(&self, message: &Arc<Message>) -> bool {
+        let weight = message.weight();
+        let mut s = self.lock();
+        if s.overflowed {
+            return false;
+        }
+        // One message larger than the whole budget still goes through an empty queue;
+        // otherwise a small queue setting would make big messages undeliverable.
+        if s.bytes + weight > self.max_bytes && !s.items.is_empty() {
+            s.overflowed = true;
+            s.items = VecDeque::new();
+            s.bytes = 0;
+            drop(s);
+            self.notify.notify_one();
+            return false;
+        }
+        s.items.push_back(message.clone());
+        s.bytes += weight;
+        let was_empty = s.items.len() == 1;
+        drop(s);
+        // The writer takes everything at once, so only the empty → non-empty edge wakes it.
+        if was_empty {
+            self.notify.notify_one();
+        }
+        true
+    }
+
+    /// Moves everything queued into `out`. Returns false when the queue overflowed.
+    pub fn drain_into(&self, out: &mut Vec<Arc<Message>>) -> bool {
+        let mut s = self.lock();
+        if s.overflowed {
+            return false;
+        }
+        out.extend(s.items.drain(..));
+        s.bytes = 0;
+        true
+    }
+
+    /// Resolves when something was pushed (or overflow happened) since the last drain.
+    pub async fn ready(&self) {
+        self.notify.notified().await;
+    }
+
+    /// Bytes currently queued.
+    pub fn queued_bytes(&self) -> usize {
+        self.lock().bytes
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::channel::ChannelName;
+    use crate::message::{Data, Epoch, Position};
+    use bytes::Bytes;
+
+    fn msg(offset: u64, size: usize) -> Arc<Message> {
+        Arc::new(Message::new(
+            ChannelName::new("c").unwrap(),
+            Position {
+                epoch: Epoch::new("e").unwrap(),
+                offset,
+            },
+            None,
+            Data::Text(Bytes::from(vec![b'x'; size])),
+            0,
+        ))
+    }
+
+    #[tokio::test]
+    async fn a_push_wakes_the_writer_and_drain_takes_everything_in_order() {
+        let q = SessionQueue::new(1 << 20);
+        assert!(q.push(&msg(1, 10)));
+        assert!(q.push(&msg(2, 10)));
+        q.ready().await;
+        let mut out = Vec::new();
+        assert!(q.drain_into(&mut out));
+        assert_eq!(out.iter().map(|m| m.offset).collect::<Vec<_>>(), vec![1, 2]);
+        assert_eq!(q.queued_bytes(), 0);
+    }
+
+    #[test]
+    fn overflow_marks_the_queue_and_refuses_further_pushes_without_blocking() {
+        let q = SessionQueue::new(1000);
+        let mut pushed = 0;
+        while q.push(&msg(pushed + 1, 200)) {
+            pushed += 1;
+        }
+        assert!(pushed >= 1 && pushed < 10);
+        assert!(!q.push(&msg(99, 1)));
+        let mut out = Vec::new();
+        assert!(!q.drain_into(&mut out));
+        assert!(out.is_empty());
+    }
+
+    #[test]
+    fn one_message_bigger_than_the_budget_passes_an_empty_queue() {
+        let q = SessionQueue::new(100);
+        assert!(q.push(&msg(1, 10_000)));
+        assert!(!q.push(&msg(2, 10)));
+    }
+}

@@ -1,0 +1,259 @@
+//! One session's subscription to a set of channels: joining without a race, then the
+//! ordered, duplicate-free, gap-reporting stream of events a transport writes out.
+//!
+//! Joining (`Node::subscribe`) follows the order that makes resume race-free:
+//! 1. register the session's queue in the hub for every channel (live messages start queuing);
+//! 2. subscribe the node at the broker for channels that had no local subscriber;
+//! 3. read each channel's history from the cursor, with the broker's `top` taken atomically;
+//! 4. emit the replay, then drain the queue skipping what the replay already covered
+//!    (offset <= the channel's position), so a message published during the join arrives
+//!    exactly once.
+//!
+//! The subscription tracks one position per channel (its `Cursor`); a live message that is
+//! not the next offset of the tracked epoch produces a gap notice before it, so a subscriber
+//! is never left to guess.
+
+use std::sync::Arc;
+
+use crate::channel::ChannelName;
+use crate::cursor::Cursor;
+use crate::history::{Gap, GapReason, Replay, Since};
+use crate::message::{Message, Position};
+use crate::node::Node;
+use crate::queue::SessionQueue;
+
+/// Where a new subscription starts.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Start {
+    /// Only what is published from now on.
+    Now,
+    /// The last N retained messages of each channel, then live.
+    Last(usize),
+    /// Resume: for every channel the cursor covers, exactly what followed; others from now.
+    Cursor(Cursor),
+}
+
+impl Start {
+    fn since(&self, channel: &ChannelName) -> Since {
+        match self {
+            Start::Now => Since::Now,
+            Start::Last(n) => Since::Last(*n),
+            Start::Cursor(c) => c
+                .get(channel)
+                .map_or(Since::Now, |p| Since::After(p.clone())),
+        }
+    }
+}
+
+/// What a transport writes, in order.
+pub enum Event<'a> {
+    Message(&'a Arc<Message>),
+    Gap(&'a Gap),
+}
+
+/// The session must end: its queue overflowed.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Overflowed;
+
+enum Pending {
+    Message(Arc<Message>),
+    Gap(Gap),
+}
+
+pub struct Subscription {
+    node: Arc<Node>,
+    id: u64,
+    queue: Arc<SessionQueue>,
+    channels: Vec<ChannelName>,
+    cursor: Cursor,
+    pending: Vec<Pending>,
+    batch: Vec<Arc<Message>>,
+    cursor_text: String,
+}
+
+impl Subscription {
+    pub fn channels(&self) -> &[ChannelName] {
+        &self.channels
+    }
+
+    /// Positions of everything handed out so far; resuming from it loses nothing.
+    pub fn cursor(&self) -> &Cursor {
+        &self.cursor
+    }
+
+    /// Resolves when live messages (or an overflow) are waiting. Replayed history is ready
+    /// at once: call `drain` first.
+    pub async fn ready(&self) {
+        self.queue.ready().await;
+    }
+
+    /// Hands every event that is ready to `f`, each with the cursor text that resumes right
+    /// after it. Returns `Err(Overflowed)` when the session fell too far behind.
+    pub fn drain(&mut self, mut f: impl FnMut(Event<'_>, &[u8])) -> Result<usize, Overflowed> {
+        let single = self.channels.len() == 1;
+        let mut count = 0;
+        let pending = std::mem::take(&mut self.pending);
+        for p in &pending {
+            match p {
+                Pending::Message(m) => {
+                    self.cursor.advance(&m.channel, &m.position());
+                    emit_message(single, &self.cursor, &mut self.cursor_text, m, &mut f);
+                    count += 1;
+                }
+                Pending::Gap(g) => emit_gap(&mut self.cursor, &mut self.cursor_text, g, &mut f),
+            }
+        }
+        let mut batch = std::mem::take(&mut self.batch);
+        if !self.queue.drain_into(&mut batch) {
+            return Err(Overflowed);
+        }
+        for m in batch.drain(..) {
+            let Some(at) = self.cursor.get(&m.channel) else {
+                continue;
+            };
+            let gap_reason = if at.epoch != m.epoch {
+                Some(GapReason::EpochChanged)
+            } else if m.offset <= at.offset {
+                // Already replayed from history during the join.
+                continue;
+            } else if m.offset > at.offset + 1 {
+                Some(GapReason::Trimmed)
+            } else {
+                None
+            };
+            if let Some(reason) = gap_reason {
+                let gap = Gap {
+                    channel: m.channel.as_str().to_owned(),
+                    epoch: m.epoch.clone(),
+                    next_offset: m.offset,
+                    reason,
+                };
+                emit_gap(&mut self.cursor, &mut self.cursor_text, &gap, &mut f);
+            }
+            self.cursor.advance(&m.channel, &m.position());
+            emit_message(single, &self.cursor, &mut self.cursor_text, &m, &mut f);
+            count += 1;
+        }
+        self.batch = batch;
+        Ok(count)
+    }
+}
+
+fn emit_message(
+    single: bool,
+    cursor: &Cursor,
+    text: &mut String,
+    m: &Arc<Message>,
+    f: &mut impl FnMut(Event<'_>, &[u8]),
+) {
+    if single {
+        // Canonical encoding: a one-channel cursor is the message's own, encoded once.
+        f(Event::Message(m), m.cursor());
+    } else {
+        *text = cursor.encode();
+        f(Event::Message(m), text.as_bytes());
+    }
+}
+
+fn emit_gap(
+    cursor: &mut Cursor,
+    text: &mut String,
+    gap: &Gap,
+    f: &mut impl FnMut(Event<'_>, &[u8]),
+) {
+    if let Ok(channel) = ChannelName::new(&gap.channel) {
+        cursor.set(
+            &channel,
+            Position {
+                epoch: gap.epoch.clone(),
+                offset: gap.next_offset.saturating_sub(1),
+            },
+        );
+    }
+    *text = cursor.encode();
+    f(Event::Gap(gap), text.as_bytes());
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        for channel in &self.channels {
+            if self.node.hub.remove(channel, self.id) {
+                let broker = self.node.broker.clone();
+                let channel = channel.clone();
+                if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                    rt.spawn(async move {
+                        if let Err(e) = broker.unsubscribe(&channel).await {
+                            tracing::warn!(%channel, error = %e, "broker unsubscribe failed");
+                        }
+                    });
+                }
+            }
+        }
+    }
+}
+
+impl Node {
+    /// Joins `channels` (deduplicated) race-free from `start`; see the module docs.
+    pub async fn subscribe(
+        self: &Arc<Self>,
+        channels: &[ChannelName],
+        start: &Start,
+        queue_max_bytes: usize,
+    ) -> Result<Subscription, crate::broker::BrokerError> {
+        let queue = SessionQueue::new(queue_max_bytes);
+        let mut sub = Subscription {
+            node: self.clone(),
+            id: self.next_session_id(),
+            queue: queue.clone(),
+            channels: Vec::with_capacity(channels.len()),
+            cursor: Cursor::default(),
+            pending: Vec::new(),
+            batch: Vec::new(),
+            cursor_text: String::new(),
+        };
+        let mut first = Vec::new();
+        for channel in channels {
+            if sub.channels.contains(channel) {
+                continue;
+            }
+            // Pushed before registering so Drop undoes exactly what was done if we fail later.
+            sub.channels.push(channel.clone());
+            if self.hub.add(channel, sub.id, queue.clone()) {
+                first.push(channel.clone());
+            }
+        }
+        for channel in &first {
+            self.broker.subscribe(channel).await?;
+        }
+        for i in 0..sub.channels.len() {
+            let channel = sub.channels[i].clone();
+            let read = self
+                .broker
+                .read(&channel, &start.since(&channel), None)
+                .await?;
+            let begin = match &read.replay {
+                Replay::Gap { gap, .. } => Position {
+                    epoch: gap.epoch.clone(),
+                    offset: gap.next_offset.saturating_sub(1),
+                },
+                Replay::Complete(m) => m.first().map_or(read.top.clone(), |m| Position {
+                    epoch: m.epoch.clone(),
+                    offset: m.offset - 1,
+                }),
+            };
+            sub.cursor.set(&channel, begin);
+            match read.replay {
+                Replay::Complete(messages) => {
+                    sub.pending
+                        .extend(messages.into_iter().map(Pending::Message));
+                }
+                Replay::Gap { gap, messages } => {
+                    sub.pending.push(Pending::Gap(gap));
+                    sub.pending
+                        .extend(messages.into_iter().map(Pending::Message));
+                }
+            }
+        }
+        Ok(sub)
+    }
+}
