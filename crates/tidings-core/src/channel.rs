@@ -147,7 +147,10 @@ mod tests {
 
     #[test]
     fn namespace_is_the_part_before_the_first_colon() {
-        assert_eq!(ChannelName::new("chat:a:b").unwrap().namespace(), Some("chat"));
+        assert_eq!(
+            ChannelName::new("chat:a:b").unwrap().namespace(),
+            Some("chat")
+        );
         assert_eq!(ChannelName::new("news").unwrap().namespace(), None);
     }
 

@@ -98,9 +98,16 @@ pub async fn publish_assigns_consecutive_offsets_from_one_in_one_epoch(f: &dyn B
 
 pub async fn channels_have_independent_offsets(f: &dyn BrokerFactory) {
     let (_, b) = setup(f, 100, LONG).await;
-    b.publish(&ch("conf:a"), None, text("x".into())).await.unwrap();
-    b.publish(&ch("conf:a"), None, text("x".into())).await.unwrap();
-    let m = b.publish(&ch("conf:b"), None, text("x".into())).await.unwrap();
+    b.publish(&ch("conf:a"), None, text("x".into()))
+        .await
+        .unwrap();
+    b.publish(&ch("conf:a"), None, text("x".into()))
+        .await
+        .unwrap();
+    let m = b
+        .publish(&ch("conf:b"), None, text("x".into()))
+        .await
+        .unwrap();
     assert_eq!(m.offset, 1);
 }
 
@@ -131,7 +138,13 @@ pub async fn a_read_behind_trimmed_history_reports_a_gap(f: &dyn BrokerFactory) 
     let c = ch("conf:trim");
     let mut epoch = None;
     for i in 0..10 {
-        epoch = Some(b.publish(&c, None, text(format!("m{i}"))).await.unwrap().epoch.clone());
+        epoch = Some(
+            b.publish(&c, None, text(format!("m{i}")))
+                .await
+                .unwrap()
+                .epoch
+                .clone(),
+        );
     }
     let since = Since::After(Position {
         epoch: epoch.unwrap(),
@@ -191,7 +204,10 @@ pub async fn history_expires_after_its_ttl(f: &dyn BrokerFactory) {
             assert_eq!(r.replay.gap().map(|g| g.reason), Some(GapReason::Trimmed));
             break;
         }
-        assert!(tokio::time::Instant::now() < deadline, "history never expired");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "history never expired"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
@@ -254,7 +270,11 @@ pub async fn a_subscriber_joining_during_publishes_misses_and_duplicates_nothing
     for _ in 0..8 {
         tokio::task::yield_now().await;
         let sub = node
-            .subscribe(std::slice::from_ref(&c), &Start::Last(usize::MAX), usize::MAX)
+            .subscribe(
+                std::slice::from_ref(&c),
+                &Start::Last(usize::MAX),
+                usize::MAX,
+            )
             .await
             .unwrap();
         joins.push(sub);
@@ -292,7 +312,11 @@ pub async fn resuming_from_a_cursor_replays_then_goes_live(f: &dyn BrokerFactory
         }
     }
     let mut sub = node
-        .subscribe(std::slice::from_ref(&c), &Start::Cursor(cursor.unwrap()), 1 << 20)
+        .subscribe(
+            std::slice::from_ref(&c),
+            &Start::Cursor(cursor.unwrap()),
+            1 << 20,
+        )
         .await
         .unwrap();
     node.publish(&c, None, text("4".into())).await.unwrap();
@@ -307,7 +331,9 @@ pub async fn resuming_from_a_cursor_replays_then_goes_live(f: &dyn BrokerFactory
         })
         .unwrap();
         if seen.len() < 3 {
-            tokio::time::timeout_at(deadline, sub.ready()).await.unwrap();
+            tokio::time::timeout_at(deadline, sub.ready())
+                .await
+                .unwrap();
         }
     }
     assert_eq!(seen, vec![2, 3, 4]);

@@ -165,7 +165,10 @@ mod tests {
         c.set(&b, pos("e2", 0));
         c.set(&a, pos("e1", u64::MAX));
         let text = c.encode();
-        assert!(text.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_'));
+        assert!(
+            text.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        );
         let back = Cursor::decode(&text).unwrap();
         assert_eq!(back, c);
         assert_eq!(back.get(&a), Some(&pos("e1", u64::MAX)));
@@ -187,7 +190,16 @@ mod tests {
 
     #[test]
     fn garbage_is_refused_with_a_reason_and_never_panics() {
-        for bad in ["", "!!", "AA", "AQ", "AgAAAAA", &"A".repeat(9000), "AQAAAAAB", "\"\""] {
+        for bad in [
+            "",
+            "!!",
+            "AA",
+            "AQ",
+            "AgAAAAA",
+            &"A".repeat(9000),
+            "AQAAAAAB",
+            "\"\"",
+        ] {
             assert!(Cursor::decode(bad).is_err(), "{bad:?} decoded");
         }
         // Every truncation of a valid cursor fails cleanly.

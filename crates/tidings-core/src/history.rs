@@ -83,6 +83,7 @@ pub struct History {
     entries: VecDeque<(Instant, Arc<Message>)>,
     size: usize,
     ttl: Duration,
+    last_active: Instant,
 }
 
 impl History {
@@ -94,7 +95,20 @@ impl History {
             entries: VecDeque::new(),
             size,
             ttl,
+            last_active: Instant::now(),
         }
+    }
+
+    /// Records use (a publish, a read, a join): idle time counts from here.
+    pub fn touch(&mut self, now: Instant) {
+        self.last_active = now;
+    }
+
+    /// Empty and unused for a whole TTL: nobody can still hold a cursor worth keeping it for.
+    /// Reclaiming sooner would hand a client that polls an idle channel a new epoch, and with it
+    /// a spurious `epoch_changed` gap, every few seconds.
+    pub fn reclaimable(&self, now: Instant) -> bool {
+        self.entries.is_empty() && now.saturating_duration_since(self.last_active) >= self.ttl
     }
 
     pub fn top(&self) -> Position {

@@ -27,7 +27,8 @@ impl Epoch {
     pub fn new(s: &str) -> Option<Self> {
         let valid = !s.is_empty()
             && s.len() <= MAX_EPOCH_LEN
-            && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+            && s.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
         valid.then(|| Self(Arc::from(s)))
     }
 
@@ -112,7 +113,11 @@ impl Data {
             Data::Text(b) => write_json_str(out, &String::from_utf8_lossy(b)),
             Data::Binary(b) => {
                 out.put_u8(b'"');
-                out.put_slice(base64::engine::general_purpose::STANDARD.encode(b).as_bytes());
+                out.put_slice(
+                    base64::engine::general_purpose::STANDARD
+                        .encode(b)
+                        .as_bytes(),
+                );
                 out.put_u8(b'"');
             }
         }

@@ -8,7 +8,7 @@
 //! resumes from its cursor, so nothing is lost, and the publisher is never blocked.
 
 use std::collections::VecDeque;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
 use tokio::sync::Notify;
 
@@ -18,6 +18,9 @@ pub struct SessionQueue {
     state: Mutex<QueueState>,
     notify: Notify,
     max_bytes: usize,
+    /// Runs once, on the publisher's thread, when the queue overflows: the edge uses it to
+    /// close a connection whose writer is not even being polled (a client that stopped reading).
+    on_overflow: OnceLock<Box<dyn Fn() + Send + Sync>>,
 }
 
 #[derive(Default)]
@@ -33,6 +36,7 @@ impl SessionQueue {
             state: Mutex::new(QueueState::default()),
             notify: Notify::new(),
             max_bytes,
+            on_overflow: OnceLock::new(),
         })
     }
 
@@ -57,6 +61,9 @@ impl SessionQueue {
             s.bytes = 0;
             drop(s);
             self.notify.notify_one();
+            if let Some(hook) = self.on_overflow.get() {
+                hook();
+            }
             return false;
         }
         s.items.push_back(message.clone());
@@ -84,6 +91,11 @@ impl SessionQueue {
     /// Resolves when something was pushed (or overflow happened) since the last drain.
     pub async fn ready(&self) {
         self.notify.notified().await;
+    }
+
+    /// Sets the overflow hook (first call wins).
+    pub fn set_on_overflow(&self, hook: Box<dyn Fn() + Send + Sync>) {
+        let _ = self.on_overflow.set(hook);
     }
 
     /// Bytes currently queued.
@@ -131,7 +143,7 @@ mod tests {
         while q.push(&msg(pushed + 1, 200)) {
             pushed += 1;
         }
-        assert!(pushed >= 1 && pushed < 10);
+        assert!((1..10).contains(&pushed));
         assert!(!q.push(&msg(99, 1)));
         let mut out = Vec::new();
         assert!(!q.drain_into(&mut out));

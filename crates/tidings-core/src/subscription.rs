@@ -81,6 +81,11 @@ impl Subscription {
         &self.cursor
     }
 
+    /// Runs `hook` once, from the publishing thread, if this subscription's queue overflows.
+    pub fn on_overflow(&self, hook: impl Fn() + Send + Sync + 'static) {
+        self.queue.set_on_overflow(Box::new(hook));
+    }
+
     /// Resolves when live messages (or an overflow) are waiting. Replayed history is ready
     /// at once: call `drain` first.
     pub async fn ready(&self) {

@@ -6,8 +6,9 @@
 //! "delivered in offset order" hold by construction. Fan-out under the lock costs one queue
 //! push per local subscriber and blocks only other publishers of the same channel.
 //!
-//! A channel with no subscribers and no retained history is reclaimed by a sweeper task;
-//! when it comes back it gets a new epoch, so an old cursor reports `epoch_changed`.
+//! A channel with no subscribers, no retained history and no use for a whole `history_ttl` is
+//! reclaimed by a sweeper task; when it comes back it gets a new epoch, so an old cursor
+//! reports `epoch_changed`.
 
 use std::collections::HashMap;
 use std::hash::{BuildHasher, RandomState};
@@ -93,7 +94,7 @@ impl MemoryBroker {
                 h.expire(now);
                 // The hub check happens under the shard lock: a subscriber that registers
                 // after it and then reads will create a fresh channel, which is consistent.
-                !h.is_empty() || self.hub.subscriber_count(name) > 0
+                !h.reclaimable(now) || self.hub.subscriber_count(name) > 0
             });
         }
     }
@@ -127,6 +128,7 @@ impl Broker for MemoryBroker {
         let mut h = relock(&history);
         let now = Instant::now();
         h.expire(now);
+        h.touch(now);
         let message = Arc::new(Message::new(
             channel.clone(),
             h.next_position(),
@@ -147,7 +149,9 @@ impl Broker for MemoryBroker {
     ) -> Result<HistoryRead, BrokerError> {
         let history = self.channel(channel);
         let mut h = relock(&history);
-        h.expire(Instant::now());
+        let now = Instant::now();
+        h.expire(now);
+        h.touch(now);
         Ok(h.read(since, limit))
     }
 
@@ -182,5 +186,41 @@ impl Broker for MemoryBroker {
 
     async fn ready(&self) -> Result<(), BrokerError> {
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::history::Since;
+
+    fn broker(ttl: Duration) -> Arc<MemoryBroker> {
+        let policies = Policies {
+            default: crate::policy::ChannelPolicy {
+                history_ttl: ttl,
+                ..Default::default()
+            },
+            namespaces: Default::default(),
+        };
+        MemoryBroker::new(Arc::new(Hub::new()), Arc::new(policies))
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_idle_channel_keeps_its_epoch_until_unused_for_a_whole_ttl() {
+        let b = broker(Duration::from_secs(60));
+        let c = ChannelName::new("idle").unwrap();
+        let e1 = b.read(&c, &Since::Now, None).await.unwrap().top.epoch;
+        tokio::time::advance(Duration::from_secs(30)).await;
+        b.sweep();
+        let e2 = b.read(&c, &Since::Now, None).await.unwrap().top.epoch;
+        assert_eq!(e1, e2, "reclaimed while still in use");
+        tokio::time::advance(Duration::from_secs(61)).await;
+        b.sweep();
+        assert!(b.channels().await.unwrap().is_empty());
+        let e3 = b.read(&c, &Since::Now, None).await.unwrap().top.epoch;
+        assert_ne!(
+            e1, e3,
+            "a reclaimed channel comes back as a new incarnation"
+        );
     }
 }

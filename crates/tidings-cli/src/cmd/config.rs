@@ -1,0 +1,49 @@
+//! `tidings config default` prints the commented default configuration;
+//! `tidings config check [FILE]` validates one (default: the global `--config`).
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, bail};
+use tidings_server::config::{Config, DEFAULT_TOML};
+
+#[derive(Debug, clap::Subcommand)]
+pub enum ConfigCommand {
+    /// Print the default configuration, every key commented.
+    Default,
+    /// Validate a configuration file (with TIDINGS_* variables applied).
+    Check {
+        /// The file to check; defaults to --config.
+        file: Option<PathBuf>,
+    },
+}
+
+pub fn run(cmd: ConfigCommand, config_path: Option<&Path>) -> anyhow::Result<()> {
+    match cmd {
+        ConfigCommand::Default => {
+            print!("{DEFAULT_TOML}");
+            Ok(())
+        }
+        ConfigCommand::Check { file } => {
+            let Some(path) = file.as_deref().or(config_path) else {
+                bail!(
+                    "name a file: `tidings config check FILE` or `tidings --config FILE config check`"
+                );
+            };
+            let config = Config::load(Some(path), std::env::vars())
+                .with_context(|| format!("{} is not valid", path.display()))?;
+            println!(
+                "ok: {} (listen {}, broker {}, auth {}, {} namespace override(s))",
+                path.display(),
+                config.server.listen,
+                config.broker.url,
+                if config.auth.enabled() {
+                    "on"
+                } else {
+                    "off (open mode)"
+                },
+                config.namespaces.len()
+            );
+            Ok(())
+        }
+    }
+}

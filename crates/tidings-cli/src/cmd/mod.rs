@@ -1,0 +1,6 @@
+//! One file per subcommand. Each exposes an `Args` struct (clap) and `run`.
+
+pub mod config;
+pub mod publish;
+pub mod serve;
+pub mod subscribe;

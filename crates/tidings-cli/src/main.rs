@@ -1,0 +1,71 @@
+//! The thin `tidings` binary: parses the command line and hands over to the library crates.
+
+mod client;
+mod cmd;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use tracing_subscriber::EnvFilter;
+
+/// Tidings: a real-time push server (WebSocket, SSE, HTTP streaming, long and short polling).
+#[derive(Debug, Parser)]
+#[command(name = "tidings", version, about)]
+struct Cli {
+    /// Configuration file (TOML); TIDINGS_<TABLE>__<KEY> variables and flags override it.
+    #[arg(long, global = true, env = "TIDINGS_CONFIG")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the server.
+    Serve(cmd::serve::ServeArgs),
+    /// Publish one message to a channel.
+    Publish(cmd::publish::PublishArgs),
+    /// Follow channels and print their messages as NDJSON; reconnects and resumes by itself.
+    Subscribe(cmd::subscribe::SubscribeArgs),
+    /// Print or check the configuration.
+    #[command(subcommand)]
+    Config(cmd::config::ConfigCommand),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_env("TIDINGS_LOG").unwrap_or_else(|_| EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let config = cli.config.as_deref();
+    let result = runtime.block_on(async {
+        match cli.command {
+            Command::Serve(args) => cmd::serve::run(args, config).await,
+            Command::Publish(args) => cmd::publish::run(args).await,
+            Command::Subscribe(args) => cmd::subscribe::run(args).await,
+            Command::Config(c) => cmd::config::run(c, config),
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            // `{:#}` prints the context chain on one line; a backtrace helps nobody here.
+            eprintln!("error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,332 @@
+//! Publishing over HTTP: `POST /publish/{channel}` (the body is the data) and `POST /publish`
+//! (a JSON document naming channels, for one message, a fan-in to several channels, or a
+//! batch). A batch is validated whole before anything is published, so a 400 means nothing
+//! was stored.
+
+use std::sync::atomic::Ordering::Relaxed;
+
+use axum::body::Body;
+use axum::extract::{Path, RawQuery, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use base64::Engine;
+use bytes::Bytes;
+use http_body_util::{BodyExt, Limited};
+use serde::Deserialize;
+use serde_json::value::RawValue;
+use tidings_core::{ChannelName, Data, EventName, Message};
+
+use crate::api::error::ApiError;
+use crate::server::AppState;
+
+/// A batch body may hold this many messages' worth of `max_message_bytes`.
+const BATCH_BODY_FACTOR: usize = 16;
+const MAX_BATCH: usize = 1000;
+
+/// Reads a body of at most `limit` bytes; more answers 413 without reading it all.
+async fn read_body(body: Body, limit: usize) -> Result<Bytes, ApiError> {
+    match Limited::new(body, limit).collect().await {
+        Ok(c) => Ok(c.to_bytes()),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(ApiError::too_large(limit)),
+        Err(e) => Err(ApiError::bad_request(
+            "invalid_body",
+            format!("could not read the request body: {e}"),
+        )),
+    }
+}
+
+/// Validates JSON text and returns the value without surrounding whitespace.
+fn json_data(body: Bytes) -> Result<Data, ApiError> {
+    if let Err(e) = serde_json::from_slice::<&RawValue>(&body) {
+        return Err(ApiError::bad_request(
+            "invalid_json",
+            format!("the body is not valid JSON: {e}"),
+        ));
+    }
+    let start = body
+        .iter()
+        .position(|b| !b.is_ascii_whitespace())
+        .unwrap_or(0);
+    let end = body
+        .iter()
+        .rposition(|b| !b.is_ascii_whitespace())
+        .map_or(0, |i| i + 1);
+    Ok(Data::Json(body.slice(start..end)))
+}
+
+/// SPEC §10: the content type decides what kind of data the body is.
+fn data_from(headers: &HeaderMap, body: Bytes) -> Result<Data, ApiError> {
+    let ct = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .map(|v| {
+            v.split(';')
+                .next()
+                .unwrap_or("")
+                .trim()
+                .to_ascii_lowercase()
+        });
+    match ct.as_deref() {
+        Some("application/json") => json_data(body),
+        Some(t) if t.ends_with("+json") => json_data(body),
+        None | Some("") => text_data(body),
+        Some(t) if t.starts_with("text/") => text_data(body),
+        Some("application/octet-stream") => Ok(Data::Binary(body)),
+        Some(other) => Err(ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+            format!(
+                "content type {other:?} is not accepted; use application/json, text/plain or application/octet-stream"
+            ),
+        )),
+    }
+}
+
+fn text_data(body: Bytes) -> Result<Data, ApiError> {
+    match std::str::from_utf8(&body) {
+        Ok(_) => Ok(Data::Text(body)),
+        Err(e) => Err(ApiError::bad_request(
+            "invalid_utf8",
+            format!(
+                "text data must be UTF-8 (invalid byte at {}); send binary as application/octet-stream",
+                e.valid_up_to()
+            ),
+        )),
+    }
+}
+
+fn event_from_query(query: Option<&str>) -> Result<Option<EventName>, ApiError> {
+    for (k, v) in form_urlencoded::parse(query.unwrap_or("").as_bytes()) {
+        if k == "event" {
+            return Ok(Some(EventName::new(&v)?));
+        }
+    }
+    Ok(None)
+}
+
+pub fn position_json(m: &Message) -> serde_json::Value {
+    serde_json::json!({
+        "channel": m.channel.as_str(),
+        "offset": m.offset,
+        "epoch": m.epoch.as_str(),
+        "cursor": String::from_utf8_lossy(m.cursor()),
+        "time": m.time,
+    })
+}
+
+/// `POST /publish/{channel}`.
+pub async fn to_channel(
+    State(state): State<AppState>,
+    Path(channel): Path<String>,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let channel = ChannelName::new(&channel)?;
+    let event = event_from_query(query.as_deref())?;
+    let body = read_body(body, state.config.server.max_message_bytes).await?;
+    let data = data_from(&headers, body)?;
+    let message = publish(&state, &channel, event, data).await?;
+    Ok(axum::Json(position_json(&message)).into_response())
+}
+
+async fn publish(
+    state: &AppState,
+    channel: &ChannelName,
+    event: Option<EventName>,
+    data: Data,
+) -> Result<std::sync::Arc<Message>, ApiError> {
+    match state.node.publish(channel, event, data).await {
+        Ok(m) => {
+            state.metrics.published.fetch_add(1, Relaxed);
+            Ok(m)
+        }
+        Err(e) => {
+            state.metrics.publish_errors.fetch_add(1, Relaxed);
+            Err(e.into())
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Document {
+    channel: Option<String>,
+    channels: Option<Vec<String>>,
+    data: Option<Box<RawValue>>,
+    event: Option<String>,
+    encoding: Option<String>,
+    messages: Option<Vec<Entry>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Entry {
+    channel: String,
+    data: Box<RawValue>,
+    event: Option<String>,
+    encoding: Option<String>,
+}
+
+struct Validated {
+    channel: ChannelName,
+    event: Option<EventName>,
+    data: Data,
+}
+
+fn validate(
+    state: &AppState,
+    channel: &str,
+    data: &RawValue,
+    event: Option<&str>,
+    encoding: Option<&str>,
+) -> Result<Validated, ApiError> {
+    let channel = ChannelName::new(channel)?;
+    let event = event.map(EventName::new).transpose()?;
+    let data = match encoding {
+        None => Data::Json(Bytes::copy_from_slice(data.get().as_bytes())),
+        Some("base64") => {
+            let s: String = serde_json::from_str(data.get()).map_err(|_| {
+                ApiError::bad_request(
+                    "invalid_data",
+                    "with \"encoding\":\"base64\", data must be a string",
+                )
+            })?;
+            let bytes = base64::engine::general_purpose::STANDARD
+                .decode(s.as_bytes())
+                .map_err(|_| ApiError::bad_request("invalid_data", "data is not valid base64"))?;
+            Data::Binary(Bytes::from(bytes))
+        }
+        Some(other) => {
+            return Err(ApiError::bad_request(
+                "invalid_data",
+                format!("unknown encoding {other:?}; only \"base64\" is supported"),
+            ));
+        }
+    };
+    if data.len() > state.config.server.max_message_bytes {
+        return Err(ApiError::too_large(state.config.server.max_message_bytes));
+    }
+    Ok(Validated {
+        channel,
+        event,
+        data,
+    })
+}
+
+/// `POST /publish` with a JSON document.
+pub async fn document(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let ct = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    if !ct.is_empty() && !ct.to_ascii_lowercase().contains("json") {
+        return Err(ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+            "POST /publish takes a JSON document; to publish a raw body use POST /publish/{channel}",
+        ));
+    }
+    let limit = state
+        .config
+        .server
+        .max_message_bytes
+        .saturating_mul(BATCH_BODY_FACTOR);
+    let body = read_body(body, limit).await?;
+    let doc: Document = serde_json::from_slice(&body).map_err(|e| {
+        ApiError::bad_request(
+            "invalid_json",
+            format!(
+                "expected {{\"channel\",\"data\"}}, {{\"channels\":[…],\"data\"}} or {{\"messages\":[…]}}: {e}"
+            ),
+        )
+    })?;
+    let shape_error = || {
+        ApiError::bad_request(
+            "invalid_request",
+            "give exactly one of \"channel\", \"channels\" or \"messages\"; \"data\" goes with the first two",
+        )
+    };
+    match (doc.channel, doc.channels, doc.messages) {
+        (Some(channel), None, None) => {
+            let data = doc.data.ok_or_else(shape_error)?;
+            let v = validate(
+                &state,
+                &channel,
+                &data,
+                doc.event.as_deref(),
+                doc.encoding.as_deref(),
+            )?;
+            let m = publish(&state, &v.channel, v.event, v.data).await?;
+            Ok(axum::Json(position_json(&m)).into_response())
+        }
+        (None, Some(channels), None) => {
+            let data = doc.data.ok_or_else(shape_error)?;
+            check_batch_len(channels.len())?;
+            let batch = channels
+                .iter()
+                .enumerate()
+                .map(|(i, c)| {
+                    validate(
+                        &state,
+                        c,
+                        &data,
+                        doc.event.as_deref(),
+                        doc.encoding.as_deref(),
+                    )
+                    .map_err(|e| e.context(&format!("channels[{i}]")))
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            publish_batch(&state, batch).await
+        }
+        (None, None, Some(messages)) => {
+            if doc.data.is_some() || doc.event.is_some() || doc.encoding.is_some() {
+                return Err(shape_error());
+            }
+            check_batch_len(messages.len())?;
+            let batch = messages
+                .iter()
+                .enumerate()
+                .map(|(i, m)| {
+                    validate(
+                        &state,
+                        &m.channel,
+                        &m.data,
+                        m.event.as_deref(),
+                        m.encoding.as_deref(),
+                    )
+                    .map_err(|e| e.context(&format!("messages[{i}]")))
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            publish_batch(&state, batch).await
+        }
+        _ => Err(shape_error()),
+    }
+}
+
+fn check_batch_len(n: usize) -> Result<(), ApiError> {
+    if n == 0 || n > MAX_BATCH {
+        return Err(ApiError::bad_request(
+            "invalid_request",
+            format!("a batch holds 1 to {MAX_BATCH} messages, not {n}"),
+        ));
+    }
+    Ok(())
+}
+
+/// Publishes a validated batch in order. A broker failure part-way is reported per entry, so
+/// the client knows exactly which positions were stored.
+async fn publish_batch(state: &AppState, batch: Vec<Validated>) -> Result<Response, ApiError> {
+    let mut results = Vec::with_capacity(batch.len());
+    for v in batch {
+        results.push(match publish(state, &v.channel, v.event, v.data).await {
+            Ok(m) => position_json(&m),
+            Err(e) => serde_json::json!({"error": {"code": e.code, "message": e.message}}),
+        });
+    }
+    Ok(axum::Json(serde_json::json!({ "results": results })).into_response())
+}

@@ -1,0 +1,531 @@
+//! Configuration: one TOML file, overridden by `TIDINGS_<TABLE>__<KEY>` environment
+//! variables, overridden by flags (applied by the CLI on the loaded value).
+//!
+//! Every table denies unknown keys so a typo is an error that names the key, not a silently
+//! ignored setting. Durations are human strings (`"15s"`); secrets are masked in `Debug`.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer};
+use thiserror::Error;
+use tidings_core::{ChannelPolicy, Policies, PublishPolicy, SubscribePolicy};
+
+#[derive(Debug, Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{origin}: {message}")]
+    Parse { origin: String, message: String },
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+}
+
+/// The whole configuration, as `tidings config default` prints it.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub broker: BrokerConfig,
+    pub auth: AuthConfig,
+    pub channels: ChannelsConfig,
+    pub namespaces: BTreeMap<String, NamespaceConfig>,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    pub listen: String,
+    pub tls_listen: Option<String>,
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    pub tls_self_signed: bool,
+    pub insecure: bool,
+    pub cors_origins: Vec<String>,
+    pub max_connections: usize,
+    pub max_connections_per_ip: usize,
+    pub max_message_bytes: usize,
+    pub max_channels_per_subscription: usize,
+    pub queue_max_bytes: usize,
+    #[serde(deserialize_with = "duration")]
+    pub heartbeat_interval: Duration,
+    #[serde(deserialize_with = "duration")]
+    pub long_poll_max_wait: Duration,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:8080".into(),
+            tls_listen: None,
+            tls_cert: None,
+            tls_key: None,
+            tls_self_signed: false,
+            insecure: false,
+            cors_origins: Vec::new(),
+            max_connections: 100_000,
+            max_connections_per_ip: 0,
+            max_message_bytes: 65_536,
+            max_channels_per_subscription: 64,
+            queue_max_bytes: 1_048_576,
+            heartbeat_interval: Duration::from_secs(15),
+            long_poll_max_wait: Duration::from_secs(60),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BrokerConfig {
+    pub url: String,
+    pub data_dir: Option<PathBuf>,
+    pub prefix: String,
+}
+
+impl Default for BrokerConfig {
+    fn default() -> Self {
+        Self {
+            url: "memory".into(),
+            data_dir: None,
+            prefix: "tidings".into(),
+        }
+    }
+}
+
+/// A secret that never shows in logs or `Debug` output.
+#[derive(Clone, Deserialize, PartialEq, Eq)]
+#[serde(transparent)]
+pub struct Secret(pub String);
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("\"****\"")
+    }
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    pub api_keys: Vec<Secret>,
+    pub jwt_secret: Option<Secret>,
+    pub jwt_public_key_file: Option<PathBuf>,
+}
+
+impl AuthConfig {
+    /// SPEC §12: auth is on when at least one credential source is configured.
+    pub fn enabled(&self) -> bool {
+        !self.api_keys.is_empty() || self.jwt_secret.is_some() || self.jwt_public_key_file.is_some()
+    }
+}
+
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum SubscribeSetting {
+    Anyone,
+    Token,
+}
+
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum PublishSetting {
+    Anyone,
+    Token,
+    Server,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ChannelsConfig {
+    pub history_size: usize,
+    #[serde(deserialize_with = "duration")]
+    pub history_ttl: Duration,
+    pub subscribe: Option<SubscribeSetting>,
+    pub publish: Option<PublishSetting>,
+    pub presence: bool,
+    pub join_leave: bool,
+}
+
+impl Default for ChannelsConfig {
+    fn default() -> Self {
+        Self {
+            history_size: 100,
+            history_ttl: Duration::from_secs(600),
+            subscribe: None,
+            publish: None,
+            presence: false,
+            join_leave: false,
+        }
+    }
+}
+
+/// `[namespaces.NAME]`: any `[channels]` key, overriding it for channels named `NAME:…`.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NamespaceConfig {
+    pub history_size: Option<usize>,
+    #[serde(deserialize_with = "opt_duration")]
+    pub history_ttl: Option<Duration>,
+    pub subscribe: Option<SubscribeSetting>,
+    pub publish: Option<PublishSetting>,
+    pub presence: Option<bool>,
+    pub join_leave: Option<bool>,
+}
+
+/// Upper bound on retained messages per channel, so one setting cannot exhaust memory silently.
+pub const MAX_HISTORY_SIZE: usize = 1_000_000;
+
+fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    let s = String::deserialize(d)?;
+    parse_duration(&s).map_err(serde::de::Error::custom)
+}
+
+fn opt_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+    let s = Option::<String>::deserialize(d)?;
+    s.map(|s| parse_duration(&s).map_err(serde::de::Error::custom))
+        .transpose()
+}
+
+/// Parses `"15s"`, `"10m"`, `"1h 30m"`, `"250ms"`.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s.trim()).map_err(|e| {
+        format!("invalid duration {s:?} ({e}); write it like \"15s\", \"10m\" or \"250ms\"")
+    })
+}
+
+impl Config {
+    /// Loads `path` (or the defaults when `None`), then applies `TIDINGS_*__*` variables from
+    /// `env`, then validates.
+    pub fn load(
+        path: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Self, ConfigError> {
+        let (mut table, origin) = match path {
+            Some(p) => {
+                let text = std::fs::read_to_string(p).map_err(|source| ConfigError::Read {
+                    path: p.to_owned(),
+                    source,
+                })?;
+                let table = text
+                    .parse::<toml::Table>()
+                    .map_err(|e| ConfigError::Parse {
+                        origin: p.display().to_string(),
+                        message: e.to_string(),
+                    })?;
+                (table, p.display().to_string())
+            }
+            None => (toml::Table::new(), "defaults".to_owned()),
+        };
+        let overridden = apply_env(&mut table, env)?;
+        let origin = if overridden.is_empty() {
+            origin
+        } else {
+            format!("{origin} with {}", overridden.join(", "))
+        };
+        let config =
+            Config::deserialize(toml::Value::Table(table)).map_err(|e| ConfigError::Parse {
+                origin,
+                message: e.to_string().trim().to_owned(),
+            })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Parses a TOML text (used by tests and `config check`).
+    pub fn from_toml(text: &str) -> Result<Self, ConfigError> {
+        let config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            origin: "config".into(),
+            message: e.to_string().trim().to_owned(),
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let s = &self.server;
+        let invalid = |m: String| Err(ConfigError::Invalid(m));
+        if parse_listen(&s.listen).is_none() {
+            return invalid(format!(
+                "server.listen = {:?} is not an address like \"127.0.0.1:8080\"",
+                s.listen
+            ));
+        }
+        if s.max_message_bytes == 0 || s.max_message_bytes > 64 << 20 {
+            return invalid("server.max_message_bytes must be between 1 and 67108864".into());
+        }
+        if s.max_channels_per_subscription == 0 {
+            return invalid("server.max_channels_per_subscription must be at least 1".into());
+        }
+        if s.queue_max_bytes < 1024 {
+            return invalid("server.queue_max_bytes must be at least 1024".into());
+        }
+        if s.heartbeat_interval < Duration::from_millis(100) {
+            return invalid("server.heartbeat_interval must be at least 100ms".into());
+        }
+        if self.channels.history_size > MAX_HISTORY_SIZE
+            || self
+                .namespaces
+                .values()
+                .any(|n| n.history_size.is_some_and(|h| h > MAX_HISTORY_SIZE))
+        {
+            return invalid(format!("history_size is capped at {MAX_HISTORY_SIZE}"));
+        }
+        for name in self.namespaces.keys() {
+            let ok = !name.is_empty()
+                && name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"_.@=-".contains(&b));
+            if !ok {
+                return invalid(format!(
+                    "namespaces.{name:?}: a namespace is a channel name part before ':' (A-Z a-z 0-9 _ . @ = -)"
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Channel policies with `[auth]`-dependent defaults resolved (SPEC §10).
+    pub fn policies(&self) -> Policies {
+        let auth = self.auth.enabled();
+        let c = &self.channels;
+        let subscribe = c.subscribe.unwrap_or(if auth {
+            SubscribeSetting::Token
+        } else {
+            SubscribeSetting::Anyone
+        });
+        let publish = c.publish.unwrap_or(if auth {
+            PublishSetting::Token
+        } else {
+            PublishSetting::Anyone
+        });
+        let default = ChannelPolicy {
+            history_size: c.history_size,
+            history_ttl: c.history_ttl,
+            subscribe: subscribe.into(),
+            publish: publish.into(),
+            presence: c.presence,
+            join_leave: c.join_leave,
+        };
+        let namespaces = self
+            .namespaces
+            .iter()
+            .map(|(name, n)| {
+                let p = ChannelPolicy {
+                    history_size: n.history_size.unwrap_or(default.history_size),
+                    history_ttl: n.history_ttl.unwrap_or(default.history_ttl),
+                    subscribe: n.subscribe.map_or(default.subscribe, Into::into),
+                    publish: n.publish.map_or(default.publish, Into::into),
+                    presence: n.presence.unwrap_or(default.presence),
+                    join_leave: n.join_leave.unwrap_or(default.join_leave),
+                };
+                (name.clone(), p)
+            })
+            .collect();
+        Policies {
+            default,
+            namespaces,
+        }
+    }
+}
+
+pub fn parse_listen(s: &str) -> Option<SocketAddr> {
+    if let Ok(a) = s.parse() {
+        return Some(a);
+    }
+    // `localhost:PORT` is common in docs and muscle memory.
+    let port = s.strip_prefix("localhost:")?.parse().ok()?;
+    Some(SocketAddr::from(([127, 0, 0, 1], port)))
+}
+
+impl From<SubscribeSetting> for SubscribePolicy {
+    fn from(s: SubscribeSetting) -> Self {
+        match s {
+            SubscribeSetting::Anyone => SubscribePolicy::Anyone,
+            SubscribeSetting::Token => SubscribePolicy::Token,
+        }
+    }
+}
+
+impl From<PublishSetting> for PublishPolicy {
+    fn from(s: PublishSetting) -> Self {
+        match s {
+            PublishSetting::Anyone => PublishPolicy::Anyone,
+            PublishSetting::Token => PublishPolicy::Token,
+            PublishSetting::Server => PublishPolicy::Server,
+        }
+    }
+}
+
+/// Applies `TIDINGS_<TABLE>__<KEY>=value` (value parsed as TOML when it is valid TOML, else a
+/// string). Returns the variables applied, for error messages.
+fn apply_env(
+    table: &mut toml::Table,
+    env: impl IntoIterator<Item = (String, String)>,
+) -> Result<Vec<String>, ConfigError> {
+    let mut applied = Vec::new();
+    let mut vars: Vec<(String, String)> = env
+        .into_iter()
+        .filter(|(k, _)| k.starts_with("TIDINGS_") && k.contains("__"))
+        .collect();
+    vars.sort();
+    for (key, raw) in vars {
+        let path: Vec<String> = key["TIDINGS_".len()..]
+            .split("__")
+            .map(str::to_ascii_lowercase)
+            .collect();
+        if path.iter().any(String::is_empty) || path.len() > 3 {
+            return Err(ConfigError::Invalid(format!(
+                "environment variable {key}: expected TIDINGS_<TABLE>__<KEY>"
+            )));
+        }
+        let value = format!("v = {raw}")
+            .parse::<toml::Table>()
+            .ok()
+            .and_then(|mut t| t.remove("v"))
+            .unwrap_or_else(|| toml::Value::String(raw.clone()));
+        let (last, parents) = path.split_last().ok_or_else(|| {
+            ConfigError::Invalid(format!("environment variable {key}: empty key"))
+        })?;
+        let mut t = &mut *table;
+        for p in parents {
+            let entry = t
+                .entry(p.clone())
+                .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+            t = entry.as_table_mut().ok_or_else(|| {
+                ConfigError::Invalid(format!("environment variable {key}: {p} is not a table"))
+            })?;
+        }
+        t.insert(last.clone(), value);
+        applied.push(key);
+    }
+    Ok(applied)
+}
+
+/// What `tidings config default` prints: every key with its default and a comment.
+pub const DEFAULT_TOML: &str = r#"# Tidings configuration. Every key is optional; shown here with its default.
+# Environment variables override keys as TIDINGS_<TABLE>__<KEY> (e.g. TIDINGS_SERVER__LISTEN);
+# command-line flags override both. Durations are strings like "15s", "10m", "250ms".
+
+[server]
+listen = "127.0.0.1:8080"          # plain HTTP/1.1 + h2c
+# tls_listen = "0.0.0.0:8443"      # TLS port (ALPN h2, http/1.1), in addition to `listen`
+# tls_cert = "cert.pem"            # with tls_key; or tls_self_signed = true
+insecure = false                   # allow open mode on a non-loopback address
+cors_origins = []                  # CORS + WebSocket Origin allow-list; empty = any origin in open mode, none otherwise
+max_connections = 100000
+max_connections_per_ip = 0         # 0 = unlimited
+max_message_bytes = 65536          # larger publishes answer 413
+max_channels_per_subscription = 64 # more channels in one subscribe request answer 400
+queue_max_bytes = 1048576          # per connection, then disconnect "slow"
+heartbeat_interval = "15s"         # SSE comment / empty NDJSON line when idle
+long_poll_max_wait = "60s"         # a larger ?wait= answers 400
+
+[broker]
+url = "memory"                     # or redis://host:port/db, rediss://…
+# data_dir = "/var/lib/tidings"    # durable history with the memory broker
+prefix = "tidings"                 # Redis key prefix
+
+[auth]                             # absent or empty = open mode
+# api_keys = ["…"]
+# jwt_secret = "…"                 # HS256
+# jwt_public_key_file = "key.pem"  # RS256 or ES256, chosen by the key
+
+[channels]                         # defaults for every namespace
+history_size = 100                 # messages kept per channel for resume (0 = none)
+history_ttl = "10m"                # how long a message stays in history
+# subscribe = "anyone"             # "anyone" | "token"      (default "anyone"; with [auth]: "token")
+# publish = "anyone"               # "anyone" | "token" | "server"   (default "anyone"; with [auth]: "token")
+presence = false
+join_leave = false
+
+# [namespaces.chat]                # overrides for channels named chat:…
+# history_size = 500
+"#;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_printed_default_parses_to_the_built_in_defaults() {
+        let c = Config::from_toml(DEFAULT_TOML).unwrap();
+        let d = Config::default();
+        assert_eq!(c.server.listen, d.server.listen);
+        assert_eq!(c.server.max_message_bytes, 65_536);
+        assert_eq!(c.server.heartbeat_interval, Duration::from_secs(15));
+        assert_eq!(c.channels.history_ttl, Duration::from_secs(600));
+        assert_eq!(c.broker.url, "memory");
+        assert!(!c.auth.enabled());
+    }
+
+    #[test]
+    fn an_unknown_key_is_an_error_that_names_it() {
+        let e = Config::from_toml("[server]\nlisten_port = 1\n").unwrap_err();
+        assert!(e.to_string().contains("listen_port"), "{e}");
+        let e = Config::from_toml("[bogus]\n").unwrap_err();
+        assert!(e.to_string().contains("bogus"), "{e}");
+    }
+
+    #[test]
+    fn environment_variables_override_the_file_and_are_typed() {
+        let env = vec![
+            (
+                "TIDINGS_SERVER__LISTEN".to_owned(),
+                "127.0.0.1:9999".to_owned(),
+            ),
+            (
+                "TIDINGS_SERVER__MAX_MESSAGE_BYTES".to_owned(),
+                "1024".to_owned(),
+            ),
+            (
+                "TIDINGS_NAMESPACES__CHAT__HISTORY_SIZE".to_owned(),
+                "7".to_owned(),
+            ),
+            ("UNRELATED".to_owned(), "x".to_owned()),
+        ];
+        let c = Config::load(None, env).unwrap();
+        assert_eq!(c.server.listen, "127.0.0.1:9999");
+        assert_eq!(c.server.max_message_bytes, 1024);
+        assert_eq!(c.namespaces["chat"].history_size, Some(7));
+        let e = Config::load(None, vec![("TIDINGS_SERVER__NOPE".into(), "1".into())]).unwrap_err();
+        assert!(e.to_string().contains("nope"), "{e}");
+    }
+
+    #[test]
+    fn bad_values_are_refused_with_a_reason() {
+        assert!(Config::from_toml("[server]\nheartbeat_interval = \"soon\"\n").is_err());
+        assert!(Config::from_toml("[server]\nlisten = \"nowhere\"\n").is_err());
+        assert!(Config::from_toml("[server]\nmax_message_bytes = 0\n").is_err());
+        assert!(Config::from_toml("[namespaces.\"a:b\"]\n").is_err());
+    }
+
+    #[test]
+    fn namespace_overrides_resolve_onto_the_channel_defaults() {
+        let c = Config::from_toml(
+            "[channels]\nhistory_size = 5\n[namespaces.chat]\nhistory_ttl = \"1m\"\n",
+        )
+        .unwrap();
+        let p = c.policies();
+        let chat = p.for_channel(&tidings_core::ChannelName::new("chat:x").unwrap());
+        assert_eq!(
+            (chat.history_size, chat.history_ttl),
+            (5, Duration::from_secs(60))
+        );
+        assert_eq!(chat.publish, PublishPolicy::Anyone);
+    }
+
+    #[test]
+    fn secrets_are_masked_in_debug_output() {
+        let c =
+            Config::from_toml("[auth]\njwt_secret = \"hunter2\"\napi_keys = [\"k1\"]\n").unwrap();
+        let dbg = format!("{c:?}");
+        assert!(!dbg.contains("hunter2") && !dbg.contains("k1"), "{dbg}");
+        assert!(c.auth.enabled());
+        assert_eq!(c.policies().default.publish, PublishPolicy::Token);
+    }
+}

@@ -1,0 +1,22 @@
+//! # Tidings server
+//!
+//! The HTTP edge over `tidings-core`: configuration, the publish and channel API, the
+//! transports, metrics and the accept loop. A library so tests (and the CLI) can run a real
+//! server on any listener: `serve(AppState::new(config)?, listener, shutdown)`.
+//!
+//! ## Layout
+//! - `config`: the TOML/env configuration and its validation.
+//! - `server`: `AppState`, the accept loop (HTTP/1.1 + h2c), graceful shutdown.
+//! - `api/`: the router, publishing, channel reads, health and metrics, `ApiError`.
+//! - `transport/`: one file per transport (`sse`, `http_stream`, `long_poll`, `short_poll`),
+//!   `stream.rs` for the lifecycle SSE and NDJSON share, `params.rs` for subscribe parameters.
+//! - `metrics`: Prometheus counters and gauges.
+
+pub mod api;
+pub mod config;
+pub mod metrics;
+pub mod server;
+pub mod transport;
+
+pub use config::{Config, ConfigError};
+pub use server::{AppState, serve};

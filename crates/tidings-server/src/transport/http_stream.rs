@@ -1,0 +1,113 @@
+//! HTTP streaming: newline-delimited JSON (`application/x-ndjson`) over a chunked response
+//! (or HTTP/2 DATA frames). One envelope per line; control records carry a `type`; an empty
+//! line is the heartbeat.
+
+use std::sync::Arc;
+
+use axum::extract::{Path, RawQuery, State};
+use axum::http::HeaderMap;
+use axum::response::Response;
+use bytes::{BufMut, BytesMut};
+use serde::Serialize;
+use tidings_core::{Disconnect, Gap, Message};
+
+use crate::api::error::ApiError;
+use crate::server::{AppState, ConnectionCtx};
+use crate::transport::stream::{self, Framing};
+use crate::transport::{TransportKind, frame_slot, params};
+
+pub struct NdjsonFraming;
+
+#[derive(Serialize)]
+struct Control<'a, T: Serialize> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    #[serde(flatten)]
+    body: &'a T,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    cursor: Option<&'a str>,
+}
+
+fn write_control<T: Serialize>(
+    kind: &'static str,
+    body: &T,
+    cursor: Option<&[u8]>,
+    out: &mut BytesMut,
+) {
+    let cursor = cursor.and_then(|c| std::str::from_utf8(c).ok());
+    // Serializing into memory cannot fail for these derived structs.
+    let _ = serde_json::to_writer(out.writer(), &Control { kind, body, cursor });
+    out.put_u8(b'\n');
+}
+
+impl Framing for NdjsonFraming {
+    const KIND: TransportKind = TransportKind::HttpStream;
+    const CONTENT_TYPE: &'static str = "application/x-ndjson";
+
+    fn message(&mut self, m: &Arc<Message>, cursor: &[u8], single: bool, out: &mut BytesMut) {
+        if single {
+            out.put_slice(m.cached_frame(frame_slot::NDJSON, |m| {
+                let mut b = BytesMut::new();
+                m.write_envelope(&mut b, m.cursor());
+                b.put_u8(b'\n');
+                b.freeze()
+            }));
+        } else {
+            m.write_envelope(out, cursor);
+            out.put_u8(b'\n');
+        }
+    }
+
+    fn gap(&mut self, gap: &Gap, cursor: &[u8], out: &mut BytesMut) {
+        write_control("gap", gap, Some(cursor), out);
+    }
+
+    fn opened(&mut self, cursor: &[u8], out: &mut BytesMut) {
+        out.put_slice(b"{\"type\":\"ready\",\"cursor\":\"");
+        out.put_slice(cursor);
+        out.put_slice(b"\"}\n");
+    }
+
+    fn disconnect(&mut self, d: Disconnect, out: &mut BytesMut) {
+        write_control("disconnect", &d, None, out);
+    }
+
+    fn heartbeat(&mut self, out: &mut BytesMut) {
+        out.put_u8(b'\n');
+    }
+}
+
+/// `GET /stream/{channel}`.
+pub async fn one(
+    State(state): State<AppState>,
+    conn: Option<axum::Extension<ConnectionCtx>>,
+    Path(channel): Path<String>,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let p = params::parse(
+        Some(&channel),
+        query.as_deref(),
+        &headers,
+        &state.config.server,
+        false,
+    )?;
+    stream::open(&state, conn.as_deref(), p, NdjsonFraming).await
+}
+
+/// `GET /stream?channel=a&channel=b`.
+pub async fn many(
+    State(state): State<AppState>,
+    conn: Option<axum::Extension<ConnectionCtx>>,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let p = params::parse(
+        None,
+        query.as_deref(),
+        &headers,
+        &state.config.server,
+        false,
+    )?;
+    stream::open(&state, conn.as_deref(), p, NdjsonFraming).await
+}

@@ -1,0 +1,230 @@
+//! Subscribe parameters shared by every HTTP transport (SPEC §3): channels from the path or
+//! repeated `channel=`, and where to start: `since` / `lastEventId` / `Last-Event-ID` /
+//! `If-None-Match` (polls), or `history=N`. Polls also take `wait` or `Prefer: wait=N`.
+
+use std::time::Duration;
+
+use axum::http::{HeaderMap, header};
+use tidings_core::{ChannelName, Cursor, Start};
+
+use crate::api::error::ApiError;
+use crate::config::ServerConfig;
+
+pub struct SubscribeParams {
+    pub channels: Vec<ChannelName>,
+    pub start: Start,
+    /// Long-poll wait, when asked for (polls only).
+    pub wait: Option<Duration>,
+}
+
+/// Parses channels and start position; `wait` only when `allow_wait`.
+pub fn parse(
+    path_channel: Option<&str>,
+    query: Option<&str>,
+    headers: &HeaderMap,
+    config: &ServerConfig,
+    allow_wait: bool,
+) -> Result<SubscribeParams, ApiError> {
+    let mut channels = Vec::new();
+    let mut since: Option<String> = None;
+    let mut last_event_id: Option<String> = None;
+    let mut history: Option<usize> = None;
+    let mut wait: Option<Duration> = None;
+    for (key, value) in form_urlencoded::parse(query.unwrap_or("").as_bytes()) {
+        match &*key {
+            "channel" => {
+                if path_channel.is_some() {
+                    return Err(ApiError::bad_request(
+                        "invalid_parameter",
+                        "give the channel either in the path or as ?channel=, not both",
+                    ));
+                }
+                if channels.len() >= config.max_channels_per_subscription {
+                    return Err(too_many(config));
+                }
+                channels.push(ChannelName::new(&value)?);
+            }
+            "since" if !value.is_empty() => since = Some(value.into_owned()),
+            "lastEventId" if !value.is_empty() => last_event_id = Some(value.into_owned()),
+            "history" => {
+                history = Some(value.parse().map_err(|_| {
+                    ApiError::bad_request(
+                        "invalid_parameter",
+                        format!("history={value:?}: expected a whole number of messages"),
+                    )
+                })?);
+            }
+            "wait" if allow_wait => wait = Some(parse_wait(&value, config)?),
+            _ => {}
+        }
+    }
+    if let Some(name) = path_channel {
+        channels.push(ChannelName::new(name)?);
+    }
+    if channels.is_empty() {
+        return Err(ApiError::bad_request(
+            "missing_channel",
+            "name at least one channel: /…/{channel} or ?channel=NAME (repeatable)",
+        ));
+    }
+    let header_text = |name: &header::HeaderName| {
+        headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::trim)
+            .filter(|v| !v.is_empty())
+            .map(str::to_owned)
+    };
+    let cursor_text = since
+        .or(last_event_id)
+        .or_else(|| header_text(&header::HeaderName::from_static("last-event-id")))
+        .or_else(|| {
+            allow_wait
+                .then(|| header_text(&header::IF_NONE_MATCH))
+                .flatten()
+                .map(|v| v.trim_start_matches("W/").trim_matches('"').to_owned())
+        });
+    let start = match (cursor_text, history) {
+        (Some(text), _) => Start::Cursor(Cursor::decode(&text)?),
+        (None, Some(n)) => Start::Last(n),
+        (None, None) => Start::Now,
+    };
+    if allow_wait && wait.is_none() {
+        wait = prefer_wait(headers, config)?;
+    }
+    Ok(SubscribeParams {
+        channels,
+        start,
+        wait,
+    })
+}
+
+fn too_many(config: &ServerConfig) -> ApiError {
+    ApiError::bad_request(
+        "too_many_channels",
+        format!(
+            "at most {} channels per subscription (max_channels_per_subscription)",
+            config.max_channels_per_subscription
+        ),
+    )
+}
+
+fn parse_wait(value: &str, config: &ServerConfig) -> Result<Duration, ApiError> {
+    let secs: f64 = value.trim().parse().map_err(|_| {
+        ApiError::bad_request(
+            "invalid_wait",
+            format!("wait={value:?}: expected seconds, e.g. wait=30"),
+        )
+    })?;
+    if !secs.is_finite() || secs < 0.0 {
+        return Err(ApiError::bad_request(
+            "invalid_wait",
+            "wait must be a non-negative number of seconds",
+        ));
+    }
+    let max = config.long_poll_max_wait;
+    if secs > max.as_secs_f64() {
+        return Err(ApiError::bad_request(
+            "invalid_wait",
+            format!(
+                "wait={value} is above the server's long_poll_max_wait of {}s; ask for less",
+                max.as_secs_f64()
+            ),
+        ));
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+/// RFC 7240 `Prefer: wait=N`; other preferences are ignored.
+fn prefer_wait(headers: &HeaderMap, config: &ServerConfig) -> Result<Option<Duration>, ApiError> {
+    for value in headers.get_all("prefer") {
+        let Ok(value) = value.to_str() else { continue };
+        for pref in value.split([',', ';']) {
+            if let Some((k, v)) = pref.split_once('=')
+                && k.trim().eq_ignore_ascii_case("wait")
+            {
+                return parse_wait(v.trim().trim_matches('"'), config).map(Some);
+            }
+        }
+    }
+    Ok(None)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg() -> ServerConfig {
+        ServerConfig {
+            max_channels_per_subscription: 2,
+            ..ServerConfig::default()
+        }
+    }
+
+    #[test]
+    fn channels_come_from_the_path_or_repeated_query_parameters() {
+        let h = HeaderMap::new();
+        let p = parse(None, Some("channel=a&channel=b&_=123"), &h, &cfg(), false).unwrap();
+        assert_eq!(p.channels.len(), 2);
+        let p = parse(Some("news"), None, &h, &cfg(), false).unwrap();
+        assert_eq!(p.channels[0].as_str(), "news");
+        assert_eq!(p.start, Start::Now);
+        let e = parse(
+            None,
+            Some("channel=a&channel=b&channel=c"),
+            &h,
+            &cfg(),
+            false,
+        );
+        assert_eq!(e.err().unwrap().code, "too_many_channels");
+        assert_eq!(
+            parse(None, None, &h, &cfg(), false).err().unwrap().code,
+            "missing_channel"
+        );
+        assert_eq!(
+            parse(None, Some("channel=a%20b"), &h, &cfg(), false)
+                .err()
+                .unwrap()
+                .code,
+            "invalid_channel"
+        );
+    }
+
+    #[test]
+    fn wait_above_the_cap_or_garbage_is_refused_and_prefer_is_honoured() {
+        let h = HeaderMap::new();
+        let e = parse(Some("a"), Some("wait=61"), &h, &cfg(), true)
+            .err()
+            .unwrap();
+        assert_eq!(e.code, "invalid_wait");
+        assert!(parse(Some("a"), Some("wait=x"), &h, &cfg(), true).is_err());
+        let p = parse(Some("a"), Some("wait=2.5"), &h, &cfg(), true).unwrap();
+        assert_eq!(p.wait, Some(Duration::from_millis(2500)));
+        let mut h = HeaderMap::new();
+        h.insert("prefer", "respond-async, wait=5".parse().unwrap());
+        let p = parse(Some("a"), None, &h, &cfg(), true).unwrap();
+        assert_eq!(p.wait, Some(Duration::from_secs(5)));
+    }
+
+    #[test]
+    fn a_malformed_cursor_is_a_400_and_history_needs_a_number() {
+        let h = HeaderMap::new();
+        let e = parse(Some("a"), Some("since=%%%"), &h, &cfg(), false)
+            .err()
+            .unwrap();
+        assert_eq!(e.code, "invalid_cursor");
+        let mut h = HeaderMap::new();
+        h.insert("last-event-id", "garbage!".parse().unwrap());
+        assert_eq!(
+            parse(Some("a"), None, &h, &cfg(), false)
+                .err()
+                .unwrap()
+                .code,
+            "invalid_cursor"
+        );
+        let h = HeaderMap::new();
+        assert!(parse(Some("a"), Some("history=-1"), &h, &cfg(), false).is_err());
+        let p = parse(Some("a"), Some("history=3"), &h, &cfg(), false).unwrap();
+        assert_eq!(p.start, Start::Last(3));
+    }
+}

@@ -1,0 +1,156 @@
+//! Polling: `GET /poll/{channel}` and `GET /poll?channel=…`. Without `wait` it is a short
+//! poll that answers at once; with `wait=N` (or `Prefer: wait=N`) the long-poll part in
+//! `long_poll.rs` holds the request until a message exists. Both answer
+//! `200 {"messages":[envelopes],"cursor":"…","gaps":[…]}`, never 304, with the cursor as ETag.
+//!
+//! A poll is a subscription that lives for one request: the same race-free join as the
+//! streams, so a message published between two polls is in the next reply exactly once.
+
+use axum::extract::{Path, RawQuery, State};
+use axum::http::{HeaderMap, HeaderValue, header};
+use axum::response::{IntoResponse, Response};
+use bytes::{BufMut, BytesMut};
+use tidings_core::{Event, Subscription};
+
+use crate::api::error::ApiError;
+use crate::metrics::SessionGauge;
+use crate::server::AppState;
+use crate::transport::{TransportKind, long_poll, params};
+
+/// The JSON reply being assembled: envelopes are written straight into one buffer.
+pub struct PollReply {
+    messages: BytesMut,
+    count: usize,
+    gaps: Vec<serde_json::Value>,
+    overflowed: bool,
+}
+
+impl PollReply {
+    fn new() -> Self {
+        Self {
+            messages: BytesMut::new(),
+            count: 0,
+            gaps: Vec::new(),
+            overflowed: false,
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.count == 0 && self.gaps.is_empty()
+    }
+
+    /// Takes what the subscription has ready. An overflow just ends the collection: the
+    /// cursor covers exactly what was added, so the next poll reads the rest from history.
+    pub fn collect(&mut self, sub: &mut Subscription, gauge: &SessionGauge) {
+        let (messages, count, gaps) = (&mut self.messages, &mut self.count, &mut self.gaps);
+        let drained = sub.drain(|event, cursor| match event {
+            Event::Message(m) => {
+                if *count > 0 {
+                    messages.put_u8(b',');
+                }
+                m.write_envelope(messages, cursor);
+                *count += 1;
+            }
+            Event::Gap(g) => {
+                gauge.gap();
+                gaps.push(serde_json::to_value(g).unwrap_or_default());
+            }
+        });
+        match drained {
+            Ok(n) => gauge.delivered(n as u64),
+            Err(_) => {
+                gauge.slow();
+                self.overflowed = true;
+            }
+        }
+    }
+
+    pub fn overflowed(&self) -> bool {
+        self.overflowed
+    }
+
+    fn into_response(self, cursor: &str) -> Response {
+        let mut body = BytesMut::with_capacity(self.messages.len() + cursor.len() + 64);
+        body.put_slice(b"{\"messages\":[");
+        body.put_slice(&self.messages);
+        body.put_slice(b"],\"cursor\":\"");
+        body.put_slice(cursor.as_bytes());
+        body.put_slice(b"\",\"gaps\":");
+        let _ = serde_json::to_writer((&mut body).writer(), &self.gaps);
+        body.put_u8(b'}');
+        let mut res = (
+            [(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            )],
+            body.freeze(),
+        )
+            .into_response();
+        let h = res.headers_mut();
+        h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+        if let Ok(etag) = HeaderValue::from_str(&format!("\"{cursor}\"")) {
+            h.insert(header::ETAG, etag);
+        }
+        res
+    }
+}
+
+async fn poll(
+    state: AppState,
+    channel: Option<String>,
+    query: Option<String>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let p = params::parse(
+        channel.as_deref(),
+        query.as_deref(),
+        &headers,
+        &state.config.server,
+        true,
+    )?;
+    let wait = p.wait.filter(|w| !w.is_zero());
+    let kind = if wait.is_some() {
+        TransportKind::LongPoll
+    } else {
+        TransportKind::ShortPoll
+    };
+    let mut sub = state
+        .node
+        .subscribe(&p.channels, &p.start, state.config.server.queue_max_bytes)
+        .await?;
+    let gauge = state.metrics.session(kind, sub.channels().len());
+    let mut reply = PollReply::new();
+    reply.collect(&mut sub, &gauge);
+    if let Some(wait) = wait
+        && reply.is_empty()
+    {
+        long_poll::wait(&mut sub, &gauge, &mut reply, wait, &state.shutdown).await;
+    }
+    let cursor = sub.cursor().encode();
+    let mut res = reply.into_response(&cursor);
+    if let Some(wait) = wait
+        && let Ok(v) = HeaderValue::from_str(&format!("wait={}", wait.as_secs_f64()))
+    {
+        res.headers_mut().insert("preference-applied", v);
+    }
+    Ok(res)
+}
+
+/// `GET /poll/{channel}`.
+pub async fn one(
+    State(state): State<AppState>,
+    Path(channel): Path<String>,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    poll(state, Some(channel), query, headers).await
+}
+
+/// `GET /poll?channel=a&channel=b`.
+pub async fn many(
+    State(state): State<AppState>,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    poll(state, None, query, headers).await
+}

@@ -1,0 +1,201 @@
+//! Server-Sent Events (`text/event-stream`).
+//!
+//! `/sse/{channel}` is raw: `data:` carries the payload exactly as published (JSON text or
+//! the string; binary as base64), so a plain `EventSource` needs no library. `/sse?channel=`
+//! carries envelopes. Every message's `id:` is the cursor, so the browser's automatic
+//! reconnect sends it back as `Last-Event-ID` and resumes without loss.
+
+use std::sync::Arc;
+
+use axum::extract::{Path, RawQuery, State};
+use axum::http::HeaderMap;
+use axum::response::Response;
+use bytes::{BufMut, Bytes, BytesMut};
+use tidings_core::{Disconnect, Gap, Message};
+
+use crate::api::error::ApiError;
+use crate::server::{AppState, ConnectionCtx};
+use crate::transport::stream::{self, Framing};
+use crate::transport::{TransportKind, frame_slot, params};
+
+/// How long the browser waits before reconnecting (the `retry:` field).
+const RETRY_MS: &str = "2000";
+
+pub struct SseFraming {
+    raw: bool,
+}
+
+impl Framing for SseFraming {
+    const KIND: TransportKind = TransportKind::Sse;
+    const CONTENT_TYPE: &'static str = "text/event-stream";
+
+    fn preamble(&mut self, out: &mut BytesMut) {
+        out.put_slice(b"retry: ");
+        out.put_slice(RETRY_MS.as_bytes());
+        out.put_slice(b"\n\n");
+    }
+
+    fn message(&mut self, m: &Arc<Message>, cursor: &[u8], single: bool, out: &mut BytesMut) {
+        if self.raw {
+            out.put_slice(m.cached_frame(frame_slot::SSE_RAW, raw_frame));
+        } else if single {
+            out.put_slice(m.cached_frame(frame_slot::SSE_ENVELOPE, |m| {
+                let mut b = BytesMut::new();
+                envelope_frame(m, m.cursor(), &mut b);
+                b.freeze()
+            }));
+        } else {
+            envelope_frame(m, cursor, out);
+        }
+    }
+
+    fn gap(&mut self, gap: &Gap, cursor: &[u8], out: &mut BytesMut) {
+        out.put_slice(b"id: ");
+        out.put_slice(cursor);
+        out.put_slice(b"\nevent: tidings.gap\ndata: ");
+        write_json(gap, out);
+        out.put_slice(b"\n\n");
+    }
+
+    /// An `id:`-only block: no event fires, but EventSource records it as the last event ID.
+    fn opened(&mut self, cursor: &[u8], out: &mut BytesMut) {
+        out.put_slice(b"id: ");
+        out.put_slice(cursor);
+        out.put_slice(b"\n\n");
+    }
+
+    fn disconnect(&mut self, d: Disconnect, out: &mut BytesMut) {
+        out.put_slice(b"event: tidings.disconnect\ndata: ");
+        write_json(&d, out);
+        out.put_slice(b"\n\n");
+    }
+
+    fn heartbeat(&mut self, out: &mut BytesMut) {
+        out.put_slice(b": ping\n\n");
+    }
+}
+
+fn write_json<T: serde::Serialize>(value: &T, out: &mut BytesMut) {
+    // Serializing these small derived structs into memory cannot fail.
+    let _ = serde_json::to_writer(out.writer(), value);
+}
+
+fn head(m: &Message, cursor: &[u8], out: &mut BytesMut) {
+    out.put_slice(b"id: ");
+    out.put_slice(cursor);
+    out.put_u8(b'\n');
+    if let Some(event) = &m.event {
+        out.put_slice(b"event: ");
+        out.put_slice(event.as_str().as_bytes());
+        out.put_u8(b'\n');
+    }
+}
+
+/// Raw frame: the payload split into `data:` lines (any of CRLF, CR, LF ends a line in SSE).
+fn raw_frame(m: &Message) -> Bytes {
+    let text = m.data.as_text();
+    let mut out = BytesMut::with_capacity(text.len() + 64);
+    head(m, m.cursor(), &mut out);
+    let mut rest = text.as_ref();
+    loop {
+        let end = rest.find(['\r', '\n']).unwrap_or(rest.len());
+        out.put_slice(b"data: ");
+        out.put_slice(&rest.as_bytes()[..end]);
+        out.put_u8(b'\n');
+        if end == rest.len() {
+            break;
+        }
+        let skip = if rest[end..].starts_with("\r\n") {
+            2
+        } else {
+            1
+        };
+        rest = &rest[end + skip..];
+    }
+    out.put_u8(b'\n');
+    out.freeze()
+}
+
+fn envelope_frame(m: &Message, cursor: &[u8], out: &mut BytesMut) {
+    head(m, cursor, out);
+    out.put_slice(b"data: ");
+    m.write_envelope(out, cursor);
+    out.put_slice(b"\n\n");
+}
+
+/// `GET /sse/{channel}`: raw payloads.
+pub async fn raw(
+    State(state): State<AppState>,
+    conn: Option<axum::Extension<ConnectionCtx>>,
+    Path(channel): Path<String>,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let p = params::parse(
+        Some(&channel),
+        query.as_deref(),
+        &headers,
+        &state.config.server,
+        false,
+    )?;
+    stream::open(&state, conn.as_deref(), p, SseFraming { raw: true }).await
+}
+
+/// `GET /sse?channel=a&channel=b`: envelopes.
+pub async fn envelopes(
+    State(state): State<AppState>,
+    conn: Option<axum::Extension<ConnectionCtx>>,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let p = params::parse(
+        None,
+        query.as_deref(),
+        &headers,
+        &state.config.server,
+        false,
+    )?;
+    stream::open(&state, conn.as_deref(), p, SseFraming { raw: false }).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tidings_core::{ChannelName, Data, Epoch, Position};
+
+    fn msg(data: Data) -> Message {
+        Message::new(
+            ChannelName::new("c").unwrap(),
+            Position {
+                epoch: Epoch::new("e").unwrap(),
+                offset: 1,
+            },
+            None,
+            data,
+            0,
+        )
+    }
+
+    #[test]
+    fn a_multi_line_string_becomes_several_data_lines() {
+        let m = msg(Data::Text(Bytes::from_static(b"one\r\ntwo\nthree\rfour")));
+        let f = raw_frame(&m);
+        let text = std::str::from_utf8(&f).unwrap();
+        assert!(
+            text.ends_with("data: one\ndata: two\ndata: three\ndata: four\n\n"),
+            "{text}"
+        );
+        assert!(text.starts_with("id: "));
+    }
+
+    #[test]
+    fn raw_json_is_sent_as_its_text() {
+        let m = msg(Data::Json(Bytes::from_static(b"{\"title\":\"hi\"}")));
+        let f = raw_frame(&m);
+        assert!(
+            std::str::from_utf8(&f)
+                .unwrap()
+                .contains("data: {\"title\":\"hi\"}\n\n")
+        );
+    }
+}

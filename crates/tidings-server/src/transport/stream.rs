@@ -1,0 +1,170 @@
+//! The streaming lifecycle SSE and NDJSON share: headers once, the replay, then one frame per
+//! event, heartbeats when idle, a goodbye record before the server ends the stream, close.
+//! Each transport supplies only its `Framing`.
+//!
+//! Concurrency: the response body *is* the session's writer. Hyper polls it when the socket
+//! can take more; each poll drains everything queued into one buffer and yields it as one
+//! chunk (one write, one flush per batch instead of per message). A client that stops
+//! reading stops the polling; its queue then overflows on the publisher's side, which
+//! counts the slow disconnect and fires the connection's kill token (see `server.rs`), so
+//! the connection ends even though this writer never runs again.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::http::{HeaderValue, header};
+use axum::response::Response;
+use bytes::{Bytes, BytesMut};
+use tidings_core::{Disconnect, DisconnectReason, Event, Gap, Message, Subscription};
+use tokio::time::{Instant, Interval, MissedTickBehavior};
+use tokio_util::sync::CancellationToken;
+
+use crate::api::error::ApiError;
+use crate::metrics::SessionGauge;
+use crate::server::{AppState, ConnectionCtx};
+use crate::transport::TransportKind;
+use crate::transport::params::SubscribeParams;
+
+pub trait Framing: Send + 'static {
+    const KIND: TransportKind;
+    const CONTENT_TYPE: &'static str;
+
+    /// Written once, right after the headers.
+    fn preamble(&mut self, _out: &mut BytesMut) {}
+    /// `single`: the subscription has one channel, so `cursor` is the message's own and a
+    /// frame cached on the message can be shared with every other subscriber.
+    fn message(&mut self, m: &Arc<Message>, cursor: &[u8], single: bool, out: &mut BytesMut);
+    fn gap(&mut self, gap: &Gap, cursor: &[u8], out: &mut BytesMut);
+    /// Written once after the replay: the subscription's cursor, so a client that drops
+    /// before its first message still resumes from the moment it subscribed.
+    fn opened(&mut self, cursor: &[u8], out: &mut BytesMut);
+    fn disconnect(&mut self, d: Disconnect, out: &mut BytesMut);
+    fn heartbeat(&mut self, out: &mut BytesMut);
+}
+
+/// Subscribes and answers with a streaming response framed by `framing`.
+pub async fn open<F: Framing>(
+    state: &AppState,
+    conn: Option<&ConnectionCtx>,
+    params: SubscribeParams,
+    framing: F,
+) -> Result<Response, ApiError> {
+    let sub = state
+        .node
+        .subscribe(
+            &params.channels,
+            &params.start,
+            state.config.server.queue_max_bytes,
+        )
+        .await?;
+    let gauge = state.metrics.session(F::KIND, sub.channels().len());
+    if let Some(conn) = conn {
+        let kill = conn.kill.clone();
+        let metrics = state.metrics.clone();
+        sub.on_overflow(move || {
+            metrics.slow_disconnects[F::KIND as usize]
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            kill.cancel();
+        });
+    }
+    let every = state.config.server.heartbeat_interval;
+    let mut heartbeat = tokio::time::interval_at(Instant::now() + every, every);
+    heartbeat.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let writer = Writer {
+        single: sub.channels().len() == 1,
+        sub,
+        framing,
+        gauge,
+        heartbeat,
+        shutdown: state.shutdown.clone(),
+        started: false,
+        done: false,
+        buf: BytesMut::new(),
+    };
+    let body = Body::from_stream(futures_util::stream::unfold(writer, Writer::next_chunk));
+    let mut res = Response::new(body);
+    let h = res.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static(F::CONTENT_TYPE),
+    );
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    h.insert("x-accel-buffering", HeaderValue::from_static("no"));
+    Ok(res)
+}
+
+struct Writer<F> {
+    sub: Subscription,
+    single: bool,
+    framing: F,
+    gauge: SessionGauge,
+    heartbeat: Interval,
+    shutdown: CancellationToken,
+    started: bool,
+    done: bool,
+    buf: BytesMut,
+}
+
+enum Wake {
+    Shutdown,
+    Ready,
+    Heartbeat,
+}
+
+impl<F: Framing> Writer<F> {
+    async fn next_chunk(mut self) -> Option<(Result<Bytes, Infallible>, Self)> {
+        if self.done {
+            return None;
+        }
+        if !self.started {
+            self.started = true;
+            self.framing.preamble(&mut self.buf);
+            self.write_ready();
+            if !self.done {
+                let cursor = self.sub.cursor().encode();
+                self.framing.opened(cursor.as_bytes(), &mut self.buf);
+            }
+            return Some((Ok(self.buf.split().freeze()), self));
+        }
+        while self.buf.is_empty() && !self.done {
+            let wake = tokio::select! {
+                biased;
+                _ = self.shutdown.cancelled() => Wake::Shutdown,
+                _ = self.sub.ready() => Wake::Ready,
+                _ = self.heartbeat.tick() => Wake::Heartbeat,
+            };
+            match wake {
+                Wake::Shutdown => {
+                    self.framing
+                        .disconnect(DisconnectReason::Shutdown.into(), &mut self.buf);
+                    self.done = true;
+                }
+                Wake::Ready => self.write_ready(),
+                Wake::Heartbeat => self.framing.heartbeat(&mut self.buf),
+            }
+        }
+        Some((Ok(self.buf.split().freeze()), self))
+    }
+
+    /// Frames everything that is ready into `buf`; on overflow, the goodbye and the end.
+    fn write_ready(&mut self) {
+        let (framing, buf, single, gauge) =
+            (&mut self.framing, &mut self.buf, self.single, &self.gauge);
+        let drained = self.sub.drain(|event, cursor| match event {
+            Event::Message(m) => framing.message(m, cursor, single, buf),
+            Event::Gap(g) => {
+                gauge.gap();
+                framing.gap(g, cursor, buf);
+            }
+        });
+        match drained {
+            Ok(n) => self.gauge.delivered(n as u64),
+            Err(_) => {
+                self.framing
+                    .disconnect(DisconnectReason::Slow.into(), &mut self.buf);
+                self.done = true;
+            }
+        }
+    }
+}
