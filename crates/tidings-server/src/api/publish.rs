@@ -35,8 +35,46 @@ async fn read_body(body: Body, limit: usize) -> Result<Bytes, ApiError> {
     }
 }
 
+/// Deeper JSON is refused: subscribers' parsers commonly stop at 128 levels (serde_json
+/// does), and a message some subscribers cannot parse is as good as lost.
+pub const MAX_JSON_DEPTH: usize = 128;
+
+/// Whether brackets nest at most `max` deep (strings skipped). Runs on validated JSON.
+fn depth_within(json: &[u8], max: usize) -> bool {
+    let (mut depth, mut in_string, mut escaped) = (0usize, false, false);
+    for &b in json {
+        if in_string {
+            match (escaped, b) {
+                (true, _) => escaped = false,
+                (false, b'\\') => escaped = true,
+                (false, b'"') => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'[' | b'{' => {
+                depth += 1;
+                if depth > max {
+                    return false;
+                }
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    true
+}
+
 /// Validates JSON text and returns the value without surrounding whitespace.
 fn json_data(body: Bytes) -> Result<Data, ApiError> {
+    if !depth_within(&body, MAX_JSON_DEPTH) {
+        return Err(ApiError::bad_request(
+            "invalid_json",
+            format!("JSON nested deeper than {MAX_JSON_DEPTH} levels is refused"),
+        ));
+    }
     if let Err(e) = serde_json::from_slice::<&RawValue>(&body) {
         return Err(ApiError::bad_request(
             "invalid_json",
@@ -184,6 +222,12 @@ fn validate(
     let channel = ChannelName::new(channel)?;
     let event = event.map(EventName::new).transpose()?;
     let data = match encoding {
+        None if !depth_within(data.get().as_bytes(), MAX_JSON_DEPTH) => {
+            return Err(ApiError::bad_request(
+                "invalid_json",
+                format!("data nested deeper than {MAX_JSON_DEPTH} levels is refused"),
+            ));
+        }
         None => Data::Json(Bytes::copy_from_slice(data.get().as_bytes())),
         Some("base64") => {
             let s: String = serde_json::from_str(data.get()).map_err(|_| {
@@ -329,4 +373,16 @@ async fn publish_batch(state: &AppState, batch: Vec<Validated>) -> Result<Respon
         });
     }
     Ok(axum::Json(serde_json::json!({ "results": results })).into_response())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nesting_depth_ignores_brackets_inside_strings() {
+        assert!(depth_within(b"[[1]]", 2));
+        assert!(!depth_within(b"[[[1]]]", 2));
+        assert!(depth_within(br#"["[[[[\"]]]]"]"#, 1));
+    }
 }
