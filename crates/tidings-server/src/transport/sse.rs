@@ -25,6 +25,18 @@ pub struct SseFraming {
     raw: bool,
 }
 
+impl SseFraming {
+    /// Payloads exactly as published (`/sse/{channel}`).
+    pub fn raw() -> Self {
+        Self { raw: true }
+    }
+
+    /// Envelopes (`/sse?channel=`).
+    pub fn envelopes() -> Self {
+        Self { raw: false }
+    }
+}
+
 impl Framing for SseFraming {
     const KIND: TransportKind = TransportKind::Sse;
     const CONTENT_TYPE: &'static str = "text/event-stream";
@@ -138,7 +150,7 @@ pub async fn raw(
         &state.config.server,
         false,
     )?;
-    stream::open(&state, conn.as_deref(), p, SseFraming { raw: true }).await
+    stream::open(&state, conn.as_deref(), p, SseFraming::raw()).await
 }
 
 /// `GET /sse?channel=a&channel=b`: envelopes.
@@ -155,7 +167,7 @@ pub async fn envelopes(
         &state.config.server,
         false,
     )?;
-    stream::open(&state, conn.as_deref(), p, SseFraming { raw: false }).await
+    stream::open(&state, conn.as_deref(), p, SseFraming::envelopes()).await
 }
 
 #[cfg(test)]

@@ -168,3 +168,59 @@ impl<F: Framing> Writer<F> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use http_body_util::BodyExt;
+    use tidings_core::{ChannelName, Start};
+
+    use super::*;
+    use crate::config::Config;
+    use crate::transport::http_stream::NdjsonFraming;
+    use crate::transport::sse::SseFraming;
+
+    fn params() -> SubscribeParams {
+        SubscribeParams {
+            channels: vec![ChannelName::new("quiet").unwrap()],
+            start: Start::Now,
+            wait: None,
+        }
+    }
+
+    async fn next_frame(body: &mut Body) -> String {
+        let frame = body.frame().await.unwrap().unwrap();
+        String::from_utf8(frame.into_data().unwrap().to_vec()).unwrap()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn heartbeats_come_every_interval_and_only_then() {
+        let state = AppState::new(Config::default()).unwrap();
+        let res = open(&state, None, params(), SseFraming::raw())
+            .await
+            .unwrap();
+        let mut body = res.into_body();
+        let first = next_frame(&mut body).await;
+        assert!(first.starts_with("retry: "), "{first}");
+        let started = Instant::now();
+        assert_eq!(next_frame(&mut body).await, ": ping\n\n");
+        assert_eq!(started.elapsed(), Duration::from_secs(15));
+        assert_eq!(next_frame(&mut body).await, ": ping\n\n");
+        assert_eq!(started.elapsed(), Duration::from_secs(30));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn shutdown_sends_the_goodbye_record_and_ends_the_stream() {
+        let state = AppState::new(Config::default()).unwrap();
+        let res = open(&state, None, params(), NdjsonFraming).await.unwrap();
+        let mut body = res.into_body();
+        assert!(next_frame(&mut body).await.contains("\"ready\""));
+        state.shutdown.cancel();
+        assert_eq!(
+            next_frame(&mut body).await,
+            "{\"type\":\"disconnect\",\"reason\":\"shutdown\",\"reconnect\":true}\n"
+        );
+        assert!(body.frame().await.is_none());
+    }
+}
