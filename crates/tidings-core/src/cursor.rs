@@ -53,6 +53,16 @@ impl Cursor {
         }
     }
 
+    /// Forgets a channel (after an unsubscribe).
+    pub fn remove(&mut self, channel: &ChannelName) {
+        if let Ok(i) = self
+            .entries
+            .binary_search_by_key(&channel.hash32(), |(h, _)| *h)
+        {
+            self.entries.remove(i);
+        }
+    }
+
     /// Sets only the offset when the epoch is unchanged (the hot path: no epoch clone).
     pub fn advance(&mut self, channel: &ChannelName, position: &Position) {
         let h = channel.hash32();

@@ -40,4 +40,4 @@ pub use hub::Hub;
 pub use message::{Data, Epoch, Message, Position};
 pub use node::Node;
 pub use policy::{ChannelPolicy, Policies, PublishPolicy, SubscribePolicy};
-pub use subscription::{Event, Overflowed, Start, Subscription};
+pub use subscription::{Event, Joined, Overflowed, Start, Subscription};

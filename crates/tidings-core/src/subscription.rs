@@ -34,7 +34,7 @@ pub enum Start {
 }
 
 impl Start {
-    fn since(&self, channel: &ChannelName) -> Since {
+    pub fn since(&self, channel: &ChannelName) -> Since {
         match self {
             Start::Now => Since::Now,
             Start::Last(n) => Since::Last(*n),
@@ -69,6 +69,7 @@ pub struct Subscription {
     pending: Vec<Pending>,
     batch: Vec<Arc<Message>>,
     cursor_text: String,
+    per_channel: bool,
 }
 
 impl Subscription {
@@ -95,7 +96,8 @@ impl Subscription {
     /// Hands every event that is ready to `f`, each with the cursor text that resumes right
     /// after it. Returns `Err(Overflowed)` when the session fell too far behind.
     pub fn drain(&mut self, mut f: impl FnMut(Event<'_>, &[u8])) -> Result<usize, Overflowed> {
-        let single = self.channels.len() == 1;
+        // A message's own cursor is right whenever it covers the whole subscription.
+        let single = self.per_channel || self.channels.len() == 1;
         let mut count = 0;
         let pending = std::mem::take(&mut self.pending);
         for p in &pending {
@@ -105,7 +107,13 @@ impl Subscription {
                     emit_message(single, &self.cursor, &mut self.cursor_text, m, &mut f);
                     count += 1;
                 }
-                Pending::Gap(g) => emit_gap(&mut self.cursor, &mut self.cursor_text, g, &mut f),
+                Pending::Gap(g) => emit_gap(
+                    self.per_channel,
+                    &mut self.cursor,
+                    &mut self.cursor_text,
+                    g,
+                    &mut f,
+                ),
             }
         }
         let mut batch = std::mem::take(&mut self.batch);
@@ -133,7 +141,13 @@ impl Subscription {
                     next_offset: m.offset,
                     reason,
                 };
-                emit_gap(&mut self.cursor, &mut self.cursor_text, &gap, &mut f);
+                emit_gap(
+                    self.per_channel,
+                    &mut self.cursor,
+                    &mut self.cursor_text,
+                    &gap,
+                    &mut f,
+                );
             }
             self.cursor.advance(&m.channel, &m.position());
             emit_message(single, &self.cursor, &mut self.cursor_text, &m, &mut f);
@@ -161,21 +175,25 @@ fn emit_message(
 }
 
 fn emit_gap(
+    per_channel: bool,
     cursor: &mut Cursor,
     text: &mut String,
     gap: &Gap,
     f: &mut impl FnMut(Event<'_>, &[u8]),
 ) {
-    if let Ok(channel) = ChannelName::new(&gap.channel) {
-        cursor.set(
-            &channel,
-            Position {
-                epoch: gap.epoch.clone(),
-                offset: gap.next_offset.saturating_sub(1),
-            },
-        );
-    }
-    *text = cursor.encode();
+    let Ok(channel) = ChannelName::new(&gap.channel) else {
+        return;
+    };
+    let at = Position {
+        epoch: gap.epoch.clone(),
+        offset: gap.next_offset.saturating_sub(1),
+    };
+    cursor.set(&channel, at.clone());
+    *text = if per_channel {
+        Cursor::single(&channel, at).encode()
+    } else {
+        cursor.encode()
+    };
     f(Event::Gap(gap), text.as_bytes());
 }
 
@@ -183,21 +201,112 @@ impl Drop for Subscription {
     fn drop(&mut self) {
         for channel in &self.channels {
             if self.node.hub.remove(channel, self.id) {
-                let broker = self.node.broker.clone();
-                let channel = channel.clone();
-                if let Ok(rt) = tokio::runtime::Handle::try_current() {
-                    rt.spawn(async move {
-                        if let Err(e) = broker.unsubscribe(&channel).await {
-                            tracing::warn!(%channel, error = %e, "broker unsubscribe failed");
-                        }
-                    });
-                }
+                unsubscribe_later(&self.node, channel);
             }
         }
     }
 }
 
+/// The outcome of joining one channel.
+#[derive(Clone, Debug)]
+pub struct Joined {
+    /// The position the replay starts after (what to resume from if nothing else arrives).
+    pub begin: Position,
+    /// Set when history could not cover the requested start; the notice is also queued.
+    pub gap: Option<Gap>,
+}
+
+impl Subscription {
+    /// Joins one more channel race-free (see the module docs). Joining a channel already
+    /// followed is refused with `None` so the caller can report it.
+    pub async fn add(
+        &mut self,
+        channel: &ChannelName,
+        since: &Since,
+    ) -> Result<Option<Joined>, crate::broker::BrokerError> {
+        if self.channels.contains(channel) {
+            return Ok(None);
+        }
+        // Pushed before registering so Drop undoes exactly what was done if we fail later.
+        self.channels.push(channel.clone());
+        if self.node.hub.add(channel, self.id, self.queue.clone()) {
+            self.node.broker.subscribe(channel).await?;
+        }
+        let read = self.node.broker.read(channel, since, None).await?;
+        let begin = match &read.replay {
+            Replay::Gap { gap, .. } => Position {
+                epoch: gap.epoch.clone(),
+                offset: gap.next_offset.saturating_sub(1),
+            },
+            Replay::Complete(m) => m.first().map_or(read.top.clone(), |m| Position {
+                epoch: m.epoch.clone(),
+                offset: m.offset - 1,
+            }),
+        };
+        self.cursor.set(channel, begin.clone());
+        let gap = match read.replay {
+            Replay::Complete(messages) => {
+                self.pending.extend(messages.into_iter().map(Pending::Message));
+                None
+            }
+            Replay::Gap { gap, messages } => {
+                self.pending.push(Pending::Gap(gap.clone()));
+                self.pending.extend(messages.into_iter().map(Pending::Message));
+                Some(gap)
+            }
+        };
+        Ok(Some(Joined { begin, gap }))
+    }
+
+    /// Leaves a channel: nothing more of it is handed out, queued or pending. Returns false
+    /// when the channel was not followed.
+    pub fn remove(&mut self, channel: &ChannelName) -> bool {
+        let Some(i) = self.channels.iter().position(|c| c == channel) else {
+            return false;
+        };
+        self.channels.swap_remove(i);
+        self.cursor.remove(channel);
+        self.pending.retain(|p| match p {
+            Pending::Message(m) => &m.channel != channel,
+            Pending::Gap(g) => g.channel != channel.as_str(),
+        });
+        if self.node.hub.remove(channel, self.id) {
+            unsubscribe_later(&self.node, channel);
+        }
+        true
+    }
+}
+
+fn unsubscribe_later(node: &Arc<Node>, channel: &ChannelName) {
+    let broker = node.broker.clone();
+    let channel = channel.clone();
+    if let Ok(rt) = tokio::runtime::Handle::try_current() {
+        rt.spawn(async move {
+            if let Err(e) = broker.unsubscribe(&channel).await {
+                tracing::warn!(%channel, error = %e, "broker unsubscribe failed");
+            }
+        });
+    }
+}
+
 impl Node {
+    /// An empty subscription to add channels to one by one (a WebSocket session).
+    /// `per_channel_cursors`: every event carries its own channel's cursor instead of one
+    /// covering the whole subscription.
+    pub fn session(self: &Arc<Self>, queue_max_bytes: usize, per_channel_cursors: bool) -> Subscription {
+        Subscription {
+            node: self.clone(),
+            id: self.next_session_id(),
+            queue: SessionQueue::new(queue_max_bytes),
+            channels: Vec::new(),
+            cursor: Cursor::default(),
+            pending: Vec::new(),
+            batch: Vec::new(),
+            cursor_text: String::new(),
+            per_channel: per_channel_cursors,
+        }
+    }
+
     /// Joins `channels` (deduplicated) race-free from `start`; see the module docs.
     pub async fn subscribe(
         self: &Arc<Self>,
@@ -205,59 +314,9 @@ impl Node {
         start: &Start,
         queue_max_bytes: usize,
     ) -> Result<Subscription, crate::broker::BrokerError> {
-        let queue = SessionQueue::new(queue_max_bytes);
-        let mut sub = Subscription {
-            node: self.clone(),
-            id: self.next_session_id(),
-            queue: queue.clone(),
-            channels: Vec::with_capacity(channels.len()),
-            cursor: Cursor::default(),
-            pending: Vec::new(),
-            batch: Vec::new(),
-            cursor_text: String::new(),
-        };
-        let mut first = Vec::new();
+        let mut sub = self.session(queue_max_bytes, false);
         for channel in channels {
-            if sub.channels.contains(channel) {
-                continue;
-            }
-            // Pushed before registering so Drop undoes exactly what was done if we fail later.
-            sub.channels.push(channel.clone());
-            if self.hub.add(channel, sub.id, queue.clone()) {
-                first.push(channel.clone());
-            }
-        }
-        for channel in &first {
-            self.broker.subscribe(channel).await?;
-        }
-        for i in 0..sub.channels.len() {
-            let channel = sub.channels[i].clone();
-            let read = self
-                .broker
-                .read(&channel, &start.since(&channel), None)
-                .await?;
-            let begin = match &read.replay {
-                Replay::Gap { gap, .. } => Position {
-                    epoch: gap.epoch.clone(),
-                    offset: gap.next_offset.saturating_sub(1),
-                },
-                Replay::Complete(m) => m.first().map_or(read.top.clone(), |m| Position {
-                    epoch: m.epoch.clone(),
-                    offset: m.offset - 1,
-                }),
-            };
-            sub.cursor.set(&channel, begin);
-            match read.replay {
-                Replay::Complete(messages) => {
-                    sub.pending
-                        .extend(messages.into_iter().map(Pending::Message));
-                }
-                Replay::Gap { gap, messages } => {
-                    sub.pending.push(Pending::Gap(gap));
-                    sub.pending
-                        .extend(messages.into_iter().map(Pending::Message));
-                }
-            }
+            sub.add(channel, &start.since(channel)).await?;
         }
         Ok(sub)
     }
