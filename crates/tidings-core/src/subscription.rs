@@ -246,12 +246,14 @@ impl Subscription {
         self.cursor.set(channel, begin.clone());
         let gap = match read.replay {
             Replay::Complete(messages) => {
-                self.pending.extend(messages.into_iter().map(Pending::Message));
+                self.pending
+                    .extend(messages.into_iter().map(Pending::Message));
                 None
             }
             Replay::Gap { gap, messages } => {
                 self.pending.push(Pending::Gap(gap.clone()));
-                self.pending.extend(messages.into_iter().map(Pending::Message));
+                self.pending
+                    .extend(messages.into_iter().map(Pending::Message));
                 Some(gap)
             }
         };
@@ -293,7 +295,11 @@ impl Node {
     /// An empty subscription to add channels to one by one (a WebSocket session).
     /// `per_channel_cursors`: every event carries its own channel's cursor instead of one
     /// covering the whole subscription.
-    pub fn session(self: &Arc<Self>, queue_max_bytes: usize, per_channel_cursors: bool) -> Subscription {
+    pub fn session(
+        self: &Arc<Self>,
+        queue_max_bytes: usize,
+        per_channel_cursors: bool,
+    ) -> Subscription {
         Subscription {
             node: self.clone(),
             id: self.next_session_id(),

@@ -57,6 +57,12 @@ pub struct ServerConfig {
     pub heartbeat_interval: Duration,
     #[serde(deserialize_with = "duration")]
     pub long_poll_max_wait: Duration,
+    /// WebSocket ping interval; a peer silent for two intervals is closed.
+    #[serde(deserialize_with = "duration")]
+    pub ping_interval: Duration,
+    /// A `/ws` connection with no subscription that sends nothing this long is closed.
+    #[serde(deserialize_with = "duration")]
+    pub idle_timeout: Duration,
 }
 
 impl Default for ServerConfig {
@@ -76,6 +82,8 @@ impl Default for ServerConfig {
             queue_max_bytes: 1_048_576,
             heartbeat_interval: Duration::from_secs(15),
             long_poll_max_wait: Duration::from_secs(60),
+            ping_interval: Duration::from_secs(25),
+            idle_timeout: Duration::from_secs(300),
         }
     }
 }
@@ -267,6 +275,9 @@ impl Config {
         if s.heartbeat_interval < Duration::from_millis(100) {
             return invalid("server.heartbeat_interval must be at least 100ms".into());
         }
+        if s.ping_interval < Duration::from_millis(100) {
+            return invalid("server.ping_interval must be at least 100ms".into());
+        }
         if self.channels.history_size > MAX_HISTORY_SIZE
             || self
                 .namespaces
@@ -424,6 +435,8 @@ max_channels_per_subscription = 64 # more channels in one subscribe request answ
 queue_max_bytes = 1048576          # per connection, then disconnect "slow"
 heartbeat_interval = "15s"         # SSE comment / empty NDJSON line when idle
 long_poll_max_wait = "60s"         # a larger ?wait= answers 400
+ping_interval = "25s"              # WebSocket pings; a peer silent for two intervals is closed
+idle_timeout = "5m"                # a /ws connection with no subscription and no frames is closed
 
 [broker]
 url = "memory"                     # or redis://host:port/db, rediss://…

@@ -129,6 +129,12 @@ pub struct SessionGauge {
 }
 
 impl SessionGauge {
+    /// A session whose channel set changes (WebSocket) reports each join and leave.
+    pub fn channels_changed(&mut self, delta: i64) {
+        self.channels += delta;
+        self.metrics.subscriptions[self.kind as usize].fetch_add(delta, Relaxed);
+    }
+
     pub fn delivered(&self, n: u64) {
         self.metrics.delivered[self.kind as usize].fetch_add(n, Relaxed);
     }

@@ -9,11 +9,11 @@ use axum::Router;
 use axum::extract::State;
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{any, get, post};
 
 use crate::api::error::ApiError;
 use crate::server::AppState;
-use crate::transport::{http_stream, short_poll, sse};
+use crate::transport::{http_stream, short_poll, sse, websocket};
 
 pub fn router(state: AppState) -> Router {
     Router::new()
@@ -25,6 +25,9 @@ pub fn router(state: AppState) -> Router {
         .route("/stream/{channel}", get(http_stream::one))
         .route("/poll", get(short_poll::many))
         .route("/poll/{channel}", get(short_poll::one))
+        // `any`: HTTP/1.1 upgrades arrive as GET, HTTP/2 ones as extended CONNECT.
+        .route("/ws", any(websocket::json))
+        .route("/ws/{channel}", any(websocket::raw))
         .route("/api/channels", get(channels::list))
         .route("/api/channels/{channel}", get(channels::one))
         .route("/api/channels/{channel}/history", get(channels::history))

@@ -168,7 +168,7 @@ pub async fn to_channel(
     Ok(axum::Json(position_json(&message)).into_response())
 }
 
-async fn publish(
+pub(crate) async fn publish(
     state: &AppState,
     channel: &ChannelName,
     event: Option<EventName>,
@@ -206,13 +206,13 @@ struct Entry {
     encoding: Option<String>,
 }
 
-struct Validated {
-    channel: ChannelName,
-    event: Option<EventName>,
-    data: Data,
+pub(crate) struct Validated {
+    pub channel: ChannelName,
+    pub event: Option<EventName>,
+    pub data: Data,
 }
 
-fn validate(
+pub(crate) fn validate(
     state: &AppState,
     channel: &str,
     data: &RawValue,

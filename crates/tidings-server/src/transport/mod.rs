@@ -8,6 +8,7 @@ pub mod params;
 pub mod short_poll;
 pub mod sse;
 pub mod stream;
+pub mod websocket;
 
 /// The one spelling of a transport used in config, metrics labels, logs and file names.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -45,4 +46,5 @@ pub mod frame_slot {
     pub const SSE_RAW: usize = 0;
     pub const SSE_ENVELOPE: usize = 1;
     pub const NDJSON: usize = 2;
+    pub const WS_ENVELOPE: usize = 3;
 }

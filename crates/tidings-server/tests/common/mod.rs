@@ -10,7 +10,7 @@ use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use futures_util::StreamExt;
+use futures_util::{SinkExt, StreamExt};
 use serde_json::{Value, json};
 use tidings_core::{ChannelName, Cursor};
 use tidings_server::{AppState, Config};
@@ -140,11 +140,20 @@ pub enum Kind {
     LongPoll,
     /// `/poll?channel=`, every 20 ms.
     ShortPoll,
+    /// `/ws/{channel}`: raw payloads, no cursors, no offsets (reported as 0).
+    WsRaw,
+    /// `/ws`: the JSON protocol, one subscribe op per channel, per-channel cursors.
+    Ws,
 }
 
 impl Kind {
     pub fn multi_channel(self) -> bool {
-        self != Kind::SseRaw
+        !matches!(self, Kind::SseRaw | Kind::WsRaw)
+    }
+
+    /// Whether messages carry their offset and cursor.
+    pub fn positions(self) -> bool {
+        self != Kind::WsRaw
     }
 }
 
@@ -276,6 +285,7 @@ pub async fn subscribe(server: &TestServer, kind: Kind, channels: &[&str], start
     let http = server.http.clone();
     let channels: Vec<String> = channels.iter().map(|c| c.to_string()).collect();
     let task = match kind {
+        Kind::WsRaw | Kind::Ws => ws_task(&url, kind, &channels, &start, tx).await,
         Kind::SseRaw | Kind::Sse | Kind::Stream => {
             let path = match kind {
                 Kind::SseRaw => format!("/sse/{}", channels[0]),
@@ -370,11 +380,93 @@ pub async fn subscribe(server: &TestServer, kind: Kind, channels: &[&str], start
             .expect("subscription never became live")
             .expect("subscription ended before it was live");
         if let Item::Ready(c) = &item {
-            sub.cursor = Some(c.clone());
+            if !c.is_empty() {
+                sub.cursor = Some(c.clone());
+            }
             return sub;
         }
         sub.buffered.push_back(item);
     }
+}
+
+/// Opens a WebSocket and pumps its frames into `tx`. Raw: live once the handshake is done
+/// (the server joins before it answers 101). JSON: live once every subscribe is acknowledged.
+async fn ws_task(
+    url: &str,
+    kind: Kind,
+    channels: &[String],
+    start: &Start,
+    tx: mpsc::Sender<Item>,
+) -> JoinHandle<()> {
+    use tokio_tungstenite::tungstenite::Message as Ws;
+    let base = url.replacen("http://", "ws://", 1);
+    let target = if kind == Kind::WsRaw {
+        let q = query(kind, &[], start);
+        format!("{base}/ws/{}?{q}", channels[0])
+    } else {
+        format!("{base}/ws")
+    };
+    let (mut socket, _) = tokio_tungstenite::connect_async(target).await.unwrap();
+    if kind == Kind::Ws {
+        for (i, c) in channels.iter().enumerate() {
+            let mut op = json!({"id": i, "op": "subscribe", "channel": c});
+            match start {
+                Start::Now => {}
+                Start::Since(cursor) => op["since"] = json!(cursor),
+                Start::History(n) => op["history"] = json!(n),
+            }
+            socket.send(Ws::text(op.to_string())).await.unwrap();
+        }
+    }
+    let mut awaiting = if kind == Kind::Ws { channels.len() } else { 0 };
+    let channel = channels[0].clone();
+    if awaiting == 0 {
+        let _ = tx.send(Item::Ready(String::new())).await;
+    }
+    tokio::spawn(async move {
+        while let Some(frame) = socket.next().await {
+            let item = match frame {
+                Ok(Ws::Text(t)) if kind == Kind::WsRaw => Item::Msg {
+                    channel: channel.clone(),
+                    offset: 0,
+                    data: serde_json::from_str(t.as_str()).unwrap_or(Value::String(t.to_string())),
+                    cursor: String::new(),
+                },
+                Ok(Ws::Binary(b)) if kind == Kind::WsRaw => Item::Msg {
+                    channel: channel.clone(),
+                    offset: 0,
+                    data: json!(b.to_vec()),
+                    cursor: String::new(),
+                },
+                Ok(Ws::Text(t)) => {
+                    let v: Value = serde_json::from_str(t.as_str()).unwrap();
+                    match v["type"].as_str() {
+                        Some("message") => envelope_item(&v),
+                        Some("gap") => Item::Gap(v),
+                        Some("disconnect") => Item::Disconnect(v),
+                        Some("reply") => {
+                            assert!(v.get("error").is_none(), "error reply {v}");
+                            awaiting = awaiting.saturating_sub(1);
+                            if awaiting > 0 {
+                                continue;
+                            }
+                            Item::Ready(v["cursor"].as_str().unwrap_or_default().to_owned())
+                        }
+                        _ => continue,
+                    }
+                }
+                Ok(Ws::Close(frame)) => {
+                    let code = frame.map(|f| u16::from(f.code));
+                    Item::Disconnect(json!({"close": code}))
+                }
+                Ok(_) => continue,
+                Err(_) => return,
+            };
+            if tx.send(item).await.is_err() {
+                return;
+            }
+        }
+    })
 }
 
 fn envelope_item(v: &Value) -> Item {
@@ -468,6 +560,6 @@ macro_rules! every_transport {
         }
     };
     ($scenario:ident) => {
-        $crate::every_transport!($scenario: SseRaw, Sse, Stream, LongPoll, ShortPoll);
+        $crate::every_transport!($scenario: SseRaw, Sse, Stream, LongPoll, ShortPoll, WsRaw, Ws);
     };
 }

@@ -57,4 +57,5 @@ async fn subscribers_joining_during_a_publish_burst_see_a_gap_free_duplicate_fre
         );
     }
 }
-every_transport!(subscribers_joining_during_a_publish_burst_see_a_gap_free_duplicate_free_sequence);
+// Raw WebSocket frames carry no offsets to check the sequence by.
+every_transport!(subscribers_joining_during_a_publish_burst_see_a_gap_free_duplicate_free_sequence: SseRaw, Sse, Stream, LongPoll, ShortPoll, Ws);
