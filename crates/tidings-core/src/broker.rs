@@ -25,6 +25,7 @@ use thiserror::Error;
 use crate::channel::{ChannelName, EventName};
 use crate::history::{HistoryRead, Since};
 use crate::message::{Data, Message, Position};
+use crate::presence::ClientInfo;
 
 #[derive(Debug, Error, Clone, PartialEq, Eq)]
 pub enum BrokerError {
@@ -75,4 +76,30 @@ pub trait Broker: Send + Sync + 'static {
 
     /// Whether the broker can serve requests now (`/readyz`).
     async fn ready(&self) -> Result<(), BrokerError>;
+
+    /// Records `info` as present on `channel`; with `announce`, every subscriber of the
+    /// channel (on every node) gets a join event.
+    async fn presence_join(
+        &self,
+        _channel: &ChannelName,
+        _info: &ClientInfo,
+        _announce: bool,
+    ) -> Result<(), BrokerError> {
+        Err(BrokerError::Unsupported("presence"))
+    }
+
+    /// Removes `info` from `channel`'s presence; with `announce`, a leave event.
+    async fn presence_leave(
+        &self,
+        _channel: &ChannelName,
+        _info: &ClientInfo,
+        _announce: bool,
+    ) -> Result<(), BrokerError> {
+        Err(BrokerError::Unsupported("presence"))
+    }
+
+    /// Who is present on `channel`.
+    async fn presence(&self, _channel: &ChannelName) -> Result<Vec<ClientInfo>, BrokerError> {
+        Err(BrokerError::Unsupported("presence"))
+    }
 }

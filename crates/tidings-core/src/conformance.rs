@@ -241,7 +241,13 @@ pub async fn published_messages_reach_the_hub_in_offset_order(f: &dyn BrokerFact
                 .expect("all 400 messages delivered");
         }
     }
-    let offsets: Vec<u64> = got.iter().map(|m| m.offset).collect();
+    let offsets: Vec<u64> = got
+        .iter()
+        .filter_map(|i| match i {
+            crate::queue::QueueItem::Message(m) => Some(m.offset),
+            crate::queue::QueueItem::Presence(_) => None,
+        })
+        .collect();
     assert_eq!(offsets, (1..=400).collect::<Vec<_>>());
 }
 
@@ -274,6 +280,7 @@ pub async fn a_subscriber_joining_during_publishes_misses_and_duplicates_nothing
                 std::slice::from_ref(&c),
                 &Start::Last(usize::MAX),
                 usize::MAX,
+                None,
             )
             .await
             .unwrap();
@@ -287,6 +294,7 @@ pub async fn a_subscriber_joining_during_publishes_misses_and_duplicates_nothing
             sub.drain(|e, _| match e {
                 Event::Message(m) => seen.push(m.offset),
                 Event::Gap(g) => panic!("unexpected gap {g:?}"),
+                Event::Presence(_) => {}
             })
             .unwrap();
             if seen.last() == Some(&TOTAL) {
@@ -316,6 +324,7 @@ pub async fn resuming_from_a_cursor_replays_then_goes_live(f: &dyn BrokerFactory
             std::slice::from_ref(&c),
             &Start::Cursor(cursor.unwrap()),
             1 << 20,
+            None,
         )
         .await
         .unwrap();

@@ -13,7 +13,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use crate::channel::ChannelName;
 use crate::message::Message;
-use crate::queue::SessionQueue;
+use crate::presence::PresenceEvent;
+use crate::queue::{QueueItem, SessionQueue};
 
 const SHARDS: usize = 32;
 
@@ -91,6 +92,17 @@ impl Hub {
         };
         let list = relock(&subs);
         list.iter().filter(|(_, q)| q.push(message)).count()
+    }
+
+    /// Pushes a join or leave to every local subscriber of its channel.
+    pub fn deliver_presence(&self, event: &Arc<PresenceEvent>) {
+        let subs = match relock(self.shard(&event.channel)).get(&event.channel) {
+            Some(s) => s.clone(),
+            None => return,
+        };
+        for (_, q) in relock(&subs).iter() {
+            q.push_item(QueueItem::Presence(event.clone()));
+        }
     }
 
     pub fn subscriber_count(&self, channel: &ChannelName) -> usize {

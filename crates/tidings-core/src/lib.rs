@@ -14,6 +14,7 @@
 //! - `broker`: the `Broker` trait (memory today, Redis later) and `broker::memory`.
 //! - `node`: a hub joined to a broker; what the transports call.
 //! - `policy`: per-namespace history and permission settings.
+//! - `presence`: who follows a channel, and join/leave events.
 //! - `disconnect`: why a session ends on purpose.
 //! - `conformance`: the suite every broker must pass (compiled in so the Redis crate's tests
 //!   can run it unchanged; it panics on failure like any test).
@@ -28,6 +29,7 @@ pub mod hub;
 pub mod message;
 pub mod node;
 pub mod policy;
+pub mod presence;
 pub mod queue;
 pub mod subscription;
 
@@ -40,4 +42,6 @@ pub use hub::Hub;
 pub use message::{Data, Epoch, Message, Position};
 pub use node::Node;
 pub use policy::{ChannelPolicy, Policies, PublishPolicy, SubscribePolicy};
+pub use presence::{ClientInfo, PresenceEvent, PresenceKind};
+pub use queue::QueueItem;
 pub use subscription::{Event, Joined, Overflowed, Start, Subscription};

@@ -13,6 +13,26 @@ use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use tokio::sync::Notify;
 
 use crate::message::Message;
+use crate::presence::PresenceEvent;
+
+/// What a session's queue carries: messages, and presence events where the namespace asks.
+#[derive(Clone, Debug)]
+pub enum QueueItem {
+    Message(Arc<Message>),
+    Presence(Arc<PresenceEvent>),
+}
+
+/// Queue weight of a presence event (it is small and fixed-size in every encoding).
+const PRESENCE_WEIGHT: usize = 160;
+
+impl QueueItem {
+    fn weight(&self) -> usize {
+        match self {
+            QueueItem::Message(m) => m.weight(),
+            QueueItem::Presence(_) => PRESENCE_WEIGHT,
+        }
+    }
+}
 
 pub struct SessionQueue {
     state: Mutex<QueueState>,
@@ -25,7 +45,7 @@ pub struct SessionQueue {
 
 #[derive(Default)]
 struct QueueState {
-    items: VecDeque<Arc<Message>>,
+    items: VecDeque<QueueItem>,
     bytes: usize,
     overflowed: bool,
 }
@@ -48,7 +68,12 @@ impl SessionQueue {
 
     /// Enqueues without waiting. Returns false when the queue is (or just became) overflowed.
     pub fn push(&self, message: &Arc<Message>) -> bool {
-        let weight = message.weight();
+        self.push_item(QueueItem::Message(message.clone()))
+    }
+
+    /// Enqueues any item without waiting; false when the queue is (or just became) overflowed.
+    pub fn push_item(&self, item: QueueItem) -> bool {
+        let weight = item.weight();
         let mut s = self.lock();
         if s.overflowed {
             return false;
@@ -66,7 +91,7 @@ impl SessionQueue {
             }
             return false;
         }
-        s.items.push_back(message.clone());
+        s.items.push_back(item);
         s.bytes += weight;
         let was_empty = s.items.len() == 1;
         drop(s);
@@ -78,7 +103,7 @@ impl SessionQueue {
     }
 
     /// Moves everything queued into `out`. Returns false when the queue overflowed.
-    pub fn drain_into(&self, out: &mut Vec<Arc<Message>>) -> bool {
+    pub fn drain_into(&self, out: &mut Vec<QueueItem>) -> bool {
         let mut s = self.lock();
         if s.overflowed {
             return false;
@@ -132,7 +157,14 @@ mod tests {
         q.ready().await;
         let mut out = Vec::new();
         assert!(q.drain_into(&mut out));
-        assert_eq!(out.iter().map(|m| m.offset).collect::<Vec<_>>(), vec![1, 2]);
+        let offsets: Vec<u64> = out
+            .iter()
+            .map(|i| match i {
+                QueueItem::Message(m) => m.offset,
+                QueueItem::Presence(_) => 0,
+            })
+            .collect();
+        assert_eq!(offsets, vec![1, 2]);
         assert_eq!(q.queued_bytes(), 0);
     }
 

@@ -20,7 +20,8 @@ use crate::cursor::Cursor;
 use crate::history::{Gap, GapReason, Replay, Since};
 use crate::message::{Message, Position};
 use crate::node::Node;
-use crate::queue::SessionQueue;
+use crate::presence::{ClientInfo, PresenceEvent};
+use crate::queue::{QueueItem, SessionQueue};
 
 /// Where a new subscription starts.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -49,6 +50,8 @@ impl Start {
 pub enum Event<'a> {
     Message(&'a Arc<Message>),
     Gap(&'a Gap),
+    /// A join or leave (namespaces with `join_leave`); the cursor given with it is empty.
+    Presence(&'a PresenceEvent),
 }
 
 /// The session must end: its queue overflowed.
@@ -67,9 +70,11 @@ pub struct Subscription {
     channels: Vec<ChannelName>,
     cursor: Cursor,
     pending: Vec<Pending>,
-    batch: Vec<Arc<Message>>,
+    batch: Vec<QueueItem>,
     cursor_text: String,
     per_channel: bool,
+    /// Recorded in presence on channels whose namespace keeps it.
+    client: Option<ClientInfo>,
 }
 
 impl Subscription {
@@ -120,7 +125,16 @@ impl Subscription {
         if !self.queue.drain_into(&mut batch) {
             return Err(Overflowed);
         }
-        for m in batch.drain(..) {
+        for item in batch.drain(..) {
+            let m = match item {
+                QueueItem::Message(m) => m,
+                QueueItem::Presence(e) => {
+                    if self.channels.contains(&e.channel) {
+                        f(Event::Presence(&e), &[]);
+                    }
+                    continue;
+                }
+            };
             let Some(at) = self.cursor.get(&m.channel) else {
                 continue;
             };
@@ -200,9 +214,7 @@ fn emit_gap(
 impl Drop for Subscription {
     fn drop(&mut self) {
         for channel in &self.channels {
-            if self.node.hub.remove(channel, self.id) {
-                unsubscribe_later(&self.node, channel);
-            }
+            self.leave(channel);
         }
     }
 }
@@ -257,7 +269,46 @@ impl Subscription {
                 Some(gap)
             }
         };
+        if let Some(client) = &self.client {
+            let policy = self.node.policies.for_channel(channel);
+            if policy.presence {
+                self.node
+                    .broker
+                    .presence_join(channel, client, policy.join_leave)
+                    .await?;
+            }
+        }
         Ok(Some(Joined { begin, gap }))
+    }
+
+    /// The client this subscription stands for in presence, if it is recorded.
+    pub fn client(&self) -> Option<&ClientInfo> {
+        self.client.as_ref()
+    }
+
+    /// Undoes a channel's registrations: hub, broker subscription, presence.
+    fn leave(&self, channel: &ChannelName) {
+        let last = self.node.hub.remove(channel, self.id);
+        let policy = self.node.policies.for_channel(channel);
+        let presence = self.client.clone().filter(|_| policy.presence);
+        if !last && presence.is_none() {
+            return;
+        }
+        let broker = self.node.broker.clone();
+        let channel = channel.clone();
+        let announce = policy.join_leave;
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(async move {
+                if let Some(client) = presence
+                    && let Err(e) = broker.presence_leave(&channel, &client, announce).await
+                {
+                    tracing::warn!(%channel, error = %e, "presence leave failed");
+                }
+                if last && let Err(e) = broker.unsubscribe(&channel).await {
+                    tracing::warn!(%channel, error = %e, "broker unsubscribe failed");
+                }
+            });
+        }
     }
 
     /// Leaves a channel: nothing more of it is handed out, queued or pending. Returns false
@@ -272,22 +323,8 @@ impl Subscription {
             Pending::Message(m) => &m.channel != channel,
             Pending::Gap(g) => g.channel != channel.as_str(),
         });
-        if self.node.hub.remove(channel, self.id) {
-            unsubscribe_later(&self.node, channel);
-        }
+        self.leave(channel);
         true
-    }
-}
-
-fn unsubscribe_later(node: &Arc<Node>, channel: &ChannelName) {
-    let broker = node.broker.clone();
-    let channel = channel.clone();
-    if let Ok(rt) = tokio::runtime::Handle::try_current() {
-        rt.spawn(async move {
-            if let Err(e) = broker.unsubscribe(&channel).await {
-                tracing::warn!(%channel, error = %e, "broker unsubscribe failed");
-            }
-        });
     }
 }
 
@@ -295,10 +332,13 @@ impl Node {
     /// An empty subscription to add channels to one by one (a WebSocket session).
     /// `per_channel_cursors`: every event carries its own channel's cursor instead of one
     /// covering the whole subscription.
+    /// `client`: recorded in presence where the namespace keeps it (persistent sessions only;
+    /// a poll is not "present").
     pub fn session(
         self: &Arc<Self>,
         queue_max_bytes: usize,
         per_channel_cursors: bool,
+        client: Option<ClientInfo>,
     ) -> Subscription {
         Subscription {
             node: self.clone(),
@@ -310,6 +350,7 @@ impl Node {
             batch: Vec::new(),
             cursor_text: String::new(),
             per_channel: per_channel_cursors,
+            client,
         }
     }
 
@@ -319,8 +360,9 @@ impl Node {
         channels: &[ChannelName],
         start: &Start,
         queue_max_bytes: usize,
+        client: Option<ClientInfo>,
     ) -> Result<Subscription, crate::broker::BrokerError> {
-        let mut sub = self.session(queue_max_bytes, false);
+        let mut sub = self.session(queue_max_bytes, false, client);
         for channel in channels {
             sub.add(channel, &start.since(channel)).await?;
         }

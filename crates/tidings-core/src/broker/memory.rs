@@ -24,6 +24,7 @@ use crate::history::{History, HistoryRead, Since};
 use crate::hub::Hub;
 use crate::message::{Data, Epoch, Message};
 use crate::policy::Policies;
+use crate::presence::{ClientInfo, PresenceEvent, PresenceKind};
 
 const SHARDS: usize = 32;
 const SWEEP_EVERY: Duration = Duration::from_secs(5);
@@ -35,6 +36,8 @@ pub struct MemoryBroker {
     policies: Arc<Policies>,
     shards: Vec<Mutex<Channels>>,
     hasher: RandomState,
+    /// Who is present where. One lock: joins and leaves are per connection, not per message.
+    presence: Mutex<HashMap<ChannelName, Vec<ClientInfo>>>,
 }
 
 fn relock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -56,6 +59,7 @@ impl MemoryBroker {
             policies,
             shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
             hasher: RandomState::new(),
+            presence: Mutex::new(HashMap::new()),
         });
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
             let weak = Arc::downgrade(&broker);
@@ -186,6 +190,62 @@ impl Broker for MemoryBroker {
 
     async fn ready(&self) -> Result<(), BrokerError> {
         Ok(())
+    }
+
+    async fn presence_join(
+        &self,
+        channel: &ChannelName,
+        info: &ClientInfo,
+        announce: bool,
+    ) -> Result<(), BrokerError> {
+        relock(&self.presence)
+            .entry(channel.clone())
+            .or_default()
+            .push(info.clone());
+        if announce {
+            self.announce(PresenceKind::Join, channel, info);
+        }
+        Ok(())
+    }
+
+    async fn presence_leave(
+        &self,
+        channel: &ChannelName,
+        info: &ClientInfo,
+        announce: bool,
+    ) -> Result<(), BrokerError> {
+        let removed = {
+            let mut all = relock(&self.presence);
+            let removed = all.get_mut(channel).and_then(|list| {
+                let i = list.iter().position(|c| c.client == info.client)?;
+                Some(list.swap_remove(i))
+            });
+            if all.get(channel).is_some_and(Vec::is_empty) {
+                all.remove(channel);
+            }
+            removed.is_some()
+        };
+        if announce && removed {
+            self.announce(PresenceKind::Leave, channel, info);
+        }
+        Ok(())
+    }
+
+    async fn presence(&self, channel: &ChannelName) -> Result<Vec<ClientInfo>, BrokerError> {
+        Ok(relock(&self.presence)
+            .get(channel)
+            .cloned()
+            .unwrap_or_default())
+    }
+}
+
+impl MemoryBroker {
+    fn announce(&self, kind: PresenceKind, channel: &ChannelName, info: &ClientInfo) {
+        self.hub.deliver_presence(&Arc::new(PresenceEvent {
+            kind,
+            channel: channel.clone(),
+            info: info.clone(),
+        }));
     }
 }
 

@@ -119,3 +119,31 @@ pub async fn history(
     )
         .into_response())
 }
+
+/// Who is present on `channel`; 409 `presence_disabled` where the namespace keeps none.
+pub async fn presence_of(
+    state: &AppState,
+    channel: &ChannelName,
+) -> Result<Vec<tidings_core::ClientInfo>, ApiError> {
+    if !state.node.policies.for_channel(channel).presence {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "presence_disabled",
+            format!("the namespace of {channel} keeps no presence; set presence = true for it"),
+        ));
+    }
+    Ok(state.node.broker.presence(channel).await?)
+}
+
+/// `GET /api/channels/{channel}/presence`.
+pub async fn presence(
+    State(state): State<AppState>,
+    Path(channel): Path<String>,
+) -> Result<Response, ApiError> {
+    let channel = ChannelName::new(&channel)?;
+    let clients = presence_of(&state, &channel).await?;
+    Ok(
+        axum::Json(serde_json::json!({"channel": channel.as_str(), "clients": clients}))
+            .into_response(),
+    )
+}

@@ -31,6 +31,7 @@ pub fn router(state: AppState) -> Router {
         .route("/api/channels", get(channels::list))
         .route("/api/channels/{channel}", get(channels::one))
         .route("/api/channels/{channel}/history", get(channels::history))
+        .route("/api/channels/{channel}/presence", get(channels::presence))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))

@@ -9,7 +9,7 @@ use axum::http::HeaderMap;
 use axum::response::Response;
 use bytes::{BufMut, BytesMut};
 use serde::Serialize;
-use tidings_core::{Disconnect, Gap, Message};
+use tidings_core::{Disconnect, Gap, Message, PresenceEvent};
 
 use crate::api::error::ApiError;
 use crate::server::{AppState, ConnectionCtx};
@@ -60,6 +60,10 @@ impl Framing for NdjsonFraming {
 
     fn gap(&mut self, gap: &Gap, cursor: &[u8], out: &mut BytesMut) {
         write_control("gap", gap, Some(cursor), out);
+    }
+
+    fn presence(&mut self, event: &PresenceEvent, out: &mut BytesMut) {
+        write_control(event.kind.as_str(), &event.body(), None, out);
     }
 
     fn opened(&mut self, cursor: &[u8], out: &mut BytesMut) {

@@ -55,6 +55,7 @@ impl PollReply {
                 gauge.gap();
                 gaps.push(serde_json::to_value(g).unwrap_or_default());
             }
+            Event::Presence(_) => {}
         });
         match drained {
             Ok(n) => gauge.delivered(n as u64),
@@ -116,7 +117,13 @@ async fn poll(
     };
     let mut sub = state
         .node
-        .subscribe(&p.channels, &p.start, state.config.server.queue_max_bytes)
+        .subscribe(
+            &p.channels,
+            &p.start,
+            state.config.server.queue_max_bytes,
+            // A poll lasts one request: it is not "present" and carries no join/leave.
+            None,
+        )
         .await?;
     let gauge = state.metrics.session(kind, sub.channels().len());
     let mut reply = PollReply::new();

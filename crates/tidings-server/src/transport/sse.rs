@@ -11,7 +11,7 @@ use axum::extract::{Path, RawQuery, State};
 use axum::http::HeaderMap;
 use axum::response::Response;
 use bytes::{BufMut, Bytes, BytesMut};
-use tidings_core::{Disconnect, Gap, Message};
+use tidings_core::{Disconnect, Gap, Message, PresenceEvent};
 
 use crate::api::error::ApiError;
 use crate::server::{AppState, ConnectionCtx};
@@ -66,6 +66,18 @@ impl Framing for SseFraming {
         out.put_slice(cursor);
         out.put_slice(b"\nevent: tidings.gap\ndata: ");
         write_json(gap, out);
+        out.put_slice(b"\n\n");
+    }
+
+    /// `event: tidings.join` / `tidings.leave` in envelope mode; raw mode carries payloads only.
+    fn presence(&mut self, event: &PresenceEvent, out: &mut BytesMut) {
+        if self.raw {
+            return;
+        }
+        out.put_slice(b"event: tidings.");
+        out.put_slice(event.kind.as_str().as_bytes());
+        out.put_slice(b"\ndata: ");
+        write_json(&event.body(), out);
         out.put_slice(b"\n\n");
     }
 

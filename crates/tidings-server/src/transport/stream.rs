@@ -16,7 +16,9 @@ use axum::body::Body;
 use axum::http::{HeaderValue, header};
 use axum::response::Response;
 use bytes::{Bytes, BytesMut};
-use tidings_core::{Disconnect, DisconnectReason, Event, Gap, Message, Subscription};
+use tidings_core::{
+    ClientInfo, Disconnect, DisconnectReason, Event, Gap, Message, PresenceEvent, Subscription,
+};
 use tokio::time::{Instant, Interval, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 
@@ -36,6 +38,8 @@ pub trait Framing: Send + 'static {
     /// frame cached on the message can be shared with every other subscriber.
     fn message(&mut self, m: &Arc<Message>, cursor: &[u8], single: bool, out: &mut BytesMut);
     fn gap(&mut self, gap: &Gap, cursor: &[u8], out: &mut BytesMut);
+    /// A join or leave; framings without a place for it (raw payloads) write nothing.
+    fn presence(&mut self, event: &PresenceEvent, out: &mut BytesMut);
     /// Written once after the replay: the subscription's cursor, so a client that drops
     /// before its first message still resumes from the moment it subscribed.
     fn opened(&mut self, cursor: &[u8], out: &mut BytesMut);
@@ -56,6 +60,7 @@ pub async fn open<F: Framing>(
             &params.channels,
             &params.start,
             state.config.server.queue_max_bytes,
+            Some(ClientInfo::anonymous()),
         )
         .await?;
     let gauge = state.metrics.session(F::KIND, sub.channels().len());
@@ -157,6 +162,7 @@ impl<F: Framing> Writer<F> {
                 gauge.gap();
                 framing.gap(g, cursor, buf);
             }
+            Event::Presence(e) => framing.presence(e, buf),
         });
         match drained {
             Ok(n) => self.gauge.delivered(n as u64),

@@ -27,8 +27,8 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 use serde_json::{Value, json};
 use tidings_core::{
-    ChannelName, Cursor, Data, Disconnect, DisconnectReason, Event, Message, PublishPolicy, Since,
-    Start, Subscription,
+    ChannelName, ClientInfo, Cursor, Data, Disconnect, DisconnectReason, Event, Message,
+    PublishPolicy, Since, Start, Subscription,
 };
 use tokio::sync::mpsc;
 use tokio::time::{Instant, MissedTickBehavior};
@@ -125,9 +125,11 @@ pub async fn raw(
     )?;
     let ws = ws.map_err(|_| upgrade_error(&method))?;
     let channel = p.channels[0].clone();
-    let mut sub = state
-        .node
-        .session(state.config.server.queue_max_bytes, false);
+    let mut sub = state.node.session(
+        state.config.server.queue_max_bytes,
+        false,
+        Some(ClientInfo::anonymous()),
+    );
     let joined = sub
         .add(&channel, &p.start.since(&channel))
         .await?
@@ -154,9 +156,11 @@ pub async fn json(
     ws: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
 ) -> Result<Response, ApiError> {
     let ws = ws.map_err(|_| upgrade_error(&method))?;
-    let sub = state
-        .node
-        .session(state.config.server.queue_max_bytes, true);
+    let sub = state.node.session(
+        state.config.server.queue_max_bytes,
+        true,
+        Some(ClientInfo::anonymous()),
+    );
     let state2 = state.clone();
     Ok(configure(ws, &state).on_upgrade(move |socket| run(state2, socket, sub, Mode::Json, None)))
 }
@@ -408,6 +412,13 @@ impl Writer {
                 Mode::Raw => raw_frame(m),
                 Mode::Json => envelope_frame(m),
             }),
+            Event::Presence(e) => {
+                if mode == Mode::Json {
+                    let mut v = e.body();
+                    v["type"] = json!(e.kind.as_str());
+                    frames.push(text(&v));
+                }
+            }
             Event::Gap(g) => {
                 gauge.gap();
                 if mode == Mode::Raw {
@@ -764,18 +775,11 @@ async fn request(
         }
         "presence" => {
             let channel = channel_of(&id, req.channel.as_deref())?;
-            let reply = if !state.node.policies.for_channel(&channel).presence {
-                error_reply(
-                    &id,
-                    "presence_disabled",
-                    &format!("the namespace of {channel} keeps no presence"),
-                )
-            } else {
-                error_reply(
-                    &id,
-                    "unsupported",
-                    "presence is not available in this build",
-                )
+            let reply = match crate::api::channels::presence_of(state, &channel).await {
+                Ok(clients) => {
+                    text(&json!({"type": "reply", "id": id, "ok": true, "clients": clients}))
+                }
+                Err(e) => error_reply(&id, e.code, &e.message),
             };
             send(reply).await;
         }

@@ -176,6 +176,8 @@ pub enum Item {
     Disconnect(Value),
     Heartbeat,
     Ready(String),
+    /// A join or leave record: `{"type":"join"|"leave","channel","client","user"}`.
+    Presence(Value),
 }
 
 pub struct Sub {
@@ -209,7 +211,7 @@ impl Sub {
         loop {
             let item = self.next_item().await;
             match &item {
-                Item::Heartbeat | Item::Ready(_) => continue,
+                Item::Heartbeat | Item::Ready(_) | Item::Presence(_) => continue,
                 Item::Msg { cursor, .. } => self.cursor = Some(cursor.clone()),
                 Item::Gap(g) => {
                     if let Some(c) = g.get("cursor").and_then(Value::as_str) {
@@ -444,6 +446,7 @@ async fn ws_task(
                         Some("message") => envelope_item(&v),
                         Some("gap") => Item::Gap(v),
                         Some("disconnect") => Item::Disconnect(v),
+                        Some("join" | "leave") => Item::Presence(v),
                         Some("reply") => {
                             assert!(v.get("error").is_none(), "error reply {v}");
                             awaiting = awaiting.saturating_sub(1);
@@ -488,6 +491,7 @@ fn ndjson_item(line: &str) -> Item {
         Some("gap") => Item::Gap(v),
         Some("disconnect") => Item::Disconnect(v),
         Some("ready") => Item::Ready(v["cursor"].as_str().unwrap().to_owned()),
+        Some("join" | "leave") => Item::Presence(v),
         Some(other) => panic!("unknown record type {other}"),
     }
 }
@@ -530,6 +534,11 @@ impl SseParser {
             }
             Some("tidings.disconnect") => {
                 Some(Item::Disconnect(serde_json::from_str(&data).unwrap()))
+            }
+            Some(kind @ ("tidings.join" | "tidings.leave")) => {
+                let mut v: Value = serde_json::from_str(&data).unwrap();
+                v["type"] = json!(&kind["tidings.".len()..]);
+                Some(Item::Presence(v))
             }
             _ if kind == Kind::SseRaw => {
                 let cursor = id.unwrap();
