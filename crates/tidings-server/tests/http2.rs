@@ -86,3 +86,72 @@ async fn h2c_carries_publishes_and_many_streams_on_one_connection() {
         "{metrics}"
     );
 }
+
+/// RFC 8441: a WebSocket as one stream of an HTTP/2 connection, beside an SSE stream.
+#[tokio::test]
+async fn a_websocket_rides_an_http2_stream_beside_sse_on_one_connection() {
+    use bytes::Bytes;
+    use futures_util::SinkExt;
+    use http_body_util::{BodyExt, Empty};
+    use hyper::{Method, Request, Version};
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    use tokio_tungstenite::WebSocketStream;
+    use tokio_tungstenite::tungstenite::Message as Ws;
+    use tokio_tungstenite::tungstenite::protocol::Role;
+
+    let server = TestServer::spawn().await;
+    let tcp = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    let (mut sender, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    // The server's SETTINGS (with ENABLE_CONNECT_PROTOCOL) arrive with the first exchange.
+    let sse = sender
+        .send_request(
+            Request::get(format!("{}/sse/h2ws", server.url))
+                .version(Version::HTTP_2)
+                .body(Empty::<Bytes>::new())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(sse.status(), 200);
+    let mut sse_body = sse.into_body();
+    let connect = Request::builder()
+        .method(Method::CONNECT)
+        .uri(format!("{}/ws/h2ws", server.url))
+        .version(Version::HTTP_2)
+        .header("sec-websocket-version", "13")
+        .extension(hyper::ext::Protocol::from_static("websocket"))
+        .body(Empty::<Bytes>::new())
+        .unwrap();
+    let res = sender.send_request(connect).await.unwrap();
+    assert_eq!(res.status(), 200, "extended CONNECT accepted");
+    let upgraded = hyper::upgrade::on(res).await.unwrap();
+    let mut ws = WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Client, None).await;
+    ws.send(Ws::text("over h2")).await.unwrap();
+    let echoed = tokio::time::timeout(common::TIMEOUT, ws.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(echoed, Ws::text("over h2"));
+    // The SSE stream on the same connection got the WebSocket's publish too.
+    let mut seen = Vec::new();
+    let got = tokio::time::timeout(common::TIMEOUT, async {
+        while !String::from_utf8_lossy(&seen).contains("data: over h2") {
+            let frame = sse_body.frame().await.unwrap().unwrap();
+            if let Ok(data) = frame.into_data() {
+                seen.extend_from_slice(&data);
+            }
+        }
+    })
+    .await;
+    assert!(got.is_ok(), "{}", String::from_utf8_lossy(&seen));
+    assert_eq!(
+        server.metric("tidings_http_connections_total").await,
+        2.0,
+        "one h2 connection plus this metrics read"
+    );
+}

@@ -82,3 +82,53 @@ async fn a_slow_subscriber_is_disconnected_without_blocking_the_publisher(kind: 
     }
 }
 every_transport!(a_slow_subscriber_is_disconnected_without_blocking_the_publisher: SseRaw, Sse, Stream);
+
+/// The same over WebSocket: a client that completes the handshake (and, on `/ws`, its
+/// subscribe) and then stops reading is closed as slow, and publishing never waits for it.
+async fn a_slow_websocket_client_is_disconnected_without_blocking_the_publisher(kind: Kind) {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message as Ws;
+
+    let server = TestServer::with(|c| c.server.queue_max_bytes = 64 * 1024).await;
+    let socket = TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let tcp = socket.connect(server.addr).await.unwrap();
+    let path = if kind == Kind::WsRaw {
+        "/ws/busy"
+    } else {
+        "/ws"
+    };
+    let url = format!("ws://{}{path}", server.addr);
+    let (mut ws, _) = tokio_tungstenite::client_async(url, tcp).await.unwrap();
+    if kind == Kind::Ws {
+        ws.send(Ws::text(
+            json!({"id": 1, "op": "subscribe", "channel": "busy"}).to_string(),
+        ))
+        .await
+        .unwrap();
+        let reply = tokio::time::timeout(Duration::from_secs(10), ws.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        assert!(reply.to_text().unwrap().contains("\"ok\":true"));
+    }
+    // Stop reading; publish far more than the queue and socket buffers hold.
+    let payload = "x".repeat(60_000);
+    let started = tokio::time::Instant::now();
+    for _ in 0..400 {
+        server.publish("busy", json!(payload)).await;
+    }
+    assert!(started.elapsed() < Duration::from_secs(30));
+    let metric = "tidings_slow_disconnects_total{transport=\"websocket\"}";
+    assert_eq!(server.metric(metric).await, 1.0);
+    // Reading now drains what was buffered, then the socket ends.
+    let ended = tokio::time::timeout(Duration::from_secs(20), async {
+        while let Some(Ok(_)) = ws.next().await {}
+    })
+    .await;
+    assert!(ended.is_ok(), "the slow WebSocket was never closed");
+    let (_, info) = server.get_json("/api/channels/busy").await;
+    assert_eq!(info["subscribers"], 0, "the slow session left the channel");
+}
+every_transport!(a_slow_websocket_client_is_disconnected_without_blocking_the_publisher: WsRaw, Ws);
