@@ -1,8 +1,9 @@
 //! What every client command (`publish`, `subscribe`) needs to talk to a Tidings server: the base
 //! URL, the bearer token, and the server's JSON errors turned into readable ones.
 //!
-//! This build speaks plain HTTP only (no TLS stack is compiled in), so `https://` URLs are refused
-//! up front with a clear message instead of failing obscurely at connect time.
+//! This build speaks plain HTTP only (no TLS stack is compiled in), so `https://` and `wss://` URLs
+//! are refused up front with a clear message instead of failing obscurely at connect time. A
+//! `ws://` URL names the same server as `http://` and is accepted as such.
 
 use std::borrow::Cow;
 use std::fmt;
@@ -41,6 +42,11 @@ impl Client {
         &self.base
     }
 
+    /// The bearer token, if one was given (never empty).
+    pub fn token(&self) -> Option<&str> {
+        self.token.as_deref()
+    }
+
     /// `{base}/{segments…}`, each segment percent-encoded as needed (channel names may hold
     /// characters such as `@` or `=`).
     pub fn endpoint(&self, segments: &[&str]) -> Url {
@@ -67,9 +73,7 @@ impl Client {
     pub fn unreachable(&self, err: &reqwest::Error) -> anyhow::Error {
         let base = &self.base;
         if is_connection_refused(err) {
-            anyhow::anyhow!(
-                "no Tidings server at {base} (connection refused); start one with `tidings serve` or pass --url"
-            )
+            self.no_server()
         } else if err.is_timeout() {
             anyhow::anyhow!("{base} did not answer in time")
         } else if err.is_connect() {
@@ -79,10 +83,40 @@ impl Client {
         }
     }
 
+    /// What a refused connection means, for every transport.
+    pub fn no_server(&self) -> anyhow::Error {
+        anyhow::anyhow!(
+            "no Tidings server at {} (connection refused); start one with `tidings serve` or pass --url",
+            self.base
+        )
+    }
+
     /// Reads a non-success reply into an [`ApiError`], adding a hint when the server wants
     /// credentials and none were given.
     pub async fn api_error(&self, response: Response) -> ApiError {
-        let mut error = ApiError::read(response).await;
+        let error = ApiError::read(response).await;
+        self.with_hint(error)
+    }
+
+    /// The same for a reply read by something other than reqwest (a refused WebSocket
+    /// handshake): its status, `Retry-After` and body.
+    pub fn api_error_from(
+        &self,
+        status: StatusCode,
+        retry_after: Option<Duration>,
+        body: &[u8],
+    ) -> ApiError {
+        let (code, message) = parse_error_body(status, body);
+        self.with_hint(ApiError {
+            status,
+            code,
+            message,
+            retry_after,
+            hint: None,
+        })
+    }
+
+    fn with_hint(&self, mut error: ApiError) -> ApiError {
         if error.status == StatusCode::UNAUTHORIZED && self.token.is_none() {
             error.hint = Some("pass --token or set TIDINGS_TOKEN");
         }
@@ -186,12 +220,20 @@ fn base_url(input: &str) -> anyhow::Result<Url> {
     } else {
         Cow::Owned(format!("http://{input}"))
     };
-    let url = Url::parse(&with_scheme).with_context(|| format!("invalid --url {input:?}"))?;
+    let mut url = Url::parse(&with_scheme).with_context(|| format!("invalid --url {input:?}"))?;
     match url.scheme() {
         "http" => {}
+        // The WebSocket endpoint lives on the same server; `--transport ws` turns it back.
+        "ws" => {
+            // Both schemes are "special" in the URL standard, so the switch cannot fail.
+            let _ = url.set_scheme("http");
+        }
         "https" => {
             bail!("--url {input}: this build of tidings speaks plain HTTP only; use an http:// URL")
         }
+        "wss" => bail!(
+            "--url {input}: this build of tidings has no TLS, so wss:// is not supported; use a ws:// or http:// URL"
+        ),
         other => bail!("--url {input}: unsupported scheme {other:?}; use http://"),
     }
     if url.cannot_be_a_base() || url.host().is_none() {
@@ -284,6 +326,14 @@ mod tests {
         assert!(err.contains("plain HTTP only"), "{err}");
         assert!(base_url("ftp://example.com").is_err());
         assert!(base_url("http://example.com/?a=b").is_err());
+    }
+
+    #[test]
+    fn a_ws_url_names_the_same_server_and_wss_is_refused_for_want_of_tls() {
+        let url = base_url("ws://127.0.0.1:9000/prefix").unwrap();
+        assert_eq!(url.as_str(), "http://127.0.0.1:9000/prefix");
+        let err = base_url("wss://example.com").unwrap_err().to_string();
+        assert!(err.contains("no TLS") && err.contains("wss://"), "{err}");
     }
 
     #[test]

@@ -2,6 +2,7 @@
 
 mod client;
 mod cmd;
+mod ws;
 
 use std::path::PathBuf;
 use std::process::ExitCode;

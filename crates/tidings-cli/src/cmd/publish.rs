@@ -1,13 +1,19 @@
-//! `tidings publish CHANNEL [DATA|-]`: one `POST /publish/{channel}`, the position printed as one
-//! JSON line.
+//! `tidings publish CHANNEL [DATA|-]`: one `POST /publish/{channel}` (or, with `--transport ws`,
+//! one `publish` op on `/ws`), the position printed as one JSON line.
 
 use std::io::{IsTerminal, Read, Write};
 use std::time::Duration;
 
-use anyhow::Context;
+use anyhow::{Context, anyhow, bail};
+use base64::Engine;
+use futures_util::{SinkExt, StreamExt};
 use reqwest::header::CONTENT_TYPE;
+use serde::Serialize;
+use serde_json::value::RawValue;
+use tokio_tungstenite::tungstenite::Message;
 
-use crate::client::{Client, one_line};
+use crate::client::{Client, error_chain, one_line};
+use crate::ws::{self, ConnectError, Socket};
 
 /// A publish is one small request; anything slower than this is a server in trouble.
 const PUBLISH_TIMEOUT: Duration = Duration::from_secs(30);
@@ -36,6 +42,19 @@ pub struct PublishArgs {
     /// Content type to send instead of the guessed one, e.g. `application/octet-stream`.
     #[arg(long, value_name = "CT")]
     pub content_type: Option<String>,
+
+    /// How to publish.
+    #[arg(long, value_enum, default_value_t = PublishTransport::Http)]
+    pub transport: PublishTransport,
+}
+
+/// The wire a message is published over.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum PublishTransport {
+    /// `POST /publish/{channel}`.
+    Http,
+    /// WebSocket: one `publish` op on `/ws`, answered with the position.
+    Ws,
 }
 
 pub async fn run(args: PublishArgs) -> anyhow::Result<()> {
@@ -45,6 +64,9 @@ pub async fn run(args: PublishArgs) -> anyhow::Result<()> {
         Some(data) => Body::Argument(data.to_owned()),
     };
     let (bytes, content_type) = body.into_request(args.content_type.as_deref());
+    if args.transport == PublishTransport::Ws {
+        return publish_ws(&client, &args, bytes, &content_type).await;
+    }
 
     let mut url = client.endpoint(&["publish", &args.channel]);
     if let Some(event) = &args.event {
@@ -75,6 +97,155 @@ pub async fn run(args: PublishArgs) -> anyhow::Result<()> {
         .and_then(|()| stdout.flush())
         .context("writing to stdout")?;
     Ok(())
+}
+
+/// The request id of the one op a WebSocket publish sends.
+const PUBLISH_ID: u64 = 1;
+
+/// `tidings publish --transport ws`: connect to `/ws`, send one `publish` op, print the position
+/// from its reply, close.
+async fn publish_ws(
+    client: &Client,
+    args: &PublishArgs,
+    bytes: Vec<u8>,
+    content_type: &str,
+) -> anyhow::Result<()> {
+    let failed = || format!("publishing to {:?} failed", args.channel);
+    let (data, encoding) = ws_data(bytes, content_type).with_context(failed)?;
+    let op = publish_op(&args.channel, &data, args.event.as_deref(), encoding)?;
+    let exchange = async {
+        let mut socket = ws::connect(client)
+            .await
+            .map_err(ConnectError::into_error)?;
+        let reply = exchange(&mut socket, op).await;
+        // Whatever the answer, the server sees a clean close, not a reset.
+        ws::close(&mut socket).await;
+        reply
+    };
+    let position = tokio::time::timeout(PUBLISH_TIMEOUT, exchange)
+        .await
+        .map_err(|_| anyhow!("{} did not answer in time", client.base()))
+        .and_then(|reply| reply)
+        .with_context(failed)?;
+    let mut stdout = std::io::stdout().lock();
+    writeln!(stdout, "{}", one_line(&position))
+        .and_then(|()| stdout.flush())
+        .context("writing to stdout")?;
+    Ok(())
+}
+
+/// Sends the op and waits for its reply; returns the position it carries.
+async fn exchange(socket: &mut Socket, op: String) -> anyhow::Result<String> {
+    socket
+        .send(Message::text(op))
+        .await
+        .map_err(|err| anyhow!("sending the message failed: {}", error_chain(&err)))?;
+    loop {
+        let frame = match socket.next().await {
+            None => bail!("the server closed the connection without answering"),
+            Some(Err(err)) => bail!(
+                "the connection broke before the server answered: {}",
+                error_chain(&err)
+            ),
+            Some(Ok(Message::Close(frame))) => {
+                let why = frame.map_or_else(String::new, |f| {
+                    format!(" (code {}: {})", u16::from(f.code), f.reason.as_str())
+                });
+                bail!("the server closed the connection without answering{why}")
+            }
+            Some(Ok(Message::Text(text))) => text,
+            // Pings are answered by tungstenite as we read; nothing else is for us.
+            Some(Ok(_)) => continue,
+        };
+        let reply = ws::parse_frame(frame.as_str())?;
+        if reply.kind.as_deref() == Some("disconnect") {
+            let reason = reply.reason.as_deref().unwrap_or("no reason given");
+            bail!("the server ended the connection without answering ({reason})");
+        }
+        if reply.reply_to() != Some(PUBLISH_ID) {
+            continue;
+        }
+        if let Some(error) = reply.error {
+            bail!("the server refused it: {} ({})", error.message, error.code);
+        }
+        return ws::position_of_reply(frame.as_str()).ok_or_else(|| {
+            anyhow!(
+                "the server's reply is not one JSON object: {}",
+                frame.as_str().chars().take(120).collect::<String>()
+            )
+        });
+    }
+}
+
+/// The message as the `data` of a `/ws` publish op, and its `encoding`. The protocol has JSON
+/// and base64 binary; text goes as a JSON string, so it is stored as JSON data (see the
+/// content-type notes in SPEC §10: raw transports then show it with its quotes).
+fn ws_data(
+    bytes: Vec<u8>,
+    content_type: &str,
+) -> anyhow::Result<(Box<RawValue>, Option<&'static str>)> {
+    let essence = content_type
+        .split(';')
+        .next()
+        .unwrap_or_default()
+        .trim()
+        .to_ascii_lowercase();
+    let utf8 = |bytes: Vec<u8>| {
+        String::from_utf8(bytes).map_err(|_| {
+            anyhow!(
+                "the message is not UTF-8 text; send binary with --content-type application/octet-stream"
+            )
+        })
+    };
+    if essence == "application/json" || essence.ends_with("+json") {
+        let text = utf8(bytes)?;
+        let data = RawValue::from_string(text.trim().to_owned())
+            .map_err(|err| anyhow!("the message is not valid JSON ({err})"))?;
+        Ok((data, None))
+    } else if essence.starts_with("text/") {
+        let text = serde_json::to_string(&utf8(bytes)?)?;
+        Ok((RawValue::from_string(text)?, None))
+    } else if essence == "application/octet-stream" {
+        let text = base64::engine::general_purpose::STANDARD.encode(&bytes);
+        Ok((
+            RawValue::from_string(serde_json::to_string(&text)?)?,
+            Some("base64"),
+        ))
+    } else {
+        bail!(
+            "--content-type {content_type}: over WebSocket a message is JSON, text or binary (application/octet-stream)"
+        )
+    }
+}
+
+/// `{"id":1,"op":"publish","channel":…,"data":…,"event":…,"encoding":…}` (SPEC §5).
+#[derive(Serialize)]
+struct PublishOp<'a> {
+    id: u64,
+    op: &'static str,
+    channel: &'a str,
+    data: &'a RawValue,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    event: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    encoding: Option<&'static str>,
+}
+
+fn publish_op(
+    channel: &str,
+    data: &RawValue,
+    event: Option<&str>,
+    encoding: Option<&'static str>,
+) -> anyhow::Result<String> {
+    let op = PublishOp {
+        id: PUBLISH_ID,
+        op: "publish",
+        channel,
+        data,
+        event,
+        encoding,
+    };
+    serde_json::to_string(&op).context("encoding the publish op")
 }
 
 async fn read_stdin() -> anyhow::Result<Vec<u8>> {
@@ -198,6 +369,56 @@ mod tests {
     fn text_given_as_an_argument_is_sent_exactly() {
         let (bytes, _) = request(Body::Argument("hello\n".into()), None);
         assert_eq!(bytes, "hello\n");
+    }
+
+    fn ws_op(body: Body, content_type: Option<&str>, event: Option<&str>) -> String {
+        let (bytes, content_type) = body.into_request(content_type);
+        let (data, encoding) = ws_data(bytes, &content_type).unwrap();
+        publish_op("chat:lobby", &data, event, encoding).unwrap()
+    }
+
+    #[test]
+    fn over_websocket_json_is_sent_as_written_inside_the_publish_op() {
+        assert_eq!(
+            ws_op(
+                Body::Argument(r#" {"n": 1.50, "s":"x"} "#.into()),
+                None,
+                Some("msg")
+            ),
+            r#"{"id":1,"op":"publish","channel":"chat:lobby","data":{"n": 1.50, "s":"x"},"event":"msg"}"#
+        );
+    }
+
+    #[test]
+    fn over_websocket_text_is_sent_as_a_json_string() {
+        assert_eq!(
+            ws_op(Body::Stdin(b"say \"hi\"\n".to_vec()), None, None),
+            r#"{"id":1,"op":"publish","channel":"chat:lobby","data":"say \"hi\""}"#
+        );
+        // Text that happens to parse as JSON is still text when the user says so.
+        assert_eq!(
+            ws_op(Body::Argument("42".into()), Some("text/plain"), None),
+            r#"{"id":1,"op":"publish","channel":"chat:lobby","data":"42"}"#
+        );
+    }
+
+    #[test]
+    fn over_websocket_binary_is_sent_base64_encoded() {
+        assert_eq!(
+            ws_op(Body::Stdin(vec![0xff, 0x00, b'\n']), None, None),
+            r#"{"id":1,"op":"publish","channel":"chat:lobby","data":"/wAK","encoding":"base64"}"#
+        );
+    }
+
+    #[test]
+    fn over_websocket_other_content_types_and_bad_json_are_refused_before_connecting() {
+        let err = ws_data(b"x".to_vec(), "image/png").unwrap_err().to_string();
+        assert!(err.contains("image/png"), "{err}");
+        let err = ws_data(b"{oops".to_vec(), "application/json")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("not valid JSON"), "{err}");
+        assert!(ws_data(vec![0xff], "text/plain").is_err());
     }
 
     #[test]

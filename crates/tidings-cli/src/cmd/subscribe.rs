@@ -4,13 +4,16 @@
 //! # Layout
 //! - [`run`] builds a `Session` and hands over to its reconnect loop (`Session::run`), which owns
 //!   the backoff and decides, from how an attempt `Ended`, whether to stop, fail or retry.
-//! - One `Session` method per transport (`sse`, `stream`, `poll`); each is one attempt: a single
-//!   connection for the streaming transports, a single request for the polling ones.
+//! - One `Session` method per transport (`sse`, `stream`, `poll`, and `ws` in `subscribe_ws.rs`);
+//!   each is one attempt: a single connection for the streaming transports and WebSocket, a single
+//!   request for the polling ones.
 //! - `SseParser` and `LineSplitter` are the wire framing, independent of HTTP so they can be fed
 //!   arbitrary chunk boundaries in tests.
 //!
-//! Every transport uses the multi-channel URL form (`?channel=a&channel=b`), even for one
+//! Every HTTP transport uses the multi-channel URL form (`?channel=a&channel=b`), even for one
 //! channel, so that every record is an envelope carrying a cursor for the whole subscription.
+//! WebSocket (`/ws`) is the exception: there each channel is its own subscription with its own
+//! cursor, so it keeps one cursor per channel (`websocket::Cursors`).
 //!
 //! Past 800 lines only because of its tests (about 500), which include a fake server driving the
 //! whole reconnect-and-resume loop over real sockets. If the code itself grows, the two parsers
@@ -30,6 +33,9 @@ use serde_json::value::RawValue;
 use url::Url;
 
 use crate::client::{Client, error_chain, one_line};
+
+#[path = "subscribe_ws.rs"]
+mod websocket;
 
 /// The server heartbeats every 15 s by default; four missed heartbeats means the connection is
 /// dead even if TCP has not noticed. Reconnecting is cheap because resume is lossless.
@@ -86,6 +92,8 @@ pub struct SubscribeArgs {
 /// The client wire used to receive messages.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Transport {
+    /// WebSocket, the JSON protocol (`GET /ws`), one subscribe op per channel.
+    Ws,
     /// Server-Sent Events (`GET /sse`).
     Sse,
     /// HTTP streaming, newline-delimited JSON (`GET /stream`).
@@ -111,6 +119,8 @@ struct Session<W> {
     wait: u64,
     /// Where to resume: the cursor of the last envelope printed (or `--since`).
     cursor: Option<String>,
+    /// Where to resume over WebSocket, where every channel has its own cursor.
+    ws_cursors: websocket::Cursors,
     backoff: Backoff,
     out: Output<W>,
     /// Set after a failed attempt, so that the next success is announced on stderr.
@@ -154,6 +164,7 @@ impl<W: Write> Session<W> {
             history: args.history,
             wait: args.wait,
             cursor: args.since.clone(),
+            ws_cursors: websocket::Cursors::new(&args.channels, args.since.as_deref()),
             backoff,
             out: Output {
                 sink,
@@ -166,6 +177,7 @@ impl<W: Write> Session<W> {
     async fn run(&mut self, transport: Transport, interval: Duration) -> anyhow::Result<()> {
         loop {
             let attempt = match transport {
+                Transport::Ws => self.ws().await,
                 Transport::Sse => self.sse().await,
                 Transport::Stream => self.stream().await,
                 Transport::LongPoll => self.poll(Some(self.wait)).await,

@@ -1,0 +1,770 @@
+//! The `tidings` binary end to end: `serve` on port 0 (its address read from stderr), then
+//! `publish`, `subscribe` over every transport, and `config` against it, as a user would run them.
+//!
+//! Every wait is bounded (`WAIT`), and each one waits for an event (a line on a pipe, an exit),
+//! never for a fixed time. Every process is killed when its handle is dropped, so a failing test
+//! leaves no server behind.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::PathBuf;
+use std::process::{Output, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader, Lines};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::process::{Child, ChildStdout, Command};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+/// The longest any single wait (a line, an exit) may take before the test fails.
+const WAIT: Duration = Duration::from_secs(20);
+
+/// `tidings` with a clean environment: no `TIDINGS_*` variable of the caller leaks in.
+fn tidings() -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_tidings"));
+    for (key, _) in std::env::vars_os() {
+        if key.to_string_lossy().starts_with("TIDINGS_") {
+            cmd.env_remove(key);
+        }
+    }
+    cmd.env("TIDINGS_LOG", "warn")
+        .env("NO_PROXY", "*")
+        .env_remove("http_proxy")
+        .env_remove("HTTP_PROXY")
+        .env_remove("all_proxy")
+        .env_remove("ALL_PROXY")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    cmd
+}
+
+/// Runs `tidings ARGS` to completion (stdin from `input` when given), within `WAIT`.
+async fn run(args: &[&str], input: Option<&str>) -> Output {
+    let mut cmd = tidings();
+    cmd.args(args);
+    if input.is_some() {
+        cmd.stdin(Stdio::piped());
+    }
+    let mut child = cmd.spawn().expect("spawning tidings");
+    if let Some(input) = input {
+        let mut stdin = child.stdin.take().unwrap();
+        stdin.write_all(input.as_bytes()).await.unwrap();
+        drop(stdin);
+    }
+    // On timeout the future is dropped with the child, which kills it.
+    tokio::time::timeout(WAIT, child.wait_with_output())
+        .await
+        .unwrap_or_else(|_| panic!("tidings {args:?} did not exit within {WAIT:?}"))
+        .unwrap()
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// Runs `tidings ARGS`, expecting success; returns stdout.
+async fn run_ok(args: &[&str], input: Option<&str>) -> String {
+    let out = run(args, input).await;
+    assert!(
+        out.status.success(),
+        "tidings {args:?} failed ({})\nstdout: {}\nstderr: {}",
+        out.status,
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    text(&out.stdout)
+}
+
+/// Runs `tidings ARGS`, expecting failure; returns stderr.
+async fn run_err(args: &[&str]) -> String {
+    let out = run(args, None).await;
+    assert!(
+        !out.status.success(),
+        "tidings {args:?} should have failed\nstdout: {}\nstderr: {}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    text(&out.stderr)
+}
+
+// ---------------------------------------------------------------------------------------------
+// `tidings serve`
+// ---------------------------------------------------------------------------------------------
+
+/// A running `tidings serve`. Dropping it kills the process (also when a test panics).
+struct Server {
+    child: Child,
+    url: String,
+    stderr: Arc<Mutex<String>>,
+    http: reqwest::Client,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.start_kill();
+    }
+}
+
+impl Server {
+    /// `tidings serve --listen 127.0.0.1:0`; returns once it printed its address.
+    async fn start() -> Self {
+        Self::start_with(&["serve", "--listen", "127.0.0.1:0"]).await
+    }
+
+    async fn start_with(args: &[&str]) -> Self {
+        let mut cmd = tidings();
+        cmd.args(args).stdout(Stdio::null());
+        let mut child = cmd.spawn().expect("spawning tidings serve");
+        let mut stderr = BufReader::new(child.stderr.take().unwrap()).lines();
+        let mut seen = String::new();
+        let url = loop {
+            let line = tokio::time::timeout(WAIT, stderr.next_line())
+                .await
+                .unwrap_or_else(|_| panic!("tidings serve printed no address in {WAIT:?}:\n{seen}"))
+                .unwrap();
+            let Some(line) = line else {
+                panic!(
+                    "tidings serve exited ({:?}) before listening:\n{seen}",
+                    child.wait().await
+                );
+            };
+            seen.push_str(&line);
+            seen.push('\n');
+            if let Some(url) = line.strip_prefix("tidings listening on ") {
+                break url.trim().to_owned();
+            }
+        };
+        assert!(url.starts_with("http://"), "{url}");
+        // Keep draining stderr, so the server never blocks on a full pipe; keep it for failures.
+        let log = Arc::new(Mutex::new(seen));
+        tokio::spawn({
+            let log = log.clone();
+            async move {
+                while let Ok(Some(line)) = stderr.next_line().await {
+                    let mut log = log.lock().unwrap();
+                    log.push_str(&line);
+                    log.push('\n');
+                }
+            }
+        });
+        Self {
+            child,
+            url,
+            stderr: log,
+            http: reqwest::Client::builder().no_proxy().build().unwrap(),
+        }
+    }
+
+    async fn get_json(&self, path: &str) -> (u16, Value) {
+        let res = self
+            .http
+            .get(format!("{}{path}", self.url))
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("GET {path}: {e}\n{}", self.stderr.lock().unwrap()));
+        let status = res.status().as_u16();
+        let body = res.text().await.unwrap();
+        (status, serde_json::from_str(&body).unwrap_or(Value::Null))
+    }
+
+    /// `tidings publish CHANNEL DATA --url URL`; returns the printed position.
+    async fn publish(&self, channel: &str, data: &str) -> Value {
+        let out = run_ok(&["publish", channel, data, "--url", &self.url], None).await;
+        parse_one_line(&out)
+    }
+}
+
+fn parse_one_line(out: &str) -> Value {
+    assert_eq!(out.lines().count(), 1, "one line expected: {out:?}");
+    serde_json::from_str(out.trim_end()).unwrap_or_else(|e| panic!("not JSON ({e}): {out:?}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_prints_the_address_it_listens_on_and_answers_there() {
+    let server = Server::start().await;
+    let res = server
+        .http
+        .get(format!("{}/healthz", server.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    let port: u16 = server.url.rsplit(':').next().unwrap().parse().unwrap();
+    assert_ne!(
+        port, 0,
+        "the real port, not the requested 0: {}",
+        server.url
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_refuses_open_mode_on_a_non_loopback_address_without_insecure() {
+    let stderr = run_err(&["serve", "--listen", "0.0.0.0:0"]).await;
+    assert!(
+        stderr.contains("refusing to listen on 0.0.0.0:0")
+            && stderr.contains("open mode")
+            && stderr.contains("--insecure"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("tidings listening on"), "{stderr}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_with_insecure_accepts_open_mode_on_a_non_loopback_address() {
+    let server = Server::start_with(&["serve", "--listen", "0.0.0.0:0", "--insecure"]).await;
+    let port = server.url.rsplit(':').next().unwrap();
+    assert!(server.url.starts_with("http://0.0.0.0:"), "{}", server.url);
+    let res = server
+        .http
+        .get(format!("http://127.0.0.1:{port}/healthz"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+}
+
+// ---------------------------------------------------------------------------------------------
+// `tidings publish`
+// ---------------------------------------------------------------------------------------------
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publish_prints_the_position_of_the_message_as_one_json_line() {
+    let server = Server::start().await;
+    let before = now_ms();
+    let first = server.publish("news", r#"{"title":"hi"}"#).await;
+    let after = now_ms();
+    assert_eq!(first["channel"], "news", "{first}");
+    assert_eq!(first["offset"], 1, "{first}");
+    assert!(
+        first["epoch"].as_str().is_some_and(|e| !e.is_empty()),
+        "{first}"
+    );
+    let cursor = first["cursor"].as_str().unwrap();
+    assert!(
+        !cursor.is_empty() && cursor.bytes().all(|b| b.is_ascii_graphic() && b != b','),
+        "a URL-safe cursor: {first}"
+    );
+    let time = first["time"].as_u64().unwrap();
+    assert!(
+        before <= time && time <= after,
+        "{time} not in {before}..={after}"
+    );
+    let second = server.publish("news", r#"{"title":"again"}"#).await;
+    assert_eq!(second["offset"], 2);
+    assert_eq!(second["epoch"], first["epoch"]);
+    let (_, history) = server.get_json("/api/channels/news/history").await;
+    assert_eq!(history["messages"][0]["data"], json!({"title": "hi"}));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publish_with_a_dash_reads_the_message_from_stdin() {
+    let server = Server::start().await;
+    let out = run_ok(
+        &["publish", "news", "-", "--url", &server.url],
+        Some("{\"title\": \"from stdin\"}\n"),
+    )
+    .await;
+    let position = parse_one_line(&out);
+    assert_eq!(
+        (position["channel"].clone(), position["offset"].clone()),
+        (json!("news"), json!(1))
+    );
+    let out = run_ok(
+        &["publish", "news", "-", "--url", &server.url],
+        Some("plain text\n"),
+    )
+    .await;
+    assert_eq!(parse_one_line(&out)["offset"], 2);
+    let (_, history) = server.get_json("/api/channels/news/history").await;
+    let data: Vec<Value> = history["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["data"].clone())
+        .collect();
+    // JSON stays JSON; text loses the newline the shell added.
+    assert_eq!(data, [json!({"title": "from stdin"}), json!("plain text")]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publish_to_an_invalid_channel_name_fails_with_the_servers_message() {
+    let server = Server::start().await;
+    let out = run(&["publish", "bad name!", "x", "--url", &server.url], None).await;
+    assert!(!out.status.success());
+    assert!(out.stdout.is_empty(), "{}", text(&out.stdout));
+    let stderr = text(&out.stderr);
+    assert!(
+        stderr.contains("400")
+            && stderr.contains("invalid_channel")
+            && stderr.contains(r#"invalid channel name "bad name!""#),
+        "{stderr}"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// `tidings subscribe`
+// ---------------------------------------------------------------------------------------------
+
+/// A running `tidings subscribe`, read line by line; killed when dropped.
+struct Subscriber {
+    child: Child,
+    stdout: Lines<BufReader<ChildStdout>>,
+    stderr: Arc<Mutex<String>>,
+    lines: Vec<String>,
+}
+
+impl Subscriber {
+    fn start(args: &[&str]) -> Self {
+        let mut cmd = tidings();
+        cmd.arg("subscribe").args(args);
+        let mut child = cmd.spawn().expect("spawning tidings subscribe");
+        let stdout = BufReader::new(child.stdout.take().unwrap()).lines();
+        let stderr = Arc::new(Mutex::new(String::new()));
+        let mut pipe = child.stderr.take().unwrap();
+        tokio::spawn({
+            let stderr = stderr.clone();
+            async move {
+                let mut buf = [0u8; 4096];
+                while let Ok(n) = pipe.read(&mut buf).await {
+                    if n == 0 {
+                        break;
+                    }
+                    stderr
+                        .lock()
+                        .unwrap()
+                        .push_str(&String::from_utf8_lossy(&buf[..n]));
+                }
+            }
+        });
+        Self {
+            child,
+            stdout,
+            stderr,
+            lines: Vec::new(),
+        }
+    }
+
+    fn context(&self) -> String {
+        format!(
+            "--- subscribe stdout:\n{}\n--- subscribe stderr:\n{}",
+            self.lines.join("\n"),
+            self.stderr.lock().unwrap()
+        )
+    }
+
+    async fn next_line(&mut self) -> Option<String> {
+        match tokio::time::timeout(WAIT, self.stdout.next_line()).await {
+            Ok(Ok(line)) => {
+                if let Some(l) = &line {
+                    self.lines.push(l.clone());
+                }
+                line
+            }
+            Ok(Err(e)) => panic!("reading stdout: {e}\n{}", self.context()),
+            Err(_) => panic!("nothing printed for {WAIT:?}\n{}", self.context()),
+        }
+    }
+
+    /// Waits until `n` lines in all have been printed.
+    async fn wait_for_lines(&mut self, n: usize) {
+        while self.lines.len() < n {
+            if self.next_line().await.is_none() {
+                panic!(
+                    "output ended after {} lines\n{}",
+                    self.lines.len(),
+                    self.context()
+                );
+            }
+        }
+    }
+
+    /// Reads to the end of the output, expects exit code 0, returns every line printed.
+    async fn finish_ok(&mut self) -> Vec<String> {
+        while self.next_line().await.is_some() {}
+        let status = tokio::time::timeout(WAIT, self.child.wait())
+            .await
+            .unwrap_or_else(|_| panic!("stdout closed but no exit\n{}", self.context()))
+            .unwrap();
+        assert!(status.success(), "exit {status}\n{}", self.context());
+        self.lines.clone()
+    }
+}
+
+/// Each printed line must be the envelope of the matching publish: same channel, offset,
+/// epoch and time, and data equal to what was published.
+fn assert_envelopes(lines: &[String], published: &[(Value, Value)]) {
+    assert_eq!(
+        lines.len(),
+        published.len(),
+        "exactly {} lines:\n{}",
+        published.len(),
+        lines.join("\n")
+    );
+    for (line, (position, data)) in lines.iter().zip(published) {
+        let v: Value = serde_json::from_str(line)
+            .unwrap_or_else(|e| panic!("not an NDJSON line ({e}): {line:?}"));
+        for key in ["channel", "offset", "epoch", "time"] {
+            assert_eq!(v[key], position[key], "{key} of {line}");
+        }
+        assert!(v["cursor"].is_string(), "{line}");
+        assert_eq!(&v["data"], data, "{line}");
+        assert!(
+            v.get("type").is_none(),
+            "a control record among messages: {line}"
+        );
+    }
+}
+
+/// Publishes `{"n":1..=count}` to `news`; returns (position, data) per message.
+async fn publish_numbered(
+    server: &Server,
+    range: std::ops::RangeInclusive<u64>,
+) -> Vec<(Value, Value)> {
+    let mut out = Vec::new();
+    for i in range {
+        let data = json!({ "n": i });
+        out.push((server.publish("news", &data.to_string()).await, data));
+    }
+    out
+}
+
+fn transport_args(transport: &str) -> Vec<&str> {
+    let mut args = vec!["--transport", transport];
+    if transport == "poll" {
+        // The default interval of 1 s would only make the test slow.
+        args.extend(["--interval", "100ms"]);
+    }
+    args
+}
+
+/// 3 messages from `--history 3`, then 2 published live, then the exit at `--count 5`.
+async fn subscribe_replays_history_then_prints_live_messages(transport: &str) {
+    let server = Server::start().await;
+    let mut published = publish_numbered(&server, 1..=3).await;
+    let mut args = vec![
+        "news",
+        "--history",
+        "3",
+        "--count",
+        "5",
+        "--url",
+        &server.url,
+    ];
+    args.extend(transport_args(transport));
+    let mut sub = Subscriber::start(&args);
+    sub.wait_for_lines(3).await;
+    assert_envelopes(&sub.lines, &published);
+    if matches!(transport, "ws" | "sse" | "stream") {
+        // A stream or WebSocket counts as a subscriber while it is open (a poll only while a
+        // request is held); having replayed history, it is live.
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            let (status, channel) = server.get_json("/api/channels/news").await;
+            assert_eq!(status, 200, "{channel}");
+            if channel["subscribers"] == 1 {
+                break;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the subscriber never showed in {channel}\n{}",
+                sub.context()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    published.extend(publish_numbered(&server, 4..=5).await);
+    let lines = sub.finish_ok().await;
+    assert_envelopes(&lines, &published);
+}
+
+/// `--since` the cursor of message 1 prints messages 2 and 3 and nothing else.
+async fn subscribe_since_a_cursor_prints_exactly_what_followed_it(transport: &str) {
+    let server = Server::start().await;
+    let published = publish_numbered(&server, 1..=3).await;
+    let since = published[0].0["cursor"].as_str().unwrap().to_owned();
+    let mut args = vec![
+        "news",
+        "--since",
+        &since,
+        "--count",
+        "2",
+        "--url",
+        &server.url,
+    ];
+    args.extend(transport_args(transport));
+    let lines = Subscriber::start(&args).finish_ok().await;
+    assert_envelopes(&lines, &published[1..]);
+}
+
+/// 3 messages from `--history 3`; then the connection is cut under the subscriber and 3 more are
+/// published while it cannot reach the server; it must reconnect by itself and print all 6,
+/// each once, in order.
+async fn subscribe_reconnects_by_itself_and_resumes_without_loss(transport: &str) {
+    let server = Server::start().await;
+    let proxy = Proxy::start(&server.url).await;
+    let mut published = publish_numbered(&server, 1..=3).await;
+    let mut args = vec![
+        "news",
+        "--history",
+        "3",
+        "--count",
+        "6",
+        "--url",
+        &proxy.url,
+    ];
+    args.extend(transport_args(transport));
+    let mut sub = Subscriber::start(&args);
+    sub.wait_for_lines(3).await;
+    proxy.cut();
+    published.extend(publish_numbered(&server, 4..=6).await);
+    proxy.restore();
+    let lines = sub.finish_ok().await;
+    assert_envelopes(&lines, &published);
+    let connections = proxy.connections();
+    assert!(
+        connections >= 2,
+        "the subscriber never reconnected ({connections} connection(s))\n{}",
+        sub.context()
+    );
+}
+
+macro_rules! per_transport {
+    ($($test:ident: $scenario:ident($transport:literal);)+) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $test() {
+                $scenario($transport).await;
+            }
+        )+
+    };
+}
+
+per_transport! {
+    subscribe_over_ws_replays_history_then_prints_live_messages_as_ndjson:
+        subscribe_replays_history_then_prints_live_messages("ws");
+    subscribe_over_ws_since_a_cursor_prints_exactly_what_followed_it:
+        subscribe_since_a_cursor_prints_exactly_what_followed_it("ws");
+    subscribe_over_ws_reconnects_by_itself_and_resumes_without_loss:
+        subscribe_reconnects_by_itself_and_resumes_without_loss("ws");
+    subscribe_over_sse_replays_history_then_prints_live_messages_as_ndjson:
+        subscribe_replays_history_then_prints_live_messages("sse");
+    subscribe_over_stream_replays_history_then_prints_live_messages_as_ndjson:
+        subscribe_replays_history_then_prints_live_messages("stream");
+    subscribe_over_long_poll_replays_history_then_prints_live_messages_as_ndjson:
+        subscribe_replays_history_then_prints_live_messages("long-poll");
+    subscribe_over_poll_replays_history_then_prints_live_messages_as_ndjson:
+        subscribe_replays_history_then_prints_live_messages("poll");
+    subscribe_over_sse_since_a_cursor_prints_exactly_what_followed_it:
+        subscribe_since_a_cursor_prints_exactly_what_followed_it("sse");
+    subscribe_over_stream_since_a_cursor_prints_exactly_what_followed_it:
+        subscribe_since_a_cursor_prints_exactly_what_followed_it("stream");
+    subscribe_over_long_poll_since_a_cursor_prints_exactly_what_followed_it:
+        subscribe_since_a_cursor_prints_exactly_what_followed_it("long-poll");
+    subscribe_over_poll_since_a_cursor_prints_exactly_what_followed_it:
+        subscribe_since_a_cursor_prints_exactly_what_followed_it("poll");
+    subscribe_over_sse_reconnects_by_itself_and_resumes_without_loss:
+        subscribe_reconnects_by_itself_and_resumes_without_loss("sse");
+    subscribe_over_stream_reconnects_by_itself_and_resumes_without_loss:
+        subscribe_reconnects_by_itself_and_resumes_without_loss("stream");
+    subscribe_over_long_poll_reconnects_by_itself_and_resumes_without_loss:
+        subscribe_reconnects_by_itself_and_resumes_without_loss("long-poll");
+    subscribe_over_poll_reconnects_by_itself_and_resumes_without_loss:
+        subscribe_reconnects_by_itself_and_resumes_without_loss("poll");
+}
+
+// ---------------------------------------------------------------------------------------------
+// A TCP proxy that can cut its connections: a dropped connection without a server restart
+// (a restart would start a new epoch)
+// ---------------------------------------------------------------------------------------------
+
+struct Proxy {
+    url: String,
+    shared: Arc<ProxyShared>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+struct ProxyShared {
+    upstream: String,
+    /// Cancelled by `cut`: ends every connection accepted before it.
+    generation: Mutex<CancellationToken>,
+    /// `false` while cut: new connections are accepted but held, unforwarded, until `restore`.
+    up: watch::Sender<bool>,
+    connections: AtomicUsize,
+}
+
+impl Proxy {
+    async fn start(server_url: &str) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let shared = Arc::new(ProxyShared {
+            upstream: server_url.strip_prefix("http://").unwrap().to_owned(),
+            generation: Mutex::new(CancellationToken::new()),
+            up: watch::channel(true).0,
+            connections: AtomicUsize::new(0),
+        });
+        let task = tokio::spawn({
+            let shared = shared.clone();
+            async move {
+                while let Ok((client, _)) = listener.accept().await {
+                    let cut = shared.generation.lock().unwrap().clone();
+                    tokio::spawn(forward(client, shared.clone(), cut));
+                }
+            }
+        });
+        Self { url, shared, task }
+    }
+
+    /// Closes every open connection and holds new ones until `restore`.
+    fn cut(&self) {
+        self.shared.up.send_replace(false);
+        std::mem::take(&mut *self.shared.generation.lock().unwrap()).cancel();
+    }
+
+    fn restore(&self) {
+        self.shared.up.send_replace(true);
+    }
+
+    /// Connections forwarded to the server so far.
+    fn connections(&self) -> usize {
+        self.shared.connections.load(Ordering::Relaxed)
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.task.abort();
+        self.shared.generation.lock().unwrap().cancel();
+    }
+}
+
+async fn forward(mut client: TcpStream, shared: Arc<ProxyShared>, cut: CancellationToken) {
+    let mut up = shared.up.subscribe();
+    let work = async move {
+        if up.wait_for(|up| *up).await.is_err() {
+            return;
+        }
+        let Ok(mut server) = TcpStream::connect(&shared.upstream).await else {
+            return;
+        };
+        shared.connections.fetch_add(1, Ordering::Relaxed);
+        let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+    };
+    // Dropping `work` closes both sockets.
+    tokio::select! {
+        biased;
+        _ = cut.cancelled() => {}
+        _ = work => {}
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// `tidings config`
+// ---------------------------------------------------------------------------------------------
+
+/// A file under the temp dir with a name no other test (or run) uses; removed when dropped.
+struct TempFile(PathBuf);
+
+impl TempFile {
+    fn new(name: &str, contents: &str) -> Self {
+        static NEXT: AtomicUsize = AtomicUsize::new(0);
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos();
+        let path = std::env::temp_dir().join(format!(
+            "tidings-cli-test-{}-{nanos}-{}-{name}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::write(&path, contents).unwrap();
+        Self(path)
+    }
+
+    fn path(&self) -> &str {
+        self.0.to_str().unwrap()
+    }
+}
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+async fn default_config() -> String {
+    let out = run_ok(&["config", "default"], None).await;
+    for table in ["[server]", "[broker]", "[auth]", "[channels]"] {
+        assert!(out.contains(table), "no {table} in\n{out}");
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn config_default_output_passes_config_check() {
+    let file = TempFile::new("default.toml", &default_config().await);
+    let out = run_ok(&["config", "check", file.path()], None).await;
+    assert!(out.starts_with("ok: "), "{out}");
+    // The global --config flag names the file too.
+    run_ok(&["--config", file.path(), "config", "check"], None).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn config_check_rejects_an_unknown_key_and_names_it() {
+    let config = default_config().await.replacen(
+        "[server]\n",
+        "[server]\nlisten_adress = \"127.0.0.1:9\"\n",
+        1,
+    );
+    let file = TempFile::new("typo.toml", &config);
+    let stderr = run_err(&["config", "check", file.path()]).await;
+    assert!(stderr.contains("listen_adress"), "{stderr}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn config_check_applies_environment_overrides_and_rejects_a_bad_listen_address() {
+    let file = TempFile::new("env.toml", &default_config().await);
+    let mut cmd = tidings();
+    cmd.args(["config", "check", file.path()])
+        .env("TIDINGS_SERVER__LISTEN", "nowhere");
+    let out = tokio::time::timeout(WAIT, cmd.output())
+        .await
+        .expect("config check did not exit")
+        .unwrap();
+    let stderr = text(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "accepted listen = nowhere: {}",
+        text(&out.stdout)
+    );
+    assert!(
+        stderr.contains("server.listen") && stderr.contains("nowhere"),
+        "{stderr}"
+    );
+    // And a good override is applied, not merely tolerated.
+    let mut cmd = tidings();
+    cmd.args(["config", "check", file.path()])
+        .env("TIDINGS_SERVER__LISTEN", "127.0.0.1:9999");
+    let out = tokio::time::timeout(WAIT, cmd.output())
+        .await
+        .expect("config check did not exit")
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stdout).contains("127.0.0.1:9999"),
+        "{}",
+        text(&out.stdout)
+    );
+}

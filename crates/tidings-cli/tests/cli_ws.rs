@@ -1,0 +1,461 @@
+//! `tidings publish --transport ws` and `tidings subscribe --transport ws` end to end, against a
+//! real `tidings serve` on port 0 (its address read from stderr), as a user would run them.
+//!
+//! Every wait is bounded (`WAIT`) and waits for an event (a line on a pipe, an exit), never for
+//! a fixed time. Every process is killed when its handle is dropped, so a failing test leaves no
+//! server behind. The helpers follow those of `cli.rs`.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::process::{Output, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader, Lines};
+use tokio::process::{Child, ChildStdout, Command};
+
+/// The longest any single wait (a line, an exit) may take before the test fails.
+const WAIT: Duration = Duration::from_secs(20);
+
+/// `tidings` with a clean environment: no `TIDINGS_*` variable of the caller leaks in.
+fn tidings() -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_tidings"));
+    for (key, _) in std::env::vars_os() {
+        if key.to_string_lossy().starts_with("TIDINGS_") {
+            cmd.env_remove(key);
+        }
+    }
+    cmd.env("TIDINGS_LOG", "warn")
+        .env("NO_PROXY", "*")
+        .env_remove("http_proxy")
+        .env_remove("HTTP_PROXY")
+        .env_remove("all_proxy")
+        .env_remove("ALL_PROXY")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    cmd
+}
+
+/// Runs `tidings ARGS` to completion (stdin from `input` when given), within `WAIT`.
+async fn run(args: &[&str], input: Option<&[u8]>) -> Output {
+    let mut cmd = tidings();
+    cmd.args(args);
+    if input.is_some() {
+        cmd.stdin(Stdio::piped());
+    }
+    let mut child = cmd.spawn().expect("spawning tidings");
+    if let Some(input) = input {
+        let mut stdin = child.stdin.take().unwrap();
+        stdin.write_all(input).await.unwrap();
+        drop(stdin);
+    }
+    // On timeout the future is dropped with the child, which kills it.
+    tokio::time::timeout(WAIT, child.wait_with_output())
+        .await
+        .unwrap_or_else(|_| panic!("tidings {args:?} did not exit within {WAIT:?}"))
+        .unwrap()
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// Runs `tidings ARGS`, expecting success; returns stdout.
+async fn run_ok(args: &[&str], input: Option<&[u8]>) -> String {
+    let out = run(args, input).await;
+    assert!(
+        out.status.success(),
+        "tidings {args:?} failed ({})\nstdout: {}\nstderr: {}",
+        out.status,
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    text(&out.stdout)
+}
+
+/// Runs `tidings ARGS`, expecting failure with nothing on stdout; returns stderr.
+async fn run_err(args: &[&str]) -> String {
+    let out = run(args, None).await;
+    assert!(
+        !out.status.success() && out.stdout.is_empty(),
+        "tidings {args:?} should have failed quietly\nstdout: {}\nstderr: {}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    text(&out.stderr)
+}
+
+/// A running `tidings serve --listen 127.0.0.1:0`. Dropping it kills the process.
+struct Server {
+    child: Child,
+    url: String,
+    http: reqwest::Client,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.start_kill();
+    }
+}
+
+impl Server {
+    /// Returns once the server printed `tidings listening on http://ADDR`.
+    async fn start() -> Self {
+        let mut cmd = tidings();
+        cmd.args(["serve", "--listen", "127.0.0.1:0"])
+            .stdout(Stdio::null());
+        let mut child = cmd.spawn().expect("spawning tidings serve");
+        let mut stderr = BufReader::new(child.stderr.take().unwrap()).lines();
+        let mut seen = String::new();
+        let url = loop {
+            let line = tokio::time::timeout(WAIT, stderr.next_line())
+                .await
+                .unwrap_or_else(|_| panic!("tidings serve printed no address in {WAIT:?}:\n{seen}"))
+                .unwrap();
+            let Some(line) = line else {
+                panic!("tidings serve exited before listening:\n{seen}");
+            };
+            seen.push_str(&line);
+            seen.push('\n');
+            if let Some(url) = line.strip_prefix("tidings listening on ") {
+                break url.trim().to_owned();
+            }
+        };
+        assert!(url.starts_with("http://"), "{url}");
+        // Keep draining stderr so the server never blocks on a full pipe.
+        tokio::spawn(async move { while let Ok(Some(_)) = stderr.next_line().await {} });
+        Self {
+            child,
+            url,
+            http: reqwest::Client::builder().no_proxy().build().unwrap(),
+        }
+    }
+
+    /// `tidings publish CHANNEL DATA --transport ws`; returns the printed line.
+    async fn publish_ws(&self, channel: &str, data: &str) -> String {
+        let out = run_ok(
+            &[
+                "publish",
+                channel,
+                data,
+                "--transport",
+                "ws",
+                "--url",
+                &self.url,
+            ],
+            None,
+        )
+        .await;
+        one_line(&out)
+    }
+
+    /// The data of every message in `channel`'s history, oldest first.
+    async fn history_data(&self, channel: &str) -> Vec<Value> {
+        let url = format!("{}/api/channels/{channel}/history", self.url);
+        let history = self
+            .http
+            .get(url)
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        let history = parse(&history);
+        history["messages"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m["data"].clone())
+            .collect()
+    }
+}
+
+fn one_line(out: &str) -> String {
+    assert_eq!(out.lines().count(), 1, "one line expected: {out:?}");
+    out.trim_end().to_owned()
+}
+
+fn parse(line: &str) -> Value {
+    serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line:?}"))
+}
+
+/// The top-level keys of a flat JSON object, in the order written (positions hold no nesting
+/// and no commas or colons inside their strings).
+fn keys_in_order(line: &str) -> Vec<String> {
+    line.trim_matches(|c| c == '{' || c == '}')
+        .split(',')
+        .map(|member| {
+            member
+                .split(':')
+                .next()
+                .unwrap()
+                .trim_matches('"')
+                .to_owned()
+        })
+        .collect()
+}
+
+/// A running `tidings subscribe`, read line by line; killed when dropped.
+struct Subscriber {
+    child: Child,
+    stdout: Lines<BufReader<ChildStdout>>,
+    stderr: Arc<Mutex<String>>,
+    lines: Vec<String>,
+}
+
+impl Subscriber {
+    fn start(args: &[&str]) -> Self {
+        let mut cmd = tidings();
+        cmd.arg("subscribe").args(args);
+        let mut child = cmd.spawn().expect("spawning tidings subscribe");
+        let stdout = BufReader::new(child.stdout.take().unwrap()).lines();
+        let stderr = Arc::new(Mutex::new(String::new()));
+        let mut pipe = child.stderr.take().unwrap();
+        tokio::spawn({
+            let stderr = stderr.clone();
+            async move {
+                let mut buf = [0u8; 4096];
+                while let Ok(n) = pipe.read(&mut buf).await {
+                    if n == 0 {
+                        break;
+                    }
+                    stderr
+                        .lock()
+                        .unwrap()
+                        .push_str(&String::from_utf8_lossy(&buf[..n]));
+                }
+            }
+        });
+        Self {
+            child,
+            stdout,
+            stderr,
+            lines: Vec::new(),
+        }
+    }
+
+    fn context(&self) -> String {
+        format!(
+            "--- subscribe stdout:\n{}\n--- subscribe stderr:\n{}",
+            self.lines.join("\n"),
+            self.stderr.lock().unwrap()
+        )
+    }
+
+    async fn next_line(&mut self) -> Option<String> {
+        match tokio::time::timeout(WAIT, self.stdout.next_line()).await {
+            Ok(Ok(line)) => {
+                if let Some(l) = &line {
+                    self.lines.push(l.clone());
+                }
+                line
+            }
+            Ok(Err(e)) => panic!("reading stdout: {e}\n{}", self.context()),
+            Err(_) => panic!("nothing printed for {WAIT:?}\n{}", self.context()),
+        }
+    }
+
+    /// Waits until `n` lines in all have been printed.
+    async fn wait_for_lines(&mut self, n: usize) {
+        while self.lines.len() < n {
+            if self.next_line().await.is_none() {
+                panic!(
+                    "output ended after {} lines\n{}",
+                    self.lines.len(),
+                    self.context()
+                );
+            }
+        }
+    }
+
+    /// Reads to the end of the output, expects exit code 0, returns every line printed.
+    async fn finish_ok(&mut self) -> Vec<String> {
+        while self.next_line().await.is_some() {}
+        let status = tokio::time::timeout(WAIT, self.child.wait())
+            .await
+            .unwrap_or_else(|_| panic!("stdout closed but no exit\n{}", self.context()))
+            .unwrap();
+        assert!(status.success(), "exit {status}\n{}", self.context());
+        self.lines.clone()
+    }
+
+    /// Waits for the exit, expects failure, returns stderr.
+    async fn finish_err(&mut self) -> String {
+        while self.next_line().await.is_some() {}
+        let status = tokio::time::timeout(WAIT, self.child.wait())
+            .await
+            .unwrap_or_else(|_| panic!("stdout closed but no exit\n{}", self.context()))
+            .unwrap();
+        assert!(!status.success(), "exit {status}\n{}", self.context());
+        self.stderr.lock().unwrap().clone()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publish_over_ws_prints_the_same_position_json_as_the_http_publish() {
+    let server = Server::start().await;
+    let over_ws = server.publish_ws("news", r#"{"title":"hi"}"#).await;
+    let over_http = one_line(
+        &run_ok(
+            &[
+                "publish",
+                "news",
+                r#"{"title":"again"}"#,
+                "--url",
+                &server.url,
+            ],
+            None,
+        )
+        .await,
+    );
+    assert_eq!(keys_in_order(&over_ws), keys_in_order(&over_http));
+    let (ws, http) = (parse(&over_ws), parse(&over_http));
+    assert_eq!(
+        keys_in_order(&over_ws),
+        ["channel", "cursor", "epoch", "offset", "time"]
+    );
+    assert_eq!((&ws["channel"], &ws["offset"]), (&json!("news"), &json!(1)));
+    assert_eq!(http["offset"], 2);
+    assert_eq!(ws["epoch"], http["epoch"]);
+    assert!(ws["cursor"].as_str().is_some_and(|c| !c.is_empty()), "{ws}");
+    assert!(ws["time"].as_u64().is_some_and(|t| t > 0), "{ws}");
+    assert_eq!(
+        server.history_data("news").await,
+        [json!({"title": "hi"}), json!({"title": "again"})]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publish_over_ws_sends_text_as_a_string_and_binary_stdin_as_base64() {
+    let server = Server::start().await;
+    server.publish_ws("news", "plain text").await;
+    let piped = [
+        "publish",
+        "news",
+        "-",
+        "--transport",
+        "ws",
+        "--url",
+        &server.url,
+    ];
+    run_ok(&piped, Some(b"from stdin\n")).await;
+    run_ok(&piped, Some(&[0xff, 0x00, 0x01])).await;
+    assert_eq!(
+        server.history_data("news").await,
+        [json!("plain text"), json!("from stdin"), json!("/wAB")]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscribe_over_ws_replays_history_then_prints_the_live_message_and_exits_at_count() {
+    let server = Server::start().await;
+    let mut published = Vec::new();
+    for n in 1..=2 {
+        let data = json!({ "n": n, "x": 1.50 });
+        published.push((
+            parse(&server.publish_ws("news", &data.to_string()).await),
+            data,
+        ));
+    }
+    let mut sub = Subscriber::start(&[
+        "news",
+        "--transport",
+        "ws",
+        "--history",
+        "2",
+        "--count",
+        "3",
+        "--url",
+        &server.url,
+    ]);
+    sub.wait_for_lines(2).await;
+    let data = json!({ "n": 3, "x": 1.50 });
+    published.push((
+        parse(&server.publish_ws("news", &data.to_string()).await),
+        data,
+    ));
+    let lines = sub.finish_ok().await;
+
+    assert_eq!(lines.len(), 3, "{}", sub.context());
+    for (line, (position, data)) in lines.iter().zip(&published) {
+        let envelope = parse(line);
+        for key in ["channel", "offset", "epoch", "cursor", "time"] {
+            assert_eq!(envelope[key], position[key], "{key} of {line}");
+        }
+        assert_eq!(&envelope["data"], data, "{line}");
+        assert!(envelope.get("type").is_none(), "{line}");
+        // The envelope as the server wrote it, numbers included.
+        assert!(line.starts_with(r#"{"channel":"news","offset":"#), "{line}");
+        assert!(line.contains(r#""x":1.5"#), "{line}");
+    }
+
+    // Byte for byte what the HTTP stream prints for the same messages.
+    let over_stream = Subscriber::start(&[
+        "news",
+        "--transport",
+        "stream",
+        "--history",
+        "3",
+        "--count",
+        "3",
+        "--url",
+        &server.url,
+    ])
+    .finish_ok()
+    .await;
+    assert_eq!(lines, over_stream);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ws_errors_end_the_command_with_the_servers_message() {
+    let server = Server::start().await;
+    let stderr = run_err(&[
+        "publish",
+        "bad name!",
+        "x",
+        "--transport",
+        "ws",
+        "--url",
+        &server.url,
+    ])
+    .await;
+    assert!(
+        stderr.contains("invalid_channel")
+            && stderr.contains(r#"invalid channel name "bad name!""#),
+        "{stderr}"
+    );
+
+    let stderr = Subscriber::start(&[
+        "news",
+        "bad name!",
+        "--transport",
+        "ws",
+        "--url",
+        &server.url,
+    ])
+    .finish_err()
+    .await;
+    assert!(
+        stderr.contains("invalid_channel") && stderr.contains(r#""bad name!""#),
+        "{stderr}"
+    );
+
+    let stderr = run_err(&[
+        "publish",
+        "news",
+        "x",
+        "--transport",
+        "ws",
+        "--url",
+        "wss://127.0.0.1:1",
+    ])
+    .await;
+    assert!(
+        stderr.contains("wss://") && stderr.contains("no TLS"),
+        "{stderr}"
+    );
+}
