@@ -316,7 +316,7 @@ async fn publish_over_ws_prints_the_same_position_json_as_the_http_publish() {
     let (ws, http) = (parse(&over_ws), parse(&over_http));
     assert_eq!(
         keys_in_order(&over_ws),
-        ["channel", "cursor", "epoch", "offset", "time"]
+        ["channel", "offset", "epoch", "cursor", "time"]
     );
     assert_eq!((&ws["channel"], &ws["offset"]), (&json!("news"), &json!(1)));
     assert_eq!(http["offset"], 2);

@@ -360,7 +360,13 @@ impl Writer {
                 match self.sub.add(&channel, &since).await {
                     Ok(Some(joined)) => {
                         self.gauge.channels_changed(1);
-                        let cursor = Cursor::single(&channel, joined.begin).encode();
+                        // After a gap the client must keep its own cursor: were it to adopt
+                        // `begin` and drop before the gap frame, the notice would be lost.
+                        let at = match (&joined.gap, &since) {
+                            (Some(_), Since::After(p)) => p.clone(),
+                            _ => joined.begin,
+                        };
+                        let cursor = Cursor::single(&channel, at).encode();
                         let reply =
                             json!({"type": "reply", "id": id, "ok": true, "cursor": cursor});
                         match self.feed(text(&reply)).await {
@@ -414,9 +420,7 @@ impl Writer {
             }),
             Event::Presence(e) => {
                 if mode == Mode::Json {
-                    let mut v = e.body();
-                    v["type"] = json!(e.kind.as_str());
-                    frames.push(text(&v));
+                    frames.push(text(&typed(e.kind.as_str(), e.body())));
                 }
             }
             Event::Gap(g) => {
@@ -424,8 +428,7 @@ impl Writer {
                 if mode == Mode::Raw {
                     gap = true;
                 } else {
-                    let mut v = serde_json::to_value(g).unwrap_or_default();
-                    v["type"] = json!("gap");
+                    let mut v = typed("gap", serde_json::to_value(g).unwrap_or_default());
                     v["cursor"] = json!(String::from_utf8_lossy(cursor));
                     frames.push(text(&v));
                 }
@@ -489,6 +492,16 @@ fn envelope_frame(m: &Message) -> WsMessage {
         Ok(t) => WsMessage::Text(t),
         Err(_) => WsMessage::Binary(bytes.clone()),
     }
+}
+
+/// `{"type": kind, …body}`: `type` first, as every server frame starts.
+fn typed(kind: &str, body: Value) -> Value {
+    let mut v = serde_json::Map::new();
+    v.insert("type".into(), json!(kind));
+    if let Value::Object(fields) = body {
+        v.extend(fields);
+    }
+    Value::Object(v)
 }
 
 fn error_reply(id: &Option<Value>, code: &str, message: &str) -> WsMessage {
@@ -724,10 +737,12 @@ async fn request(
                 } else {
                     match publish::publish(state, &v.channel, v.event, v.data).await {
                         Ok(m) => {
-                            let mut reply = position_json(&m);
-                            reply["type"] = json!("reply");
-                            reply["id"] = json!(id);
-                            reply["ok"] = json!(true);
+                            let mut reply = typed("reply", json!({"id": id, "ok": true}));
+                            if let (Some(r), Value::Object(position)) =
+                                (reply.as_object_mut(), position_json(&m))
+                            {
+                                r.extend(position);
+                            }
                             text(&reply)
                         }
                         Err(e) => error_reply(&id, e.code, &e.message),
