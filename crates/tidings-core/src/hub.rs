@@ -105,6 +105,19 @@ impl Hub {
         }
     }
 
+    /// Ends every local session (say, the broker became unreachable): each writer sends its
+    /// goodbye with `reason` and closes; clients resume from their cursors.
+    pub fn disconnect_all(&self, reason: crate::disconnect::DisconnectReason) {
+        for shard in &self.shards {
+            let subs: Vec<_> = relock(shard).values().cloned().collect();
+            for s in subs {
+                for (_, q) in relock(&s).iter() {
+                    q.close(reason);
+                }
+            }
+        }
+    }
+
     pub fn subscriber_count(&self, channel: &ChannelName) -> usize {
         relock(self.shard(channel))
             .get(channel)

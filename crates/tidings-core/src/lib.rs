@@ -44,4 +44,4 @@ pub use node::Node;
 pub use policy::{ChannelPolicy, Policies, PublishPolicy, SubscribePolicy};
 pub use presence::{ClientInfo, PresenceEvent, PresenceKind};
 pub use queue::QueueItem;
-pub use subscription::{Event, Joined, Overflowed, Start, Subscription};
+pub use subscription::{Event, Joined, Start, Subscription};

@@ -12,6 +12,7 @@ use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
 use tokio::sync::Notify;
 
+use crate::disconnect::DisconnectReason;
 use crate::message::Message;
 use crate::presence::PresenceEvent;
 
@@ -47,7 +48,8 @@ pub struct SessionQueue {
 struct QueueState {
     items: VecDeque<QueueItem>,
     bytes: usize,
-    overflowed: bool,
+    /// Set once: the session must end, and why (`Slow` after an overflow).
+    ended: Option<DisconnectReason>,
 }
 
 impl SessionQueue {
@@ -75,13 +77,13 @@ impl SessionQueue {
     pub fn push_item(&self, item: QueueItem) -> bool {
         let weight = item.weight();
         let mut s = self.lock();
-        if s.overflowed {
+        if s.ended.is_some() {
             return false;
         }
         // One message larger than the whole budget still goes through an empty queue;
         // otherwise a small queue setting would make big messages undeliverable.
         if s.bytes + weight > self.max_bytes && !s.items.is_empty() {
-            s.overflowed = true;
+            s.ended = Some(DisconnectReason::Slow);
             s.items = VecDeque::new();
             s.bytes = 0;
             drop(s);
@@ -102,15 +104,29 @@ impl SessionQueue {
         true
     }
 
-    /// Moves everything queued into `out`. Returns false when the queue overflowed.
-    pub fn drain_into(&self, out: &mut Vec<QueueItem>) -> bool {
+    /// Moves everything queued into `out`; `Err` once the session must end.
+    pub fn drain_into(&self, out: &mut Vec<QueueItem>) -> Result<(), DisconnectReason> {
         let mut s = self.lock();
-        if s.overflowed {
-            return false;
+        if let Some(reason) = s.ended {
+            return Err(reason);
         }
         out.extend(s.items.drain(..));
         s.bytes = 0;
-        true
+        Ok(())
+    }
+
+    /// Ends the session for `reason` (the first reason wins): what is queued is dropped, the
+    /// writer wakes and says goodbye. Subscribers resume from their cursors.
+    pub fn close(&self, reason: DisconnectReason) {
+        let mut s = self.lock();
+        if s.ended.is_some() {
+            return;
+        }
+        s.ended = Some(reason);
+        s.items = VecDeque::new();
+        s.bytes = 0;
+        drop(s);
+        self.notify.notify_one();
     }
 
     /// Resolves when something was pushed (or overflow happened) since the last drain.
@@ -156,7 +172,7 @@ mod tests {
         assert!(q.push(&msg(2, 10)));
         q.ready().await;
         let mut out = Vec::new();
-        assert!(q.drain_into(&mut out));
+        assert!(q.drain_into(&mut out).is_ok());
         let offsets: Vec<u64> = out
             .iter()
             .map(|i| match i {
@@ -178,8 +194,23 @@ mod tests {
         assert!((1..10).contains(&pushed));
         assert!(!q.push(&msg(99, 1)));
         let mut out = Vec::new();
-        assert!(!q.drain_into(&mut out));
+        assert_eq!(q.drain_into(&mut out), Err(DisconnectReason::Slow));
         assert!(out.is_empty());
+    }
+
+    #[tokio::test]
+    async fn closing_wakes_the_writer_with_the_reason_and_refuses_pushes() {
+        let q = SessionQueue::new(1 << 20);
+        assert!(q.push(&msg(1, 10)));
+        q.close(DisconnectReason::BrokerUnavailable);
+        q.close(DisconnectReason::Shutdown);
+        q.ready().await;
+        let mut out = Vec::new();
+        assert_eq!(
+            q.drain_into(&mut out),
+            Err(DisconnectReason::BrokerUnavailable)
+        );
+        assert!(!q.push(&msg(2, 10)));
     }
 
     #[test]

@@ -17,6 +17,7 @@ use std::sync::Arc;
 
 use crate::channel::ChannelName;
 use crate::cursor::Cursor;
+use crate::disconnect::DisconnectReason;
 use crate::history::{Gap, GapReason, Replay, Since};
 use crate::message::{Message, Position};
 use crate::node::Node;
@@ -53,10 +54,6 @@ pub enum Event<'a> {
     /// A join or leave (namespaces with `join_leave`); the cursor given with it is empty.
     Presence(&'a PresenceEvent),
 }
-
-/// The session must end: its queue overflowed.
-#[derive(Debug, PartialEq, Eq)]
-pub struct Overflowed;
 
 enum Pending {
     Message(Arc<Message>),
@@ -99,8 +96,12 @@ impl Subscription {
     }
 
     /// Hands every event that is ready to `f`, each with the cursor text that resumes right
-    /// after it. Returns `Err(Overflowed)` when the session fell too far behind.
-    pub fn drain(&mut self, mut f: impl FnMut(Event<'_>, &[u8])) -> Result<usize, Overflowed> {
+    /// after it. Returns `Err(reason)` when the session must end: `Slow` when it fell too far
+    /// behind, or whatever `Hub::disconnect_all` said.
+    pub fn drain(
+        &mut self,
+        mut f: impl FnMut(Event<'_>, &[u8]),
+    ) -> Result<usize, DisconnectReason> {
         // A message's own cursor is right whenever it covers the whole subscription.
         let single = self.per_channel || self.channels.len() == 1;
         let mut count = 0;
@@ -122,9 +123,7 @@ impl Subscription {
             }
         }
         let mut batch = std::mem::take(&mut self.batch);
-        if !self.queue.drain_into(&mut batch) {
-            return Err(Overflowed);
-        }
+        self.queue.drain_into(&mut batch)?;
         for item in batch.drain(..) {
             let m = match item {
                 QueueItem::Message(m) => m,

@@ -19,7 +19,7 @@ pub async fn wait(
 ) {
     let deadline = tokio::time::sleep(wait);
     tokio::pin!(deadline);
-    while reply.is_empty() && !reply.overflowed() {
+    while reply.is_empty() && !reply.ended() {
         let ready = tokio::select! {
             biased;
             _ = shutdown.cancelled() => false,

@@ -10,7 +10,7 @@ use axum::extract::{Path, RawQuery, State};
 use axum::http::{HeaderMap, HeaderValue, header};
 use axum::response::{IntoResponse, Response};
 use bytes::{BufMut, BytesMut};
-use tidings_core::{Event, Subscription};
+use tidings_core::{BrokerError, DisconnectReason, Event, Subscription};
 
 use crate::api::error::ApiError;
 use crate::metrics::SessionGauge;
@@ -22,7 +22,7 @@ pub struct PollReply {
     messages: BytesMut,
     count: usize,
     gaps: Vec<serde_json::Value>,
-    overflowed: bool,
+    ended: Option<DisconnectReason>,
 }
 
 impl PollReply {
@@ -31,7 +31,7 @@ impl PollReply {
             messages: BytesMut::new(),
             count: 0,
             gaps: Vec::new(),
-            overflowed: false,
+            ended: None,
         }
     }
 
@@ -59,15 +59,18 @@ impl PollReply {
         });
         match drained {
             Ok(n) => gauge.delivered(n as u64),
-            Err(_) => {
-                gauge.slow();
-                self.overflowed = true;
+            Err(reason) => {
+                if reason == DisconnectReason::Slow {
+                    gauge.slow();
+                }
+                self.ended = Some(reason);
             }
         }
     }
 
-    pub fn overflowed(&self) -> bool {
-        self.overflowed
+    /// The collection had to stop (overflow, broker gone): answer with what there is.
+    pub fn ended(&self) -> bool {
+        self.ended.is_some()
     }
 
     fn into_response(self, cursor: &str) -> Response {
@@ -132,6 +135,9 @@ async fn poll(
         && reply.is_empty()
     {
         long_poll::wait(&mut sub, &gauge, &mut reply, wait, &state.shutdown).await;
+    }
+    if reply.is_empty() && reply.ended == Some(DisconnectReason::BrokerUnavailable) {
+        return Err(BrokerError::Unavailable("the broker went away during the poll".into()).into());
     }
     let cursor = sub.cursor().encode();
     let mut res = reply.into_response(&cursor);

@@ -166,9 +166,9 @@ impl<F: Framing> Writer<F> {
         });
         match drained {
             Ok(n) => self.gauge.delivered(n as u64),
-            Err(_) => {
-                self.framing
-                    .disconnect(DisconnectReason::Slow.into(), &mut self.buf);
+            // Slow (counted by the overflow hook), or ended from outside (broker down).
+            Err(reason) => {
+                self.framing.disconnect(reason.into(), &mut self.buf);
                 self.done = true;
             }
         }

@@ -165,6 +165,16 @@ pub async fn json(
     Ok(configure(ws, &state).on_upgrade(move |socket| run(state2, socket, sub, Mode::Json, None)))
 }
 
+/// The close code that goes with each reason a session is ended for (SPEC §5, §12).
+fn close_for(reason: DisconnectReason) -> (u16, &'static str) {
+    match reason {
+        DisconnectReason::Slow => (close::SLOW, "slow"),
+        DisconnectReason::Shutdown => (close::RESTART, "shutdown"),
+        DisconnectReason::BrokerUnavailable => (close::TRY_AGAIN, "broker unavailable"),
+        DisconnectReason::TokenExpired => (close::POLICY, "token expired"),
+    }
+}
+
 fn close_frame(code: u16, reason: &'static str) -> WsMessage {
     WsMessage::Close(Some(CloseFrame {
         code,
@@ -447,7 +457,10 @@ impl Writer {
                 self.gauge.delivered(delivered);
                 Next::Continue
             }
-            Err(_) => Next::Goodbye(Some(DisconnectReason::Slow), close::SLOW, "slow"),
+            Err(reason) => {
+                let (code, why) = close_for(reason);
+                Next::Goodbye(Some(reason), code, why)
+            }
         }
     }
 

@@ -8,6 +8,7 @@
 mod common;
 
 mod delivery;
+mod disconnect;
 mod gap;
 mod heartbeat;
 mod long_poll;
