@@ -3,11 +3,12 @@
 #
 # First makes sure everything the integration tests spawn is installed
 # (idempotent: a second run only checks, in well under a second), then runs
-# the Rust tests with cargo-nextest, then the doc tests if there are any.
+# the Rust tests with cargo-nextest, then the doc tests if there are any, then the JS
+# client unit tests and the browser end-to-end tests (node --test).
 #
 # Needs: a Debian machine with Rust + cargo-nextest, python3 with pip, node + npm.
-# Installs: Debian packages curl and redis-server, Python packages into .venv/,
-# Node packages into tests/clients/node_modules/.
+# Installs: Debian packages curl, redis-server and chromium, Python packages into .venv/,
+# Node packages into tests/clients/node_modules/ and tests/browser/node_modules/.
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -24,9 +25,10 @@ step_end() { log "$1 ($(( ($(date +%s%N) - STEP_T0) / 1000000 )) ms)"; }
 hash_of() { sha256sum "$1" | cut -d' ' -f1; }
 
 # --- Debian packages -------------------------------------------------------
-# curl: used by tests and scripts; redis-server: the Redis broker's tests.
+# curl: used by tests and scripts; redis-server: the Redis broker's tests;
+# chromium: the browser end-to-end tests (tests/browser, driven by playwright-core).
 step_start
-APT_PACKAGES=(curl redis-server)
+APT_PACKAGES=(curl redis-server chromium)
 # A Debian python3 can only make a virtualenv with python3-venv installed.
 if ! python3 -c 'import ensurepip' 2>/dev/null; then
     APT_PACKAGES+=(python3-venv)
@@ -89,6 +91,19 @@ step_end "Node packages ok: TIDINGS_NODE_MODULES=$TIDINGS_NODE_MODULES"
 # Where the client programs live, for tests that prefer not to work it out.
 export TIDINGS_CLIENTS_DIR=$CLIENTS
 
+# --- Browser tests: playwright-core in tests/browser/node_modules/ -----------
+# Pinned and locked; it drives Debian's /usr/bin/chromium (it cannot download browsers here).
+step_start
+BROWSER_DIR=$ROOT/tests/browser
+browser_deps_hash() { cat "$BROWSER_DIR/package.json" "$BROWSER_DIR/package-lock.json" | sha256sum | cut -d' ' -f1; }
+if [[ ! -f $BROWSER_DIR/node_modules/.tidings-lock ]] \
+    || [[ $(cat "$BROWSER_DIR/node_modules/.tidings-lock") != "$(browser_deps_hash)" ]]; then
+    log "installing Node packages in tests/browser"
+    (cd "$BROWSER_DIR" && npm ci --no-audit --no-fund --loglevel=error)
+    browser_deps_hash >"$BROWSER_DIR/node_modules/.tidings-lock"
+fi
+step_end "browser test packages ok (chromium: $(command -v chromium || echo missing))"
+
 # --- Rust tests --------------------------------------------------------------
 # --no-tests=warn: an empty suite (early in the project) is not a failure.
 status=0
@@ -105,6 +120,24 @@ elif grep -rqE '^\s*//[/!].*```' crates/*/src 2>/dev/null; then
     if ((status == 0)); then status=$doc_status; fi
 else
     log "no doc tests found; skipping cargo test --doc"
+fi
+
+# --- JS client unit tests, then the browser end-to-end tests -------------------
+# The browser tests start the real `tidings serve --demo` (pages and client embedded at
+# compile time, so it is built first) and drive Debian's Chromium. Skipped, like the doc
+# tests, when the caller picked tests with extra arguments.
+if (($#)); then
+    log "extra arguments given; skipping the JS and browser tests"
+else
+    js_status=0
+    node --test clients/js/test/ || js_status=$?
+    if ((status == 0)); then status=$js_status; fi
+    browser_status=0
+    cargo build -q -p tidings-cli --bin tidings || browser_status=$?
+    if ((browser_status == 0)); then
+        TIDINGS_BIN=$ROOT/target/debug/tidings node --test tests/browser/ || browser_status=$?
+    fi
+    if ((status == 0)); then status=$browser_status; fi
 fi
 
 exit "$status"

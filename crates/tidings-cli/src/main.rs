@@ -29,6 +29,8 @@ enum Command {
     Publish(cmd::publish::PublishArgs),
     /// Follow channels and print their messages as NDJSON; reconnects and resumes by itself.
     Subscribe(cmd::subscribe::SubscribeArgs),
+    /// Mint a JWT from the configured secret (or a private key) for testing and backends.
+    Token(cmd::token::TokenArgs),
     /// Print or check the configuration.
     #[command(subcommand)]
     Config(cmd::config::ConfigCommand),
@@ -59,6 +61,7 @@ fn main() -> ExitCode {
             Command::Publish(args) => cmd::publish::run(args).await,
             Command::Subscribe(args) => cmd::subscribe::run(args).await,
             Command::Config(c) => cmd::config::run(c, config),
+            Command::Token(args) => cmd::token::run(args, config),
         }
     });
     match result {

@@ -1,7 +1,9 @@
 //! Validated names: channels and event names.
 //!
-//! A `ChannelName` carries its FNV-1a hash so cursors can name a channel in four bytes, and
-//! the hash is stable across processes and builds (several nodes must agree on it).
+//! A `ChannelName` carries its 64-bit FNV-1a hash so cursors can name a channel in eight
+//! bytes, and the hash is stable across processes and builds (several nodes must agree on
+//! it). 32 bits were not enough: real names collide (`gwzx` and `16cd`), and two colliding
+//! channels in one subscription would share a cursor entry.
 
 use std::fmt;
 use std::sync::Arc;
@@ -23,7 +25,7 @@ pub enum NameError {
 #[derive(Clone)]
 pub struct ChannelName {
     name: Arc<str>,
-    hash: u32,
+    hash: u64,
 }
 
 impl ChannelName {
@@ -38,7 +40,7 @@ impl ChannelName {
         }
         Ok(Self {
             name: Arc::from(name),
-            hash: fnv1a32(name.as_bytes()),
+            hash: fnv1a64(name.as_bytes()),
         })
     }
 
@@ -52,7 +54,7 @@ impl ChannelName {
     }
 
     /// Stable 32-bit hash used inside cursors.
-    pub fn hash32(&self) -> u32 {
+    pub fn hash64(&self) -> u64 {
         self.hash
     }
 }
@@ -120,11 +122,11 @@ fn truncate_for_error(s: &str) -> String {
     s.chars().take(140).collect()
 }
 
-pub fn fnv1a32(bytes: &[u8]) -> u32 {
-    let mut h: u32 = 0x811c_9dc5;
+pub fn fnv1a64(bytes: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     for &b in bytes {
-        h ^= u32::from(b);
-        h = h.wrapping_mul(0x0100_0193);
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
     }
     h
 }
@@ -162,8 +164,14 @@ mod tests {
     }
 
     #[test]
-    fn the_channel_hash_is_stable_fnv1a() {
-        // Known FNV-1a 32 vector: "a" -> 0xe40c292c.
-        assert_eq!(fnv1a32(b"a"), 0xe40c_292c);
+    fn the_channel_hash_is_stable_fnv1a_64() {
+        // Known FNV-1a 64 vector: "a" -> 0xaf63dc4c8601ec8c.
+        assert_eq!(fnv1a64(b"a"), 0xaf63_dc4c_8601_ec8c);
+        // These two collide under FNV-1a 32; they must not share a cursor entry.
+        let (a, b) = (
+            ChannelName::new("gwzx").unwrap(),
+            ChannelName::new("16cd").unwrap(),
+        );
+        assert_ne!(a.hash64(), b.hash64());
     }
 }

@@ -1,7 +1,7 @@
 //! Cursors: opaque, URL-safe tokens holding one position per channel of a subscription.
 //!
 //! Layout (then base64url without padding): version byte `1`, then per channel, sorted by
-//! channel hash: the channel's FNV-1a hash (4 bytes, big-endian), the epoch's length (1 byte)
+//! channel hash: the channel's 64-bit FNV-1a hash (8 bytes, big-endian), the epoch's length (1 byte)
 //! and bytes, the offset as LEB128. Sorting makes the encoding canonical, so a one-channel
 //! subscription's cursor is byte-for-byte the message's own cursor and can be shared.
 //! Clients must not parse it; the format may change behind the version byte.
@@ -23,13 +23,13 @@ pub struct CursorError(&'static str);
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Cursor {
-    entries: Vec<(u32, Position)>,
+    entries: Vec<(u64, Position)>,
 }
 
 impl Cursor {
     pub fn single(channel: &ChannelName, position: Position) -> Self {
         Self {
-            entries: vec![(channel.hash32(), position)],
+            entries: vec![(channel.hash64(), position)],
         }
     }
 
@@ -40,13 +40,13 @@ impl Cursor {
     /// The position this cursor holds for `channel`, if it covers it.
     pub fn get(&self, channel: &ChannelName) -> Option<&Position> {
         self.entries
-            .binary_search_by_key(&channel.hash32(), |(h, _)| *h)
+            .binary_search_by_key(&channel.hash64(), |(h, _)| *h)
             .ok()
             .map(|i| &self.entries[i].1)
     }
 
     pub fn set(&mut self, channel: &ChannelName, position: Position) {
-        let h = channel.hash32();
+        let h = channel.hash64();
         match self.entries.binary_search_by_key(&h, |(k, _)| *k) {
             Ok(i) => self.entries[i].1 = position,
             Err(i) => self.entries.insert(i, (h, position)),
@@ -57,7 +57,7 @@ impl Cursor {
     pub fn remove(&mut self, channel: &ChannelName) {
         if let Ok(i) = self
             .entries
-            .binary_search_by_key(&channel.hash32(), |(h, _)| *h)
+            .binary_search_by_key(&channel.hash64(), |(h, _)| *h)
         {
             self.entries.remove(i);
         }
@@ -65,7 +65,7 @@ impl Cursor {
 
     /// Sets only the offset when the epoch is unchanged (the hot path: no epoch clone).
     pub fn advance(&mut self, channel: &ChannelName, position: &Position) {
-        let h = channel.hash32();
+        let h = channel.hash64();
         match self.entries.binary_search_by_key(&h, |(k, _)| *k) {
             Ok(i) if self.entries[i].1.epoch == position.epoch => {
                 self.entries[i].1.offset = position.offset;
@@ -111,10 +111,12 @@ impl Cursor {
         if version != VERSION {
             return Err(CursorError("unknown version"));
         }
-        let mut entries: Vec<(u32, Position)> = Vec::new();
+        let mut entries: Vec<(u64, Position)> = Vec::new();
         while !rest.is_empty() {
-            let (hash, r) = rest.split_at_checked(4).ok_or(CursorError("truncated"))?;
-            let hash = u32::from_be_bytes([hash[0], hash[1], hash[2], hash[3]]);
+            let (hash, r) = rest.split_at_checked(8).ok_or(CursorError("truncated"))?;
+            let mut be = [0u8; 8];
+            be.copy_from_slice(hash);
+            let hash = u64::from_be_bytes(be);
             let (&elen, r) = r.split_first().ok_or(CursorError("truncated"))?;
             let (epoch, r) = r
                 .split_at_checked(usize::from(elen))
@@ -220,7 +222,7 @@ mod tests {
             let _ = Cursor::decode(&URL_SAFE_NO_PAD.encode(&raw[..n]));
         }
         // An overlong varint is refused.
-        let mut raw = vec![1, 0, 0, 0, 1, 1, b'e'];
+        let mut raw = vec![1, 0, 0, 0, 0, 0, 0, 0, 1, 1, b'e'];
         raw.extend([0xff; 11]);
         assert!(Cursor::decode(&URL_SAFE_NO_PAD.encode(&raw)).is_err());
     }

@@ -63,6 +63,16 @@ pub struct ServerConfig {
     /// A `/ws` connection with no subscription that sends nothing this long is closed.
     #[serde(deserialize_with = "duration")]
     pub idle_timeout: Duration,
+    /// A client must send a request's headers within this (slowloris).
+    #[serde(deserialize_with = "duration")]
+    pub request_header_timeout: Duration,
+    /// ... and its body within this (408 otherwise).
+    #[serde(deserialize_with = "duration")]
+    pub request_body_timeout: Duration,
+    /// Publishes per second one client connection may make (HTTP or WebSocket) once `[auth]`
+    /// is on; API keys are exempt, and open mode (development) is not limited. Bursts up to
+    /// the same number. 0 = unlimited.
+    pub client_publish_rate: u32,
 }
 
 impl Default for ServerConfig {
@@ -84,6 +94,9 @@ impl Default for ServerConfig {
             long_poll_max_wait: Duration::from_secs(60),
             ping_interval: Duration::from_secs(25),
             idle_timeout: Duration::from_secs(300),
+            request_header_timeout: Duration::from_secs(10),
+            request_body_timeout: Duration::from_secs(10),
+            client_publish_rate: 50,
         }
     }
 }
@@ -91,9 +104,12 @@ impl Default for ServerConfig {
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct BrokerConfig {
+    /// `memory`, a `redis://` / `rediss://` URL, or comma-separated Redis Cluster seeds.
     pub url: String,
     pub data_dir: Option<PathBuf>,
     pub prefix: String,
+    /// PEM CA for a `rediss://` server whose certificate a private CA signed.
+    pub tls_ca_file: Option<PathBuf>,
 }
 
 impl Default for BrokerConfig {
@@ -102,6 +118,7 @@ impl Default for BrokerConfig {
             url: "memory".into(),
             data_dir: None,
             prefix: "tidings".into(),
+            tls_ca_file: None,
         }
     }
 }
@@ -257,6 +274,14 @@ impl Config {
     pub fn validate(&self) -> Result<(), ConfigError> {
         let s = &self.server;
         let invalid = |m: String| Err(ConfigError::Invalid(m));
+        let b = &self.broker;
+        let redis = |u: &str| tidings_redis::is_redis_url(u.trim());
+        if b.url != "memory" && !b.url.split(',').all(redis) {
+            return invalid(format!(
+                "broker.url = {:?}: use \"memory\", a redis:// or rediss:// URL, or comma-separated Redis Cluster URLs",
+                tidings_redis::masked_url(&b.url)
+            ));
+        }
         if parse_listen(&s.listen).is_none() {
             return invalid(format!(
                 "server.listen = {:?} is not an address like \"127.0.0.1:8080\"",
@@ -437,11 +462,16 @@ heartbeat_interval = "15s"         # SSE comment / empty NDJSON line when idle
 long_poll_max_wait = "60s"         # a larger ?wait= answers 400
 ping_interval = "25s"              # WebSocket pings; a peer silent for two intervals is closed
 idle_timeout = "5m"                # a /ws connection with no subscription and no frames is closed
+request_header_timeout = "10s"     # a client must send its request headers within this (slowloris)
+request_body_timeout = "10s"       # ... and the body within this, else 408
+client_publish_rate = 50           # publishes/s per client connection with [auth] (API keys exempt); 0 = unlimited
 
 [broker]
-url = "memory"                     # or redis://host:port/db, rediss://…
+url = "memory"                     # or redis://[user:password@]host:port/db, rediss://… (TLS);
+                                   # comma-separated URLs = seed nodes of a Redis Cluster
 # data_dir = "/var/lib/tidings"    # durable history with the memory broker
-prefix = "tidings"                 # Redis key prefix
+prefix = "tidings"                 # Redis key prefix (deployments sharing one Redis use different ones)
+# tls_ca_file = "redis-ca.pem"     # CA of a rediss:// server whose certificate a private CA signed
 
 [auth]                             # absent or empty = open mode
 # api_keys = ["…"]
@@ -530,6 +560,23 @@ mod tests {
             (5, Duration::from_secs(60))
         );
         assert_eq!(chat.publish, PublishPolicy::Anyone);
+    }
+
+    #[test]
+    fn the_broker_is_memory_or_redis_urls_and_a_bad_one_is_refused_without_its_password() {
+        for ok in [
+            "memory",
+            "redis://127.0.0.1:6379/0",
+            "rediss://user:pw@redis.internal",
+            "redis://a:7000,redis://b:7001",
+        ] {
+            let c = Config::from_toml(&format!("[broker]\nurl = {ok:?}\n"));
+            assert!(c.is_ok(), "{ok}: {c:?}");
+        }
+        let e = Config::from_toml("[broker]\nurl = \"redis://a:7000,http://:hunter2@b\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("broker.url") && !e.contains("hunter2"), "{e}");
     }
 
     #[test]

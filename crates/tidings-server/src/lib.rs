@@ -7,15 +7,25 @@
 //! ## Layout
 //! - `config`: the TOML/env configuration and its validation.
 //! - `server`: `AppState`, the accept loop (HTTP/1.1 + h2c), graceful shutdown.
+//! - `auth/`: API keys, JWTs, grants; the 400/401/403 mapping.
 //! - `api/`: the router, publishing, channel reads, health and metrics, `ApiError`.
 //! - `transport/`: one file per transport (`sse`, `http_stream`, `long_poll`, `short_poll`),
 //!   `stream.rs` for the lifecycle SSE and NDJSON share, `params.rs` for subscribe parameters.
 //! - `metrics`: Prometheus counters and gauges.
+//! - `assets`: the embedded web side (pages, demos, admin console, `/tidings.js`).
+//! - `stats`: the server's own stats, published each second to `admin:stats` for `/admin`.
+//! - `demo`: what `tidings serve --demo` publishes to `demo:` channels.
 
 pub mod api;
+pub mod assets;
+pub mod auth;
 pub mod config;
+pub mod demo;
+pub mod limits;
 pub mod metrics;
 pub mod server;
+pub mod stats;
+pub mod tls;
 pub mod transport;
 
 pub use config::{Config, ConfigError};

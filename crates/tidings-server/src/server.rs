@@ -19,15 +19,19 @@ use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
 use tidings_core::Node;
 use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tower::ServiceExt;
 
+use crate::auth::Auth;
 use crate::config::Config;
+use crate::limits::{ConnectionLimits, RateLimiter, Refused};
 use crate::metrics::Metrics;
 
 const SLOW_CLOSE_GRACE: Duration = Duration::from_secs(2);
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
-const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// A client gets this long to finish the TLS handshake (a slowloris variant otherwise).
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// What every handler shares.
 #[derive(Clone)]
@@ -37,15 +41,17 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     /// Cancelled when the server shuts down: open streams say goodbye and end.
     pub shutdown: CancellationToken,
+    pub auth: Arc<Auth>,
+    pub limits: Arc<ConnectionLimits>,
 }
 
 impl AppState {
-    /// A state on the broker the config names.
+    /// A state on the in-memory broker (`AppState::connect` also knows Redis).
     pub fn new(config: Config) -> Result<Self, crate::config::ConfigError> {
         if config.broker.url != "memory" {
             return Err(crate::config::ConfigError::Invalid(format!(
-                "broker.url = {:?}: only the in-memory broker (\"memory\") is available in this build",
-                config.broker.url
+                "broker.url = {:?}: a remote broker is started by AppState::connect",
+                tidings_redis::masked_url(&config.broker.url)
             )));
         }
         if config.broker.data_dir.is_some() {
@@ -54,13 +60,58 @@ impl AppState {
             ));
         }
         let node = Node::memory(config.policies());
+        Self::with_node(config, node)
+    }
+
+    /// A state on the broker the config names: in memory, or Redis (`redis://`, `rediss://`,
+    /// comma-separated URLs for a Redis Cluster), connected before this returns so a wrong
+    /// address fails at startup rather than at the first request.
+    pub async fn connect(config: Config) -> Result<Self, StartError> {
+        if !tidings_redis::is_redis_url(&config.broker.url) {
+            return Ok(Self::new(config)?);
+        }
+        if config.broker.data_dir.is_some() {
+            return Err(crate::config::ConfigError::Invalid(
+                "broker.data_dir keeps history for the memory broker; with Redis, history lives in Redis: remove the key".into(),
+            )
+            .into());
+        }
+        let hub = Arc::new(tidings_core::Hub::new());
+        let policies = Arc::new(config.policies());
+        let mut options =
+            tidings_redis::RedisOptions::from_url(&config.broker.url, &config.broker.prefix);
+        options.tls_ca_file = config.broker.tls_ca_file.clone();
+        let broker =
+            tidings_redis::RedisBroker::connect(options, hub.clone(), policies.clone()).await?;
+        let node = Node::new(hub, broker, policies);
+        Ok(Self::with_node(config, node)?)
+    }
+
+    /// A state on a node built elsewhere (another broker).
+    pub fn with_node(config: Config, node: Arc<Node>) -> Result<Self, crate::config::ConfigError> {
+        let auth = Arc::new(Auth::from_config(&config.auth)?);
+        let limits = ConnectionLimits::new(
+            config.server.max_connections,
+            config.server.max_connections_per_ip,
+        );
         Ok(Self {
             node,
             config: Arc::new(config),
             metrics: Arc::new(Metrics::default()),
             shutdown: CancellationToken::new(),
+            auth,
+            limits,
         })
     }
+}
+
+/// Why `AppState::connect` could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    #[error(transparent)]
+    Redis(#[from] tidings_redis::ConnectError),
 }
 
 /// Per-connection facts handed to handlers through request extensions.
@@ -69,69 +120,112 @@ pub struct ConnectionCtx {
     pub peer: SocketAddr,
     /// Cancel to drop this connection (after a short grace).
     pub kill: CancellationToken,
+    /// Client publishes over this connection (HTTP requests and WebSocket frames alike).
+    pub publish_rate: Arc<RateLimiter>,
+    /// Whether this request came over HTTP/2 (set per request: one connection, one version).
+    pub http2: bool,
 }
 
-/// Serves until `shutdown` resolves, then drains.
+/// Serves plain HTTP (HTTP/1.1 + h2c) until `shutdown` resolves, then drains.
 pub async fn serve(
     state: AppState,
     listener: TcpListener,
     shutdown: impl Future<Output = ()>,
 ) -> std::io::Result<()> {
+    serve_all(state, listener, None, shutdown).await
+}
+
+/// Serves the plain listener and, when given, a TLS one (ALPN h2 / http/1.1) until
+/// `shutdown` resolves, then drains.
+pub async fn serve_all(
+    state: AppState,
+    listener: TcpListener,
+    tls: Option<(TcpListener, TlsAcceptor)>,
+    shutdown: impl Future<Output = ()>,
+) -> std::io::Result<()> {
     let router = crate::api::router(state.clone());
+    // The admin console's feed; ends with `state.shutdown`.
+    tokio::spawn(crate::stats::run(state.clone()));
     let graceful = GracefulShutdown::new();
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(HEADER_READ_TIMEOUT);
+        .header_read_timeout(state.config.server.request_header_timeout);
     // Lets WebSockets ride HTTP/2 streams (RFC 8441).
     builder.http2().enable_connect_protocol();
     tokio::pin!(shutdown);
     loop {
-        let (stream, peer) = tokio::select! {
+        let (accepted, secure) = tokio::select! {
             _ = &mut shutdown => break,
-            accepted = listener.accept() => match accepted {
-                Ok(a) => a,
-                Err(e) => {
-                    // Usually EMFILE: back off instead of spinning on a full descriptor table.
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
+            a = listener.accept() => (a, false),
+            a = accept_tls(&tls) => (a, true),
+        };
+        let (stream, peer) = match accepted {
+            Ok(a) => a,
+            Err(e) => {
+                // Usually EMFILE: back off instead of spinning on a full descriptor table.
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
         };
         let _ = stream.set_nodelay(true);
+        let permit = match state.limits.try_acquire(peer.ip()) {
+            Ok(p) => p,
+            Err(why) => {
+                tokio::spawn(refuse(stream, why));
+                continue;
+            }
+        };
         let ctx = ConnectionCtx {
             peer,
             kill: CancellationToken::new(),
+            publish_rate: Arc::new(RateLimiter::new(state.config.server.client_publish_rate)),
+            http2: false,
         };
         let kill = ctx.kill.clone();
         let svc =
             router
                 .clone()
                 .map_request(move |mut req: http::Request<hyper::body::Incoming>| {
-                    req.extensions_mut().insert(ctx.clone());
+                    let mut ctx = ctx.clone();
+                    ctx.http2 = req.version() == http::Version::HTTP_2;
+                    req.extensions_mut().insert(ctx);
                     req
                 });
-        let conn = builder
-            .serve_connection_with_upgrades(TokioIo::new(stream), TowerToHyperService::new(svc))
-            .into_owned();
-        let conn = graceful.watch(conn);
+        let svc = TowerToHyperService::new(svc);
+        let watcher = graceful.watcher();
+        let builder = builder.clone();
         let metrics = state.metrics.clone();
+        let acceptor = tls.as_ref().filter(|_| secure).map(|(_, a)| a.clone());
         tokio::spawn(async move {
+            let _permit = permit;
             metrics.http_connections.fetch_add(1, Relaxed);
             metrics.http_connections_total.fetch_add(1, Relaxed);
-            tokio::pin!(conn);
-            tokio::select! {
-                _ = &mut conn => {}
-                _ = kill.cancelled() => {
-                    let _ = tokio::time::timeout(SLOW_CLOSE_GRACE, &mut conn).await;
+            match acceptor {
+                None => {
+                    let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
+                    drive(watcher.watch(conn.into_owned()), &kill).await;
+                }
+                Some(acceptor) => {
+                    match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await
+                    {
+                        Ok(Ok(tls)) => {
+                            let conn =
+                                builder.serve_connection_with_upgrades(TokioIo::new(tls), svc);
+                            drive(watcher.watch(conn.into_owned()), &kill).await;
+                        }
+                        Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
+                        Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+                    }
                 }
             }
             metrics.http_connections.fetch_sub(1, Relaxed);
         });
     }
     drop(listener);
+    drop(tls);
     state.shutdown.cancel();
     if tokio::time::timeout(SHUTDOWN_GRACE, graceful.shutdown())
         .await
@@ -140,4 +234,47 @@ pub async fn serve(
         tracing::warn!("connections still open after the shutdown grace period; closing them");
     }
     Ok(())
+}
+
+/// Runs a connection to its end, or drops it `SLOW_CLOSE_GRACE` after its kill token fires.
+async fn drive(conn: impl Future, kill: &CancellationToken) {
+    tokio::pin!(conn);
+    tokio::select! {
+        _ = &mut conn => {}
+        _ = kill.cancelled() => {
+            let _ = tokio::time::timeout(SLOW_CLOSE_GRACE, &mut conn).await;
+        }
+    }
+}
+
+async fn accept_tls(
+    tls: &Option<(TcpListener, TlsAcceptor)>,
+) -> std::io::Result<(tokio::net::TcpStream, SocketAddr)> {
+    match tls {
+        Some((listener, _)) => listener.accept().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Answers a connection over a limit with a JSON 503 and closes it. Written by hand because
+/// the point is to spend as little as possible on it; bounded in time so a client that does
+/// not read cannot keep the task.
+async fn refuse(mut stream: tokio::net::TcpStream, why: Refused) {
+    use tokio::io::AsyncWriteExt;
+    let message = match why {
+        Refused::Total => "the server is at max_connections; retry later",
+        Refused::PerIp => {
+            "too many connections from your address (max_connections_per_ip); retry later"
+        }
+    };
+    let body = format!(r#"{{"error":{{"code":"too_many_connections","message":"{message}"}}}}"#);
+    let response = format!(
+        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\ncontent-length: {}\r\nretry-after: 1\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        stream.write_all(response.as_bytes()).await?;
+        stream.shutdown().await
+    })
+    .await;
 }

@@ -210,7 +210,7 @@ async fn protocol_mistakes_get_error_replies_and_the_connection_stays() {
         ),
         (
             json!({"id": 8, "op": "publish", "channel": "locked:x", "data": 1}),
-            Some("publish_forbidden"),
+            Some("unauthorized"),
         ),
         (
             json!({"id": 9, "op": "presence", "channel": "a"}),

@@ -4,3 +4,4 @@ pub mod config;
 pub mod publish;
 pub mod serve;
 pub mod subscribe;
+pub mod token;

@@ -4,8 +4,8 @@ use std::net::SocketAddr;
 use std::path::Path;
 
 use anyhow::{Context, bail};
+use tidings_server::AppState;
 use tidings_server::config::{Config, parse_listen};
-use tidings_server::{AppState, serve};
 
 #[derive(Debug, clap::Args)]
 pub struct ServeArgs {
@@ -21,6 +21,21 @@ pub struct ServeArgs {
     /// Allow open mode (no [auth]) on a non-loopback address.
     #[arg(long)]
     pub insecure: bool,
+    /// Publish demo data (`demo:` channels) and enable presence for `chat:` (the web demos).
+    #[arg(long)]
+    pub demo: bool,
+    /// Address of the TLS listener (ALPN h2, http/1.1); default 127.0.0.1:8443 when TLS is on.
+    #[arg(long)]
+    pub tls_listen: Option<String>,
+    /// Certificate chain (PEM) for TLS; with --tls-key.
+    #[arg(long, requires = "tls_key")]
+    pub tls_cert: Option<std::path::PathBuf>,
+    /// Private key (PEM) for TLS; with --tls-cert.
+    #[arg(long, requires = "tls_cert")]
+    pub tls_key: Option<std::path::PathBuf>,
+    /// Serve TLS with a certificate generated at start, for development (browsers will warn).
+    #[arg(long)]
+    pub tls_self_signed: bool,
 }
 
 /// Loads the config file (if any) with `TIDINGS_*` variables from the environment.
@@ -44,6 +59,17 @@ pub async fn run(args: ServeArgs, config_path: Option<&Path>) -> anyhow::Result<
         config.broker.data_dir = args.data_dir;
     }
     config.server.insecure |= args.insecure;
+    if args.tls_listen.is_some() {
+        config.server.tls_listen = args.tls_listen;
+    }
+    if args.tls_cert.is_some() {
+        config.server.tls_cert = args.tls_cert;
+        config.server.tls_key = args.tls_key;
+    }
+    config.server.tls_self_signed |= args.tls_self_signed;
+    if args.demo {
+        tidings_server::demo::configure(&mut config);
+    }
     config.validate().context("checking the configuration")?;
 
     let addr = parse_listen(&config.server.listen).with_context(|| {
@@ -52,23 +78,32 @@ pub async fn run(args: ServeArgs, config_path: Option<&Path>) -> anyhow::Result<
             config.server.listen
         )
     })?;
-    if config.auth.enabled() {
-        bail!(
-            "[auth] is configured, but this build does not enforce authentication yet; \
-             refusing to start rather than serve those channels openly"
+    let tls = tidings_server::tls::from_config(&config).context("setting up TLS")?;
+    if !config.auth.enabled() {
+        let exposed = std::iter::once(addr)
+            .chain(tls.as_ref().map(|(a, _)| *a))
+            .find(|a| !is_loopback(a));
+        if let Some(addr) = exposed.filter(|_| !config.server.insecure) {
+            bail!(
+                "refusing to listen on {addr} in open mode (no [auth]): anyone could publish and subscribe. \
+                 Listen on 127.0.0.1, configure [auth], or pass --insecure"
+            );
+        }
+        tracing::warn!(
+            "OPEN MODE: no [auth] configured, anyone who can connect may publish and subscribe; \
+             configure [auth] api_keys / jwt_secret before exposing this server"
         );
     }
-    if !is_loopback(&addr) && !config.server.insecure {
-        bail!(
-            "refusing to listen on {addr} in open mode (no [auth]): anyone could publish and subscribe. \
-             Listen on 127.0.0.1, configure [auth], or pass --insecure"
-        );
-    }
-    tracing::warn!(
-        "open mode: no [auth] configured, anyone who can connect may publish and subscribe"
-    );
 
-    let state = AppState::new(config).context("starting the broker")?;
+    let state = AppState::connect(config)
+        .await
+        .context("starting the broker")?;
+    if args.demo {
+        tokio::spawn(tidings_server::demo::run(
+            state.clone(),
+            state.shutdown.clone(),
+        ));
+    }
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .with_context(|| format!("binding {addr}"))?;
@@ -76,7 +111,19 @@ pub async fn run(args: ServeArgs, config_path: Option<&Path>) -> anyhow::Result<
     // Printed on stderr in a fixed form: scripts and tests read the port from it.
     eprintln!("tidings listening on http://{local}");
     tracing::info!(%local, "listening (HTTP/1.1 and h2c)");
-    serve(state, listener, shutdown_signal())
+    let tls = match tls {
+        Some((tls_addr, acceptor)) => {
+            let l = tokio::net::TcpListener::bind(tls_addr)
+                .await
+                .with_context(|| format!("binding {tls_addr} for TLS"))?;
+            let local = l.local_addr().context("reading the bound TLS address")?;
+            eprintln!("tidings listening on https://{local}");
+            tracing::info!(%local, "listening (TLS: h2, http/1.1)");
+            Some((l, acceptor))
+        }
+        None => None,
+    };
+    tidings_server::server::serve_all(state, listener, tls, shutdown_signal())
         .await
         .context("serving")?;
     tracing::info!("stopped");

@@ -98,6 +98,16 @@ impl IntoResponse for ApiError {
             res.headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
         }
+        // RFC 6750: every 401 names the scheme; a rejected token says so, nothing more.
+        if self.status == StatusCode::UNAUTHORIZED {
+            let value = if self.code == "invalid_token" {
+                "Bearer realm=\"tidings\", error=\"invalid_token\""
+            } else {
+                "Bearer realm=\"tidings\""
+            };
+            res.headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static(value));
+        }
         res
     }
 }

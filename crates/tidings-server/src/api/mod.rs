@@ -2,14 +2,15 @@
 //! router that puts every route together.
 
 pub mod channels;
+pub mod cors;
 pub mod error;
 pub mod publish;
 
-use axum::Router;
 use axum::extract::State;
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{any, get, post};
+use axum::{Router, middleware};
 
 use crate::api::error::ApiError;
 use crate::server::AppState;
@@ -28,16 +29,38 @@ pub fn router(state: AppState) -> Router {
         // `any`: HTTP/1.1 upgrades arrive as GET, HTTP/2 ones as extended CONNECT.
         .route("/ws", any(websocket::json))
         .route("/ws/{channel}", any(websocket::raw))
+        .merge(admin_api(state.clone()))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        // The landing page, demos, admin console and JS client (embedded files).
+        .merge(crate::assets::routes())
+        .fallback(|| async { ApiError::not_found() })
+        .method_not_allowed_fallback(|| async { ApiError::method_not_allowed() })
+        .layer(middleware::from_fn_with_state(state.clone(), cors::layer))
+        .with_state(state)
+}
+
+/// `/api/*`: with `[auth]`, API keys only (SPEC §10).
+fn admin_api(state: AppState) -> Router<AppState> {
+    Router::new()
         .route("/api/channels", get(channels::list))
         .route("/api/channels/{channel}", get(channels::one))
         .route("/api/channels/{channel}/history", get(channels::history))
         .route("/api/channels/{channel}/presence", get(channels::presence))
-        .route("/healthz", get(healthz))
-        .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics))
-        .fallback(|| async { ApiError::not_found() })
-        .method_not_allowed_fallback(|| async { ApiError::method_not_allowed() })
-        .with_state(state)
+        .route_layer(middleware::from_fn_with_state(state, require_api_key))
+}
+
+async fn require_api_key(
+    State(state): State<AppState>,
+    req: axum::extract::Request,
+    next: middleware::Next,
+) -> Response {
+    let who = state.auth.authenticate(req.headers(), req.uri().query());
+    match who.and_then(|who| state.auth.check_admin(&who)) {
+        Ok(()) => next.run(req).await,
+        Err(e) => e.into_response(),
+    }
 }
 
 async fn healthz() -> Response {

@@ -17,15 +17,29 @@ use serde_json::value::RawValue;
 use tidings_core::{ChannelName, Data, EventName, Message};
 
 use crate::api::error::ApiError;
-use crate::server::AppState;
+use crate::auth::Principal;
+use crate::server::{AppState, ConnectionCtx};
 
 /// A batch body may hold this many messages' worth of `max_message_bytes`.
 const BATCH_BODY_FACTOR: usize = 16;
 const MAX_BATCH: usize = 1000;
 
-/// Reads a body of at most `limit` bytes; more answers 413 without reading it all.
-async fn read_body(body: Body, limit: usize) -> Result<Bytes, ApiError> {
-    match Limited::new(body, limit).collect().await {
+/// Reads a body of at most `limit` bytes within the configured time; more answers 413
+/// without reading it all, slower answers 408 (a client trickling a body holds a task).
+async fn read_body(state: &AppState, body: Body, limit: usize) -> Result<Bytes, ApiError> {
+    let timeout = state.config.server.request_body_timeout;
+    let Ok(collected) = tokio::time::timeout(timeout, Limited::new(body, limit).collect()).await
+    else {
+        return Err(ApiError::new(
+            StatusCode::REQUEST_TIMEOUT,
+            "body_timeout",
+            format!(
+                "the request body did not arrive within {}s",
+                timeout.as_secs_f64()
+            ),
+        ));
+    };
+    match collected {
         Ok(c) => Ok(c.to_bytes()),
         Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(ApiError::too_large(limit)),
         Err(e) => Err(ApiError::bad_request(
@@ -155,14 +169,18 @@ pub fn position_json(m: &Message) -> serde_json::Value {
 /// `POST /publish/{channel}`.
 pub async fn to_channel(
     State(state): State<AppState>,
+    conn: Option<axum::Extension<ConnectionCtx>>,
     Path(channel): Path<String>,
     RawQuery(query): RawQuery,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
     let channel = ChannelName::new(&channel)?;
+    let who = gate(&state, conn.as_deref(), &headers, query.as_deref())?;
+    let policy = state.node.policies.for_channel(&channel);
+    state.auth.check_publish(&who, &channel, policy)?;
     let event = event_from_query(query.as_deref())?;
-    let body = read_body(body, state.config.server.max_message_bytes).await?;
+    let body = read_body(&state, body, state.config.server.max_message_bytes).await?;
     let data = data_from(&headers, body)?;
     let message = publish(&state, &channel, event, data).await?;
     Ok(axum::Json(position_json(&message)).into_response())
@@ -219,6 +237,23 @@ pub(crate) fn validate(
     event: Option<&str>,
     encoding: Option<&str>,
 ) -> Result<Validated, ApiError> {
+    validate_within(
+        state.config.server.max_message_bytes,
+        channel,
+        data,
+        event,
+        encoding,
+    )
+}
+
+/// `validate` without the server state: `max_message_bytes` is `server.max_message_bytes`.
+pub(crate) fn validate_within(
+    max_message_bytes: usize,
+    channel: &str,
+    data: &RawValue,
+    event: Option<&str>,
+    encoding: Option<&str>,
+) -> Result<Validated, ApiError> {
     let channel = ChannelName::new(channel)?;
     let event = event.map(EventName::new).transpose()?;
     let data = match encoding {
@@ -248,8 +283,8 @@ pub(crate) fn validate(
             ));
         }
     };
-    if data.len() > state.config.server.max_message_bytes {
-        return Err(ApiError::too_large(state.config.server.max_message_bytes));
+    if data.len() > max_message_bytes {
+        return Err(ApiError::too_large(max_message_bytes));
     }
     Ok(Validated {
         channel,
@@ -261,9 +296,12 @@ pub(crate) fn validate(
 /// `POST /publish` with a JSON document.
 pub async fn document(
     State(state): State<AppState>,
+    conn: Option<axum::Extension<ConnectionCtx>>,
+    RawQuery(query): RawQuery,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
+    let who = gate(&state, conn.as_deref(), &headers, query.as_deref())?;
     let ct = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
@@ -280,7 +318,7 @@ pub async fn document(
         .server
         .max_message_bytes
         .saturating_mul(BATCH_BODY_FACTOR);
-    let body = read_body(body, limit).await?;
+    let body = read_body(&state, body, limit).await?;
     let doc: Document = serde_json::from_slice(&body).map_err(|e| {
         ApiError::bad_request(
             "invalid_json",
@@ -305,6 +343,7 @@ pub async fn document(
                 doc.event.as_deref(),
                 doc.encoding.as_deref(),
             )?;
+            allowed(&state, &who, std::slice::from_ref(&v), "channel")?;
             let m = publish(&state, &v.channel, v.event, v.data).await?;
             Ok(axum::Json(position_json(&m)).into_response())
         }
@@ -325,6 +364,7 @@ pub async fn document(
                     .map_err(|e| e.context(&format!("channels[{i}]")))
                 })
                 .collect::<Result<Vec<_>, _>>()?;
+            allowed(&state, &who, &batch, "channels")?;
             publish_batch(&state, batch).await
         }
         (None, None, Some(messages)) => {
@@ -346,10 +386,65 @@ pub async fn document(
                     .map_err(|e| e.context(&format!("messages[{i}]")))
                 })
                 .collect::<Result<Vec<_>, _>>()?;
+            allowed(&state, &who, &batch, "messages")?;
             publish_batch(&state, batch).await
         }
         _ => Err(shape_error()),
     }
+}
+
+/// Authenticates a publishing request and spends one unit of the connection's publish
+/// rate (API keys, being backends, are exempt): 401/400 for credentials, 429 for the rate.
+fn gate(
+    state: &AppState,
+    conn: Option<&ConnectionCtx>,
+    headers: &HeaderMap,
+    query: Option<&str>,
+) -> Result<Principal, ApiError> {
+    // Open mode has no credentials to tell a backend by, so the HTTP publish API is taken to
+    // be the backend ("server" rights, no rate limit); WebSocket frames remain the clients'.
+    if !state.auth.enabled() {
+        return Ok(Principal::ApiKey);
+    }
+    let who = state.auth.authenticate(headers, query)?;
+    if state.auth.enabled()
+        && who != Principal::ApiKey
+        && let Some(conn) = conn
+        && !conn.publish_rate.try_take()
+    {
+        return Err(ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "rate_limited",
+            format!(
+                "more than {} publishes per second on this connection (client_publish_rate); slow down",
+                state.config.server.client_publish_rate
+            ),
+        ));
+    }
+    Ok(who)
+}
+
+/// Checks the whole batch before anything is published (403/401 naming the entry).
+fn allowed(
+    state: &AppState,
+    who: &Principal,
+    batch: &[Validated],
+    what: &str,
+) -> Result<(), ApiError> {
+    for (i, v) in batch.iter().enumerate() {
+        let policy = state.node.policies.for_channel(&v.channel);
+        state
+            .auth
+            .check_publish(who, &v.channel, policy)
+            .map_err(|e| {
+                if batch.len() > 1 {
+                    e.context(&format!("{what}[{i}]"))
+                } else {
+                    e
+                }
+            })?;
+    }
+    Ok(())
 }
 
 fn check_batch_len(n: usize) -> Result<(), ApiError> {

@@ -96,7 +96,8 @@ pub async fn one(
         &state.config.server,
         false,
     )?;
-    stream::open(&state, conn.as_deref(), p, NdjsonFraming).await
+    let who = params::authorize(&state, &p, &headers, query.as_deref())?;
+    stream::open(&state, conn.as_deref(), p, who, NdjsonFraming).await
 }
 
 /// `GET /stream?channel=a&channel=b`.
@@ -113,5 +114,6 @@ pub async fn many(
         &state.config.server,
         false,
     )?;
-    stream::open(&state, conn.as_deref(), p, NdjsonFraming).await
+    let who = params::authorize(&state, &p, &headers, query.as_deref())?;
+    stream::open(&state, conn.as_deref(), p, who, NdjsonFraming).await
 }

@@ -8,7 +8,26 @@ use axum::http::{HeaderMap, header};
 use tidings_core::{ChannelName, Cursor, Start};
 
 use crate::api::error::ApiError;
+use crate::auth::Principal;
 use crate::config::ServerConfig;
+use crate::server::AppState;
+
+/// Authenticates the request and checks every channel's subscribe policy (401/403, see
+/// `auth`). Returns who is subscribing: its token's expiry ends the session, its `sub` is
+/// the presence user.
+pub fn authorize(
+    state: &AppState,
+    p: &SubscribeParams,
+    headers: &HeaderMap,
+    query: Option<&str>,
+) -> Result<Principal, ApiError> {
+    let who = state.auth.authenticate(headers, query)?;
+    for channel in &p.channels {
+        let policy = state.node.policies.for_channel(channel);
+        state.auth.check_subscribe(&who, channel, policy)?;
+    }
+    Ok(who)
+}
 
 pub struct SubscribeParams {
     pub channels: Vec<ChannelName>,

@@ -112,6 +112,7 @@ async fn poll(
         &state.config.server,
         true,
     )?;
+    params::authorize(&state, &p, &headers, query.as_deref())?;
     let wait = p.wait.filter(|w| !w.is_zero());
     let kind = if wait.is_some() {
         TransportKind::LongPoll

@@ -162,7 +162,8 @@ pub async fn raw(
         &state.config.server,
         false,
     )?;
-    stream::open(&state, conn.as_deref(), p, SseFraming::raw()).await
+    let who = params::authorize(&state, &p, &headers, query.as_deref())?;
+    stream::open(&state, conn.as_deref(), p, who, SseFraming::raw()).await
 }
 
 /// `GET /sse?channel=a&channel=b`: envelopes.
@@ -179,7 +180,8 @@ pub async fn envelopes(
         &state.config.server,
         false,
     )?;
-    stream::open(&state, conn.as_deref(), p, SseFraming::envelopes()).await
+    let who = params::authorize(&state, &p, &headers, query.as_deref())?;
+    stream::open(&state, conn.as_deref(), p, who, SseFraming::envelopes()).await
 }
 
 #[cfg(test)]

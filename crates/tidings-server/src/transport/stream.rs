@@ -17,12 +17,13 @@ use axum::http::{HeaderValue, header};
 use axum::response::Response;
 use bytes::{Bytes, BytesMut};
 use tidings_core::{
-    ClientInfo, Disconnect, DisconnectReason, Event, Gap, Message, PresenceEvent, Subscription,
+    Disconnect, DisconnectReason, Event, Gap, Message, PresenceEvent, Subscription,
 };
 use tokio::time::{Instant, Interval, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 
 use crate::api::error::ApiError;
+use crate::auth::Principal;
 use crate::metrics::SessionGauge;
 use crate::server::{AppState, ConnectionCtx};
 use crate::transport::TransportKind;
@@ -52,6 +53,7 @@ pub async fn open<F: Framing>(
     state: &AppState,
     conn: Option<&ConnectionCtx>,
     params: SubscribeParams,
+    who: Principal,
     framing: F,
 ) -> Result<Response, ApiError> {
     let sub = state
@@ -60,19 +62,25 @@ pub async fn open<F: Framing>(
             &params.channels,
             &params.start,
             state.config.server.queue_max_bytes,
-            Some(ClientInfo::anonymous()),
+            Some(who.client_info()),
         )
         .await?;
     let gauge = state.metrics.session(F::KIND, sub.channels().len());
-    if let Some(conn) = conn {
-        let kill = conn.kill.clone();
-        let metrics = state.metrics.clone();
-        sub.on_overflow(move || {
-            metrics.slow_disconnects[F::KIND as usize]
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    // HTTP/1.1: an overflow also kills the connection, since a client that stopped reading
+    // stops hyper from polling this writer. HTTP/2: only this stream is stuck (its flow
+    // control window is shut); killing the connection would take its other streams down, so
+    // the session just stays overflowed (its queue empty and refusing pushes) until the
+    // client reads or goes.
+    let kill = conn.filter(|c| !c.http2).map(|c| c.kill.clone());
+    let metrics = state.metrics.clone();
+    sub.on_overflow(move || {
+        metrics.slow_disconnects[F::KIND as usize]
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if let Some(kill) = &kill {
             kill.cancel();
-        });
-    }
+        }
+    });
+    let expires = who.expires_at().map(deadline_for);
     let every = state.config.server.heartbeat_interval;
     let mut heartbeat = tokio::time::interval_at(Instant::now() + every, every);
     heartbeat.set_missed_tick_behavior(MissedTickBehavior::Delay);
@@ -86,6 +94,7 @@ pub async fn open<F: Framing>(
         started: false,
         done: false,
         buf: BytesMut::new(),
+        expires,
     };
     let body = Body::from_stream(futures_util::stream::unfold(writer, Writer::next_chunk));
     let mut res = Response::new(body);
@@ -99,6 +108,14 @@ pub async fn open<F: Framing>(
     Ok(res)
 }
 
+/// Sleeps until `at`, or forever when there is no deadline.
+pub async fn sleep_until_opt(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
 struct Writer<F> {
     sub: Subscription,
     single: bool,
@@ -109,10 +126,19 @@ struct Writer<F> {
     started: bool,
     done: bool,
     buf: BytesMut,
+    /// When the subscriber's token expires: the stream ends then, saying why.
+    expires: Option<Instant>,
+}
+
+/// The tokio instant of a Unix time in seconds (now when it has passed).
+pub fn deadline_for(unix_secs: u64) -> Instant {
+    let now = tidings_core::broker::memory::now_millis() / 1000;
+    Instant::now() + std::time::Duration::from_secs(unix_secs.saturating_sub(now))
 }
 
 enum Wake {
     Shutdown,
+    Expired,
     Ready,
     Heartbeat,
 }
@@ -136,6 +162,7 @@ impl<F: Framing> Writer<F> {
             let wake = tokio::select! {
                 biased;
                 _ = self.shutdown.cancelled() => Wake::Shutdown,
+                _ = sleep_until_opt(self.expires) => Wake::Expired,
                 _ = self.sub.ready() => Wake::Ready,
                 _ = self.heartbeat.tick() => Wake::Heartbeat,
             };
@@ -143,6 +170,11 @@ impl<F: Framing> Writer<F> {
                 Wake::Shutdown => {
                     self.framing
                         .disconnect(DisconnectReason::Shutdown.into(), &mut self.buf);
+                    self.done = true;
+                }
+                Wake::Expired => {
+                    self.framing
+                        .disconnect(DisconnectReason::TokenExpired.into(), &mut self.buf);
                     self.done = true;
                 }
                 Wake::Ready => self.write_ready(),
@@ -203,9 +235,15 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn heartbeats_come_every_interval_and_only_then() {
         let state = AppState::new(Config::default()).unwrap();
-        let res = open(&state, None, params(), SseFraming::raw())
-            .await
-            .unwrap();
+        let res = open(
+            &state,
+            None,
+            params(),
+            Principal::Anonymous,
+            SseFraming::raw(),
+        )
+        .await
+        .unwrap();
         let mut body = res.into_body();
         let first = next_frame(&mut body).await;
         assert!(first.starts_with("retry: "), "{first}");
@@ -219,7 +257,9 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn shutdown_sends_the_goodbye_record_and_ends_the_stream() {
         let state = AppState::new(Config::default()).unwrap();
-        let res = open(&state, None, params(), NdjsonFraming).await.unwrap();
+        let res = open(&state, None, params(), Principal::Anonymous, NdjsonFraming)
+            .await
+            .unwrap();
         let mut body = res.into_body();
         assert!(next_frame(&mut body).await.contains("\"ready\""));
         state.shutdown.cancel();

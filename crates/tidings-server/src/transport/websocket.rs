@@ -27,8 +27,8 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 use serde_json::{Value, json};
 use tidings_core::{
-    ChannelName, ClientInfo, Cursor, Data, Disconnect, DisconnectReason, Event, Message,
-    PublishPolicy, Since, Start, Subscription,
+    ChannelName, Cursor, Data, Disconnect, DisconnectReason, Event, EventName, Message, Since,
+    Start, Subscription,
 };
 use tokio::sync::mpsc;
 use tokio::time::{Instant, MissedTickBehavior};
@@ -36,8 +36,10 @@ use tokio_util::sync::CancellationToken;
 
 use crate::api::error::ApiError;
 use crate::api::publish::{self, position_json};
+use crate::auth::Principal;
+use crate::limits::RateLimiter;
 use crate::metrics::SessionGauge;
-use crate::server::AppState;
+use crate::server::{AppState, ConnectionCtx};
 use crate::transport::{TransportKind, frame_slot, params};
 
 /// Close codes (SPEC §5).
@@ -45,6 +47,7 @@ pub mod close {
     pub const NORMAL: u16 = 1000;
     pub const GOING_AWAY: u16 = 1001;
     pub const PROTOCOL: u16 = 1002;
+    pub const INVALID_PAYLOAD: u16 = 1007;
     pub const POLICY: u16 = 1008;
     pub const TOO_BIG: u16 = 1009;
     pub const INTERNAL: u16 = 1011;
@@ -110,6 +113,7 @@ fn configure(ws: WebSocketUpgrade, state: &AppState) -> WebSocketUpgrade {
 /// `GET /ws/{channel}`: raw mode.
 pub async fn raw(
     State(state): State<AppState>,
+    conn: Option<axum::Extension<ConnectionCtx>>,
     method: Method,
     Path(channel): Path<String>,
     RawQuery(query): RawQuery,
@@ -123,13 +127,15 @@ pub async fn raw(
         &state.config.server,
         false,
     )?;
+    let who = params::authorize(&state, &p, &headers, query.as_deref())?;
     let ws = ws.map_err(|_| upgrade_error(&method))?;
     let channel = p.channels[0].clone();
     let mut sub = state.node.session(
         state.config.server.queue_max_bytes,
         false,
-        Some(ClientInfo::anonymous()),
+        Some(who.client_info()),
     );
+    let peer = Peer::new(&state, who, conn.as_deref());
     let joined = sub
         .add(&channel, &p.start.since(&channel))
         .await?
@@ -145,24 +151,60 @@ pub async fn raw(
                     .await;
             return;
         }
-        run(state2, socket, sub, Mode::Raw, Some(channel)).await;
+        run(state2, socket, sub, Mode::Raw, Some(channel), peer).await;
     }))
 }
 
 /// `GET /ws`: the JSON protocol.
 pub async fn json(
     State(state): State<AppState>,
+    conn: Option<axum::Extension<ConnectionCtx>>,
     method: Method,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
     ws: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
 ) -> Result<Response, ApiError> {
+    // Bad credentials are refused before the upgrade (401/400); what they allow is checked
+    // per op, so one socket can follow public channels and granted ones.
+    let who = state.auth.authenticate(&headers, query.as_deref())?;
     let ws = ws.map_err(|_| upgrade_error(&method))?;
     let sub = state.node.session(
         state.config.server.queue_max_bytes,
         true,
-        Some(ClientInfo::anonymous()),
+        Some(who.client_info()),
     );
+    let peer = Peer::new(&state, who, conn.as_deref());
     let state2 = state.clone();
-    Ok(configure(ws, &state).on_upgrade(move |socket| run(state2, socket, sub, Mode::Json, None)))
+    Ok(configure(ws, &state)
+        .on_upgrade(move |socket| run(state2, socket, sub, Mode::Json, None, peer)))
+}
+
+/// Who is on the other end, and how fast they may publish.
+#[derive(Clone)]
+struct Peer {
+    who: Arc<Principal>,
+    publish_rate: Arc<RateLimiter>,
+    limited: bool,
+}
+
+impl Peer {
+    fn new(state: &AppState, who: Principal, conn: Option<&ConnectionCtx>) -> Self {
+        let publish_rate = conn.map_or_else(
+            || Arc::new(RateLimiter::new(state.config.server.client_publish_rate)),
+            |c| c.publish_rate.clone(),
+        );
+        Self {
+            limited: state.auth.enabled() && who != Principal::ApiKey,
+            who: Arc::new(who),
+            publish_rate,
+        }
+    }
+
+    /// API keys (backends) are not rate limited, nor is anyone in open mode (development);
+    /// with `[auth]`, everyone else shares the connection's bucket.
+    fn may_publish_now(&self) -> bool {
+        !self.limited || self.publish_rate.try_take()
+    }
 }
 
 /// The close code that goes with each reason a session is ended for (SPEC §5, §12).
@@ -186,9 +228,44 @@ fn text(value: &Value) -> WsMessage {
     WsMessage::Text(Utf8Bytes::from(value.to_string()))
 }
 
-/// Milliseconds since `epoch`, for the shared "last heard from the peer" clock.
-fn millis_since(epoch: Instant) -> u64 {
-    u64::try_from(epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
+/// When the peer was last heard from (any frame, pongs included: it is alive) and last
+/// active (a frame of its own: it is using the socket). Shared by the reader, which records,
+/// and the writer, which pings and enforces the idle timeout.
+#[derive(Clone)]
+struct Liveness {
+    epoch: Instant,
+    heard: Arc<AtomicU64>,
+    active: Arc<AtomicU64>,
+}
+
+impl Liveness {
+    fn new() -> Self {
+        Self {
+            epoch: Instant::now(),
+            heard: Arc::new(AtomicU64::new(0)),
+            active: Arc::new(AtomicU64::new(0)),
+        }
+    }
+
+    fn now(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    fn heard(&self, data: bool) {
+        let now = self.now();
+        self.heard.store(now, Relaxed);
+        if data {
+            self.active.store(now, Relaxed);
+        }
+    }
+
+    fn silent_for(&self) -> Duration {
+        Duration::from_millis(self.now().saturating_sub(self.heard.load(Relaxed)))
+    }
+
+    fn idle_for(&self) -> Duration {
+        Duration::from_millis(self.now().saturating_sub(self.active.load(Relaxed)))
+    }
 }
 
 async fn run(
@@ -197,6 +274,7 @@ async fn run(
     sub: Subscription,
     mode: Mode,
     raw_channel: Option<ChannelName>,
+    peer: Peer,
 ) {
     let mut gauge = state.metrics.session(TransportKind::WebSocket, 0);
     gauge.channels_changed(sub.channels().len() as i64);
@@ -211,16 +289,19 @@ async fn run(
     }
     let (sink, stream) = socket.split();
     let (tx, rx) = mpsc::channel(COMMAND_QUEUE);
-    let epoch = Instant::now();
-    let heard = Arc::new(AtomicU64::new(0));
+    let liveness = Liveness::new();
+    let expires = peer
+        .who
+        .expires_at()
+        .map(crate::transport::stream::deadline_for);
     let reader = tokio::spawn(read_loop(
         state.clone(),
         stream,
         tx,
         mode,
         raw_channel,
-        heard.clone(),
-        epoch,
+        liveness.clone(),
+        peer,
     ));
     let mut writer = Writer {
         state,
@@ -229,8 +310,8 @@ async fn run(
         gauge,
         mode,
         kill,
-        heard,
-        epoch,
+        liveness,
+        expires,
     };
     writer.run(rx).await;
     reader.abort();
@@ -243,13 +324,15 @@ struct Writer {
     gauge: SessionGauge,
     mode: Mode,
     kill: CancellationToken,
-    heard: Arc<AtomicU64>,
-    epoch: Instant,
+    liveness: Liveness,
+    /// The token's expiry: the session ends then (disconnect `token_expired`, close 1008).
+    expires: Option<Instant>,
 }
 
 enum Wake {
     Kill,
     Shutdown,
+    Expired,
     Command(Option<Command>),
     Ready,
     Ping,
@@ -297,6 +380,7 @@ impl Writer {
                 biased;
                 _ = self.kill.cancelled() => Wake::Kill,
                 _ = shutdown.cancelled() => Wake::Shutdown,
+                _ = crate::transport::stream::sleep_until_opt(self.expires) => Wake::Expired,
                 cmd = rx.recv() => Wake::Command(cmd),
                 _ = self.sub.ready() => Wake::Ready,
                 _ = ping.tick() => Wake::Ping,
@@ -305,6 +389,10 @@ impl Writer {
                 Wake::Kill => Next::Goodbye(Some(DisconnectReason::Slow), close::SLOW, "slow"),
                 Wake::Shutdown => {
                     Next::Goodbye(Some(DisconnectReason::Shutdown), close::RESTART, "shutdown")
+                }
+                Wake::Expired => {
+                    let (code, why) = close_for(DisconnectReason::TokenExpired);
+                    Next::Goodbye(Some(DisconnectReason::TokenExpired), code, why)
                 }
                 Wake::Command(None) => Next::Finish,
                 Wake::Command(Some(cmd)) => {
@@ -326,13 +414,13 @@ impl Writer {
 
     async fn ping(&mut self) -> Next {
         let every = self.state.config.server.ping_interval;
-        let silent = millis_since(self.epoch).saturating_sub(self.heard.load(Relaxed));
-        if Duration::from_millis(silent) > every * 2 {
+        if self.liveness.silent_for() > every * 2 {
             return Next::Goodbye(None, close::GOING_AWAY, "ping timeout");
         }
+        // Idle: subscribed to nothing and sending nothing but pongs.
         if self.mode == Mode::Json
             && self.sub.channels().is_empty()
-            && Duration::from_millis(silent) > self.state.config.server.idle_timeout
+            && self.liveness.idle_for() > self.state.config.server.idle_timeout
         {
             return Next::Goodbye(None, close::NORMAL, "idle");
         }
@@ -538,10 +626,11 @@ struct Request {
 }
 
 /// A frame that is not a valid request: an error reply, and it counts toward 1008.
-struct Malformed {
-    id: Option<Value>,
-    code: &'static str,
-    message: String,
+#[derive(Debug)]
+pub struct Malformed {
+    pub id: Option<Value>,
+    pub code: &'static str,
+    pub message: String,
 }
 
 impl Malformed {
@@ -570,19 +659,24 @@ async fn read_loop(
     tx: mpsc::Sender<Command>,
     mode: Mode,
     raw_channel: Option<ChannelName>,
-    heard: Arc<AtomicU64>,
-    epoch: Instant,
+    liveness: Liveness,
+    peer: Peer,
 ) {
     let mut malformed = 0u32;
     while let Some(frame) = stream.next().await {
-        heard.store(millis_since(epoch), Relaxed);
+        let data = matches!(frame, Ok(WsMessage::Text(_) | WsMessage::Binary(_)));
+        liveness.heard(data);
         let frame = match frame {
             Ok(f) => f,
             Err(e) => {
-                // tungstenite reports an over-limit frame as a capacity error.
+                // tungstenite's errors are matched by message: axum hides their types. An
+                // over-limit frame is a capacity error.
                 let text = e.to_string();
                 let code = if text.contains("too long") || text.contains("Space limit") {
                     close::TOO_BIG
+                } else if text.contains("UTF-8") {
+                    // RFC 6455 §7.4.1: a text message that is not UTF-8 is 1007, not 1002.
+                    close::INVALID_PAYLOAD
                 } else {
                     close::PROTOCOL
                 };
@@ -594,12 +688,13 @@ async fn read_loop(
             (_, WsMessage::Close(_)) => return,
             (_, WsMessage::Ping(_) | WsMessage::Pong(_)) => continue,
             (Mode::Raw, WsMessage::Text(t)) => {
-                raw_publish(&state, &raw_channel, Data::Text(t.into())).await
+                raw_publish(&state, &raw_channel, Data::Text(t.into()), &peer).await
             }
             (Mode::Raw, WsMessage::Binary(b)) => {
-                raw_publish(&state, &raw_channel, Data::Binary(b)).await
+                raw_publish(&state, &raw_channel, Data::Binary(b), &peer).await
             }
-            (Mode::Json, WsMessage::Text(t)) => match request(&state, &tx, t.as_str()).await {
+            (Mode::Json, WsMessage::Text(t)) => match request(&state, &tx, t.as_str(), &peer).await
+            {
                 Ok(()) => {
                     malformed = 0;
                     Ok(())
@@ -650,12 +745,22 @@ async fn raw_publish(
     state: &AppState,
     channel: &Option<ChannelName>,
     data: Data,
+    peer: &Peer,
 ) -> Result<(), (u16, &'static str)> {
     let Some(channel) = channel else {
         return Err((close::INTERNAL, "no channel"));
     };
-    if state.node.policies.for_channel(channel).publish != PublishPolicy::Anyone {
-        return Err((close::POLICY, "clients may not publish to this channel"));
+    let policy = state.node.policies.for_channel(channel);
+    if state
+        .auth
+        .check_publish(&peer.who, channel, policy)
+        .is_err()
+    {
+        return Err((close::POLICY, "publishing to this channel is not allowed"));
+    }
+    if !peer.may_publish_now() {
+        // Raw mode has no error frame to say "slow down": the policy close is the answer.
+        return Err((close::POLICY, "publish rate limit exceeded"));
     }
     if data.len() > state.config.server.max_message_bytes {
         return Err((close::TOO_BIG, "message too big"));
@@ -697,13 +802,43 @@ fn since_of(id: &Option<Value>, channel: &ChannelName, req: &Request) -> Result<
     }
 }
 
-/// Handles one JSON request. `Err` is a malformed frame; operational failures (a broker
-/// error, a forbidden publish) are error replies that do not count toward 1008.
-async fn request(
-    state: &AppState,
-    tx: &mpsc::Sender<Command>,
-    frame: &str,
-) -> Result<(), Malformed> {
+/// One `/ws` request frame, parsed and validated: `op` with its fields checked.
+#[derive(Debug)]
+pub struct ParsedRequest {
+    pub id: Option<Value>,
+    pub op: Op,
+}
+
+#[derive(Debug)]
+pub enum Op {
+    Ping,
+    Subscribe {
+        channel: ChannelName,
+        since: Since,
+    },
+    Unsubscribe {
+        channel: ChannelName,
+    },
+    Publish {
+        channel: ChannelName,
+        event: Option<EventName>,
+        data: Data,
+    },
+    History {
+        channel: ChannelName,
+        since: Since,
+        /// At most 10,000.
+        limit: usize,
+    },
+    Presence {
+        channel: ChannelName,
+    },
+}
+
+/// The pure half of a `/ws` request: JSON to a validated op, with no server state but the
+/// message size limit. `Err` is a malformed frame (it counts toward 1008). The fuzz target
+/// `ws_request` runs exactly this.
+pub fn parse_request(frame: &str, max_message_bytes: usize) -> Result<ParsedRequest, Malformed> {
     let req: Request = serde_json::from_str(frame).map_err(|e| {
         Malformed::new(
             &None,
@@ -712,56 +847,35 @@ async fn request(
         )
     })?;
     let id = req.id.clone();
-    let send = |m: WsMessage| async { tx.send(Command::Frame(m)).await.is_ok() };
-    match req.op.as_str() {
-        "ping" => {
-            send(text(&json!({"type": "pong", "id": id}))).await;
-        }
+    let op = match req.op.as_str() {
+        "ping" => Op::Ping,
         "subscribe" => {
             let channel = channel_of(&id, req.channel.as_deref())?;
             let since = since_of(&id, &channel, &req)?;
-            let _ = tx.send(Command::Subscribe { id, channel, since }).await;
+            Op::Subscribe { channel, since }
         }
-        "unsubscribe" => {
-            let channel = channel_of(&id, req.channel.as_deref())?;
-            let _ = tx.send(Command::Unsubscribe { id, channel }).await;
-        }
+        "unsubscribe" => Op::Unsubscribe {
+            channel: channel_of(&id, req.channel.as_deref())?,
+        },
         "publish" => {
             let channel = channel_of(&id, req.channel.as_deref())?;
             let data = req
                 .data
                 .as_deref()
                 .ok_or_else(|| Malformed::new(&id, "invalid_request", "publish needs \"data\""))?;
-            let v = publish::validate(
-                state,
+            let v = publish::validate_within(
+                max_message_bytes,
                 channel.as_str(),
                 data,
                 req.event.as_deref(),
                 req.encoding.as_deref(),
             )
             .map_err(|e| Malformed::from((id.clone(), e)))?;
-            let reply =
-                if state.node.policies.for_channel(&channel).publish != PublishPolicy::Anyone {
-                    error_reply(
-                        &id,
-                        "publish_forbidden",
-                        &format!("clients may not publish to {channel}"),
-                    )
-                } else {
-                    match publish::publish(state, &v.channel, v.event, v.data).await {
-                        Ok(m) => {
-                            let mut reply = typed("reply", json!({"id": id, "ok": true}));
-                            if let (Some(r), Value::Object(position)) =
-                                (reply.as_object_mut(), position_json(&m))
-                            {
-                                r.extend(position);
-                            }
-                            text(&reply)
-                        }
-                        Err(e) => error_reply(&id, e.code, &e.message),
-                    }
-                };
-            send(reply).await;
+            Op::Publish {
+                channel: v.channel,
+                event: v.event,
+                data: v.data,
+            }
         }
         "history" => {
             let channel = channel_of(&id, req.channel.as_deref())?;
@@ -769,11 +883,98 @@ async fn request(
                 Since::Now => Since::Last(req.limit.unwrap_or(100)),
                 s => s,
             };
-            let reply = match state
-                .node
-                .read(&channel, &since, Some(req.limit.unwrap_or(100).min(10_000)))
-                .await
-            {
+            let limit = req.limit.unwrap_or(100).min(10_000);
+            Op::History {
+                channel,
+                since,
+                limit,
+            }
+        }
+        "presence" => Op::Presence {
+            channel: channel_of(&id, req.channel.as_deref())?,
+        },
+        other => {
+            return Err(Malformed::new(
+                &id,
+                "unknown_op",
+                format!(
+                    "unknown op {other:?}; use subscribe, unsubscribe, publish, history, presence or ping"
+                ),
+            ));
+        }
+    };
+    Ok(ParsedRequest { id, op })
+}
+
+/// Handles one JSON request. `Err` is a malformed frame; operational failures (a broker
+/// error, a forbidden publish) are error replies that do not count toward 1008.
+async fn request(
+    state: &AppState,
+    tx: &mpsc::Sender<Command>,
+    frame: &str,
+    peer: &Peer,
+) -> Result<(), Malformed> {
+    let ParsedRequest { id, op } = parse_request(frame, state.config.server.max_message_bytes)?;
+    let send = |m: WsMessage| async { tx.send(Command::Frame(m)).await.is_ok() };
+    match op {
+        Op::Ping => {
+            send(text(&json!({"type": "pong", "id": id}))).await;
+        }
+        Op::Subscribe { channel, since } => {
+            let policy = state.node.policies.for_channel(&channel);
+            match state.auth.check_subscribe(&peer.who, &channel, policy) {
+                Ok(()) => {
+                    let _ = tx.send(Command::Subscribe { id, channel, since }).await;
+                }
+                Err(e) => {
+                    send(error_reply(&id, e.code, &e.message)).await;
+                }
+            }
+        }
+        Op::Unsubscribe { channel } => {
+            let _ = tx.send(Command::Unsubscribe { id, channel }).await;
+        }
+        Op::Publish {
+            channel,
+            event,
+            data,
+        } => {
+            let policy = state.node.policies.for_channel(&channel);
+            let reply = if let Err(e) = state.auth.check_publish(&peer.who, &channel, policy) {
+                error_reply(&id, e.code, &e.message)
+            } else if !peer.may_publish_now() {
+                error_reply(
+                    &id,
+                    "rate_limited",
+                    "too many publishes on this connection (client_publish_rate); slow down",
+                )
+            } else {
+                match publish::publish(state, &channel, event, data).await {
+                    Ok(m) => {
+                        let mut reply = typed("reply", json!({"id": id, "ok": true}));
+                        if let (Some(r), Value::Object(position)) =
+                            (reply.as_object_mut(), position_json(&m))
+                        {
+                            r.extend(position);
+                        }
+                        text(&reply)
+                    }
+                    Err(e) => error_reply(&id, e.code, &e.message),
+                }
+            };
+            send(reply).await;
+        }
+        Op::History {
+            channel,
+            since,
+            limit,
+        } => {
+            let policy = state.node.policies.for_channel(&channel);
+            if let Err(e) = state.auth.check_subscribe(&peer.who, &channel, policy) {
+                send(error_reply(&id, e.code, &e.message)).await;
+                return Ok(());
+            }
+            let reply = match state.node.read(&channel, &since, Some(limit)).await {
                 Ok(read) => {
                     let messages: Vec<Value> = read
                         .replay
@@ -801,8 +1002,12 @@ async fn request(
             };
             send(reply).await;
         }
-        "presence" => {
-            let channel = channel_of(&id, req.channel.as_deref())?;
+        Op::Presence { channel } => {
+            let policy = state.node.policies.for_channel(&channel);
+            if let Err(e) = state.auth.check_subscribe(&peer.who, &channel, policy) {
+                send(error_reply(&id, e.code, &e.message)).await;
+                return Ok(());
+            }
             let reply = match crate::api::channels::presence_of(state, &channel).await {
                 Ok(clients) => {
                     text(&json!({"type": "reply", "id": id, "ok": true, "clients": clients}))
@@ -810,15 +1015,6 @@ async fn request(
                 Err(e) => error_reply(&id, e.code, &e.message),
             };
             send(reply).await;
-        }
-        other => {
-            return Err(Malformed::new(
-                &id,
-                "unknown_op",
-                format!(
-                    "unknown op {other:?}; use subscribe, unsubscribe, publish, history, presence or ping"
-                ),
-            ));
         }
     }
     Ok(())

@@ -38,7 +38,7 @@ impl TestServer {
         config.server.listen = "127.0.0.1:0".into();
         edit(&mut config);
         config.validate().unwrap();
-        let state = AppState::new(config).unwrap();
+        let state = AppState::connect(config).await.unwrap();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (stop, stopped) = oneshot::channel::<()>();

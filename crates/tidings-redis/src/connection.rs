@@ -1,0 +1,299 @@
+//! Connections to Redis: where they go (one server or a cluster), how they authenticate and
+//! encrypt, and the two kinds a node holds — one multiplexed command connection that
+//! reconnects by itself, and one pub/sub connection that `pubsub.rs` replaces when it is lost.
+//!
+//! URLs are redis-rs URLs: `redis://[user[:password]@]host[:port][/db]`, `rediss://…` for TLS
+//! (add `#insecure` to skip certificate checks in development). Several URLs, or one URL of a
+//! server with `cluster_enabled:1`, mean a Redis Cluster. Passwords never reach a log or an
+//! error message: URLs are shown through `masked`.
+
+use std::time::Duration;
+
+use redis::aio::{
+    AsyncPushSender, ConnectionManager, ConnectionManagerConfig, MultiplexedConnection,
+};
+use redis::cluster::{ClusterClient, ClusterClientBuilder};
+use redis::cluster_async::ClusterConnection;
+use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo};
+use redis::{
+    AsyncConnectionConfig, Client, Cmd, ConnectionInfo, IntoConnectionInfo, ProtocolVersion,
+    RedisResult, ScriptInvocation, TlsCertificates, Value,
+};
+
+use crate::ConnectError;
+
+/// Time to open a TCP (and TLS) connection.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// Time for Redis to answer one command; also bounds every broker call on top of it, so a
+/// Redis that stopped answering turns into 503s quickly instead of hung requests.
+pub const RESPONSE_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// `redis://user:secret@host` → `redis://user:****@host`, for each URL of a comma-separated
+/// list.
+pub fn masked(url: &str) -> String {
+    if url.contains(',') {
+        return url.split(',').map(masked).collect::<Vec<_>>().join(",");
+    }
+    let Some(scheme_end) = url.find("://").map(|i| i + 3) else {
+        return url.to_owned();
+    };
+    let rest = &url[scheme_end..];
+    let authority_end = rest.find('/').unwrap_or(rest.len());
+    let Some(at) = rest[..authority_end].rfind('@') else {
+        return url.to_owned();
+    };
+    let userinfo = &rest[..at];
+    let user = userinfo.split_once(':').map_or("", |(u, _)| u);
+    format!("{}{user}:****{}", &url[..scheme_end], &rest[at..])
+}
+
+/// Where the broker connects, kept so the pub/sub connection can be rebuilt after a loss.
+pub enum Endpoint {
+    Single {
+        /// The server, with RESP3 selected (pushes need it).
+        resp3: Client,
+    },
+    Cluster {
+        nodes: Vec<ConnectionInfo>,
+        tls_ca: Option<Vec<u8>>,
+    },
+}
+
+/// The command connection.
+#[derive(Clone)]
+pub enum Commands {
+    Single(ConnectionManager),
+    Cluster(ClusterConnection),
+}
+
+/// The pub/sub connection (RESP3; messages arrive through its push sender).
+#[derive(Clone)]
+pub enum PubSubConn {
+    Single(MultiplexedConnection),
+    Cluster(ClusterConnection),
+}
+
+fn client(info: ConnectionInfo, tls_ca: Option<&[u8]>) -> RedisResult<Client> {
+    match tls_ca {
+        Some(ca) => Client::build_with_tls(
+            info,
+            TlsCertificates {
+                client_tls: None,
+                root_cert: Some(ca.to_vec()),
+            },
+        ),
+        None => Client::open(info),
+    }
+}
+
+fn with_resp3(info: &ConnectionInfo) -> ConnectionInfo {
+    let redis = info
+        .redis_settings()
+        .clone()
+        .set_protocol(ProtocolVersion::RESP3);
+    info.clone().set_redis_settings(redis)
+}
+
+fn cluster_builder(nodes: &[ConnectionInfo], tls_ca: Option<&[u8]>) -> ClusterClientBuilder {
+    let mut b = ClusterClientBuilder::new(nodes.to_vec())
+        .connection_timeout(CONNECT_TIMEOUT)
+        .response_timeout(RESPONSE_TIMEOUT)
+        // Few retries: a publish must fail fast (503) when the cluster is down, not queue up.
+        .retries(2)
+        .min_retry_wait(50)
+        .max_retry_wait(500);
+    if let Some(ca) = tls_ca {
+        b = b.certs(TlsCertificates {
+            client_tls: None,
+            root_cert: Some(ca.to_vec()),
+        });
+    }
+    b
+}
+
+fn connect_error(url: &str, e: impl std::fmt::Display) -> ConnectError {
+    ConnectError::Connect(format!("{}: {e}", masked(url)))
+}
+
+/// Opens the command connection and works out whether the target is a cluster.
+pub async fn open(
+    urls: &[String],
+    tls_ca: Option<Vec<u8>>,
+) -> Result<(Endpoint, Commands), ConnectError> {
+    let Some(first_url) = urls.first() else {
+        return Err(ConnectError::Url("no Redis URL given".into()));
+    };
+    if urls.iter().any(|u| u.starts_with("rediss://")) {
+        // rustls needs a process-wide crypto provider; another part of the process may
+        // already have installed the same one, which is fine.
+        let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    } else if tls_ca.is_some() {
+        return Err(ConnectError::Url(
+            "broker.tls_ca_file is set but no URL uses rediss://".into(),
+        ));
+    }
+    let mut nodes = Vec::with_capacity(urls.len());
+    for url in urls {
+        let info = url
+            .as_str()
+            .into_connection_info()
+            .map_err(|e| ConnectError::Url(format!("{}: {e}", masked(url))))?;
+        nodes.push(info);
+    }
+    if nodes.len() > 1 {
+        return open_cluster(nodes, tls_ca, first_url).await;
+    }
+    let info = nodes.remove(0);
+    let commands =
+        client(info.clone(), tls_ca.as_deref()).map_err(|e| connect_error(first_url, e))?;
+    let config = ConnectionManagerConfig::new()
+        .set_connection_timeout(Some(CONNECT_TIMEOUT))
+        .set_response_timeout(Some(RESPONSE_TIMEOUT))
+        // Reconnects are retried a few times per attempt; the broker's own timeouts decide
+        // when a request gives up.
+        .set_number_of_retries(2)
+        .set_max_delay(Duration::from_millis(500));
+    let manager = tokio::time::timeout(
+        CONNECT_TIMEOUT + RESPONSE_TIMEOUT,
+        ConnectionManager::new_with_config(commands, config),
+    )
+    .await
+    .map_err(|_| connect_error(first_url, "timed out"))?
+    .map_err(|e| connect_error(first_url, e))?;
+    let mut probe = manager.clone();
+    let cluster_info: String = tokio::time::timeout(
+        RESPONSE_TIMEOUT,
+        redis::cmd("INFO").arg("cluster").query_async(&mut probe),
+    )
+    .await
+    .map_err(|_| connect_error(first_url, "INFO timed out"))?
+    .map_err(|e| connect_error(first_url, e))?;
+    if cluster_info.contains("cluster_enabled:1") {
+        return open_cluster(vec![info], tls_ca, first_url).await;
+    }
+    let resp3 =
+        client(with_resp3(&info), tls_ca.as_deref()).map_err(|e| connect_error(first_url, e))?;
+    Ok((Endpoint::Single { resp3 }, Commands::Single(manager)))
+}
+
+async fn open_cluster(
+    nodes: Vec<ConnectionInfo>,
+    tls_ca: Option<Vec<u8>>,
+    first_url: &str,
+) -> Result<(Endpoint, Commands), ConnectError> {
+    let client: ClusterClient = cluster_builder(&nodes, tls_ca.as_deref())
+        .build()
+        .map_err(|e| connect_error(first_url, e))?;
+    let conn = tokio::time::timeout(
+        CONNECT_TIMEOUT + RESPONSE_TIMEOUT,
+        client.get_async_connection(),
+    )
+    .await
+    .map_err(|_| connect_error(first_url, "timed out"))?
+    .map_err(|e| connect_error(first_url, e))?;
+    Ok((Endpoint::Cluster { nodes, tls_ca }, Commands::Cluster(conn)))
+}
+
+impl Endpoint {
+    pub fn is_cluster(&self) -> bool {
+        matches!(self, Endpoint::Cluster { .. })
+    }
+
+    /// A new pub/sub connection whose pushes go to `sender`.
+    pub async fn pubsub(&self, sender: impl AsyncPushSender) -> RedisResult<PubSubConn> {
+        match self {
+            Endpoint::Single { resp3 } => {
+                let config = AsyncConnectionConfig::new()
+                    .set_connection_timeout(Some(CONNECT_TIMEOUT))
+                    .set_response_timeout(Some(RESPONSE_TIMEOUT))
+                    .set_push_sender(sender);
+                let conn = resp3
+                    .get_multiplexed_async_connection_with_config(&config)
+                    .await?;
+                Ok(PubSubConn::Single(conn))
+            }
+            Endpoint::Cluster { nodes, tls_ca } => {
+                let client = cluster_builder(nodes, tls_ca.as_deref())
+                    .use_protocol(ProtocolVersion::RESP3)
+                    .push_sender(sender)
+                    .build()?;
+                Ok(PubSubConn::Cluster(client.get_async_connection().await?))
+            }
+        }
+    }
+}
+
+impl Commands {
+    pub async fn invoke(&self, script: &ScriptInvocation<'_>) -> RedisResult<Value> {
+        match self {
+            Commands::Single(c) => script.invoke_async(&mut c.clone()).await,
+            Commands::Cluster(c) => script.invoke_async(&mut c.clone()).await,
+        }
+    }
+
+    pub async fn query(&self, cmd: &Cmd) -> RedisResult<Value> {
+        match self {
+            Commands::Single(c) => cmd.query_async(&mut c.clone()).await,
+            Commands::Cluster(c) => cmd.query_async(&mut c.clone()).await,
+        }
+    }
+
+    /// Sends `cmd` to one cluster node (SCAN is per node); on one server, to the server.
+    pub async fn query_on(&self, cmd: Cmd, host: &str, port: u16) -> RedisResult<Value> {
+        match self {
+            Commands::Single(c) => cmd.query_async(&mut c.clone()).await,
+            Commands::Cluster(c) => {
+                let route = RoutingInfo::SingleNode(SingleNodeRoutingInfo::ByAddress {
+                    host: host.to_owned(),
+                    port,
+                });
+                c.clone().route_command(cmd, route).await
+            }
+        }
+    }
+}
+
+impl PubSubConn {
+    pub async fn subscribe(&self, name: &str) -> RedisResult<()> {
+        match self {
+            PubSubConn::Single(c) => c.clone().subscribe(name).await,
+            PubSubConn::Cluster(c) => c.clone().ssubscribe(name).await,
+        }
+    }
+
+    pub async fn unsubscribe(&self, name: &str) -> RedisResult<()> {
+        match self {
+            PubSubConn::Single(c) => c.clone().unsubscribe(name).await,
+            PubSubConn::Cluster(c) => c.clone().sunsubscribe(name).await,
+        }
+    }
+
+    pub async fn ping(&self) -> RedisResult<()> {
+        let ping = redis::cmd("PING");
+        match self {
+            PubSubConn::Single(c) => ping.query_async::<Value>(&mut c.clone()).await,
+            PubSubConn::Cluster(c) => ping.query_async::<Value>(&mut c.clone()).await,
+        }
+        .map(|_| ())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn passwords_never_show_in_a_masked_url() {
+        assert_eq!(
+            masked("redis://alice:s3cret@host:6379/0"),
+            "redis://alice:****@host:6379/0"
+        );
+        assert_eq!(masked("rediss://:s3cret@host"), "rediss://:****@host");
+        assert_eq!(masked("redis://host:6379"), "redis://host:6379");
+        assert_eq!(masked("not a url"), "not a url");
+        assert_eq!(
+            masked("redis://:a@h1:1,redis://:b@h2:2"),
+            "redis://:****@h1:1,redis://:****@h2:2"
+        );
+    }
+}

@@ -1,0 +1,89 @@
+//! # Tidings on Redis
+//!
+//! `RedisBroker` implements `tidings_core::Broker` on Redis (or a Redis Cluster), so several
+//! Tidings nodes behind a load balancer share channels with the guarantees of one node:
+//! offsets, history and epochs live in Redis, each publish is one atomic script per channel,
+//! and every node receives every message of the channels it has local subscribers for, in
+//! offset order. The core knows nothing of Redis; this crate is one more broker behind the
+//! trait, checked by the same conformance suite as the memory broker.
+//!
+//! ## Layout
+//! - `broker`: `RedisBroker` and its `Broker` implementation; presence; the upkeep task.
+//! - `pubsub`: the node's one pub/sub connection, its single reader, its supervisor
+//!   (reconnect, resubscribe, health) and per-channel subscription reconciling. Its
+//!   concurrency rules are written at its top.
+//! - `connection`: URLs, TLS, cluster detection; the command and pub/sub connections.
+//! - `keys`: key and pub/sub names (hash-tagged per channel, under the configured prefix).
+//! - `codec`: pub/sub payloads and stream entries, to and from `Message`.
+//! - `scripts` + `lua/`: the Lua scripts, one `.lua` file each.
+//!
+//! Operations notes (keys, TTLs, failure behaviour, cluster setup) are in `docs/redis.md`.
+
+mod broker;
+mod codec;
+mod connection;
+mod keys;
+mod pubsub;
+mod scripts;
+
+use std::path::PathBuf;
+
+pub use broker::{PRESENCE_TTL, RedisBroker};
+pub use connection::masked as masked_url;
+pub use keys::MAX_PREFIX_LEN;
+
+/// Where and how to connect.
+#[derive(Clone, Debug, Default)]
+pub struct RedisOptions {
+    /// One `redis://` / `rediss://` URL, or the seed nodes of a Redis Cluster.
+    pub urls: Vec<String>,
+    /// Prefix of every key and pub/sub channel name (`[broker] prefix`).
+    pub prefix: String,
+    /// PEM file with the CA that signed the server's certificate, for `rediss://` with a
+    /// private CA (the system's roots are used otherwise).
+    pub tls_ca_file: Option<PathBuf>,
+}
+
+impl RedisOptions {
+    /// Options from `[broker] url`: one URL, or a comma-separated list of cluster seeds.
+    pub fn from_url(url: &str, prefix: &str) -> Self {
+        Self {
+            urls: url
+                .split(',')
+                .map(str::trim)
+                .filter(|u| !u.is_empty())
+                .map(str::to_owned)
+                .collect(),
+            prefix: prefix.to_owned(),
+            tls_ca_file: None,
+        }
+    }
+}
+
+/// Why a `RedisBroker` could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    #[error("invalid Redis settings: {0}")]
+    Url(String),
+    #[error("cannot connect to Redis at {0}")]
+    Connect(String),
+}
+
+/// Whether `[broker] url` names Redis (one URL or a list).
+pub fn is_redis_url(url: &str) -> bool {
+    let url = url.trim_start();
+    url.starts_with("redis://") || url.starts_with("rediss://")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_comma_separated_url_is_a_list_of_cluster_seeds() {
+        let o = RedisOptions::from_url("redis://a:7000, redis://b:7001,", "p");
+        assert_eq!(o.urls, vec!["redis://a:7000", "redis://b:7001"]);
+        assert!(is_redis_url("rediss://h"));
+        assert!(!is_redis_url("memory"));
+    }
+}

@@ -1,0 +1,43 @@
+-- One publish: offset assignment, history append and fan-out as one atomic step.
+-- KEYS[1] meta hash {e = epoch, o = last offset, t = last time}, KEYS[2] stream (one slot).
+-- ARGV[1] candidate epoch (used when the channel starts a new incarnation)
+-- ARGV[2] history size, ARGV[3] history ttl (ms), ARGV[4] meta ttl (ms)
+-- ARGV[5] pub/sub channel, ARGV[6] '1' to SPUBLISH (Redis Cluster) instead of PUBLISH
+-- ARGV[7] data kind (j|t|b), ARGV[8] event name ('' for none), ARGV[9] data
+-- Returns {epoch, offset, time ms}.
+local meta, stream = KEYS[1], KEYS[2]
+local size, ttl, meta_ttl = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
+local state = redis.call('HMGET', meta, 'e', 'o', 't')
+local epoch, offset, last_time = state[1], tonumber(state[2] or '0'), tonumber(state[3] or '0')
+if not epoch then
+  -- A new incarnation (see epoch_of): whatever stream is left belonged to the lost one.
+  epoch, offset, last_time = ARGV[1], 0, 0
+  redis.call('DEL', stream)
+end
+offset = offset + 1
+-- A clock that steps back must not make times decrease along the stream.
+local now = math.max(now_ms(), last_time)
+redis.call('HSET', meta, 'e', epoch, 'o', int(offset), 't', int(now))
+redis.call('PEXPIRE', meta, meta_ttl)
+if size > 0 then
+  -- No expiry trimming here: MAXLEN bounds the stream, every read and stats call trims what
+  -- expired before looking, and PEXPIRE drops a stream whose newest entry expired. That keeps
+  -- a publish at a handful of O(1) commands.
+  local id = int(offset) .. '-' .. int(now)
+  if ARGV[8] == '' then
+    redis.call('XADD', stream, 'MAXLEN', '=', size, id, 'k', ARGV[7], 'd', ARGV[9])
+  else
+    redis.call('XADD', stream, 'MAXLEN', '=', size, id, 'k', ARGV[7], 'v', ARGV[8], 'd', ARGV[9])
+  end
+  redis.call('PEXPIRE', stream, ttl)
+else
+  -- No history for this namespace (any left from a larger setting is dropped).
+  redis.call('DEL', stream)
+end
+local payload = 'm' .. epoch .. '\n' .. int(offset) .. '\n' .. int(now) .. '\n' .. ARGV[7] .. '\n' .. ARGV[8] .. '\n' .. ARGV[9]
+if ARGV[6] == '1' then
+  redis.call('SPUBLISH', ARGV[5], payload)
+else
+  redis.call('PUBLISH', ARGV[5], payload)
+end
+return {epoch, offset, now}

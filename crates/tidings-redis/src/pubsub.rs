@@ -1,0 +1,443 @@
+//! The node's pub/sub side: one connection per node, one reader, one supervisor, and the
+//! per-channel subscriptions reconciled against the hub.
+//!
+//! # Concurrency rules
+//! - redis-rs calls the push callback (`Inbox::push`) on its connection task, in the order the
+//!   server sent the pushes, and it must never block. It only enqueues into the inbox, which is
+//!   bounded twice (pushes and bytes). When full, the push is dropped and the drop recorded;
+//!   the reader then ends every local session (`BrokerUnavailable`) *before* it delivers
+//!   anything that followed, so nobody is left with a silent hole: clients resume from their
+//!   cursors, and history has what they missed.
+//! - Exactly one reader task (`run_reader`) drains the inbox into `Hub::deliver` and
+//!   `Hub::deliver_presence`. Redis sends a channel's messages in publish (= offset) order on
+//!   one connection, and a single reader keeps that order.
+//! - Exactly one supervisor task (`run_supervisor`) owns the connection's life: connect,
+//!   resubscribe every channel with local subscribers, health-check, and on loss (a
+//!   `Disconnection` push or a failed PING) drop it, end every local session, reconnect with
+//!   backoff. Each connection has a generation; pushes carry theirs and the reader ignores
+//!   those of a connection that is no longer current.
+//! - SUBSCRIBE/UNSUBSCRIBE of one channel are serialized by that channel's async mutex in
+//!   `subs`, and each call reconciles Redis with `Hub::subscriber_count` rather than trusting
+//!   call order: a leave racing a join ends subscribed exactly when the hub has a subscriber.
+//! - `link` and `subs` are std mutexes held for a clone or a map update, never across an
+//!   `.await`.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::Ordering::{AcqRel, Acquire, Relaxed, Release};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::StreamExt;
+use redis::{PushInfo, PushKind, Value};
+use tidings_core::presence::PresenceEvent;
+use tidings_core::{BrokerError, ChannelName, DisconnectReason, Epoch};
+use tokio::sync::{Notify, mpsc};
+use tokio_util::sync::CancellationToken;
+
+use crate::broker::{Shared, relock};
+use crate::codec::{Push, decode_push};
+use crate::connection::{PubSubConn, RESPONSE_TIMEOUT};
+
+/// Pushes the inbox holds before it starts dropping (and ending sessions).
+const INBOX_PUSHES: usize = 65_536;
+/// Bytes of payload the inbox holds before it starts dropping.
+const INBOX_BYTES: usize = 64 << 20;
+/// How often an idle connection is PINGed: a peer that vanished without closing the socket
+/// is noticed within this plus `RESPONSE_TIMEOUT`.
+const HEALTH_EVERY: Duration = Duration::from_secs(5);
+const RETRY_MIN: Duration = Duration::from_millis(100);
+const RETRY_MAX: Duration = Duration::from_secs(2);
+/// Resubscriptions in flight at once after a reconnect.
+const RESUBSCRIBE_CONCURRENCY: usize = 32;
+/// Pub/sub names the reader remembers the channel (and last epoch) of.
+const NAME_CACHE: usize = 10_000;
+
+pub struct Pushed {
+    generation: u64,
+    info: PushInfo,
+    weight: usize,
+}
+
+/// Where the connection's push callback puts what Redis sends.
+pub struct Inbox {
+    tx: mpsc::Sender<Pushed>,
+    bytes: AtomicUsize,
+    /// Set when a push had to be dropped; the reader ends every session before going on.
+    dropped: AtomicBool,
+    /// The generation whose connection reported `Disconnection`, for the supervisor.
+    disconnected: AtomicU64,
+    wake_supervisor: Notify,
+}
+
+impl Inbox {
+    pub fn new() -> (Arc<Self>, mpsc::Receiver<Pushed>) {
+        let (tx, rx) = mpsc::channel(INBOX_PUSHES);
+        let inbox = Arc::new(Self {
+            tx,
+            bytes: AtomicUsize::new(0),
+            dropped: AtomicBool::new(false),
+            disconnected: AtomicU64::new(0),
+            wake_supervisor: Notify::new(),
+        });
+        (inbox, rx)
+    }
+
+    /// The push callback: never blocks, never fails.
+    fn push(&self, generation: u64, info: PushInfo) {
+        if info.kind == PushKind::Disconnection {
+            self.disconnected.store(generation, Release);
+            self.wake_supervisor.notify_one();
+            return;
+        }
+        if !matches!(info.kind, PushKind::Message | PushKind::SMessage) {
+            // Subscribe confirmations and the like: the subscribe call already has its answer.
+            return;
+        }
+        let weight = 64 + info.data.iter().map(value_len).sum::<usize>();
+        if self.bytes.fetch_add(weight, AcqRel) + weight > INBOX_BYTES {
+            self.bytes.fetch_sub(weight, AcqRel);
+            self.dropped.store(true, Release);
+            return;
+        }
+        let pushed = Pushed {
+            generation,
+            info,
+            weight,
+        };
+        if self.tx.try_send(pushed).is_err() {
+            self.bytes.fetch_sub(weight, AcqRel);
+            self.dropped.store(true, Release);
+        }
+    }
+}
+
+fn value_len(v: &Value) -> usize {
+    match v {
+        Value::BulkString(b) => b.len(),
+        _ => 16,
+    }
+}
+
+/// The current pub/sub connection, if any, and its generation.
+#[derive(Default)]
+pub struct Link {
+    generation: u64,
+    conn: Option<PubSubConn>,
+}
+
+impl Shared {
+    fn link(&self) -> (u64, Option<PubSubConn>) {
+        let link = relock(&self.link);
+        (link.generation, link.conn.clone())
+    }
+
+    /// Whether the node can receive messages now.
+    pub fn connected(&self) -> bool {
+        relock(&self.link).conn.is_some()
+    }
+
+    fn install(&self, generation: u64, conn: PubSubConn) {
+        let mut link = relock(&self.link);
+        link.generation = generation;
+        link.conn = Some(conn);
+        self.current_generation.store(generation, Release);
+    }
+
+    /// The connection of `generation` is gone: stop using it, then end every local session.
+    /// Order matters: a session that registers after this sees no connection and is refused
+    /// (503) instead of going live on a connection that misses messages.
+    fn lose(&self, generation: u64, why: &str) {
+        {
+            let mut link = relock(&self.link);
+            if link.generation != generation || link.conn.is_none() {
+                return;
+            }
+            link.conn = None;
+        }
+        self.current_generation.store(0, Release);
+        tracing::warn!(
+            why,
+            "lost the Redis pub/sub connection; ending every local session (clients resume from their cursors)"
+        );
+        self.hub.disconnect_all(DisconnectReason::BrokerUnavailable);
+    }
+
+    fn slot(&self, channel: &ChannelName) -> Arc<tokio::sync::Mutex<u64>> {
+        relock(&self.subs)
+            .entry(channel.clone())
+            .or_insert_with(|| Arc::new(tokio::sync::Mutex::new(0)))
+            .clone()
+    }
+
+    /// Makes Redis agree with the hub for `channel`: subscribed on the current connection
+    /// when the hub has local subscribers, not subscribed otherwise. Returns once Redis has
+    /// confirmed, which is what lets a join read history right after (see `read`).
+    pub async fn reconcile(&self, channel: &ChannelName) -> Result<(), BrokerError> {
+        let slot = self.slot(channel);
+        let result = {
+            // The generation this channel is subscribed on (0: not subscribed).
+            let mut subscribed = slot.lock().await;
+            let want = self.hub.subscriber_count(channel) > 0;
+            match self.link() {
+                (generation, Some(conn)) => {
+                    let have = *subscribed == generation;
+                    let name = self.keys.pubsub(channel);
+                    if want && !have {
+                        match tokio::time::timeout(RESPONSE_TIMEOUT, conn.subscribe(&name)).await {
+                            Ok(Ok(())) => {
+                                *subscribed = generation;
+                                Ok(())
+                            }
+                            Ok(Err(e)) => Err(BrokerError::Unavailable(format!(
+                                "subscribing to {channel}: {e}"
+                            ))),
+                            Err(_) => Err(BrokerError::Unavailable(format!(
+                                "subscribing to {channel}: timed out"
+                            ))),
+                        }
+                    } else {
+                        if !want && have {
+                            *subscribed = 0;
+                            // A failed UNSUBSCRIBE only costs unneeded traffic until the
+                            // connection is replaced; the hub drops what nobody follows.
+                            if let Ok(Err(e)) =
+                                tokio::time::timeout(RESPONSE_TIMEOUT, conn.unsubscribe(&name))
+                                    .await
+                            {
+                                tracing::debug!(%channel, error = %e, "unsubscribe failed");
+                            }
+                        }
+                        Ok(())
+                    }
+                }
+                (_, None) => {
+                    *subscribed = 0;
+                    if want {
+                        Err(BrokerError::Unavailable(
+                            "Redis pub/sub is not connected".into(),
+                        ))
+                    } else {
+                        Ok(())
+                    }
+                }
+            }
+        };
+        // Forget the slot when nobody holds it and it stands for no subscription.
+        let mut subs = relock(&self.subs);
+        if Arc::strong_count(&slot) == 2 && slot.try_lock().is_ok_and(|g| *g == 0) {
+            subs.remove(channel);
+        }
+        result
+    }
+
+    /// After a reconnect: every channel the hub follows, plus any slot left from before.
+    async fn resubscribe_all(&self) {
+        let mut channels = self.hub.channels();
+        channels.extend(relock(&self.subs).keys().cloned());
+        channels.sort();
+        channels.dedup();
+        futures_util::stream::iter(channels)
+            .for_each_concurrent(RESUBSCRIBE_CONCURRENCY, |c| async move {
+                if let Err(e) = self.reconcile(&c).await {
+                    tracing::warn!(channel = %c, error = %e, "resubscribe failed");
+                }
+            })
+            .await;
+    }
+}
+
+/// Keeps the node's pub/sub connection up for as long as the broker lives.
+pub async fn run_supervisor(shared: Arc<Shared>, stop: CancellationToken) {
+    let mut backoff = RETRY_MIN;
+    let mut generation = 0u64;
+    let mut failures = 0u32;
+    loop {
+        generation += 1;
+        let inbox = shared.inbox.clone();
+        let sender = move |info: PushInfo| -> Result<(), ()> {
+            inbox.push(generation, info);
+            Ok(())
+        };
+        let attempt = tokio::select! {
+            _ = stop.cancelled() => return,
+            r = tokio::time::timeout(2 * RESPONSE_TIMEOUT, shared.endpoint.pubsub(sender)) => r,
+        };
+        let conn = match attempt {
+            Ok(Ok(conn)) => conn,
+            failed => {
+                failures += 1;
+                // One line per outage, then one every ~30 attempts, not one per retry.
+                if failures == 1 || failures.is_multiple_of(30) {
+                    let error = match failed {
+                        Ok(Err(e)) => e.to_string(),
+                        _ => "timed out".into(),
+                    };
+                    tracing::warn!(%error, failures, "cannot reach Redis for pub/sub; retrying");
+                }
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(RETRY_MAX);
+                continue;
+            }
+        };
+        shared.install(generation, conn.clone());
+        shared.resubscribe_all().await;
+        if failures > 0 {
+            tracing::info!(failures, "Redis pub/sub is back; channels resubscribed");
+        }
+        failures = 0;
+        backoff = RETRY_MIN;
+        loop {
+            let health_check = tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = shared.inbox.wake_supervisor.notified() => false,
+                _ = tokio::time::sleep(HEALTH_EVERY) => true,
+            };
+            if shared.inbox.disconnected.load(Acquire) == generation {
+                shared.lose(generation, "the connection closed");
+                break;
+            }
+            if health_check
+                && !matches!(
+                    tokio::time::timeout(RESPONSE_TIMEOUT, conn.ping()).await,
+                    Ok(Ok(()))
+                )
+            {
+                shared.lose(generation, "PING went unanswered");
+                break;
+            }
+        }
+    }
+}
+
+/// The single reader: inbox → hub, in arrival order.
+pub async fn run_reader(
+    shared: Arc<Shared>,
+    mut rx: mpsc::Receiver<Pushed>,
+    stop: CancellationToken,
+) {
+    let mut names: HashMap<Vec<u8>, (ChannelName, Option<Epoch>)> = HashMap::new();
+    let mut batch = Vec::with_capacity(256);
+    loop {
+        batch.clear();
+        let n = tokio::select! {
+            _ = stop.cancelled() => return,
+            n = rx.recv_many(&mut batch, 256) => n,
+        };
+        if n == 0 {
+            return;
+        }
+        for pushed in batch.drain(..) {
+            shared.inbox.bytes.fetch_sub(pushed.weight, AcqRel);
+            if shared.inbox.dropped.swap(false, AcqRel) {
+                tracing::warn!(
+                    "the Redis pub/sub inbox overflowed; ending every local session (clients resume from their cursors)"
+                );
+                shared
+                    .hub
+                    .disconnect_all(DisconnectReason::BrokerUnavailable);
+            }
+            if pushed.generation != shared.current_generation.load(Relaxed) {
+                continue;
+            }
+            deliver(&shared, pushed.info.data, &mut names);
+        }
+    }
+}
+
+fn deliver(
+    shared: &Shared,
+    data: Vec<Value>,
+    names: &mut HashMap<Vec<u8>, (ChannelName, Option<Epoch>)>,
+) {
+    let mut data = data.into_iter();
+    let (Some(Value::BulkString(name)), Some(Value::BulkString(payload))) =
+        (data.next(), data.next())
+    else {
+        tracing::warn!("ignoring a pub/sub push without channel and payload");
+        return;
+    };
+    if !names.contains_key(&name) {
+        let Some(channel) = shared.keys.channel_of_pubsub(&name) else {
+            return;
+        };
+        if names.len() >= NAME_CACHE {
+            names.clear();
+        }
+        names.insert(name.clone(), (channel, None));
+    }
+    let Some((channel, epoch)) = names.get_mut(&name) else {
+        return;
+    };
+    match decode_push(channel, Bytes::from(payload), epoch) {
+        Ok(Push::Message(m)) => {
+            shared.hub.deliver(&m);
+        }
+        Ok(Push::Presence(kind, info)) => {
+            shared.hub.deliver_presence(&Arc::new(PresenceEvent {
+                kind,
+                channel: channel.clone(),
+                info,
+            }));
+        }
+        Err(e) => tracing::warn!(%channel, error = e, "ignoring a malformed pub/sub payload"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    fn message(bytes: usize) -> PushInfo {
+        PushInfo {
+            kind: PushKind::Message,
+            data: vec![
+                Value::BulkString(b"p:{c}:c".to_vec()),
+                Value::BulkString(vec![b'x'; bytes]),
+            ],
+        }
+    }
+
+    #[test]
+    fn a_full_inbox_drops_and_records_the_loss_without_blocking() {
+        let (inbox, mut rx) = Inbox::new();
+        let big = INBOX_BYTES / 4;
+        for _ in 0..4 {
+            inbox.push(1, message(big));
+        }
+        assert!(
+            inbox.dropped.load(Acquire),
+            "the fourth push is over the byte budget"
+        );
+        let mut taken = 0;
+        while let Ok(p) = rx.try_recv() {
+            inbox.bytes.fetch_sub(p.weight, AcqRel);
+            taken += 1;
+        }
+        assert_eq!(taken, 3);
+        assert_eq!(inbox.bytes.load(Acquire), 0);
+    }
+
+    #[test]
+    fn a_disconnection_wakes_the_supervisor_even_when_the_inbox_is_full() {
+        let (inbox, _rx) = Inbox::new();
+        for _ in 0..INBOX_PUSHES + 1 {
+            inbox.push(3, message(1));
+        }
+        assert!(inbox.dropped.load(Acquire));
+        inbox.push(
+            3,
+            PushInfo {
+                kind: PushKind::Disconnection,
+                data: vec![],
+            },
+        );
+        assert_eq!(inbox.disconnected.load(Acquire), 3);
+    }
+}

@@ -1,0 +1,361 @@
+//! Test support: real `redis-server` processes on free loopback ports, started by the tests
+//! themselves (Debian's `redis-server` package; `scripts/test.sh` installs it).
+//!
+//! Each server runs under a tiny `sh` keeper that holds the read end of a pipe from the test
+//! process: when the test process exits for any reason (pass, panic, abort), the pipe closes
+//! and the keeper kills its server and removes its directory, so no `redis-server` outlives
+//! the test that started it. No persistence (`--save '' --appendonly no`).
+//!
+//! Shared by the tidings-redis tests and the tidings-server end-to-end tests (`#[path]`).
+
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+const READY_WITHIN: Duration = Duration::from_secs(10);
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A key prefix no other test (or test process) uses.
+pub fn unique_prefix(tag: &str) -> String {
+    static N: AtomicU64 = AtomicU64::new(0);
+    format!(
+        "t{}-{}-{}-{tag}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed),
+        rand_suffix()
+    )
+}
+
+fn rand_suffix() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos().into())
+}
+
+/// Sends one command (inline form) and returns the raw reply.
+pub fn command(port: u16, line: &str) -> std::io::Result<String> {
+    let mut s = TcpStream::connect(("127.0.0.1", port))?;
+    s.set_read_timeout(Some(Duration::from_secs(2)))?;
+    s.write_all(format!("{line}\r\n").as_bytes())?;
+    let mut buf = vec![0u8; 64 * 1024];
+    let n = s.read(&mut buf)?;
+    Ok(String::from_utf8_lossy(&buf[..n]).into_owned())
+}
+
+pub struct RedisServer {
+    pub port: u16,
+    pub pid: u32,
+    dir: PathBuf,
+    keeper: Child,
+    keeper_stdin: Option<ChildStdin>,
+}
+
+impl RedisServer {
+    /// A standalone server on a free port.
+    pub fn start() -> Self {
+        Self::start_on(free_port(), &[])
+    }
+
+    /// A server on `port` (say, the port of one that was killed) with extra arguments.
+    pub fn start_on(port: u16, extra: &[&str]) -> Self {
+        let dir = std::env::temp_dir().join(format!(
+            "tidings-redis-{}-{port}-{}",
+            std::process::id(),
+            rand_suffix()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        let log = dir.join("redis.log");
+        let mut args: Vec<String> = vec![
+            "--port".into(),
+            port.to_string(),
+            "--bind".into(),
+            "127.0.0.1".into(),
+            "--save".into(),
+            String::new(),
+            "--appendonly".into(),
+            "no".into(),
+            "--dir".into(),
+            dir.display().to_string(),
+            "--logfile".into(),
+            log.display().to_string(),
+            "--daemonize".into(),
+            "no".into(),
+        ];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let script = r#"redis-server "$@" </dev/null & pid=$!; echo "$pid"; read _; kill -9 "$pid" 2>/dev/null; wait "$pid" 2>/dev/null; rm -rf "$TIDINGS_REDIS_DIR""#;
+        let mut keeper = Command::new("sh")
+            .arg("-c")
+            .arg(script)
+            .arg("sh")
+            .args(&args)
+            .env("TIDINGS_REDIS_DIR", &dir)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("cannot run sh");
+        let stdout = keeper.stdout.take().unwrap();
+        let mut line = String::new();
+        BufReader::new(stdout).read_line(&mut line).unwrap();
+        let pid: u32 = line
+            .trim()
+            .parse()
+            .expect("the keeper prints the server's pid");
+        let keeper_stdin = keeper.stdin.take();
+        let server = Self {
+            port,
+            pid,
+            dir,
+            keeper,
+            keeper_stdin,
+        };
+        let deadline = Instant::now() + READY_WITHIN;
+        loop {
+            // NOAUTH: up, but the test configured users (the test authenticates itself).
+            if command(port, "PING").is_ok_and(|r| r.starts_with("+PONG") || r.contains("NOAUTH")) {
+                return server;
+            }
+            if Instant::now() > deadline {
+                let log = std::fs::read_to_string(server.dir.join("redis.log")).unwrap_or_default();
+                panic!(
+                    "redis-server did not start on port {port} (is the redis-server package installed? \
+                     scripts/test.sh installs it). Its log:\n{log}"
+                );
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// The server's working directory (its `dump.rdb` after a `SAVE`).
+    pub fn dir(&self) -> String {
+        self.dir.display().to_string()
+    }
+
+    /// SIGKILLs the server (the keeper stays until dropped); returns once the port is closed.
+    pub fn kill(&mut self) {
+        let _ = Command::new("kill")
+            .arg("-9")
+            .arg(self.pid.to_string())
+            .status();
+        let deadline = Instant::now() + READY_WITHIN;
+        while TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+            assert!(
+                Instant::now() < deadline,
+                "redis-server {} did not die",
+                self.pid
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    pub fn command(&self, line: &str) -> String {
+        command(self.port, line).unwrap()
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        // Closing the pipe tells the keeper to kill the server and clean up.
+        drop(self.keeper_stdin.take());
+        let _ = self.keeper.wait();
+    }
+}
+
+/// One standalone server for the whole test process.
+pub fn shared() -> &'static RedisServer {
+    static SERVER: OnceLock<RedisServer> = OnceLock::new();
+    SERVER.get_or_init(RedisServer::start)
+}
+
+/// A Redis Cluster of `n` masters (no replicas) on loopback ports.
+pub struct RedisCluster {
+    pub nodes: Vec<RedisServer>,
+}
+
+impl RedisCluster {
+    pub fn start(n: usize) -> Self {
+        let nodes: Vec<RedisServer> = (0..n)
+            .map(|_| {
+                let bus = free_port().to_string();
+                RedisServer::start_on(
+                    free_port(),
+                    &[
+                        "--cluster-enabled",
+                        "yes",
+                        "--cluster-config-file",
+                        "nodes.conf",
+                        "--cluster-port",
+                        &bus,
+                        "--cluster-node-timeout",
+                        "2000",
+                    ],
+                )
+            })
+            .collect();
+        let addrs: Vec<String> = nodes
+            .iter()
+            .map(|s| format!("127.0.0.1:{}", s.port))
+            .collect();
+        let out = Command::new("redis-cli")
+            .arg("--cluster")
+            .arg("create")
+            .args(&addrs)
+            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .stdin(Stdio::null())
+            .output()
+            .expect("cannot run redis-cli");
+        assert!(
+            out.status.success(),
+            "redis-cli --cluster create failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let deadline = Instant::now() + READY_WITHIN;
+        for node in &nodes {
+            while !node.command("CLUSTER INFO").contains("cluster_state:ok") {
+                assert!(Instant::now() < deadline, "the cluster never became ok");
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        Self { nodes }
+    }
+
+    pub fn urls(&self) -> Vec<String> {
+        self.nodes.iter().map(RedisServer::url).collect()
+    }
+}
+
+/// A private CA and a server certificate for 127.0.0.1, made with the `openssl` command.
+pub struct TlsFiles {
+    pub dir: PathBuf,
+}
+
+impl TlsFiles {
+    pub fn generate() -> Self {
+        let dir = std::env::temp_dir().join(format!(
+            "tidings-tls-{}-{}",
+            std::process::id(),
+            rand_suffix()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("san.ext"), "subjectAltName=IP:127.0.0.1\n").unwrap();
+        let steps: [&[&str]; 3] = [
+            &[
+                "req",
+                "-x509",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:prime256v1",
+                "-nodes",
+                "-keyout",
+                "ca.key",
+                "-out",
+                "ca.crt",
+                "-days",
+                "2",
+                "-subj",
+                "/CN=tidings test CA",
+            ],
+            &[
+                "req",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:prime256v1",
+                "-nodes",
+                "-keyout",
+                "server.key",
+                "-out",
+                "server.csr",
+                "-subj",
+                "/CN=127.0.0.1",
+            ],
+            &[
+                "x509",
+                "-req",
+                "-in",
+                "server.csr",
+                "-CA",
+                "ca.crt",
+                "-CAkey",
+                "ca.key",
+                "-CAcreateserial",
+                "-out",
+                "server.crt",
+                "-days",
+                "2",
+                "-extfile",
+                "san.ext",
+            ],
+        ];
+        for args in steps {
+            let out = Command::new("openssl")
+                .args(args)
+                .current_dir(&dir)
+                .stdin(Stdio::null())
+                .output()
+                .expect("the openssl command is needed to make test certificates");
+            assert!(
+                out.status.success(),
+                "openssl {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Self { dir }
+    }
+
+    pub fn path(&self, name: &str) -> String {
+        self.dir.join(name).display().to_string()
+    }
+
+    /// A server with TLS on `tls_port` (and plain TCP on its usual port, for readiness).
+    pub fn server(&self, tls_port: u16) -> RedisServer {
+        let port = tls_port.to_string();
+        let (cert, key, ca) = (
+            self.path("server.crt"),
+            self.path("server.key"),
+            self.path("ca.crt"),
+        );
+        RedisServer::start_on(
+            free_port(),
+            &[
+                "--tls-port",
+                &port,
+                "--tls-cert-file",
+                &cert,
+                "--tls-key-file",
+                &key,
+                "--tls-ca-cert-file",
+                &ca,
+                "--tls-auth-clients",
+                "no",
+            ],
+        )
+    }
+}
+
+impl Drop for TlsFiles {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}

@@ -1,0 +1,394 @@
+//! Who is asking, and may they? API keys and JWTs, read from the `Authorization: Bearer`
+//! header, the `token` query parameter or the `tidings_token` cookie (EventSource cannot set
+//! headers), checked against each channel's namespace policy.
+//!
+//! How each failure maps to a status (SPEC §6, issue 4), and why:
+//! - credentials required but none given → **401** `unauthorized` with `WWW-Authenticate: Bearer`;
+//! - credentials given in a form we do not read (an `Authorization` header that is not
+//!   `Bearer <token>`, a token with spaces or control characters) → **400** `invalid_credentials`:
+//!   the client is broken, not unauthorized;
+//! - a token or key that fails *any* check (unknown key, bad signature, wrong or `none` alg,
+//!   expired, not yet valid, malformed JWT) → **401** `invalid_token`, always the same message,
+//!   so an attacker learns nothing about which check failed;
+//! - valid credentials without the grant for the channel → **403** `forbidden`;
+//! - `/api/*` once `[auth]` exists needs an API key: a token is valid but not enough → 403.
+//!
+//! In open mode (no `[auth]`) nothing is read: every request is `Anonymous`, and the default
+//! namespace policies let anyone subscribe and publish.
+
+pub mod grants;
+pub mod jwt;
+
+use axum::http::{HeaderMap, StatusCode, header};
+use subtle::ConstantTimeEq;
+use tidings_core::{ChannelName, ChannelPolicy, ClientInfo, PublishPolicy, SubscribePolicy};
+
+use crate::api::error::ApiError;
+use crate::config::{AuthConfig, ConfigError};
+use jwt::{Claims, JwtVerifier};
+
+/// The cookie EventSource clients can carry a token in.
+pub const TOKEN_COOKIE: &str = "tidings_token";
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Principal {
+    /// Open mode, or no credentials given.
+    Anonymous,
+    /// A configured API key: a backend with full publish and admin rights.
+    ApiKey,
+    /// A verified JWT.
+    User(Claims),
+}
+
+impl Principal {
+    /// When the credentials stop being valid, in seconds since the Unix epoch.
+    pub fn expires_at(&self) -> Option<u64> {
+        match self {
+            Principal::User(c) => c.exp,
+            _ => None,
+        }
+    }
+
+    /// A presence entry for this principal: a fresh client id, the token's `sub` as user.
+    pub fn client_info(&self) -> ClientInfo {
+        let mut info = ClientInfo::anonymous();
+        if let Principal::User(c) = self {
+            info.user = c.sub.clone();
+        }
+        info
+    }
+}
+
+pub struct Auth {
+    enabled: bool,
+    api_keys: Vec<String>,
+    jwt: Option<JwtVerifier>,
+}
+
+fn unauthorized(code: &'static str, message: &str) -> ApiError {
+    ApiError::new(StatusCode::UNAUTHORIZED, code, message)
+}
+
+fn forbidden(message: String) -> ApiError {
+    ApiError::new(StatusCode::FORBIDDEN, "forbidden", message)
+}
+
+/// One answer for every token defect (see the module docs).
+fn invalid_token() -> ApiError {
+    unauthorized(
+        "invalid_token",
+        "the credentials are not valid (unknown, expired, not yet valid or badly signed)",
+    )
+}
+
+impl Auth {
+    pub fn from_config(config: &AuthConfig) -> Result<Self, ConfigError> {
+        let jwt = match (&config.jwt_secret, &config.jwt_public_key_file) {
+            (Some(_), Some(_)) => {
+                return Err(ConfigError::Invalid(
+                    "auth: set jwt_secret (HS256) or jwt_public_key_file (RS256/ES256), not both"
+                        .into(),
+                ));
+            }
+            (Some(secret), None) if secret.0.len() < 16 => {
+                return Err(ConfigError::Invalid(
+                    "auth.jwt_secret must be at least 16 characters".into(),
+                ));
+            }
+            (Some(secret), None) => Some(JwtVerifier::hs256(&secret.0)),
+            (None, Some(path)) => Some(JwtVerifier::from_public_key_file(path)?),
+            (None, None) => None,
+        };
+        if config.api_keys.iter().any(|k| k.0.len() < 16) {
+            return Err(ConfigError::Invalid(
+                "auth.api_keys: every key must be at least 16 characters".into(),
+            ));
+        }
+        Ok(Self {
+            enabled: config.enabled(),
+            api_keys: config.api_keys.iter().map(|k| k.0.clone()).collect(),
+            jwt,
+        })
+    }
+
+    /// No auth: every request is anonymous.
+    pub fn open() -> Self {
+        Self {
+            enabled: false,
+            api_keys: Vec::new(),
+            jwt: None,
+        }
+    }
+
+    pub fn enabled(&self) -> bool {
+        self.enabled
+    }
+
+    /// Reads and verifies the request's credentials, if any.
+    pub fn authenticate(
+        &self,
+        headers: &HeaderMap,
+        query: Option<&str>,
+    ) -> Result<Principal, ApiError> {
+        if !self.enabled {
+            return Ok(Principal::Anonymous);
+        }
+        let Some(token) = credentials(headers, query)? else {
+            return Ok(Principal::Anonymous);
+        };
+        // Constant-time against every key, so timing says nothing about near misses.
+        let is_key = self.api_keys.iter().fold(false, |hit, k| {
+            hit | bool::from(k.as_bytes().ct_eq(token.as_bytes()))
+        });
+        if is_key {
+            return Ok(Principal::ApiKey);
+        }
+        match &self.jwt {
+            Some(v) => v
+                .verify(&token)
+                .map(Principal::User)
+                .map_err(|_| invalid_token()),
+            None => Err(invalid_token()),
+        }
+    }
+
+    /// May `who` subscribe to `channel` under `policy`?
+    pub fn check_subscribe(
+        &self,
+        who: &Principal,
+        channel: &ChannelName,
+        policy: &ChannelPolicy,
+    ) -> Result<(), ApiError> {
+        match (policy.subscribe, who) {
+            (SubscribePolicy::Anyone, _) | (_, Principal::ApiKey) => Ok(()),
+            (SubscribePolicy::Token, Principal::Anonymous) => Err(unauthorized(
+                "unauthorized",
+                &format!(
+                    "subscribing to {channel} needs a token (Authorization: Bearer, ?token= or the tidings_token cookie)"
+                ),
+            )),
+            (SubscribePolicy::Token, Principal::User(c)) => {
+                if grants::any_matches(&c.tidings.subscribe, channel.as_str()) {
+                    Ok(())
+                } else {
+                    Err(forbidden(format!(
+                        "the token does not grant subscribing to {channel}"
+                    )))
+                }
+            }
+        }
+    }
+
+    /// May `who` publish to `channel` under `policy`?
+    pub fn check_publish(
+        &self,
+        who: &Principal,
+        channel: &ChannelName,
+        policy: &ChannelPolicy,
+    ) -> Result<(), ApiError> {
+        match (policy.publish, who) {
+            (PublishPolicy::Anyone, _) | (_, Principal::ApiKey) => Ok(()),
+            (_, Principal::Anonymous) => Err(unauthorized(
+                "unauthorized",
+                &format!("publishing to {channel} needs credentials"),
+            )),
+            (PublishPolicy::Server, Principal::User(_)) => Err(forbidden(format!(
+                "only the server's API keys may publish to {channel}"
+            ))),
+            (PublishPolicy::Token, Principal::User(c)) => {
+                if grants::any_matches(&c.tidings.publish, channel.as_str()) {
+                    Ok(())
+                } else {
+                    Err(forbidden(format!(
+                        "the token does not grant publishing to {channel}"
+                    )))
+                }
+            }
+        }
+    }
+
+    /// `/api/*` once auth is on: API keys only.
+    pub fn check_admin(&self, who: &Principal) -> Result<(), ApiError> {
+        match (self.enabled, who) {
+            (false, _) | (true, Principal::ApiKey) => Ok(()),
+            (true, Principal::Anonymous) => Err(unauthorized(
+                "unauthorized",
+                "the API needs an API key (Authorization: Bearer KEY)",
+            )),
+            (true, Principal::User(_)) => Err(forbidden(
+                "the API needs an API key, not a user token".into(),
+            )),
+        }
+    }
+}
+
+/// The bearer token from the header, the `token` query parameter or the cookie, in that
+/// order. `Err` (400) when something is there but not in a form we read.
+fn credentials(headers: &HeaderMap, query: Option<&str>) -> Result<Option<String>, ApiError> {
+    let malformed = |what: &str| {
+        ApiError::bad_request(
+            "invalid_credentials",
+            format!("{what}: send credentials as `Authorization: Bearer <token>`"),
+        )
+    };
+    let valid =
+        |t: &str| !t.is_empty() && t.len() <= 8192 && t.bytes().all(|b| b.is_ascii_graphic());
+    if let Some(value) = headers.get(header::AUTHORIZATION) {
+        let value = value
+            .to_str()
+            .map_err(|_| malformed("the Authorization header is not ASCII"))?;
+        let token = value
+            .strip_prefix("Bearer ")
+            .or_else(|| value.strip_prefix("bearer "))
+            .map(str::trim)
+            .ok_or_else(|| malformed("the Authorization header is not a Bearer token"))?;
+        if !valid(token) {
+            return Err(malformed(
+                "the bearer token is empty or has invalid characters",
+            ));
+        }
+        return Ok(Some(token.to_owned()));
+    }
+    for (k, v) in form_urlencoded::parse(query.unwrap_or("").as_bytes()) {
+        if k == "token" {
+            if !valid(&v) {
+                return Err(malformed(
+                    "the token query parameter is empty or has invalid characters",
+                ));
+            }
+            return Ok(Some(v.into_owned()));
+        }
+    }
+    for cookies in headers.get_all(header::COOKIE) {
+        let Ok(cookies) = cookies.to_str() else {
+            continue;
+        };
+        for pair in cookies.split(';') {
+            if let Some((name, value)) = pair.trim().split_once('=')
+                && name == TOKEN_COOKIE
+            {
+                let value = value.trim_matches('"');
+                if !valid(value) {
+                    return Err(malformed("the tidings_token cookie has invalid characters"));
+                }
+                return Ok(Some(value.to_owned()));
+            }
+        }
+    }
+    Ok(None)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Secret;
+
+    fn auth() -> Auth {
+        Auth::from_config(&AuthConfig {
+            api_keys: vec![Secret("backend-key-0123456789".into())],
+            jwt_secret: Some(Secret("jwt-secret-0123456789".into())),
+            jwt_public_key_file: None,
+        })
+        .unwrap()
+    }
+
+    fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(
+                axum::http::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                v.parse().unwrap(),
+            );
+        }
+        h
+    }
+
+    #[test]
+    fn credentials_come_from_header_query_or_cookie() {
+        let a = auth();
+        let key = "backend-key-0123456789";
+        for (h, q) in [
+            (
+                headers(&[("authorization", &format!("Bearer {key}"))]),
+                None,
+            ),
+            (headers(&[]), Some(format!("channel=x&token={key}"))),
+            (
+                headers(&[("cookie", &format!("a=b; tidings_token={key}"))]),
+                None,
+            ),
+        ] {
+            assert_eq!(a.authenticate(&h, q.as_deref()).unwrap(), Principal::ApiKey);
+        }
+        assert_eq!(
+            a.authenticate(&headers(&[]), None).unwrap(),
+            Principal::Anonymous
+        );
+    }
+
+    #[test]
+    fn malformed_credentials_are_400_and_bad_ones_401() {
+        let a = auth();
+        let e = a
+            .authenticate(&headers(&[("authorization", "Basic dXNlcjpwYXNz")]), None)
+            .unwrap_err();
+        assert_eq!((e.status.as_u16(), e.code), (400, "invalid_credentials"));
+        let e = a
+            .authenticate(&headers(&[("authorization", "Bearer nope")]), None)
+            .unwrap_err();
+        assert_eq!((e.status.as_u16(), e.code), (401, "invalid_token"));
+    }
+
+    #[test]
+    fn policies_decide_between_401_and_403() {
+        let a = auth();
+        let ch = ChannelName::new("chat:lobby").unwrap();
+        let token_only = ChannelPolicy {
+            subscribe: SubscribePolicy::Token,
+            publish: PublishPolicy::Server,
+            ..ChannelPolicy::default()
+        };
+        let user = Principal::User(Claims {
+            sub: Some("alice".into()),
+            exp: None,
+            nbf: None,
+            iat: None,
+            tidings: jwt::Grants {
+                subscribe: vec!["chat:*".into()],
+                publish: vec!["chat:*".into()],
+            },
+        });
+        assert!(a.check_subscribe(&user, &ch, &token_only).is_ok());
+        assert_eq!(
+            a.check_subscribe(&Principal::Anonymous, &ch, &token_only)
+                .unwrap_err()
+                .status,
+            401
+        );
+        let other = ChannelName::new("news").unwrap();
+        assert_eq!(
+            a.check_subscribe(&user, &other, &token_only)
+                .unwrap_err()
+                .status,
+            403
+        );
+        assert_eq!(
+            a.check_publish(&user, &ch, &token_only).unwrap_err().status,
+            403,
+            "server-only"
+        );
+        assert!(
+            a.check_publish(&Principal::ApiKey, &ch, &token_only)
+                .is_ok()
+        );
+        assert_eq!(a.check_admin(&user).unwrap_err().status, 403);
+        assert!(a.check_admin(&Principal::ApiKey).is_ok());
+    }
+
+    #[test]
+    fn open_mode_reads_nothing() {
+        let a = Auth::open();
+        let h = headers(&[("authorization", "Basic whatever")]);
+        assert_eq!(a.authenticate(&h, None).unwrap(), Principal::Anonymous);
+    }
+}

@@ -1,0 +1,148 @@
+//! Connection counting (in total and per client IP) and the per-connection publish rate.
+//!
+//! Concurrency: counters are taken by the accept loop and released by the connection task
+//! when it ends (a permit's Drop). The per-IP map holds only addresses with open connections,
+//! so it cannot grow past the connection limit.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use tokio::time::Instant;
+
+pub struct ConnectionLimits {
+    max_total: usize,
+    max_per_ip: usize,
+    total: AtomicUsize,
+    per_ip: Mutex<HashMap<IpAddr, usize>>,
+}
+
+/// Why a connection was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refused {
+    Total,
+    PerIp,
+}
+
+/// Holds one connection's place; dropping it gives the place back.
+pub struct ConnectionPermit {
+    limits: Arc<ConnectionLimits>,
+    ip: IpAddr,
+}
+
+impl ConnectionLimits {
+    /// `max_per_ip` 0 = unlimited.
+    pub fn new(max_total: usize, max_per_ip: usize) -> Arc<Self> {
+        Arc::new(Self {
+            max_total,
+            max_per_ip,
+            total: AtomicUsize::new(0),
+            per_ip: Mutex::new(HashMap::new()),
+        })
+    }
+
+    pub fn try_acquire(self: &Arc<Self>, ip: IpAddr) -> Result<ConnectionPermit, Refused> {
+        if self.total.fetch_add(1, Ordering::AcqRel) >= self.max_total {
+            self.total.fetch_sub(1, Ordering::AcqRel);
+            return Err(Refused::Total);
+        }
+        let mut per_ip = self.per_ip.lock().unwrap_or_else(|e| e.into_inner());
+        let n = per_ip.entry(ip).or_insert(0);
+        if self.max_per_ip > 0 && *n >= self.max_per_ip {
+            if *n == 0 {
+                per_ip.remove(&ip);
+            }
+            drop(per_ip);
+            self.total.fetch_sub(1, Ordering::AcqRel);
+            return Err(Refused::PerIp);
+        }
+        *n += 1;
+        Ok(ConnectionPermit {
+            limits: self.clone(),
+            ip,
+        })
+    }
+
+    pub fn open(&self) -> usize {
+        self.total.load(Ordering::Acquire)
+    }
+}
+
+impl Drop for ConnectionPermit {
+    fn drop(&mut self) {
+        let mut per_ip = self.limits.per_ip.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = per_ip.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                per_ip.remove(&self.ip);
+            }
+        }
+        drop(per_ip);
+        self.limits.total.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// A token bucket: `rate` per second, bursts up to `rate`. Rate 0 = unlimited.
+pub struct RateLimiter {
+    rate: f64,
+    state: Mutex<(f64, Instant)>,
+}
+
+impl RateLimiter {
+    pub fn new(rate: u32) -> Self {
+        Self {
+            rate: f64::from(rate),
+            state: Mutex::new((f64::from(rate), Instant::now())),
+        }
+    }
+
+    /// Takes one token if there is one.
+    pub fn try_take(&self) -> bool {
+        if self.rate == 0.0 {
+            return true;
+        }
+        let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let now = Instant::now();
+        let refill = now.saturating_duration_since(s.1).as_secs_f64() * self.rate;
+        s.0 = (s.0 + refill).min(self.rate);
+        s.1 = now;
+        if s.0 >= 1.0 {
+            s.0 -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn per_ip_and_total_limits_hold_and_release() {
+        let l = ConnectionLimits::new(3, 2);
+        let a: IpAddr = "127.0.0.1".parse().unwrap();
+        let b: IpAddr = "127.0.0.2".parse().unwrap();
+        let p1 = l.try_acquire(a).unwrap();
+        let _p2 = l.try_acquire(a).unwrap();
+        assert_eq!(l.try_acquire(a).err(), Some(Refused::PerIp));
+        let _p3 = l.try_acquire(b).unwrap();
+        assert_eq!(l.try_acquire(b).err(), Some(Refused::Total));
+        drop(p1);
+        assert!(l.try_acquire(a).is_ok());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_bucket_allows_bursts_then_the_rate() {
+        let r = RateLimiter::new(5);
+        assert!((0..5).all(|_| r.try_take()));
+        assert!(!r.try_take());
+        tokio::time::advance(Duration::from_millis(200)).await;
+        assert!(r.try_take());
+        assert!(!r.try_take());
+        assert!(RateLimiter::new(0).try_take());
+    }
+}

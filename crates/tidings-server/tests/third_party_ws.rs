@@ -1,0 +1,436 @@
+//! Tidings' WebSocket transports against other people's clients: the Python `websockets`
+//! library (`tests/clients/ws_python.py`) and the npm `ws` package (`tests/clients/ws_node.mjs`),
+//! each spawned against a real server on port 0.
+//!
+//! These tests need what `scripts/test.sh` installs (`.venv/` with `websockets`,
+//! `tests/clients/node_modules/` with `ws`). A missing tool fails the test with a message that
+//! says so; nothing is skipped silently.
+//!
+//! No test sleeps: each step waits (with a timeout) for a line on a client's stdout, or for its
+//! exit, and only then does the next thing.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use base64::Engine as _;
+use serde_json::{Value, json};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader, Lines};
+use tokio::process::{Child, ChildStdout, Command};
+
+use common::TestServer;
+
+/// The longest any single wait (a line, an exit) may take before the test fails.
+const WAIT: Duration = Duration::from_secs(20);
+/// The clients' own overall timeout (`TIDINGS_CLIENT_TIMEOUT`): shorter than `WAIT`, so a stuck
+/// client exits 3 with its own diagnosis on stderr before this side gives up.
+const CLIENT_TIMEOUT_SECS: &str = "18";
+const INSTALL_HINT: &str = "run scripts/test.sh once: it installs the Python venv (.venv/, with \
+                            websockets) and the Node modules (tests/clients/node_modules/, with ws) \
+                            these tests spawn";
+
+// ---------------------------------------------------------------------------------------------
+// The two clients
+// ---------------------------------------------------------------------------------------------
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn clients_dir() -> PathBuf {
+    let dir = std::env::var_os("TIDINGS_CLIENTS_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join("tests/clients"));
+    assert!(
+        dir.join("ws_python.py").is_file() && dir.join("ws_node.mjs").is_file(),
+        "no WebSocket test clients in {}; {INSTALL_HINT}",
+        dir.display()
+    );
+    dir
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Client {
+    /// `ws_python.py`, on the `websockets` library.
+    Python,
+    /// `ws_node.mjs`, on the `ws` package.
+    Node,
+}
+
+impl Client {
+    /// The text frame the client sends in raw mode, and the data it publishes in JSON mode.
+    fn hello(self) -> &'static str {
+        match self {
+            Client::Python => "hello from websockets",
+            Client::Node => "hello from ws",
+        }
+    }
+
+    fn library(self) -> &'static str {
+        match self {
+            Client::Python => "websockets",
+            Client::Node => "ws",
+        }
+    }
+
+    /// The command line for `args` (after the base URL), checked to be runnable first.
+    fn command(self, server: &TestServer, args: &[&str]) -> Command {
+        let dir = clients_dir();
+        let mut cmd = match self {
+            Client::Python => {
+                let mut cmd = Command::new(python());
+                cmd.arg(dir.join("ws_python.py"));
+                cmd
+            }
+            Client::Node => {
+                let mut cmd = Command::new(node());
+                cmd.arg(dir.join("ws_node.mjs"));
+                cmd
+            }
+        };
+        cmd.arg(&server.url).args(args);
+        cmd
+    }
+
+    fn spawn(self, server: &TestServer, args: &[&str]) -> Proc {
+        let name = format!("{self:?} client ({}) {}", self.library(), args.join(" "));
+        Proc::spawn(&name, self.command(server, args))
+    }
+}
+
+/// The venv's python, checked to import `websockets`.
+fn python() -> PathBuf {
+    let python = std::env::var_os("TIDINGS_PYTHON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join(".venv/bin/python"));
+    let ok = std::process::Command::new(&python)
+        .args(["-c", "import websockets.asyncio.client"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(
+        ok,
+        "{} cannot import websockets (set TIDINGS_PYTHON or {INSTALL_HINT})",
+        python.display()
+    );
+    python
+}
+
+/// `node`, checked to be runnable, with the `ws` package installed next to the clients.
+fn node() -> PathBuf {
+    let node = PathBuf::from("node");
+    let ok = std::process::Command::new(&node)
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(ok, "`node` is not on PATH; {INSTALL_HINT}");
+    let modules = std::env::var_os("TIDINGS_NODE_MODULES")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| clients_dir().join("node_modules"));
+    assert!(
+        modules.join("ws/package.json").is_file(),
+        "the npm package ws is not installed in {}; {INSTALL_HINT}",
+        modules.display()
+    );
+    node
+}
+
+// ---------------------------------------------------------------------------------------------
+// A spawned client, read line by line
+// ---------------------------------------------------------------------------------------------
+
+/// A child process whose stdout is read line by line and whose stderr is kept for failure
+/// messages. Killed when dropped, so a failing test leaves nothing behind.
+struct Proc {
+    name: String,
+    child: Child,
+    stdout: Lines<BufReader<ChildStdout>>,
+    stderr: Arc<Mutex<String>>,
+    seen: Vec<String>,
+}
+
+impl Proc {
+    fn spawn(name: &str, mut cmd: Command) -> Self {
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .env("TIDINGS_CLIENT_TIMEOUT", CLIENT_TIMEOUT_SECS)
+            .env_remove("http_proxy")
+            .env_remove("HTTP_PROXY")
+            .env_remove("all_proxy")
+            .env_remove("ALL_PROXY")
+            .kill_on_drop(true);
+        let mut child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {name} ({e}); {INSTALL_HINT}"));
+        let stdout = BufReader::new(child.stdout.take().unwrap()).lines();
+        let stderr = Arc::new(Mutex::new(String::new()));
+        let mut pipe = child.stderr.take().unwrap();
+        tokio::spawn({
+            let stderr = stderr.clone();
+            async move {
+                let mut buf = [0u8; 4096];
+                while let Ok(n) = pipe.read(&mut buf).await {
+                    if n == 0 {
+                        break;
+                    }
+                    stderr
+                        .lock()
+                        .unwrap()
+                        .push_str(&String::from_utf8_lossy(&buf[..n]));
+                }
+            }
+        });
+        Self {
+            name: name.to_owned(),
+            child,
+            stdout,
+            stderr,
+            seen: Vec::new(),
+        }
+    }
+
+    /// What the client printed so far, for failure messages.
+    fn context(&self) -> String {
+        format!(
+            "--- {name} stdout so far:\n{}\n--- {name} stderr:\n{}",
+            self.seen.join("\n"),
+            self.stderr.lock().unwrap(),
+            name = self.name
+        )
+    }
+
+    /// The next stdout line, or `None` at the end of the output.
+    async fn next_line(&mut self) -> Option<String> {
+        match tokio::time::timeout(WAIT, self.stdout.next_line()).await {
+            Ok(Ok(Some(line))) => {
+                let line = line.trim_end_matches('\r').to_owned();
+                self.seen.push(line.clone());
+                Some(line)
+            }
+            Ok(Ok(None)) => None,
+            Ok(Err(e)) => panic!("reading {}'s stdout: {e}\n{}", self.name, self.context()),
+            Err(_) => panic!(
+                "{} printed nothing for {WAIT:?}\n{}",
+                self.name,
+                self.context()
+            ),
+        }
+    }
+
+    /// The next stdout line, parsed as JSON; the output must not end here.
+    async fn json(&mut self) -> Value {
+        match self.next_line().await {
+            Some(line) => serde_json::from_str(&line).unwrap_or_else(|e| {
+                panic!(
+                    "{} printed a line that is not JSON ({e}): {line:?}\n{}",
+                    self.name,
+                    self.context()
+                )
+            }),
+            None => panic!(
+                "{} ended its output early (exit: {:?})\n{}",
+                self.name,
+                self.child.try_wait(),
+                self.context()
+            ),
+        }
+    }
+
+    /// Skips JSON lines until one satisfies `pred`, and returns it.
+    async fn json_where(&mut self, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
+        for _ in 0..1000 {
+            let v = self.json().await;
+            if pred(&v) {
+                return v;
+            }
+        }
+        panic!("{} never printed {what}\n{}", self.name, self.context());
+    }
+
+    /// Reads stdout to its end, waits for the exit, which must be a success, and returns every
+    /// line the client printed, parsed.
+    async fn finish_ok(&mut self) -> Vec<Value> {
+        while self.next_line().await.is_some() {}
+        let status = match tokio::time::timeout(WAIT, self.child.wait()).await {
+            Ok(status) => status.unwrap(),
+            Err(_) => panic!(
+                "{} closed stdout but did not exit\n{}",
+                self.name,
+                self.context()
+            ),
+        };
+        assert!(
+            status.success(),
+            "{} exited with {status}\n{}",
+            self.name,
+            self.context()
+        );
+        self.seen
+            .iter()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    }
+}
+
+fn text_frame(text: &str) -> Value {
+    json!({"kind": "text", "data": text})
+}
+
+fn binary_frame(bytes: &[u8]) -> Value {
+    json!({"kind": "binary", "data": base64::engine::general_purpose::STANDARD.encode(bytes)})
+}
+
+// ---------------------------------------------------------------------------------------------
+// Raw mode: /ws/{channel}
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_websockets_and_node_ws_on_one_raw_channel_each_receive_both_hellos_then_binary_as_binary_and_json_as_text()
+ {
+    let server = TestServer::spawn().await;
+    let (py, nd) = (Client::Python, Client::Node);
+
+    // Python alone on the channel: raw mode echoes its hello back to it, the sender included.
+    let mut python = py.spawn(&server, &["raw", "duet", "4"]);
+    assert_eq!(
+        python.json().await,
+        text_frame(py.hello()),
+        "{}",
+        python.context()
+    );
+
+    // Node joins with history=10: Python's hello comes from history, then Node's own, live.
+    let mut node = nd.spawn(&server, &["raw", "duet", "4", "10"]);
+    assert_eq!(
+        node.json().await,
+        text_frame(py.hello()),
+        "{}",
+        node.context()
+    );
+    assert_eq!(
+        node.json().await,
+        text_frame(nd.hello()),
+        "{}",
+        node.context()
+    );
+    // ...and Python, subscribed all along, gets Node's hello live.
+    assert_eq!(
+        python.json().await,
+        text_frame(nd.hello()),
+        "{}",
+        python.context()
+    );
+
+    // Binary published over HTTP (not valid UTF-8) reaches both as a binary frame; JSON data
+    // reaches both as its JSON text, in a text frame.
+    let bytes = [0x00, 0x9f, 0x92, 0x96, 0xff, b'\n'];
+    let res = server
+        .http
+        .post(format!("{}/publish/duet", server.url))
+        .header("content-type", "application/octet-stream")
+        .body(bytes.to_vec())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200, "binary publish: {:?}", res.text().await);
+    server.publish("duet", json!({"n": 1})).await;
+
+    let expected = vec![
+        text_frame(py.hello()),
+        text_frame(nd.hello()),
+        binary_frame(&bytes),
+        text_frame(r#"{"n":1}"#),
+    ];
+    assert_eq!(python.finish_ok().await, expected, "{}", python.context());
+    assert_eq!(node.finish_ok().await, expected, "{}", node.context());
+
+    // The text frames were published as strings, not as binary or JSON.
+    let (status, history) = server.get_json("/api/channels/duet/history").await;
+    assert_eq!(status, 200, "{history}");
+    let messages = history["messages"].as_array().unwrap();
+    let data: Vec<&Value> = messages.iter().map(|m| &m["data"]).collect();
+    assert_eq!(
+        data[..2],
+        [&json!(py.hello()), &json!(nd.hello())],
+        "{history}"
+    );
+    assert!(messages[0].get("encoding").is_none(), "{history}");
+    assert_eq!(messages[2]["encoding"], "base64", "{history}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// The JSON protocol: /ws
+// ---------------------------------------------------------------------------------------------
+
+/// Two messages in history; the client subscribes with `history`, publishes its own, and takes
+/// one more live message after that.
+async fn json_protocol_history_then_own_publish_then_live(client: Client) {
+    let server = TestServer::spawn().await;
+    let channel = "room:json";
+    server.publish(channel, json!({"n": 1})).await;
+    server.publish(channel, json!({"n": 2})).await;
+
+    let mut proc = client.spawn(&server, &["json", channel, "4", "5"]);
+    let reply = proc.json().await;
+    assert_eq!(reply["type"], "reply", "{}", proc.context());
+    assert_eq!(reply["id"], 1, "{}", proc.context());
+    assert_eq!(reply["ok"], true, "{}", proc.context());
+    assert!(reply["cursor"].is_string(), "{}", proc.context());
+
+    // Its own publish comes back over its subscription: from here on it is live.
+    let own = json!({"from": client.library()});
+    proc.json_where("its own message", |v| {
+        v["type"] == "message" && v["data"] == own
+    })
+    .await;
+    server.publish(channel, json!({"n": 3})).await;
+    let frames = proc.finish_ok().await;
+
+    let messages: Vec<&Value> = frames.iter().filter(|v| v["type"] == "message").collect();
+    let data: Vec<&Value> = messages.iter().map(|m| &m["data"]).collect();
+    assert_eq!(
+        data,
+        [&json!({"n": 1}), &json!({"n": 2}), &own, &json!({"n": 3})],
+        "{}",
+        proc.context()
+    );
+    for (i, m) in messages.iter().enumerate() {
+        assert_eq!(m["channel"], channel, "{m}");
+        assert_eq!(m["offset"], i as u64 + 1, "{m}");
+        assert!(m["epoch"].is_string() && m["cursor"].is_string(), "{m}");
+        assert!(m["time"].is_u64(), "{m}");
+    }
+    let ack = frames
+        .iter()
+        .find(|v| v["type"] == "reply" && v["id"] == 2)
+        .unwrap_or_else(|| panic!("no publish ack\n{}", proc.context()));
+    assert_eq!(ack["ok"], true, "{ack}");
+    assert_eq!(ack["offset"], 3, "{ack}");
+    assert_eq!(ack["epoch"], messages[2]["epoch"], "{ack}");
+    assert!(
+        frames.iter().all(|v| v.get("error").is_none()),
+        "{}",
+        proc.context()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_websockets_speaks_the_json_protocol_history_first_then_its_acknowledged_publish_then_live_messages()
+ {
+    json_protocol_history_then_own_publish_then_live(Client::Python).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_ws_speaks_the_json_protocol_history_first_then_its_acknowledged_publish_then_live_messages()
+ {
+    json_protocol_history_then_own_publish_then_live(Client::Node).await;
+}

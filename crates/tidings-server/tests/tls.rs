@@ -1,0 +1,182 @@
+//! TLS with ALPN: h2 is negotiated, and one TLS connection carries many SSE streams at once
+//! (what lets a browser open more than six EventSources per origin).
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty};
+use hyper::{Request, Version};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use rustls::pki_types::{CertificateDer, ServerName};
+use tidings_server::{AppState, Config};
+use tokio::net::TcpListener;
+
+struct TlsServer {
+    addr: std::net::SocketAddr,
+    http_url: String,
+    root: CertificateDer<'static>,
+    _stop: tokio::sync::oneshot::Sender<()>,
+}
+
+async fn tls_server() -> TlsServer {
+    let dir = std::env::temp_dir().join(format!(
+        "tidings-tls-{}-{}",
+        std::process::id(),
+        rand_suffix()
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    let cert = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+    std::fs::write(dir.join("cert.pem"), cert.cert.pem()).unwrap();
+    std::fs::write(dir.join("key.pem"), cert.signing_key.serialize_pem()).unwrap();
+    let mut config = Config::default();
+    config.server.tls_cert = Some(dir.join("cert.pem"));
+    config.server.tls_key = Some(dir.join("key.pem"));
+    config.server.tls_listen = Some("127.0.0.1:0".into());
+    let (_, acceptor) = tidings_server::tls::from_config(&config).unwrap().unwrap();
+    let state = AppState::new(config).unwrap();
+    let plain = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let http_url = format!("http://{}", plain.local_addr().unwrap());
+    let tls = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = tls.local_addr().unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(tidings_server::server::serve_all(
+        state,
+        plain,
+        Some((tls, acceptor)),
+        async {
+            let _ = stopped.await;
+        },
+    ));
+    TlsServer {
+        addr,
+        http_url,
+        root: cert.cert.der().clone(),
+        _stop: stop,
+    }
+}
+
+fn rand_suffix() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64
+}
+
+async fn connect(
+    server: &TlsServer,
+    alpn: &[&[u8]],
+) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(server.root.clone()).unwrap();
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    let tcp = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(ServerName::try_from("localhost").unwrap(), tcp)
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn alpn_negotiates_h2_and_one_tls_connection_carries_ten_sse_streams() {
+    let server = tls_server().await;
+    let tls = connect(&server, &[b"h2", b"http/1.1"]).await;
+    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+    let (mut sender, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let mut bodies = Vec::new();
+    for _ in 0..10 {
+        let res = sender
+            .send_request(
+                Request::get(format!("https://localhost:{}/sse/tls", server.addr.port()))
+                    .version(Version::HTTP_2)
+                    .body(Empty::<Bytes>::new())
+                    .unwrap(),
+            )
+            .await
+            .unwrap();
+        assert_eq!(res.status(), 200);
+        let mut body = res.into_body();
+        // Live once the id-only block after the (empty) replay arrives.
+        let mut seen = String::new();
+        while !seen.contains("\nid: ") && !seen.starts_with("id: ") {
+            let f = body.frame().await.unwrap().unwrap();
+            seen.push_str(&String::from_utf8_lossy(&f.into_data().unwrap()));
+        }
+        bodies.push(body);
+    }
+    let http = reqwest::Client::new();
+    let res = http
+        .post(format!("{}/publish/tls", server.http_url))
+        .header("content-type", "application/json")
+        .body(r#"{"over":"tls"}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    for mut body in bodies {
+        let mut seen = String::new();
+        let got = tokio::time::timeout(common::TIMEOUT, async {
+            while !seen.contains(r#"data: {"over":"tls"}"#) {
+                let f = body.frame().await.unwrap().unwrap();
+                if let Ok(d) = f.into_data() {
+                    seen.push_str(&String::from_utf8_lossy(&d));
+                }
+            }
+        })
+        .await;
+        assert!(got.is_ok(), "a stream missed the message: {seen}");
+    }
+}
+
+#[tokio::test]
+async fn http1_clients_get_http1_over_tls() {
+    let server = tls_server().await;
+    let tls = connect(&server, &[b"http/1.1"]).await;
+    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"http/1.1"[..]));
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let res = sender
+        .send_request(
+            Request::get("/healthz")
+                .header("host", "localhost")
+                .body(Empty::<Bytes>::new())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+}
+
+#[test]
+fn tls_settings_that_do_not_fit_together_are_refused() {
+    let mut c = Config::default();
+    c.server.tls_listen = Some("127.0.0.1:0".into());
+    assert!(
+        tidings_server::tls::from_config(&c).is_err(),
+        "tls_listen without a certificate"
+    );
+    let mut c = Config::default();
+    c.server.tls_self_signed = true;
+    c.server.tls_cert = Some("x.pem".into());
+    c.server.tls_key = Some("y.pem".into());
+    assert!(tidings_server::tls::from_config(&c).is_err());
+    let mut c = Config::default();
+    c.server.tls_self_signed = true;
+    let (addr, _) = tidings_server::tls::from_config(&c).unwrap().unwrap();
+    assert_eq!(addr.to_string(), "127.0.0.1:8443", "SPEC §12 default");
+}
