@@ -27,6 +27,9 @@ use crate::api::error::ApiError;
 use crate::config::{AuthConfig, ConfigError};
 use jwt::{Claims, JwtVerifier};
 
+/// Channels of this namespace carry the server's own stats; with auth, API keys only.
+pub const ADMIN_NAMESPACE: &str = "admin";
+
 /// The cookie EventSource clients can carry a token in.
 pub const TOKEN_COOKIE: &str = "tidings_token";
 
@@ -159,6 +162,11 @@ impl Auth {
         channel: &ChannelName,
         policy: &ChannelPolicy,
     ) -> Result<(), ApiError> {
+        // The server's own stats (`admin:stats`, the admin console's feed) are the API's
+        // business: once auth is on, API keys only, whatever a token grants.
+        if self.enabled && channel.namespace() == Some(ADMIN_NAMESPACE) {
+            return self.check_admin(who);
+        }
         match (policy.subscribe, who) {
             (SubscribePolicy::Anyone, _) | (_, Principal::ApiKey) => Ok(()),
             (SubscribePolicy::Token, Principal::Anonymous) => Err(unauthorized(
@@ -383,6 +391,14 @@ mod tests {
         );
         assert_eq!(a.check_admin(&user).unwrap_err().status, 403);
         assert!(a.check_admin(&Principal::ApiKey).is_ok());
+        let stats = ChannelName::new("admin:stats").unwrap();
+        let open = ChannelPolicy::default();
+        assert_eq!(
+            a.check_subscribe(&user, &stats, &open).unwrap_err().status,
+            403,
+            "even with a * grant"
+        );
+        assert!(a.check_subscribe(&Principal::ApiKey, &stats, &open).is_ok());
     }
 
     #[test]
