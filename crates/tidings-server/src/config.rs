@@ -311,6 +311,21 @@ impl Config {
         {
             return invalid(format!("history_size is capped at {MAX_HISTORY_SIZE}"));
         }
+        // Without [auth] no token can ever be presented: such a channel could not be followed.
+        if !self.auth.enabled() {
+            let needs_token = self.channels.subscribe == Some(SubscribeSetting::Token)
+                || self
+                    .namespaces
+                    .values()
+                    .any(|n| n.subscribe == Some(SubscribeSetting::Token));
+            if needs_token {
+                return invalid(
+                    "subscribe = \"token\" needs [auth] (api_keys, jwt_secret or jwt_public_key_file); \
+                     without it nobody could subscribe"
+                        .into(),
+                );
+            }
+        }
         for name in self.namespaces.keys() {
             let ok = !name.is_empty()
                 && name

@@ -173,10 +173,12 @@ pub async fn serve_all(
         let _ = stream.set_nodelay(true);
         let permit = match state.limits.try_acquire(peer.ip()) {
             Ok(p) => p,
-            Err(why) => {
+            // A plaintext answer would be garbage to a TLS client: there, just close.
+            Err(why) if !secure => {
                 tokio::spawn(refuse(stream, why));
                 continue;
             }
+            Err(_) => continue,
         };
         let ctx = ConnectionCtx {
             peer,
@@ -199,12 +201,22 @@ pub async fn serve_all(
         let builder = builder.clone();
         let metrics = state.metrics.clone();
         let acceptor = tls.as_ref().filter(|_| secure).map(|(_, a)| a.clone());
+        let header_timeout = state.config.server.request_header_timeout;
         tokio::spawn(async move {
             let _permit = permit;
             metrics.http_connections.fetch_add(1, Relaxed);
             metrics.http_connections_total.fetch_add(1, Relaxed);
             match acceptor {
                 None => {
+                    // hyper's header timer starts at the first byte; a client that connects
+                    // and says nothing would otherwise hold its slot forever.
+                    if tokio::time::timeout(header_timeout, stream.readable())
+                        .await
+                        .is_err()
+                    {
+                        metrics.http_connections.fetch_sub(1, Relaxed);
+                        return;
+                    }
                     let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
                     drive(watcher.watch(conn.into_owned()), &kill).await;
                 }

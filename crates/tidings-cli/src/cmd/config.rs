@@ -31,6 +31,11 @@ pub fn run(cmd: ConfigCommand, config_path: Option<&Path>) -> anyhow::Result<()>
             };
             let config = Config::load(Some(path), std::env::vars())
                 .with_context(|| format!("{} is not valid", path.display()))?;
+            // What `serve` would refuse at start: key files, secret lengths, TLS settings.
+            tidings_server::auth::Auth::from_config(&config.auth)
+                .with_context(|| format!("{}: [auth]", path.display()))?;
+            tidings_server::tls::from_config(&config)
+                .with_context(|| format!("{}: TLS settings", path.display()))?;
             println!(
                 "ok: {} (listen {}, broker {}, auth {}, {} namespace override(s))",
                 path.display(),

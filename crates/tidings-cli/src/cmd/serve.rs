@@ -97,7 +97,7 @@ pub async fn run(args: ServeArgs, config_path: Option<&Path>) -> anyhow::Result<
 
     let state = AppState::connect(config)
         .await
-        .context("starting the broker")?;
+        .context("starting the server")?;
     if args.demo {
         tokio::spawn(tidings_server::demo::run(
             state.clone(),

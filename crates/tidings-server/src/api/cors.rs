@@ -12,7 +12,7 @@
 //!   browsers do not apply CORS to WebSockets, so this check is the only protection there.
 
 use axum::extract::{Request, State};
-use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
+use axum::http::{HeaderValue, Method, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 
@@ -27,11 +27,9 @@ fn origin_host(origin: &str) -> Option<&str> {
     origin.split_once("://").map(|(_, rest)| rest)
 }
 
-pub fn allowed(state: &AppState, origin: &str, headers: &HeaderMap) -> bool {
-    let own = headers
-        .get(header::HOST)
-        .and_then(|h| h.to_str().ok())
-        .is_some_and(|host| origin_host(origin) == Some(host));
+/// `host`: the request's own authority (the `Host` header, or `:authority` in HTTP/2).
+pub fn allowed(state: &AppState, origin: &str, host: Option<&str>) -> bool {
+    let own = host.is_some_and(|host| origin_host(origin) == Some(host));
     let list = &state.config.server.cors_origins;
     own || list.iter().any(|o| o == "*" || o == origin)
         || (list.is_empty() && !state.auth.enabled())
@@ -57,7 +55,13 @@ pub async fn layer(State(state): State<AppState>, req: Request, next: Next) -> R
     else {
         return next.run(req).await;
     };
-    let ok = allowed(&state, &origin, req.headers());
+    // HTTP/2 requests carry their authority in the URI, not in a Host header.
+    let host = req
+        .headers()
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .or_else(|| req.uri().authority().map(|a| a.as_str()));
+    let ok = allowed(&state, &origin, host);
     let preflight = req.method() == Method::OPTIONS
         && req
             .headers()

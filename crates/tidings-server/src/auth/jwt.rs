@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 use crate::config::ConfigError;
 
 /// Seconds of clock skew tolerated on `exp` and `nbf`.
-const LEEWAY_SECS: u64 = 5;
+pub const LEEWAY_SECS: u64 = 5;
 
 /// The `tidings` claim: what the bearer may do.
 #[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
@@ -60,6 +60,12 @@ impl JwtVerifier {
             path: path.to_owned(),
             source,
         })?;
+        if String::from_utf8_lossy(&pem).contains("PRIVATE KEY") {
+            return Err(ConfigError::Invalid(format!(
+                "auth.jwt_public_key_file = {}: this is a private key; give the server only the public key",
+                path.display()
+            )));
+        }
         if let Ok(key) = DecodingKey::from_rsa_pem(&pem) {
             return Ok(Self::new(key, Algorithm::RS256));
         }
