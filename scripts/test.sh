@@ -7,7 +7,7 @@
 # client unit tests and the browser end-to-end tests (node --test).
 #
 # Needs: a Debian machine with Rust + cargo-nextest, python3 with pip, node + npm.
-# Installs: Debian packages curl, redis-server and chromium, Python packages into .venv/,
+# Installs: Debian packages curl, redis-server, openssl and chromium, Python packages into .venv/,
 # Node packages into tests/clients/node_modules/ and tests/browser/node_modules/.
 set -euo pipefail
 
@@ -25,10 +25,11 @@ step_end() { log "$1 ($(( ($(date +%s%N) - STEP_T0) / 1000000 )) ms)"; }
 hash_of() { sha256sum "$1" | cut -d' ' -f1; }
 
 # --- Debian packages -------------------------------------------------------
-# curl: used by tests and scripts; redis-server: the Redis broker's tests;
+# curl: used by tests and scripts; redis-server: the Redis broker's tests (openssl makes
+# the certificates of its rediss:// test);
 # chromium: the browser end-to-end tests (tests/browser, driven by playwright-core).
 step_start
-APT_PACKAGES=(curl redis-server chromium)
+APT_PACKAGES=(curl redis-server openssl chromium)
 # A Debian python3 can only make a virtualenv with python3-venv installed.
 if ! python3 -c 'import ensurepip' 2>/dev/null; then
     APT_PACKAGES+=(python3-venv)

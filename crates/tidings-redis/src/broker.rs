@@ -74,6 +74,8 @@ pub struct Shared {
     pub(crate) inbox: Arc<Inbox>,
     pub(crate) link: Mutex<Link>,
     pub(crate) current_generation: AtomicU64,
+    /// Woken whenever a pub/sub connection is installed.
+    pub(crate) installed: tokio::sync::Notify,
     /// Per channel: the generation of the connection it is subscribed on (see `reconcile`).
     pub(crate) subs: Mutex<HashMap<ChannelName, Arc<tokio::sync::Mutex<u64>>>>,
     /// This node's present clients, refreshed in Redis by `run_upkeep`.
@@ -147,6 +149,7 @@ impl RedisBroker {
             inbox,
             link: Mutex::new(Link::default()),
             current_generation: AtomicU64::new(0),
+            installed: tokio::sync::Notify::new(),
             subs: Mutex::new(HashMap::new()),
             presence: Mutex::new(HashMap::new()),
         });
@@ -155,17 +158,26 @@ impl RedisBroker {
         tokio::spawn(run_supervisor(shared.clone(), stop.clone()));
         tokio::spawn(run_upkeep(shared.clone(), stop.clone()));
         let broker = Arc::new(Self { shared, stop });
-        // Serve at once when Redis is there; otherwise `ready()` reports it until it is.
-        let deadline = tokio::time::Instant::now() + connection::CONNECT_TIMEOUT;
-        while !broker.shared.connected() && tokio::time::Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        if !broker.shared.connected() {
-            return Err(ConnectError::Connect(
+        // The command connection is up; a node is only useful once pub/sub is too.
+        let deadline = tokio::time::Instant::now() + 2 * RESPONSE_TIMEOUT;
+        let up = loop {
+            let installed = broker.shared.installed.notified();
+            tokio::pin!(installed);
+            installed.as_mut().enable();
+            if broker.shared.connected() {
+                break true;
+            }
+            if tokio::time::timeout_at(deadline, installed).await.is_err() {
+                break false;
+            }
+        };
+        if up {
+            Ok(broker)
+        } else {
+            Err(ConnectError::Connect(
                 "the pub/sub connection did not come up".into(),
-            ));
+            ))
         }
-        Ok(broker)
     }
 
     /// Whether this broker talks to a Redis Cluster (sharded pub/sub).
@@ -189,7 +201,8 @@ impl Shared {
         let mut inv = scripts::STATS.prepare_invoke();
         inv.key(self.keys.meta(channel))
             .key(self.keys.stream(channel))
-            .arg(millis(policy.history_ttl));
+            .arg(millis(policy.history_ttl))
+            .arg(policy.history_size);
         let reply = timed("reading channel stats", self.commands.invoke(&inv)).await?;
         let Some(mut parts) = codec::array(reply) else {
             return Ok(None);
@@ -349,7 +362,8 @@ impl Broker for RedisBroker {
             .arg(mode)
             .arg(n)
             .arg(epoch)
-            .arg(limit);
+            .arg(limit)
+            .arg(policy.history_size);
         let reply = timed("reading history", s.commands.invoke(&inv)).await?;
         let parts = codec::array(reply).ok_or_else(|| malformed("read"))?;
         let [epoch, top, reason, first, entries] =

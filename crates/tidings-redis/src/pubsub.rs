@@ -143,6 +143,8 @@ impl Shared {
         link.generation = generation;
         link.conn = Some(conn);
         self.current_generation.store(generation, Release);
+        drop(link);
+        self.installed.notify_waiters();
     }
 
     /// The connection of `generation` is gone: stop using it, then end every local session.

@@ -112,6 +112,13 @@ pub struct BrokerConfig {
     pub tls_ca_file: Option<PathBuf>,
 }
 
+impl BrokerConfig {
+    /// `url` with any password shown as `****`, for output and logs.
+    pub fn masked_url(&self) -> String {
+        tidings_redis::masked_url(&self.url)
+    }
+}
+
 impl Default for BrokerConfig {
     fn default() -> Self {
         Self {

@@ -2,7 +2,8 @@
 //!
 //! The HTTP edge over `tidings-core`: configuration, the publish and channel API, the
 //! transports, metrics and the accept loop. A library so tests (and the CLI) can run a real
-//! server on any listener: `serve(AppState::new(config)?, listener, shutdown)`.
+//! server on any listener: `serve(AppState::connect(config).await?, listener, shutdown)`
+//! (`connect` builds the broker the config names: memory, or Redis via `tidings-redis`).
 //!
 //! ## Layout
 //! - `config`: the TOML/env configuration and its validation.

@@ -40,7 +40,7 @@ pub fn run(cmd: ConfigCommand, config_path: Option<&Path>) -> anyhow::Result<()>
                 "ok: {} (listen {}, broker {}, auth {}, {} namespace override(s))",
                 path.display(),
                 config.server.listen,
-                config.broker.url,
+                config.broker.masked_url(),
                 if config.auth.enabled() {
                     "on"
                 } else {

@@ -20,14 +20,16 @@ local now = math.max(now_ms(), last_time)
 redis.call('HSET', meta, 'e', epoch, 'o', int(offset), 't', int(now))
 redis.call('PEXPIRE', meta, meta_ttl)
 if size > 0 then
-  -- No expiry trimming here: MAXLEN bounds the stream, every read and stats call trims what
-  -- expired before looking, and PEXPIRE drops a stream whose newest entry expired. That keeps
-  -- a publish at a handful of O(1) commands.
+  -- MAXLEN ~ trims whole stream nodes, never one entry at a time (exact trimming rewrites a
+  -- node on every publish): the stream may keep up to a node's worth (100 by default) beyond
+  -- `size`, which read.lua and stats.lua hide. No expiry trimming here either: every read and
+  -- stats call trims what expired before looking, and PEXPIRE drops a stream whose newest
+  -- entry expired. A publish stays a handful of O(1) commands.
   local id = int(offset) .. '-' .. int(now)
   if ARGV[8] == '' then
-    redis.call('XADD', stream, 'MAXLEN', '=', size, id, 'k', ARGV[7], 'd', ARGV[9])
+    redis.call('XADD', stream, 'MAXLEN', '~', size, id, 'k', ARGV[7], 'd', ARGV[9])
   else
-    redis.call('XADD', stream, 'MAXLEN', '=', size, id, 'k', ARGV[7], 'v', ARGV[8], 'd', ARGV[9])
+    redis.call('XADD', stream, 'MAXLEN', '~', size, id, 'k', ARGV[7], 'v', ARGV[8], 'd', ARGV[9])
   end
   redis.call('PEXPIRE', stream, ttl)
 else

@@ -3,7 +3,7 @@
 -- ARGV[1] candidate epoch, ARGV[2] history ttl (ms), ARGV[3] meta ttl (ms)
 -- ARGV[4] mode: 'now' | 'last' | 'after'
 -- ARGV[5] how many (last) or the position's offset (after), ARGV[6] the position's epoch
--- ARGV[7] at most this many entries
+-- ARGV[7] at most this many entries, ARGV[8] history size
 -- Returns {epoch, top, gap reason ('' | 'trimmed' | 'epoch_changed'), first kept offset, entries}.
 local meta, stream = KEYS[1], KEYS[2]
 local epoch = epoch_of(meta, stream, ARGV[1])
@@ -16,6 +16,8 @@ local head = redis.call('XRANGE', stream, '-', '+', 'COUNT', 1)
 if #head > 0 then
   first = id_offset(head[1][1])
 end
+-- Entries that approximate trimming (publish.lua) kept beyond the size are not history.
+first = math.max(first, top - tonumber(ARGV[8]) + 1)
 local mode, limit = ARGV[4], tonumber(ARGV[7])
 if mode == 'now' or limit <= 0 then
   return {epoch, top, '', first, {}}
@@ -25,7 +27,7 @@ if mode == 'last' then
   if n <= 0 then
     return {epoch, top, '', first, {}}
   end
-  local newest = redis.call('XREVRANGE', stream, '+', '-', 'COUNT', int(n))
+  local newest = redis.call('XREVRANGE', stream, '+', int(first), 'COUNT', int(n))
   local entries = {}
   for i = #newest, 1, -1 do
     entries[#entries + 1] = newest[i]
