@@ -34,6 +34,8 @@ enum Command {
     /// Print or check the configuration.
     #[command(subcommand)]
     Config(cmd::config::ConfigCommand),
+    /// Load-test a push server (Tidings, Nchan or Pushpin); prints one JSON line.
+    Bench(cmd::bench::BenchArgs),
 }
 
 fn main() -> ExitCode {
@@ -62,6 +64,7 @@ fn main() -> ExitCode {
             Command::Subscribe(args) => cmd::subscribe::run(args).await,
             Command::Config(c) => cmd::config::run(c, config),
             Command::Token(args) => cmd::token::run(args, config),
+            Command::Bench(args) => cmd::bench::run(args).await,
         }
     });
     match result {

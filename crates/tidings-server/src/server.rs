@@ -220,17 +220,25 @@ pub async fn serve_all(
                     let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
                     drive(watcher.watch(conn.into_owned()), &kill).await;
                 }
+                // Boxed: a TLS session and its handshake are large, and without the box every
+                // plain connection's task would be sized for them too (idle memory).
                 Some(acceptor) => {
-                    match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await
-                    {
-                        Ok(Ok(tls)) => {
-                            let conn =
-                                builder.serve_connection_with_upgrades(TokioIo::new(tls), svc);
-                            drive(watcher.watch(conn.into_owned()), &kill).await;
+                    Box::pin(async move {
+                        match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream))
+                            .await
+                        {
+                            Ok(Ok(tls)) => {
+                                let conn =
+                                    builder.serve_connection_with_upgrades(TokioIo::new(tls), svc);
+                                drive(watcher.watch(conn.into_owned()), &kill).await;
+                            }
+                            Ok(Err(e)) => {
+                                tracing::debug!(%peer, error = %e, "TLS handshake failed")
+                            }
+                            Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
                         }
-                        Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
-                        Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
-                    }
+                    })
+                    .await
                 }
             }
             metrics.http_connections.fetch_sub(1, Relaxed);

@@ -1,5 +1,6 @@
 //! One file per subcommand. Each exposes an `Args` struct (clap) and `run`.
 
+pub mod bench;
 pub mod config;
 pub mod publish;
 pub mod serve;

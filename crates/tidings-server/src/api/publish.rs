@@ -81,8 +81,32 @@ fn depth_within(json: &[u8], max: usize) -> bool {
     true
 }
 
+/// Whether the JSON's `\u` escapes are well paired. `RawValue` checks syntax only and lets a
+/// lone surrogate (`"\ud800"`) through; strict parsers (serde_json among them) then refuse the
+/// whole message, so it would reach some subscribers and not others. The full parse runs only
+/// when a surrogate escape is present at all, which is rare.
+fn surrogates_paired(json: &[u8]) -> bool {
+    let has_surrogate_escape = json.windows(4).any(|w| {
+        w[0] == b'\\'
+            && w[1] == b'u'
+            && (w[2] == b'd' || w[2] == b'D')
+            && matches!(w[3], b'8'..=b'9' | b'a'..=b'f' | b'A'..=b'F')
+    });
+    !has_surrogate_escape || serde_json::from_slice::<serde_json::Value>(json).is_ok()
+}
+
+fn lone_surrogate() -> ApiError {
+    ApiError::bad_request(
+        "invalid_json",
+        "a \\u escape encodes a lone UTF-16 surrogate; many JSON parsers refuse that",
+    )
+}
+
 /// Validates JSON text and returns the value without surrounding whitespace.
 fn json_data(body: Bytes) -> Result<Data, ApiError> {
+    if !surrogates_paired(&body) {
+        return Err(lone_surrogate());
+    }
     if !depth_within(&body, MAX_JSON_DEPTH) {
         return Err(ApiError::bad_request(
             "invalid_json",
@@ -183,7 +207,33 @@ pub async fn to_channel(
     let body = read_body(&state, body, state.config.server.max_message_bytes).await?;
     let data = data_from(&headers, body)?;
     let message = publish(&state, &channel, event, data).await?;
-    Ok(axum::Json(position_json(&message)).into_response())
+    Ok(position_reply(&message))
+}
+
+/// `position_json` written straight to bytes (same fields, same order) for the hot
+/// single-message publish: no `Value` tree, no map. Every field is already JSON-safe: channel
+/// names, epochs and cursors are drawn from URL-safe ASCII.
+fn position_reply(m: &Message) -> Response {
+    use std::fmt::Write as _;
+    let cursor = m.cursor();
+    let mut out = String::with_capacity(96 + cursor.len());
+    let _ = write!(
+        out,
+        "{{\"channel\":\"{}\",\"offset\":{},\"epoch\":\"{}\",\"cursor\":\"{}\",\"time\":{}}}",
+        m.channel.as_str(),
+        m.offset,
+        m.epoch.as_str(),
+        std::str::from_utf8(cursor).unwrap_or(""),
+        m.time
+    );
+    (
+        [(
+            header::CONTENT_TYPE,
+            axum::http::HeaderValue::from_static("application/json"),
+        )],
+        out,
+    )
+        .into_response()
 }
 
 pub(crate) async fn publish(
@@ -257,6 +307,7 @@ pub(crate) fn validate_within(
     let channel = ChannelName::new(channel)?;
     let event = event.map(EventName::new).transpose()?;
     let data = match encoding {
+        None if !surrogates_paired(data.get().as_bytes()) => return Err(lone_surrogate()),
         None if !depth_within(data.get().as_bytes(), MAX_JSON_DEPTH) => {
             return Err(ApiError::bad_request(
                 "invalid_json",
@@ -345,7 +396,7 @@ pub async fn document(
             )?;
             allowed(&state, &who, std::slice::from_ref(&v), "channel")?;
             let m = publish(&state, &v.channel, v.event, v.data).await?;
-            Ok(axum::Json(position_json(&m)).into_response())
+            Ok(position_reply(&m))
         }
         (None, Some(channels), None) => {
             let data = doc.data.ok_or_else(shape_error)?;
@@ -479,5 +530,31 @@ mod tests {
         assert!(depth_within(b"[[1]]", 2));
         assert!(!depth_within(b"[[[1]]]", 2));
         assert!(depth_within(br#"["[[[[\"]]]]"]"#, 1));
+    }
+
+    #[test]
+    fn lone_surrogate_escapes_are_refused_and_pairs_pass() {
+        assert!(!surrogates_paired(br#""\ud800""#));
+        assert!(!surrogates_paired(br#"{"a":"\uDC00x"}"#));
+        assert!(surrogates_paired(br#""\ud83d\ude00""#));
+        assert!(surrogates_paired(br#""\u00e9 plain""#));
+    }
+
+    #[tokio::test]
+    async fn the_fast_publish_reply_is_exactly_position_json() {
+        let m = Message::new(
+            ChannelName::new("chat:lobby@x=1").unwrap(),
+            tidings_core::Position {
+                epoch: tidings_core::Epoch::new("h3k9").unwrap(),
+                offset: 42,
+            },
+            None,
+            Data::Text(Bytes::from_static(b"hi")),
+            1_732_200_000_123,
+        );
+        let res = position_reply(&m);
+        assert_eq!(res.headers()[header::CONTENT_TYPE], "application/json");
+        let body = res.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(body, serde_json::to_string(&position_json(&m)).unwrap());
     }
 }

@@ -122,7 +122,11 @@ fn raw_frame(m: &Message) -> Bytes {
     head(m, m.cursor(), &mut out);
     let mut rest = text.as_ref();
     loop {
-        let end = rest.find(['\r', '\n']).unwrap_or(rest.len());
+        // A byte scan: CR and LF are ASCII, so their byte index is a char boundary.
+        let end = rest
+            .bytes()
+            .position(|b| b == b'\r' || b == b'\n')
+            .unwrap_or(rest.len());
         out.put_slice(b"data: ");
         out.put_slice(&rest.as_bytes()[..end]);
         out.put_u8(b'\n');

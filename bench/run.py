@@ -1,0 +1,422 @@
+#!/usr/bin/env python3
+"""Side-by-side benchmarks of Tidings, Nchan and Pushpin on one machine.
+
+    python3 bench/run.py setup                 # apt-get install nginx libnginx-mod-nchan pushpin
+    python3 bench/run.py run [--repeat 3] [--targets tidings,nchan,pushpin] [--only fanout-1k-sse,...]
+    python3 bench/run.py report                # docs/benchmarks.md + docs/images/bench-*.svg
+
+Every run starts the server fresh, pinned to core 0 (taskset), and drives it with
+`tidings bench` pinned to core 1; results are appended to bench/results/results.jsonl (one JSON
+line per run, as `tidings bench` prints it, plus the scenario name). `report` takes medians over
+repeated runs. Nothing here needs the network beyond loopback.
+"""
+import argparse
+import json
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BENCH = os.path.join(ROOT, "bench")
+RESULTS = os.path.join(BENCH, "results", "results.jsonl")
+RUNDIR = "/tmp/tidings-bench"
+TIDINGS = os.path.join(ROOT, "target", "release", "tidings")
+URLS = {
+    "tidings": "http://127.0.0.1:8080",
+    "nchan": "http://127.0.0.1:8090",
+    "pushpin": "http://127.0.0.1:7999",
+}
+
+# name: (transport, subscribers, channels, publishers, rate msgs/s, seconds of publishing)
+SCENARIOS = {
+    "idle-sse": ("sse", 5000, 1, 1, 0, 0),
+    "idle-ws": ("ws", 5000, 1, 1, 0, 0),
+    "idle-long-poll": ("long-poll", 5000, 1, 1, 0, 0),
+    "fanout-1k-sse": ("sse", 1000, 1, 1, 100, 8),
+    "fanout-1k-ws": ("ws", 1000, 1, 1, 100, 8),
+    "fanout-10k-sse": ("sse", 10000, 1, 1, 10, 8),
+    "fanout-10k-ws": ("ws", 10000, 1, 1, 10, 8),
+    "channels-5k-sse": ("sse", 10000, 5000, 4, 2000, 8),
+    "long-poll-1k": ("long-poll", 1000, 1, 1, 20, 8),
+    "publish-throughput": ("sse", 10, 10, 8, 0, 5),
+    "max-idle-sse": ("sse", 19000, 1, 1, 0, 0),
+}
+REPEATED = {"fanout-1k-sse", "fanout-1k-ws", "fanout-10k-sse", "fanout-10k-ws",
+            "channels-5k-sse", "long-poll-1k", "publish-throughput", "idle-sse", "idle-ws",
+            "idle-long-poll"}
+
+
+def sh(cmd, **kw):
+    print("+", " ".join(cmd), file=sys.stderr)
+    return subprocess.run(cmd, check=True, **kw)
+
+
+def setup(_args):
+    sh(["apt-get", "update", "-qq"])
+    sh(["apt-get", "install", "-y", "-qq", "nginx", "libnginx-mod-nchan", "pushpin"],
+       env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
+    # The packages start system services on their default ports; the bench runs its own.
+    for svc in ("nginx", "pushpin"):
+        subprocess.run(["service", svc, "stop"], capture_output=True)
+
+
+def descendants(pid):
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            with open(f"/proc/{p}/task/{p}/children") as f:
+                kids = [int(x) for x in f.read().split()]
+        except OSError:
+            kids = []
+        out += kids
+        todo += kids
+    return out
+
+
+def wait_port(port, timeout=10.0):
+    import socket
+    end = time.time() + timeout
+    while time.time() < end:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"nothing listens on port {port}")
+
+
+class Server:
+    """One target started fresh, pinned to core 0; `pids` are what CPU and RSS are read from."""
+
+    def __init__(self, target):
+        self.target = target
+        self.procs = []
+        self.pids = []
+
+    def start(self):
+        shutil.rmtree(os.path.join(RUNDIR, self.target), ignore_errors=True)
+        d = os.path.join(RUNDIR, self.target)
+        os.makedirs(d)
+        log = open(os.path.join(d, "server.log"), "w")
+        if self.target == "tidings":
+            p = subprocess.Popen(["taskset", "-c", "0", TIDINGS, "serve", "--listen",
+                                  "127.0.0.1:8080"], stdout=log, stderr=log,
+                                 env={**os.environ, "TIDINGS_LOG": "warn"})
+            self.procs = [p]
+            wait_port(8080)
+            self.pids = [p.pid]
+        elif self.target == "nchan":
+            os.makedirs(os.path.join(d, "tmp"))
+            shutil.copy(os.path.join(BENCH, "nchan", "nginx.conf"), d)
+            p = subprocess.Popen(["taskset", "-c", "0", "nginx", "-p", d, "-c",
+                                  os.path.join(d, "nginx.conf")], stdout=log, stderr=log)
+            self.procs = [p]
+            wait_port(8090)
+            time.sleep(0.3)
+            self.pids = [p.pid] + descendants(p.pid)
+        else:
+            conf = open(os.path.join(BENCH, "pushpin", "pushpin.conf.in")).read()
+            conf = conf.replace("RUNDIR", d).replace(
+                "ROUTES", os.path.join(BENCH, "pushpin", "routes"))
+            cpath = os.path.join(d, "pushpin.conf")
+            open(cpath, "w").write(conf)
+            origin = subprocess.Popen(["taskset", "-c", "0", sys.executable,
+                                       os.path.join(BENCH, "pushpin", "origin.py"), "8092"],
+                                      stdout=log, stderr=log)
+            p = subprocess.Popen(["taskset", "-c", "0", "pushpin", "--config", cpath],
+                                 stdout=log, stderr=log, start_new_session=True)
+            self.procs = [p, origin]
+            wait_port(8092)
+            wait_port(7999, 20)
+            wait_port(5561, 20)
+            time.sleep(1.0)
+            # The runner and the services it started (condure, proxy, handler); not the origin.
+            self.pids = [p.pid] + descendants(p.pid)
+        return self
+
+    def stop(self):
+        for p in self.procs:
+            try:
+                if self.target == "pushpin" and p is self.procs[0]:
+                    os.killpg(p.pid, signal.SIGTERM)
+                else:
+                    p.terminate()
+            except (OSError, ProcessLookupError):
+                pass
+        for p in self.procs:
+            try:
+                p.wait(10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        time.sleep(0.5)
+
+
+def run_one(target, name, server):
+    transport, n, channels, publishers, rate, duration = SCENARIOS[name]
+    cmd = ["taskset", "-c", "1", TIDINGS, "bench", "--quiet", "--target", target,
+           "--url", URLS[target], "--transport", transport, "-n", str(n), "-c", str(channels),
+           "-p", str(publishers), "--rate", str(rate), "--duration", str(duration),
+           "--payload", "100", "--settle", "2", "--label", name,
+           "--server-pid", ",".join(str(p) for p in server.pids)]
+    print("+", " ".join(cmd), file=sys.stderr)
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    if out.returncode != 0:
+        print(out.stderr, file=sys.stderr)
+        return None
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    r["scenario"] = name
+    r["time"] = time.strftime("%Y-%m-%dT%H:%M:%S")
+    return r
+
+
+def run(args):
+    if not os.path.exists(TIDINGS):
+        sh(["cargo", "build", "--release", "-p", "tidings-cli"], cwd=ROOT)
+    os.makedirs(os.path.dirname(RESULTS), exist_ok=True)
+    names = args.only.split(",") if args.only else list(SCENARIOS)
+    for target in args.targets.split(","):
+        for name in names:
+            reps = args.repeat if name in REPEATED else 1
+            for _ in range(reps):
+                server = Server(target).start()
+                try:
+                    r = run_one(target, name, server)
+                finally:
+                    server.stop()
+                if r is None:
+                    continue
+                if args.variant:
+                    r["variant"] = args.variant
+                s = r.get("server") or {}
+                print(f"{target:8} {name:20} deliveries/s={r.get('deliveries_per_s')} "
+                      f"cpu/deliv={s.get('cpu_us_per_delivery')}us "
+                      f"p99={(r.get('latency_us') or {}).get('p99')}us "
+                      f"rss/conn={s.get('rss_per_conn_bytes')} lost={r['lost']} "
+                      f"dups={r['duplicates']} connected={r['connected']}/{r['subscribers']}",
+                      file=sys.stderr)
+                with open(RESULTS, "a") as f:
+                    f.write(json.dumps(r) + "\n")
+
+
+# ---- report ----
+
+def load():
+    rows = []
+    if os.path.exists(RESULTS):
+        for line in open(RESULTS):
+            if line.strip():
+                rows.append(json.loads(line))
+    return rows
+
+
+def lost(r):
+    """Loss over connected subscribers. Rows from before the generator counted it that way
+    (no `loss_basis`) also counted every subscriber that never connected as losing all."""
+    n = r.get("lost")
+    if n is None or r.get("loss_basis") == "connected":
+        return n
+    missing = r["subscribers"] - r["connected"]
+    return max(0, n - missing * r["published"] // max(1, r["channels"]))
+
+
+def metric(r, key):
+    s = r.get("server") or {}
+    lat = r.get("latency_us") or {}
+    return {
+        "cpu": s.get("cpu_us_per_delivery"),
+        "rate": r.get("deliveries_per_s"),
+        "pubrate": r.get("publish_per_s"),
+        "p50": lat.get("p50"),
+        "p99": lat.get("p99"),
+        "mem": s.get("rss_per_conn_bytes"),
+        "lost": lost(r),
+        "dups": r.get("duplicates"),
+        "benchcpu": (r.get("bench") or {}).get("cpu_us_per_delivery"),
+        "connected": r.get("connected"),
+        "failed": r.get("connect_failed"),
+    }[key]
+
+
+def med(rows, key):
+    vals = [metric(r, key) for r in rows]
+    vals = [v for v in vals if v is not None]
+    if not vals:
+        return None, None
+    return statistics.median(vals), (min(vals), max(vals))
+
+
+def fmt(v, digits=1):
+    if v is None:
+        return "—"
+    if isinstance(v, float) and abs(v) >= 1000 or isinstance(v, int):
+        return f"{v:,.0f}"
+    return f"{v:.{digits}f}"
+
+
+def ratio(a, b):
+    if a is None or b is None or b == 0:
+        return "—"
+    return f"{a / b:.2f}×"
+
+
+def svg_bars(path, title, unit, groups, series, values, log=False):
+    """Grouped bar chart: values[(group, series)] -> number or None."""
+    colors = {"tidings": "#2b7bb9", "nchan": "#3a9a4a", "pushpin": "#d0782a"}
+    w, h, left, top, bottom = 760, 360, 70, 40, 90
+    vals = [v for v in values.values() if v]
+    vmax = max(vals) if vals else 1
+    plot_h = h - top - bottom
+    gw = (w - left - 20) / max(1, len(groups))
+    bw = gw * 0.8 / max(1, len(series))
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" '
+           f'font-family="sans-serif" font-size="11">',
+           f'<rect width="{w}" height="{h}" fill="white"/>',
+           f'<text x="{w/2}" y="20" text-anchor="middle" font-size="14">{title}</text>']
+    for i in range(5):
+        v = vmax * i / 4
+        y = top + plot_h - plot_h * i / 4
+        out.append(f'<line x1="{left}" x2="{w-20}" y1="{y}" y2="{y}" stroke="#ddd"/>')
+        out.append(f'<text x="{left-5}" y="{y+4}" text-anchor="end">{v:,.1f}</text>')
+    out.append(f'<text x="15" y="{top+plot_h/2}" transform="rotate(-90 15 {top+plot_h/2})" '
+               f'text-anchor="middle">{unit}</text>')
+    for gi, g in enumerate(groups):
+        x0 = left + gi * gw + gw * 0.1
+        for si, s in enumerate(series):
+            v = values.get((g, s))
+            if v is None:
+                continue
+            bh = plot_h * v / vmax
+            x = x0 + si * bw
+            y = top + plot_h - bh
+            out.append(f'<rect x="{x:.1f}" y="{y:.1f}" width="{bw-2:.1f}" height="{bh:.1f}" '
+                       f'fill="{colors.get(s, "#888")}"><title>{s} {g}: {v:,.1f}</title></rect>')
+            out.append(f'<text x="{x+bw/2-1:.1f}" y="{y-3:.1f}" text-anchor="middle" '
+                       f'font-size="9">{v:,.1f}</text>')
+        out.append(f'<text x="{x0+gw*0.4:.1f}" y="{top+plot_h+15}" text-anchor="end" '
+                   f'transform="rotate(-30 {x0+gw*0.4:.1f} {top+plot_h+15})">{g}</text>')
+    for si, s in enumerate(series):
+        x = left + 10 + si * 110
+        out.append(f'<rect x="{x}" y="{h-18}" width="12" height="12" fill="{colors.get(s)}"/>')
+        out.append(f'<text x="{x+16}" y="{h-8}">{s}</text>')
+    out.append("</svg>")
+    open(path, "w").write("\n".join(out))
+
+
+def report(_args):
+    all_rows = load()
+    rows = [r for r in all_rows if not r.get("variant")]
+    baseline = {}
+    for r in all_rows:
+        if r.get("variant") and r["target"] == "tidings":
+            baseline.setdefault(r["scenario"], []).append(r)
+    targets = ["tidings", "nchan", "pushpin"]
+    by = {}
+    for r in rows:
+        by.setdefault((r["scenario"], r["target"]), []).append(r)
+    names = [n for n in SCENARIOS if any((n, t) in by for t in targets)]
+    lines = []
+    add = lines.append
+
+    def cell(n, t, key, digits=1):
+        v, spread = med(by.get((n, t), []), key)
+        if v is None:
+            return "—"
+        runs = len(by.get((n, t), []))
+        if runs > 1 and spread and spread[0] != spread[1]:
+            return f"{fmt(v, digits)} ({fmt(spread[0], digits)}–{fmt(spread[1], digits)})"
+        return fmt(v, digits)
+
+    add("| scenario | metric | Tidings | Nchan | Pushpin | Tidings/Nchan | Tidings/Pushpin |")
+    add("|---|---|---|---|---|---|---|")
+    for n in names:
+        keys = [("cpu", "server CPU µs/delivery"), ("rate", "deliveries/s"),
+                ("p50", "p50 latency µs"), ("p99", "p99 latency µs"),
+                ("lost", "lost"), ("dups", "duplicates"), ("benchcpu", "bench CPU µs/delivery")]
+        if n.startswith("idle") or n.startswith("max"):
+            keys = [("mem", "RSS bytes/idle connection"), ("connected", "connected"),
+                    ("failed", "connect failures")]
+        if n == "publish-throughput":
+            keys = [("pubrate", "publishes/s"), ("cpu", "server CPU µs/delivery"),
+                    ("lost", "lost"), ("dups", "duplicates")]
+        for key, label in keys:
+            t, nc, pp = (med(by.get((n, x), []), key)[0] for x in targets)
+            r1 = ratio(t, nc) if key in ("cpu", "p50", "p99", "mem", "rate", "pubrate") else ""
+            r2 = ratio(t, pp) if key in ("cpu", "p50", "p99", "mem", "rate", "pubrate") else ""
+            add(f"| {n} | {label} | {cell(n, 'tidings', key)} | {cell(n, 'nchan', key)} | "
+                f"{cell(n, 'pushpin', key)} | {r1} | {r2} |")
+    if baseline:
+        add("")
+        add("Tidings before and after the tuning described below (same scenarios, medians):")
+        add("")
+        add("| scenario | metric | before | after | after/before |")
+        add("|---|---|---|---|---|")
+        for n in [n for n in SCENARIOS if n in baseline and (n, "tidings") in by]:
+            keys = [("mem", "RSS bytes/idle connection")] if n.startswith(("idle", "max")) \
+                else [("cpu", "server CPU µs/delivery"), ("p99", "p99 latency µs")]
+            if n == "publish-throughput":
+                keys = [("pubrate", "publishes/s"), ("cpu", "server CPU µs/delivery")]
+            for key, label in keys:
+                b = med(baseline[n], key)[0]
+                a = med(by[(n, "tidings")], key)[0]
+                add(f"| {n} | {label} | {fmt(b)} | {fmt(a)} | {ratio(a, b)} |")
+    table = "\n".join(lines)
+
+    img = os.path.join(ROOT, "docs", "images")
+    os.makedirs(img, exist_ok=True)
+    load_names = [n for n in names if not n.startswith(("idle", "max")) and n != "publish-throughput"]
+    for key, fname, title, unit in [
+        ("cpu", "bench-cpu-per-delivery.svg", "Server CPU per delivered message (median)", "µs"),
+        ("p99", "bench-p99-latency.svg", "p99 publish→receive latency (median of runs)", "ms"),
+        ("p50", "bench-p50-latency.svg", "p50 publish→receive latency (median of runs)", "ms"),
+    ]:
+        vals = {}
+        for n in load_names:
+            for t in targets:
+                v = med(by.get((n, t), []), key)[0]
+                if v is not None and key in ("p99", "p50"):
+                    v = v / 1000.0
+                vals[(n, t)] = v
+        svg_bars(os.path.join(img, fname), title, unit, load_names, targets, vals)
+    idle_names = [n for n in names if n.startswith(("idle", "max"))]
+    vals = {}
+    for n in idle_names:
+        for t in targets:
+            v = med(by.get((n, t), []), "mem")[0]
+            vals[(n, t)] = v / 1024.0 if v is not None else None
+    svg_bars(os.path.join(img, "bench-idle-memory.svg"), "RSS per idle connection", "KiB",
+             idle_names, targets, vals)
+
+    path = os.path.join(ROOT, "docs", "benchmarks.md")
+    doc = open(path).read() if os.path.exists(path) else ""
+    start, end = "<!-- results:start -->", "<!-- results:end -->"
+    if start in doc and end in doc:
+        doc = doc[:doc.index(start) + len(start)] + "\n" + table + "\n" + doc[doc.index(end):]
+    else:
+        doc += f"\n{start}\n{table}\n{end}\n"
+    open(path, "w").write(doc)
+    print(table)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    sub.add_parser("setup")
+    r = sub.add_parser("run")
+    r.add_argument("--repeat", type=int, default=3)
+    r.add_argument("--targets", default="tidings,nchan,pushpin")
+    r.add_argument("--only", default="")
+    r.add_argument("--variant", default="",
+                   help="tag the rows (e.g. 'baseline'); report compares tagged Tidings rows")
+    sub.add_parser("report")
+    a = ap.parse_args()
+    {"setup": setup, "run": run, "report": report}[a.cmd](a)
+
+
+if __name__ == "__main__":
+    main()
