@@ -1,0 +1,36 @@
+#!/bin/bash
+# Counts the server's instructions (callgrind) for one fixed load, so two builds can be compared
+# whatever else the machine is doing.
+#   bench/callgrind-ab.sh SERVER_BINARY NAME [tidings bench options…]
+#   bench/callgrind-ab.sh /tmp/base/target/release/tidings pub-base -n 10 -c 10 -p 1 --rate 200 --duration 5
+# The counters are zeroed after the subscribers connected (7 s in; --settle 9), so the count
+# covers publishing and delivery only. Use a fixed --rate: with --rate 0 a slower build
+# batches differently and the counts are not comparable.
+set -euo pipefail
+BIN=$1; NAME=$2; shift 2
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+BENCH=$ROOT/target/release/tidings
+OUT=${OUT:-/tmp/tidings-bench/callgrind}
+mkdir -p "$OUT"
+rm -f "$OUT/$NAME".out*
+taskset -c 0 valgrind --tool=callgrind --callgrind-out-file="$OUT/$NAME.out" "$BIN" serve \
+    --listen 127.0.0.1:8080 > "$OUT/$NAME.log" 2>&1 &
+VP=$!
+sleep 5
+( sleep 7; callgrind_control -z "$VP" > /dev/null 2>&1 ) &
+taskset -c 1 "$BENCH" bench --quiet --settle 9 "$@" > "$OUT/$NAME.json"
+kill -INT "$VP"
+wait "$VP" || true
+python3 - "$OUT" "$NAME" <<'PY'
+import glob, json, sys
+out, name = sys.argv[1], sys.argv[2]
+r = json.load(open(f"{out}/{name}.json"))
+ir = 0
+for f in glob.glob(f"{out}/{name}.out*"):
+    for line in open(f):
+        if line.startswith("summary:"):
+            ir += int(line.split()[1])
+d, p = max(1, r["deliveries"]), max(1, r["published"])
+print(f"{name}: Ir={ir} published={r['published']} deliveries={r['deliveries']} "
+      f"lost={r['lost']} dups={r['duplicates']} Ir/delivery={ir // d} Ir/publish={ir // p}")
+PY
