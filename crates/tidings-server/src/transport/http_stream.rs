@@ -14,7 +14,7 @@ use tidings_core::{Disconnect, Gap, Message, PresenceEvent};
 use crate::api::error::ApiError;
 use crate::server::{AppState, ConnectionCtx};
 use crate::transport::stream::{self, Framing};
-use crate::transport::{TransportKind, frame_slot, params};
+use crate::transport::{TransportKind, frame_slot};
 
 pub struct NdjsonFraming;
 
@@ -89,15 +89,15 @@ pub async fn one(
     RawQuery(query): RawQuery,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    let p = params::parse(
+    stream::subscribe(
+        &state,
+        conn.as_deref(),
         Some(&channel),
         query.as_deref(),
         &headers,
-        &state.config.server,
-        false,
-    )?;
-    let who = params::authorize(&state, &p, &headers, query.as_deref())?;
-    stream::open(&state, conn.as_deref(), p, who, NdjsonFraming).await
+        NdjsonFraming,
+    )
+    .await
 }
 
 /// `GET /stream?channel=a&channel=b`.
@@ -107,13 +107,13 @@ pub async fn many(
     RawQuery(query): RawQuery,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    let p = params::parse(
+    stream::subscribe(
+        &state,
+        conn.as_deref(),
         None,
         query.as_deref(),
         &headers,
-        &state.config.server,
-        false,
-    )?;
-    let who = params::authorize(&state, &p, &headers, query.as_deref())?;
-    stream::open(&state, conn.as_deref(), p, who, NdjsonFraming).await
+        NdjsonFraming,
+    )
+    .await
 }

@@ -16,7 +16,7 @@ use tidings_core::{Disconnect, Gap, Message, PresenceEvent};
 use crate::api::error::ApiError;
 use crate::server::{AppState, ConnectionCtx};
 use crate::transport::stream::{self, Framing};
-use crate::transport::{TransportKind, frame_slot, params};
+use crate::transport::{TransportKind, frame_slot};
 
 /// How long the browser waits before reconnecting (the `retry:` field).
 const RETRY_MS: &str = "2000";
@@ -159,15 +159,15 @@ pub async fn raw(
     RawQuery(query): RawQuery,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    let p = params::parse(
+    stream::subscribe(
+        &state,
+        conn.as_deref(),
         Some(&channel),
         query.as_deref(),
         &headers,
-        &state.config.server,
-        false,
-    )?;
-    let who = params::authorize(&state, &p, &headers, query.as_deref())?;
-    stream::open(&state, conn.as_deref(), p, who, SseFraming::raw()).await
+        SseFraming::raw(),
+    )
+    .await
 }
 
 /// `GET /sse?channel=a&channel=b`: envelopes.
@@ -177,15 +177,15 @@ pub async fn envelopes(
     RawQuery(query): RawQuery,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    let p = params::parse(
+    stream::subscribe(
+        &state,
+        conn.as_deref(),
         None,
         query.as_deref(),
         &headers,
-        &state.config.server,
-        false,
-    )?;
-    let who = params::authorize(&state, &p, &headers, query.as_deref())?;
-    stream::open(&state, conn.as_deref(), p, who, SseFraming::envelopes()).await
+        SseFraming::envelopes(),
+    )
+    .await
 }
 
 #[cfg(test)]

@@ -48,6 +48,23 @@ pub trait Framing: Send + 'static {
     fn heartbeat(&mut self, out: &mut BytesMut);
 }
 
+/// The whole GET handler of a streaming transport: parse the subscribe parameters, check
+/// the credentials for every channel, open the stream. `path_channel` is `Some` for the
+/// one-channel routes (`/sse/{c}`, `/stream/{c}`).
+pub async fn subscribe<F: Framing>(
+    state: &AppState,
+    conn: Option<&ConnectionCtx>,
+    path_channel: Option<&str>,
+    query: Option<&str>,
+    headers: &axum::http::HeaderMap,
+    framing: F,
+) -> Result<Response, ApiError> {
+    let p =
+        crate::transport::params::parse(path_channel, query, headers, &state.config.server, false)?;
+    let who = crate::transport::params::authorize(state, &p, headers, query)?;
+    open(state, conn, p, who, framing).await
+}
+
 /// Subscribes and answers with a streaming response framed by `framing`.
 pub async fn open<F: Framing>(
     state: &AppState,
