@@ -22,6 +22,7 @@ pub mod assets;
 pub mod auth;
 pub mod config;
 pub mod demo;
+pub mod h1;
 pub mod limits;
 pub mod metrics;
 pub mod server;

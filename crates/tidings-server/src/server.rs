@@ -9,13 +9,14 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use hyper_util::service::TowerToHyperService;
 use tidings_core::Node;
 use tokio::net::TcpListener;
@@ -147,6 +148,9 @@ pub async fn serve_all(
     // The admin console's feed; ends with `state.shutdown`.
     tokio::spawn(crate::stats::run(state.clone()));
     let graceful = GracefulShutdown::new();
+    // Every connection task, so shutdown can wait for lean ones too (hyper's are also
+    // watched by `graceful`, which tells them to finish).
+    let tasks = tokio_util::task::TaskTracker::new();
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
@@ -154,6 +158,11 @@ pub async fn serve_all(
         .header_read_timeout(state.config.server.request_header_timeout);
     // Lets WebSockets ride HTTP/2 streams (RFC 8441).
     builder.http2().enable_connect_protocol();
+    let edge = Arc::new(Edge {
+        router,
+        builder,
+        state: state.clone(),
+    });
     tokio::pin!(shutdown);
     loop {
         let (accepted, secure) = tokio::select! {
@@ -186,60 +195,19 @@ pub async fn serve_all(
             publish_rate: Arc::new(RateLimiter::new(state.config.server.client_publish_rate)),
             http2: false,
         };
-        let kill = ctx.kill.clone();
-        let svc =
-            router
-                .clone()
-                .map_request(move |mut req: http::Request<hyper::body::Incoming>| {
-                    let mut ctx = ctx.clone();
-                    ctx.http2 = req.version() == http::Version::HTTP_2;
-                    req.extensions_mut().insert(ctx);
-                    req
-                });
-        let svc = TowerToHyperService::new(svc);
         let watcher = graceful.watcher();
-        let builder = builder.clone();
-        let metrics = state.metrics.clone();
+        let edge = edge.clone();
         let acceptor = tls.as_ref().filter(|_| secure).map(|(_, a)| a.clone());
-        let header_timeout = state.config.server.request_header_timeout;
-        tokio::spawn(async move {
+        tasks.spawn(async move {
             let _permit = permit;
+            let metrics = &edge.state.metrics;
             metrics.http_connections.fetch_add(1, Relaxed);
             metrics.http_connections_total.fetch_add(1, Relaxed);
             match acceptor {
-                None => {
-                    // hyper's header timer starts at the first byte; a client that connects
-                    // and says nothing would otherwise hold its slot forever.
-                    if tokio::time::timeout(header_timeout, stream.readable())
-                        .await
-                        .is_err()
-                    {
-                        metrics.http_connections.fetch_sub(1, Relaxed);
-                        return;
-                    }
-                    let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
-                    drive(watcher.watch(conn.into_owned()), &kill).await;
-                }
+                None => edge.plain(stream, ctx, watcher).await,
                 // Boxed: a TLS session and its handshake are large, and without the box every
                 // plain connection's task would be sized for them too (idle memory).
-                Some(acceptor) => {
-                    Box::pin(async move {
-                        match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream))
-                            .await
-                        {
-                            Ok(Ok(tls)) => {
-                                let conn =
-                                    builder.serve_connection_with_upgrades(TokioIo::new(tls), svc);
-                                drive(watcher.watch(conn.into_owned()), &kill).await;
-                            }
-                            Ok(Err(e)) => {
-                                tracing::debug!(%peer, error = %e, "TLS handshake failed")
-                            }
-                            Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
-                        }
-                    })
-                    .await
-                }
+                Some(acceptor) => Box::pin(edge.tls(stream, acceptor, ctx, watcher)).await,
             }
             metrics.http_connections.fetch_sub(1, Relaxed);
         });
@@ -247,7 +215,12 @@ pub async fn serve_all(
     drop(listener);
     drop(tls);
     state.shutdown.cancel();
-    if tokio::time::timeout(SHUTDOWN_GRACE, graceful.shutdown())
+    tasks.close();
+    let drained = async {
+        graceful.shutdown().await;
+        tasks.wait().await;
+    };
+    if tokio::time::timeout(SHUTDOWN_GRACE, drained)
         .await
         .is_err()
     {
@@ -256,14 +229,84 @@ pub async fn serve_all(
     Ok(())
 }
 
-/// Runs a connection to its end, or drops it `SLOW_CLOSE_GRACE` after its kill token fires.
-async fn drive(conn: impl Future, kill: &CancellationToken) {
-    tokio::pin!(conn);
-    tokio::select! {
-        _ = &mut conn => {}
-        _ = kill.cancelled() => {
-            let _ = tokio::time::timeout(SLOW_CLOSE_GRACE, &mut conn).await;
+/// What every connection task shares.
+struct Edge {
+    router: axum::Router,
+    builder: auto::Builder<TokioExecutor>,
+    state: AppState,
+}
+
+impl Edge {
+    /// A plaintext connection: the lean HTTP/1.1 path first, hyper when it hands off.
+    async fn plain(&self, mut stream: tokio::net::TcpStream, ctx: ConnectionCtx, watcher: Watcher) {
+        let outcome = {
+            let lean = crate::h1::Lean {
+                router: &self.router,
+                ctx: &ctx,
+                header_timeout: self.state.config.server.request_header_timeout,
+                shutdown: &self.state.shutdown,
+            };
+            drive(std::pin::pin!(lean.serve(&mut stream)), &ctx.kill).await
+        };
+        if let Some(crate::h1::Outcome::Handoff(read)) = outcome {
+            // Boxed: hyper's connection state is large, and without the box every lean
+            // connection's task would be sized for it.
+            let io = crate::h1::Rewind::new(stream, read);
+            Box::pin(self.hyper(io, ctx, watcher)).await
         }
+    }
+
+    async fn tls(
+        &self,
+        stream: tokio::net::TcpStream,
+        acceptor: TlsAcceptor,
+        ctx: ConnectionCtx,
+        watcher: Watcher,
+    ) {
+        let peer = ctx.peer;
+        match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+            Ok(Ok(tls)) => self.hyper(tls, ctx, watcher).await,
+            Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
+            Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+        }
+    }
+
+    async fn hyper<IO>(&self, io: IO, ctx: ConnectionCtx, watcher: Watcher)
+    where
+        IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
+    {
+        let kill = ctx.kill.clone();
+        let svc = self
+            .router
+            .clone()
+            .map_request(move |mut req: http::Request<hyper::body::Incoming>| {
+                let mut ctx = ctx.clone();
+                ctx.http2 = req.version() == http::Version::HTTP_2;
+                req.extensions_mut().insert(ctx);
+                req
+            });
+        let conn = self
+            .builder
+            .serve_connection_with_upgrades(TokioIo::new(io), TowerToHyperService::new(svc));
+        drive(std::pin::pin!(watcher.watch(conn.into_owned())), &kill).await;
+    }
+}
+
+/// Runs a connection to its end, or drops it `SLOW_CLOSE_GRACE` after its kill token fires
+/// (`None` then).
+///
+/// Takes the connection pinned by the caller: moved in, it would be stored twice in this
+/// future (once as the argument, once pinned), doubling every parked connection's task.
+async fn drive<F: Future>(mut conn: Pin<&mut F>, kill: &CancellationToken) -> Option<F::Output> {
+    tokio::select! {
+        out = &mut conn => return Some(out),
+        _ = kill.cancelled() => {}
+    }
+    // Boxed: the grace timer is rarely needed, and inline it would sit in every task.
+    let grace = Box::pin(tokio::time::sleep(SLOW_CLOSE_GRACE));
+    tokio::select! {
+        out = conn => Some(out),
+        _ = grace => None,
     }
 }
 

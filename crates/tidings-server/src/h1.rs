@@ -1,0 +1,545 @@
+//! A lean HTTP/1.1 server for requests without a body: pages, short polls and, above all,
+//! the connections that sit parked for minutes — SSE and NDJSON streams and long polls.
+//!
+//! Why not hyper for these: hyper keeps its connection state, an 8 KiB read buffer and an
+//! 8 KiB header write buffer for the whole life of a connection: about 16 KiB of a parked
+//! stream's 24. Here the request head is read into a buffer that is freed once parsed, the
+//! response head is written and dropped, and a parked stream holds its socket, its body
+//! (the session writer) and little else.
+//!
+//! Everything else — a request with a body, an upgrade (WebSocket), `Expect`, HTTP/1.0,
+//! `CONNECT`, the HTTP/2 preface — is handed to hyper together with the bytes read so far
+//! (`Rewind`), and hyper keeps the connection from then on. Publishers (POST with a body)
+//! therefore go to hyper on their first request.
+//!
+//! Concurrency: one task per connection (spawned by `server.rs`, which also wraps it in the
+//! kill-token grace). While a response streams, the task waits on the body and on the
+//! socket's read readiness at once, so a client that hangs up ends its stream now rather
+//! than at the next heartbeat. Bytes a client sends during a response (pipelining) are kept
+//! for the next request, at most `MAX_HEAD` of them; past that the socket is not read until
+//! the response ends.
+
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::{Duration, SystemTime};
+
+use axum::Router;
+use axum::body::Body;
+use bytes::{Buf, Bytes, BytesMut};
+use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, StatusCode, header};
+use http_body::Body as _;
+use http_body_util::BodyExt;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tower::ServiceExt;
+
+use crate::server::ConnectionCtx;
+
+/// The largest request head read here (request line and headers); over it: 431.
+pub const MAX_HEAD: usize = 64 * 1024;
+const MAX_HEADERS: usize = 100;
+/// Bodies of a known length up to this are written with the head in one call.
+const COALESCE: usize = 64 * 1024;
+const HTTP2_PREFACE: &[u8] = b"PRI * HTTP/2.0";
+
+/// How a connection left the lean path.
+pub enum Outcome {
+    /// The connection is finished (closed by either side, or after an error reply).
+    Done,
+    /// hyper takes over; these bytes were read from the socket and come first.
+    Handoff(Bytes),
+}
+
+pub struct Lean<'a> {
+    pub router: &'a Router,
+    pub ctx: &'a ConnectionCtx,
+    pub header_timeout: Duration,
+    pub shutdown: &'a CancellationToken,
+}
+
+enum Head {
+    Request {
+        req: Request<Body>,
+        keep_alive: bool,
+        head_only: bool,
+    },
+    Handoff,
+    Refuse(StatusCode, &'static str, &'static str),
+    Closed,
+}
+
+/// A response ready to be written: its head, and the body still to come.
+struct Exchange {
+    head: Vec<u8>,
+    framing: Framing,
+    body: Body,
+    keep_alive: bool,
+}
+
+impl Lean<'_> {
+    /// Serves requests on `stream` until it closes or hyper must take over.
+    ///
+    /// Memory: this future is what a parked stream costs, so everything that lives only
+    /// until the response head exists (reading and parsing the request, the router's
+    /// future) runs in a boxed future of its own, and what stays is the body and a few words.
+    pub async fn serve(&self, stream: &mut TcpStream) -> Outcome {
+        let mut buf = BytesMut::new();
+        let mut first = true;
+        loop {
+            let exchange = match Box::pin(self.exchange(stream, &mut buf, first)).await {
+                Ok(exchange) => exchange,
+                Err(outcome) => return outcome,
+            };
+            first = false;
+            let keep_alive = exchange.keep_alive;
+            let written = write_body(
+                stream,
+                exchange.head,
+                exchange.framing,
+                exchange.body,
+                &mut buf,
+            )
+            .await;
+            if written.is_err() || !keep_alive || self.shutdown.is_cancelled() {
+                let _ = stream.shutdown().await;
+                return Outcome::Done;
+            }
+        }
+    }
+
+    /// Reads the next request and runs it through the router; `Err` when the connection
+    /// ends here or goes to hyper.
+    async fn exchange(
+        &self,
+        stream: &mut TcpStream,
+        buf: &mut BytesMut,
+        first: bool,
+    ) -> Result<Exchange, Outcome> {
+        let (req, keep_alive, head_only) = match self.read_head(stream, buf, first).await {
+            Head::Request {
+                req,
+                keep_alive,
+                head_only,
+            } => (req, keep_alive, head_only),
+            Head::Handoff => return Err(Outcome::Handoff(buf.split().freeze())),
+            Head::Refuse(status, code, message) => {
+                let _ = refuse(stream, status, code, message).await;
+                return Err(Outcome::Done);
+            }
+            Head::Closed => return Err(Outcome::Done),
+        };
+        let res = match self.router.clone().oneshot(req).await {
+            Ok(res) => res,
+            Err(e) => match e {},
+        };
+        let (parts, body) = res.into_parts();
+        let (head, framing, keep_alive) = response_head(parts, &body, keep_alive, head_only);
+        Ok(Exchange {
+            head,
+            framing,
+            body,
+            keep_alive,
+        })
+    }
+
+    async fn read_head(&self, stream: &mut TcpStream, buf: &mut BytesMut, first: bool) -> Head {
+        if buf.is_empty() {
+            // The first request must start within the header timeout (a client that
+            // connects and says nothing would otherwise hold its slot forever); a kept-alive
+            // connection may idle until the server shuts down.
+            let ready = if first {
+                tokio::time::timeout(self.header_timeout, stream.readable())
+                    .await
+                    .ok()
+                    .and_then(Result::ok)
+            } else {
+                tokio::select! {
+                    r = stream.readable() => r.ok(),
+                    _ = self.shutdown.cancelled() => None,
+                }
+            };
+            if ready.is_none() {
+                return Head::Closed;
+            }
+        }
+        let deadline = Instant::now() + self.header_timeout;
+        loop {
+            if let Some(head) = parse(buf, self.ctx) {
+                return head;
+            }
+            if buf.len() >= MAX_HEAD {
+                return Head::Refuse(
+                    StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                    "header_too_large",
+                    "the request line and headers are over 64 KiB",
+                );
+            }
+            buf.reserve(if buf.is_empty() { 1024 } else { 4096 });
+            match tokio::time::timeout_at(deadline, read_some(stream, buf)).await {
+                Ok(Ok(n)) if n > 0 => {}
+                // EOF, a socket error or a head that never finished (slowloris): close.
+                _ => return Head::Closed,
+            }
+        }
+    }
+}
+
+async fn read_some(stream: &mut TcpStream, buf: &mut BytesMut) -> io::Result<usize> {
+    use tokio::io::AsyncReadExt;
+    stream.read_buf(buf).await
+}
+
+/// Parses a complete head at the start of `buf` (consuming it), or says why not.
+/// `None`: incomplete, read more.
+fn parse(buf: &mut BytesMut, ctx: &ConnectionCtx) -> Option<Head> {
+    if buf.is_empty() {
+        return None;
+    }
+    let preface_len = buf.len().min(HTTP2_PREFACE.len());
+    if buf[..preface_len] == HTTP2_PREFACE[..preface_len] {
+        return (buf.len() >= 3).then_some(Head::Handoff);
+    }
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut parsed = httparse::Request::new(&mut headers);
+    let len = match parsed.parse(buf) {
+        Ok(httparse::Status::Partial) => return None,
+        Ok(httparse::Status::Complete(len)) => len,
+        Err(httparse::Error::TooManyHeaders) => {
+            return Some(Head::Refuse(
+                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                "header_too_large",
+                "the request has over 100 headers",
+            ));
+        }
+        // Not HTTP/1.x: hyper answers it the standard way.
+        Err(httparse::Error::Version) => return Some(Head::Handoff),
+        Err(_) => return Some(bad_request()),
+    };
+    let (Some(method), Some(path), Some(1)) = (parsed.method, parsed.path, parsed.version) else {
+        return Some(Head::Handoff);
+    };
+    let Ok(method) = Method::from_bytes(method.as_bytes()) else {
+        return Some(bad_request());
+    };
+    if method == Method::CONNECT {
+        return Some(Head::Handoff);
+    }
+    let mut keep_alive = true;
+    let mut map = HeaderMap::with_capacity(parsed.headers.len());
+    for h in parsed.headers.iter() {
+        let name = h.name.as_bytes();
+        let hands_off = name.eq_ignore_ascii_case(b"transfer-encoding")
+            || name.eq_ignore_ascii_case(b"upgrade")
+            || name.eq_ignore_ascii_case(b"expect")
+            || (name.eq_ignore_ascii_case(b"content-length") && h.value.trim_ascii() != b"0");
+        if hands_off {
+            return Some(Head::Handoff);
+        }
+        if name.eq_ignore_ascii_case(b"connection") && has_token(h.value, b"close") {
+            keep_alive = false;
+        }
+        let (Ok(name), Ok(value)) = (
+            HeaderName::from_bytes(name),
+            HeaderValue::from_bytes(h.value),
+        ) else {
+            return Some(bad_request());
+        };
+        map.append(name, value);
+    }
+    let Ok(uri) = http::Uri::try_from(path) else {
+        return Some(bad_request());
+    };
+    let head_only = method == Method::HEAD;
+    let mut req = Request::new(Body::empty());
+    *req.method_mut() = method;
+    *req.uri_mut() = uri;
+    *req.headers_mut() = map;
+    req.extensions_mut().insert(ConnectionCtx {
+        http2: false,
+        ..ctx.clone()
+    });
+    // Keep only what follows the head (a pipelined request), in a buffer of its own size,
+    // so a parked connection does not hold the read buffer.
+    buf.advance(len);
+    *buf = if buf.is_empty() {
+        BytesMut::new()
+    } else {
+        BytesMut::from(&buf[..])
+    };
+    Some(Head::Request {
+        req,
+        keep_alive,
+        head_only,
+    })
+}
+
+fn has_token(value: &[u8], token: &[u8]) -> bool {
+    value
+        .split(|&b| b == b',')
+        .any(|t| t.trim_ascii().eq_ignore_ascii_case(token))
+}
+
+fn bad_request() -> Head {
+    Head::Refuse(
+        StatusCode::BAD_REQUEST,
+        "bad_request",
+        "the request is not valid HTTP/1.1",
+    )
+}
+
+/// Answers with a JSON error and `connection: close`.
+async fn refuse(
+    stream: &mut TcpStream,
+    status: StatusCode,
+    code: &str,
+    message: &str,
+) -> io::Result<()> {
+    let body = format!(r#"{{"error":{{"code":"{code}","message":"{message}"}}}}"#);
+    let head = format!(
+        "HTTP/1.1 {} {}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\ndate: {}\r\n\r\n",
+        status.as_str(),
+        status.canonical_reason().unwrap_or(""),
+        body.len(),
+        httpdate::fmt_http_date(SystemTime::now()),
+    );
+    tokio::time::timeout(Duration::from_secs(1), async {
+        stream.write_all(format!("{head}{body}").as_bytes()).await?;
+        stream.shutdown().await
+    })
+    .await
+    .unwrap_or(Ok(()))
+}
+
+enum Framing {
+    None,
+    Length(u64),
+    Chunked,
+}
+
+/// The response head, how the body is framed, and whether the connection stays open.
+fn response_head(
+    parts: http::response::Parts,
+    body: &Body,
+    mut keep_alive: bool,
+    head_only: bool,
+) -> (Vec<u8>, Framing, bool) {
+    let status = parts.status;
+    if let Some(v) = parts.headers.get(header::CONNECTION) {
+        keep_alive &= !has_token(v.as_bytes(), b"close");
+    }
+    let bodyless = status.is_informational()
+        || status == StatusCode::NO_CONTENT
+        || status == StatusCode::NOT_MODIFIED;
+    let declared = parts
+        .headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.trim().parse::<u64>().ok());
+    let framing = if bodyless || head_only {
+        Framing::None
+    } else if let Some(n) = declared.or(body.size_hint().exact()) {
+        Framing::Length(n)
+    } else {
+        Framing::Chunked
+    };
+
+    let mut out = Vec::with_capacity(256);
+    out.extend_from_slice(b"HTTP/1.1 ");
+    out.extend_from_slice(status.as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
+    out.extend_from_slice(b"\r\n");
+    for (name, value) in &parts.headers {
+        if name == header::TRANSFER_ENCODING || (name == header::CONTENT_LENGTH && bodyless) {
+            continue;
+        }
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    if !parts.headers.contains_key(header::DATE) {
+        out.extend_from_slice(b"date: ");
+        out.extend_from_slice(httpdate::fmt_http_date(SystemTime::now()).as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    if !keep_alive && !parts.headers.contains_key(header::CONNECTION) {
+        out.extend_from_slice(b"connection: close\r\n");
+    }
+    match framing {
+        Framing::Length(n) if declared.is_none() => {
+            out.extend_from_slice(format!("content-length: {n}\r\n").as_bytes());
+        }
+        Framing::Chunked => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
+        _ => {}
+    }
+    out.extend_from_slice(b"\r\n");
+    (out, framing, keep_alive)
+}
+
+async fn write_body(
+    stream: &mut TcpStream,
+    mut out: Vec<u8>,
+    framing: Framing,
+    mut body: Body,
+    pending: &mut BytesMut,
+) -> io::Result<()> {
+    match framing {
+        Framing::None => stream.write_all(&out).await,
+        Framing::Length(n) => {
+            // Small bodies (pages, poll replies, errors) go out with the head in one write.
+            let mut left = n;
+            let mut watch = Watch::new(pending);
+            while let Some(data) = next_data(&mut body, stream, &mut watch).await? {
+                let Some(rest) = left.checked_sub(data.len() as u64) else {
+                    return Err(io::Error::other("body longer than its content-length"));
+                };
+                left = rest;
+                out.extend_from_slice(&data);
+                if out.len() >= COALESCE {
+                    stream.write_all(&out).await?;
+                    out.clear();
+                }
+            }
+            stream.write_all(&out).await?;
+            if left != 0 {
+                return Err(io::Error::other("body shorter than its content-length"));
+            }
+            Ok(())
+        }
+        Framing::Chunked => {
+            // Streams: the head goes now, so the client sees the response start before
+            // the first event; its buffer is freed before the stream parks.
+            stream.write_all(&out).await?;
+            drop(out);
+            let mut watch = Watch::new(pending);
+            while let Some(data) = next_data(&mut body, stream, &mut watch).await? {
+                write_chunk(stream, data).await?;
+            }
+            stream.write_all(b"0\r\n\r\n").await
+        }
+    }
+}
+
+/// The read side of a connection while its response is being written.
+struct Watch<'a> {
+    pending: &'a mut BytesMut,
+    reading: bool,
+}
+
+impl<'a> Watch<'a> {
+    fn new(pending: &'a mut BytesMut) -> Self {
+        let reading = pending.len() < MAX_HEAD;
+        Self { pending, reading }
+    }
+}
+
+/// The next non-empty data frame of `body`, while watching the socket for the client
+/// hanging up. `Ok(None)` at the end of the body; an error when the client is gone or the
+/// body failed (the connection is then closed without the final chunk, so the client can
+/// tell the response was cut).
+async fn next_data(
+    body: &mut Body,
+    stream: &mut TcpStream,
+    watch: &mut Watch<'_>,
+) -> io::Result<Option<Bytes>> {
+    loop {
+        tokio::select! {
+            biased;
+            frame = body.frame() => match frame {
+                None => return Ok(None),
+                Some(Err(e)) => return Err(io::Error::other(e)),
+                Some(Ok(frame)) => {
+                    if let Ok(data) = frame.into_data()
+                        && !data.is_empty()
+                    {
+                        return Ok(Some(data));
+                    }
+                }
+            },
+            ready = stream.readable(), if watch.reading => {
+                ready?;
+                watch.pending.reserve(512);
+                match stream.try_read_buf(watch.pending) {
+                    Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
+                    Ok(_) => watch.reading = watch.pending.len() < MAX_HEAD,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+    }
+}
+
+/// One chunk: size line, data, CRLF, in one vectored write.
+async fn write_chunk(stream: &mut TcpStream, data: Bytes) -> io::Result<()> {
+    let mut line = [0u8; 18];
+    let n = {
+        use std::io::Write;
+        let mut cur = io::Cursor::new(&mut line[..]);
+        write!(cur, "{:x}\r\n", data.len())?;
+        cur.position() as usize
+    };
+    let mut chunk = (&line[..n]).chain(data).chain(&b"\r\n"[..]);
+    stream.write_all_buf(&mut chunk).await
+}
+
+/// The socket handed to hyper: the bytes already read come first.
+pub struct Rewind {
+    pre: Bytes,
+    inner: TcpStream,
+}
+
+impl Rewind {
+    pub fn new(inner: TcpStream, pre: Bytes) -> Self {
+        Self { pre, inner }
+    }
+}
+
+impl AsyncRead for Rewind {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        if !self.pre.is_empty() {
+            let n = self.pre.len().min(buf.remaining());
+            buf.put_slice(&self.pre[..n]);
+            self.pre.advance(n);
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Rewind {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
