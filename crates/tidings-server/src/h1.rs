@@ -19,6 +19,7 @@
 //! for the next request, at most `MAX_HEAD` of them; past that the socket is not read until
 //! the response ends.
 
+use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -27,7 +28,7 @@ use std::time::{Duration, SystemTime};
 use axum::Router;
 use axum::body::Body;
 use bytes::{Buf, Bytes, BytesMut};
-use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, StatusCode, header};
+use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, header};
 use http_body::Body as _;
 use http_body_util::BodyExt;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
@@ -37,6 +38,7 @@ use tokio_util::sync::CancellationToken;
 use tower::ServiceExt;
 
 use crate::server::ConnectionCtx;
+use crate::transport::long_poll;
 
 /// The largest request head read here (request line and headers); over it: 431.
 pub const MAX_HEAD: usize = 64 * 1024;
@@ -60,6 +62,8 @@ pub struct Lean<'a> {
     pub shutdown: &'a CancellationToken,
 }
 
+// One lives briefly, inside the boxed `exchange` future: its size does not matter.
+#[allow(clippy::large_enum_variant)]
 enum Head {
     Request {
         req: Request<Body>,
@@ -79,6 +83,17 @@ struct Exchange {
     keep_alive: bool,
 }
 
+/// What the router answered: a response, or a long poll still waiting for its answer.
+enum Answer {
+    Ready(Exchange),
+    Wait {
+        wait: Pin<Box<dyn Future<Output = Response<Body>> + Send>>,
+        layered: HeaderMap,
+        keep_alive: bool,
+        head_only: bool,
+    },
+}
+
 impl Lean<'_> {
     /// Serves requests on `stream` until it closes or hyper must take over.
     ///
@@ -89,11 +104,35 @@ impl Lean<'_> {
         let mut buf = BytesMut::new();
         let mut first = true;
         loop {
-            let exchange = match Box::pin(self.exchange(stream, &mut buf, first)).await {
-                Ok(exchange) => exchange,
+            let answer = match Box::pin(self.exchange(stream, &mut buf, first)).await {
+                Ok(answer) => answer,
                 Err(outcome) => return outcome,
             };
             first = false;
+            let exchange = match answer {
+                Answer::Ready(exchange) => exchange,
+                Answer::Wait {
+                    wait,
+                    layered,
+                    keep_alive,
+                    head_only,
+                } => {
+                    let mut watch = Watch::new(&mut buf);
+                    let res = tokio::select! {
+                        res = wait => long_poll::merge_headers(res, layered),
+                        _ = hung_up(stream, &mut watch) => return Outcome::Done,
+                    };
+                    let (parts, body) = res.into_parts();
+                    let (head, framing, keep_alive) =
+                        response_head(parts, &body, keep_alive, head_only);
+                    Exchange {
+                        head,
+                        framing,
+                        body,
+                        keep_alive,
+                    }
+                }
+            };
             let keep_alive = exchange.keep_alive;
             let written = write_body(
                 stream,
@@ -117,7 +156,7 @@ impl Lean<'_> {
         stream: &mut TcpStream,
         buf: &mut BytesMut,
         first: bool,
-    ) -> Result<Exchange, Outcome> {
+    ) -> Result<Answer, Outcome> {
         let (req, keep_alive, head_only) = match self.read_head(stream, buf, first).await {
             Head::Request {
                 req,
@@ -131,18 +170,26 @@ impl Lean<'_> {
             }
             Head::Closed => return Err(Outcome::Done),
         };
-        let res = match self.router.clone().oneshot(req).await {
+        let mut res = match self.router.clone().oneshot(req).await {
             Ok(res) => res,
             Err(e) => match e {},
         };
+        if let Some((wait, layered)) = long_poll::take_deferred(&mut res) {
+            return Ok(Answer::Wait {
+                wait,
+                layered,
+                keep_alive,
+                head_only,
+            });
+        }
         let (parts, body) = res.into_parts();
         let (head, framing, keep_alive) = response_head(parts, &body, keep_alive, head_only);
-        Ok(Exchange {
+        Ok(Answer::Ready(Exchange {
             head,
             framing,
             body,
             keep_alive,
-        })
+        }))
     }
 
     async fn read_head(&self, stream: &mut TcpStream, buf: &mut BytesMut, first: bool) -> Head {
@@ -171,11 +218,7 @@ impl Lean<'_> {
                 return head;
             }
             if buf.len() >= MAX_HEAD {
-                return Head::Refuse(
-                    StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
-                    "header_too_large",
-                    "the request line and headers are over 64 KiB",
-                );
+                return too_large();
             }
             buf.reserve(if buf.is_empty() { 1024 } else { 4096 });
             match tokio::time::timeout_at(deadline, read_some(stream, buf)).await {
@@ -206,6 +249,10 @@ fn parse(buf: &mut BytesMut, ctx: &ConnectionCtx) -> Option<Head> {
     let mut parsed = httparse::Request::new(&mut headers);
     let len = match parsed.parse(buf) {
         Ok(httparse::Status::Partial) => return None,
+        // One read can complete a head over the limit: the limit holds all the same.
+        Ok(httparse::Status::Complete(len)) if len > MAX_HEAD => {
+            return Some(too_large());
+        }
         Ok(httparse::Status::Complete(len)) => len,
         Err(httparse::Error::TooManyHeaders) => {
             return Some(Head::Refuse(
@@ -214,8 +261,6 @@ fn parse(buf: &mut BytesMut, ctx: &ConnectionCtx) -> Option<Head> {
                 "the request has over 100 headers",
             ));
         }
-        // Not HTTP/1.x: hyper answers it the standard way.
-        Err(httparse::Error::Version) => return Some(Head::Handoff),
         Err(_) => return Some(bad_request()),
     };
     let (Some(method), Some(path), Some(1)) = (parsed.method, parsed.path, parsed.version) else {
@@ -282,6 +327,14 @@ fn has_token(value: &[u8], token: &[u8]) -> bool {
         .any(|t| t.trim_ascii().eq_ignore_ascii_case(token))
 }
 
+fn too_large() -> Head {
+    Head::Refuse(
+        StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+        "header_too_large",
+        "the request line and headers are over 64 KiB",
+    )
+}
+
 fn bad_request() -> Head {
     Head::Refuse(
         StatusCode::BAD_REQUEST,
@@ -307,7 +360,20 @@ async fn refuse(
     );
     tokio::time::timeout(Duration::from_secs(1), async {
         stream.write_all(format!("{head}{body}").as_bytes()).await?;
-        stream.shutdown().await
+        stream.shutdown().await?;
+        // Lingering close: closing with the client's bytes unread would send a reset,
+        // which can destroy the answer before the client reads it. Discard what is still
+        // coming for a moment (at most 1 MiB) so it sees the status.
+        use tokio::io::AsyncReadExt;
+        let mut sink = [0u8; 4096];
+        let mut left = 1usize << 20;
+        while left > 0 {
+            match stream.read(&mut sink).await? {
+                0 => break,
+                n => left = left.saturating_sub(n),
+            }
+        }
+        Ok(())
     })
     .await
     .unwrap_or(Ok(()))
@@ -442,7 +508,7 @@ impl<'a> Watch<'a> {
 /// tell the response was cut).
 async fn next_data(
     body: &mut Body,
-    stream: &mut TcpStream,
+    stream: &TcpStream,
     watch: &mut Watch<'_>,
 ) -> io::Result<Option<Bytes>> {
     loop {
@@ -459,16 +525,28 @@ async fn next_data(
                     }
                 }
             },
-            ready = stream.readable(), if watch.reading => {
-                ready?;
-                watch.pending.reserve(512);
-                match stream.try_read_buf(watch.pending) {
-                    Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
-                    Ok(_) => watch.reading = watch.pending.len() < MAX_HEAD,
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                    Err(e) => return Err(e),
-                }
-            }
+            e = hung_up(stream, watch) => return Err(e),
+        }
+    }
+}
+
+/// Resolves when the client hangs up or the socket fails. Bytes the client sends meanwhile
+/// (a pipelined request) are kept in `watch.pending`, up to `MAX_HEAD`; past that the
+/// socket is no longer watched.
+async fn hung_up(stream: &TcpStream, watch: &mut Watch<'_>) -> io::Error {
+    loop {
+        if !watch.reading {
+            return std::future::pending().await;
+        }
+        if let Err(e) = stream.readable().await {
+            return e;
+        }
+        watch.pending.reserve(512);
+        match stream.try_read_buf(watch.pending) {
+            Ok(0) => return io::ErrorKind::UnexpectedEof.into(),
+            Ok(_) => watch.reading = watch.pending.len() < MAX_HEAD,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) => return e,
         }
     }
 }

@@ -144,6 +144,7 @@ pub async fn serve_all(
     tls: Option<(TcpListener, TlsAcceptor)>,
     shutdown: impl Future<Output = ()>,
 ) -> std::io::Result<()> {
+    let routes = crate::api::routes(state.clone());
     let router = crate::api::router(state.clone());
     // The admin console's feed; ends with `state.shutdown`.
     tokio::spawn(crate::stats::run(state.clone()));
@@ -159,6 +160,7 @@ pub async fn serve_all(
     // Lets WebSockets ride HTTP/2 streams (RFC 8441).
     builder.http2().enable_connect_protocol();
     let edge = Arc::new(Edge {
+        routes,
         router,
         builder,
         state: state.clone(),
@@ -220,10 +222,7 @@ pub async fn serve_all(
         graceful.shutdown().await;
         tasks.wait().await;
     };
-    if tokio::time::timeout(SHUTDOWN_GRACE, drained)
-        .await
-        .is_err()
-    {
+    if tokio::time::timeout(SHUTDOWN_GRACE, drained).await.is_err() {
         tracing::warn!("connections still open after the shutdown grace period; closing them");
     }
     Ok(())
@@ -231,6 +230,9 @@ pub async fn serve_all(
 
 /// What every connection task shares.
 struct Edge {
+    /// For the lean path, which finishes long polls itself.
+    routes: axum::Router,
+    /// For hyper: `routes` with long polls finished by its outermost layer.
     router: axum::Router,
     builder: auto::Builder<TokioExecutor>,
     state: AppState,
@@ -241,7 +243,7 @@ impl Edge {
     async fn plain(&self, mut stream: tokio::net::TcpStream, ctx: ConnectionCtx, watcher: Watcher) {
         let outcome = {
             let lean = crate::h1::Lean {
-                router: &self.router,
+                router: &self.routes,
                 ctx: &ctx,
                 header_timeout: self.state.config.server.request_header_timeout,
                 shutdown: &self.state.shutdown,
@@ -276,15 +278,14 @@ impl Edge {
         IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
     {
         let kill = ctx.kill.clone();
-        let svc = self
-            .router
-            .clone()
-            .map_request(move |mut req: http::Request<hyper::body::Incoming>| {
+        let svc = self.router.clone().map_request(
+            move |mut req: http::Request<hyper::body::Incoming>| {
                 let mut ctx = ctx.clone();
                 ctx.http2 = req.version() == http::Version::HTTP_2;
                 req.extensions_mut().insert(ctx);
                 req
-            });
+            },
+        );
         let conn = self
             .builder
             .serve_connection_with_upgrades(TokioIo::new(io), TowerToHyperService::new(svc));

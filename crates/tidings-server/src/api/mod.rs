@@ -17,6 +17,14 @@ use crate::server::AppState;
 use crate::transport::{http_stream, short_poll, sse, websocket};
 
 pub fn router(state: AppState) -> Router {
+    routes(state).layer(middleware::map_response(
+        crate::transport::long_poll::resolve,
+    ))
+}
+
+/// Every route, with long polls answered by a placeholder (see `transport/long_poll.rs`):
+/// for callers that finish those themselves (the lean HTTP/1.1 path).
+pub fn routes(state: AppState) -> Router {
     Router::new()
         .route("/publish", post(publish::document))
         .route("/publish/{channel}", post(publish::to_channel))

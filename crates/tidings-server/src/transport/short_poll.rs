@@ -132,11 +132,24 @@ async fn poll(
     let gauge = state.metrics.session(kind, sub.channels().len());
     let mut reply = PollReply::new();
     reply.collect(&mut sub, &gauge);
-    if let Some(wait) = wait
-        && reply.is_empty()
-    {
-        long_poll::wait(&mut sub, &gauge, &mut reply, wait, &state.shutdown).await;
+    match wait {
+        Some(wait) if reply.is_empty() => {
+            let shutdown = state.shutdown.clone();
+            Ok(long_poll::deferred(async move {
+                long_poll::wait(&mut sub, &gauge, &mut reply, wait, &shutdown).await;
+                finish(&sub, reply, Some(wait)).unwrap_or_else(IntoResponse::into_response)
+            }))
+        }
+        _ => finish(&sub, reply, wait),
     }
+}
+
+/// The poll's answer from what was collected.
+fn finish(
+    sub: &Subscription,
+    reply: PollReply,
+    wait: Option<std::time::Duration>,
+) -> Result<Response, ApiError> {
     if reply.is_empty() && reply.ended == Some(DisconnectReason::BrokerUnavailable) {
         return Err(BrokerError::Unavailable("the broker went away during the poll".into()).into());
     }

@@ -1,0 +1,215 @@
+//! The lean HTTP/1.1 path (`h1.rs`) as raw sockets see it: keep-alive and pipelining, HEAD,
+//! hand-offs to hyper in the middle of a connection (a body, HTTP/1.0), clear errors for
+//! malformed and oversized heads, and parked requests released the moment their client
+//! hangs up.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::time::Duration;
+
+use common::{TIMEOUT, TestServer};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// Reads until EOF (or reset); returns what came.
+async fn read_to_end(stream: &mut TcpStream) -> String {
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        match stream.read(&mut buf).await {
+            Ok(0) | Err(_) => return String::from_utf8_lossy(&out).into_owned(),
+            Ok(n) => out.extend_from_slice(&buf[..n]),
+        }
+    }
+}
+
+/// Reads until `needle` has been seen `times` times; returns everything read.
+async fn read_until(stream: &mut TcpStream, needle: &str, times: usize) -> String {
+    let mut out = String::new();
+    let mut buf = [0u8; 4096];
+    tokio::time::timeout(TIMEOUT, async {
+        while out.matches(needle).count() < times {
+            let n = stream.read(&mut buf).await.unwrap();
+            assert!(n > 0, "closed early after:\n{out}");
+            out.push_str(&String::from_utf8_lossy(&buf[..n]));
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("timed out; read so far:\n{out}"));
+    out
+}
+
+/// Polls a metric until it equals `want` (events, not sleeps: each check is a request).
+async fn wait_for_metric(server: &TestServer, line: &str, want: f64) {
+    tokio::time::timeout(TIMEOUT, async {
+        while server.metric(line).await != want {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("{line} never reached {want}"));
+}
+
+#[tokio::test]
+async fn pipelined_requests_are_answered_in_order_on_one_connection() {
+    let server = TestServer::spawn().await;
+    let mut s = TcpStream::connect(server.addr).await.unwrap();
+    s.write_all(
+        b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\nGET /nope HTTP/1.1\r\nhost: x\r\n\r\nGET /readyz HTTP/1.1\r\nhost: x\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let out = read_until(&mut s, "HTTP/1.1 ", 3).await;
+    let statuses: Vec<&str> = out
+        .match_indices("HTTP/1.1 ")
+        .map(|(i, _)| &out[i + 9..i + 12])
+        .collect();
+    assert_eq!(statuses, ["200", "404", "200"], "{out}");
+    assert!(out.contains("\"not_found\""), "{out}");
+}
+
+#[tokio::test]
+async fn a_publish_after_a_get_on_the_same_connection_is_handed_to_hyper_intact() {
+    let server = TestServer::spawn().await;
+    let mut s = TcpStream::connect(server.addr).await.unwrap();
+    s.write_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .unwrap();
+    read_until(&mut s, "\r\n\r\n", 1).await;
+    // The POST and a GET pipelined behind it: hyper gets both, from the first byte.
+    s.write_all(b"POST /publish/handoff HTTP/1.1\r\nhost: x\r\ncontent-type: text/plain\r\ncontent-length: 5\r\n\r\nhelloGET /api/channels/handoff HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let out = read_until(&mut s, "HTTP/1.1 200", 2).await;
+    assert!(out.contains("\"offset\":1"), "{out}");
+    let (_, history) = server.get_json("/api/channels/handoff/history").await;
+    assert_eq!(history["messages"][0]["data"], "hello", "{history}");
+}
+
+#[tokio::test]
+async fn head_answers_with_headers_only_and_keeps_the_connection() {
+    let server = TestServer::spawn().await;
+    let mut s = TcpStream::connect(server.addr).await.unwrap();
+    s.write_all(
+        b"HEAD /healthz HTTP/1.1\r\nhost: x\r\n\r\nGET /healthz HTTP/1.1\r\nhost: x\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let out = read_until(&mut s, "HTTP/1.1 200", 2).await;
+    let second = out.rfind("HTTP/1.1 200").unwrap();
+    // Nothing between the HEAD's blank line and the next status line.
+    assert!(out[..second].ends_with("\r\n\r\n"), "{out}");
+}
+
+#[tokio::test]
+async fn http_1_0_and_connection_close_end_the_connection_after_the_answer() {
+    let server = TestServer::spawn().await;
+    for request in [
+        "GET /healthz HTTP/1.0\r\n\r\n",
+        "GET /healthz HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n",
+    ] {
+        let mut s = TcpStream::connect(server.addr).await.unwrap();
+        s.write_all(request.as_bytes()).await.unwrap();
+        let out = tokio::time::timeout(TIMEOUT, read_to_end(&mut s))
+            .await
+            .unwrap();
+        assert!(out.starts_with("HTTP/1."), "{out}");
+        assert!(out.contains(" 200 OK\r\n"), "{out}");
+    }
+}
+
+#[tokio::test]
+async fn a_malformed_request_line_gets_a_json_400() {
+    let server = TestServer::spawn().await;
+    let mut s = TcpStream::connect(server.addr).await.unwrap();
+    s.write_all(b"GET /a b c HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let out = tokio::time::timeout(TIMEOUT, read_to_end(&mut s))
+        .await
+        .unwrap();
+    assert!(out.starts_with("HTTP/1.1 400"), "{out}");
+    assert!(out.contains("\"bad_request\""), "{out}");
+}
+
+#[tokio::test]
+async fn a_head_over_64_kib_gets_a_json_431() {
+    let server = TestServer::spawn().await;
+    let mut s = TcpStream::connect(server.addr).await.unwrap();
+    let big = "a".repeat(70 * 1024);
+    s.write_all(format!("GET /healthz HTTP/1.1\r\nhost: x\r\nx-big: {big}\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let out = tokio::time::timeout(TIMEOUT, read_to_end(&mut s))
+        .await
+        .unwrap();
+    assert!(out.starts_with("HTTP/1.1 431"), "{out}");
+    assert!(out.contains("\"header_too_large\""), "{out}");
+}
+
+#[tokio::test]
+async fn a_long_poll_whose_client_hangs_up_is_released_at_once() {
+    let server = TestServer::spawn().await;
+    let mut s = TcpStream::connect(server.addr).await.unwrap();
+    s.write_all(b"GET /poll/gone?wait=60 HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let line = "tidings_connections{transport=\"long_poll\"}";
+    wait_for_metric(&server, line, 1.0).await;
+    drop(s);
+    wait_for_metric(&server, line, 0.0).await;
+}
+
+#[tokio::test]
+async fn an_sse_stream_whose_client_hangs_up_is_released_at_once() {
+    let server = TestServer::spawn().await;
+    let mut s = TcpStream::connect(server.addr).await.unwrap();
+    s.write_all(b"GET /sse/gone HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .unwrap();
+    read_until(&mut s, "retry:", 1).await;
+    let line = "tidings_connections{transport=\"sse\"}";
+    wait_for_metric(&server, line, 1.0).await;
+    drop(s);
+    wait_for_metric(&server, line, 0.0).await;
+}
+
+#[tokio::test]
+async fn a_long_poll_answer_carries_the_cors_headers_on_both_paths() {
+    let server = TestServer::spawn().await;
+    // HTTP/1.1 (lean path) and HTTP/2 prior knowledge (hyper), each answered by a publish.
+    for http2 in [false, true] {
+        let builder = reqwest::Client::builder();
+        let client = if http2 {
+            builder.http2_prior_knowledge().build().unwrap()
+        } else {
+            builder.http1_only().build().unwrap()
+        };
+        let url = format!("{}/poll/cors-{http2}?wait=30", server.url);
+        let poll = tokio::spawn(async move {
+            client
+                .get(url)
+                .header("origin", "http://app.example")
+                .send()
+                .await
+                .unwrap()
+        });
+        let line = "tidings_connections{transport=\"long_poll\"}";
+        wait_for_metric(&server, line, 1.0).await;
+        server
+            .publish(&format!("cors-{http2}"), serde_json::json!("hi"))
+            .await;
+        let res = tokio::time::timeout(TIMEOUT, poll).await.unwrap().unwrap();
+        assert_eq!(res.status(), 200);
+        assert_eq!(
+            res.headers()["access-control-allow-origin"],
+            "http://app.example"
+        );
+        assert!(res.headers().get("etag").is_some());
+        let body: serde_json::Value = res.json().await.unwrap();
+        assert_eq!(body["messages"][0]["data"], "hi", "{body}");
+        wait_for_metric(&server, line, 0.0).await;
+    }
+}
