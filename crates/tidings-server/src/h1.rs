@@ -586,6 +586,11 @@ impl AsyncRead for Rewind {
             let n = self.pre.len().min(buf.remaining());
             buf.put_slice(&self.pre[..n]);
             self.pre.advance(n);
+            if self.pre.is_empty() {
+                // An empty `Bytes` still holds its buffer; an upgraded WebSocket keeps this
+                // socket for hours.
+                self.pre = Bytes::new();
+            }
             return Poll::Ready(Ok(()));
         }
         Pin::new(&mut self.inner).poll_read(cx, buf)

@@ -63,16 +63,29 @@ const MAX_MALFORMED: u32 = 10;
 const COMMAND_QUEUE: usize = 64;
 /// How long a goodbye (disconnect frame + close) may take before the socket is just dropped.
 const GOODBYE_TIMEOUT: Duration = Duration::from_secs(1);
-/// tungstenite's buffers: reads grow on demand from here; writes are batched up to this
-/// before they go out (a flush always writes everything). The 128 KiB defaults would cost
-/// ~256 KiB per idle connection.
-const READ_BUFFER: usize = 4 * 1024;
+/// tungstenite's buffers: reads grow on demand from here (a frame's whole length is reserved
+/// once its header is read, so small only costs a few more reads for bursts of small
+/// frames); writes are batched up to this before they go out (a flush always writes
+/// everything). The 128 KiB defaults would cost ~256 KiB per idle connection.
+const READ_BUFFER: usize = 512;
 const WRITE_BUFFER: usize = 16 * 1024;
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Mode {
     Raw,
     Json,
+}
+
+/// The reader's end of the command queue. Commands travel boxed: tokio's channel allocates
+/// its slots 32 at a time up front, and unboxed (128 bytes each) that block alone was 4 KiB
+/// of every idle connection.
+#[derive(Clone)]
+struct Commands(mpsc::Sender<Box<Command>>);
+
+impl Commands {
+    async fn send(&self, cmd: Command) -> Result<(), ()> {
+        self.0.send(Box::new(cmd)).await.map_err(|_| ())
+    }
 }
 
 enum Command {
@@ -142,16 +155,20 @@ pub async fn raw(
         .ok_or_else(|| ApiError::bad_request("invalid_request", "channel given twice"))?;
     // A raw stream cannot carry a gap notice: refuse to continue silently (SPEC §10).
     let gap = matches!(p.start, Start::Cursor(_)) && joined.gap.is_some();
-    let state2 = state.clone();
-    Ok(configure(ws, &state).on_upgrade(move |socket| async move {
+    // Boxed: axum keeps the callback's captures for the socket's whole life, beside the
+    // writer they are moved into.
+    let session = Box::new((state.clone(), sub, channel, peer));
+    Ok(configure(ws, &state).on_upgrade(move |mut socket| {
+        use futures_util::future::Either;
         if gap {
-            let mut socket = socket;
-            let _ =
-                tokio::time::timeout(GOODBYE_TIMEOUT, socket.send(close_frame(close::GAP, "gap")))
-                    .await;
-            return;
+            Either::Left(async move {
+                let goodbye = socket.send(close_frame(close::GAP, "gap"));
+                let _ = tokio::time::timeout(GOODBYE_TIMEOUT, goodbye).await;
+            })
+        } else {
+            let (state, sub, channel, peer) = *session;
+            Either::Right(run(state, socket, sub, Mode::Raw, Some(channel), peer))
         }
-        run(state2, socket, sub, Mode::Raw, Some(channel), peer).await;
     }))
 }
 
@@ -174,9 +191,11 @@ pub async fn json(
         Some(who.client_info()),
     );
     let peer = Peer::new(&state, who, conn.as_deref());
-    let state2 = state.clone();
-    Ok(configure(ws, &state)
-        .on_upgrade(move |socket| run(state2, socket, sub, Mode::Json, None, peer)))
+    let session = Box::new((state.clone(), sub, peer));
+    Ok(configure(ws, &state).on_upgrade(move |socket| {
+        let (state, sub, peer) = *session;
+        run(state, socket, sub, Mode::Json, None, peer)
+    }))
 }
 
 /// Who is on the other end, and how fast they may publish.
@@ -268,14 +287,17 @@ impl Liveness {
     }
 }
 
-async fn run(
+/// Sets the session up and returns the writer's future. Not `async` itself: its arguments
+/// would stay in the future beside the `Writer` they were moved into, doubling what every
+/// connection holds.
+fn run(
     state: AppState,
     socket: WebSocket,
     sub: Subscription,
     mode: Mode,
     raw_channel: Option<ChannelName>,
     peer: Peer,
-) {
+) -> impl Future<Output = ()> + Send {
     let mut gauge = state.metrics.session(TransportKind::WebSocket, 0);
     gauge.channels_changed(sub.channels().len() as i64);
     let kill = CancellationToken::new();
@@ -289,6 +311,7 @@ async fn run(
     }
     let (sink, stream) = socket.split();
     let (tx, rx) = mpsc::channel(COMMAND_QUEUE);
+    let tx = Commands(tx);
     let liveness = Liveness::new();
     let expires = peer
         .who
@@ -313,8 +336,11 @@ async fn run(
         liveness,
         expires,
     };
-    writer.run(rx).await;
-    reader.abort();
+    // Uses the captured `writer` in place (an `async fn` taking it would hold a copy).
+    async move {
+        writer.run(rx).await;
+        reader.abort();
+    }
 }
 
 struct Writer {
@@ -333,7 +359,7 @@ enum Wake {
     Kill,
     Shutdown,
     Expired,
-    Command(Option<Command>),
+    Command(Option<Box<Command>>),
     Ready,
     Ping,
 }
@@ -348,7 +374,7 @@ enum Next {
 }
 
 impl Writer {
-    async fn run(&mut self, mut rx: mpsc::Receiver<Command>) {
+    async fn run(&mut self, mut rx: mpsc::Receiver<Box<Command>>) {
         let every = self.state.config.server.ping_interval;
         let mut ping = tokio::time::interval_at(Instant::now() + every, every);
         ping.set_missed_tick_behavior(MissedTickBehavior::Delay);
@@ -396,11 +422,13 @@ impl Writer {
                 }
                 Wake::Command(None) => Next::Finish,
                 Wake::Command(Some(cmd)) => {
-                    let mut next = self.command(cmd).await;
+                    // Boxed: rare, and its future is large (a join) — inline, every
+                    // connection's task would be sized for it.
+                    let mut next = Box::pin(self.command(*cmd)).await;
                     // Take whatever else is already waiting, so one flush covers it all.
                     while let Next::Continue = next {
                         match rx.try_recv() {
-                            Ok(cmd) => next = self.command(cmd).await,
+                            Ok(cmd) => next = Box::pin(self.command(*cmd)).await,
                             Err(_) => break,
                         }
                     }
@@ -656,7 +684,7 @@ impl From<(Option<Value>, ApiError)> for Malformed {
 async fn read_loop(
     state: AppState,
     mut stream: SplitStream<WebSocket>,
-    tx: mpsc::Sender<Command>,
+    tx: Commands,
     mode: Mode,
     raw_channel: Option<ChannelName>,
     liveness: Liveness,
@@ -693,28 +721,30 @@ async fn read_loop(
             (Mode::Raw, WsMessage::Binary(b)) => {
                 raw_publish(&state, &raw_channel, Data::Binary(b), &peer).await
             }
-            (Mode::Json, WsMessage::Text(t)) => match request(&state, &tx, t.as_str(), &peer).await
-            {
-                Ok(()) => {
-                    malformed = 0;
-                    Ok(())
-                }
-                Err(m) => {
-                    malformed += 1;
-                    if tx
-                        .send(Command::Frame(error_reply(&m.id, m.code, &m.message)))
-                        .await
-                        .is_err()
-                    {
-                        return;
-                    }
-                    if malformed >= MAX_MALFORMED {
-                        Err((close::POLICY, "too many malformed frames"))
-                    } else {
+            // Boxed for the same reason as the writer's commands.
+            (Mode::Json, WsMessage::Text(t)) => {
+                match Box::pin(request(&state, &tx, t.as_str(), &peer)).await {
+                    Ok(()) => {
+                        malformed = 0;
                         Ok(())
                     }
+                    Err(m) => {
+                        malformed += 1;
+                        if tx
+                            .send(Command::Frame(error_reply(&m.id, m.code, &m.message)))
+                            .await
+                            .is_err()
+                        {
+                            return;
+                        }
+                        if malformed >= MAX_MALFORMED {
+                            Err((close::POLICY, "too many malformed frames"))
+                        } else {
+                            Ok(())
+                        }
+                    }
                 }
-            },
+            }
             (Mode::Json, WsMessage::Binary(_)) => {
                 malformed += 1;
                 let reply = error_reply(
@@ -910,7 +940,7 @@ pub fn parse_request(frame: &str, max_message_bytes: usize) -> Result<ParsedRequ
 /// error, a forbidden publish) are error replies that do not count toward 1008.
 async fn request(
     state: &AppState,
-    tx: &mpsc::Sender<Command>,
+    tx: &Commands,
     frame: &str,
     peer: &Peer,
 ) -> Result<(), Malformed> {
