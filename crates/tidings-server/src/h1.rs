@@ -102,13 +102,11 @@ impl Lean<'_> {
     /// future) runs in a boxed future of its own, and what stays is the body and a few words.
     pub async fn serve(&self, stream: &mut TcpStream) -> Outcome {
         let mut buf = BytesMut::new();
-        let mut first = true;
         loop {
-            let answer = match Box::pin(self.exchange(stream, &mut buf, first)).await {
+            let answer = match Box::pin(self.exchange(stream, &mut buf)).await {
                 Ok(answer) => answer,
                 Err(outcome) => return outcome,
             };
-            first = false;
             let exchange = match answer {
                 Answer::Ready(exchange) => exchange,
                 Answer::Wait {
@@ -155,9 +153,8 @@ impl Lean<'_> {
         &self,
         stream: &mut TcpStream,
         buf: &mut BytesMut,
-        first: bool,
     ) -> Result<Answer, Outcome> {
-        let (req, keep_alive, head_only) = match self.read_head(stream, buf, first).await {
+        let (req, keep_alive, head_only) = match self.read_head(stream, buf).await {
             Head::Request {
                 req,
                 keep_alive,
@@ -192,21 +189,16 @@ impl Lean<'_> {
         }))
     }
 
-    async fn read_head(&self, stream: &mut TcpStream, buf: &mut BytesMut, first: bool) -> Head {
+    async fn read_head(&self, stream: &mut TcpStream, buf: &mut BytesMut) -> Head {
         if buf.is_empty() {
-            // The first request must start within the header timeout (a client that
-            // connects and says nothing would otherwise hold its slot forever); a kept-alive
-            // connection may idle until the server shuts down.
-            let ready = if first {
-                tokio::time::timeout(self.header_timeout, stream.readable())
-                    .await
-                    .ok()
-                    .and_then(Result::ok)
-            } else {
-                tokio::select! {
-                    r = stream.readable() => r.ok(),
-                    _ = self.shutdown.cancelled() => None,
+            // A request must start within the header timeout: a client that connects and
+            // says nothing, or keeps a connection idle between requests, would otherwise
+            // hold its slot forever. Shutdown ends the wait too.
+            let ready = tokio::select! {
+                r = tokio::time::timeout(self.header_timeout, stream.readable()) => {
+                    r.ok().and_then(Result::ok)
                 }
+                _ = self.shutdown.cancelled() => None,
             };
             if ready.is_none() {
                 return Head::Closed;

@@ -1,5 +1,10 @@
 //! The accept loop: HTTP/1.1 and h2c (prior knowledge) on one port, graceful shutdown.
 //!
+//! A plaintext connection starts on the lean HTTP/1.1 path (`h1.rs`), which serves bodiless
+//! requests itself (so a parked stream holds a few KB, not hyper's buffers) and hands the
+//! connection to hyper, with the bytes already read, for bodies, upgrades and HTTP/2. TLS
+//! connections go to hyper directly.
+//!
 //! Concurrency: one task per TCP connection. Each connection carries a kill token in its
 //! requests' extensions; a subscription whose queue overflows (a client that stopped
 //! reading) fires it, and the connection is dropped after `SLOW_CLOSE_GRACE` if it has not

@@ -121,6 +121,20 @@ async fn http_1_0_and_connection_close_end_the_connection_after_the_answer() {
 }
 
 #[tokio::test]
+async fn a_kept_alive_connection_that_idles_past_the_header_timeout_is_closed() {
+    let server =
+        TestServer::with(|c| c.server.request_header_timeout = Duration::from_millis(300)).await;
+    let mut s = TcpStream::connect(server.addr).await.unwrap();
+    s.write_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let out = tokio::time::timeout(TIMEOUT, read_to_end(&mut s))
+        .await
+        .expect("the idle connection was never closed");
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+}
+
+#[tokio::test]
 async fn a_malformed_request_line_gets_a_json_400() {
     let server = TestServer::spawn().await;
     let mut s = TcpStream::connect(server.addr).await.unwrap();
