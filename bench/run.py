@@ -360,11 +360,12 @@ def report(_args):
                 f"{cell(n, 'pushpin', key)} | {r1} | {r2} |")
     if baseline:
         add("")
-        add("Tidings re-run after the tuning described below (rows tagged with `--variant`), beside")
-        add("the same-run numbers above. Wall-clock CPU here moves with the machine's other load;")
-        add("the instruction counts under *Tuning in this round* are the reliable comparison.")
+        variants = sorted({r["variant"] for r in all_rows if r.get("variant")})
+        add(f"Tidings re-run as variant `{', '.join(variants)}` (rows tagged with `--variant`; see the")
+        add("text below for what changed), beside the same-run numbers above. A re-run is not the")
+        add("same run: compare CPU with care; instruction counts (callgrind) are the reliable A/B.")
         add("")
-        add("| scenario | metric | same run as peers | re-run after tuning | re-run/same run |")
+        add("| scenario | metric | same run as peers | variant re-run | re-run/same run |")
         add("|---|---|---|---|---|")
         for n in [n for n in SCENARIOS if n in baseline and (n, "tidings") in by]:
             keys = [("mem", "RSS bytes/idle connection")] if n.startswith(("idle", "max")) \
