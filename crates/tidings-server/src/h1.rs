@@ -313,6 +313,63 @@ fn parse(buf: &mut BytesMut, ctx: &ConnectionCtx) -> Option<Head> {
     })
 }
 
+/// What `parse` made of a buffer, for the `h1_head` fuzz target: the properties it checks
+/// are about what a parse leaves behind, which only this module can see.
+#[doc(hidden)]
+#[derive(Debug)]
+pub enum FuzzHead {
+    /// Incomplete: nothing was consumed.
+    Partial,
+    /// hyper's: nothing was consumed.
+    Handoff,
+    /// An error answer.
+    Refuse(u16),
+    /// A request, the bytes left after its head, and what it was built from.
+    Request {
+        rest: Vec<u8>,
+        method: String,
+        uri: String,
+        headers: Vec<(String, Vec<u8>)>,
+        keep_alive: bool,
+        head_only: bool,
+    },
+}
+
+/// Runs the lean path's head parser on `input` (see `FuzzHead`).
+#[doc(hidden)]
+pub fn fuzz_parse(input: &[u8]) -> (FuzzHead, Vec<u8>) {
+    let ctx = ConnectionCtx {
+        peer: std::net::SocketAddr::from(([127, 0, 0, 1], 1)),
+        kill: CancellationToken::new(),
+        publish_rate: std::sync::Arc::new(crate::limits::RateLimiter::new(0)),
+        http2: false,
+    };
+    let mut buf = BytesMut::from(input);
+    let head = match parse(&mut buf, &ctx) {
+        None => FuzzHead::Partial,
+        Some(Head::Handoff) => FuzzHead::Handoff,
+        Some(Head::Refuse(status, _, _)) => FuzzHead::Refuse(status.as_u16()),
+        Some(Head::Closed) => FuzzHead::Refuse(0),
+        Some(Head::Request {
+            req,
+            keep_alive,
+            head_only,
+        }) => FuzzHead::Request {
+            rest: buf.to_vec(),
+            method: req.method().to_string(),
+            uri: req.uri().to_string(),
+            headers: req
+                .headers()
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.as_bytes().to_vec()))
+                .collect(),
+            keep_alive,
+            head_only,
+        },
+    };
+    (head, buf.to_vec())
+}
+
 fn has_token(value: &[u8], token: &[u8]) -> bool {
     value
         .split(|&b| b == b',')

@@ -1,0 +1,66 @@
+//! The lean HTTP/1.1 path's request-head parser (`tidings_server::h1`, through `fuzz_parse`)
+//! on arbitrary bytes: the first bytes of every plaintext connection go through it. Never
+//! panics; never consumes bytes it then hands elsewhere (hyper must see a request it takes
+//! over from its first byte); keeps only bodiless, non-upgrade requests.
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+use tidings_server::h1::{FuzzHead, MAX_HEAD, fuzz_parse};
+
+fuzz_target!(|data: &[u8]| {
+    let (head, left) = fuzz_parse(data);
+    match head {
+        FuzzHead::Partial | FuzzHead::Handoff | FuzzHead::Refuse(_) => {
+            assert_eq!(left, data, "bytes consumed without a request: {head:?}");
+            const PREFACE: &[u8] = b"PRI * HTTP/2.0";
+            let n = data.len().min(PREFACE.len());
+            if n >= 3 && data[..n] == PREFACE[..n] {
+                assert!(
+                    matches!(head, FuzzHead::Handoff),
+                    "the HTTP/2 preface stays with hyper"
+                );
+            }
+            if let FuzzHead::Refuse(status) = head {
+                assert!(status == 400 || status == 431, "refused with {status}");
+            }
+        }
+        FuzzHead::Request {
+            rest,
+            method,
+            uri,
+            headers,
+            keep_alive: _,
+            head_only,
+        } => {
+            assert_eq!(left, rest);
+            assert!(
+                data.ends_with(&rest),
+                "what follows the head is kept as sent"
+            );
+            let head_len = data.len() - rest.len();
+            assert!(
+                head_len > 0 && head_len <= MAX_HEAD,
+                "head of {head_len} bytes"
+            );
+            assert!(
+                data[..head_len].ends_with(b"\n"),
+                "a head ends with a blank line"
+            );
+            assert_ne!(method, "CONNECT");
+            assert_eq!(head_only, method == "HEAD");
+            assert!(!uri.is_empty());
+            for (name, value) in &headers {
+                assert!(
+                    !matches!(name.as_str(), "transfer-encoding" | "upgrade" | "expect"),
+                    "{name} belongs to hyper"
+                );
+                if name == "content-length" {
+                    assert_eq!(value.trim_ascii(), b"0", "a body belongs to hyper");
+                }
+            }
+            // Pipelined: the rest parses on its own, with the same guarantees.
+            let (_, again) = fuzz_parse(&rest);
+            assert!(rest.ends_with(&again));
+        }
+    }
+});
