@@ -8,21 +8,9 @@ mod common;
 
 use std::time::Duration;
 
-use common::{TIMEOUT, TestServer};
+use common::{TIMEOUT, TestServer, read_to_end};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-
-/// Reads until EOF (or reset); returns what came.
-async fn read_to_end(stream: &mut TcpStream) -> String {
-    let mut out = Vec::new();
-    let mut buf = [0u8; 4096];
-    loop {
-        match stream.read(&mut buf).await {
-            Ok(0) | Err(_) => return String::from_utf8_lossy(&out).into_owned(),
-            Ok(n) => out.extend_from_slice(&buf[..n]),
-        }
-    }
-}
 
 #[tokio::test]
 async fn a_slowloris_client_is_cut_off_after_the_header_timeout() {

@@ -9,21 +9,9 @@ mod common;
 
 use std::time::Duration;
 
-use common::{TIMEOUT, TestServer};
+use common::{TIMEOUT, TestServer, read_to_end};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-
-/// Reads until EOF (or reset); returns what came.
-async fn read_to_end(stream: &mut TcpStream) -> String {
-    let mut out = Vec::new();
-    let mut buf = [0u8; 4096];
-    loop {
-        match stream.read(&mut buf).await {
-            Ok(0) | Err(_) => return String::from_utf8_lossy(&out).into_owned(),
-            Ok(n) => out.extend_from_slice(&buf[..n]),
-        }
-    }
-}
 
 /// Reads until `needle` has been seen `times` times; returns everything read.
 async fn read_until(stream: &mut TcpStream, needle: &str, times: usize) -> String {
@@ -39,6 +27,15 @@ async fn read_until(stream: &mut TcpStream, needle: &str, times: usize) -> Strin
     .await
     .unwrap_or_else(|_| panic!("timed out; read so far:\n{out}"));
     out
+}
+
+/// Sends `request` on a fresh connection and reads until the server closes it.
+async fn answer_then_close(server: &TestServer, request: &[u8]) -> String {
+    let mut s = TcpStream::connect(server.addr).await.unwrap();
+    s.write_all(request).await.unwrap();
+    tokio::time::timeout(TIMEOUT, read_to_end(&mut s))
+        .await
+        .expect("the server never closed the connection")
 }
 
 /// Polls a metric until it equals `want` (events, not sleeps: each check is a request).
@@ -110,11 +107,7 @@ async fn http_1_0_and_connection_close_end_the_connection_after_the_answer() {
         "GET /healthz HTTP/1.0\r\n\r\n",
         "GET /healthz HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n",
     ] {
-        let mut s = TcpStream::connect(server.addr).await.unwrap();
-        s.write_all(request.as_bytes()).await.unwrap();
-        let out = tokio::time::timeout(TIMEOUT, read_to_end(&mut s))
-            .await
-            .unwrap();
+        let out = answer_then_close(&server, request.as_bytes()).await;
         assert!(out.starts_with("HTTP/1."), "{out}");
         assert!(out.contains(" 200 OK\r\n"), "{out}");
     }
@@ -124,26 +117,14 @@ async fn http_1_0_and_connection_close_end_the_connection_after_the_answer() {
 async fn a_kept_alive_connection_that_idles_past_the_header_timeout_is_closed() {
     let server =
         TestServer::with(|c| c.server.request_header_timeout = Duration::from_millis(300)).await;
-    let mut s = TcpStream::connect(server.addr).await.unwrap();
-    s.write_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n")
-        .await
-        .unwrap();
-    let out = tokio::time::timeout(TIMEOUT, read_to_end(&mut s))
-        .await
-        .expect("the idle connection was never closed");
+    let out = answer_then_close(&server, b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n").await;
     assert!(out.starts_with("HTTP/1.1 200"), "{out}");
 }
 
 #[tokio::test]
 async fn a_malformed_request_line_gets_a_json_400() {
     let server = TestServer::spawn().await;
-    let mut s = TcpStream::connect(server.addr).await.unwrap();
-    s.write_all(b"GET /a b c HTTP/1.1\r\nhost: x\r\n\r\n")
-        .await
-        .unwrap();
-    let out = tokio::time::timeout(TIMEOUT, read_to_end(&mut s))
-        .await
-        .unwrap();
+    let out = answer_then_close(&server, b"GET /a b c HTTP/1.1\r\nhost: x\r\n\r\n").await;
     assert!(out.starts_with("HTTP/1.1 400"), "{out}");
     assert!(out.contains("\"bad_request\""), "{out}");
 }
@@ -151,14 +132,9 @@ async fn a_malformed_request_line_gets_a_json_400() {
 #[tokio::test]
 async fn a_head_over_64_kib_gets_a_json_431() {
     let server = TestServer::spawn().await;
-    let mut s = TcpStream::connect(server.addr).await.unwrap();
     let big = "a".repeat(70 * 1024);
-    s.write_all(format!("GET /healthz HTTP/1.1\r\nhost: x\r\nx-big: {big}\r\n\r\n").as_bytes())
-        .await
-        .unwrap();
-    let out = tokio::time::timeout(TIMEOUT, read_to_end(&mut s))
-        .await
-        .unwrap();
+    let request = format!("GET /healthz HTTP/1.1\r\nhost: x\r\nx-big: {big}\r\n\r\n");
+    let out = answer_then_close(&server, request.as_bytes()).await;
     assert!(out.starts_with("HTTP/1.1 431"), "{out}");
     assert!(out.contains("\"header_too_large\""), "{out}");
 }
