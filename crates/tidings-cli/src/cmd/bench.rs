@@ -8,7 +8,8 @@
 //! any server. Per subscriber it counts deliveries, duplicates and reorderings (sequence
 //! numbers), and records publish→receive latency into HDR histograms (one lock per socket
 //! read, not per message). With `--server-pid` it samples the server's CPU
-//! (utime+stime from /proc/PID/stat) and RSS (/proc/PID/status), and it reports its own CPU
+//! (utime+stime from /proc/PID/stat, with the kernel's part, stime, apart: on loopback
+//! that is most of a delivery) and RSS (/proc/PID/status), and it reports its own CPU
 //! the same way, so a run where the load generator saturates shows it.
 //!
 //! Everything is hand-written HTTP/1.1 over plain sockets: no per-message allocation on the
@@ -386,6 +387,7 @@ fn report(
                 "pids": a.server_pid,
                 "cpu_s": round2(cpu as f64 * tick_us() / 1e6),
                 "cpu_us_per_delivery": per_delivery(cpu),
+                "sys_us_per_delivery": per_delivery(end.sys_ticks.saturating_sub(idle.sys_ticks)),
                 "cpu_pct": (publish_s > 0.0).then(|| round2(cpu as f64 * tick_us() / 1e4 / deliver_s.max(publish_s))),
                 "connect_cpu_s": round2(idle.ticks.saturating_sub(before.ticks) as f64 * tick_us() / 1e6),
                 "rss_before_kb": before.rss_kb,
@@ -452,13 +454,19 @@ fn tick_us() -> f64 {
 
 /// utime + stime of a process (all its threads, dead ones included), in ticks.
 fn cpu_ticks(pid: u32) -> Option<u64> {
+    user_sys_ticks(pid).map(|(u, s)| u + s)
+}
+
+/// utime and stime of a process, in ticks: user space against the kernel's work for it
+/// (system calls, and on loopback the receiving side of every TCP send too).
+fn user_sys_ticks(pid: u32) -> Option<(u64, u64)> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // Fields after the `(comm)`, which may hold spaces: state is field 3, utime 14, stime 15.
     let rest = &stat[stat.rfind(')')? + 2..];
     let mut f = rest.split(' ').skip(11);
     let utime: u64 = f.next()?.parse().ok()?;
     let stime: u64 = f.next()?.parse().ok()?;
-    Some(utime + stime)
+    Some((utime, stime))
 }
 
 fn rss_kb(pid: u32) -> Option<u64> {
@@ -469,6 +477,8 @@ fn rss_kb(pid: u32) -> Option<u64> {
 
 struct ServerSample {
     ticks: u64,
+    /// The kernel's part of `ticks`.
+    sys_ticks: u64,
     rss_kb: u64,
 }
 
@@ -479,10 +489,13 @@ impl ServerSample {
         }
         let mut s = ServerSample {
             ticks: 0,
+            sys_ticks: 0,
             rss_kb: 0,
         };
         for &pid in pids {
-            s.ticks += cpu_ticks(pid)?;
+            let (user, sys) = user_sys_ticks(pid)?;
+            s.ticks += user + sys;
+            s.sys_ticks += sys;
             s.rss_kb += rss_kb(pid)?;
         }
         Some(s)
