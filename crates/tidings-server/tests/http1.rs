@@ -38,17 +38,6 @@ async fn answer_then_close(server: &TestServer, request: &[u8]) -> String {
         .expect("the server never closed the connection")
 }
 
-/// Polls a metric until it equals `want` (events, not sleeps: each check is a request).
-async fn wait_for_metric(server: &TestServer, line: &str, want: f64) {
-    tokio::time::timeout(TIMEOUT, async {
-        while server.metric(line).await != want {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    })
-    .await
-    .unwrap_or_else(|_| panic!("{line} never reached {want}"));
-}
-
 #[tokio::test]
 async fn pipelined_requests_are_answered_in_order_on_one_connection() {
     let server = TestServer::spawn().await;
@@ -147,9 +136,9 @@ async fn a_long_poll_whose_client_hangs_up_is_released_at_once() {
         .await
         .unwrap();
     let line = "tidings_connections{transport=\"long_poll\"}";
-    wait_for_metric(&server, line, 1.0).await;
+    server.await_metric(line, 1.0).await;
     drop(s);
-    wait_for_metric(&server, line, 0.0).await;
+    server.await_metric(line, 0.0).await;
 }
 
 #[tokio::test]
@@ -161,9 +150,9 @@ async fn an_sse_stream_whose_client_hangs_up_is_released_at_once() {
         .unwrap();
     read_until(&mut s, "retry:", 1).await;
     let line = "tidings_connections{transport=\"sse\"}";
-    wait_for_metric(&server, line, 1.0).await;
+    server.await_metric(line, 1.0).await;
     drop(s);
-    wait_for_metric(&server, line, 0.0).await;
+    server.await_metric(line, 0.0).await;
 }
 
 #[tokio::test]
@@ -187,7 +176,7 @@ async fn a_long_poll_answer_carries_the_cors_headers_on_both_paths() {
                 .unwrap()
         });
         let line = "tidings_connections{transport=\"long_poll\"}";
-        wait_for_metric(&server, line, 1.0).await;
+        server.await_metric(line, 1.0).await;
         server
             .publish(&format!("cors-{http2}"), serde_json::json!("hi"))
             .await;
@@ -200,6 +189,6 @@ async fn a_long_poll_answer_carries_the_cors_headers_on_both_paths() {
         assert!(res.headers().get("etag").is_some());
         let body: serde_json::Value = res.json().await.unwrap();
         assert_eq!(body["messages"][0]["data"], "hi", "{body}");
-        wait_for_metric(&server, line, 0.0).await;
+        server.await_metric(line, 0.0).await;
     }
 }

@@ -5,9 +5,7 @@
 
 mod common;
 
-use std::time::Duration;
-
-use common::{Item, Kind, Start, TIMEOUT, TestServer, subscribe};
+use common::{Item, Kind, Start, TIMEOUT, TestServer, eventually, subscribe};
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{Value, json};
 use tidings_server::config::NamespaceConfig;
@@ -38,14 +36,10 @@ async fn presence_count(server: &TestServer, channel: &str) -> usize {
 
 /// Waits until presence lists `n` clients (presence changes land asynchronously on leave).
 async fn await_presence(server: &TestServer, channel: &str, n: usize) {
-    let deadline = tokio::time::Instant::now() + TIMEOUT;
-    while presence_count(server, channel).await != n {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "presence never reached {n}"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    eventually(&format!("presence lists {n}"), async || {
+        presence_count(server, channel).await == n
+    })
+    .await;
 }
 
 async fn next_json(ws: &mut common_ws::Socket) -> Value {

@@ -11,10 +11,8 @@ mod common;
 mod redis_support;
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
 
-use common::{Item, Kind, Start, Sub, TIMEOUT, TestServer, subscribe};
+use common::{Item, Kind, Start, Sub, TestServer, eventually, subscribe};
 use redis_support::{RedisCluster, RedisServer, unique_prefix};
 use serde_json::{Value, json};
 use tidings_server::config::NamespaceConfig;
@@ -55,14 +53,10 @@ async fn publish_status(server: &TestServer, channel: &str, data: Value) -> (u16
 
 /// Polls `/readyz` until it answers `status` (readiness follows Redis asynchronously).
 async fn await_ready(server: &TestServer, status: u16) {
-    let deadline = tokio::time::Instant::now() + TIMEOUT;
-    while server.get_json("/readyz").await.0 != status {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "/readyz never answered {status}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    eventually(&format!("/readyz answers {status}"), async || {
+        server.get_json("/readyz").await.0 == status
+    })
+    .await;
 }
 
 fn offsets(got: &[(String, u64, Value)]) -> Vec<u64> {
@@ -111,7 +105,9 @@ async fn a_thousand_concurrent_publishes_over_both_nodes_reach_every_joining_sub
     const PUBLISHERS: u64 = 10;
     let (a, b) = pair(&redis_support::shared().url(), 10_000).await;
     let nodes = Arc::new([a, b]);
-    let published = Arc::new(AtomicU64::new(0));
+    // Counts publishes; joiners await a count instead of polling for it.
+    let (published, progress) = tokio::sync::watch::channel(0u64);
+    let published = Arc::new(published);
     let mut publishers = Vec::new();
     for p in 0..PUBLISHERS {
         let nodes = nodes.clone();
@@ -121,7 +117,7 @@ async fn a_thousand_concurrent_publishes_over_both_nodes_reach_every_joining_sub
                 nodes[(p % 2) as usize]
                     .publish("burst", json!({"p": p, "i": i}))
                     .await;
-                published.fetch_add(1, Ordering::Relaxed);
+                published.send_modify(|n| *n += 1);
             }
         }));
     }
@@ -130,9 +126,8 @@ async fn a_thousand_concurrent_publishes_over_both_nodes_reach_every_joining_sub
     let kinds = [Kind::Sse, Kind::Stream, Kind::Ws, Kind::LongPoll];
     let mut subs: Vec<(String, bool, Sub)> = Vec::new();
     for (i, kind) in kinds.iter().cycle().take(8).enumerate() {
-        while published.load(Ordering::Relaxed) < (i as u64) * TOTAL / 10 {
-            tokio::time::sleep(Duration::from_millis(2)).await;
-        }
+        let due = (i as u64) * TOTAL / 10;
+        progress.clone().wait_for(|n| *n >= due).await.unwrap();
         let replay = i % 2 == 1;
         let start = if replay {
             Start::History(10_000)
@@ -318,27 +313,15 @@ async fn two_nodes_on_a_three_node_redis_cluster_deliver_every_channel_through_s
 async fn presence_of_a_client_on_one_node_is_listed_by_the_other() {
     let (a, b) = pair(&redis_support::shared().url(), 100).await;
     let sub = subscribe(&a, Kind::Stream, &["room:lobby"], Start::Now).await;
-    let listed = |body: &Value| body["clients"].as_array().map_or(0, Vec::len);
-    let deadline = tokio::time::Instant::now() + TIMEOUT;
-    loop {
+    let listed = async |n: usize| {
         let (status, body) = b.get_json("/api/channels/room:lobby/presence").await;
         assert_eq!(status, 200, "{body}");
-        if listed(&body) == 1 {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "never listed: {body}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+        body["clients"].as_array().map_or(0, Vec::len) == n
+    };
+    eventually("node b lists the client on node a", async || {
+        listed(1).await
+    })
+    .await;
     drop(sub);
-    loop {
-        let (_, body) = b.get_json("/api/channels/room:lobby/presence").await;
-        if listed(&body) == 0 {
-            break;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "never left: {body}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    eventually("node b sees it leave", async || listed(0).await).await;
 }

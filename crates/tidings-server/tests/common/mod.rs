@@ -19,6 +19,19 @@ use tokio::task::JoinHandle;
 
 pub const TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Polls `probe` until it holds, failing after `TIMEOUT`: for server state that announces
+/// no event a test could await (metrics, `/readyz`, presence lists kept in Redis).
+pub async fn eventually(what: &str, mut probe: impl AsyncFnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + TIMEOUT;
+    while !probe().await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never happened: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 /// Reads a raw socket until EOF (or reset); returns what came.
 pub async fn read_to_end(stream: &mut tokio::net::TcpStream) -> String {
     use tokio::io::AsyncReadExt;
@@ -111,6 +124,14 @@ impl TestServer {
             .unwrap();
         let status = res.status().as_u16();
         (status, res.json().await.unwrap_or(Value::Null))
+    }
+
+    /// Waits until the metric line `line_prefix` reads `want`.
+    pub async fn await_metric(&self, line_prefix: &str, want: f64) {
+        eventually(&format!("{line_prefix} = {want}"), async || {
+            self.metric(line_prefix).await == want
+        })
+        .await;
     }
 
     pub async fn metric(&self, line_prefix: &str) -> f64 {

@@ -26,18 +26,9 @@ async fn a_long_poll_returns_as_soon_as_a_message_is_published() {
         )
     });
     // Wait until the server holds the request, then publish.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while server
-        .metric("tidings_connections{transport=\"long_poll\"}")
-        .await
-        < 1.0
-    {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the long poll never arrived"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    server
+        .await_metric("tidings_connections{transport=\"long_poll\"}", 1.0)
+        .await;
     let published_at = tokio::time::Instant::now();
     server.publish("news", json!({"title": "hi"})).await;
     let (etag, reply) = tokio::time::timeout(Duration::from_secs(5), held)

@@ -1,8 +1,6 @@
 //! Joining while thousands of publishes are in flight: no message missed, none duplicated.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
 
 use serde_json::json;
 
@@ -16,7 +14,9 @@ async fn subscribers_joining_during_a_publish_burst_see_a_gap_free_duplicate_fre
     kind: Kind,
 ) {
     let server = Arc::new(TestServer::with(|c| c.channels.history_size = 10_000).await);
-    let published = Arc::new(AtomicU64::new(0));
+    // Counts publishes; the joiners await a count instead of polling for it.
+    let (published, mut progress) = tokio::sync::watch::channel(0u64);
+    let published = Arc::new(published);
     let mut publishers = Vec::new();
     for p in 0..PUBLISHERS {
         let server = server.clone();
@@ -24,14 +24,12 @@ async fn subscribers_joining_during_a_publish_burst_see_a_gap_free_duplicate_fre
         publishers.push(tokio::spawn(async move {
             for i in 0..EACH {
                 server.publish("race", json!({"p": p, "i": i})).await;
-                published.fetch_add(1, Ordering::Relaxed);
+                published.send_modify(|n| *n += 1);
             }
         }));
     }
     // Join mid-burst: one from now, one replaying everything retained.
-    while published.load(Ordering::Relaxed) < 200 {
-        tokio::time::sleep(Duration::from_millis(1)).await;
-    }
+    progress.wait_for(|n| *n >= 200).await.unwrap();
     let mut live = subscribe(&server, kind, &["race"], Start::Now).await;
     let mut full = subscribe(&server, kind, &["race"], Start::History(10_000)).await;
     for p in publishers {
