@@ -14,24 +14,20 @@ mod common;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{ExitStatus, Stdio};
+use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde_json::{Value, json};
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader, Lines};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::process::{Child, ChildStdout, Command};
+use tokio::process::Command;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use common::TestServer;
+use common::proc::Proc;
 
-/// The longest any single wait (a line, an exit) may take before the test fails.
-const WAIT: Duration = Duration::from_secs(20);
-/// The clients' own overall timeout (`TIDINGS_CLIENT_TIMEOUT`): shorter than `WAIT`, so a stuck
-/// client exits 3 with its own diagnosis on stderr before this side gives up.
-const CLIENT_TIMEOUT_SECS: &str = "18";
 const INSTALL_HINT: &str = "run scripts/test.sh once: it installs curl, the Python venv (.venv/) \
                             and the Node modules (tests/clients/node_modules/) these tests spawn";
 
@@ -111,145 +107,6 @@ fn curl() -> Command {
     // Never let an http_proxy from the environment sit between curl and the test server.
     cmd.arg("--noproxy").arg("*");
     cmd
-}
-
-// ---------------------------------------------------------------------------------------------
-// A spawned client, read line by line
-// ---------------------------------------------------------------------------------------------
-
-/// A child process whose stdout is read line by line and whose stderr is kept for failure
-/// messages. Killed when dropped, so a failing test leaves nothing behind.
-struct Proc {
-    name: String,
-    child: Child,
-    stdout: Lines<BufReader<ChildStdout>>,
-    stderr: Arc<Mutex<String>>,
-    seen: Vec<String>,
-}
-
-impl Proc {
-    fn spawn(name: &str, mut cmd: Command) -> Self {
-        cmd.stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .env("TIDINGS_CLIENT_TIMEOUT", CLIENT_TIMEOUT_SECS)
-            .env_remove("http_proxy")
-            .env_remove("HTTP_PROXY")
-            .env_remove("all_proxy")
-            .env_remove("ALL_PROXY")
-            .kill_on_drop(true);
-        let mut child = cmd
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {name} ({e}); {INSTALL_HINT}"));
-        let stdout = BufReader::new(child.stdout.take().unwrap()).lines();
-        let stderr = Arc::new(Mutex::new(String::new()));
-        let mut pipe = child.stderr.take().unwrap();
-        tokio::spawn({
-            let stderr = stderr.clone();
-            async move {
-                let mut buf = [0u8; 4096];
-                while let Ok(n) = pipe.read(&mut buf).await {
-                    if n == 0 {
-                        break;
-                    }
-                    stderr
-                        .lock()
-                        .unwrap()
-                        .push_str(&String::from_utf8_lossy(&buf[..n]));
-                }
-            }
-        });
-        Self {
-            name: name.to_owned(),
-            child,
-            stdout,
-            stderr,
-            seen: Vec::new(),
-        }
-    }
-
-    /// What the client printed so far, for failure messages.
-    fn context(&self) -> String {
-        format!(
-            "--- {name} stdout so far:\n{}\n--- {name} stderr:\n{}",
-            self.seen.join("\n"),
-            self.stderr.lock().unwrap(),
-            name = self.name
-        )
-    }
-
-    /// The next stdout line (without its line ending), or `None` at the end of the output.
-    async fn next_line(&mut self) -> Option<String> {
-        match tokio::time::timeout(WAIT, self.stdout.next_line()).await {
-            Ok(Ok(Some(line))) => {
-                let line = line.trim_end_matches('\r').to_owned();
-                self.seen.push(line.clone());
-                Some(line)
-            }
-            Ok(Ok(None)) => None,
-            Ok(Err(e)) => panic!("reading {}'s stdout: {e}\n{}", self.name, self.context()),
-            Err(_) => panic!(
-                "{} printed nothing for {WAIT:?}\n{}",
-                self.name,
-                self.context()
-            ),
-        }
-    }
-
-    async fn line(&mut self) -> String {
-        match self.next_line().await {
-            Some(line) => line,
-            None => panic!(
-                "{} ended its output early (exit: {:?})\n{}",
-                self.name,
-                self.child.try_wait(),
-                self.context()
-            ),
-        }
-    }
-
-    /// Skips lines until one satisfies `pred`, and returns it.
-    async fn line_where(&mut self, what: &str, pred: impl Fn(&str) -> bool) -> String {
-        loop {
-            let line = self.line().await;
-            if pred(&line) {
-                return line;
-            }
-            if self.seen.len() > 10_000 {
-                panic!("{} never printed {what}\n{}", self.name, self.context());
-            }
-        }
-    }
-
-    /// Reads stdout to its end and waits for the exit; returns every line the client printed.
-    async fn finish(&mut self) -> (ExitStatus, Vec<String>) {
-        while self.next_line().await.is_some() {}
-        let status = match tokio::time::timeout(WAIT, self.child.wait()).await {
-            Ok(status) => status.unwrap(),
-            Err(_) => panic!(
-                "{} closed stdout but did not exit\n{}",
-                self.name,
-                self.context()
-            ),
-        };
-        (status, self.seen.clone())
-    }
-
-    /// Like `finish`, and the exit must be a success.
-    async fn finish_ok(&mut self) -> Vec<String> {
-        let (status, lines) = self.finish().await;
-        assert!(
-            status.success(),
-            "{} exited with {status}\n{}",
-            self.name,
-            self.context()
-        );
-        lines
-    }
-
-    async fn kill(mut self) {
-        let _ = self.child.kill().await;
-    }
 }
 
 fn json_line(line: &str) -> Value {
@@ -396,7 +253,7 @@ async fn curl_follows_an_ndjson_stream_and_receives_what_is_published_after_it_c
     server.publish("news", json!("before")).await;
     let mut cmd = curl();
     cmd.args(["-sN", &format!("{}/stream/news", server.url)]);
-    let mut curl = Proc::spawn("curl (NDJSON)", cmd);
+    let mut curl = Proc::spawn("curl (NDJSON)", cmd, INSTALL_HINT);
     let ready = curl.line_where("the ready record", |l| !l.is_empty()).await;
     let ready = json_line(&ready);
     assert_eq!(ready["type"], "ready", "the first record is {ready}");
@@ -426,7 +283,7 @@ async fn curl_reads_raw_sse_with_the_payload_exactly_as_published_and_an_id_line
     let server = TestServer::spawn().await;
     let mut cmd = curl();
     cmd.args(["-sNi", &format!("{}/sse/news", server.url)]);
-    let mut curl = Proc::spawn("curl (raw SSE)", cmd);
+    let mut curl = Proc::spawn("curl (raw SSE)", cmd, INSTALL_HINT);
 
     // Response head (-i), then the body.
     let status = curl.line().await;
@@ -495,7 +352,7 @@ async fn curl_with_http2_prior_knowledge_streams_over_h2c_on_the_same_port() {
         "-sNi",
         &format!("{}/stream/news", server.url),
     ]);
-    let mut curl = Proc::spawn("curl (h2c NDJSON)", cmd);
+    let mut curl = Proc::spawn("curl (h2c NDJSON)", cmd, INSTALL_HINT);
     let status = curl.line().await;
     assert!(
         status.starts_with("HTTP/2 200"),
@@ -537,7 +394,7 @@ fn eventsource_client(url: &str, channel: &str, count: usize) -> Proc {
         .arg(url)
         .arg(channel)
         .arg(count.to_string());
-    Proc::spawn("node sse_reconnect.mjs (eventsource)", cmd)
+    Proc::spawn("node sse_reconnect.mjs (eventsource)", cmd, INSTALL_HINT)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -648,7 +505,7 @@ async fn eventsource_gets_a_gap_event_then_what_history_kept_when_it_fell_too_fa
 fn python_client(script: &str, args: &[&str]) -> Proc {
     let mut cmd = Command::new(python());
     cmd.arg("-u").arg(clients_dir().join(script)).args(args);
-    Proc::spawn(&format!("python {script}"), cmd)
+    Proc::spawn(&format!("python {script}"), cmd, INSTALL_HINT)
 }
 
 /// Publishes 1, 2, 3… to `channel` (data = the number, so data = offset on a fresh channel)

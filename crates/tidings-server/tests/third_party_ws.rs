@@ -15,21 +15,14 @@ mod common;
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use base64::Engine as _;
 use serde_json::{Value, json};
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader, Lines};
-use tokio::process::{Child, ChildStdout, Command};
+use tokio::process::Command;
 
 use common::TestServer;
+use common::proc::Proc;
 
-/// The longest any single wait (a line, an exit) may take before the test fails.
-const WAIT: Duration = Duration::from_secs(20);
-/// The clients' own overall timeout (`TIDINGS_CLIENT_TIMEOUT`): shorter than `WAIT`, so a stuck
-/// client exits 3 with its own diagnosis on stderr before this side gives up.
-const CLIENT_TIMEOUT_SECS: &str = "18";
 const INSTALL_HINT: &str = "run scripts/test.sh once: it installs the Python venv (.venv/, with \
                             websockets) and the Node modules (tests/clients/node_modules/, with ws) \
                             these tests spawn";
@@ -99,7 +92,7 @@ impl Client {
 
     fn spawn(self, server: &TestServer, args: &[&str]) -> Proc {
         let name = format!("{self:?} client ({}) {}", self.library(), args.join(" "));
-        Proc::spawn(&name, self.command(server, args))
+        Proc::spawn(&name, self.command(server, args), INSTALL_HINT)
     }
 }
 
@@ -143,106 +136,18 @@ fn node() -> PathBuf {
     node
 }
 
-// ---------------------------------------------------------------------------------------------
-// A spawned client, read line by line
-// ---------------------------------------------------------------------------------------------
-
-/// A child process whose stdout is read line by line and whose stderr is kept for failure
-/// messages. Killed when dropped, so a failing test leaves nothing behind.
-struct Proc {
-    name: String,
-    child: Child,
-    stdout: Lines<BufReader<ChildStdout>>,
-    stderr: Arc<Mutex<String>>,
-    seen: Vec<String>,
-}
-
+/// The Node and Python WebSocket clients print one JSON record per line.
 impl Proc {
-    fn spawn(name: &str, mut cmd: Command) -> Self {
-        cmd.stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .env("TIDINGS_CLIENT_TIMEOUT", CLIENT_TIMEOUT_SECS)
-            .env_remove("http_proxy")
-            .env_remove("HTTP_PROXY")
-            .env_remove("all_proxy")
-            .env_remove("ALL_PROXY")
-            .kill_on_drop(true);
-        let mut child = cmd
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {name} ({e}); {INSTALL_HINT}"));
-        let stdout = BufReader::new(child.stdout.take().unwrap()).lines();
-        let stderr = Arc::new(Mutex::new(String::new()));
-        let mut pipe = child.stderr.take().unwrap();
-        tokio::spawn({
-            let stderr = stderr.clone();
-            async move {
-                let mut buf = [0u8; 4096];
-                while let Ok(n) = pipe.read(&mut buf).await {
-                    if n == 0 {
-                        break;
-                    }
-                    stderr
-                        .lock()
-                        .unwrap()
-                        .push_str(&String::from_utf8_lossy(&buf[..n]));
-                }
-            }
-        });
-        Self {
-            name: name.to_owned(),
-            child,
-            stdout,
-            stderr,
-            seen: Vec::new(),
-        }
-    }
-
-    /// What the client printed so far, for failure messages.
-    fn context(&self) -> String {
-        format!(
-            "--- {name} stdout so far:\n{}\n--- {name} stderr:\n{}",
-            self.seen.join("\n"),
-            self.stderr.lock().unwrap(),
-            name = self.name
-        )
-    }
-
-    /// The next stdout line, or `None` at the end of the output.
-    async fn next_line(&mut self) -> Option<String> {
-        match tokio::time::timeout(WAIT, self.stdout.next_line()).await {
-            Ok(Ok(Some(line))) => {
-                let line = line.trim_end_matches('\r').to_owned();
-                self.seen.push(line.clone());
-                Some(line)
-            }
-            Ok(Ok(None)) => None,
-            Ok(Err(e)) => panic!("reading {}'s stdout: {e}\n{}", self.name, self.context()),
-            Err(_) => panic!(
-                "{} printed nothing for {WAIT:?}\n{}",
-                self.name,
-                self.context()
-            ),
-        }
-    }
-
     /// The next stdout line, parsed as JSON; the output must not end here.
     async fn json(&mut self) -> Value {
-        match self.next_line().await {
-            Some(line) => serde_json::from_str(&line).unwrap_or_else(|e| {
-                panic!(
-                    "{} printed a line that is not JSON ({e}): {line:?}\n{}",
-                    self.name,
-                    self.context()
-                )
-            }),
-            None => panic!(
-                "{} ended its output early (exit: {:?})\n{}",
+        let line = self.line().await;
+        serde_json::from_str(&line).unwrap_or_else(|e| {
+            panic!(
+                "{} printed a line that is not JSON ({e}): {line:?}\n{}",
                 self.name,
-                self.child.try_wait(),
                 self.context()
-            ),
-        }
+            )
+        })
     }
 
     /// Skips JSON lines until one satisfies `pred`, and returns it.
@@ -258,23 +163,9 @@ impl Proc {
 
     /// Reads stdout to its end, waits for the exit, which must be a success, and returns every
     /// line the client printed, parsed.
-    async fn finish_ok(&mut self) -> Vec<Value> {
-        while self.next_line().await.is_some() {}
-        let status = match tokio::time::timeout(WAIT, self.child.wait()).await {
-            Ok(status) => status.unwrap(),
-            Err(_) => panic!(
-                "{} closed stdout but did not exit\n{}",
-                self.name,
-                self.context()
-            ),
-        };
-        assert!(
-            status.success(),
-            "{} exited with {status}\n{}",
-            self.name,
-            self.context()
-        );
-        self.seen
+    async fn finish_json(&mut self) -> Vec<Value> {
+        self.finish_ok()
+            .await
             .iter()
             .map(|l| serde_json::from_str(l).unwrap())
             .collect()
@@ -350,8 +241,8 @@ async fn python_websockets_and_node_ws_on_one_raw_channel_each_receive_both_hell
         binary_frame(&bytes),
         text_frame(r#"{"n":1}"#),
     ];
-    assert_eq!(python.finish_ok().await, expected, "{}", python.context());
-    assert_eq!(node.finish_ok().await, expected, "{}", node.context());
+    assert_eq!(python.finish_json().await, expected, "{}", python.context());
+    assert_eq!(node.finish_json().await, expected, "{}", node.context());
 
     // The text frames were published as strings, not as binary or JSON.
     let (status, history) = server.get_json("/api/channels/duet/history").await;
@@ -393,7 +284,7 @@ async fn json_protocol_history_then_own_publish_then_live(client: Client) {
     })
     .await;
     server.publish(channel, json!({"n": 3})).await;
-    let frames = proc.finish_ok().await;
+    let frames = proc.finish_json().await;
 
     let messages: Vec<&Value> = frames.iter().filter(|v| v["type"] == "message").collect();
     let data: Vec<&Value> = messages.iter().map(|m| &m["data"]).collect();

@@ -6,6 +6,8 @@
 
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
+pub mod proc;
+
 use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::time::Duration;
