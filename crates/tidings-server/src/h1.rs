@@ -83,6 +83,19 @@ struct Exchange {
     keep_alive: bool,
 }
 
+impl Exchange {
+    fn new(res: Response<Body>, keep_alive: bool, head_only: bool) -> Self {
+        let (parts, body) = res.into_parts();
+        let (head, framing, keep_alive) = response_head(parts, &body, keep_alive, head_only);
+        Self {
+            head,
+            framing,
+            body,
+            keep_alive,
+        }
+    }
+}
+
 /// What the router answered: a response, or a long poll still waiting for its answer.
 enum Answer {
     Ready(Exchange),
@@ -120,15 +133,7 @@ impl Lean<'_> {
                         res = wait => long_poll::merge_headers(res, layered),
                         _ = hung_up(stream, &mut watch) => return Outcome::Done,
                     };
-                    let (parts, body) = res.into_parts();
-                    let (head, framing, keep_alive) =
-                        response_head(parts, &body, keep_alive, head_only);
-                    Exchange {
-                        head,
-                        framing,
-                        body,
-                        keep_alive,
-                    }
+                    Exchange::new(res, keep_alive, head_only)
                 }
             };
             let keep_alive = exchange.keep_alive;
@@ -179,14 +184,7 @@ impl Lean<'_> {
                 head_only,
             });
         }
-        let (parts, body) = res.into_parts();
-        let (head, framing, keep_alive) = response_head(parts, &body, keep_alive, head_only);
-        Ok(Answer::Ready(Exchange {
-            head,
-            framing,
-            body,
-            keep_alive,
-        }))
+        Ok(Answer::Ready(Exchange::new(res, keep_alive, head_only)))
     }
 
     async fn read_head(&self, stream: &mut TcpStream, buf: &mut BytesMut) -> Head {
@@ -392,30 +390,46 @@ fn bad_request() -> Head {
     )
 }
 
-/// Answers with a JSON error and `connection: close`.
-async fn refuse(
+/// Writes a JSON error answer with `connection: close` and shuts the write side, within a
+/// second (a client that does not read cannot keep the task). `extra_headers`: whole header
+/// lines, e.g. `"retry-after: 1\r\n"`. Also the accept loop's 503 for connections over a limit.
+pub async fn answer_and_close(
     stream: &mut TcpStream,
     status: StatusCode,
     code: &str,
     message: &str,
+    extra_headers: &str,
 ) -> io::Result<()> {
     let body = format!(r#"{{"error":{{"code":"{code}","message":"{message}"}}}}"#);
-    let head = format!(
-        "HTTP/1.1 {} {}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\ndate: {}\r\n\r\n",
+    let response = format!(
+        "HTTP/1.1 {} {}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n{extra_headers}connection: close\r\ndate: {}\r\n\r\n{body}",
         status.as_str(),
         status.canonical_reason().unwrap_or(""),
         body.len(),
         httpdate::fmt_http_date(SystemTime::now()),
     );
     tokio::time::timeout(Duration::from_secs(1), async {
-        stream.write_all(format!("{head}{body}").as_bytes()).await?;
-        stream.shutdown().await?;
-        // Lingering close: closing with the client's bytes unread would send a reset,
-        // which can destroy the answer before the client reads it. Discard what is still
-        // coming for a moment (at most 1 MiB) so it sees the status.
-        use tokio::io::AsyncReadExt;
-        let mut sink = [0u8; 4096];
-        let mut left = 1usize << 20;
+        stream.write_all(response.as_bytes()).await?;
+        stream.shutdown().await
+    })
+    .await
+    .unwrap_or(Ok(()))
+}
+
+/// Refuses a request, then closes lingering: closing with the client's bytes unread would
+/// send a reset, which can destroy the answer before the client reads it, so what is still
+/// coming is discarded for a moment (at most 1 MiB, at most a second).
+async fn refuse(
+    stream: &mut TcpStream,
+    status: StatusCode,
+    code: &str,
+    message: &str,
+) -> io::Result<()> {
+    answer_and_close(stream, status, code, message, "").await?;
+    use tokio::io::AsyncReadExt;
+    let mut sink = [0u8; 4096];
+    let mut left = 1usize << 20;
+    let drain = async {
         while left > 0 {
             match stream.read(&mut sink).await? {
                 0 => break,
@@ -423,9 +437,10 @@ async fn refuse(
             }
         }
         Ok(())
-    })
-    .await
-    .unwrap_or(Ok(()))
+    };
+    tokio::time::timeout(Duration::from_secs(1), drain)
+        .await
+        .unwrap_or(Ok(()))
 }
 
 enum Framing {

@@ -325,25 +325,21 @@ async fn accept_tls(
     }
 }
 
-/// Answers a connection over a limit with a JSON 503 and closes it. Written by hand because
-/// the point is to spend as little as possible on it; bounded in time so a client that does
-/// not read cannot keep the task.
+/// Answers a connection over a limit with a JSON 503 and closes it (no request is read: the
+/// point is to spend as little as possible on it).
 async fn refuse(mut stream: tokio::net::TcpStream, why: Refused) {
-    use tokio::io::AsyncWriteExt;
     let message = match why {
         Refused::Total => "the server is at max_connections; retry later",
         Refused::PerIp => {
             "too many connections from your address (max_connections_per_ip); retry later"
         }
     };
-    let body = format!(r#"{{"error":{{"code":"too_many_connections","message":"{message}"}}}}"#);
-    let response = format!(
-        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\ncontent-length: {}\r\nretry-after: 1\r\nconnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    let _ = tokio::time::timeout(Duration::from_secs(1), async {
-        stream.write_all(response.as_bytes()).await?;
-        stream.shutdown().await
-    })
+    let _ = crate::h1::answer_and_close(
+        &mut stream,
+        http::StatusCode::SERVICE_UNAVAILABLE,
+        "too_many_connections",
+        message,
+        "retry-after: 1\r\n",
+    )
     .await;
 }
