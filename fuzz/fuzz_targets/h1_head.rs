@@ -1,7 +1,7 @@
 //! The lean HTTP/1.1 path's request-head parser (`tidings_server::h1`, through `fuzz_parse`)
 //! on arbitrary bytes: the first bytes of every plaintext connection go through it. Never
 //! panics; never consumes bytes it then hands elsewhere (hyper must see a request it takes
-//! over from its first byte); keeps only bodiless, non-upgrade requests.
+//! over from its first byte); keeps only bodiless requests that upgrade to nothing but WebSocket.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
@@ -51,9 +51,16 @@ fuzz_target!(|data: &[u8]| {
             assert!(!uri.is_empty());
             for (name, value) in &headers {
                 assert!(
-                    !matches!(name.as_str(), "transfer-encoding" | "upgrade" | "expect"),
+                    !matches!(name.as_str(), "transfer-encoding" | "expect"),
                     "{name} belongs to hyper"
                 );
+                if name == "upgrade" {
+                    let protocols = String::from_utf8_lossy(value).to_ascii_lowercase();
+                    assert!(
+                        protocols.split(',').any(|p| p.trim() == "websocket"),
+                        "only WebSocket upgrades stay on the lean path"
+                    );
+                }
                 if name == "content-length" {
                     assert_eq!(value.trim_ascii(), b"0", "a body belongs to hyper");
                 }

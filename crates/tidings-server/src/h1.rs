@@ -7,7 +7,10 @@
 //! response head is written and dropped, and a parked stream holds its socket, its body
 //! (the session writer) and little else.
 //!
-//! Everything else — a request with a body, an upgrade (WebSocket), `Expect`, HTTP/1.0,
+//! WebSocket upgrades are answered here too: the router's 101 carries the session
+//! (`websocket::Pending`), which then runs on the bare socket in this same task.
+//!
+//! Everything else — a request with a body, another upgrade, `Expect`, HTTP/1.0,
 //! `CONNECT`, the HTTP/2 preface — is handed to hyper together with the bytes read so far
 //! (`Rewind`), and hyper keeps the connection from then on. Publishers (POST with a body)
 //! therefore go to hyper on their first request.
@@ -39,6 +42,7 @@ use tower::ServiceExt;
 
 use crate::server::ConnectionCtx;
 use crate::transport::long_poll;
+use crate::transport::websocket::{LeanUpgrade, Pending};
 
 /// The largest request head read here (request line and headers); over it: 431.
 pub const MAX_HEAD: usize = 64 * 1024;
@@ -53,6 +57,9 @@ pub enum Outcome {
     Done,
     /// hyper takes over; these bytes were read from the socket and come first.
     Handoff(Bytes),
+    /// A WebSocket handshake was answered: the session takes the socket, and these bytes
+    /// (read past the request) are its first.
+    Upgrade(Pending, Bytes),
 }
 
 pub struct Lean<'a> {
@@ -81,17 +88,26 @@ struct Exchange {
     framing: Framing,
     body: Body,
     keep_alive: bool,
+    upgrade: Option<Pending>,
 }
 
 impl Exchange {
     fn new(res: Response<Body>, keep_alive: bool, head_only: bool) -> Self {
-        let (parts, body) = res.into_parts();
+        let (mut parts, body) = res.into_parts();
+        let upgrade = if parts.status == StatusCode::SWITCHING_PROTOCOLS {
+            parts.extensions.remove::<Pending>()
+        } else {
+            None
+        };
+        // A 101 with no session to run would leave the client talking to nobody.
+        let keep_alive = keep_alive && (upgrade.is_some() || !parts.status.is_informational());
         let (head, framing, keep_alive) = response_head(parts, &body, keep_alive, head_only);
         Self {
             head,
             framing,
             body,
             keep_alive,
+            upgrade,
         }
     }
 }
@@ -137,6 +153,7 @@ impl Lean<'_> {
                 }
             };
             let keep_alive = exchange.keep_alive;
+            let upgrade = exchange.upgrade;
             let written = write_body(
                 stream,
                 exchange.head,
@@ -148,6 +165,9 @@ impl Lean<'_> {
             if written.is_err() || !keep_alive || self.shutdown.is_cancelled() {
                 let _ = stream.shutdown().await;
                 return Outcome::Done;
+            }
+            if let Some(session) = upgrade {
+                return Outcome::Upgrade(session, buf.split().freeze());
             }
         }
     }
@@ -263,11 +283,18 @@ fn parse(buf: &mut BytesMut, ctx: &ConnectionCtx) -> Option<Head> {
         return Some(Head::Handoff);
     }
     let mut keep_alive = true;
+    let mut websocket = false;
     let mut map = HeaderMap::with_capacity(parsed.headers.len());
     for h in parsed.headers.iter() {
         let name = h.name.as_bytes();
+        if name.eq_ignore_ascii_case(b"upgrade") {
+            // WebSocket is upgraded here; any other protocol (h2c) is hyper's.
+            if !has_token(h.value, b"websocket") {
+                return Some(Head::Handoff);
+            }
+            websocket = true;
+        }
         let hands_off = name.eq_ignore_ascii_case(b"transfer-encoding")
-            || name.eq_ignore_ascii_case(b"upgrade")
             || name.eq_ignore_ascii_case(b"expect")
             || (name.eq_ignore_ascii_case(b"content-length") && h.value.trim_ascii() != b"0");
         if hands_off {
@@ -296,6 +323,9 @@ fn parse(buf: &mut BytesMut, ctx: &ConnectionCtx) -> Option<Head> {
         http2: false,
         ..ctx.clone()
     });
+    if websocket {
+        req.extensions_mut().insert(LeanUpgrade);
+    }
     // Keep only what follows the head (a pipelined request), in a buffer of its own size,
     // so a parked connection does not hold the read buffer.
     buf.advance(len);

@@ -16,6 +16,7 @@
 //! - `assets`: the embedded web side (pages, demos, admin console, `/tidings.js`).
 //! - `stats`: the server's own stats, published each second to `admin:stats` for `/admin`.
 //! - `demo`: what `tidings serve --demo` publishes to `demo:` channels.
+//! - `wsframe`: RFC 6455 framing (the decoder and encoder WebSocket sessions run).
 
 pub mod api;
 pub mod assets;
@@ -29,6 +30,7 @@ pub mod server;
 pub mod stats;
 pub mod tls;
 pub mod transport;
+pub mod wsframe;
 
 pub use config::{Config, ConfigError};
 pub use server::{AppState, serve};

@@ -255,11 +255,20 @@ impl Edge {
             };
             drive(std::pin::pin!(lean.serve(&mut stream)), &ctx.kill).await
         };
-        if let Some(crate::h1::Outcome::Handoff(read)) = outcome {
-            // Boxed: hyper's connection state is large, and without the box every lean
-            // connection's task would be sized for it.
-            let io = crate::h1::Rewind::new(stream, read);
-            Box::pin(self.hyper(io, ctx, watcher)).await
+        match outcome {
+            Some(crate::h1::Outcome::Handoff(read)) => {
+                // Boxed: hyper's connection state is large, and without the box every lean
+                // connection's task would be sized for it.
+                let io = crate::h1::Rewind::new(stream, read);
+                Box::pin(self.hyper(io, ctx, watcher)).await
+            }
+            Some(crate::h1::Outcome::Upgrade(pending, pre)) => {
+                // The WebSocket session runs in this task (its future is boxed already).
+                if let Some(session) = pending.start(stream, pre) {
+                    session.await;
+                }
+            }
+            Some(crate::h1::Outcome::Done) | None => {}
         }
     }
 

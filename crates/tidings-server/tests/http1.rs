@@ -1,7 +1,7 @@
 //! The lean HTTP/1.1 path (`h1.rs`) as raw sockets see it: keep-alive and pipelining, HEAD,
 //! hand-offs to hyper in the middle of a connection (a body, HTTP/1.0), clear errors for
-//! malformed and oversized heads, and parked requests released the moment their client
-//! hangs up.
+//! malformed and oversized heads, parked requests released the moment their client
+//! hangs up, and WebSocket handshakes answered here with the socket kept for the session.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -191,4 +191,74 @@ async fn a_long_poll_answer_carries_the_cors_headers_on_both_paths() {
         assert_eq!(body["messages"][0]["data"], "hi", "{body}");
         server.await_metric(line, 0.0).await;
     }
+}
+
+/// A masked client text frame (RFC 6455 §5.3).
+fn client_text(text: &str) -> Vec<u8> {
+    let mask = [0x12, 0x34, 0x56, 0x78];
+    assert!(text.len() < 126);
+    let mut out = vec![0x81, 0x80 | text.len() as u8];
+    out.extend_from_slice(&mask);
+    out.extend(text.bytes().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+    out
+}
+
+const UPGRADE: &str = "GET /ws/lean HTTP/1.1\r\nhost: x\r\nconnection: Upgrade\r\nupgrade: websocket\r\nsec-websocket-version: 13\r\nsec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n";
+
+#[tokio::test]
+async fn a_frame_sent_in_the_same_write_as_the_handshake_is_echoed_not_lost() {
+    let server = TestServer::spawn().await;
+    let mut s = TcpStream::connect(server.addr).await.unwrap();
+    let mut bytes = UPGRADE.as_bytes().to_vec();
+    bytes.extend(client_text("early bird"));
+    s.write_all(&bytes).await.unwrap();
+    let mut raw = Vec::new();
+    let mut buf = [0u8; 1024];
+    tokio::time::timeout(TIMEOUT, async {
+        while !raw.ends_with(b"early bird") {
+            let n = s.read(&mut buf).await.unwrap();
+            assert!(n > 0, "closed early");
+            raw.extend_from_slice(&buf[..n]);
+        }
+    })
+    .await
+    .expect("no echo");
+    let text = String::from_utf8_lossy(&raw);
+    assert!(text.starts_with("HTTP/1.1 101 "), "{text}");
+    // The RFC's own example key and answer.
+    assert!(
+        text.to_ascii_lowercase()
+            .contains("sec-websocket-accept: s3pplmbitxaq9kygzzhzrbk+xoo="),
+        "{text}"
+    );
+    // Raw mode echoes a lone client's publish as an unmasked text frame.
+    let frame = raw.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+    assert_eq!(&raw[frame..], b"\x81\x0aearly bird");
+}
+
+#[tokio::test]
+async fn a_refused_upgrade_is_a_json_error_and_the_connection_serves_the_next_request() {
+    let server = TestServer::spawn().await;
+    let mut s = TcpStream::connect(server.addr).await.unwrap();
+    // No Sec-WebSocket-Key: not a handshake.
+    s.write_all(
+        b"GET /ws/lean HTTP/1.1\r\nhost: x\r\nconnection: Upgrade\r\nupgrade: websocket\r\nsec-websocket-version: 13\r\n\r\nGET /healthz HTTP/1.1\r\nhost: x\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let out = read_until(&mut s, "HTTP/1.1 ", 2).await;
+    assert!(out.starts_with("HTTP/1.1 400 "), "{out}");
+    assert!(out.contains("\"websocket_required\""), "{out}");
+    assert!(out.contains("HTTP/1.1 200 "), "{out}");
+}
+
+#[tokio::test]
+async fn an_upgrade_to_another_protocol_is_left_to_hyper_which_answers_over_http_1_1() {
+    let server = TestServer::spawn().await;
+    let out = answer_then_close(
+        &server,
+        b"GET /healthz HTTP/1.1\r\nhost: x\r\nconnection: close\r\nupgrade: foo/2\r\n\r\n",
+    )
+    .await;
+    assert!(out.starts_with("HTTP/1.1 200 "), "{out}");
 }

@@ -162,6 +162,41 @@ async fn http1_clients_get_http1_over_tls() {
     assert_eq!(res.status(), 200);
 }
 
+#[tokio::test]
+async fn a_websocket_over_tls_echoes_on_a_raw_channel_and_closes_cleanly() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    let server = tls_server().await;
+    let tls = connect(&server, &[b"http/1.1"]).await;
+    // Over TLS the upgrade goes through hyper: the session runs on its upgraded stream.
+    let (mut ws, res) = tokio_tungstenite::client_async("wss://localhost/ws/tls-echo", tls)
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 101);
+    ws.send(Message::text("over tls")).await.unwrap();
+    let echo = tokio::time::timeout(common::TIMEOUT, ws.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(echo, Message::text("over tls"));
+    ws.close(None).await.unwrap();
+    // The server answers the close and ends the stream.
+    let rest = tokio::time::timeout(common::TIMEOUT, async {
+        let mut frames = Vec::new();
+        while let Some(Ok(frame)) = ws.next().await {
+            frames.push(frame);
+        }
+        frames
+    })
+    .await
+    .unwrap();
+    assert!(
+        rest.iter().all(|f| matches!(f, Message::Close(_))),
+        "{rest:?}"
+    );
+}
+
 #[test]
 fn tls_settings_that_do_not_fit_together_are_refused() {
     let mut c = Config::default();

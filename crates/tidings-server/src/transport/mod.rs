@@ -47,4 +47,5 @@ pub mod frame_slot {
     pub const SSE_ENVELOPE: usize = 1;
     pub const NDJSON: usize = 2;
     pub const WS_ENVELOPE: usize = 3;
+    pub const WS_RAW: usize = 4;
 }

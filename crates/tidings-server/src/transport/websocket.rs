@@ -2,27 +2,36 @@
 //! `/ws` (the JSON protocol of SPEC §5: any number of channels, publish with acks, history,
 //! presence, ping). Over HTTP/1.1 upgrades and HTTP/2 extended CONNECT (RFC 8441) alike.
 //!
-//! Concurrency: each socket is split. The reader task parses frames and answers what needs
-//! no subscription state (publish, history, presence, ping) by sending ready-made frames to
-//! the writer; subscribe and unsubscribe go to the writer as commands, because the writer
-//! owns the `Subscription`. The writer is the only task that touches the sink: it drains
-//! commands and the subscription's queue, feeds every frame, then flushes once. The two
-//! halves never wait for each other except through the bounded command channel, whose
-//! backpressure is the client's own TCP window. A client that stops reading overflows its
-//! queue; the overflow hook cancels the session's kill token, which the writer watches even
-//! while a flush is stuck, so the session ends (4008) instead of hanging.
+//! Framing is ours (`crate::wsframe`); this module does the handshake and runs sessions.
+//! A plaintext HTTP/1.1 upgrade is answered by the lean path (`h1.rs`), which then hands
+//! the bare socket to the session in the same task; upgrades through hyper (TLS, HTTP/2,
+//! a connection hyper already owns) run the session in a task of their own on hyper's
+//! upgraded stream.
+//!
+//! Concurrency: one task owns the socket and the `Subscription`, and waits on everything at
+//! once — the socket's read readiness, the subscription's queue, the ping timer, the kill,
+//! shutdown and token-expiry signals. Frames in are handled in order (a publish awaits the
+//! broker before the next frame is read); frames out are appended to one buffer and
+//! written with as few calls as the kernel takes. While that buffer drains, the socket is not
+//! read: a client's flood is paced by its own TCP window. A client that stops reading
+//! overflows its queue; the overflow hook cancels the session's kill token, which the write
+//! loop also watches, so the session ends (4008) instead of hanging. Nothing is shared
+//! between sessions but the hub.
+//!
+//! Memory: a parked socket holds its `Session` and the task; the read buffer exists only
+//! while a frame is half-received, the write buffer only while bytes are unsent, and
+//! everything rare (joins, publishes, history reads) runs in boxed futures.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::io;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use axum::extract::ws::{CloseFrame, Message as WsMessage, Utf8Bytes, WebSocket, WebSocketUpgrade};
-use axum::extract::{Path, RawQuery, State};
-use axum::http::{HeaderMap, Method, StatusCode};
-use axum::response::Response;
-use bytes::{BufMut, Bytes, BytesMut};
-use futures_util::stream::{SplitSink, SplitStream};
-use futures_util::{SinkExt, StreamExt};
+use axum::extract::{FromRequestParts, Path, RawQuery, State};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Version, header, request::Parts};
+use axum::response::{IntoResponse, Response};
+use bytes::{Bytes, BytesMut};
+use hyper_util::rt::TokioIo;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 use serde_json::{Value, json};
@@ -30,7 +39,8 @@ use tidings_core::{
     ChannelName, Cursor, Data, Disconnect, DisconnectReason, Event, EventName, Message, Since,
     Start, Subscription,
 };
-use tokio::sync::mpsc;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
 use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 
@@ -41,6 +51,7 @@ use crate::limits::RateLimiter;
 use crate::metrics::SessionGauge;
 use crate::server::{AppState, ConnectionCtx};
 use crate::transport::{TransportKind, frame_slot, params};
+use crate::wsframe::{self, Decoder, Incoming, OP_BINARY, OP_PING, OP_PONG, OP_TEXT};
 
 /// Close codes (SPEC §5).
 pub mod close {
@@ -59,16 +70,16 @@ pub mod close {
 
 /// Malformed frames in a row before the connection is closed with 1008.
 const MAX_MALFORMED: u32 = 10;
-/// Commands waiting for the writer; the reader waits when the writer is this far behind.
-const COMMAND_QUEUE: usize = 64;
-/// How long a goodbye (disconnect frame + close) may take before the socket is just dropped.
+/// How long a goodbye (disconnect frame, close, the client's close reply) may take before
+/// the socket is just dropped.
 const GOODBYE_TIMEOUT: Duration = Duration::from_secs(1);
-/// tungstenite's buffers: reads grow on demand from here (a frame's whole length is reserved
-/// once its header is read, so small only costs a few more reads for bursts of small
-/// frames); writes are batched up to this before they go out (a flush always writes
-/// everything). The 128 KiB defaults would cost ~256 KiB per idle connection.
-const READ_BUFFER: usize = 512;
-const WRITE_BUFFER: usize = 16 * 1024;
+/// Room made per read. On a bare socket it is reserved only once bytes are waiting, and
+/// freed once they are parsed; on hyper's upgraded stream readiness cannot be asked
+/// separately, so a smaller buffer waits there.
+const TCP_READ: usize = 4096;
+const UPGRADED_READ: usize = 512;
+/// Output past this is written before more frames are read.
+const WRITE_BATCH: usize = 64 * 1024;
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Mode {
@@ -76,30 +87,96 @@ enum Mode {
     Json,
 }
 
-/// The reader's end of the command queue. Commands travel boxed: tokio's channel allocates
-/// its slots 32 at a time up front, and unboxed (128 bytes each) that block alone was 4 KiB
-/// of every idle connection.
-#[derive(Clone)]
-struct Commands(mpsc::Sender<Box<Command>>);
+/// The socket a session owns.
+pub enum WsIo {
+    /// A plaintext connection upgraded by the lean path.
+    Tcp(TcpStream),
+    /// An upgrade through hyper: TLS, HTTP/2 extended CONNECT, or a connection hyper owned.
+    Upgraded(TokioIo<hyper::upgrade::Upgraded>),
+}
 
-impl Commands {
-    async fn send(&self, cmd: Command) -> Result<(), ()> {
-        self.0.send(Box::new(cmd)).await.map_err(|_| ())
+impl WsIo {
+    /// Reads what is waiting into `buf`; `Ok(0)` at end of stream. Cancel-safe.
+    async fn read_more(&mut self, buf: &mut BytesMut) -> io::Result<usize> {
+        match self {
+            WsIo::Tcp(s) => loop {
+                s.readable().await?;
+                buf.reserve(TCP_READ);
+                match s.try_read_buf(buf) {
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                    r => return r,
+                }
+            },
+            WsIo::Upgraded(s) => {
+                buf.reserve(UPGRADED_READ);
+                s.read_buf(buf).await
+            }
+        }
+    }
+
+    /// Cancel-safe: either `Ok(n)` bytes went out or none did.
+    async fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        match self {
+            WsIo::Tcp(s) => s.write(data).await,
+            WsIo::Upgraded(s) => s.write(data).await,
+        }
+    }
+
+    async fn flush(&mut self) -> io::Result<()> {
+        match self {
+            WsIo::Tcp(_) => Ok(()),
+            WsIo::Upgraded(s) => s.flush().await,
+        }
+    }
+
+    async fn shutdown(&mut self) -> io::Result<()> {
+        match self {
+            WsIo::Tcp(s) => s.shutdown().await,
+            WsIo::Upgraded(s) => s.shutdown().await,
+        }
     }
 }
 
-enum Command {
-    Frame(WsMessage),
-    Subscribe {
-        id: Option<Value>,
-        channel: ChannelName,
-        since: Since,
-    },
-    Unsubscribe {
-        id: Option<Value>,
-        channel: ChannelName,
-    },
-    Close(u16, &'static str),
+type SessionFuture = Pin<Box<dyn Future<Output = ()> + Send>>;
+type StartFn = Box<dyn FnOnce(WsIo, Bytes) -> SessionFuture + Send>;
+
+/// Marks a request the lean HTTP/1.1 path can upgrade itself (`h1.rs` inserts it).
+#[derive(Clone, Copy)]
+pub struct LeanUpgrade;
+
+/// A session waiting for its socket: put in a 101 response's extensions for the lean path,
+/// which writes the response and then runs it on the bare socket.
+#[derive(Clone)]
+pub struct Pending(Arc<Mutex<Option<StartFn>>>);
+
+impl Pending {
+    /// The session's future on `io` (`pre`: bytes read past the request head), or `None`
+    /// when it was already taken.
+    pub fn start(&self, io: TcpStream, pre: Bytes) -> Option<SessionFuture> {
+        let start = self.0.lock().ok()?.take()?;
+        Some(start(WsIo::Tcp(io), pre))
+    }
+}
+
+/// A valid WebSocket handshake request, and where its socket will come from.
+pub struct WsUpgrade {
+    /// HTTP/1.1: the client's key (the answer is 101 with its accept key). HTTP/2: `None`
+    /// (the answer to extended CONNECT is 200).
+    key: Option<HeaderValue>,
+    via: Via,
+}
+
+enum Via {
+    Hyper(hyper::upgrade::OnUpgrade),
+    Lean,
+}
+
+fn has_token(headers: &HeaderMap, name: header::HeaderName, token: &str) -> bool {
+    headers.get_all(name).iter().any(|v| {
+        v.as_bytes()
+            .split(|&b| b == b',')
+            .any(|t| t.trim_ascii().eq_ignore_ascii_case(token.as_bytes()))
+    })
 }
 
 fn upgrade_error(method: &Method) -> ApiError {
@@ -109,29 +186,102 @@ fn upgrade_error(method: &Method) -> ApiError {
         ApiError::new(
             StatusCode::BAD_REQUEST,
             "websocket_required",
-            "this route speaks WebSocket: send an Upgrade: websocket request (or HTTP/2 extended CONNECT)",
+            "this route speaks WebSocket: send an Upgrade: websocket request with Sec-WebSocket-Version: 13 (or HTTP/2 extended CONNECT)",
         )
     }
 }
 
-fn configure(ws: WebSocketUpgrade, state: &AppState) -> WebSocketUpgrade {
-    let max = state.config.server.max_message_bytes;
-    ws.read_buffer_size(READ_BUFFER)
-        .write_buffer_size(WRITE_BUFFER)
-        .max_write_buffer_size(state.config.server.queue_max_bytes.max(WRITE_BUFFER * 4))
-        .max_message_size(max)
-        .max_frame_size(max)
+impl<S: Send + Sync> FromRequestParts<S> for WsUpgrade {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, ApiError> {
+        let refuse = || upgrade_error(&parts.method);
+        let key = if parts.version <= Version::HTTP_11 {
+            let h = &parts.headers;
+            if parts.method != Method::GET
+                || !has_token(h, header::CONNECTION, "upgrade")
+                || !has_token(h, header::UPGRADE, "websocket")
+            {
+                return Err(refuse());
+            }
+            Some(h.get(header::SEC_WEBSOCKET_KEY).ok_or_else(refuse)?.clone())
+        } else {
+            let websocket = parts
+                .extensions
+                .get::<hyper::ext::Protocol>()
+                .is_some_and(|p| p.as_str() == "websocket");
+            if parts.method != Method::CONNECT || !websocket {
+                return Err(refuse());
+            }
+            None
+        };
+        if parts
+            .headers
+            .get(header::SEC_WEBSOCKET_VERSION)
+            .is_none_or(|v| v.as_bytes() != b"13")
+        {
+            return Err(refuse());
+        }
+        let via = if let Some(on) = parts.extensions.remove::<hyper::upgrade::OnUpgrade>() {
+            Via::Hyper(on)
+        } else if parts.extensions.get::<LeanUpgrade>().is_some() {
+            Via::Lean
+        } else {
+            return Err(ApiError::bad_request(
+                "websocket_unavailable",
+                "this connection cannot be upgraded",
+            ));
+        };
+        Ok(Self { key, via })
+    }
+}
+
+impl WsUpgrade {
+    /// The handshake's answer; `start` runs on the socket once the answer is out.
+    fn accept<F, Fut>(self, start: F) -> Response
+    where
+        F: FnOnce(WsIo, Bytes) -> Fut + Send + 'static,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        let mut res = match &self.key {
+            Some(key) => {
+                let mut res = StatusCode::SWITCHING_PROTOCOLS.into_response();
+                let h = res.headers_mut();
+                h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+                h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+                if let Ok(accept) = HeaderValue::from_str(&wsframe::accept_key(key.as_bytes())) {
+                    h.insert(header::SEC_WEBSOCKET_ACCEPT, accept);
+                }
+                res
+            }
+            None => StatusCode::OK.into_response(),
+        };
+        match self.via {
+            Via::Hyper(on) => {
+                tokio::spawn(async move {
+                    if let Ok(upgraded) = on.await {
+                        start(WsIo::Upgraded(TokioIo::new(upgraded)), Bytes::new()).await;
+                    }
+                });
+            }
+            Via::Lean => {
+                let start: StartFn = Box::new(move |io, pre| Box::pin(start(io, pre)));
+                res.extensions_mut()
+                    .insert(Pending(Arc::new(Mutex::new(Some(start)))));
+            }
+        }
+        res
+    }
 }
 
 /// `GET /ws/{channel}`: raw mode.
 pub async fn raw(
     State(state): State<AppState>,
     conn: Option<axum::Extension<ConnectionCtx>>,
-    method: Method,
     Path(channel): Path<String>,
     RawQuery(query): RawQuery,
     headers: HeaderMap,
-    ws: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
+    ws: Result<WsUpgrade, ApiError>,
 ) -> Result<Response, ApiError> {
     let p = params::parse(
         Some(&channel),
@@ -141,7 +291,7 @@ pub async fn raw(
         false,
     )?;
     let who = params::authorize(&state, &p, &headers, query.as_deref())?;
-    let ws = ws.map_err(|_| upgrade_error(&method))?;
+    let ws = ws?;
     let channel = p.channels[0].clone();
     let mut sub = state.node.session(
         state.config.server.queue_max_bytes,
@@ -154,21 +304,16 @@ pub async fn raw(
         .await?
         .ok_or_else(|| ApiError::bad_request("invalid_request", "channel given twice"))?;
     // A raw stream cannot carry a gap notice: refuse to continue silently (SPEC §10).
-    let gap = matches!(p.start, Start::Cursor(_)) && joined.gap.is_some();
-    // Boxed: axum keeps the callback's captures for the socket's whole life, beside the
-    // writer they are moved into.
-    let session = Box::new((state.clone(), sub, channel, peer));
-    Ok(configure(ws, &state).on_upgrade(move |mut socket| {
-        use futures_util::future::Either;
-        if gap {
-            Either::Left(async move {
-                let goodbye = socket.send(close_frame(close::GAP, "gap"));
-                let _ = tokio::time::timeout(GOODBYE_TIMEOUT, goodbye).await;
-            })
-        } else {
-            let (state, sub, channel, peer) = *session;
-            Either::Right(run(state, socket, sub, Mode::Raw, Some(channel), peer))
-        }
+    let first = if matches!(p.start, Start::Cursor(_)) && joined.gap.is_some() {
+        Next::Goodbye(None, close::GAP, "gap")
+    } else {
+        Next::Continue
+    };
+    // Boxed: the start closure lives until the handshake's answer is out.
+    let session = Box::new((state, sub, channel, peer));
+    Ok(ws.accept(move |io, pre| {
+        let (state, sub, channel, peer) = *session;
+        run(state, (io, pre), sub, Mode::Raw, Some(channel), peer, first)
     }))
 }
 
@@ -176,32 +321,38 @@ pub async fn raw(
 pub async fn json(
     State(state): State<AppState>,
     conn: Option<axum::Extension<ConnectionCtx>>,
-    method: Method,
     RawQuery(query): RawQuery,
     headers: HeaderMap,
-    ws: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
+    ws: Result<WsUpgrade, ApiError>,
 ) -> Result<Response, ApiError> {
     // Bad credentials are refused before the upgrade (401/400); what they allow is checked
     // per op, so one socket can follow public channels and granted ones.
     let who = state.auth.authenticate(&headers, query.as_deref())?;
-    let ws = ws.map_err(|_| upgrade_error(&method))?;
+    let ws = ws?;
     let sub = state.node.session(
         state.config.server.queue_max_bytes,
         true,
         Some(who.client_info()),
     );
     let peer = Peer::new(&state, who, conn.as_deref());
-    let session = Box::new((state.clone(), sub, peer));
-    Ok(configure(ws, &state).on_upgrade(move |socket| {
+    let session = Box::new((state, sub, peer));
+    Ok(ws.accept(move |io, pre| {
         let (state, sub, peer) = *session;
-        run(state, socket, sub, Mode::Json, None, peer)
+        run(
+            state,
+            (io, pre),
+            sub,
+            Mode::Json,
+            None,
+            peer,
+            Next::Continue,
+        )
     }))
 }
 
 /// Who is on the other end, and how fast they may publish.
-#[derive(Clone)]
 struct Peer {
-    who: Arc<Principal>,
+    who: Principal,
     publish_rate: Arc<RateLimiter>,
     limited: bool,
 }
@@ -214,7 +365,7 @@ impl Peer {
         );
         Self {
             limited: state.auth.enabled() && who != Principal::ApiKey,
-            who: Arc::new(who),
+            who,
             publish_rate,
         }
     }
@@ -236,67 +387,60 @@ fn close_for(reason: DisconnectReason) -> (u16, &'static str) {
     }
 }
 
-fn close_frame(code: u16, reason: &'static str) -> WsMessage {
-    WsMessage::Close(Some(CloseFrame {
-        code,
-        reason: Utf8Bytes::from_static(reason),
-    }))
+/// What the session does after handling an event.
+enum Next {
+    Continue,
+    /// End the session: a disconnect frame (JSON mode, with a reason), then a close frame.
+    Goodbye(Option<DisconnectReason>, u16, &'static str),
+    /// The client sent a close frame: answer it (echoing its code) and end.
+    Echo(Option<u16>),
+    /// The socket is gone or broken: nothing more can be said.
+    Gone,
 }
 
-fn text(value: &Value) -> WsMessage {
-    WsMessage::Text(Utf8Bytes::from(value.to_string()))
+enum Wake {
+    Kill,
+    Shutdown,
+    Expired,
+    Read(io::Result<usize>),
+    Ready,
+    Ping,
 }
 
-/// When the peer was last heard from (any frame, pongs included: it is alive) and last
-/// active (a frame of its own: it is using the socket). Shared by the reader, which records,
-/// and the writer, which pings and enforces the idle timeout.
-#[derive(Clone)]
-struct Liveness {
-    epoch: Instant,
-    heard: Arc<AtomicU64>,
-    active: Arc<AtomicU64>,
+struct Session {
+    io: WsIo,
+    /// Bytes read and not yet parsed; empty (no allocation) while the socket is idle.
+    rbuf: BytesMut,
+    decoder: Decoder,
+    /// Frames to send, and how much of them is already sent.
+    out: Vec<u8>,
+    sent: usize,
+    state: AppState,
+    sub: Subscription,
+    gauge: SessionGauge,
+    mode: Mode,
+    raw_channel: Option<ChannelName>,
+    peer: Peer,
+    kill: CancellationToken,
+    /// The token's expiry: the session ends then (disconnect `token_expired`, close 1008).
+    expires: Option<Instant>,
+    /// When the client was last heard from (any frame, pongs included: it is alive) and
+    /// last active (a data frame: it is using the socket).
+    heard: Instant,
+    active: Instant,
+    malformed: u32,
 }
 
-impl Liveness {
-    fn new() -> Self {
-        Self {
-            epoch: Instant::now(),
-            heard: Arc::new(AtomicU64::new(0)),
-            active: Arc::new(AtomicU64::new(0)),
-        }
-    }
-
-    fn now(&self) -> u64 {
-        u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
-    }
-
-    fn heard(&self, data: bool) {
-        let now = self.now();
-        self.heard.store(now, Relaxed);
-        if data {
-            self.active.store(now, Relaxed);
-        }
-    }
-
-    fn silent_for(&self) -> Duration {
-        Duration::from_millis(self.now().saturating_sub(self.heard.load(Relaxed)))
-    }
-
-    fn idle_for(&self) -> Duration {
-        Duration::from_millis(self.now().saturating_sub(self.active.load(Relaxed)))
-    }
-}
-
-/// Sets the session up and returns the writer's future. Not `async` itself: its arguments
-/// would stay in the future beside the `Writer` they were moved into, doubling what every
-/// connection holds.
+/// Sets the session up and returns its future. Not `async` itself: its arguments would
+/// stay in the future beside the `Session` they were moved into.
 fn run(
     state: AppState,
-    socket: WebSocket,
+    (io, pre): (WsIo, Bytes),
     sub: Subscription,
     mode: Mode,
     raw_channel: Option<ChannelName>,
     peer: Peer,
+    first: Next,
 ) -> impl Future<Output = ()> + Send {
     let mut gauge = state.metrics.session(TransportKind::WebSocket, 0);
     gauge.channels_changed(sub.channels().len() as i64);
@@ -305,109 +449,68 @@ fn run(
         let kill = kill.clone();
         let metrics = state.metrics.clone();
         sub.on_overflow(move || {
-            metrics.slow_disconnects[TransportKind::WebSocket as usize].fetch_add(1, Relaxed);
+            metrics.slow_disconnects[TransportKind::WebSocket as usize]
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             kill.cancel();
         });
     }
-    let (sink, stream) = socket.split();
-    let (tx, rx) = mpsc::channel(COMMAND_QUEUE);
-    let tx = Commands(tx);
-    let liveness = Liveness::new();
     let expires = peer
         .who
         .expires_at()
         .map(crate::transport::stream::deadline_for);
-    let reader = tokio::spawn(read_loop(
-        state.clone(),
-        stream,
-        tx,
-        mode,
-        raw_channel,
-        liveness.clone(),
-        peer,
-    ));
-    let mut writer = Writer {
+    let now = Instant::now();
+    let mut session = Session {
+        io,
+        rbuf: BytesMut::from(&pre[..]),
+        decoder: Decoder::new(state.config.server.max_message_bytes),
+        out: Vec::new(),
+        sent: 0,
         state,
-        sink,
         sub,
         gauge,
         mode,
+        raw_channel,
+        peer,
         kill,
-        liveness,
         expires,
+        heard: now,
+        active: now,
+        malformed: 0,
     };
-    // Uses the captured `writer` in place (an `async fn` taking it would hold a copy).
-    async move {
-        writer.run(rx).await;
-        reader.abort();
-    }
+    // Uses the captured `session` in place (an `async fn` taking it would hold a copy).
+    async move { session.run(first).await }
 }
 
-struct Writer {
-    state: AppState,
-    sink: SplitSink<WebSocket, WsMessage>,
-    sub: Subscription,
-    gauge: SessionGauge,
-    mode: Mode,
-    kill: CancellationToken,
-    liveness: Liveness,
-    /// The token's expiry: the session ends then (disconnect `token_expired`, close 1008).
-    expires: Option<Instant>,
-}
-
-enum Wake {
-    Kill,
-    Shutdown,
-    Expired,
-    Command(Option<Box<Command>>),
-    Ready,
-    Ping,
-}
-
-/// What the writer does after handling an event.
-enum Next {
-    Continue,
-    Goodbye(Option<DisconnectReason>, u16, &'static str),
-    /// The reader is gone (the peer closed or broke the socket): flush what tungstenite
-    /// owes it (its close reply) and stop.
-    Finish,
-}
-
-impl Writer {
-    async fn run(&mut self, mut rx: mpsc::Receiver<Box<Command>>) {
+impl Session {
+    async fn run(&mut self, first: Next) {
         let every = self.state.config.server.ping_interval;
         let mut ping = tokio::time::interval_at(Instant::now() + every, every);
         ping.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let shutdown = self.state.shutdown.clone();
+        let kill = self.kill.clone();
         // Whatever the join queued (raw mode's replay) goes out first.
-        let mut next = self.write_ready().await;
+        let mut next = match first {
+            // Frames a client sent right behind its handshake are handled first.
+            Next::Continue if !self.rbuf.is_empty() => Box::pin(self.handle_input()).await,
+            Next::Continue => self.queue_ready(),
+            other => other,
+        };
         loop {
             if let Next::Continue = next {
-                let flushed = tokio::select! {
-                    r = self.sink.flush() => r.is_ok(),
-                    _ = self.kill.cancelled() => false,
-                };
-                if !flushed {
-                    next = Next::Goodbye(Some(DisconnectReason::Slow), close::SLOW, "slow");
-                }
+                next = self.flush().await;
             }
             match next {
                 Next::Continue => {}
-                Next::Finish => {
-                    let _ = tokio::time::timeout(GOODBYE_TIMEOUT, self.sink.close()).await;
-                    return;
-                }
-                Next::Goodbye(reason, code, why) => {
-                    self.goodbye(reason, code, why).await;
-                    return;
-                }
+                Next::Gone => return,
+                Next::Echo(code) => return self.echo_close(code).await,
+                Next::Goodbye(reason, code, why) => return self.goodbye(reason, code, why).await,
             }
             let wake = tokio::select! {
                 biased;
-                _ = self.kill.cancelled() => Wake::Kill,
+                _ = kill.cancelled() => Wake::Kill,
                 _ = shutdown.cancelled() => Wake::Shutdown,
                 _ = crate::transport::stream::sleep_until_opt(self.expires) => Wake::Expired,
-                cmd = rx.recv() => Wake::Command(cmd),
+                r = self.io.read_more(&mut self.rbuf) => Wake::Read(r),
                 _ = self.sub.ready() => Wake::Ready,
                 _ = ping.tick() => Wake::Ping,
             };
@@ -420,133 +523,174 @@ impl Writer {
                     let (code, why) = close_for(DisconnectReason::TokenExpired);
                     Next::Goodbye(Some(DisconnectReason::TokenExpired), code, why)
                 }
-                Wake::Command(None) => Next::Finish,
-                Wake::Command(Some(cmd)) => {
-                    // Boxed: rare, and its future is large (a join) — inline, every
-                    // connection's task would be sized for it.
-                    let mut next = Box::pin(self.command(*cmd)).await;
-                    // Take whatever else is already waiting, so one flush covers it all.
-                    while let Next::Continue = next {
-                        match rx.try_recv() {
-                            Ok(cmd) => next = Box::pin(self.command(*cmd)).await,
-                            Err(_) => break,
-                        }
-                    }
-                    next
-                }
-                Wake::Ready => self.write_ready().await,
-                Wake::Ping => self.ping().await,
+                Wake::Read(Ok(0) | Err(_)) => Next::Gone,
+                // Boxed: publishes and joins make this future large, and it is rare next
+                // to waiting.
+                Wake::Read(Ok(_)) => Box::pin(self.handle_input()).await,
+                Wake::Ready => self.queue_ready(),
+                Wake::Ping => self.ping(),
             };
         }
     }
 
-    async fn ping(&mut self) -> Next {
+    /// Writes everything queued. The kill token cuts a write to a client that stopped
+    /// reading short; what was not sent stays in `out`, behind which a goodbye may still go.
+    async fn flush(&mut self) -> Next {
+        while self.sent < self.out.len() {
+            let wrote = tokio::select! {
+                r = self.io.write(&self.out[self.sent..]) => r,
+                _ = self.kill.cancelled() => {
+                    return Next::Goodbye(Some(DisconnectReason::Slow), close::SLOW, "slow");
+                }
+            };
+            match wrote {
+                Ok(0) | Err(_) => return Next::Gone,
+                Ok(n) => self.sent += n,
+            }
+        }
+        if !self.out.is_empty() {
+            if self.io.flush().await.is_err() {
+                return Next::Gone;
+            }
+            // Freed, not cleared: an idle socket keeps no output buffer.
+            self.out = Vec::new();
+            self.sent = 0;
+        }
+        Next::Continue
+    }
+
+    /// Like `flush`, without the kill token (goodbyes are bounded by their own timeout).
+    async fn write_out(&mut self) -> io::Result<()> {
+        while self.sent < self.out.len() {
+            match self.io.write(&self.out[self.sent..]).await? {
+                0 => return Err(io::ErrorKind::WriteZero.into()),
+                n => self.sent += n,
+            }
+        }
+        self.out = Vec::new();
+        self.sent = 0;
+        self.io.flush().await
+    }
+
+    /// Handles every complete frame read so far.
+    async fn handle_input(&mut self) -> Next {
+        loop {
+            let incoming = match self.decoder.next(&mut self.rbuf) {
+                Ok(Some(incoming)) => incoming,
+                Ok(None) => break,
+                Err(fail) => return Next::Goodbye(None, fail.code, fail.reason),
+            };
+            let now = Instant::now();
+            self.heard = now;
+            let next = match incoming {
+                Incoming::Ping(payload) => {
+                    wsframe::encode(&mut self.out, OP_PONG, &payload);
+                    Next::Continue
+                }
+                Incoming::Pong => Next::Continue,
+                Incoming::Close(got) => return Next::Echo(got.map(|(code, _)| code)),
+                Incoming::Text(text) => {
+                    self.active = now;
+                    self.on_data(Data::Text(text)).await
+                }
+                Incoming::Binary(data) => {
+                    self.active = now;
+                    self.on_data(Data::Binary(data)).await
+                }
+            };
+            if !matches!(next, Next::Continue) {
+                return next;
+            }
+            if self.out.len() >= WRITE_BATCH {
+                match self.flush().await {
+                    Next::Continue => {}
+                    other => return other,
+                }
+            }
+        }
+        if self.rbuf.is_empty() {
+            // Freed: a parked socket keeps no read buffer.
+            self.rbuf = BytesMut::new();
+        }
+        // Echoes of what was just published (raw mode) go out in the same write.
+        self.queue_ready()
+    }
+
+    async fn on_data(&mut self, data: Data) -> Next {
+        if self.mode == Mode::Raw {
+            return match raw_publish(&self.state, &self.raw_channel, data, &self.peer).await {
+                Ok(()) => Next::Continue,
+                Err((code, why)) => Next::Goodbye(None, code, why),
+            };
+        }
+        let outcome = match &data {
+            Data::Text(text) => match std::str::from_utf8(text) {
+                Ok(frame) => self.request(frame).await,
+                Err(_) => Err(Malformed::new(&None, "invalid_frame", "not UTF-8")),
+            },
+            _ => Err(Malformed::new(
+                &None,
+                "invalid_frame",
+                "the /ws protocol takes JSON text frames",
+            )),
+        };
+        match outcome {
+            Ok(next) => {
+                self.malformed = 0;
+                next
+            }
+            Err(m) => {
+                self.malformed += 1;
+                self.push(error_reply(&m.id, m.code, &m.message));
+                if self.malformed >= MAX_MALFORMED {
+                    Next::Goodbye(None, close::POLICY, "too many malformed frames")
+                } else {
+                    Next::Continue
+                }
+            }
+        }
+    }
+
+    fn push(&mut self, value: Value) {
+        wsframe::encode(&mut self.out, OP_TEXT, value.to_string().as_bytes());
+    }
+
+    fn ping(&mut self) -> Next {
         let every = self.state.config.server.ping_interval;
-        if self.liveness.silent_for() > every * 2 {
+        if self.heard.elapsed() > every * 2 {
             return Next::Goodbye(None, close::GOING_AWAY, "ping timeout");
         }
         // Idle: subscribed to nothing and sending nothing but pongs.
         if self.mode == Mode::Json
             && self.sub.channels().is_empty()
-            && self.liveness.idle_for() > self.state.config.server.idle_timeout
+            && self.active.elapsed() > self.state.config.server.idle_timeout
         {
             return Next::Goodbye(None, close::NORMAL, "idle");
         }
-        self.feed(WsMessage::Ping(Bytes::new())).await
+        wsframe::encode(&mut self.out, OP_PING, b"");
+        Next::Continue
     }
 
-    /// Buffers one frame (tungstenite writes out once its buffer passes WRITE_BUFFER; the
-    /// flush after each batch writes the rest). Waiting for room is cut short by the kill
-    /// token, so a client that stopped reading cannot pin the writer here.
-    async fn feed(&mut self, frame: WsMessage) -> Next {
-        tokio::select! {
-            r = self.sink.feed(frame) => match r {
-                Ok(()) => Next::Continue,
-                Err(_) => Next::Finish,
-            },
-            _ = self.kill.cancelled() => Next::Goodbye(Some(DisconnectReason::Slow), close::SLOW, "slow"),
-        }
-    }
-
-    async fn command(&mut self, cmd: Command) -> Next {
-        match cmd {
-            Command::Frame(frame) => self.feed(frame).await,
-            Command::Close(code, why) => Next::Goodbye(None, code, why),
-            Command::Subscribe { id, channel, since } => {
-                let max = self.state.config.server.max_channels_per_subscription;
-                if self.sub.channels().len() >= max {
-                    return self
-                        .feed(error_reply(
-                            &id,
-                            "too_many_channels",
-                            &format!("at most {max} channels per connection (max_channels_per_subscription)"),
-                        ))
-                        .await;
-                }
-                match self.sub.add(&channel, &since).await {
-                    Ok(Some(joined)) => {
-                        self.gauge.channels_changed(1);
-                        // After a gap the client must keep its own cursor: were it to adopt
-                        // `begin` and drop before the gap frame, the notice would be lost.
-                        let at = match (&joined.gap, &since) {
-                            (Some(_), Since::After(p)) => p.clone(),
-                            _ => joined.begin,
-                        };
-                        let cursor = Cursor::single(&channel, at).encode();
-                        let reply =
-                            json!({"type": "reply", "id": id, "ok": true, "cursor": cursor});
-                        match self.feed(text(&reply)).await {
-                            Next::Continue => self.write_ready().await,
-                            other => other,
-                        }
-                    }
-                    Ok(None) => {
-                        self.feed(error_reply(
-                            &id,
-                            "already_subscribed",
-                            &format!("already subscribed to {channel}"),
-                        ))
-                        .await
-                    }
-                    Err(e) => {
-                        // The half-done join is undone so a retry starts clean.
-                        self.sub.remove(&channel);
-                        let e = ApiError::from(e);
-                        self.feed(error_reply(&id, e.code, &e.message)).await
-                    }
-                }
-            }
-            Command::Unsubscribe { id, channel } => {
-                if self.sub.remove(&channel) {
-                    self.gauge.channels_changed(-1);
-                    self.feed(text(&json!({"type": "reply", "id": id, "ok": true})))
-                        .await
-                } else {
-                    self.feed(error_reply(
-                        &id,
-                        "not_subscribed",
-                        &format!("not subscribed to {channel}"),
-                    ))
-                    .await
-                }
-            }
-        }
-    }
-
-    /// Feeds every event that is ready. Raw mode cannot express a gap: it closes with 4010.
-    async fn write_ready(&mut self) -> Next {
-        let mut frames: Vec<WsMessage> = Vec::new();
+    /// Queues every event that is ready, each message's frame encoded once for all its
+    /// subscribers. Raw mode cannot express a gap: it closes with 4010.
+    fn queue_ready(&mut self) -> Next {
         let mut gap = false;
+        let mut delivered = 0u64;
         let mode = self.mode;
         let gauge = &self.gauge;
+        let out = &mut self.out;
         let drained = self.sub.drain(|event, cursor| match event {
-            Event::Message(m) => frames.push(match mode {
-                Mode::Raw => raw_frame(m),
-                Mode::Json => envelope_frame(m),
-            }),
+            Event::Message(m) => {
+                delivered += 1;
+                out.extend_from_slice(match mode {
+                    Mode::Raw => raw_frame(m),
+                    Mode::Json => envelope_frame(m),
+                });
+            }
             Event::Presence(e) => {
                 if mode == Mode::Json {
-                    frames.push(text(&typed(e.kind.as_str(), e.body())));
+                    let v = typed(e.kind.as_str(), e.body());
+                    wsframe::encode(out, OP_TEXT, v.to_string().as_bytes());
                 }
             }
             Event::Gap(g) => {
@@ -556,17 +700,10 @@ impl Writer {
                 } else {
                     let mut v = typed("gap", serde_json::to_value(g).unwrap_or_default());
                     v["cursor"] = json!(String::from_utf8_lossy(cursor));
-                    frames.push(text(&v));
+                    wsframe::encode(out, OP_TEXT, v.to_string().as_bytes());
                 }
             }
         });
-        let delivered = frames.len() as u64;
-        for frame in frames {
-            match self.feed(frame).await {
-                Next::Continue => {}
-                other => return other,
-            }
-        }
         match drained {
             Ok(_) if gap => Next::Goodbye(None, close::GAP, "gap"),
             Ok(_) => {
@@ -580,47 +717,81 @@ impl Writer {
         }
     }
 
-    /// Best effort: the disconnect frame (JSON mode), the close frame, bounded in time.
+    /// Best effort, bounded in time: the disconnect frame (JSON mode) and the close frame,
+    /// then the server closes its side first (RFC 6455 §7.1.1) and discards what still
+    /// comes (the client's close reply) until the client closes too: closing with unread
+    /// bytes would send a reset, which can destroy the close frame before it is read.
     async fn goodbye(&mut self, reason: Option<DisconnectReason>, code: u16, why: &'static str) {
-        let sink = &mut self.sink;
-        let mode = self.mode;
-        let _ = tokio::time::timeout(GOODBYE_TIMEOUT, async move {
-            if let (Some(reason), Mode::Json) = (reason, mode) {
-                let d = Disconnect::from(reason);
-                let v = json!({"type": "disconnect", "reason": d.reason, "reconnect": d.reconnect});
-                sink.feed(text(&v)).await?;
+        if let (Some(reason), Mode::Json) = (reason, self.mode) {
+            let d = Disconnect::from(reason);
+            self.push(json!({"type": "disconnect", "reason": d.reason, "reconnect": d.reconnect}));
+        }
+        wsframe::encode_close(&mut self.out, code, why);
+        self.leave_all();
+        let _ = tokio::time::timeout(GOODBYE_TIMEOUT, async {
+            self.write_out().await?;
+            self.io.shutdown().await?;
+            loop {
+                self.rbuf.clear();
+                if self.io.read_more(&mut self.rbuf).await? == 0 {
+                    return Ok::<(), io::Error>(());
+                }
             }
-            sink.send(close_frame(code, why)).await?;
-            sink.close().await
+        })
+        .await;
+    }
+
+    /// Leaves every channel now: the goodbye may take a second, and the session must not
+    /// count as a subscriber (or be present) meanwhile.
+    fn leave_all(&mut self) {
+        let channels = self.sub.channels().to_vec();
+        for channel in &channels {
+            self.sub.remove(channel);
+        }
+        self.gauge.channels_changed(-(channels.len() as i64));
+    }
+
+    /// Answers the client's close frame with its own code (none if it gave none) and ends.
+    async fn echo_close(&mut self, code: Option<u16>) {
+        match code {
+            Some(code) => wsframe::encode_close(&mut self.out, code, ""),
+            None => wsframe::encode(&mut self.out, wsframe::OP_CLOSE, b""),
+        }
+        self.leave_all();
+        let _ = tokio::time::timeout(GOODBYE_TIMEOUT, async {
+            self.write_out().await?;
+            self.io.shutdown().await
         })
         .await;
     }
 }
 
-fn raw_frame(m: &Message) -> WsMessage {
-    match &m.data {
-        Data::Binary(b) => WsMessage::Binary(b.clone()),
-        // Validated UTF-8 at publish: this only re-checks, it never fails.
-        Data::Json(b) | Data::Text(b) => match Utf8Bytes::try_from(b.clone()) {
-            Ok(t) => WsMessage::Text(t),
-            Err(_) => WsMessage::Binary(b.clone()),
-        },
-    }
+/// A raw-mode message's whole frame, encoded once per message.
+fn raw_frame(m: &Message) -> &Bytes {
+    m.cached_frame(frame_slot::WS_RAW, |m| match &m.data {
+        Data::Binary(b) => wsframe::encode_bytes(OP_BINARY, b),
+        // Validated UTF-8 at publish: this only re-checks, once per message.
+        Data::Json(b) | Data::Text(b) => {
+            let opcode = if std::str::from_utf8(b).is_ok() {
+                OP_TEXT
+            } else {
+                OP_BINARY
+            };
+            wsframe::encode_bytes(opcode, b)
+        }
+    })
 }
 
-/// `{"type":"message",…envelope}` with the message's own cursor, encoded once per message.
-fn envelope_frame(m: &Message) -> WsMessage {
-    let bytes = m.cached_frame(frame_slot::WS_ENVELOPE, |m| {
+/// The frame of `{"type":"message",…envelope}` with the message's own cursor, encoded once
+/// per message.
+fn envelope_frame(m: &Message) -> &Bytes {
+    m.cached_frame(frame_slot::WS_ENVELOPE, |m| {
         let envelope = m.envelope();
-        let mut b = BytesMut::with_capacity(envelope.len() + 16);
-        b.put_slice(b"{\"type\":\"message\",");
-        b.put_slice(&envelope[1..]);
-        b.freeze()
-    });
-    match Utf8Bytes::try_from(bytes.clone()) {
-        Ok(t) => WsMessage::Text(t),
-        Err(_) => WsMessage::Binary(bytes.clone()),
-    }
+        let mut text = Vec::with_capacity(envelope.len() + 16);
+        text.extend_from_slice(b"{\"type\":\"message\",");
+        text.extend_from_slice(&envelope[1..]);
+        wsframe::encode_bytes(OP_TEXT, &text)
+    })
 }
 
 /// `{"type": kind, …body}`: `type` first, as every server frame starts.
@@ -633,8 +804,8 @@ fn typed(kind: &str, body: Value) -> Value {
     Value::Object(v)
 }
 
-fn error_reply(id: &Option<Value>, code: &str, message: &str) -> WsMessage {
-    text(&json!({"type": "reply", "id": id, "error": {"code": code, "message": message}}))
+fn error_reply(id: &Option<Value>, code: &str, message: &str) -> Value {
+    json!({"type": "reply", "id": id, "error": {"code": code, "message": message}})
 }
 
 /// One `/ws` request frame.
@@ -677,94 +848,6 @@ impl From<(Option<Value>, ApiError)> for Malformed {
             id,
             code: e.code,
             message: e.message,
-        }
-    }
-}
-
-async fn read_loop(
-    state: AppState,
-    mut stream: SplitStream<WebSocket>,
-    tx: Commands,
-    mode: Mode,
-    raw_channel: Option<ChannelName>,
-    liveness: Liveness,
-    peer: Peer,
-) {
-    let mut malformed = 0u32;
-    while let Some(frame) = stream.next().await {
-        let data = matches!(frame, Ok(WsMessage::Text(_) | WsMessage::Binary(_)));
-        liveness.heard(data);
-        let frame = match frame {
-            Ok(f) => f,
-            Err(e) => {
-                // tungstenite's errors are matched by message: axum hides their types. An
-                // over-limit frame is a capacity error.
-                let text = e.to_string();
-                let code = if text.contains("too long") || text.contains("Space limit") {
-                    close::TOO_BIG
-                } else if text.contains("UTF-8") {
-                    // RFC 6455 §7.4.1: a text message that is not UTF-8 is 1007, not 1002.
-                    close::INVALID_PAYLOAD
-                } else {
-                    close::PROTOCOL
-                };
-                let _ = tx.send(Command::Close(code, "bad frame")).await;
-                return;
-            }
-        };
-        let outcome = match (mode, frame) {
-            (_, WsMessage::Close(_)) => return,
-            (_, WsMessage::Ping(_) | WsMessage::Pong(_)) => continue,
-            (Mode::Raw, WsMessage::Text(t)) => {
-                raw_publish(&state, &raw_channel, Data::Text(t.into()), &peer).await
-            }
-            (Mode::Raw, WsMessage::Binary(b)) => {
-                raw_publish(&state, &raw_channel, Data::Binary(b), &peer).await
-            }
-            // Boxed for the same reason as the writer's commands.
-            (Mode::Json, WsMessage::Text(t)) => {
-                match Box::pin(request(&state, &tx, t.as_str(), &peer)).await {
-                    Ok(()) => {
-                        malformed = 0;
-                        Ok(())
-                    }
-                    Err(m) => {
-                        malformed += 1;
-                        if tx
-                            .send(Command::Frame(error_reply(&m.id, m.code, &m.message)))
-                            .await
-                            .is_err()
-                        {
-                            return;
-                        }
-                        if malformed >= MAX_MALFORMED {
-                            Err((close::POLICY, "too many malformed frames"))
-                        } else {
-                            Ok(())
-                        }
-                    }
-                }
-            }
-            (Mode::Json, WsMessage::Binary(_)) => {
-                malformed += 1;
-                let reply = error_reply(
-                    &None,
-                    "invalid_frame",
-                    "the /ws protocol takes JSON text frames",
-                );
-                if tx.send(Command::Frame(reply)).await.is_err() {
-                    return;
-                }
-                if malformed >= MAX_MALFORMED {
-                    Err((close::POLICY, "too many malformed frames"))
-                } else {
-                    Ok(())
-                }
-            }
-        };
-        if let Err((code, why)) = outcome {
-            let _ = tx.send(Command::Close(code, why)).await;
-            return;
         }
     }
 }
@@ -936,116 +1019,158 @@ pub fn parse_request(frame: &str, max_message_bytes: usize) -> Result<ParsedRequ
     Ok(ParsedRequest { id, op })
 }
 
-/// Handles one JSON request. `Err` is a malformed frame; operational failures (a broker
-/// error, a forbidden publish) are error replies that do not count toward 1008.
-async fn request(
-    state: &AppState,
-    tx: &Commands,
-    frame: &str,
-    peer: &Peer,
-) -> Result<(), Malformed> {
-    let ParsedRequest { id, op } = parse_request(frame, state.config.server.max_message_bytes)?;
-    let send = |m: WsMessage| async { tx.send(Command::Frame(m)).await.is_ok() };
-    match op {
-        Op::Ping => {
-            send(text(&json!({"type": "pong", "id": id}))).await;
-        }
-        Op::Subscribe { channel, since } => {
-            let policy = state.node.policies.for_channel(&channel);
-            match state.auth.check_subscribe(&peer.who, &channel, policy) {
-                Ok(()) => {
-                    let _ = tx.send(Command::Subscribe { id, channel, since }).await;
-                }
-                Err(e) => {
-                    send(error_reply(&id, e.code, &e.message)).await;
-                }
-            }
-        }
-        Op::Unsubscribe { channel } => {
-            let _ = tx.send(Command::Unsubscribe { id, channel }).await;
-        }
-        Op::Publish {
-            channel,
-            event,
-            data,
-        } => {
-            let policy = state.node.policies.for_channel(&channel);
-            let reply = if let Err(e) = state.auth.check_publish(&peer.who, &channel, policy) {
-                error_reply(&id, e.code, &e.message)
-            } else if !peer.may_publish_now() {
-                error_reply(
-                    &id,
-                    "rate_limited",
-                    "too many publishes on this connection (client_publish_rate); slow down",
-                )
-            } else {
-                match publish::publish(state, &channel, event, data).await {
-                    Ok(m) => {
-                        let mut reply = typed("reply", json!({"id": id, "ok": true}));
-                        if let (Some(r), Value::Object(position)) =
-                            (reply.as_object_mut(), position_json(&m))
-                        {
-                            r.extend(position);
-                        }
-                        text(&reply)
-                    }
+impl Session {
+    /// Handles one JSON request, its reply queued in `out`. `Err` is a malformed frame;
+    /// operational failures (a broker error, a forbidden publish) are error replies that do
+    /// not count toward 1008.
+    async fn request(&mut self, frame: &str) -> Result<Next, Malformed> {
+        let state = &self.state;
+        let ParsedRequest { id, op } = parse_request(frame, state.config.server.max_message_bytes)?;
+        let reply = match op {
+            Op::Ping => json!({"type": "pong", "id": id}),
+            Op::Subscribe { channel, since } => {
+                let policy = state.node.policies.for_channel(&channel);
+                match state.auth.check_subscribe(&self.peer.who, &channel, policy) {
+                    Ok(()) => return Ok(self.subscribe(id, channel, since).await),
                     Err(e) => error_reply(&id, e.code, &e.message),
                 }
-            };
-            send(reply).await;
-        }
-        Op::History {
-            channel,
-            since,
-            limit,
-        } => {
-            let policy = state.node.policies.for_channel(&channel);
-            if let Err(e) = state.auth.check_subscribe(&peer.who, &channel, policy) {
-                send(error_reply(&id, e.code, &e.message)).await;
-                return Ok(());
             }
-            let reply = match state.node.read(&channel, &since, Some(limit)).await {
-                Ok(read) => {
-                    let messages: Vec<Value> = read
-                        .replay
-                        .messages()
-                        .iter()
-                        .map(|m| serde_json::from_slice(&m.envelope()).unwrap_or_default())
-                        .collect();
-                    let end = read
-                        .replay
-                        .messages()
-                        .last()
-                        .map_or(read.top.clone(), |m| m.position());
-                    let gaps: Vec<_> = read.replay.gap().into_iter().collect();
-                    text(&json!({
-                        "type": "reply", "id": id, "ok": true,
-                        "messages": messages,
-                        "cursor": Cursor::single(&channel, end).encode(),
-                        "gaps": gaps,
-                    }))
+            Op::Unsubscribe { channel } => {
+                if self.sub.remove(&channel) {
+                    self.gauge.channels_changed(-1);
+                    json!({"type": "reply", "id": id, "ok": true})
+                } else {
+                    error_reply(
+                        &id,
+                        "not_subscribed",
+                        &format!("not subscribed to {channel}"),
+                    )
                 }
-                Err(e) => {
-                    let e = ApiError::from(e);
+            }
+            Op::Publish {
+                channel,
+                event,
+                data,
+            } => {
+                let policy = state.node.policies.for_channel(&channel);
+                if let Err(e) = state.auth.check_publish(&self.peer.who, &channel, policy) {
                     error_reply(&id, e.code, &e.message)
+                } else if !self.peer.may_publish_now() {
+                    error_reply(
+                        &id,
+                        "rate_limited",
+                        "too many publishes on this connection (client_publish_rate); slow down",
+                    )
+                } else {
+                    match publish::publish(state, &channel, event, data).await {
+                        Ok(m) => {
+                            let mut reply = typed("reply", json!({"id": id, "ok": true}));
+                            if let (Some(r), Value::Object(position)) =
+                                (reply.as_object_mut(), position_json(&m))
+                            {
+                                r.extend(position);
+                            }
+                            reply
+                        }
+                        Err(e) => error_reply(&id, e.code, &e.message),
+                    }
                 }
-            };
-            send(reply).await;
-        }
-        Op::Presence { channel } => {
-            let policy = state.node.policies.for_channel(&channel);
-            if let Err(e) = state.auth.check_subscribe(&peer.who, &channel, policy) {
-                send(error_reply(&id, e.code, &e.message)).await;
-                return Ok(());
             }
-            let reply = match crate::api::channels::presence_of(state, &channel).await {
-                Ok(clients) => {
-                    text(&json!({"type": "reply", "id": id, "ok": true, "clients": clients}))
+            Op::History {
+                channel,
+                since,
+                limit,
+            } => {
+                let policy = state.node.policies.for_channel(&channel);
+                if let Err(e) = state.auth.check_subscribe(&self.peer.who, &channel, policy) {
+                    error_reply(&id, e.code, &e.message)
+                } else {
+                    match state.node.read(&channel, &since, Some(limit)).await {
+                        Ok(read) => {
+                            let messages: Vec<Value> = read
+                                .replay
+                                .messages()
+                                .iter()
+                                .map(|m| serde_json::from_slice(&m.envelope()).unwrap_or_default())
+                                .collect();
+                            let end = read
+                                .replay
+                                .messages()
+                                .last()
+                                .map_or(read.top.clone(), |m| m.position());
+                            let gaps: Vec<_> = read.replay.gap().into_iter().collect();
+                            json!({
+                                "type": "reply", "id": id, "ok": true,
+                                "messages": messages,
+                                "cursor": Cursor::single(&channel, end).encode(),
+                                "gaps": gaps,
+                            })
+                        }
+                        Err(e) => {
+                            let e = ApiError::from(e);
+                            error_reply(&id, e.code, &e.message)
+                        }
+                    }
                 }
-                Err(e) => error_reply(&id, e.code, &e.message),
-            };
-            send(reply).await;
+            }
+            Op::Presence { channel } => {
+                let policy = state.node.policies.for_channel(&channel);
+                if let Err(e) = state.auth.check_subscribe(&self.peer.who, &channel, policy) {
+                    error_reply(&id, e.code, &e.message)
+                } else {
+                    match crate::api::channels::presence_of(state, &channel).await {
+                        Ok(clients) => {
+                            json!({"type": "reply", "id": id, "ok": true, "clients": clients})
+                        }
+                        Err(e) => error_reply(&id, e.code, &e.message),
+                    }
+                }
+            }
+        };
+        self.push(reply);
+        Ok(Next::Continue)
+    }
+
+    /// Joins `channel`: the reply with the cursor to resume from, then whatever the join
+    /// queued (history, a gap notice).
+    async fn subscribe(&mut self, id: Option<Value>, channel: ChannelName, since: Since) -> Next {
+        let max = self.state.config.server.max_channels_per_subscription;
+        if self.sub.channels().len() >= max {
+            self.push(error_reply(
+                &id,
+                "too_many_channels",
+                &format!("at most {max} channels per connection (max_channels_per_subscription)"),
+            ));
+            return Next::Continue;
+        }
+        match self.sub.add(&channel, &since).await {
+            Ok(Some(joined)) => {
+                self.gauge.channels_changed(1);
+                // After a gap the client must keep its own cursor: were it to adopt `begin`
+                // and drop before the gap frame, the notice would be lost.
+                let at = match (&joined.gap, &since) {
+                    (Some(_), Since::After(p)) => p.clone(),
+                    _ => joined.begin,
+                };
+                let cursor = Cursor::single(&channel, at).encode();
+                self.push(json!({"type": "reply", "id": id, "ok": true, "cursor": cursor}));
+                self.queue_ready()
+            }
+            Ok(None) => {
+                self.push(error_reply(
+                    &id,
+                    "already_subscribed",
+                    &format!("already subscribed to {channel}"),
+                ));
+                Next::Continue
+            }
+            Err(e) => {
+                // The half-done join is undone so a retry starts clean.
+                self.sub.remove(&channel);
+                let e = ApiError::from(e);
+                self.push(error_reply(&id, e.code, &e.message));
+                Next::Continue
+            }
         }
     }
-    Ok(())
 }
