@@ -522,7 +522,7 @@ fn response_head(
     }
     if !parts.headers.contains_key(header::DATE) {
         out.extend_from_slice(b"date: ");
-        out.extend_from_slice(httpdate::fmt_http_date(SystemTime::now()).as_bytes());
+        out.extend_from_slice(&http_date());
         out.extend_from_slice(b"\r\n");
     }
     if !keep_alive && !parts.headers.contains_key(header::CONNECTION) {
@@ -530,13 +530,40 @@ fn response_head(
     }
     match framing {
         Framing::Length(n) if declared.is_none() => {
-            out.extend_from_slice(format!("content-length: {n}\r\n").as_bytes());
+            use std::io::Write;
+            let _ = write!(out, "content-length: {n}\r\n");
         }
         Framing::Chunked => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
         _ => {}
     }
     out.extend_from_slice(b"\r\n");
     (out, framing, keep_alive)
+}
+
+/// The `date:` value for now. It changes once a second, so each thread keeps the last one:
+/// formatting it for every response showed in profiles of long-poll churn.
+fn http_date() -> [u8; 29] {
+    use std::cell::Cell;
+    thread_local! {
+        static LAST: Cell<(u64, [u8; 29])> = const { Cell::new((0, [0; 29])) };
+    }
+    let now = SystemTime::now();
+    let secs = now
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    LAST.with(|last| {
+        let (at, text) = last.get();
+        if at == secs && at != 0 {
+            return text;
+        }
+        let mut text = [b' '; 29];
+        let formatted = httpdate::fmt_http_date(now);
+        // Always 29 bytes ("Sun, 06 Nov 1994 08:49:37 GMT"); a shorter one is padded.
+        let n = formatted.len().min(29);
+        text[..n].copy_from_slice(&formatted.as_bytes()[..n]);
+        last.set((secs, text));
+        text
+    })
 }
 
 async fn write_body(

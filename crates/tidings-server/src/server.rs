@@ -39,9 +39,20 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 /// A client gets this long to finish the TLS handshake (a slowloris variant otherwise).
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// What every handler shares.
+/// What every handler shares: one pointer, so the clone each request and session takes is
+/// one reference count (its fields are reached through `Deref`).
 #[derive(Clone)]
-pub struct AppState {
+pub struct AppState(Arc<Shared>);
+
+impl std::ops::Deref for AppState {
+    type Target = Shared;
+
+    fn deref(&self) -> &Shared {
+        &self.0
+    }
+}
+
+pub struct Shared {
     pub node: Arc<Node>,
     pub config: Arc<Config>,
     pub metrics: Arc<Metrics>,
@@ -100,14 +111,14 @@ impl AppState {
             config.server.max_connections,
             config.server.max_connections_per_ip,
         );
-        Ok(Self {
+        Ok(Self(Arc::new(Shared {
             node,
             config: Arc::new(config),
             metrics: Arc::new(Metrics::default()),
             shutdown: CancellationToken::new(),
             auth,
             limits,
-        })
+        })))
     }
 }
 

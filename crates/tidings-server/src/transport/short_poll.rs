@@ -156,11 +156,20 @@ fn finish(
     let cursor = sub.cursor().encode();
     let mut res = reply.into_response(&cursor);
     if let Some(wait) = wait
-        && let Ok(v) = HeaderValue::from_str(&format!("wait={}", wait.as_secs_f64()))
+        && let Ok(v) = HeaderValue::from_str(&wait_preference(wait))
     {
         res.headers_mut().insert("preference-applied", v);
     }
     Ok(res)
+}
+
+/// `wait=30`, or `wait=2.5` for a fractional wait (integers format without float code).
+fn wait_preference(wait: std::time::Duration) -> String {
+    if wait.subsec_nanos() == 0 {
+        format!("wait={}", wait.as_secs())
+    } else {
+        format!("wait={}", wait.as_secs_f64())
+    }
 }
 
 /// `GET /poll/{channel}`.
