@@ -15,6 +15,10 @@
 //! (`Rewind`), and hyper keeps the connection from then on. Publishers (POST with a body)
 //! therefore go to hyper on their first request.
 //!
+//! Plaintext and TLS connections alike (`Socket`): over TLS, a parked stream still holds
+//! rustls' state, but not hyper's as well. TLS connections that negotiate h2 go to hyper
+//! directly.
+//!
 //! Concurrency: one task per connection (spawned by `server.rs`, which also wraps it in the
 //! kill-token grace). While a response streams, the task waits on the body and on the
 //! socket's read readiness at once, so a client that hangs up ends its stream now rather
@@ -37,6 +41,7 @@ use http_body_util::BodyExt;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
+use tokio_rustls::server::TlsStream;
 use tokio_util::sync::CancellationToken;
 use tower::ServiceExt;
 
@@ -129,7 +134,7 @@ impl Lean<'_> {
     /// Memory: this future is what a parked stream costs, so everything that lives only
     /// until the response head exists (reading and parsing the request, the router's
     /// future) runs in a boxed future of its own, and what stays is the body and a few words.
-    pub async fn serve(&self, stream: &mut TcpStream) -> Outcome {
+    pub async fn serve<S: Socket>(&self, stream: &mut S) -> Outcome {
         let mut buf = BytesMut::new();
         loop {
             let answer = match Box::pin(self.exchange(stream, &mut buf)).await {
@@ -174,9 +179,9 @@ impl Lean<'_> {
 
     /// Reads the next request and runs it through the router; `Err` when the connection
     /// ends here or goes to hyper.
-    async fn exchange(
+    async fn exchange<S: Socket>(
         &self,
-        stream: &mut TcpStream,
+        stream: &mut S,
         buf: &mut BytesMut,
     ) -> Result<Answer, Outcome> {
         let (req, keep_alive, head_only) = match self.read_head(stream, buf).await {
@@ -207,18 +212,18 @@ impl Lean<'_> {
         Ok(Answer::Ready(Exchange::new(res, keep_alive, head_only)))
     }
 
-    async fn read_head(&self, stream: &mut TcpStream, buf: &mut BytesMut) -> Head {
+    async fn read_head<S: Socket>(&self, stream: &mut S, buf: &mut BytesMut) -> Head {
         if buf.is_empty() {
             // A request must start within the header timeout: a client that connects and
             // says nothing, or keeps a connection idle between requests, would otherwise
             // hold its slot forever. Shutdown ends the wait too.
-            let ready = tokio::select! {
-                r = tokio::time::timeout(self.header_timeout, stream.readable()) => {
+            let read = tokio::select! {
+                r = tokio::time::timeout(self.header_timeout, read_more(stream, buf, 1024)) => {
                     r.ok().and_then(Result::ok)
                 }
                 _ = self.shutdown.cancelled() => None,
             };
-            if ready.is_none() {
+            if !matches!(read, Some(n) if n > 0) {
                 return Head::Closed;
             }
         }
@@ -230,8 +235,8 @@ impl Lean<'_> {
             if buf.len() >= MAX_HEAD {
                 return too_large();
             }
-            buf.reserve(if buf.is_empty() { 1024 } else { 4096 });
-            match tokio::time::timeout_at(deadline, read_some(stream, buf)).await {
+            let room = if buf.is_empty() { 1024 } else { 4096 };
+            match tokio::time::timeout_at(deadline, read_more(stream, buf, room)).await {
                 Ok(Ok(n)) if n > 0 => {}
                 // EOF, a socket error or a head that never finished (slowloris): close.
                 _ => return Head::Closed,
@@ -240,9 +245,77 @@ impl Lean<'_> {
     }
 }
 
-async fn read_some(stream: &mut TcpStream, buf: &mut BytesMut) -> io::Result<usize> {
-    use tokio::io::AsyncReadExt;
-    stream.read_buf(buf).await
+/// A connection the lean path can serve: plaintext TCP or TLS over it.
+pub trait Socket: AsyncRead + AsyncWrite + Unpin + Send {
+    /// Reads what is waiting into `buf`, making `room` for it; `Ready(Ok(0))` at end of
+    /// stream. A bare socket reserves the room only once bytes are there, so a connection
+    /// waiting for its next request holds no buffer.
+    fn poll_read_more(
+        &mut self,
+        cx: &mut Context<'_>,
+        buf: &mut BytesMut,
+        room: usize,
+    ) -> Poll<io::Result<usize>>;
+}
+
+impl Socket for TcpStream {
+    fn poll_read_more(
+        &mut self,
+        cx: &mut Context<'_>,
+        buf: &mut BytesMut,
+        room: usize,
+    ) -> Poll<io::Result<usize>> {
+        loop {
+            if let Err(e) = std::task::ready!(self.poll_read_ready(cx)) {
+                return Poll::Ready(Err(e));
+            }
+            // tokio still reports a socket ready after a read that drained it (only a
+            // `WouldBlock` clears that), so a wakeup may find nothing. Bytes therefore go
+            // through the stack unless `buf` already has the room (a frame or head half
+            // read): a parked connection that was woken for nothing keeps no buffer.
+            let read = if buf.capacity() - buf.len() >= room {
+                self.try_read_buf(buf)
+            } else {
+                let mut chunk = [0u8; 4096];
+                let want = room.min(chunk.len());
+                self.try_read(&mut chunk[..want]).inspect(|&n| {
+                    buf.extend_from_slice(&chunk[..n]);
+                })
+            };
+            match read {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                r => return Poll::Ready(r),
+            }
+        }
+    }
+}
+
+/// TLS: whether plaintext is waiting is only known by reading, so the room is made first.
+/// Boxed: the connection's task then holds a pointer, not rustls' state inline (kept twice,
+/// were it moved into a WebSocket session later).
+impl Socket for Box<TlsStream<TcpStream>> {
+    fn poll_read_more(
+        &mut self,
+        cx: &mut Context<'_>,
+        buf: &mut BytesMut,
+        room: usize,
+    ) -> Poll<io::Result<usize>> {
+        let start = buf.len();
+        buf.resize(start + room, 0);
+        let mut read = ReadBuf::new(&mut buf[start..]);
+        let polled = Pin::new(&mut **self).poll_read(cx, &mut read);
+        let n = read.filled().len();
+        buf.truncate(start + n);
+        polled.map_ok(|()| n)
+    }
+}
+
+pub async fn read_more<S: Socket>(
+    stream: &mut S,
+    buf: &mut BytesMut,
+    room: usize,
+) -> io::Result<usize> {
+    std::future::poll_fn(|cx| stream.poll_read_more(cx, buf, room)).await
 }
 
 /// Parses a complete head at the start of `buf` (consuming it), or says why not.
@@ -423,8 +496,8 @@ fn bad_request() -> Head {
 /// Writes a JSON error answer with `connection: close` and shuts the write side, within a
 /// second (a client that does not read cannot keep the task). `extra_headers`: whole header
 /// lines, e.g. `"retry-after: 1\r\n"`. Also the accept loop's 503 for connections over a limit.
-pub async fn answer_and_close(
-    stream: &mut TcpStream,
+pub async fn answer_and_close<S: Socket>(
+    stream: &mut S,
     status: StatusCode,
     code: &str,
     message: &str,
@@ -440,6 +513,7 @@ pub async fn answer_and_close(
     );
     tokio::time::timeout(Duration::from_secs(1), async {
         stream.write_all(response.as_bytes()).await?;
+        stream.flush().await?;
         stream.shutdown().await
     })
     .await
@@ -449,8 +523,8 @@ pub async fn answer_and_close(
 /// Refuses a request, then closes lingering: closing with the client's bytes unread would
 /// send a reset, which can destroy the answer before the client reads it, so what is still
 /// coming is discarded for a moment (at most 1 MiB, at most a second).
-async fn refuse(
-    stream: &mut TcpStream,
+async fn refuse<S: Socket>(
+    stream: &mut S,
     status: StatusCode,
     code: &str,
     message: &str,
@@ -566,15 +640,18 @@ fn http_date() -> [u8; 29] {
     })
 }
 
-async fn write_body(
-    stream: &mut TcpStream,
+async fn write_body<S: Socket>(
+    stream: &mut S,
     mut out: Vec<u8>,
     framing: Framing,
     mut body: Body,
     pending: &mut BytesMut,
 ) -> io::Result<()> {
     match framing {
-        Framing::None => stream.write_all(&out).await,
+        Framing::None => {
+            stream.write_all(&out).await?;
+            stream.flush().await
+        }
         Framing::Length(n) => {
             // Small bodies (pages, poll replies, errors) go out with the head in one write.
             let mut left = n;
@@ -591,6 +668,7 @@ async fn write_body(
                 }
             }
             stream.write_all(&out).await?;
+            stream.flush().await?;
             if left != 0 {
                 return Err(io::Error::other("body shorter than its content-length"));
             }
@@ -600,12 +678,14 @@ async fn write_body(
             // Streams: the head goes now, so the client sees the response start before
             // the first event; its buffer is freed before the stream parks.
             stream.write_all(&out).await?;
+            stream.flush().await?;
             drop(out);
             let mut watch = Watch::new(pending);
             while let Some(data) = next_data(&mut body, stream, &mut watch).await? {
                 write_chunk(stream, data).await?;
             }
-            stream.write_all(b"0\r\n\r\n").await
+            stream.write_all(b"0\r\n\r\n").await?;
+            stream.flush().await
         }
     }
 }
@@ -627,9 +707,9 @@ impl<'a> Watch<'a> {
 /// hanging up. `Ok(None)` at the end of the body; an error when the client is gone or the
 /// body failed (the connection is then closed without the final chunk, so the client can
 /// tell the response was cut).
-async fn next_data(
+async fn next_data<S: Socket>(
     body: &mut Body,
-    stream: &TcpStream,
+    stream: &mut S,
     watch: &mut Watch<'_>,
 ) -> io::Result<Option<Bytes>> {
     loop {
@@ -654,26 +734,21 @@ async fn next_data(
 /// Resolves when the client hangs up or the socket fails. Bytes the client sends meanwhile
 /// (a pipelined request) are kept in `watch.pending`, up to `MAX_HEAD`; past that the
 /// socket is no longer watched.
-async fn hung_up(stream: &TcpStream, watch: &mut Watch<'_>) -> io::Error {
+async fn hung_up<S: Socket>(stream: &mut S, watch: &mut Watch<'_>) -> io::Error {
     loop {
         if !watch.reading {
             return std::future::pending().await;
         }
-        if let Err(e) = stream.readable().await {
-            return e;
-        }
-        watch.pending.reserve(512);
-        match stream.try_read_buf(watch.pending) {
+        match read_more(stream, watch.pending, 512).await {
             Ok(0) => return io::ErrorKind::UnexpectedEof.into(),
             Ok(_) => watch.reading = watch.pending.len() < MAX_HEAD,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
             Err(e) => return e,
         }
     }
 }
 
 /// One chunk: size line, data, CRLF, in one vectored write.
-async fn write_chunk(stream: &mut TcpStream, data: Bytes) -> io::Result<()> {
+async fn write_chunk<S: Socket>(stream: &mut S, data: Bytes) -> io::Result<()> {
     let mut line = [0u8; 18];
     let n = {
         use std::io::Write;
@@ -682,22 +757,24 @@ async fn write_chunk(stream: &mut TcpStream, data: Bytes) -> io::Result<()> {
         cur.position() as usize
     };
     let mut chunk = (&line[..n]).chain(data).chain(&b"\r\n"[..]);
-    stream.write_all_buf(&mut chunk).await
+    stream.write_all_buf(&mut chunk).await?;
+    // A no-op on TCP; TLS writes the records out here.
+    stream.flush().await
 }
 
 /// The socket handed to hyper: the bytes already read come first.
-pub struct Rewind {
+pub struct Rewind<S> {
     pre: Bytes,
-    inner: TcpStream,
+    inner: S,
 }
 
-impl Rewind {
-    pub fn new(inner: TcpStream, pre: Bytes) -> Self {
+impl<S> Rewind<S> {
+    pub fn new(inner: S, pre: Bytes) -> Self {
         Self { pre, inner }
     }
 }
 
-impl AsyncRead for Rewind {
+impl<S: AsyncRead + Unpin> AsyncRead for Rewind<S> {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -718,7 +795,7 @@ impl AsyncRead for Rewind {
     }
 }
 
-impl AsyncWrite for Rewind {
+impl<S: AsyncWrite + Unpin> AsyncWrite for Rewind<S> {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,

@@ -1,9 +1,10 @@
 //! The accept loop: HTTP/1.1 and h2c (prior knowledge) on one port, graceful shutdown.
 //!
-//! A plaintext connection starts on the lean HTTP/1.1 path (`h1.rs`), which serves bodiless
-//! requests itself (so a parked stream holds a few KB, not hyper's buffers) and hands the
-//! connection to hyper, with the bytes already read, for bodies, upgrades and HTTP/2. TLS
-//! connections go to hyper directly.
+//! A connection starts on the lean HTTP/1.1 path (`h1.rs`), which serves bodiless requests
+//! and WebSocket upgrades itself (so a parked stream holds a few KB, not hyper's buffers)
+//! and hands the connection to hyper, with the bytes already read, for bodies, other
+//! upgrades and h2c. TLS connections do the same after the handshake, unless ALPN chose h2:
+//! those go to hyper directly.
 //!
 //! Concurrency: one task per TCP connection. Each connection carries a kill token in its
 //! requests' extensions; a subscription whose queue overflows (a client that stopped
@@ -33,6 +34,7 @@ use crate::auth::Auth;
 use crate::config::Config;
 use crate::limits::{ConnectionLimits, RateLimiter, Refused};
 use crate::metrics::Metrics;
+use crate::transport::websocket::WsIo;
 
 const SLOW_CLOSE_GRACE: Duration = Duration::from_secs(2);
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
@@ -222,7 +224,8 @@ pub async fn serve_all(
             metrics.http_connections.fetch_add(1, Relaxed);
             metrics.http_connections_total.fetch_add(1, Relaxed);
             match acceptor {
-                None => edge.plain(stream, ctx, watcher).await,
+                // A plaintext connection: the lean HTTP/1.1 path first, hyper if it hands off.
+                None => edge.lean(stream, ctx, watcher, WsIo::Tcp).await,
                 // Boxed: a TLS session and its handshake are large, and without the box every
                 // plain connection's task would be sized for them too (idle memory).
                 Some(acceptor) => Box::pin(edge.tls(stream, acceptor, ctx, watcher)).await,
@@ -255,8 +258,12 @@ struct Edge {
 }
 
 impl Edge {
-    /// A plaintext connection: the lean HTTP/1.1 path first, hyper when it hands off.
-    async fn plain(&self, mut stream: tokio::net::TcpStream, ctx: ConnectionCtx, watcher: Watcher) {
+    /// Serves `stream` on the lean path; hyper takes over if it hands off, a WebSocket
+    /// session if it upgrades (`ws` makes the socket the session's).
+    async fn lean<S>(&self, mut stream: S, ctx: ConnectionCtx, watcher: Watcher, ws: fn(S) -> WsIo)
+    where
+        S: crate::h1::Socket + 'static,
+    {
         let outcome = {
             let lean = crate::h1::Lean {
                 router: &self.routes,
@@ -275,7 +282,7 @@ impl Edge {
             }
             Some(crate::h1::Outcome::Upgrade(pending, pre)) => {
                 // The WebSocket session runs in this task (its future is boxed already).
-                if let Some(session) = pending.start(stream, pre) {
+                if let Some(session) = pending.start(ws(stream), pre) {
                     session.await;
                 }
             }
@@ -283,6 +290,8 @@ impl Edge {
         }
     }
 
+    /// A TLS connection: HTTP/1.1 goes the lean path as on plaintext (a parked stream then
+    /// holds rustls' state but not hyper's too); h2 goes to hyper.
     async fn tls(
         &self,
         stream: tokio::net::TcpStream,
@@ -291,10 +300,30 @@ impl Edge {
         watcher: Watcher,
     ) {
         let peer = ctx.peer;
-        match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
-            Ok(Ok(tls)) => self.hyper(tls, ctx, watcher).await,
-            Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
-            Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+        // Boxed, like hyper's state below: the handshake lives only until it is done, and
+        // inline every TLS connection's task would keep room for it. The stream comes out
+        // boxed for the same reason: held inline it would be a slot of its own.
+        let accepted = Box::pin(async move {
+            match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+                Ok(Ok(tls)) => Some(Box::new(tls)),
+                Ok(Err(e)) => {
+                    tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                    None
+                }
+                Err(_) => {
+                    tracing::debug!(%peer, "TLS handshake timed out");
+                    None
+                }
+            }
+        })
+        .await;
+        let Some(tls) = accepted else {
+            return;
+        };
+        if tls.get_ref().1.alpn_protocol() == Some(b"h2") {
+            Box::pin(self.hyper(tls, ctx, watcher)).await
+        } else {
+            self.lean(tls, ctx, watcher, WsIo::Tls).await
         }
     }
 

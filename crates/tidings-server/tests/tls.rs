@@ -1,5 +1,7 @@
 //! TLS with ALPN: h2 is negotiated, and one TLS connection carries many SSE streams at once
-//! (what lets a browser open more than six EventSources per origin).
+//! (what lets a browser open more than six EventSources per origin). HTTP/1.1 over TLS is
+//! served by the lean path as on plaintext: streams, pipelining, hand-offs to hyper, JSON
+//! errors for bad heads, WebSocket upgrades.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -168,7 +170,7 @@ async fn a_websocket_over_tls_echoes_on_a_raw_channel_and_closes_cleanly() {
     use tokio_tungstenite::tungstenite::Message;
     let server = tls_server().await;
     let tls = connect(&server, &[b"http/1.1"]).await;
-    // Over TLS the upgrade goes through hyper: the session runs on its upgraded stream.
+    // HTTP/1.1 over TLS: the lean path answers the upgrade and the session takes the socket.
     let (mut ws, res) = tokio_tungstenite::client_async("wss://localhost/ws/tls-echo", tls)
         .await
         .unwrap();
@@ -195,6 +197,77 @@ async fn a_websocket_over_tls_echoes_on_a_raw_channel_and_closes_cleanly() {
         rest.iter().all(|f| matches!(f, Message::Close(_))),
         "{rest:?}"
     );
+}
+
+/// Reads from `tls` until `needle` has been seen `times` times.
+async fn read_until<S: tokio::io::AsyncRead + Unpin>(
+    tls: &mut S,
+    needle: &str,
+    times: usize,
+) -> String {
+    use tokio::io::AsyncReadExt;
+    let mut out = String::new();
+    let mut buf = [0u8; 4096];
+    tokio::time::timeout(common::TIMEOUT, async {
+        while out.matches(needle).count() < times {
+            let n = tls.read(&mut buf).await.unwrap();
+            assert!(n > 0, "closed early after:\n{out}");
+            out.push_str(&String::from_utf8_lossy(&buf[..n]));
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("timed out; read so far:\n{out}"));
+    out
+}
+
+#[tokio::test]
+async fn an_sse_stream_over_tls_delivers_each_message_as_it_is_published() {
+    use tokio::io::AsyncWriteExt;
+    let server = tls_server().await;
+    let mut tls = connect(&server, &[b"http/1.1"]).await;
+    tls.write_all(b"GET /sse/tls-live HTTP/1.1\r\nhost: localhost\r\n\r\n")
+        .await
+        .unwrap();
+    // The head and the opening record arrive before anything is published.
+    let opened = read_until(&mut tls, "id: ", 1).await;
+    assert!(opened.starts_with("HTTP/1.1 200 "), "{opened}");
+    let client = reqwest::Client::new();
+    for n in 1..=3 {
+        client
+            .post(format!("{}/publish/tls-live", server.http_url))
+            .body(format!("message {n}"))
+            .send()
+            .await
+            .unwrap();
+        // Each one is written out (TLS records flushed) on its own, not at the next write.
+        read_until(&mut tls, &format!("data: message {n}"), 1).await;
+    }
+}
+
+#[tokio::test]
+async fn over_tls_a_publish_after_a_get_is_handed_to_hyper_and_a_huge_head_gets_a_json_431() {
+    use tokio::io::AsyncWriteExt;
+    let server = tls_server().await;
+    let mut tls = connect(&server, &[b"http/1.1"]).await;
+    tls.write_all(b"GET /healthz HTTP/1.1\r\nhost: localhost\r\n\r\n")
+        .await
+        .unwrap();
+    read_until(&mut tls, "\r\n\r\n", 1).await;
+    tls.write_all(b"POST /publish/tls-handoff HTTP/1.1\r\nhost: localhost\r\ncontent-type: text/plain\r\ncontent-length: 5\r\n\r\nhello")
+        .await
+        .unwrap();
+    let out = read_until(&mut tls, "\"offset\":1", 1).await;
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+
+    let mut tls = connect(&server, &[b"http/1.1"]).await;
+    let big = "a".repeat(70 * 1024);
+    tls.write_all(
+        format!("GET /healthz HTTP/1.1\r\nhost: localhost\r\nx-big: {big}\r\n\r\n").as_bytes(),
+    )
+    .await
+    .unwrap();
+    let out = read_until(&mut tls, "header_too_large", 1).await;
+    assert!(out.starts_with("HTTP/1.1 431"), "{out}");
 }
 
 #[test]

@@ -3,8 +3,8 @@
 //! presence, ping). Over HTTP/1.1 upgrades and HTTP/2 extended CONNECT (RFC 8441) alike.
 //!
 //! Framing is ours (`crate::wsframe`); this module does the handshake and runs sessions.
-//! A plaintext HTTP/1.1 upgrade is answered by the lean path (`h1.rs`), which then hands
-//! the bare socket to the session in the same task; upgrades through hyper (TLS, HTTP/2,
+//! An HTTP/1.1 upgrade (plaintext or TLS) is answered by the lean path (`h1.rs`), which
+//! then hands the socket to the session in the same task; upgrades through hyper (HTTP/2,
 //! a connection hyper already owns) run the session in a task of their own on hyper's
 //! upgraded stream.
 //!
@@ -74,8 +74,8 @@ const MAX_MALFORMED: u32 = 10;
 /// the socket is just dropped.
 const GOODBYE_TIMEOUT: Duration = Duration::from_secs(1);
 /// Room made per read. On a bare socket it is reserved only once bytes are waiting, and
-/// freed once they are parsed; on hyper's upgraded stream readiness cannot be asked
-/// separately, so a smaller buffer waits there.
+/// freed once they are parsed; over TLS or hyper's upgraded stream readiness cannot be
+/// asked separately, so a smaller buffer waits there.
 const TCP_READ: usize = 4096;
 const UPGRADED_READ: usize = 512;
 /// Output past this is written before more frames are read.
@@ -91,7 +91,9 @@ enum Mode {
 pub enum WsIo {
     /// A plaintext connection upgraded by the lean path.
     Tcp(TcpStream),
-    /// An upgrade through hyper: TLS, HTTP/2 extended CONNECT, or a connection hyper owned.
+    /// A TLS connection upgraded by the lean path (boxed: plaintext sessions are the many).
+    Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
+    /// An upgrade through hyper: HTTP/2 extended CONNECT, or a connection hyper owned.
     Upgraded(TokioIo<hyper::upgrade::Upgraded>),
 }
 
@@ -99,14 +101,8 @@ impl WsIo {
     /// Reads what is waiting into `buf`; `Ok(0)` at end of stream. Cancel-safe.
     async fn read_more(&mut self, buf: &mut BytesMut) -> io::Result<usize> {
         match self {
-            WsIo::Tcp(s) => loop {
-                s.readable().await?;
-                buf.reserve(TCP_READ);
-                match s.try_read_buf(buf) {
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                    r => return r,
-                }
-            },
+            WsIo::Tcp(s) => crate::h1::read_more(s, buf, TCP_READ).await,
+            WsIo::Tls(s) => crate::h1::read_more(s, buf, UPGRADED_READ).await,
             WsIo::Upgraded(s) => {
                 buf.reserve(UPGRADED_READ);
                 s.read_buf(buf).await
@@ -118,6 +114,7 @@ impl WsIo {
     async fn write(&mut self, data: &[u8]) -> io::Result<usize> {
         match self {
             WsIo::Tcp(s) => s.write(data).await,
+            WsIo::Tls(s) => s.write(data).await,
             WsIo::Upgraded(s) => s.write(data).await,
         }
     }
@@ -125,6 +122,7 @@ impl WsIo {
     async fn flush(&mut self) -> io::Result<()> {
         match self {
             WsIo::Tcp(_) => Ok(()),
+            WsIo::Tls(s) => s.flush().await,
             WsIo::Upgraded(s) => s.flush().await,
         }
     }
@@ -132,6 +130,7 @@ impl WsIo {
     async fn shutdown(&mut self) -> io::Result<()> {
         match self {
             WsIo::Tcp(s) => s.shutdown().await,
+            WsIo::Tls(s) => s.shutdown().await,
             WsIo::Upgraded(s) => s.shutdown().await,
         }
     }
@@ -152,9 +151,9 @@ pub struct Pending(Arc<Mutex<Option<StartFn>>>);
 impl Pending {
     /// The session's future on `io` (`pre`: bytes read past the request head), or `None`
     /// when it was already taken.
-    pub fn start(&self, io: TcpStream, pre: Bytes) -> Option<SessionFuture> {
+    pub fn start(&self, io: WsIo, pre: Bytes) -> Option<SessionFuture> {
         let start = self.0.lock().ok()?.take()?;
-        Some(start(WsIo::Tcp(io), pre))
+        Some(start(io, pre))
     }
 }
 
