@@ -9,25 +9,9 @@ mod common;
 
 use std::time::Duration;
 
-use common::{TIMEOUT, TestServer, read_to_end};
+use common::{TIMEOUT, TestServer, read_to_end, read_until};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-
-/// Reads until `needle` has been seen `times` times; returns everything read.
-async fn read_until(stream: &mut TcpStream, needle: &str, times: usize) -> String {
-    let mut out = String::new();
-    let mut buf = [0u8; 4096];
-    tokio::time::timeout(TIMEOUT, async {
-        while out.matches(needle).count() < times {
-            let n = stream.read(&mut buf).await.unwrap();
-            assert!(n > 0, "closed early after:\n{out}");
-            out.push_str(&String::from_utf8_lossy(&buf[..n]));
-        }
-    })
-    .await
-    .unwrap_or_else(|_| panic!("timed out; read so far:\n{out}"));
-    out
-}
 
 /// Sends `request` on a fresh connection and reads until the server closes it.
 async fn answer_then_close(server: &TestServer, request: &[u8]) -> String {

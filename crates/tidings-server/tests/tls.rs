@@ -10,6 +10,7 @@ mod common;
 use std::sync::Arc;
 
 use bytes::Bytes;
+use common::read_until;
 use http_body_util::{BodyExt, Empty};
 use hyper::{Request, Version};
 use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -197,27 +198,6 @@ async fn a_websocket_over_tls_echoes_on_a_raw_channel_and_closes_cleanly() {
         rest.iter().all(|f| matches!(f, Message::Close(_))),
         "{rest:?}"
     );
-}
-
-/// Reads from `tls` until `needle` has been seen `times` times.
-async fn read_until<S: tokio::io::AsyncRead + Unpin>(
-    tls: &mut S,
-    needle: &str,
-    times: usize,
-) -> String {
-    use tokio::io::AsyncReadExt;
-    let mut out = String::new();
-    let mut buf = [0u8; 4096];
-    tokio::time::timeout(common::TIMEOUT, async {
-        while out.matches(needle).count() < times {
-            let n = tls.read(&mut buf).await.unwrap();
-            assert!(n > 0, "closed early after:\n{out}");
-            out.push_str(&String::from_utf8_lossy(&buf[..n]));
-        }
-    })
-    .await
-    .unwrap_or_else(|_| panic!("timed out; read so far:\n{out}"));
-    out
 }
 
 #[tokio::test]

@@ -47,6 +47,28 @@ pub async fn read_to_end(stream: &mut tokio::net::TcpStream) -> String {
     }
 }
 
+/// Reads a raw stream (TCP or TLS) until `needle` has been seen `times` times; returns
+/// everything read. Panics if the stream ends first or `TIMEOUT` passes.
+pub async fn read_until<S: tokio::io::AsyncRead + Unpin>(
+    stream: &mut S,
+    needle: &str,
+    times: usize,
+) -> String {
+    use tokio::io::AsyncReadExt;
+    let mut out = String::new();
+    let mut buf = [0u8; 4096];
+    tokio::time::timeout(TIMEOUT, async {
+        while out.matches(needle).count() < times {
+            let n = stream.read(&mut buf).await.unwrap();
+            assert!(n > 0, "closed early after:\n{out}");
+            out.push_str(&String::from_utf8_lossy(&buf[..n]));
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("timed out; read so far:\n{out}"));
+    out
+}
+
 pub struct TestServer {
     pub url: String,
     pub addr: SocketAddr,
