@@ -22,7 +22,11 @@ export function tidingsBinary() {
   return bin;
 }
 
-/** Starts `tidings serve --demo` on a free loopback port; resolves to {url, stop()}. */
+/**
+ * Starts `tidings serve --demo` on a free loopback port; resolves to {url, httpsUrl, stop()}
+ * once the listening lines are complete (a chunk of stderr can end mid-line: an address cut
+ * at "127.0.0" is another host). With a TLS flag it also waits for the https line.
+ */
 export function startServer(args = []) {
   return new Promise((resolveStart, reject) => {
     const child = spawn(tidingsBinary(), ['serve', '--demo', '--listen', '127.0.0.1:0', ...args], {
@@ -37,11 +41,14 @@ export function startServer(args = []) {
     child.stderr.setEncoding('utf8');
     child.stderr.on('data', (chunk) => {
       stderr += chunk;
-      const m = /tidings listening on (http:\/\/[0-9.:]+)/.exec(stderr);
-      if (m && timer) {
+      const m = /tidings listening on (http:\/\/[0-9.:]+)\r?\n/.exec(stderr);
+      const tls = /tidings listening on (https:\/\/[0-9.:]+)\r?\n/.exec(stderr);
+      const wantsTls = args.some((a) => a.startsWith('--tls-self-signed') || a.startsWith('--tls-cert'));
+      if (m && (tls || !wantsTls) && timer) {
         clearTimeout(timer);
         resolveStart({
           url: m[1],
+          httpsUrl: tls ? tls[1] : undefined,
           child,
           logs: () => stderr,
           stop: () =>

@@ -47,7 +47,7 @@ test('over TLS with h2 ten EventSources on one page all connect and receive', as
   const server = await startServer(['--tls-self-signed', '--tls-listen', '127.0.0.1:0']);
   const browser = await launch();
   try {
-    const https = /tidings listening on (https:\/\/[0-9.:]+)/.exec(server.logs())[1];
+    const https = server.httpsUrl;
     const page = await browser.context.newPage();
     await page.goto(`${https}/healthz`);
     const opened = await tenEventSources(page, https, 10000);

@@ -109,7 +109,7 @@ pub async fn run(args: ServeArgs, config_path: Option<&Path>) -> anyhow::Result<
         .with_context(|| format!("binding {addr}"))?;
     let local = listener.local_addr().context("reading the bound address")?;
     // Printed on stderr in a fixed form: scripts and tests read the port from it.
-    eprintln!("tidings listening on http://{local}");
+    announce(&format!("tidings listening on http://{local}"));
     tracing::info!(%local, "listening (HTTP/1.1 and h2c)");
     let tls = match tls {
         Some((tls_addr, acceptor)) => {
@@ -117,7 +117,7 @@ pub async fn run(args: ServeArgs, config_path: Option<&Path>) -> anyhow::Result<
                 .await
                 .with_context(|| format!("binding {tls_addr} for TLS"))?;
             let local = l.local_addr().context("reading the bound TLS address")?;
-            eprintln!("tidings listening on https://{local}");
+            announce(&format!("tidings listening on https://{local}"));
             tracing::info!(%local, "listening (TLS: h2, http/1.1)");
             Some((l, acceptor))
         }
@@ -152,4 +152,13 @@ async fn shutdown_signal() {
         _ = term => {}
     }
     tracing::info!("shutting down");
+}
+
+/// One line on stderr in a single write: `eprintln!` writes its pieces separately, so a
+/// reader polling the stream could see `…http://127.0.0` and take it for a whole address.
+fn announce(line: &str) {
+    use std::io::Write;
+    let _ = std::io::stderr()
+        .lock()
+        .write_all(format!("{line}\n").as_bytes());
 }
