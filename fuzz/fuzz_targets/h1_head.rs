@@ -1,11 +1,12 @@
 //! The lean HTTP/1.1 path's request-head parser (`tidings_server::h1`, through `fuzz_parse`)
 //! on arbitrary bytes: the first bytes of every plaintext connection go through it. Never
 //! panics; never consumes bytes it then hands elsewhere (hyper must see a request it takes
-//! over from its first byte); keeps only bodiless requests that upgrade to nothing but WebSocket.
+//! over from its first byte); keeps only requests with at most a small body of declared length that upgrade to nothing
+//! but WebSocket.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use tidings_server::h1::{FuzzHead, MAX_HEAD, fuzz_parse};
+use tidings_server::h1::{FuzzHead, LEAN_BODY, MAX_HEAD, fuzz_parse};
 
 fuzz_target!(|data: &[u8]| {
     let (head, left) = fuzz_parse(data);
@@ -29,6 +30,7 @@ fuzz_target!(|data: &[u8]| {
             method,
             uri,
             headers,
+            body,
             keep_alive: _,
             head_only,
         } => {
@@ -38,6 +40,9 @@ fuzz_target!(|data: &[u8]| {
                 "what follows the head is kept as sent"
             );
             let head_len = data.len() - rest.len();
+            if !headers.iter().any(|(name, _)| name == "content-length") {
+                assert_eq!(body, 0, "no declared length, no body");
+            }
             assert!(
                 head_len > 0 && head_len <= MAX_HEAD,
                 "head of {head_len} bytes"
@@ -62,12 +67,17 @@ fuzz_target!(|data: &[u8]| {
                     );
                 }
                 if name == "content-length" {
-                    assert_eq!(value.trim_ascii(), b"0", "a body belongs to hyper");
+                    let declared = std::str::from_utf8(value.trim_ascii())
+                        .ok()
+                        .and_then(|v| v.parse::<usize>().ok());
+                    assert_eq!(declared, Some(body), "the body read is the one declared");
+                    assert!(body <= LEAN_BODY, "a large body belongs to hyper");
                 }
             }
-            // Pipelined: the rest parses on its own, with the same guarantees.
-            let (_, again) = fuzz_parse(&rest);
-            assert!(rest.ends_with(&again));
+            // Pipelined: what follows the body parses on its own, with the same guarantees.
+            let next = &rest[body.min(rest.len())..];
+            let (_, again) = fuzz_parse(next);
+            assert!(next.ends_with(&again));
         }
     }
 });

@@ -10,10 +10,13 @@
 //! WebSocket upgrades are answered here too: the router's 101 carries the session
 //! (`websocket::Pending`), which then runs on the bare socket in this same task.
 //!
-//! Everything else — a request with a body, another upgrade, `Expect`, HTTP/1.0,
+//! Requests with a small body of declared length (`Content-Length` up to `LEAN_BODY`:
+//! publishes) are read whole here, under `request_body_timeout`, and handed to the handler
+//! as one buffer: a publisher's connection stays on this path too.
+//!
+//! Everything else — a chunked or larger body, another upgrade, `Expect`, HTTP/1.0,
 //! `CONNECT`, the HTTP/2 preface — is handed to hyper together with the bytes read so far
-//! (`Rewind`), and hyper keeps the connection from then on. Publishers (POST with a body)
-//! therefore go to hyper on their first request.
+//! (`Rewind`), and hyper keeps the connection from then on.
 //!
 //! Plaintext and TLS connections alike (`Socket`): over TLS, a parked stream still holds
 //! rustls' state, but not hyper's as well. TLS connections that negotiate h2 go to hyper
@@ -32,7 +35,6 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime};
 
-use axum::Router;
 use axum::body::Body;
 use bytes::{Buf, Bytes, BytesMut};
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, header};
@@ -43,8 +45,8 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tokio_rustls::server::TlsStream;
 use tokio_util::sync::CancellationToken;
-use tower::ServiceExt;
 
+use crate::api::app::App;
 use crate::server::ConnectionCtx;
 use crate::transport::long_poll;
 use crate::transport::websocket::{LeanUpgrade, Pending};
@@ -55,6 +57,9 @@ const MAX_HEADERS: usize = 100;
 /// Bodies of a known length up to this are written with the head in one call.
 const COALESCE: usize = 64 * 1024;
 const HTTP2_PREFACE: &[u8] = b"PRI * HTTP/2.0";
+/// Bodies of a declared length up to this are read here; larger ones go to hyper, which
+/// streams them to the handler (and its 413 comes before the whole body is read).
+pub const LEAN_BODY: usize = 64 * 1024;
 
 /// How a connection left the lean path.
 pub enum Outcome {
@@ -68,9 +73,10 @@ pub enum Outcome {
 }
 
 pub struct Lean<'a> {
-    pub router: &'a Router,
+    pub app: &'a App,
     pub ctx: &'a ConnectionCtx,
     pub header_timeout: Duration,
+    pub body_timeout: Duration,
     pub shutdown: &'a CancellationToken,
 }
 
@@ -81,6 +87,8 @@ enum Head {
         req: Request<Body>,
         keep_alive: bool,
         head_only: bool,
+        /// The declared body length; the body follows the head in the buffer.
+        body: usize,
     },
     Handoff,
     Refuse(StatusCode, &'static str, &'static str),
@@ -184,12 +192,13 @@ impl Lean<'_> {
         stream: &mut S,
         buf: &mut BytesMut,
     ) -> Result<Answer, Outcome> {
-        let (req, keep_alive, head_only) = match self.read_head(stream, buf).await {
+        let (mut req, keep_alive, head_only, body) = match self.read_head(stream, buf).await {
             Head::Request {
                 req,
                 keep_alive,
                 head_only,
-            } => (req, keep_alive, head_only),
+                body,
+            } => (req, keep_alive, head_only, body),
             Head::Handoff => return Err(Outcome::Handoff(buf.split().freeze())),
             Head::Refuse(status, code, message) => {
                 let _ = refuse(stream, status, code, message).await;
@@ -197,10 +206,10 @@ impl Lean<'_> {
             }
             Head::Closed => return Err(Outcome::Done),
         };
-        let mut res = match self.router.clone().oneshot(req).await {
-            Ok(res) => res,
-            Err(e) => match e {},
-        };
+        if body > 0 {
+            *req.body_mut() = Body::from(self.read_body(stream, buf, body).await?);
+        }
+        let mut res = self.app.handle(req).await;
         if let Some((wait, layered)) = long_poll::take_deferred(&mut res) {
             return Ok(Answer::Wait {
                 wait,
@@ -210,6 +219,47 @@ impl Lean<'_> {
             });
         }
         Ok(Answer::Ready(Exchange::new(res, keep_alive, head_only)))
+    }
+
+    /// Reads a body of `len` bytes that follows the head in `buf` (at most `LEAN_BODY`).
+    /// A body that does not arrive within `request_body_timeout` gets the same 408 a
+    /// handler gives (`api::publish::read_body`): a client trickling bytes holds a task.
+    async fn read_body<S: Socket>(
+        &self,
+        stream: &mut S,
+        buf: &mut BytesMut,
+        len: usize,
+    ) -> Result<Bytes, Outcome> {
+        let deadline = Instant::now() + self.body_timeout;
+        while buf.len() < len {
+            match tokio::time::timeout_at(deadline, read_more(stream, buf, len - buf.len())).await {
+                Ok(Ok(n)) if n > 0 => {}
+                Ok(_) => return Err(Outcome::Done),
+                Err(_) => {
+                    let message = format!(
+                        "the request body did not arrive within {}s",
+                        self.body_timeout.as_secs_f64()
+                    );
+                    let _ = refuse(
+                        stream,
+                        StatusCode::REQUEST_TIMEOUT,
+                        "body_timeout",
+                        &message,
+                    )
+                    .await;
+                    return Err(Outcome::Done);
+                }
+            }
+        }
+        let body = buf.split_to(len).freeze();
+        // As after a head: what follows (pipelined) gets a buffer of its own size, and
+        // nothing keeps the body's allocation once the handler is done with it.
+        *buf = if buf.is_empty() {
+            BytesMut::new()
+        } else {
+            BytesMut::from(&buf[..])
+        };
+        Ok(body)
     }
 
     async fn read_head<S: Socket>(&self, stream: &mut S, buf: &mut BytesMut) -> Head {
@@ -265,24 +315,21 @@ impl Socket for TcpStream {
         buf: &mut BytesMut,
         room: usize,
     ) -> Poll<io::Result<usize>> {
+        // tokio still reports a socket ready after a read that drained it (only a
+        // `WouldBlock` clears that), so a wakeup may find nothing. Bytes therefore go
+        // through the stack unless `buf` already has the room (a frame or head half read):
+        // a parked connection that was woken for nothing keeps no buffer. The stack chunk
+        // is left uninitialized: zeroing 4 KiB per read is a cost every request paid.
+        if buf.capacity() - buf.len() < room {
+            let mut chunk = [std::mem::MaybeUninit::<u8>::uninit(); 4096];
+            let mut read = ReadBuf::uninit(&mut chunk[..room.min(4096)]);
+            std::task::ready!(Pin::new(self).poll_read(cx, &mut read))?;
+            buf.extend_from_slice(read.filled());
+            return Poll::Ready(Ok(read.filled().len()));
+        }
         loop {
-            if let Err(e) = std::task::ready!(self.poll_read_ready(cx)) {
-                return Poll::Ready(Err(e));
-            }
-            // tokio still reports a socket ready after a read that drained it (only a
-            // `WouldBlock` clears that), so a wakeup may find nothing. Bytes therefore go
-            // through the stack unless `buf` already has the room (a frame or head half
-            // read): a parked connection that was woken for nothing keeps no buffer.
-            let read = if buf.capacity() - buf.len() >= room {
-                self.try_read_buf(buf)
-            } else {
-                let mut chunk = [0u8; 4096];
-                let want = room.min(chunk.len());
-                self.try_read(&mut chunk[..want]).inspect(|&n| {
-                    buf.extend_from_slice(&chunk[..n]);
-                })
-            };
-            match read {
+            std::task::ready!(self.poll_read_ready(cx))?;
+            match self.try_read_buf(buf) {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
                 r => return Poll::Ready(r),
             }
@@ -328,9 +375,10 @@ fn parse(buf: &mut BytesMut, ctx: &ConnectionCtx) -> Option<Head> {
     if buf[..preface_len] == HTTP2_PREFACE[..preface_len] {
         return (buf.len() >= 3).then_some(Head::Handoff);
     }
-    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut parsed = httparse::Request::new(&mut headers);
-    let len = match parsed.parse(buf) {
+    // Uninitialized: 100 empty headers would be 3 KiB written per request for nothing.
+    let mut headers = [const { std::mem::MaybeUninit::<httparse::Header>::uninit() }; MAX_HEADERS];
+    let mut parsed = httparse::Request::new(&mut []);
+    let len = match parsed.parse_with_uninit_headers(buf, &mut headers) {
         Ok(httparse::Status::Partial) => return None,
         // One read can complete a head over the limit: the limit holds all the same.
         Ok(httparse::Status::Complete(len)) if len > MAX_HEAD => {
@@ -357,6 +405,7 @@ fn parse(buf: &mut BytesMut, ctx: &ConnectionCtx) -> Option<Head> {
     }
     let mut keep_alive = true;
     let mut websocket = false;
+    let mut body = None;
     let mut map = HeaderMap::with_capacity(parsed.headers.len());
     for h in parsed.headers.iter() {
         let name = h.name.as_bytes();
@@ -367,11 +416,16 @@ fn parse(buf: &mut BytesMut, ctx: &ConnectionCtx) -> Option<Head> {
             }
             websocket = true;
         }
-        let hands_off = name.eq_ignore_ascii_case(b"transfer-encoding")
-            || name.eq_ignore_ascii_case(b"expect")
-            || (name.eq_ignore_ascii_case(b"content-length") && h.value.trim_ascii() != b"0");
-        if hands_off {
+        if name.eq_ignore_ascii_case(b"transfer-encoding") || name.eq_ignore_ascii_case(b"expect") {
             return Some(Head::Handoff);
+        }
+        if name.eq_ignore_ascii_case(b"content-length") {
+            // One plain length we take; anything else (a list, a repeat, a large body) is
+            // hyper's to read or refuse.
+            match (body, content_length(h.value)) {
+                (None, Some(n)) if n <= LEAN_BODY => body = Some(n),
+                _ => return Some(Head::Handoff),
+            }
         }
         if name.eq_ignore_ascii_case(b"connection") && has_token(h.value, b"close") {
             keep_alive = false;
@@ -411,7 +465,17 @@ fn parse(buf: &mut BytesMut, ctx: &ConnectionCtx) -> Option<Head> {
         req,
         keep_alive,
         head_only,
+        body: body.unwrap_or(0),
     })
+}
+
+/// A `Content-Length` value: digits only (RFC 9112 §6.3), and few enough to be small.
+fn content_length(value: &[u8]) -> Option<usize> {
+    let digits = value.trim_ascii();
+    if digits.is_empty() || digits.len() > 9 || !digits.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    Some(digits.iter().fold(0, |n, d| n * 10 + usize::from(d - b'0')))
 }
 
 /// What `parse` made of a buffer, for the `h1_head` fuzz target: the properties it checks
@@ -425,9 +489,10 @@ pub enum FuzzHead {
     Handoff,
     /// An error answer.
     Refuse(u16),
-    /// A request, the bytes left after its head, and what it was built from.
+    /// A request, the bytes left after its head (its body first), and what it was built from.
     Request {
         rest: Vec<u8>,
+        body: usize,
         method: String,
         uri: String,
         headers: Vec<(String, Vec<u8>)>,
@@ -455,8 +520,10 @@ pub fn fuzz_parse(input: &[u8]) -> (FuzzHead, Vec<u8>) {
             req,
             keep_alive,
             head_only,
+            body,
         }) => FuzzHead::Request {
             rest: buf.to_vec(),
+            body,
             method: req.method().to_string(),
             uri: req.uri().to_string(),
             headers: req
@@ -604,8 +671,9 @@ fn response_head(
     }
     match framing {
         Framing::Length(n) if declared.is_none() => {
-            use std::io::Write;
-            let _ = write!(out, "content-length: {n}\r\n");
+            out.extend_from_slice(b"content-length: ");
+            out.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
+            out.extend_from_slice(b"\r\n");
         }
         Framing::Chunked => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
         _ => {}
@@ -749,17 +817,23 @@ async fn hung_up<S: Socket>(stream: &mut S, watch: &mut Watch<'_>) -> io::Error 
 
 /// One chunk: size line, data, CRLF, in one vectored write.
 async fn write_chunk<S: Socket>(stream: &mut S, data: Bytes) -> io::Result<()> {
-    let mut line = [0u8; 18];
-    let n = {
-        use std::io::Write;
-        let mut cur = io::Cursor::new(&mut line[..]);
-        write!(cur, "{:x}\r\n", data.len())?;
-        cur.position() as usize
-    };
+    let (line, n) = chunk_size_line(data.len());
     let mut chunk = (&line[..n]).chain(data).chain(&b"\r\n"[..]);
     stream.write_all_buf(&mut chunk).await?;
     // A no-op on TCP; TLS writes the records out here.
     stream.flush().await
+}
+
+/// A chunk's size line (hex digits, CRLF) and its length. By hand: `fmt` cost more than
+/// the rest of the chunk.
+fn chunk_size_line(len: usize) -> ([u8; 18], usize) {
+    let mut line = [0u8; 18];
+    let digits = (usize::BITS - len.leading_zeros()).div_ceil(4).max(1) as usize;
+    for (i, at) in (0..digits).rev().enumerate() {
+        line[i] = b"0123456789abcdef"[(len >> (4 * at)) & 0xf];
+    }
+    line[digits..digits + 2].copy_from_slice(b"\r\n");
+    (line, digits + 2)
 }
 
 /// The socket handed to hyper: the bytes already read come first.
@@ -822,5 +896,50 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Rewind<S> {
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chunk_size_lines_are_lowercase_hex_without_leading_zeros() {
+        for (len, want) in [
+            (0usize, "0\r\n"),
+            (1, "1\r\n"),
+            (15, "f\r\n"),
+            (16, "10\r\n"),
+            (255, "ff\r\n"),
+            (4096, "1000\r\n"),
+            (0xabcdef, "abcdef\r\n"),
+            (usize::MAX, "ffffffffffffffff\r\n"),
+        ] {
+            let (line, n) = chunk_size_line(len);
+            assert_eq!(std::str::from_utf8(&line[..n]), Ok(want), "{len}");
+        }
+    }
+
+    #[test]
+    fn content_lengths_are_plain_digits() {
+        assert_eq!(content_length(b"0"), Some(0));
+        assert_eq!(content_length(b" 120 "), Some(120));
+        assert_eq!(content_length(b"65536"), Some(65536));
+        for bad in [
+            &b""[..],
+            b"-1",
+            b"+5",
+            b"1,1",
+            b"0x10",
+            b"1 2",
+            b"9999999999",
+        ] {
+            assert_eq!(
+                content_length(bad),
+                None,
+                "{:?}",
+                String::from_utf8_lossy(bad)
+            );
+        }
     }
 }

@@ -23,12 +23,10 @@ use std::time::Duration;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::{GracefulShutdown, Watcher};
-use hyper_util::service::TowerToHyperService;
 use tidings_core::Node;
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
-use tower::ServiceExt;
 
 use crate::auth::Auth;
 use crate::config::Config;
@@ -162,8 +160,7 @@ pub async fn serve_all(
     tls: Option<(TcpListener, TlsAcceptor)>,
     shutdown: impl Future<Output = ()>,
 ) -> std::io::Result<()> {
-    let routes = crate::api::routes(state.clone());
-    let router = crate::api::router(state.clone());
+    let app = crate::api::app::App::new(state.clone());
     // The admin console's feed; ends with `state.shutdown`.
     tokio::spawn(crate::stats::run(state.clone()));
     let graceful = GracefulShutdown::new();
@@ -178,8 +175,7 @@ pub async fn serve_all(
     // Lets WebSockets ride HTTP/2 streams (RFC 8441).
     builder.http2().enable_connect_protocol();
     let edge = Arc::new(Edge {
-        routes,
-        router,
+        app,
         builder,
         state: state.clone(),
     });
@@ -249,10 +245,7 @@ pub async fn serve_all(
 
 /// What every connection task shares.
 struct Edge {
-    /// For the lean path, which finishes long polls itself.
-    routes: axum::Router,
-    /// For hyper: `routes` with long polls finished by its outermost layer.
-    router: axum::Router,
+    app: crate::api::app::App,
     builder: auto::Builder<TokioExecutor>,
     state: AppState,
 }
@@ -266,9 +259,10 @@ impl Edge {
     {
         let outcome = {
             let lean = crate::h1::Lean {
-                router: &self.routes,
+                app: &self.app,
                 ctx: &ctx,
                 header_timeout: self.state.config.server.request_header_timeout,
+                body_timeout: self.state.config.server.request_body_timeout,
                 shutdown: &self.state.shutdown,
             };
             drive(std::pin::pin!(lean.serve(&mut stream)), &ctx.kill).await
@@ -332,17 +326,21 @@ impl Edge {
         IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
     {
         let kill = ctx.kill.clone();
-        let svc = self.router.clone().map_request(
-            move |mut req: http::Request<hyper::body::Incoming>| {
+        let app = self.app.clone();
+        let svc =
+            hyper::service::service_fn(move |mut req: http::Request<hyper::body::Incoming>| {
                 let mut ctx = ctx.clone();
                 ctx.http2 = req.version() == http::Version::HTTP_2;
                 req.extensions_mut().insert(ctx);
-                req
-            },
-        );
+                let app = app.clone();
+                async move {
+                    let res = app.handle_resolved(crate::api::app::with_body(req)).await;
+                    Ok::<_, std::convert::Infallible>(res)
+                }
+            });
         let conn = self
             .builder
-            .serve_connection_with_upgrades(TokioIo::new(io), TowerToHyperService::new(svc));
+            .serve_connection_with_upgrades(TokioIo::new(io), svc);
         drive(std::pin::pin!(watcher.watch(conn.into_owned())), &kill).await;
     }
 }

@@ -1,5 +1,6 @@
 //! The lean HTTP/1.1 path (`h1.rs`) as raw sockets see it: keep-alive and pipelining, HEAD,
-//! hand-offs to hyper in the middle of a connection (a body, HTTP/1.0), clear errors for
+//! small bodies read here, hand-offs to hyper in the middle of a connection (a chunked or
+//! large body, HTTP/1.0), clear errors for
 //! malformed and oversized heads, parked requests released the moment their client
 //! hangs up, and WebSocket handshakes answered here with the socket kept for the session.
 
@@ -41,21 +42,99 @@ async fn pipelined_requests_are_answered_in_order_on_one_connection() {
 }
 
 #[tokio::test]
-async fn a_publish_after_a_get_on_the_same_connection_is_handed_to_hyper_intact() {
+async fn a_publish_with_a_small_body_is_served_on_the_lean_path_with_requests_pipelined_behind_it()
+{
     let server = TestServer::spawn().await;
     let mut s = TcpStream::connect(server.addr).await.unwrap();
     s.write_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n")
         .await
         .unwrap();
     read_until(&mut s, "\r\n\r\n", 1).await;
-    // The POST and a GET pipelined behind it: hyper gets both, from the first byte.
-    s.write_all(b"POST /publish/handoff HTTP/1.1\r\nhost: x\r\ncontent-type: text/plain\r\ncontent-length: 5\r\n\r\nhelloGET /api/channels/handoff HTTP/1.1\r\nhost: x\r\n\r\n")
+    // The body and a GET pipelined behind it, in one write.
+    s.write_all(b"POST /publish/lean HTTP/1.1\r\nhost: x\r\ncontent-type: text/plain\r\ncontent-length: 5\r\n\r\nhelloGET /api/channels/lean HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let out = read_until(&mut s, "HTTP/1.1 200", 2).await;
+    assert!(out.contains("\"offset\":1"), "{out}");
+    let (_, history) = server.get_json("/api/channels/lean/history").await;
+    assert_eq!(history["messages"][0]["data"], "hello", "{history}");
+    // Still the lean path: hyper would answer an oversized head with a bare 431.
+    let big = "a".repeat(70 * 1024);
+    s.write_all(format!("GET /healthz HTTP/1.1\r\nhost: x\r\nx-big: {big}\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let out = tokio::time::timeout(TIMEOUT, read_to_end(&mut s))
+        .await
+        .unwrap();
+    assert!(out.contains("HTTP/1.1 431"), "{out}");
+    assert!(out.contains("\"header_too_large\""), "{out}");
+}
+
+#[tokio::test]
+async fn a_body_sent_in_pieces_is_read_whole_before_the_publish() {
+    let server = TestServer::spawn().await;
+    let mut s = TcpStream::connect(server.addr).await.unwrap();
+    s.write_all(b"POST /publish/pieces HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: 12\r\n\r\n{\"a\":")
+        .await
+        .unwrap();
+    s.flush().await.unwrap();
+    tokio::task::yield_now().await;
+    s.write_all(b"[1, 2]}").await.unwrap();
+    let out = read_until(&mut s, "\"offset\":1", 1).await;
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+    let (_, history) = server.get_json("/api/channels/pieces/history").await;
+    assert_eq!(history["messages"][0]["data"]["a"][1], 2, "{history}");
+}
+
+#[tokio::test]
+async fn a_chunked_publish_is_handed_to_hyper_intact_with_a_request_pipelined_behind_it() {
+    let server = TestServer::spawn().await;
+    let mut s = TcpStream::connect(server.addr).await.unwrap();
+    s.write_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .unwrap();
+    read_until(&mut s, "\r\n\r\n", 1).await;
+    // hyper gets the POST and the GET behind it from their first byte.
+    s.write_all(b"POST /publish/handoff HTTP/1.1\r\nhost: x\r\ncontent-type: text/plain\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\nGET /api/channels/handoff HTTP/1.1\r\nhost: x\r\n\r\n")
         .await
         .unwrap();
     let out = read_until(&mut s, "HTTP/1.1 200", 2).await;
     assert!(out.contains("\"offset\":1"), "{out}");
     let (_, history) = server.get_json("/api/channels/handoff/history").await;
     assert_eq!(history["messages"][0]["data"], "hello", "{history}");
+}
+
+#[tokio::test]
+async fn bodies_the_lean_path_does_not_take_get_hyper_s_answer_and_nothing_is_published() {
+    let server = TestServer::with(|c| c.server.max_message_bytes = 1024).await;
+    // Two lengths that disagree: a smuggling attempt, refused whole.
+    let out = answer_then_close(&server, b"POST /publish/odd HTTP/1.1\r\nhost: x\r\ncontent-length: 5\r\ncontent-length: 6\r\n\r\nhello!").await;
+    assert!(out.starts_with("HTTP/1.1 400"), "{out}");
+    // Over the lean path's 64 KiB: hyper streams it and the handler's 413 comes early.
+    let big = "x".repeat(70 * 1024);
+    let mut s = TcpStream::connect(server.addr).await.unwrap();
+    let head = format!(
+        "POST /publish/big HTTP/1.1\r\nhost: x\r\ncontent-type: text/plain\r\ncontent-length: {}\r\n\r\n",
+        big.len()
+    );
+    s.write_all(head.as_bytes()).await.unwrap();
+    let _ = s.write_all(big.as_bytes()).await;
+    let out = read_until(&mut s, "payload_too_large", 1).await;
+    assert!(out.starts_with("HTTP/1.1 413"), "{out}");
+    // Over max_message_bytes but within 64 KiB: read here, refused by the same handler.
+    let body = "y".repeat(2000);
+    let request = format!(
+        "POST /publish/big HTTP/1.1\r\nhost: x\r\ncontent-type: text/plain\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    let mut s = TcpStream::connect(server.addr).await.unwrap();
+    s.write_all(request.as_bytes()).await.unwrap();
+    let out = read_until(&mut s, "payload_too_large", 1).await;
+    assert!(out.starts_with("HTTP/1.1 413"), "{out}");
+    for channel in ["odd", "big"] {
+        let (status, _) = server.get_json(&format!("/api/channels/{channel}")).await;
+        assert_eq!(status, 404, "{channel} was never published to");
+    }
 }
 
 #[tokio::test]

@@ -225,7 +225,8 @@ async fn an_sse_stream_over_tls_delivers_each_message_as_it_is_published() {
 }
 
 #[tokio::test]
-async fn over_tls_a_publish_after_a_get_is_handed_to_hyper_and_a_huge_head_gets_a_json_431() {
+async fn over_tls_a_publish_is_served_on_the_lean_path_a_chunked_one_by_hyper_and_a_huge_head_gets_a_json_431()
+ {
     use tokio::io::AsyncWriteExt;
     let server = tls_server().await;
     let mut tls = connect(&server, &[b"http/1.1"]).await;
@@ -233,13 +234,12 @@ async fn over_tls_a_publish_after_a_get_is_handed_to_hyper_and_a_huge_head_gets_
         .await
         .unwrap();
     read_until(&mut tls, "\r\n\r\n", 1).await;
-    tls.write_all(b"POST /publish/tls-handoff HTTP/1.1\r\nhost: localhost\r\ncontent-type: text/plain\r\ncontent-length: 5\r\n\r\nhello")
+    tls.write_all(b"POST /publish/tls-lean HTTP/1.1\r\nhost: localhost\r\ncontent-type: text/plain\r\ncontent-length: 5\r\n\r\nhello")
         .await
         .unwrap();
     let out = read_until(&mut tls, "\"offset\":1", 1).await;
     assert!(out.starts_with("HTTP/1.1 200"), "{out}");
-
-    let mut tls = connect(&server, &[b"http/1.1"]).await;
+    // The same connection is still the lean path's: its 431 is JSON.
     let big = "a".repeat(70 * 1024);
     tls.write_all(
         format!("GET /healthz HTTP/1.1\r\nhost: localhost\r\nx-big: {big}\r\n\r\n").as_bytes(),
@@ -247,7 +247,15 @@ async fn over_tls_a_publish_after_a_get_is_handed_to_hyper_and_a_huge_head_gets_
     .await
     .unwrap();
     let out = read_until(&mut tls, "header_too_large", 1).await;
-    assert!(out.starts_with("HTTP/1.1 431"), "{out}");
+    assert!(out.contains("HTTP/1.1 431"), "{out}");
+
+    // A chunked body goes to hyper over TLS, from its first byte.
+    let mut tls = connect(&server, &[b"http/1.1"]).await;
+    tls.write_all(b"POST /publish/tls-handoff HTTP/1.1\r\nhost: localhost\r\ncontent-type: text/plain\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n")
+        .await
+        .unwrap();
+    let out = read_until(&mut tls, "\"offset\":1", 1).await;
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
 }
 
 #[test]

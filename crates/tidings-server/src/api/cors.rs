@@ -10,10 +10,12 @@
 //!   headers — the browser then hides the answer, as it should.
 //! - A WebSocket handshake from a disallowed origin is refused with 403 before any upgrade:
 //!   browsers do not apply CORS to WebSockets, so this check is the only protection there.
+//!
+//! Two plain functions around the handler (`api::app` calls them) rather than a middleware:
+//! a `from_fn` layer boxes a future and clones the router's services on every request.
 
-use axum::extract::{Request, State};
+use axum::extract::Request;
 use axum::http::{HeaderValue, Method, StatusCode, header};
-use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 
 use crate::api::error::ApiError;
@@ -46,14 +48,20 @@ fn is_websocket_handshake(req: &Request) -> bool {
             && req.extensions().get::<hyper::ext::Protocol>().is_some())
 }
 
-pub async fn layer(State(state): State<AppState>, req: Request, next: Next) -> Response {
-    let Some(origin) = req
-        .headers()
-        .get(header::ORIGIN)
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_owned)
-    else {
-        return next.run(req).await;
+/// What `check` decided before the request is routed.
+pub enum Verdict {
+    /// Route the request; the origin (if allowed) goes on the answer (`decorate`).
+    Route(Option<HeaderValue>),
+    /// This is the whole answer: a preflight, or a request refused for its origin.
+    Answer(Response),
+}
+
+pub fn check(state: &AppState, req: &Request) -> Verdict {
+    let Some(value) = req.headers().get(header::ORIGIN) else {
+        return Verdict::Route(None);
+    };
+    let Ok(origin) = value.to_str() else {
+        return Verdict::Route(None);
     };
     // HTTP/2 requests carry their authority in the URI, not in a Host header.
     let host = req
@@ -61,20 +69,23 @@ pub async fn layer(State(state): State<AppState>, req: Request, next: Next) -> R
         .get(header::HOST)
         .and_then(|h| h.to_str().ok())
         .or_else(|| req.uri().authority().map(|a| a.as_str()));
-    let ok = allowed(&state, &origin, host);
+    let ok = allowed(state, origin, host);
     let preflight = req.method() == Method::OPTIONS
         && req
             .headers()
             .contains_key(header::ACCESS_CONTROL_REQUEST_METHOD);
-    if !ok && (preflight || is_websocket_handshake(&req)) {
-        return ApiError::new(
-            StatusCode::FORBIDDEN,
-            "origin_not_allowed",
-            format!("origin {origin} is not in server.cors_origins"),
-        )
-        .into_response();
+    if !ok && (preflight || is_websocket_handshake(req)) {
+        return Verdict::Answer(
+            ApiError::new(
+                StatusCode::FORBIDDEN,
+                "origin_not_allowed",
+                format!("origin {origin} is not in server.cors_origins"),
+            )
+            .into_response(),
+        );
     }
-    let mut res = if preflight {
+    let allow = ok.then(|| value.clone());
+    if preflight {
         let mut res = StatusCode::NO_CONTENT.into_response();
         let h = res.headers_mut();
         h.insert(
@@ -89,22 +100,26 @@ pub async fn layer(State(state): State<AppState>, req: Request, next: Next) -> R
             header::ACCESS_CONTROL_MAX_AGE,
             HeaderValue::from_static("600"),
         );
-        res
-    } else {
-        next.run(req).await
-    };
-    if ok && let Ok(value) = HeaderValue::from_str(&origin) {
-        let h = res.headers_mut();
-        h.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, value);
-        h.insert(
-            header::ACCESS_CONTROL_ALLOW_CREDENTIALS,
-            HeaderValue::from_static("true"),
-        );
-        h.insert(
-            header::ACCESS_CONTROL_EXPOSE_HEADERS,
-            HeaderValue::from_static(EXPOSE_HEADERS),
-        );
-        h.append(header::VARY, HeaderValue::from_static("origin"));
+        decorate(allow, &mut res);
+        return Verdict::Answer(res);
     }
-    res
+    Verdict::Route(allow)
+}
+
+/// After the handler: the CORS headers for an allowed origin (`Verdict::Route(Some(_))`).
+pub fn decorate(origin: Option<HeaderValue>, res: &mut Response) {
+    let Some(origin) = origin else {
+        return;
+    };
+    let h = res.headers_mut();
+    h.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin);
+    h.insert(
+        header::ACCESS_CONTROL_ALLOW_CREDENTIALS,
+        HeaderValue::from_static("true"),
+    );
+    h.insert(
+        header::ACCESS_CONTROL_EXPOSE_HEADERS,
+        HeaderValue::from_static(EXPOSE_HEADERS),
+    );
+    h.append(header::VARY, HeaderValue::from_static("origin"));
 }

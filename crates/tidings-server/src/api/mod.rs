@@ -1,6 +1,7 @@
 //! The HTTP API besides the transports: publishing, channels, health and metrics, and the
 //! router that puts every route together.
 
+pub mod app;
 pub mod channels;
 pub mod cors;
 pub mod error;
@@ -16,14 +17,9 @@ use crate::api::error::ApiError;
 use crate::server::AppState;
 use crate::transport::{http_stream, short_poll, sse, websocket};
 
-pub fn router(state: AppState) -> Router {
-    routes(state).layer(middleware::map_response(
-        crate::transport::long_poll::resolve,
-    ))
-}
-
-/// Every route, with long polls answered by a placeholder (see `transport/long_poll.rs`):
-/// for callers that finish those themselves (the lean HTTP/1.1 path).
+/// Every route, with long polls answered by a placeholder (see `transport/long_poll.rs`).
+/// CORS and the hot routes' shortcut sit in front of it in `app::App`, which is what the
+/// server runs.
 pub fn routes(state: AppState) -> Router {
     Router::new()
         .route("/publish", post(publish::document))
@@ -45,7 +41,6 @@ pub fn routes(state: AppState) -> Router {
         .merge(crate::assets::routes())
         .fallback(|| async { ApiError::not_found() })
         .method_not_allowed_fallback(|| async { ApiError::method_not_allowed() })
-        .layer(middleware::from_fn_with_state(state.clone(), cors::layer))
         .with_state(state)
 }
 

@@ -214,18 +214,20 @@ pub async fn to_channel(
 /// single-message publish: no `Value` tree, no map. Every field is already JSON-safe: channel
 /// names, epochs and cursors are drawn from URL-safe ASCII.
 fn position_reply(m: &Message) -> Response {
-    use std::fmt::Write as _;
     let cursor = m.cursor();
-    let mut out = String::with_capacity(96 + cursor.len());
-    let _ = write!(
-        out,
-        "{{\"channel\":\"{}\",\"offset\":{},\"epoch\":\"{}\",\"cursor\":\"{}\",\"time\":{}}}",
-        m.channel.as_str(),
-        m.offset,
-        m.epoch.as_str(),
-        std::str::from_utf8(cursor).unwrap_or(""),
-        m.time
-    );
+    let mut out = String::with_capacity(96 + m.channel.as_str().len() + cursor.len());
+    let mut number = itoa::Buffer::new();
+    out.push_str("{\"channel\":\"");
+    out.push_str(m.channel.as_str());
+    out.push_str("\",\"offset\":");
+    out.push_str(number.format(m.offset));
+    out.push_str(",\"epoch\":\"");
+    out.push_str(m.epoch.as_str());
+    out.push_str("\",\"cursor\":\"");
+    out.push_str(std::str::from_utf8(cursor).unwrap_or(""));
+    out.push_str("\",\"time\":");
+    out.push_str(number.format(m.time));
+    out.push('}');
     (
         [(
             header::CONTENT_TYPE,
