@@ -22,9 +22,13 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCH = os.path.join(ROOT, "bench")
-RESULTS = os.path.join(BENCH, "results", "results.jsonl")
+# Where rows are appended (and `report` reads); another file keeps a trial run out of the report.
+RESULTS = os.environ.get("TIDINGS_BENCH_RESULTS", os.path.join(BENCH, "results", "results.jsonl"))
 RUNDIR = "/tmp/tidings-bench"
 TIDINGS = os.path.join(ROOT, "target", "release", "tidings")
+# The server under test; the load generator is always TIDINGS. Set it to compare two builds
+# in one sitting (with --variant to tell their rows apart).
+TIDINGS_SERVER = os.environ.get("TIDINGS_SERVER_BIN", TIDINGS)
 URLS = {
     "tidings": "http://127.0.0.1:8080",
     "nchan": "http://127.0.0.1:8090",
@@ -104,7 +108,7 @@ class Server:
         os.makedirs(d)
         log = open(os.path.join(d, "server.log"), "w")
         if self.target == "tidings":
-            p = subprocess.Popen(["taskset", "-c", "0", TIDINGS, "serve", "--listen",
+            p = subprocess.Popen(["taskset", "-c", "0", TIDINGS_SERVER, "serve", "--listen",
                                   "127.0.0.1:8080"], stdout=log, stderr=log,
                                  env={**os.environ, "TIDINGS_LOG": "warn"})
             self.procs = [p]

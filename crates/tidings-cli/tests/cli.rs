@@ -14,9 +14,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde_json::{Value, json};
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader, Lines};
+use tidings_testkit::Proc;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::process::{Child, ChildStdout, Command};
+use tokio::process::{Child, Command};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
@@ -319,88 +320,10 @@ async fn publish_to_an_invalid_channel_name_fails_with_the_servers_message() {
 // ---------------------------------------------------------------------------------------------
 
 /// A running `tidings subscribe`, read line by line; killed when dropped.
-struct Subscriber {
-    child: Child,
-    stdout: Lines<BufReader<ChildStdout>>,
-    stderr: Arc<Mutex<String>>,
-    lines: Vec<String>,
-}
-
-impl Subscriber {
-    fn start(args: &[&str]) -> Self {
-        let mut cmd = tidings();
-        cmd.arg("subscribe").args(args);
-        let mut child = cmd.spawn().expect("spawning tidings subscribe");
-        let stdout = BufReader::new(child.stdout.take().unwrap()).lines();
-        let stderr = Arc::new(Mutex::new(String::new()));
-        let mut pipe = child.stderr.take().unwrap();
-        tokio::spawn({
-            let stderr = stderr.clone();
-            async move {
-                let mut buf = [0u8; 4096];
-                while let Ok(n) = pipe.read(&mut buf).await {
-                    if n == 0 {
-                        break;
-                    }
-                    stderr
-                        .lock()
-                        .unwrap()
-                        .push_str(&String::from_utf8_lossy(&buf[..n]));
-                }
-            }
-        });
-        Self {
-            child,
-            stdout,
-            stderr,
-            lines: Vec::new(),
-        }
-    }
-
-    fn context(&self) -> String {
-        format!(
-            "--- subscribe stdout:\n{}\n--- subscribe stderr:\n{}",
-            self.lines.join("\n"),
-            self.stderr.lock().unwrap()
-        )
-    }
-
-    async fn next_line(&mut self) -> Option<String> {
-        match tokio::time::timeout(WAIT, self.stdout.next_line()).await {
-            Ok(Ok(line)) => {
-                if let Some(l) = &line {
-                    self.lines.push(l.clone());
-                }
-                line
-            }
-            Ok(Err(e)) => panic!("reading stdout: {e}\n{}", self.context()),
-            Err(_) => panic!("nothing printed for {WAIT:?}\n{}", self.context()),
-        }
-    }
-
-    /// Waits until `n` lines in all have been printed.
-    async fn wait_for_lines(&mut self, n: usize) {
-        while self.lines.len() < n {
-            if self.next_line().await.is_none() {
-                panic!(
-                    "output ended after {} lines\n{}",
-                    self.lines.len(),
-                    self.context()
-                );
-            }
-        }
-    }
-
-    /// Reads to the end of the output, expects exit code 0, returns every line printed.
-    async fn finish_ok(&mut self) -> Vec<String> {
-        while self.next_line().await.is_some() {}
-        let status = tokio::time::timeout(WAIT, self.child.wait())
-            .await
-            .unwrap_or_else(|_| panic!("stdout closed but no exit\n{}", self.context()))
-            .unwrap();
-        assert!(status.success(), "exit {status}\n{}", self.context());
-        self.lines.clone()
-    }
+fn subscriber(args: &[&str]) -> Proc {
+    let mut cmd = tidings();
+    cmd.arg("subscribe").args(args);
+    Proc::spawn("tidings subscribe", cmd, "it is built with the tests")
 }
 
 /// Each printed line must be the envelope of the matching publish: same channel, offset,
@@ -464,9 +387,9 @@ async fn subscribe_replays_history_then_prints_live_messages(transport: &str) {
         &server.url,
     ];
     args.extend(transport_args(transport));
-    let mut sub = Subscriber::start(&args);
+    let mut sub = subscriber(&args);
     sub.wait_for_lines(3).await;
-    assert_envelopes(&sub.lines, &published);
+    assert_envelopes(&sub.seen, &published);
     if matches!(transport, "ws" | "sse" | "stream") {
         // A stream or WebSocket counts as a subscriber while it is open (a poll only while a
         // request is held); having replayed history, it is live.
@@ -505,7 +428,7 @@ async fn subscribe_since_a_cursor_prints_exactly_what_followed_it(transport: &st
         &server.url,
     ];
     args.extend(transport_args(transport));
-    let lines = Subscriber::start(&args).finish_ok().await;
+    let lines = subscriber(&args).finish_ok().await;
     assert_envelopes(&lines, &published[1..]);
 }
 
@@ -526,7 +449,7 @@ async fn subscribe_reconnects_by_itself_and_resumes_without_loss(transport: &str
         &proxy.url,
     ];
     args.extend(transport_args(transport));
-    let mut sub = Subscriber::start(&args);
+    let mut sub = subscriber(&args);
     sub.wait_for_lines(3).await;
     proxy.cut();
     published.extend(publish_numbered(&server, 4..=6).await);

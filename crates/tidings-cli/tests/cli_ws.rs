@@ -8,12 +8,12 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::process::{Output, Stdio};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde_json::{Value, json};
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader, Lines};
-use tokio::process::{Child, ChildStdout, Command};
+use tidings_testkit::Proc;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::process::{Child, Command};
 
 /// The longest any single wait (a line, an exit) may take before the test fails.
 const WAIT: Duration = Duration::from_secs(20);
@@ -200,99 +200,10 @@ fn keys_in_order(line: &str) -> Vec<String> {
 }
 
 /// A running `tidings subscribe`, read line by line; killed when dropped.
-struct Subscriber {
-    child: Child,
-    stdout: Lines<BufReader<ChildStdout>>,
-    stderr: Arc<Mutex<String>>,
-    lines: Vec<String>,
-}
-
-impl Subscriber {
-    fn start(args: &[&str]) -> Self {
-        let mut cmd = tidings();
-        cmd.arg("subscribe").args(args);
-        let mut child = cmd.spawn().expect("spawning tidings subscribe");
-        let stdout = BufReader::new(child.stdout.take().unwrap()).lines();
-        let stderr = Arc::new(Mutex::new(String::new()));
-        let mut pipe = child.stderr.take().unwrap();
-        tokio::spawn({
-            let stderr = stderr.clone();
-            async move {
-                let mut buf = [0u8; 4096];
-                while let Ok(n) = pipe.read(&mut buf).await {
-                    if n == 0 {
-                        break;
-                    }
-                    stderr
-                        .lock()
-                        .unwrap()
-                        .push_str(&String::from_utf8_lossy(&buf[..n]));
-                }
-            }
-        });
-        Self {
-            child,
-            stdout,
-            stderr,
-            lines: Vec::new(),
-        }
-    }
-
-    fn context(&self) -> String {
-        format!(
-            "--- subscribe stdout:\n{}\n--- subscribe stderr:\n{}",
-            self.lines.join("\n"),
-            self.stderr.lock().unwrap()
-        )
-    }
-
-    async fn next_line(&mut self) -> Option<String> {
-        match tokio::time::timeout(WAIT, self.stdout.next_line()).await {
-            Ok(Ok(line)) => {
-                if let Some(l) = &line {
-                    self.lines.push(l.clone());
-                }
-                line
-            }
-            Ok(Err(e)) => panic!("reading stdout: {e}\n{}", self.context()),
-            Err(_) => panic!("nothing printed for {WAIT:?}\n{}", self.context()),
-        }
-    }
-
-    /// Waits until `n` lines in all have been printed.
-    async fn wait_for_lines(&mut self, n: usize) {
-        while self.lines.len() < n {
-            if self.next_line().await.is_none() {
-                panic!(
-                    "output ended after {} lines\n{}",
-                    self.lines.len(),
-                    self.context()
-                );
-            }
-        }
-    }
-
-    /// Reads to the end of the output, expects exit code 0, returns every line printed.
-    async fn finish_ok(&mut self) -> Vec<String> {
-        while self.next_line().await.is_some() {}
-        let status = tokio::time::timeout(WAIT, self.child.wait())
-            .await
-            .unwrap_or_else(|_| panic!("stdout closed but no exit\n{}", self.context()))
-            .unwrap();
-        assert!(status.success(), "exit {status}\n{}", self.context());
-        self.lines.clone()
-    }
-
-    /// Waits for the exit, expects failure, returns stderr.
-    async fn finish_err(&mut self) -> String {
-        while self.next_line().await.is_some() {}
-        let status = tokio::time::timeout(WAIT, self.child.wait())
-            .await
-            .unwrap_or_else(|_| panic!("stdout closed but no exit\n{}", self.context()))
-            .unwrap();
-        assert!(!status.success(), "exit {status}\n{}", self.context());
-        self.stderr.lock().unwrap().clone()
-    }
+fn subscriber(args: &[&str]) -> Proc {
+    let mut cmd = tidings();
+    cmd.arg("subscribe").args(args);
+    Proc::spawn("tidings subscribe", cmd, "it is built with the tests")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -361,7 +272,7 @@ async fn subscribe_over_ws_replays_history_then_prints_the_live_message_and_exit
             data,
         ));
     }
-    let mut sub = Subscriber::start(&[
+    let mut sub = subscriber(&[
         "news",
         "--transport",
         "ws",
@@ -394,7 +305,7 @@ async fn subscribe_over_ws_replays_history_then_prints_the_live_message_and_exit
     }
 
     // Byte for byte what the HTTP stream prints for the same messages.
-    let over_stream = Subscriber::start(&[
+    let over_stream = subscriber(&[
         "news",
         "--transport",
         "stream",
@@ -429,7 +340,7 @@ async fn ws_errors_end_the_command_with_the_servers_message() {
         "{stderr}"
     );
 
-    let stderr = Subscriber::start(&[
+    let stderr = subscriber(&[
         "news",
         "bad name!",
         "--transport",

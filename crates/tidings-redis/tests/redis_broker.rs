@@ -84,19 +84,8 @@ async fn offsets(sub: &mut Subscription, n: usize) -> Vec<u64> {
 }
 
 /// Polls `probe` until it holds, or fails after `WAIT` (for state only Redis can tell).
-async fn eventually(what: &str, mut probe: impl AsyncFnMut() -> bool) {
-    // The probe runs on a 20 ms ticker; the whole wait is one timeout.
-    let mut tick = tokio::time::interval(Duration::from_millis(20));
-    let held = tokio::time::timeout(WAIT, async {
-        loop {
-            tick.tick().await;
-            if probe().await {
-                return;
-            }
-        }
-    })
-    .await;
-    assert!(held.is_ok(), "never happened within {WAIT:?}: {what}");
+async fn eventually(what: &str, probe: impl AsyncFnMut() -> bool) {
+    tidings_testkit::eventually(what, WAIT, Duration::from_millis(20), probe).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -26,7 +26,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use common::TestServer;
-use common::proc::Proc;
+use tidings_testkit::Proc;
 
 const INSTALL_HINT: &str = "run scripts/test.sh once: it installs curl, the Python venv (.venv/) \
                             and the Node modules (tests/clients/node_modules/) these tests spawn";

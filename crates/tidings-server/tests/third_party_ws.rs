@@ -21,7 +21,7 @@ use serde_json::{Value, json};
 use tokio::process::Command;
 
 use common::TestServer;
-use common::proc::Proc;
+use tidings_testkit::Proc;
 
 const INSTALL_HINT: &str = "run scripts/test.sh once: it installs the Python venv (.venv/, with \
                             websockets) and the Node modules (tests/clients/node_modules/, with ws) \
@@ -137,8 +137,17 @@ fn node() -> PathBuf {
 }
 
 /// The Node and Python WebSocket clients print one JSON record per line.
-impl Proc {
+trait JsonLines {
     /// The next stdout line, parsed as JSON; the output must not end here.
+    async fn json(&mut self) -> Value;
+    /// Skips JSON lines until one satisfies `pred`, and returns it.
+    async fn json_where(&mut self, what: &str, pred: impl Fn(&Value) -> bool) -> Value;
+    /// Reads stdout to its end, waits for the exit, which must be a success, and returns
+    /// every line the client printed, parsed.
+    async fn finish_json(&mut self) -> Vec<Value>;
+}
+
+impl JsonLines for Proc {
     async fn json(&mut self) -> Value {
         let line = self.line().await;
         serde_json::from_str(&line).unwrap_or_else(|e| {
@@ -150,7 +159,6 @@ impl Proc {
         })
     }
 
-    /// Skips JSON lines until one satisfies `pred`, and returns it.
     async fn json_where(&mut self, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
         for _ in 0..1000 {
             let v = self.json().await;
@@ -161,8 +169,6 @@ impl Proc {
         panic!("{} never printed {what}\n{}", self.name, self.context());
     }
 
-    /// Reads stdout to its end, waits for the exit, which must be a success, and returns every
-    /// line the client printed, parsed.
     async fn finish_json(&mut self) -> Vec<Value> {
         self.finish_ok()
             .await

@@ -6,8 +6,6 @@
 
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
-pub mod proc;
-
 use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -23,19 +21,8 @@ pub const TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Polls `probe` until it holds, failing after `TIMEOUT`: for server state that announces
 /// no event a test could await (metrics, `/readyz`, presence lists kept in Redis).
-pub async fn eventually(what: &str, mut probe: impl AsyncFnMut() -> bool) {
-    // The probe runs on a 10 ms ticker; the whole wait is one timeout.
-    let mut tick = tokio::time::interval(Duration::from_millis(10));
-    let held = tokio::time::timeout(TIMEOUT, async {
-        loop {
-            tick.tick().await;
-            if probe().await {
-                return;
-            }
-        }
-    })
-    .await;
-    assert!(held.is_ok(), "never happened within {TIMEOUT:?}: {what}");
+pub async fn eventually(what: &str, probe: impl AsyncFnMut() -> bool) {
+    tidings_testkit::eventually(what, TIMEOUT, Duration::from_millis(10), probe).await;
 }
 
 /// Reads a raw socket until EOF (or reset); returns what came.

@@ -1,5 +1,5 @@
-//! A spawned client (curl, Python, Node) whose stdout is read line by line, for the
-//! third-party client tests.
+//! A spawned process whose stdout is read line by line: third-party clients (curl, Python,
+//! Node) in the server's tests, `tidings subscribe` in the CLI's.
 
 use std::process::{ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
@@ -119,6 +119,20 @@ impl Proc {
         }
     }
 
+    /// Waits until `n` lines in all have been printed.
+    pub async fn wait_for_lines(&mut self, n: usize) {
+        while self.seen.len() < n {
+            if self.next_line().await.is_none() {
+                panic!(
+                    "{} ended its output after {} lines\n{}",
+                    self.name,
+                    self.seen.len(),
+                    self.context()
+                );
+            }
+        }
+    }
+
     /// Reads stdout to its end and waits for the exit; returns every line the client printed.
     pub async fn finish(&mut self) -> (ExitStatus, Vec<String>) {
         while self.next_line().await.is_some() {}
@@ -143,6 +157,18 @@ impl Proc {
             self.context()
         );
         lines
+    }
+
+    /// Like `finish`, and the exit must be a failure; returns what it wrote to stderr.
+    pub async fn finish_err(&mut self) -> String {
+        let (status, _) = self.finish().await;
+        assert!(
+            !status.success(),
+            "{} exited with {status}\n{}",
+            self.name,
+            self.context()
+        );
+        self.stderr.lock().unwrap().clone()
     }
 
     pub async fn kill(mut self) {
