@@ -29,7 +29,6 @@
 //! for the next request, at most `MAX_HEAD` of them; past that the socket is not read until
 //! the response ends.
 
-use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -46,7 +45,7 @@ use tokio::time::Instant;
 use tokio_rustls::server::TlsStream;
 use tokio_util::sync::CancellationToken;
 
-use crate::api::app::App;
+use crate::api::app::{App, Handled};
 use crate::server::ConnectionCtx;
 use crate::transport::long_poll;
 use crate::transport::websocket::{LeanUpgrade, Pending};
@@ -129,8 +128,8 @@ impl Exchange {
 enum Answer {
     Ready(Exchange),
     Wait {
-        wait: Pin<Box<dyn Future<Output = Response<Body>> + Send>>,
-        layered: HeaderMap,
+        wait: long_poll::Wait,
+        cors: Option<HeaderValue>,
         keep_alive: bool,
         head_only: bool,
     },
@@ -153,13 +152,13 @@ impl Lean<'_> {
                 Answer::Ready(exchange) => exchange,
                 Answer::Wait {
                     wait,
-                    layered,
+                    cors,
                     keep_alive,
                     head_only,
                 } => {
                     let mut watch = Watch::new(&mut buf);
                     let res = tokio::select! {
-                        res = wait => long_poll::merge_headers(res, layered),
+                        res = wait => App::finish(res, cors),
                         _ = hung_up(stream, &mut watch) => return Outcome::Done,
                     };
                     Exchange::new(res, keep_alive, head_only)
@@ -209,16 +208,15 @@ impl Lean<'_> {
         if body > 0 {
             *req.body_mut() = Body::from(self.read_body(stream, buf, body).await?);
         }
-        let mut res = self.app.handle(req).await;
-        if let Some((wait, layered)) = long_poll::take_deferred(&mut res) {
-            return Ok(Answer::Wait {
+        match self.app.handle(req, self.ctx).await {
+            Handled::Ready(res) => Ok(Answer::Ready(Exchange::new(res, keep_alive, head_only))),
+            Handled::Wait(wait, cors) => Ok(Answer::Wait {
                 wait,
-                layered,
+                cors,
                 keep_alive,
                 head_only,
-            });
+            }),
         }
-        Ok(Answer::Ready(Exchange::new(res, keep_alive, head_only)))
     }
 
     /// Reads a body of `len` bytes that follows the head in `buf` (at most `LEAN_BODY`).
@@ -279,7 +277,7 @@ impl Lean<'_> {
         }
         let deadline = Instant::now() + self.header_timeout;
         loop {
-            if let Some(head) = parse(buf, self.ctx) {
+            if let Some(head) = parse(buf) {
                 return head;
             }
             if buf.len() >= MAX_HEAD {
@@ -367,7 +365,7 @@ pub async fn read_more<S: Socket>(
 
 /// Parses a complete head at the start of `buf` (consuming it), or says why not.
 /// `None`: incomplete, read more.
-fn parse(buf: &mut BytesMut, ctx: &ConnectionCtx) -> Option<Head> {
+fn parse(buf: &mut BytesMut) -> Option<Head> {
     if buf.is_empty() {
         return None;
     }
@@ -406,6 +404,17 @@ fn parse(buf: &mut BytesMut, ctx: &ConnectionCtx) -> Option<Head> {
     let mut keep_alive = true;
     let mut websocket = false;
     let mut body = None;
+    // One copy of the head; the header values and the URI are slices of it, not a copy
+    // (and an allocation) each.
+    let head = Bytes::copy_from_slice(&buf[..len]);
+    // httparse's slices all lie in the head; checked anyway, so no input can panic here.
+    let within = |part: &[u8]| {
+        let start = (part.as_ptr() as usize).checked_sub(buf.as_ptr() as usize)?;
+        let end = start
+            .checked_add(part.len())
+            .filter(|&end| end <= head.len())?;
+        Some(head.slice(start..end))
+    };
     let mut map = HeaderMap::with_capacity(parsed.headers.len());
     for h in parsed.headers.iter() {
         let name = h.name.as_bytes();
@@ -430,15 +439,15 @@ fn parse(buf: &mut BytesMut, ctx: &ConnectionCtx) -> Option<Head> {
         if name.eq_ignore_ascii_case(b"connection") && has_token(h.value, b"close") {
             keep_alive = false;
         }
-        let (Ok(name), Ok(value)) = (
+        let (Ok(name), Some(Ok(value))) = (
             HeaderName::from_bytes(name),
-            HeaderValue::from_bytes(h.value),
+            within(h.value).map(HeaderValue::from_maybe_shared),
         ) else {
             return Some(bad_request());
         };
         map.append(name, value);
     }
-    let Ok(uri) = http::Uri::try_from(path) else {
+    let Some(Ok(uri)) = within(path.as_bytes()).map(http::Uri::from_maybe_shared) else {
         return Some(bad_request());
     };
     let head_only = method == Method::HEAD;
@@ -446,10 +455,6 @@ fn parse(buf: &mut BytesMut, ctx: &ConnectionCtx) -> Option<Head> {
     *req.method_mut() = method;
     *req.uri_mut() = uri;
     *req.headers_mut() = map;
-    req.extensions_mut().insert(ConnectionCtx {
-        http2: false,
-        ..ctx.clone()
-    });
     if websocket {
         req.extensions_mut().insert(LeanUpgrade);
     }
@@ -504,14 +509,8 @@ pub enum FuzzHead {
 /// Runs the lean path's head parser on `input` (see `FuzzHead`).
 #[doc(hidden)]
 pub fn fuzz_parse(input: &[u8]) -> (FuzzHead, Vec<u8>) {
-    let ctx = ConnectionCtx {
-        peer: std::net::SocketAddr::from(([127, 0, 0, 1], 1)),
-        kill: CancellationToken::new(),
-        publish_rate: std::sync::Arc::new(crate::limits::RateLimiter::new(0)),
-        http2: false,
-    };
     let mut buf = BytesMut::from(input);
-    let head = match parse(&mut buf, &ctx) {
+    let head = match parse(&mut buf) {
         None => FuzzHead::Partial,
         Some(Head::Handoff) => FuzzHead::Handoff,
         Some(Head::Refuse(status, _, _)) => FuzzHead::Refuse(status.as_u16()),
@@ -646,7 +645,13 @@ fn response_head(
         Framing::Chunked
     };
 
-    let mut out = Vec::with_capacity(256);
+    // Room for the head and, for a small body of known length, the body too (it goes out
+    // in the same write): one allocation per answer.
+    let body_room = match framing {
+        Framing::Length(n) => usize::try_from(n).unwrap_or(COALESCE).min(COALESCE),
+        _ => 0,
+    };
+    let mut out = Vec::with_capacity(512 + body_room);
     out.extend_from_slice(b"HTTP/1.1 ");
     out.extend_from_slice(status.as_str().as_bytes());
     out.push(b' ');

@@ -327,17 +327,15 @@ impl Edge {
     {
         let kill = ctx.kill.clone();
         let app = self.app.clone();
-        let svc =
-            hyper::service::service_fn(move |mut req: http::Request<hyper::body::Incoming>| {
-                let mut ctx = ctx.clone();
-                ctx.http2 = req.version() == http::Version::HTTP_2;
-                req.extensions_mut().insert(ctx);
-                let app = app.clone();
-                async move {
-                    let res = app.handle_resolved(crate::api::app::with_body(req)).await;
-                    Ok::<_, std::convert::Infallible>(res)
-                }
-            });
+        let svc = hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+            let mut ctx = ctx.clone();
+            ctx.http2 = req.version() == http::Version::HTTP_2;
+            let app = app.clone();
+            async move {
+                let req = crate::api::app::with_body(req);
+                Ok::<_, std::convert::Infallible>(app.handle_resolved(req, &ctx).await)
+            }
+        });
         let conn = self
             .builder
             .serve_connection_with_upgrades(TokioIo::new(io), svc);

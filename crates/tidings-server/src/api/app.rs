@@ -17,11 +17,13 @@ use axum::Router;
 use axum::body::Body;
 use axum::extract::{Path, RawQuery, Request, State};
 use axum::response::{IntoResponse, Response};
-use http::Method;
+use http::{HeaderValue, Method};
 use tower::ServiceExt;
 
+use crate::api::error::ApiError;
 use crate::api::{cors, publish};
 use crate::server::{AppState, ConnectionCtx};
+use crate::transport::short_poll::Polled;
 use crate::transport::{http_stream, long_poll, short_poll, sse};
 
 /// Cheap to clone: two reference counts.
@@ -68,57 +70,88 @@ fn hot(method: &Method, path: &str) -> Option<Hot> {
     }
 }
 
+/// What `App::handle` answers.
+pub enum Handled {
+    Ready(Response),
+    /// A long poll: its answer comes when `wait` ends, and `cors` goes on it then
+    /// (`App::finish`). The caller waits on it beside the socket.
+    Wait(long_poll::Wait, Option<HeaderValue>),
+}
+
 impl App {
     pub fn new(state: AppState) -> Self {
         let router = crate::api::routes(state.clone());
         Self { state, router }
     }
 
-    /// Answers `req`. A long poll comes back as a placeholder (`long_poll::deferred`) for
-    /// the caller to finish: the lean HTTP/1.1 path waits on it beside the socket.
-    pub async fn handle(&self, req: Request) -> Response {
+    /// Answers `req`, which came over `conn`.
+    pub async fn handle(&self, mut req: Request, conn: &ConnectionCtx) -> Handled {
         let origin = match cors::check(&self.state, &req) {
             cors::Verdict::Route(origin) => origin,
-            cors::Verdict::Answer(answer) => return answer,
+            cors::Verdict::Answer(answer) => return Handled::Ready(answer),
         };
         let mut res = match hot(req.method(), req.uri().path()) {
-            Some(route) => self.dispatch(route, req).await,
-            None => match self.router.clone().oneshot(req).await {
-                Ok(res) => res,
-                Err(never) => match never {},
+            Some(route) => match self.dispatch(route, req, conn).await {
+                Ok(Polled::Now(res)) => res,
+                Ok(Polled::Later(wait)) => return Handled::Wait(wait, origin),
+                Err(e) => e.into_response(),
             },
+            None => {
+                // Handlers behind the router find the connection in the extensions.
+                req.extensions_mut().insert(conn.clone());
+                let res = match self.router.clone().oneshot(req).await {
+                    Ok(res) => res,
+                    Err(never) => match never {},
+                };
+                if let Some(wait) = long_poll::take_deferred(&res) {
+                    return Handled::Wait(wait, origin);
+                }
+                res
+            }
         };
         cors::decorate(origin, &mut res);
+        Handled::Ready(res)
+    }
+
+    /// A long poll's answer, once its wait ended (`Handled::Wait`).
+    pub fn finish(mut res: Response, cors: Option<HeaderValue>) -> Response {
+        cors::decorate(cors, &mut res);
         res
     }
 
     /// `handle` with long polls finished in place (hyper's connections).
-    pub async fn handle_resolved(&self, req: Request) -> Response {
-        long_poll::resolve(self.handle(req).await).await
+    pub async fn handle_resolved(&self, req: Request, conn: &ConnectionCtx) -> Response {
+        match self.handle(req, conn).await {
+            Handled::Ready(res) => res,
+            Handled::Wait(wait, cors) => Self::finish(wait.await, cors),
+        }
     }
 
-    async fn dispatch(&self, route: Hot, req: Request) -> Response {
+    async fn dispatch(
+        &self,
+        route: Hot,
+        req: Request,
+        conn: &ConnectionCtx,
+    ) -> Result<Polled, ApiError> {
         let (parts, body) = req.into_parts();
-        let state = State(self.state.clone());
-        let conn = parts
-            .extensions
-            .get::<ConnectionCtx>()
-            .cloned()
-            .map(axum::Extension);
-        let query = RawQuery(parts.uri.query().map(str::to_owned));
+        let state = self.state.clone();
+        let conn = Some(axum::Extension(conn.clone()));
+        let query = parts.uri.query().map(str::to_owned);
         let headers = parts.headers;
-        let answered = match route {
+        let (st, q) = (State, RawQuery);
+        let now = match route {
+            Hot::Poll(c) => return short_poll::poll(state, c, query, headers).await,
             Hot::Publish(c) => {
-                publish::to_channel(state, conn, Path(c), query, headers, body).await
+                publish::to_channel(st(state), conn, Path(c), q(query), headers, body).await
             }
-            Hot::Sse(Some(c)) => sse::raw(state, conn, Path(c), query, headers).await,
-            Hot::Sse(None) => sse::envelopes(state, conn, query, headers).await,
-            Hot::Stream(Some(c)) => http_stream::one(state, conn, Path(c), query, headers).await,
-            Hot::Stream(None) => http_stream::many(state, conn, query, headers).await,
-            Hot::Poll(Some(c)) => short_poll::one(state, Path(c), query, headers).await,
-            Hot::Poll(None) => short_poll::many(state, query, headers).await,
+            Hot::Sse(Some(c)) => sse::raw(st(state), conn, Path(c), q(query), headers).await,
+            Hot::Sse(None) => sse::envelopes(st(state), conn, q(query), headers).await,
+            Hot::Stream(Some(c)) => {
+                http_stream::one(st(state), conn, Path(c), q(query), headers).await
+            }
+            Hot::Stream(None) => http_stream::many(st(state), conn, q(query), headers).await,
         };
-        answered.into_response()
+        now.map(Polled::Now)
     }
 }
 

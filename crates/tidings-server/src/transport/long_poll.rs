@@ -3,11 +3,11 @@
 //! message published at any moment after the request arrived ends the wait.
 //!
 //! Memory: a waiting poll is a parked connection, and waiting inside the handler would keep
-//! the router's whole chain of futures (routing, middleware, extractors, the request's
-//! headers) alive with it: ~6 KB. So the handler answers at once with a placeholder that
-//! carries the wait as a `Deferred` extension; the connection then holds only the wait.
-//! `resolve` finishes it: the lean HTTP/1.1 path calls it after the router has returned,
-//! and for hyper's connections it is the router's outermost layer.
+//! the handler's future (extractors, the request's headers, and through the router its
+//! whole chain of futures) alive with it. So a poll answers at once with its `Wait`, and
+//! the connection then holds only that: `api::app` gets it straight from `short_poll`, and
+//! through the router (which has no other way to return it) as a placeholder response that
+//! carries it as a `Deferred` extension (`take_deferred`).
 
 use std::future::Future;
 use std::pin::Pin;
@@ -46,49 +46,24 @@ pub async fn wait(
     }
 }
 
-type Wait = Pin<Box<dyn Future<Output = Response> + Send>>;
+/// A long poll's answer, still to come.
+pub type Wait = Pin<Box<dyn Future<Output = Response> + Send>>;
 
 /// A response still to come (the extension on a placeholder response).
 #[derive(Clone)]
 struct Deferred(Arc<Mutex<Option<Wait>>>);
 
 /// A placeholder response whose real answer is `wait`'s output.
-pub fn deferred(wait: impl Future<Output = Response> + Send + 'static) -> Response {
+pub fn deferred(wait: Wait) -> Response {
     let mut res = Response::new(Body::empty());
     res.extensions_mut()
-        .insert(Deferred(Arc::new(Mutex::new(Some(Box::pin(wait))))));
+        .insert(Deferred(Arc::new(Mutex::new(Some(wait)))));
     res
 }
 
-/// Takes the wait (and the headers layers added) out of a placeholder; `None` for any
-/// other response.
-pub fn take_deferred(res: &mut Response) -> Option<(Wait, http::HeaderMap)> {
-    let wait = res
-        .extensions()
+/// Takes the wait out of a placeholder; `None` for any other response.
+pub fn take_deferred(res: &Response) -> Option<Wait> {
+    res.extensions()
         .get::<Deferred>()
-        .and_then(|d| d.0.lock().ok()?.take())?;
-    Some((wait, std::mem::take(res.headers_mut())))
-}
-
-/// Headers the layers put on the placeholder (CORS) go on the real answer too; not those
-/// describing the placeholder's own empty body (axum sets `content-length: 0` on it).
-pub fn merge_headers(mut res: Response, layered: http::HeaderMap) -> Response {
-    use http::header::{CONTENT_LENGTH, CONTENT_TYPE, TRANSFER_ENCODING};
-    let headers = res.headers_mut();
-    for (name, value) in &layered {
-        let about_body =
-            name == CONTENT_LENGTH || name == CONTENT_TYPE || name == TRANSFER_ENCODING;
-        if !about_body && !headers.contains_key(name) {
-            headers.insert(name.clone(), value.clone());
-        }
-    }
-    res
-}
-
-/// Waits for a placeholder's real answer; other responses pass through.
-pub async fn resolve(mut res: Response) -> Response {
-    match take_deferred(&mut res) {
-        Some((wait, layered)) => merge_headers(wait.await, layered),
-        None => res,
-    }
+        .and_then(|d| d.0.lock().ok()?.take())
 }

@@ -9,7 +9,7 @@
 use axum::extract::{Path, RawQuery, State};
 use axum::http::{HeaderMap, HeaderValue, header};
 use axum::response::{IntoResponse, Response};
-use bytes::{BufMut, BytesMut};
+use bytes::{BufMut, Bytes, BytesMut};
 use tidings_core::{BrokerError, DisconnectReason, Event, Subscription};
 
 use crate::api::error::ApiError;
@@ -92,19 +92,41 @@ impl PollReply {
             .into_response();
         let h = res.headers_mut();
         h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
-        if let Ok(etag) = HeaderValue::from_str(&format!("\"{cursor}\"")) {
+        let mut etag = Vec::with_capacity(cursor.len() + 2);
+        etag.push(b'"');
+        etag.extend_from_slice(cursor.as_bytes());
+        etag.push(b'"');
+        if let Ok(etag) = HeaderValue::from_maybe_shared(Bytes::from(etag)) {
             h.insert(header::ETAG, etag);
         }
         res
     }
 }
 
-async fn poll(
+/// What a poll answers: now, or (a long poll with nothing yet) when its wait ends.
+pub enum Polled {
+    Now(Response),
+    Later(long_poll::Wait),
+}
+
+impl Polled {
+    /// As the router needs it: a long poll becomes a placeholder (`long_poll::deferred`).
+    fn into_response(self) -> Response {
+        match self {
+            Polled::Now(res) => res,
+            Polled::Later(wait) => long_poll::deferred(wait),
+        }
+    }
+}
+
+/// `GET /poll/{channel}` (`channel`) or `GET /poll?channel=…`, for callers that take a
+/// long poll's wait directly (`api::app`).
+pub async fn poll(
     state: AppState,
     channel: Option<String>,
     query: Option<String>,
     headers: HeaderMap,
-) -> Result<Response, ApiError> {
+) -> Result<Polled, ApiError> {
     let p = params::parse(
         channel.as_deref(),
         query.as_deref(),
@@ -135,12 +157,12 @@ async fn poll(
     match wait {
         Some(wait) if reply.is_empty() => {
             let shutdown = state.shutdown.clone();
-            Ok(long_poll::deferred(async move {
+            Ok(Polled::Later(Box::pin(async move {
                 long_poll::wait(&mut sub, &gauge, &mut reply, wait, &shutdown).await;
                 finish(&sub, reply, Some(wait)).unwrap_or_else(IntoResponse::into_response)
-            }))
+            })))
         }
-        _ => finish(&sub, reply, wait),
+        _ => finish(&sub, reply, wait).map(Polled::Now),
     }
 }
 
@@ -156,19 +178,23 @@ fn finish(
     let cursor = sub.cursor().encode();
     let mut res = reply.into_response(&cursor);
     if let Some(wait) = wait
-        && let Ok(v) = HeaderValue::from_str(&wait_preference(wait))
+        && let Ok(v) = HeaderValue::from_maybe_shared(wait_preference(wait))
     {
         res.headers_mut().insert("preference-applied", v);
     }
     Ok(res)
 }
 
-/// `wait=30`, or `wait=2.5` for a fractional wait (integers format without float code).
-fn wait_preference(wait: std::time::Duration) -> String {
+/// `wait=30`, or `wait=2.5` for a fractional wait (no `fmt` for whole seconds: it cost
+/// more than the rest of the header).
+fn wait_preference(wait: std::time::Duration) -> Bytes {
     if wait.subsec_nanos() == 0 {
-        format!("wait={}", wait.as_secs())
+        let mut v = Vec::with_capacity(16);
+        v.extend_from_slice(b"wait=");
+        v.extend_from_slice(itoa::Buffer::new().format(wait.as_secs()).as_bytes());
+        Bytes::from(v)
     } else {
-        format!("wait={}", wait.as_secs_f64())
+        Bytes::from(format!("wait={}", wait.as_secs_f64()))
     }
 }
 
@@ -179,7 +205,9 @@ pub async fn one(
     RawQuery(query): RawQuery,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    poll(state, Some(channel), query, headers).await
+    poll(state, Some(channel), query, headers)
+        .await
+        .map(Polled::into_response)
 }
 
 /// `GET /poll?channel=a&channel=b`.
@@ -188,5 +216,7 @@ pub async fn many(
     RawQuery(query): RawQuery,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    poll(state, None, query, headers).await
+    poll(state, None, query, headers)
+        .await
+        .map(Polled::into_response)
 }
