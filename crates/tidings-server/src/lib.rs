@@ -16,6 +16,7 @@
 //! - `assets`: the embedded web side (pages, demos, admin console, `/tidings.js`).
 //! - `stats`: the server's own stats, published each second to `admin:stats` for `/admin`.
 //! - `demo`: what `tidings serve --demo` publishes to `demo:` channels.
+//! - `query`: query strings, decoded only where they need it.
 //! - `wsframe`: RFC 6455 framing (the decoder and encoder WebSocket sessions run).
 
 pub mod api;
@@ -26,6 +27,7 @@ pub mod demo;
 pub mod h1;
 pub mod limits;
 pub mod metrics;
+pub mod query;
 pub mod server;
 pub mod stats;
 pub mod tls;

@@ -64,7 +64,7 @@ pub async fn history(
     let channel = ChannelName::new(&channel)?;
     let mut since = None;
     let mut limit = DEFAULT_LIMIT;
-    for (k, v) in form_urlencoded::parse(query.as_deref().unwrap_or("").as_bytes()) {
+    for (k, v) in crate::query::pairs(query.as_deref()) {
         match &*k {
             "since" if !v.is_empty() => {
                 let cursor = Cursor::decode(&v)?;

@@ -172,7 +172,7 @@ fn text_data(body: Bytes) -> Result<Data, ApiError> {
 }
 
 fn event_from_query(query: Option<&str>) -> Result<Option<EventName>, ApiError> {
-    for (k, v) in form_urlencoded::parse(query.unwrap_or("").as_bytes()) {
+    for (k, v) in crate::query::pairs(query) {
         if k == "event" {
             return Ok(Some(EventName::new(&v)?));
         }

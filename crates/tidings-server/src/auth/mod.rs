@@ -263,7 +263,7 @@ fn credentials(headers: &HeaderMap, query: Option<&str>) -> Result<Option<String
         }
         return Ok(Some(token.to_owned()));
     }
-    for (k, v) in form_urlencoded::parse(query.unwrap_or("").as_bytes()) {
+    for (k, v) in crate::query::pairs(query) {
         if k == "token" {
             if !valid(&v) {
                 return Err(malformed(

@@ -49,7 +49,7 @@ pub fn parse(
     let mut last_event_id: Option<String> = None;
     let mut history: Option<usize> = None;
     let mut wait: Option<Duration> = None;
-    for (key, value) in form_urlencoded::parse(query.unwrap_or("").as_bytes()) {
+    for (key, value) in crate::query::pairs(query) {
         match &*key {
             "channel" => {
                 if path_channel.is_some() {
