@@ -124,7 +124,7 @@ impl Exchange {
     }
 }
 
-/// What the router answered: a response, or a long poll still waiting for its answer.
+/// What the app answered: a response, or a long poll still waiting for its answer.
 enum Answer {
     Ready(Exchange),
     Wait {
@@ -139,7 +139,7 @@ impl Lean<'_> {
     /// Serves requests on `stream` until it closes or hyper must take over.
     ///
     /// Memory: this future is what a parked stream costs, so everything that lives only
-    /// until the response head exists (reading and parsing the request, the router's
+    /// until the response head exists (reading and parsing the request, the app's
     /// future) runs in a boxed future of its own, and what stays is the body and a few words.
     pub async fn serve<S: Socket>(&self, stream: &mut S) -> Outcome {
         let mut buf = BytesMut::new();
@@ -184,7 +184,7 @@ impl Lean<'_> {
         }
     }
 
-    /// Reads the next request and runs it through the router; `Err` when the connection
+    /// Reads the next request and has the app (`api::app`) answer it; `Err` when the connection
     /// ends here or goes to hyper.
     async fn exchange<S: Socket>(
         &self,

@@ -9,7 +9,8 @@
 //! - `config`: the TOML/env configuration and its validation.
 //! - `server`: `AppState`, the accept loop (HTTP/1.1 + h2c), graceful shutdown.
 //! - `auth/`: API keys, JWTs, grants; the 400/401/403 mapping.
-//! - `api/`: the router, publishing, channel reads, health and metrics, `ApiError`.
+//! - `api/`: `app` (what every connection runs: CORS, the hot routes dispatched directly, the
+//!   router for the rest), publishing, channel reads, health and metrics, `ApiError`.
 //! - `transport/`: one file per transport (`sse`, `http_stream`, `long_poll`, `short_poll`),
 //!   `stream.rs` for the lifecycle SSE and NDJSON share, `params.rs` for subscribe parameters.
 //! - `metrics`: Prometheus counters and gauges.

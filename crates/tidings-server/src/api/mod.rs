@@ -1,5 +1,5 @@
 //! The HTTP API besides the transports: publishing, channels, health and metrics, and the
-//! router that puts every route together.
+//! router that puts every route together (`app` puts CORS and the hot routes in front of it).
 
 pub mod app;
 pub mod channels;
