@@ -45,11 +45,7 @@ async fn pipelined_requests_are_answered_in_order_on_one_connection() {
 async fn a_publish_with_a_small_body_is_served_on_the_lean_path_with_requests_pipelined_behind_it()
 {
     let server = TestServer::spawn().await;
-    let mut s = TcpStream::connect(server.addr).await.unwrap();
-    s.write_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n")
-        .await
-        .unwrap();
-    read_until(&mut s, "\r\n\r\n", 1).await;
+    let mut s = kept_alive(&server).await;
     // The body and a GET pipelined behind it, in one write.
     s.write_all(b"POST /publish/lean HTTP/1.1\r\nhost: x\r\ncontent-type: text/plain\r\ncontent-length: 5\r\n\r\nhelloGET /api/channels/lean HTTP/1.1\r\nhost: x\r\n\r\n")
         .await
@@ -85,11 +81,7 @@ async fn a_body_sent_in_pieces_is_read_whole_before_the_publish() {
 #[tokio::test]
 async fn a_chunked_publish_is_handed_to_hyper_intact_with_a_request_pipelined_behind_it() {
     let server = TestServer::spawn().await;
-    let mut s = TcpStream::connect(server.addr).await.unwrap();
-    s.write_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n")
-        .await
-        .unwrap();
-    read_until(&mut s, "\r\n\r\n", 1).await;
+    let mut s = kept_alive(&server).await;
     // hyper gets the POST and the GET behind it from their first byte.
     s.write_all(b"POST /publish/handoff HTTP/1.1\r\nhost: x\r\ncontent-type: text/plain\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\nGET /api/channels/handoff HTTP/1.1\r\nhost: x\r\n\r\n")
         .await
@@ -182,6 +174,16 @@ async fn a_head_over_64_kib_gets_a_json_431() {
     let server = TestServer::spawn().await;
     let out = answer_then_close(&server, &oversized_head()).await;
     assert_json_431(&out);
+}
+
+/// A connection that has been answered one GET and is waiting for its next request.
+async fn kept_alive(server: &TestServer) -> TcpStream {
+    let mut s = TcpStream::connect(server.addr).await.unwrap();
+    s.write_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .unwrap();
+    read_until(&mut s, "\r\n\r\n", 1).await;
+    s
 }
 
 /// A request whose head is over the lean path's 64 KiB.
