@@ -46,6 +46,7 @@ use tokio_rustls::server::TlsStream;
 use tokio_util::sync::CancellationToken;
 
 use crate::api::app::{App, Handled};
+use crate::api::error::ApiError;
 use crate::server::ConnectionCtx;
 use crate::transport::long_poll;
 use crate::transport::websocket::{LeanUpgrade, Pending};
@@ -234,29 +235,14 @@ impl Lean<'_> {
                 Ok(Ok(n)) if n > 0 => {}
                 Ok(_) => return Err(Outcome::Done),
                 Err(_) => {
-                    let message = format!(
-                        "the request body did not arrive within {}s",
-                        self.body_timeout.as_secs_f64()
-                    );
-                    let _ = refuse(
-                        stream,
-                        StatusCode::REQUEST_TIMEOUT,
-                        "body_timeout",
-                        &message,
-                    )
-                    .await;
+                    let e = ApiError::body_timeout(self.body_timeout);
+                    let _ = refuse(stream, e.status, e.code, &e.message).await;
                     return Err(Outcome::Done);
                 }
             }
         }
         let body = buf.split_to(len).freeze();
-        // As after a head: what follows (pipelined) gets a buffer of its own size, and
-        // nothing keeps the body's allocation once the handler is done with it.
-        *buf = if buf.is_empty() {
-            BytesMut::new()
-        } else {
-            BytesMut::from(&buf[..])
-        };
+        compact(buf);
         Ok(body)
     }
 
@@ -458,20 +444,29 @@ fn parse(buf: &mut BytesMut) -> Option<Head> {
     if websocket {
         req.extensions_mut().insert(LeanUpgrade);
     }
-    // Keep only what follows the head (a pipelined request), in a buffer of its own size,
-    // so a parked connection does not hold the read buffer.
     buf.advance(len);
+    // A body is read next and `read_body` compacts after it: copying it here would be twice.
+    let body = body.unwrap_or(0);
+    if body == 0 {
+        compact(buf);
+    }
+    Some(Head::Request {
+        req,
+        keep_alive,
+        head_only,
+        body,
+    })
+}
+
+/// Keeps only what is left in `buf` (a body or a pipelined request), in a buffer of its own
+/// size: a parked connection must not hold the read buffer, nor a body the handler is done
+/// with.
+fn compact(buf: &mut BytesMut) {
     *buf = if buf.is_empty() {
         BytesMut::new()
     } else {
         BytesMut::from(&buf[..])
     };
-    Some(Head::Request {
-        req,
-        keep_alive,
-        head_only,
-        body: body.unwrap_or(0),
-    })
 }
 
 /// A `Content-Length` value: digits only (RFC 9112 §6.3), and few enough to be small.

@@ -49,6 +49,18 @@ impl ApiError {
         )
     }
 
+    /// A request body that did not arrive within `request_body_timeout`.
+    pub fn body_timeout(timeout: std::time::Duration) -> Self {
+        Self::new(
+            StatusCode::REQUEST_TIMEOUT,
+            "body_timeout",
+            format!(
+                "the request body did not arrive within {}s",
+                timeout.as_secs_f64()
+            ),
+        )
+    }
+
     /// Prefixes the message, e.g. with the batch entry it is about (`messages[3]: …`).
     pub fn context(mut self, prefix: &str) -> Self {
         self.message = format!("{prefix}: {}", self.message);

@@ -30,14 +30,7 @@ async fn read_body(state: &AppState, body: Body, limit: usize) -> Result<Bytes, 
     let timeout = state.config.server.request_body_timeout;
     let Ok(collected) = tokio::time::timeout(timeout, Limited::new(body, limit).collect()).await
     else {
-        return Err(ApiError::new(
-            StatusCode::REQUEST_TIMEOUT,
-            "body_timeout",
-            format!(
-                "the request body did not arrive within {}s",
-                timeout.as_secs_f64()
-            ),
-        ));
+        return Err(ApiError::body_timeout(timeout));
     };
     match collected {
         Ok(c) => Ok(c.to_bytes()),
