@@ -332,7 +332,7 @@ impl Edge {
             ctx.http2 = req.version() == http::Version::HTTP_2;
             let app = app.clone();
             async move {
-                let req = crate::api::app::with_body(req);
+                let req = req.map(axum::body::Body::new);
                 Ok::<_, std::convert::Infallible>(app.handle_resolved(req, &ctx).await)
             }
         });

@@ -15,8 +15,9 @@
 
 use axum::Router;
 use axum::body::Body;
-use axum::extract::{Path, RawQuery, Request, State};
+use axum::extract::Request;
 use axum::response::{IntoResponse, Response};
+use http::request::Parts;
 use http::{HeaderValue, Method};
 use tower::ServiceExt;
 
@@ -34,18 +35,17 @@ pub struct App {
 }
 
 /// A route served without the router, with its channel segment if it has one.
-enum Hot {
-    Publish(String),
-    Sse(Option<String>),
-    Stream(Option<String>),
-    Poll(Option<String>),
+enum Hot<'a> {
+    Publish(&'a str),
+    Sse(Option<&'a str>),
+    Stream(Option<&'a str>),
+    Poll(Option<&'a str>),
 }
 
 /// Matches the hot routes; `None` sends the request to the router.
-fn hot(method: &Method, path: &str) -> Option<Hot> {
+fn hot<'a>(method: &Method, path: &'a str) -> Option<Hot<'a>> {
     // A segment the router would decode or not match goes to the router.
-    let channel =
-        |rest: &str| (!rest.is_empty() && !rest.contains(['/', '%'])).then(|| rest.to_owned());
+    let channel = |rest: &'a str| (!rest.is_empty() && !rest.contains(['/', '%'])).then_some(rest);
     if *method == Method::POST {
         return path
             .strip_prefix("/publish/")
@@ -55,10 +55,10 @@ fn hot(method: &Method, path: &str) -> Option<Hot> {
     if *method != Method::GET {
         return None;
     }
-    let (route, rest) = match path.as_bytes().get(1..4)? {
-        b"sse" => (Hot::Sse as fn(_) -> _, &path[4..]),
-        _ if path.starts_with("/stream") => (Hot::Stream as fn(_) -> _, &path[7..]),
-        _ if path.starts_with("/poll") => (Hot::Poll as fn(_) -> _, &path[5..]),
+    let (route, rest): (fn(Option<&'a str>) -> Hot<'a>, _) = match path.as_bytes().get(1..4)? {
+        b"sse" => (Hot::Sse, &path[4..]),
+        _ if path.starts_with("/stream") => (Hot::Stream, &path[7..]),
+        _ if path.starts_with("/poll") => (Hot::Poll, &path[5..]),
         _ => return None,
     };
     match rest {
@@ -85,29 +85,20 @@ impl App {
     }
 
     /// Answers `req`, which came over `conn`.
-    pub async fn handle(&self, mut req: Request, conn: &ConnectionCtx) -> Handled {
+    pub async fn handle(&self, req: Request, conn: &ConnectionCtx) -> Handled {
         let origin = match cors::check(&self.state, &req) {
             cors::Verdict::Route(origin) => origin,
             cors::Verdict::Answer(answer) => return Handled::Ready(answer),
         };
-        let mut res = match hot(req.method(), req.uri().path()) {
-            Some(route) => match self.dispatch(route, req, conn).await {
-                Ok(Polled::Now(res)) => res,
-                Ok(Polled::Later(wait)) => return Handled::Wait(wait, origin),
-                Err(e) => e.into_response(),
-            },
-            None => {
-                // Handlers behind the router find the connection in the extensions.
-                req.extensions_mut().insert(conn.clone());
-                let res = match self.router.clone().oneshot(req).await {
-                    Ok(res) => res,
-                    Err(never) => match never {},
-                };
-                if let Some(wait) = long_poll::take_deferred(&res) {
-                    return Handled::Wait(wait, origin);
-                }
-                res
-            }
+        let (parts, body) = req.into_parts();
+        let answered = match hot(&parts.method, parts.uri.path()) {
+            Some(route) => self.dispatch(route, &parts, body, conn).await,
+            None => Ok(self.route(Request::from_parts(parts, body), conn).await),
+        };
+        let mut res = match answered {
+            Ok(Polled::Now(res)) => res,
+            Ok(Polled::Later(wait)) => return Handled::Wait(wait, origin),
+            Err(e) => e.into_response(),
         };
         cors::decorate(origin, &mut res);
         Handled::Ready(res)
@@ -127,41 +118,38 @@ impl App {
         }
     }
 
+    /// A hot route: its handler's core, with the request's parts by reference.
     async fn dispatch(
         &self,
-        route: Hot,
-        req: Request,
+        route: Hot<'_>,
+        parts: &Parts,
+        body: Body,
         conn: &ConnectionCtx,
     ) -> Result<Polled, ApiError> {
-        let (parts, body) = req.into_parts();
-        let state = self.state.clone();
-        let conn = Some(axum::Extension(conn.clone()));
-        let query = parts.uri.query().map(str::to_owned);
-        let headers = parts.headers;
-        let (st, q) = (State, RawQuery);
+        let (state, conn) = (&self.state, Some(conn));
+        let (query, headers) = (parts.uri.query(), &parts.headers);
         let now = match route {
             Hot::Poll(c) => return short_poll::poll(state, c, query, headers).await,
-            Hot::Publish(c) => {
-                publish::to_channel(st(state), conn, Path(c), q(query), headers, body).await
-            }
-            Hot::Sse(Some(c)) => sse::raw(st(state), conn, Path(c), q(query), headers).await,
-            Hot::Sse(None) => sse::envelopes(st(state), conn, q(query), headers).await,
-            Hot::Stream(Some(c)) => {
-                http_stream::one(st(state), conn, Path(c), q(query), headers).await
-            }
-            Hot::Stream(None) => http_stream::many(st(state), conn, q(query), headers).await,
+            Hot::Publish(c) => publish::publish_body(state, conn, c, query, headers, body).await,
+            Hot::Sse(c) => sse::subscribe(state, conn, c, query, headers).await,
+            Hot::Stream(c) => http_stream::subscribe(state, conn, c, query, headers).await,
         };
         now.map(Polled::Now)
     }
-}
 
-/// For hyper: any request body becomes axum's.
-pub fn with_body<B>(req: http::Request<B>) -> Request
-where
-    B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
-    B::Error: Into<axum::BoxError>,
-{
-    req.map(Body::new)
+    /// Any other route: the router, whose handlers find the connection in the extensions
+    /// and return a long poll as a placeholder.
+    async fn route(&self, mut req: Request, conn: &ConnectionCtx) -> Polled {
+        req.extensions_mut().insert(conn.clone());
+        let res = match self.router.clone().oneshot(req).await {
+            Ok(res) => res,
+            Err(never) => match never {},
+        };
+        match long_poll::take_deferred(&res) {
+            Some(wait) => Polled::Later(wait),
+            None => Polled::Now(res),
+        }
+    }
 }
 
 #[cfg(test)]

@@ -183,7 +183,7 @@ pub fn position_json(m: &Message) -> serde_json::Value {
     })
 }
 
-/// `POST /publish/{channel}`.
+/// `POST /publish/{channel}` (the router's handler; `publish_body` does the work).
 pub async fn to_channel(
     State(state): State<AppState>,
     conn: Option<axum::Extension<ConnectionCtx>>,
@@ -192,14 +192,34 @@ pub async fn to_channel(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
-    let channel = ChannelName::new(&channel)?;
-    let who = gate(&state, conn.as_deref(), &headers, query.as_deref())?;
+    publish_body(
+        &state,
+        conn.as_deref(),
+        &channel,
+        query.as_deref(),
+        &headers,
+        body,
+    )
+    .await
+}
+
+/// Publishes the request body to `channel` and answers with its position.
+pub async fn publish_body(
+    state: &AppState,
+    conn: Option<&ConnectionCtx>,
+    channel: &str,
+    query: Option<&str>,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let channel = ChannelName::new(channel)?;
+    let who = gate(state, conn, headers, query)?;
     let policy = state.node.policies.for_channel(&channel);
     state.auth.check_publish(&who, &channel, policy)?;
-    let event = event_from_query(query.as_deref())?;
-    let body = read_body(&state, body, state.config.server.max_message_bytes).await?;
-    let data = data_from(&headers, body)?;
-    let message = publish(&state, &channel, event, data).await?;
+    let event = event_from_query(query)?;
+    let body = read_body(state, body, state.config.server.max_message_bytes).await?;
+    let data = data_from(headers, body)?;
+    let message = publish(state, &channel, event, data).await?;
     Ok(position_reply(&message))
 }
 

@@ -81,7 +81,18 @@ impl Framing for NdjsonFraming {
     }
 }
 
-/// `GET /stream/{channel}`.
+/// `GET /stream/{channel}` (`channel`) or `GET /stream?channel=a&channel=b`.
+pub async fn subscribe(
+    state: &AppState,
+    conn: Option<&ConnectionCtx>,
+    channel: Option<&str>,
+    query: Option<&str>,
+    headers: &HeaderMap,
+) -> Result<Response, ApiError> {
+    stream::subscribe(state, conn, channel, query, headers, NdjsonFraming).await
+}
+
+/// `GET /stream/{channel}`, the router's handler.
 pub async fn one(
     State(state): State<AppState>,
     conn: Option<axum::Extension<ConnectionCtx>>,
@@ -89,31 +100,16 @@ pub async fn one(
     RawQuery(query): RawQuery,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    stream::subscribe(
-        &state,
-        conn.as_deref(),
-        Some(&channel),
-        query.as_deref(),
-        &headers,
-        NdjsonFraming,
-    )
-    .await
+    let conn = conn.as_deref();
+    subscribe(&state, conn, Some(&channel), query.as_deref(), &headers).await
 }
 
-/// `GET /stream?channel=a&channel=b`.
+/// `GET /stream?channel=a&channel=b`, the router's handler.
 pub async fn many(
     State(state): State<AppState>,
     conn: Option<axum::Extension<ConnectionCtx>>,
     RawQuery(query): RawQuery,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    stream::subscribe(
-        &state,
-        conn.as_deref(),
-        None,
-        query.as_deref(),
-        &headers,
-        NdjsonFraming,
-    )
-    .await
+    subscribe(&state, conn.as_deref(), None, query.as_deref(), &headers).await
 }

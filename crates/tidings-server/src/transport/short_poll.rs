@@ -122,19 +122,13 @@ impl Polled {
 /// `GET /poll/{channel}` (`channel`) or `GET /poll?channel=…`, for callers that take a
 /// long poll's wait directly (`api::app`).
 pub async fn poll(
-    state: AppState,
-    channel: Option<String>,
-    query: Option<String>,
-    headers: HeaderMap,
+    state: &AppState,
+    channel: Option<&str>,
+    query: Option<&str>,
+    headers: &HeaderMap,
 ) -> Result<Polled, ApiError> {
-    let p = params::parse(
-        channel.as_deref(),
-        query.as_deref(),
-        &headers,
-        &state.config.server,
-        true,
-    )?;
-    params::authorize(&state, &p, &headers, query.as_deref())?;
+    let p = params::parse(channel, query, headers, &state.config.server, true)?;
+    params::authorize(state, &p, headers, query)?;
     let wait = p.wait.filter(|w| !w.is_zero());
     let kind = if wait.is_some() {
         TransportKind::LongPoll
@@ -205,7 +199,7 @@ pub async fn one(
     RawQuery(query): RawQuery,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    poll(state, Some(channel), query, headers)
+    poll(&state, Some(&channel), query.as_deref(), &headers)
         .await
         .map(Polled::into_response)
 }
@@ -216,7 +210,7 @@ pub async fn many(
     RawQuery(query): RawQuery,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    poll(state, None, query, headers)
+    poll(&state, None, query.as_deref(), &headers)
         .await
         .map(Polled::into_response)
 }

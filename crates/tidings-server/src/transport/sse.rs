@@ -151,7 +151,24 @@ fn envelope_frame(m: &Message, cursor: &[u8], out: &mut BytesMut) {
     out.put_slice(b"\n\n");
 }
 
-/// `GET /sse/{channel}`: raw payloads.
+/// `GET /sse/{channel}` (`channel`: raw payloads) or `GET /sse?channel=a&channel=b`
+/// (envelopes).
+pub async fn subscribe(
+    state: &AppState,
+    conn: Option<&ConnectionCtx>,
+    channel: Option<&str>,
+    query: Option<&str>,
+    headers: &HeaderMap,
+) -> Result<Response, ApiError> {
+    let framing = if channel.is_some() {
+        SseFraming::raw()
+    } else {
+        SseFraming::envelopes()
+    };
+    stream::subscribe(state, conn, channel, query, headers, framing).await
+}
+
+/// `GET /sse/{channel}`, the router's handler.
 pub async fn raw(
     State(state): State<AppState>,
     conn: Option<axum::Extension<ConnectionCtx>>,
@@ -159,33 +176,18 @@ pub async fn raw(
     RawQuery(query): RawQuery,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    stream::subscribe(
-        &state,
-        conn.as_deref(),
-        Some(&channel),
-        query.as_deref(),
-        &headers,
-        SseFraming::raw(),
-    )
-    .await
+    let conn = conn.as_deref();
+    subscribe(&state, conn, Some(&channel), query.as_deref(), &headers).await
 }
 
-/// `GET /sse?channel=a&channel=b`: envelopes.
+/// `GET /sse?channel=a&channel=b`, the router's handler.
 pub async fn envelopes(
     State(state): State<AppState>,
     conn: Option<axum::Extension<ConnectionCtx>>,
     RawQuery(query): RawQuery,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    stream::subscribe(
-        &state,
-        conn.as_deref(),
-        None,
-        query.as_deref(),
-        &headers,
-        SseFraming::envelopes(),
-    )
-    .await
+    subscribe(&state, conn.as_deref(), None, query.as_deref(), &headers).await
 }
 
 #[cfg(test)]
