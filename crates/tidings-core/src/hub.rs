@@ -6,22 +6,14 @@
 //! each queue sees a channel's messages in order. `deliver` only pushes an `Arc` per
 //! subscriber into bounded queues: it never waits for a subscriber.
 
-use std::collections::HashMap;
 use std::collections::hash_map::Entry;
-use std::hash::BuildHasher;
-
-// Channel names come from clients, so the maps need a seeded hash; SipHash (std's) cost
-// ~3 % of a long poll's instructions, hashed three times per lookup (shard, map, broker).
-// foldhash's quality variant is seeded per process and per map, and much cheaper.
-use foldhash::quality::RandomState;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use crate::channel::ChannelName;
 use crate::message::Message;
 use crate::presence::PresenceEvent;
 use crate::queue::{QueueItem, SessionQueue};
-
-const SHARDS: usize = 32;
+use crate::shards::Shards;
 
 type Subscribers = Mutex<Local>;
 
@@ -31,7 +23,7 @@ type Subscribers = Mutex<Local>;
 #[derive(Default)]
 struct Local {
     list: Vec<(u64, Arc<SessionQueue>)>,
-    at: HashMap<u64, usize, RandomState>,
+    at: foldhash::HashMap<u64, usize>,
 }
 
 impl Local {
@@ -56,8 +48,7 @@ impl Local {
 }
 
 pub struct Hub {
-    shards: Vec<Mutex<HashMap<ChannelName, Arc<Subscribers>, RandomState>>>,
-    hasher: RandomState,
+    shards: Shards<Arc<Subscribers>>,
 }
 
 impl Default for Hub {
@@ -74,25 +65,14 @@ fn relock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 impl Hub {
     pub fn new() -> Self {
         Self {
-            shards: (0..SHARDS)
-                .map(|_| Mutex::new(HashMap::default()))
-                .collect(),
-            hasher: RandomState::default(),
+            shards: Shards::new(),
         }
-    }
-
-    fn shard(
-        &self,
-        channel: &ChannelName,
-    ) -> &Mutex<HashMap<ChannelName, Arc<Subscribers>, RandomState>> {
-        let i = (self.hasher.hash_one(channel) as usize) % SHARDS;
-        &self.shards[i]
     }
 
     /// Adds a session's queue to a channel. Returns true when it is the channel's first
     /// local subscriber (the node must then subscribe to the channel at the broker).
     pub fn add(&self, channel: &ChannelName, id: u64, queue: Arc<SessionQueue>) -> bool {
-        let mut shard = relock(self.shard(channel));
+        let mut shard = relock(self.shards.of(channel));
         match shard.entry(channel.clone()) {
             Entry::Occupied(e) => {
                 relock(e.get()).push(id, queue);
@@ -109,7 +89,7 @@ impl Hub {
 
     /// Removes a session from a channel. Returns true when it was the last local subscriber.
     pub fn remove(&self, channel: &ChannelName, id: u64) -> bool {
-        let mut shard = relock(self.shard(channel));
+        let mut shard = relock(self.shards.of(channel));
         let Some(subs) = shard.get(channel) else {
             return false;
         };
@@ -126,7 +106,7 @@ impl Hub {
 
     /// Pushes a message to every local subscriber of its channel; returns how many took it.
     pub fn deliver(&self, message: &Arc<Message>) -> usize {
-        let subs = match relock(self.shard(&message.channel)).get(&message.channel) {
+        let subs = match relock(self.shards.of(&message.channel)).get(&message.channel) {
             Some(s) => s.clone(),
             None => return 0,
         };
@@ -136,7 +116,7 @@ impl Hub {
 
     /// Pushes a join or leave to every local subscriber of its channel.
     pub fn deliver_presence(&self, event: &Arc<PresenceEvent>) {
-        let subs = match relock(self.shard(&event.channel)).get(&event.channel) {
+        let subs = match relock(self.shards.of(&event.channel)).get(&event.channel) {
             Some(s) => s.clone(),
             None => return,
         };
@@ -148,7 +128,7 @@ impl Hub {
     /// Ends every local session (say, the broker became unreachable): each writer sends its
     /// goodbye with `reason` and closes; clients resume from their cursors.
     pub fn disconnect_all(&self, reason: crate::disconnect::DisconnectReason) {
-        for shard in &self.shards {
+        for shard in self.shards.all() {
             let subs: Vec<_> = relock(shard).values().cloned().collect();
             for s in subs {
                 for q in relock(&s).queues() {
@@ -159,7 +139,7 @@ impl Hub {
     }
 
     pub fn subscriber_count(&self, channel: &ChannelName) -> usize {
-        relock(self.shard(channel))
+        relock(self.shards.of(channel))
             .get(channel)
             .map_or(0, |s| relock(s).list.len())
     }
@@ -167,7 +147,7 @@ impl Hub {
     /// Channels with at least one local subscriber.
     pub fn channels(&self) -> Vec<ChannelName> {
         self.shards
-            .iter()
+            .all()
             .flat_map(|s| relock(s).keys().cloned().collect::<Vec<_>>())
             .collect()
     }

@@ -9,6 +9,7 @@
 //! - `history`: a bounded per-channel log; `read(since)` → `Replay::Complete | Replay::Gap`.
 //! - `queue`: a session's outbound queue, bounded in bytes; overflow → disconnect `slow`.
 //! - `hub`: local registry of sessions per channel and the fan-out into their queues.
+//! - `shards`: the channel-keyed, sharded map the hub and the memory broker keep.
 //! - `subscription`: the race-free join (register → read → replay → live) and the ordered,
 //!   deduplicated event stream with gap notices.
 //! - `broker`: the `Broker` trait (memory today, Redis later) and `broker::memory`.
@@ -31,6 +32,7 @@ pub mod node;
 pub mod policy;
 pub mod presence;
 pub mod queue;
+mod shards;
 pub mod subscription;
 
 pub use broker::{Broker, BrokerError, ChannelStats};

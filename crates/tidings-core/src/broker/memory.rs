@@ -11,12 +11,6 @@
 //! reports `epoch_changed`.
 
 use std::collections::HashMap;
-use std::hash::BuildHasher;
-
-// Channel names come from clients, so the maps need a seeded hash; SipHash (std's) cost
-// ~3 % of a long poll's instructions, hashed three times per lookup (shard, map, broker).
-// foldhash's quality variant is seeded per process and per map, and much cheaper.
-use foldhash::quality::RandomState;
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -30,17 +24,14 @@ use crate::hub::Hub;
 use crate::message::{Data, Epoch, Message};
 use crate::policy::Policies;
 use crate::presence::{ClientInfo, PresenceEvent, PresenceKind};
+use crate::shards::Shards;
 
-const SHARDS: usize = 32;
 const SWEEP_EVERY: Duration = Duration::from_secs(5);
-
-type Channels = HashMap<ChannelName, Arc<Mutex<History>>, RandomState>;
 
 pub struct MemoryBroker {
     hub: Arc<Hub>,
     policies: Arc<Policies>,
-    shards: Vec<Mutex<Channels>>,
-    hasher: RandomState,
+    shards: Shards<Arc<Mutex<History>>>,
     /// Who is present where. One lock: joins and leaves are per connection, not per message.
     presence: Mutex<HashMap<ChannelName, Vec<ClientInfo>>>,
 }
@@ -62,10 +53,7 @@ impl MemoryBroker {
         let broker = Arc::new(Self {
             hub,
             policies,
-            shards: (0..SHARDS)
-                .map(|_| Mutex::new(HashMap::default()))
-                .collect(),
-            hasher: RandomState::default(),
+            shards: Shards::new(),
             presence: Mutex::new(HashMap::new()),
         });
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
@@ -75,12 +63,8 @@ impl MemoryBroker {
         broker
     }
 
-    fn shard(&self, channel: &ChannelName) -> &Mutex<Channels> {
-        &self.shards[(self.hasher.hash_one(channel) as usize) % SHARDS]
-    }
-
     fn channel(&self, channel: &ChannelName) -> Arc<Mutex<History>> {
-        let mut shard = relock(self.shard(channel));
+        let mut shard = relock(self.shards.of(channel));
         shard
             .entry(channel.clone())
             .or_insert_with(|| {
@@ -98,7 +82,7 @@ impl MemoryBroker {
     /// Expires history everywhere and reclaims channels nobody follows and nothing is kept for.
     pub fn sweep(&self) {
         let now = Instant::now();
-        for shard in &self.shards {
+        for shard in self.shards.all() {
             let mut shard = relock(shard);
             shard.retain(|name, history| {
                 let mut h = relock(history);
@@ -176,7 +160,7 @@ impl Broker for MemoryBroker {
     }
 
     async fn stats(&self, channel: &ChannelName) -> Result<Option<ChannelStats>, BrokerError> {
-        let history = relock(self.shard(channel)).get(channel).cloned();
+        let history = relock(self.shards.of(channel)).get(channel).cloned();
         Ok(history.map(|h| {
             let mut h = relock(&h);
             h.expire(Instant::now());
@@ -190,7 +174,7 @@ impl Broker for MemoryBroker {
     async fn channels(&self) -> Result<Vec<ChannelName>, BrokerError> {
         Ok(self
             .shards
-            .iter()
+            .all()
             .flat_map(|s| relock(s).keys().cloned().collect::<Vec<_>>())
             .collect())
     }
