@@ -691,3 +691,39 @@ async fn config_check_applies_environment_overrides_and_rejects_a_bad_listen_add
         text(&out.stdout)
     );
 }
+
+/// The messages docs/configuration.md quotes, as `config check` and `serve` print them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn config_check_and_serve_refuse_what_the_docs_say_with_the_documented_messages() {
+    let default = default_config().await;
+    // `config check` checks [auth] (and TLS), not only the file's shape.
+    let short_secret = TempFile::new("short-secret.toml", "[auth]\njwt_secret = \"short\"\n");
+    let stderr = run_err(&["config", "check", short_secret.path()]).await;
+    assert!(
+        stderr.contains("auth.jwt_secret must be at least 16 characters"),
+        "{stderr}"
+    );
+    // A bad prefix is refused whatever the broker, by `config check` and by `serve`.
+    let bad_prefix = TempFile::new(
+        "bad-prefix.toml",
+        &default.replacen("prefix = \"tidings\"", "prefix = \"a{b}\"", 1),
+    );
+    let expected = "broker.prefix = \"a{b}\": use 1 to 64 of A-Z a-z 0-9 _ . : @ = -";
+    let stderr = run_err(&["config", "check", bad_prefix.path()]).await;
+    assert!(stderr.contains(expected), "{stderr}");
+    let stderr = run_err(&["--config", bad_prefix.path(), "serve"]).await;
+    assert!(stderr.contains(expected), "{stderr}");
+    // A Redis that cannot be reached stops `serve` with the documented prefix.
+    let stderr = run_err(&[
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+        "--broker",
+        "redis://127.0.0.1:1",
+    ])
+    .await;
+    assert!(
+        stderr.contains("starting the server: cannot connect to Redis at redis://127.0.0.1:1"),
+        "{stderr}"
+    );
+}

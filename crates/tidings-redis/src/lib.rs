@@ -32,6 +32,13 @@ pub use broker::{PRESENCE_TTL, RedisBroker};
 pub use connection::masked as masked_url;
 pub use keys::MAX_PREFIX_LEN;
 
+/// Checks a `[broker] prefix` the way the broker will use it, so a bad one is refused by
+/// `config check` and at startup whatever the broker (it matters once the config moves to
+/// Redis).
+pub fn validate_prefix(prefix: &str) -> Result<(), String> {
+    keys::Keys::new(prefix).map(|_| ())
+}
+
 /// Where and how to connect.
 #[derive(Clone, Debug, Default)]
 pub struct RedisOptions {

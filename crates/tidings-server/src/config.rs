@@ -289,6 +289,9 @@ impl Config {
                 tidings_redis::masked_url(&b.url)
             ));
         }
+        if let Err(e) = tidings_redis::validate_prefix(&b.prefix) {
+            return invalid(e);
+        }
         if parse_listen(&s.listen).is_none() {
             return invalid(format!(
                 "server.listen = {:?} is not an address like \"127.0.0.1:8080\"",

@@ -273,8 +273,16 @@ async fn sse_takes_the_token_from_the_query_or_the_cookie_and_checks_the_channel
 }
 
 #[tokio::test]
-async fn a_stream_ends_with_token_expired_when_its_token_does() {
+async fn a_stream_ends_with_token_expired_when_its_token_does_plus_the_leeway() {
+    let unix_now = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs_f64()
+    };
     let server = secured().await;
+    // jwt_tool mints exp = now (whole seconds) + 2, so exp is at least this.
+    let exp_at_least = unix_now().floor() + 2.0;
     let token = hs256(json!({"exp": "+2", "tidings": {"subscribe": ["*"]}}));
     let res = server
         .http
@@ -296,6 +304,13 @@ async fn a_stream_ends_with_token_expired_when_its_token_does() {
     assert!(
         text.contains(r#"{"type":"disconnect","reason":"token_expired","reconnect":true}"#),
         "{text}"
+    );
+    // docs/security.md: the disconnect comes at exp + 5 s (the clock-skew leeway), not at exp.
+    let ended_at = unix_now();
+    assert!(
+        ended_at >= exp_at_least + 5.0,
+        "ended {:.2} s after exp, before the 5 s leeway ran out",
+        ended_at - exp_at_least
     );
 }
 
@@ -449,4 +464,149 @@ async fn a_client_connection_over_its_publish_rate_gets_429_but_backends_do_not(
     for _ in 0..20 {
         assert_eq!(publish(&server, "fast", Some(API_KEY)).await.0, 200);
     }
+}
+
+/// docs/security.md, "The `admin` namespace is the exception": only API keys publish there,
+/// whatever a user token grants, over HTTP and `/ws` alike.
+#[tokio::test]
+async fn only_api_keys_publish_to_the_admin_namespace_even_with_a_star_grant() {
+    use futures_util::SinkExt;
+    use tokio_tungstenite::tungstenite::Message as Ws;
+
+    let server = secured().await;
+    let star = hs256(json!({"exp": "+600", "tidings": {"subscribe": ["*"], "publish": ["*"]}}));
+    let (status, body, _) = publish(&server, "admin:notes", Some(&star)).await;
+    assert_eq!(
+        (status, body["error"]["code"].clone()),
+        (403, json!("forbidden"))
+    );
+    assert_eq!(publish(&server, "admin:notes", None).await.0, 401);
+    assert_eq!(publish(&server, "admin:notes", Some(API_KEY)).await.0, 200);
+    let ws_url = server.url.replacen("http://", "ws://", 1);
+    let (mut ws, _) = tokio_tungstenite::connect_async(format!("{ws_url}/ws?token={star}"))
+        .await
+        .unwrap();
+    let op = json!({"id": 1, "op": "publish", "channel": "admin:notes", "data": 1});
+    ws.send(Ws::text(op.to_string())).await.unwrap();
+    let reply = loop {
+        let frame = tokio::time::timeout(TIMEOUT, ws.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        if let Ws::Text(t) = frame {
+            let v: Value = serde_json::from_str(t.as_str()).unwrap();
+            if v["type"] == "reply" {
+                break v;
+            }
+        }
+    };
+    assert_eq!(reply["error"]["code"], "forbidden", "{reply}");
+    let info: Value = server
+        .http
+        .get(format!("{}/api/channels/admin:notes", server.url))
+        .bearer_auth(API_KEY)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        info["offset"], 1,
+        "only the API key's publish was stored: {info}"
+    );
+}
+
+/// docs/security.md's status table: a 429 carries `Retry-After: 1`.
+#[tokio::test]
+async fn a_publish_over_the_rate_gets_429_with_retry_after() {
+    let server = TestServer::with(|c| {
+        c.auth.jwt_secret = Some(Secret(SECRET.into()));
+        c.server.client_publish_rate = 1;
+    })
+    .await;
+    let user = hs256(json!({"exp": "+600", "tidings": {"publish": ["*"]}}));
+    let mut refused = None;
+    for _ in 0..5 {
+        let res = server
+            .http
+            .post(format!("{}/publish/fast", server.url))
+            .header("content-type", "text/plain")
+            .bearer_auth(&user)
+            .body("x")
+            .send()
+            .await
+            .unwrap();
+        if res.status() == 429 {
+            refused = Some(res);
+            break;
+        }
+    }
+    let res = refused.expect("no 429 within 5 publishes at 1 per second");
+    assert_eq!(res.headers()["retry-after"], "1");
+    let body: Value = res.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "rate_limited");
+}
+
+/// The server's own origin is recognised over HTTP/2 too (`:authority`, no `Host`), so its
+/// own pages' preflights and WebSockets work under `[auth]` with an empty allow-list.
+#[tokio::test]
+async fn the_servers_own_origin_is_allowed_over_h2c_and_a_foreign_one_is_not() {
+    let server = secured().await;
+    let h2 = reqwest::Client::builder()
+        .http2_prior_knowledge()
+        .no_proxy()
+        .build()
+        .unwrap();
+    let preflight = |origin: String| {
+        h2.request(
+            reqwest::Method::OPTIONS,
+            format!("{}/publish/chat:a", server.url),
+        )
+        .header("origin", origin)
+        .header("access-control-request-method", "POST")
+        .send()
+    };
+    let own = preflight(server.url.clone()).await.unwrap();
+    assert_eq!(own.version(), reqwest::Version::HTTP_2);
+    assert_eq!(own.status(), 204);
+    let foreign = preflight("https://evil.example".into()).await.unwrap();
+    assert_eq!(foreign.status(), 403);
+}
+
+/// docs/security.md: credentials are checked before a chunked body is read; a body of declared
+/// length (up to 64 KiB) is read first, so one that never arrives gets `408`, not `401`.
+#[tokio::test]
+async fn a_bad_token_is_refused_before_a_chunked_body_and_after_a_declared_one() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let server = TestServer::with(|c| {
+        c.auth.api_keys = vec![Secret(API_KEY.into())];
+        c.server.request_body_timeout = std::time::Duration::from_millis(300);
+    })
+    .await;
+    let first_reply = |head: &'static str| {
+        let addr = server.addr;
+        async move {
+            let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+            s.write_all(head.as_bytes()).await.unwrap();
+            tokio::time::timeout(TIMEOUT, async {
+                let mut buf = vec![0u8; 4096];
+                let n = s.read(&mut buf).await.unwrap();
+                String::from_utf8_lossy(&buf[..n]).into_owned()
+            })
+            .await
+            .unwrap()
+        }
+    };
+    let chunked = first_reply(
+        "POST /publish/x HTTP/1.1\r\nhost: x\r\nauthorization: Bearer wrong-key-0123456789\r\ncontent-type: text/plain\r\ntransfer-encoding: chunked\r\n\r\n",
+    )
+    .await;
+    assert!(chunked.starts_with("HTTP/1.1 401"), "{chunked}");
+    let declared = first_reply(
+        "POST /publish/x HTTP/1.1\r\nhost: x\r\nauthorization: Bearer wrong-key-0123456789\r\ncontent-type: text/plain\r\ncontent-length: 100\r\n\r\n",
+    )
+    .await;
+    assert!(declared.starts_with("HTTP/1.1 408"), "{declared}");
 }

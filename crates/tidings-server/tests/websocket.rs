@@ -225,6 +225,10 @@ async fn protocol_mistakes_get_error_replies_and_the_connection_stays() {
             json!({"id": 12, "op": "publish", "channel": "a"}),
             Some("invalid_request"),
         ),
+        // Not a request at all (no op, an op of the wrong type), but the id is still echoed
+        // so the client can match the error to what it sent.
+        (json!({"id": 13}), Some("invalid_request")),
+        (json!({"id": "fourteen", "op": 5}), Some("invalid_request")),
     ];
     for (frame, expected) in cases {
         let id = frame["id"].clone();
@@ -371,6 +375,15 @@ async fn websocket_upgrades_refuse_plain_requests_with_json_errors() {
         .await
         .unwrap();
     assert_eq!(res.status(), 405);
+    assert_eq!(res.headers()["allow"], "GET, CONNECT");
+    let res = server
+        .http
+        .delete(format!("{}/ws", server.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 405);
+    assert_eq!(res.headers()["allow"], "GET, CONNECT");
     let (status, body) = server.get_json("/ws/bad%20name").await;
     assert_eq!(
         (status, body["error"]["code"].clone()),

@@ -10,6 +10,8 @@ pub struct ApiError {
     pub status: StatusCode,
     pub code: &'static str,
     pub message: String,
+    /// The `Allow` header of a 405 that the router does not add itself (routes taking `any`).
+    pub allow: Option<&'static str>,
 }
 
 impl ApiError {
@@ -18,6 +20,7 @@ impl ApiError {
             status,
             code,
             message: message.into(),
+            allow: None,
         }
     }
 
@@ -39,6 +42,14 @@ impl ApiError {
             "method_not_allowed",
             "this route does not take that method",
         )
+    }
+
+    /// A 405 from a handler that takes every method itself, naming the ones it serves.
+    pub fn method_not_allowed_allowing(allow: &'static str) -> Self {
+        Self {
+            allow: Some(allow),
+            ..Self::method_not_allowed()
+        }
     }
 
     pub fn too_large(limit: usize) -> Self {
@@ -111,6 +122,10 @@ impl IntoResponse for ApiError {
         {
             res.headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        if let Some(allow) = self.allow {
+            res.headers_mut()
+                .insert(header::ALLOW, HeaderValue::from_static(allow));
         }
         // RFC 6750: every 401 names the scheme; a rejected token says so, nothing more.
         if self.status == StatusCode::UNAUTHORIZED {

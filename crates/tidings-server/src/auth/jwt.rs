@@ -123,7 +123,56 @@ pub fn mint_with_private_key(pem: &[u8], claims: &Claims) -> Result<String, Stri
         return jsonwebtoken::encode(&Header::new(Algorithm::ES256), claims, &key)
             .map_err(|e| e.to_string());
     }
-    Err("not an RSA or EC (P-256) private key in PEM form".into())
+    if let Some(pkcs8) = sec1_p256_to_pkcs8(pem) {
+        return jsonwebtoken::encode(
+            &Header::new(Algorithm::ES256),
+            claims,
+            &EncodingKey::from_ec_der(&pkcs8),
+        )
+        .map_err(|e| format!("the EC PRIVATE KEY is not a usable P-256 key: {e}"));
+    }
+    Err("not an RSA or EC (P-256) private key in PEM form (PKCS#8 `BEGIN PRIVATE KEY`, SEC1 `BEGIN EC PRIVATE KEY` or PKCS#1 `BEGIN RSA PRIVATE KEY`)".into())
+}
+
+/// `openssl ecparam -genkey` writes SEC1 (`BEGIN EC PRIVATE KEY`, often after an
+/// `EC PARAMETERS` block), which jsonwebtoken does not read; it takes PKCS#8. A SEC1 key is
+/// PKCS#8's inner octet string, so wrapping it in the P-256 `PrivateKeyInfo` header is the
+/// whole conversion. `None` when there is no such block; another curve fails at signing.
+fn sec1_p256_to_pkcs8(pem: &[u8]) -> Option<Vec<u8>> {
+    use base64::Engine;
+    const BEGIN: &str = "-----BEGIN EC PRIVATE KEY-----";
+    const END: &str = "-----END EC PRIVATE KEY-----";
+    // version 0, AlgorithmIdentifier { id-ecPublicKey, prime256v1 }
+    const HEADER: [u8; 24] = [
+        0x02, 0x01, 0x00, 0x30, 0x13, 0x06, 0x07, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x02, 0x01, 0x06,
+        0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07,
+    ];
+    let text = std::str::from_utf8(pem).ok()?;
+    let body = text.split_once(BEGIN)?.1.split_once(END)?.0;
+    let b64: String = body.chars().filter(|c| !c.is_ascii_whitespace()).collect();
+    let sec1 = base64::engine::general_purpose::STANDARD.decode(b64).ok()?;
+    let mut octets = vec![0x04];
+    der_length(&mut octets, sec1.len())?;
+    octets.extend_from_slice(&sec1);
+    let mut out = vec![0x30];
+    der_length(&mut out, HEADER.len() + octets.len())?;
+    out.extend_from_slice(&HEADER);
+    out.extend_from_slice(&octets);
+    Some(out)
+}
+
+/// A DER length (short form, or long form up to two bytes: keys are far smaller).
+fn der_length(out: &mut Vec<u8>, len: usize) -> Option<()> {
+    match len {
+        0..=0x7f => out.push(u8::try_from(len).ok()?),
+        0x80..=0xff => out.extend_from_slice(&[0x81, u8::try_from(len).ok()?]),
+        _ => {
+            let len = u16::try_from(len).ok()?;
+            out.push(0x82);
+            out.extend_from_slice(&len.to_be_bytes());
+        }
+    }
+    Some(())
 }
 
 #[cfg(test)]
@@ -165,6 +214,55 @@ mod tests {
         assert!(v.verify(&early).is_err());
         let fine = mint_hs256("k", &claims(None, None)).unwrap();
         assert!(v.verify(&fine).is_ok());
+    }
+
+    /// Runs `openssl` (scripts/test.sh installs it) and returns its stdout.
+    fn openssl(args: &[&str], stdin: &[u8]) -> Vec<u8> {
+        use std::io::Write;
+        let mut child = std::process::Command::new("openssl")
+            .args(args)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("openssl is installed (scripts/test.sh)");
+        child.stdin.take().unwrap().write_all(stdin).unwrap();
+        let out = child.wait_with_output().unwrap();
+        assert!(out.status.success(), "openssl {args:?} failed");
+        out.stdout
+    }
+
+    #[test]
+    fn a_sec1_ec_key_as_openssl_ecparam_writes_it_mints_tokens_its_public_key_verifies() {
+        // With and without the EC PARAMETERS block that `ecparam -genkey` puts first.
+        for args in [
+            &["ecparam", "-name", "prime256v1", "-genkey"][..],
+            &["ecparam", "-name", "prime256v1", "-genkey", "-noout"][..],
+        ] {
+            let private = openssl(args, b"");
+            assert!(String::from_utf8_lossy(&private).contains("BEGIN EC PRIVATE KEY"));
+            let public = openssl(&["ec", "-pubout"], &private);
+            let dir = std::env::temp_dir().join(format!("tidings-sec1-{}", std::process::id()));
+            std::fs::create_dir_all(&dir).unwrap();
+            let public_file = dir.join("public.pem");
+            std::fs::write(&public_file, public).unwrap();
+            let token = mint_with_private_key(&private, &claims(Some(now() + 60), None)).unwrap();
+            let verifier = JwtVerifier::from_public_key_file(&public_file).unwrap();
+            assert_eq!(verifier.algorithm, Algorithm::ES256);
+            assert_eq!(
+                verifier.verify(&token).unwrap().sub.as_deref(),
+                Some("alice")
+            );
+        }
+        let p384 = openssl(&["ecparam", "-name", "secp384r1", "-genkey", "-noout"], b"");
+        assert!(mint_with_private_key(&p384, &claims(None, None)).is_err());
+        assert!(
+            mint_with_private_key(
+                b"-----BEGIN EC PRIVATE KEY-----\n!!\n-----END EC PRIVATE KEY-----\n",
+                &claims(None, None)
+            )
+            .is_err()
+        );
     }
 
     #[test]

@@ -180,7 +180,8 @@ fn has_token(headers: &HeaderMap, name: header::HeaderName, token: &str) -> bool
 
 fn upgrade_error(method: &Method) -> ApiError {
     if method != Method::GET && method != Method::CONNECT {
-        ApiError::method_not_allowed()
+        // GET is the HTTP/1.1 handshake; CONNECT is RFC 8441's, over HTTP/2.
+        ApiError::method_not_allowed_allowing("GET, CONNECT")
     } else {
         ApiError::new(
             StatusCode::BAD_REQUEST,
@@ -841,6 +842,20 @@ impl Malformed {
     }
 }
 
+/// The `id` of a frame that is JSON but not a valid request (a missing `op`, a field of the
+/// wrong type), so its error reply can still be matched to the request; `None` when the frame
+/// is not a JSON object at all.
+fn id_of_unparsed(frame: &str) -> Option<Value> {
+    #[derive(Deserialize)]
+    struct IdOnly {
+        #[serde(default)]
+        id: Option<Value>,
+    }
+    serde_json::from_str::<IdOnly>(frame)
+        .ok()
+        .and_then(|r| r.id)
+}
+
 impl From<(Option<Value>, ApiError)> for Malformed {
     fn from((id, e): (Option<Value>, ApiError)) -> Self {
         Self {
@@ -953,7 +968,7 @@ pub enum Op {
 pub fn parse_request(frame: &str, max_message_bytes: usize) -> Result<ParsedRequest, Malformed> {
     let req: Request = serde_json::from_str(frame).map_err(|e| {
         Malformed::new(
-            &None,
+            &id_of_unparsed(frame),
             "invalid_request",
             format!("expected a JSON request object: {e}"),
         )
