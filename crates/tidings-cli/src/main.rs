@@ -2,13 +2,14 @@
 
 mod client;
 mod cmd;
+mod logging;
+mod notify;
 mod ws;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use tracing_subscriber::EnvFilter;
 
 /// Tidings: a real-time push server (WebSocket, SSE, HTTP streaming, long and short polling).
 #[derive(Debug, Parser)]
@@ -40,12 +41,7 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_env("TIDINGS_LOG").unwrap_or_else(|_| EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    logging::init(logging::format(cli.config.as_deref()));
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -138,3 +138,122 @@ async fn token_without_a_secret_says_what_to_configure() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("jwt_secret"));
 }
+
+/// Reads `path` until it holds a line starting with `prefix`, returns the rest of that line.
+async fn wait_for_line(path: &std::path::Path, prefix: &str) -> String {
+    let found = tokio::time::timeout(Duration::from_secs(20), async {
+        let mut tick = tokio::time::interval(Duration::from_millis(20));
+        loop {
+            tick.tick().await;
+            let text = std::fs::read_to_string(path).unwrap_or_default();
+            if let Some(line) = text.lines().find_map(|l| l.strip_prefix(prefix)) {
+                return line.trim().to_owned();
+            }
+        }
+    })
+    .await;
+    found.unwrap_or_else(|_| {
+        panic!(
+            "no line {prefix:?} in {}",
+            std::fs::read_to_string(path).unwrap_or_default()
+        )
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logs_to_a_file_have_no_colour_codes_json_lines_parse_and_carry_no_secret() {
+    let config = config_file();
+    let dir = std::env::temp_dir();
+    let stamp = format!("{}-{:?}", std::process::id(), std::thread::current().id());
+    let text_log = dir.join(format!("tidings-text-{stamp}.log"));
+    let json_log = dir.join(format!("tidings-json-{stamp}.log"));
+    let token_out = tidings()
+        .args([
+            "--config",
+            config.to_str().unwrap(),
+            "token",
+            "--sub",
+            "carol",
+        ])
+        .args(["--subscribe", "*", "--publish", "*", "--ttl", "10m"])
+        .output()
+        .await
+        .unwrap();
+    let token = String::from_utf8(token_out.stdout)
+        .unwrap()
+        .trim()
+        .to_owned();
+    for (log_path, format) in [(&text_log, "text"), (&json_log, "json")] {
+        let mut server = tidings()
+            .args(["--config", config.to_str().unwrap(), "serve"])
+            .env("TIDINGS_LOG", "debug")
+            .env("TIDINGS_LOG_FORMAT", format)
+            .stderr(std::fs::File::create(log_path).unwrap())
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap();
+        let url = wait_for_line(log_path, "tidings listening on ").await;
+        let http = reqwest::Client::new();
+        // The token in the query, in the cookie and in the header; the API key in the header.
+        let sse = http
+            .get(format!("{url}/poll/chat:a?token={token}"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(sse.status(), 200);
+        let cookie = http
+            .get(format!("{url}/poll/chat:a"))
+            .header("cookie", format!("tidings_token={token}"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(cookie.status(), 200);
+        for key in [API_KEY, "wrong-key-also-secret-0123456789"] {
+            http.post(format!("{url}/publish/chat:a"))
+                .bearer_auth(key)
+                .header("content-type", "text/plain")
+                .body("x")
+                .send()
+                .await
+                .unwrap();
+        }
+        server.start_kill().unwrap();
+        let _ = server.wait().await;
+        let log = std::fs::read_to_string(log_path).unwrap();
+        assert!(log.contains("listening"), "{log}");
+        assert!(
+            !log.contains('\u{1b}'),
+            "escape sequences in a file:\n{log}"
+        );
+        for secret in [API_KEY, SECRET, &token, "wrong-key-also-secret"] {
+            assert!(!log.contains(secret), "{secret} was logged:\n{log}");
+        }
+        if format == "json" {
+            for line in log
+                .lines()
+                .filter(|l| !l.starts_with("tidings listening on "))
+            {
+                let v: serde_json::Value =
+                    serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+                assert!(
+                    v["level"].is_string() && v["timestamp"].is_string(),
+                    "{line}"
+                );
+            }
+        }
+        let _ = std::fs::remove_file(log_path);
+    }
+    // A Redis password in the broker URL is masked in the startup error and every log line.
+    let out = tidings()
+        .args(["serve", "--listen", "127.0.0.1:0"])
+        .args(["--broker", "redis://user:redis-pass-do-not-log@127.0.0.1:1"])
+        .env("TIDINGS_LOG", "debug")
+        .output()
+        .await
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("127.0.0.1:1"), "{stderr}");
+    assert!(!stderr.contains("redis-pass-do-not-log"), "{stderr}");
+    let _ = std::fs::remove_file(config);
+}

@@ -47,6 +47,8 @@ pub struct ServerConfig {
     pub tls_key: Option<PathBuf>,
     pub tls_self_signed: bool,
     pub insecure: bool,
+    /// How log lines look (read by the CLI before the rest of the configuration).
+    pub log_format: LogFormat,
     pub cors_origins: Vec<String>,
     pub max_connections: usize,
     pub max_connections_per_ip: usize,
@@ -84,6 +86,7 @@ impl Default for ServerConfig {
             tls_key: None,
             tls_self_signed: false,
             insecure: false,
+            log_format: LogFormat::Auto,
             cors_origins: Vec::new(),
             max_connections: 100_000,
             max_connections_per_ip: 0,
@@ -97,6 +100,31 @@ impl Default for ServerConfig {
             request_header_timeout: Duration::from_secs(10),
             request_body_timeout: Duration::from_secs(10),
             client_publish_rate: 50,
+        }
+    }
+}
+
+/// `[server] log_format`: see the CLI's `logging` module for what each one writes.
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Plain lines without timestamps under systemd (journald adds them), else `Text`.
+    #[default]
+    Auto,
+    /// Timestamped lines; colours only on a terminal.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+impl LogFormat {
+    /// The value of `TIDINGS_LOG_FORMAT`, case-insensitive; `None` for anything else.
+    pub fn parse(s: &str) -> Option<Self> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "auto" => Some(Self::Auto),
+            "text" => Some(Self::Text),
+            "json" => Some(Self::Json),
+            _ => None,
         }
     }
 }
@@ -477,6 +505,7 @@ listen = "127.0.0.1:8080"          # plain HTTP/1.1 + h2c
 # tls_listen = "0.0.0.0:8443"      # TLS port (ALPN h2, http/1.1), in addition to `listen`
 # tls_cert = "cert.pem"            # with tls_key; or tls_self_signed = true
 insecure = false                   # allow open mode on a non-loopback address
+log_format = "auto"                # "auto" (plain under systemd, else text) | "text" | "json"; or TIDINGS_LOG_FORMAT
 cors_origins = []                  # CORS + WebSocket Origin allow-list; empty = any origin in open mode, none otherwise
 max_connections = 100000
 max_connections_per_ip = 0         # 0 = unlimited

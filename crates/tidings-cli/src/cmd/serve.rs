@@ -123,6 +123,7 @@ pub async fn run(args: ServeArgs, config_path: Option<&Path>) -> anyhow::Result<
         }
         None => None,
     };
+    crate::notify::notify("READY=1");
     tidings_server::server::serve_all(state, listener, tls, shutdown_signal())
         .await
         .context("serving")?;
@@ -151,6 +152,7 @@ async fn shutdown_signal() {
         _ = ctrl_c => {}
         _ = term => {}
     }
+    crate::notify::notify("STOPPING=1");
     tracing::info!("shutting down");
 }
 
