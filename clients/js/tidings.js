@@ -752,7 +752,7 @@ class WebSocketTransport {
         if (onReply) onReply(null, err);
         reject(err);
       }, this.opts.requestTimeout);
-      this.pending.set(id, { resolve, reject, timer, onReply });
+      this.pending.set(id, { resolve, reject, timer, onReply, keyed: obj.idempotency_key !== undefined });
       if (!this.send({ id, ...obj })) {
         clearTimeout(timer);
         this.pending.delete(id);
@@ -790,9 +790,20 @@ class WebSocketTransport {
         break;
       }
       case 'reply': {
-        const p = this.pending.get(f.id);
+        let id = f.id;
+        if ((id === null || id === undefined) && f.error && /idempotency_key/.test(f.error.message || '')) {
+          // A server from before idempotent publishing cannot read the request, so it cannot
+          // echo its id either: the refused one is the oldest pending keyed publish.
+          for (const [k, p] of this.pending) {
+            if (p.keyed) {
+              id = k;
+              break;
+            }
+          }
+        }
+        const p = this.pending.get(id);
         if (!p) break;
-        this.pending.delete(f.id);
+        this.pending.delete(id);
         clearTimeout(p.timer);
         const err = f.error ? new TidingsError(f.error.message || 'request failed', { code: f.error.code, transport: 'websocket', tidings: true }) : null;
         if (p.onReply) p.onReply(err ? null : f, err);
@@ -932,7 +943,6 @@ export class Tidings {
     this.connCursor = null;
     this.pendingRefusal = null;
     this.retried401 = false;
-    this.wsNoIdempotency = false;
     this.reportedErrors = new WeakSet(); // each error reaches the 'error' listeners once
     this.stats = { requests: 0, bytes: 0, messages: 0, reconnects: 0, gaps: 0, errors: 0 };
     this.storage = this._storage(this.options.persist);
@@ -1033,15 +1043,15 @@ export class Tidings {
     if (ws && this.state === 'connected') {
       const req = { op: 'publish', channel, data: data === undefined ? null : data };
       if (opts.event) req.event = opts.event;
-      if (!this.wsNoIdempotency) req.idempotency_key = key;
+      if (!ws.noIdempotency) req.idempotency_key = key;
       let reply;
       try {
         reply = await ws.request(req);
       } catch (err) {
-        // A server from before idempotent publishing refuses the unknown field: say it once
-        // and publish without it (that attempt was not stored).
-        if (err.code === 'invalid_request' && /idempotency_key/.test(err.message) && !this.wsNoIdempotency) {
-          this.wsNoIdempotency = true;
+        // A server from before idempotent publishing refuses the unknown field (nothing was
+        // stored): publish without it on this connection.
+        if (err.code === 'invalid_request' && /idempotency_key/.test(err.message) && req.idempotency_key) {
+          ws.noIdempotency = true;
           delete req.idempotency_key;
           reply = await ws.request(req);
         } else throw err;
