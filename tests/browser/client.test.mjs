@@ -261,3 +261,33 @@ test('finding 9: a long poll delivers a message published at connect time withou
   noProblems(page);
   await page.close();
 });
+
+test('a cross-origin publish passes the preflight with its Idempotency-Key and is stored once', async () => {
+  // The page is on 127.0.0.1, the client talks to localhost: another origin, so the browser
+  // asks the server (open mode: any origin) whether idempotency-key may be sent.
+  const page = await newPage(browser.context);
+  // An app's own page (the server's pages allow no other origin in their CSP), fulfilled by
+  // the test; the client itself comes from the server.
+  await page.route('**/app-page.html', (route) => route.fulfill({ status: 200, contentType: 'text/html', body: '<!doctype html><title>app</title>' }));
+  // Chromium asks before a page reaches another loopback origin (Local Network Access).
+  await browser.context.grantPermissions(['local-network-access'], { origin: server.url });
+  await page.goto(`${server.url}/app-page.html`);
+  const other = server.url.replace('127.0.0.1', 'localhost');
+  const result = await page.evaluate(async (other) => {
+    const { Tidings } = await import('/tidings.js');
+    const t = new Tidings(other, { transports: ['sse'] });
+    try {
+      const a = await t.publish('b-cors', { n: 1 });
+      const b = await t.publish('b-cors', { n: 2 });
+      return { ok: true, offsets: [a.offset, b.offset] };
+    } catch (e) {
+      return { ok: false, error: `${e.code}: ${e.message}` };
+    } finally {
+      t.close();
+    }
+  }, other);
+  assert.equal(result.ok, true, result.error);
+  assert.equal(result.offsets[1], result.offsets[0] + 1);
+  noProblems(page);
+  await page.close();
+});
