@@ -28,7 +28,7 @@
 // ---------------------------------------------------------------------------------------------
 // BEHAVIOUR: one specification for every transport. The promise kept (SPEC §2): per channel,
 // every message once and in order, or an `onGap` notice before the next one. What the client
-// does, per situation (docs/js-client.md says the same for applications):
+// does, per situation (the README's "Web" section sums it up for applications):
 //
 //  1. Where a channel starts. `since` given to subscribe() > the persisted cursor > `history: N`
 //     > from now. WebSocket: one `subscribe` op per channel with exactly that. HTTP transports
