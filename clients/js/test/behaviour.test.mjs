@@ -324,9 +324,9 @@ test('token_expired closes /ws with 1008 and the client reconnects with a token 
     assert.equal(new URL(sockets[1].url).searchParams.get('token'), 'tok2');
     // 1008 without a goodbye saying to come back stays final.
     sockets[1].serverClose(1008, 'policy');
-    await new Promise((r) => setTimeout(r, 80));
+    await waitFor(() => t.state === 'disconnected', 'stopped');
+    assert.equal(t.retryTimer, null, 'no reconnect scheduled');
     assert.equal(sockets.length, 2);
-    assert.equal(t.state, 'disconnected');
   } finally {
     t.close();
   }
@@ -386,6 +386,40 @@ test('the page coming back online ends a pending backoff at once, unless the ser
     delete globalThis.window;
   }
   assert.equal(timers(), 0);
+});
+
+test('a hidden page becoming visible reconnects at once, but not before a delay the server advised', async () => {
+  const doc = new EventTarget();
+  doc.visibilityState = 'visible';
+  globalThis.document = doc;
+  const streams = [];
+  handler = () => {
+    const s = streamResponse();
+    streams.push(s);
+    return s.res;
+  };
+  const t = new Tidings(BASE, { ...fast, backoff: { min: 60000, max: 60000, jitter: 0 }, transports: ['stream'] });
+  t.on('error', () => {});
+  try {
+    t.subscribe('a');
+    await waitFor(() => t.state === 'connected', 'connected');
+    // A plain drop backs off (60 s here); the page becoming visible ends that wait.
+    streams[0].write('{"type":"ready","cursor":"AQ"}\n');
+    streams[0].end();
+    await waitFor(() => t.state === 'disconnected' && t.retryTimer, 'backing off');
+    doc.dispatchEvent(new Event('visibilitychange'));
+    await waitFor(() => streams.length === 2 && t.state === 'connected', 'reconnected at once');
+    // A drain: the server asks for 60 s; coming back to the page must not cut that short.
+    streams[1].write('{"type":"ready","cursor":"AQ"}\n{"type":"disconnect","reason":"shutdown","reconnect":true,"reconnect_after_ms":60000}\n');
+    streams[1].end();
+    await waitFor(() => t.state === 'disconnected' && t.retryTimer, 'waiting out the advised delay');
+    doc.dispatchEvent(new Event('visibilitychange')); // a reconnect would start right here
+    assert.equal(t.state, 'disconnected', 'the advised delay holds');
+    assert.ok(t.retryTimer, 'still waiting');
+  } finally {
+    t.close();
+    delete globalThis.document;
+  }
 });
 
 // --- finding 7: the stored cursor follows what the app accepted ----------------------------------

@@ -45,7 +45,7 @@ function defineTests() {
   let authed;
 
   before(async () => {
-    open = await startServer();
+    open = await startServer({ config: '[namespaces.room]\npresence = true\n' });
     authed = await startServer({
       config: `[auth]\napi_keys = ["${API_KEY}"]\njwt_secret = "${SECRET}"\n`,
     });
@@ -220,6 +220,31 @@ function defineTests() {
         }
       }),
     );
+  });
+
+  test('finding 11: presence() answers the same over /ws and over HTTP', async () => {
+    const ws = new Tidings(open.url, { ...quick, transports: ['websocket'] });
+    const sse = new Tidings(open.url, { ...quick, transports: ['sse'] });
+    try {
+      const a = ws.subscribe('room:p');
+      const b = sse.subscribe('room:p');
+      await waitFor(() => a.cursor && b.cursor, 'both subscribed');
+      const sorted = (list) => list.map((c) => JSON.stringify(c)).sort();
+      let overWs;
+      let overHttp;
+      for (let i = 0; i < 100; i++) {
+        overWs = await ws.presence('room:p');
+        overHttp = await sse.presence('room:p');
+        if (overWs.length === 2 && overHttp.length === 2) break;
+        await new Promise((r) => setTimeout(r, 20)); // presence is written as the sessions join
+      }
+      assert.equal(overWs.length, 2, JSON.stringify(overWs));
+      assert.deepEqual(sorted(overWs), sorted(overHttp));
+      assert.deepEqual(Object.keys(overWs[0]).sort(), ['client', 'user']);
+    } finally {
+      ws.close();
+      sse.close();
+    }
   });
 
   test('finding 9: a long poll delivers the first message without waiting a poll interval', async () => {
