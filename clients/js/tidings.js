@@ -1490,6 +1490,8 @@ export class Tidings {
         return;
       }
       if (err.code === 'not_connected') return; // the reconnect subscribes again
+      // A retried subscribe whose first try did arrive (its reply was late): it is in place.
+      if (err.code === 'already_subscribed') return;
       if (err.code === 'invalid_cursor' && sub.cursor) {
         this._refusedFor(sub, err);
         this._wsSubscribe(sub);
