@@ -169,6 +169,83 @@ test('findings 3, 4a and 11: with [auth] a user token reads history and a forbid
   await page.close();
 });
 
+test('finding 4b/4c: a rejected cursor restarts its own channel only, and a quoted ETag cursor resumes', async () => {
+  const page = await newPage(browser.context);
+  await page.goto(`${server.url}/`);
+  await page.evaluate(PAGE_HELPERS);
+  for (const transport of TRANSPORTS) {
+    const [ca, cb] = [`b4a-${transport}`, `b4b-${transport}`];
+    const start = await publish(server.url, ca, { n: 0 });
+    for (const n of [1, 2, 3]) await publish(server.url, ca, { n });
+    const result = await page.evaluate(
+      async ({ ca, cb, transport, since }) => {
+        const { Tidings } = await import('/tidings.js');
+        const got = { [ca]: [], [cb]: [] };
+        const gaps = [];
+        const t = new Tidings(location.origin, { transports: [transport], pollInterval: 50 });
+        t.on('error', () => {});
+        t.subscribe(ca, { since: `"${since}"`, onMessage: (m) => got[ca].push(m.data.n) });
+        const b = t.subscribe(cb, { since: 'AQnotacursor', onMessage: (m) => got[cb].push(m.data.n), onGap: (g) => gaps.push(g.reason) });
+        await until(() => got[ca].length === 3 && t.state === 'connected' && b.cursor, 'the backlog and the restart');
+        await post(cb, { n: 1 });
+        await until(() => got[cb].length === 1, 'live on the restarted channel');
+        t.close();
+        return { got, gaps };
+      },
+      { ca, cb, transport, since: start.cursor },
+    );
+    assert.deepEqual(result, { got: { [ca]: [1, 2, 3], [cb]: [1] }, gaps: ['cursor_rejected'] }, transport);
+  }
+  page.problems = page.problems.filter((p) => !/status of 400/.test(p));
+  noProblems(page);
+  await page.close();
+});
+
+test('finding 8: a session ending with token_expired comes back with the token getToken gives', async () => {
+  const page = await newPage(browser.context);
+  await page.goto(`${authed.url}/`);
+  await page.evaluate(PAGE_HELPERS);
+  // The server allows 5 s of clock skew: exp 3 s ago ends the session in about 2 s.
+  const tokens = [
+    jwt({ sub: 'ann', tidings: { subscribe: ['public:*'] }, exp: Math.floor(Date.now() / 1000) - 3 }),
+    jwt({ sub: 'ann', tidings: { subscribe: ['public:*'] }, exp: Math.floor(Date.now() / 1000) + 600 }),
+  ];
+  const results = await Promise.all(
+    ['websocket', 'sse'].map(async (transport) => {
+      const channel = `public:b8-${transport}`;
+      const done = page.evaluate(
+        async ({ channel, transport, tokens }) => {
+          const { Tidings } = await import('/tidings.js');
+          const got = [];
+          const byes = [];
+          let calls = 0;
+          const t = new Tidings(location.origin, { transports: [transport], getToken: async () => tokens[Math.min(calls++, 1)] });
+          t.on('error', () => {});
+          t.on('disconnect', (d) => byes.push(d.reason));
+          const sub = t.subscribe(channel, { onMessage: (m) => got.push(m.data.n) });
+          await until(() => t.state === 'connected' && sub.cursor, 'connected');
+          window[`ready-${transport}`] = true;
+          await until(() => calls >= 2 && t.state === 'connected', 'a new token', 10000);
+          window[`again-${transport}`] = true;
+          await until(() => got.length === 2, 'both messages', 10000);
+          t.close();
+          return { got, byes };
+        },
+        { channel, transport, tokens },
+      );
+      await page.waitForFunction((k) => window[k], `ready-${transport}`, { timeout: 8000 });
+      await publish(authed.url, channel, { n: 1 }, API_KEY);
+      await page.waitForFunction((k) => window[k], `again-${transport}`, { timeout: 10000 });
+      await publish(authed.url, channel, { n: 2 }, API_KEY);
+      return [transport, await done];
+    }),
+  );
+  for (const [transport, r] of results) assert.deepEqual(r, { got: [1, 2], byes: ['token_expired'] }, transport);
+  page.problems = page.problems.filter((p) => !/status of 401/.test(p));
+  noProblems(page);
+  await page.close();
+});
+
 test('findings 5 and 6: a proxy 404 page on /sse and /stream means long polling, then SSE again once it passes', async () => {
   const page = await newPage(browser.context);
   await page.goto(`${server.url}/`);
