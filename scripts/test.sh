@@ -124,20 +124,22 @@ else
 fi
 
 # --- JS client unit tests, then the browser end-to-end tests -------------------
-# The browser tests start the real `tidings serve --demo` (pages and client embedded at
-# compile time, so it is built first) and drive Debian's Chromium. Skipped, like the doc
+# Both start the real server; the browser tests run `tidings serve --demo` (pages and client
+# embedded at compile time, so it is built first) and drive Debian's Chromium. Skipped, like the doc
 # tests, when the caller picked tests with extra arguments.
 if (($#)); then
     log "extra arguments given; skipping the JS and browser tests"
 else
-    js_status=0
-    node --test clients/js/test/ || js_status=$?
-    if ((status == 0)); then status=$js_status; fi
-    browser_status=0
-    cargo build -q -p tidings-cli --bin tidings || browser_status=$?
-    if ((browser_status == 0)); then
+    # The client's own tests start the real server too (clients/js/test/server.test.mjs).
+    build_status=0
+    cargo build -q -p tidings-cli --bin tidings || build_status=$?
+    js_status=$build_status
+    browser_status=$build_status
+    if ((build_status == 0)); then
+        TIDINGS_BIN=$ROOT/target/debug/tidings node --test clients/js/test/ || js_status=$?
         TIDINGS_BIN=$ROOT/target/debug/tidings node --test tests/browser/ || browser_status=$?
     fi
+    if ((status == 0)); then status=$js_status; fi
     if ((status == 0)); then status=$browser_status; fi
 fi
 

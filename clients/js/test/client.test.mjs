@@ -156,6 +156,8 @@ test('a 400 stops the client with an error event instead of retrying forever', a
 });
 
 test('5xx answers are retried with backoff on every transport in turn, then again', async () => {
+  // A proxy's 5xx page (not the server's JSON): the transport failed, so the next is tried.
+  handler = () => new Response('<html>bad gateway</html>', { status: 502, headers: { 'content-type': 'text/html' } });
   const t = new Tidings(BASE, { ...fast, transports: ['sse', 'stream'] });
   t.on('error', () => {});
   t.subscribe('a');

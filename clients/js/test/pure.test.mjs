@@ -79,7 +79,8 @@ test('cursors of an unknown layout are passed through, never broken', () => {
   assert.equal(cursorEntries(future), null);
   assert.equal(cursorFor(future, 'x'), future);
   const a = cursor([['news', 'e1', 5]]);
-  assert.equal(mergeCursors([a, future]), future, 'the last one when any is unknown');
+  assert.equal(mergeCursors([a, future]), null, 'a known and an unknown one cannot be merged: the caller resolves them');
+  assert.equal(mergeCursors([future, future]), future, 'the same unknown cursor twice is that cursor');
   assert.equal(cursorEntries('not base64!'), null);
   assert.equal(cursorEntries(Buffer.from([1, 0, 0]).toString('base64url')), null, 'truncated');
   const good = cursor([['news', 'e1', 5]]);
@@ -96,6 +97,7 @@ test('the SSE parser handles split chunks, CRLF, comments, multi-line data and i
   const stream = 'retry: 2000\r\n\r\nid: c0\n\n: ping\n\nid: c1\nevent: tidings.gap\ndata: {"channel":"a"}\n\nid: c2\ndata: one\ndata: two\n\n';
   for (let i = 0; i < stream.length; i += 3) out.push(...p.push(stream.slice(i, i + 3)));
   assert.deepEqual(out, [
+    { retry: 2000 },
     { event: 'message', data: '', id: 'c0', hasData: false },
     { comment: 'ping' },
     { event: 'tidings.gap', data: '{"channel":"a"}', id: 'c1', hasData: true },

@@ -22,7 +22,8 @@ use crate::api::error::ApiError;
 use crate::server::AppState;
 
 const ALLOW_METHODS: &str = "GET, POST, OPTIONS";
-const ALLOW_HEADERS: &str = "authorization, content-type, last-event-id, prefer, if-none-match";
+const ALLOW_HEADERS: &str =
+    "authorization, content-type, last-event-id, prefer, if-none-match, idempotency-key";
 const EXPOSE_HEADERS: &str = "etag, preference-applied, retry-after";
 
 fn origin_host(origin: &str) -> Option<&str> {
