@@ -727,3 +727,43 @@ async fn config_check_and_serve_refuse_what_the_docs_say_with_the_documented_mes
         "{stderr}"
     );
 }
+
+/// `Type=notify` in the packaged unit relies on this: `serve` sends READY=1 once it listens,
+/// and STOPPING=1 when SIGTERM starts its shutdown.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_tells_systemd_when_it_is_ready_and_when_it_stops() {
+    let dir = std::env::temp_dir().join(format!(
+        "tidings-notify-{}-{:?}",
+        std::process::id(),
+        std::thread::current().id()
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    let socket_path = dir.join("notify.sock");
+    let _ = std::fs::remove_file(&socket_path);
+    let socket = tokio::net::UnixDatagram::bind(&socket_path).unwrap();
+    let mut cmd = tidings();
+    cmd.args(["serve", "--listen", "127.0.0.1:0"])
+        .env("NOTIFY_SOCKET", &socket_path)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    let mut child = cmd.spawn().unwrap();
+    let mut buf = [0u8; 256];
+    let n = tokio::time::timeout(WAIT, socket.recv(&mut buf))
+        .await
+        .expect("no READY=1 from serve")
+        .unwrap();
+    assert_eq!(&buf[..n], b"READY=1");
+    let pid = child.id().unwrap().to_string();
+    let killed = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let n = tokio::time::timeout(WAIT, socket.recv(&mut buf))
+        .await
+        .expect("no STOPPING=1 after SIGTERM")
+        .unwrap();
+    assert_eq!(&buf[..n], b"STOPPING=1");
+    let _ = tokio::time::timeout(WAIT, child.wait()).await;
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -123,37 +123,38 @@ pub async fn run(args: ServeArgs, config_path: Option<&Path>) -> anyhow::Result<
         }
         None => None,
     };
+    // The handlers are in place before systemd hears READY=1: a SIGTERM right after it must
+    // drain, not kill the process by the default action.
+    let shutdown = shutdown_signal();
     crate::notify::notify("READY=1");
-    tidings_server::server::serve_all(state, listener, tls, shutdown_signal())
+    tidings_server::server::serve_all(state, listener, tls, shutdown)
         .await
         .context("serving")?;
     tracing::info!("stopped");
     Ok(())
 }
 
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        if tokio::signal::ctrl_c().await.is_err() {
-            std::future::pending::<()>().await;
-        }
-    };
-    #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
+/// Registers for SIGINT and SIGTERM now (not when first polled) and resolves on either.
+fn shutdown_signal() -> impl std::future::Future<Output = ()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut int = signal(SignalKind::interrupt()).ok();
+    let mut term = signal(SignalKind::terminate()).ok();
+    async move {
+        let wait = |s: Option<tokio::signal::unix::Signal>| async move {
+            match s {
+                Some(mut s) => {
+                    s.recv().await;
+                }
+                None => std::future::pending::<()>().await,
             }
-            Err(_) => std::future::pending::<()>().await,
+        };
+        tokio::select! {
+            _ = wait(int.take()) => {}
+            _ = wait(term.take()) => {}
         }
-    };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        _ = ctrl_c => {}
-        _ = term => {}
+        crate::notify::notify("STOPPING=1");
+        tracing::info!("shutting down");
     }
-    crate::notify::notify("STOPPING=1");
-    tracing::info!("shutting down");
 }
 
 /// One line on stderr in a single write: `eprintln!` writes its pieces separately, so a
