@@ -84,6 +84,9 @@ test('two pages chat over each transport', async () => {
     await b.fill('#text', `hi ann, ben here`);
     await b.click('#composer button');
     await a.waitForSelector('#messages li:has-text("hi ann, ben here")', WAIT);
+    // A sender sees its own line when it comes back from the channel: on a short poll that is
+    // the next poll, which may be after the other page got it.
+    await b.waitForSelector('#messages li:has-text("hi ann, ben here")', WAIT);
     // Each line shows up exactly once on both sides.
     for (const p of [a, b]) assert.equal(await p.locator('#messages li').count(), 2, `${transport}: ${await p.locator('#messages').innerText()}`);
     if (transport === 'websocket' || transport === 'sse' || transport === 'stream') {

@@ -767,3 +767,13 @@ async fn serve_tells_systemd_when_it_is_ready_and_when_it_stops() {
     let _ = tokio::time::timeout(WAIT, child.wait()).await;
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn config_explain_prints_a_keys_default_variable_and_meaning_and_lists_keys_when_unknown() {
+    let out = run_ok(&["config", "explain", "server.heartbeat_interval"], None).await;
+    assert!(out.starts_with("server.heartbeat_interval\n"), "{out}");
+    assert!(out.contains("\"15s\""), "{out}");
+    assert!(out.contains("TIDINGS_SERVER__HEARTBEAT_INTERVAL"), "{out}");
+    let stderr = run_err(&["config", "explain", "heartbeat"]).await;
+    assert!(stderr.contains("server.heartbeat_interval"), "{stderr}");
+}

@@ -504,6 +504,8 @@ pub const DEFAULT_TOML: &str = r#"# Tidings configuration. Every key is optional
 listen = "127.0.0.1:8080"          # plain HTTP/1.1 + h2c
 # tls_listen = "0.0.0.0:8443"      # TLS port (ALPN h2, http/1.1), in addition to `listen`
 # tls_cert = "cert.pem"            # with tls_key; or tls_self_signed = true
+# tls_key = "key.pem"              # the certificate's private key (PEM)
+tls_self_signed = false            # TLS with a certificate generated at start (development)
 insecure = false                   # allow open mode on a non-loopback address
 log_format = "auto"                # "auto" (plain under systemd, else text) | "text" | "json"; or TIDINGS_LOG_FORMAT
 cors_origins = []                  # CORS + WebSocket Origin allow-list; empty = any origin in open mode, none otherwise

@@ -6,7 +6,8 @@
 //! (`connect` builds the broker the config names: memory, or Redis via `tidings-redis`).
 //!
 //! ## Layout
-//! - `config`: the TOML/env configuration and its validation.
+//! - `config`: the TOML/env configuration and its validation; `config_keys` reads the keys'
+//!   defaults and meanings for `config explain` and checks the docs against them.
 //! - `server`: `AppState`, the accept loop (HTTP/1.1 + h2c), graceful shutdown.
 //! - `auth/`: API keys, JWTs, grants; the 400/401/403 mapping.
 //! - `api/`: `app` (what every connection runs: CORS, the hot routes dispatched directly, the
@@ -24,6 +25,7 @@ pub mod api;
 pub mod assets;
 pub mod auth;
 pub mod config;
+pub mod config_keys;
 pub mod demo;
 pub mod h1;
 pub mod limits;

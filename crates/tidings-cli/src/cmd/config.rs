@@ -1,5 +1,6 @@
 //! `tidings config default` prints the commented default configuration;
-//! `tidings config check [FILE]` validates one (default: the global `--config`).
+//! `tidings config check [FILE]` validates one (default: the global `--config`);
+//! `tidings config explain KEY` prints a key's default, environment variable and meaning.
 
 use std::path::{Path, PathBuf};
 
@@ -15,12 +16,22 @@ pub enum ConfigCommand {
         /// The file to check; defaults to --config.
         file: Option<PathBuf>,
     },
+    /// Explain one key: its default, its environment variable and what it does.
+    Explain {
+        /// `table.key` (e.g. `server.write_timeout`) or a key name unique across tables.
+        key: String,
+    },
 }
 
 pub fn run(cmd: ConfigCommand, config_path: Option<&Path>) -> anyhow::Result<()> {
     match cmd {
         ConfigCommand::Default => {
             print!("{DEFAULT_TOML}");
+            Ok(())
+        }
+        ConfigCommand::Explain { key } => {
+            let text = tidings_server::config_keys::explain(&key).map_err(anyhow::Error::msg)?;
+            print!("{text}");
             Ok(())
         }
         ConfigCommand::Check { file } => {
