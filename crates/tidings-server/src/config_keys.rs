@@ -263,7 +263,7 @@ mod tests {
             for name in &row.names {
                 assert!(
                     keys.iter()
-                        .any(|k| &k.table == &row.table && &k.name == name),
+                        .any(|k| k.table == row.table && &k.name == name),
                     "docs/configuration.md documents {}.{name}, which `config default` does not have",
                     row.table
                 );
