@@ -8,6 +8,7 @@
 //! ## Layout
 //! - `config`: the TOML/env configuration and its validation.
 //! - `server`: `AppState`, the accept loop (HTTP/1.1 + h2c), graceful shutdown.
+//! - `lifecycle`: drain for rolling deploys (SIGTERM) and live reload (SIGHUP).
 //! - `auth/`: API keys, JWTs, grants; the 400/401/403 mapping.
 //! - `api/`: `app` (what every connection runs: CORS, the hot routes dispatched directly, the
 //!   router for the rest), publishing, channel reads, health and metrics, `ApiError`.
@@ -26,6 +27,7 @@ pub mod auth;
 pub mod config;
 pub mod demo;
 pub mod h1;
+pub mod lifecycle;
 pub mod limits;
 pub mod metrics;
 pub mod query;

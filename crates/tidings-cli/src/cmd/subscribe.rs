@@ -307,7 +307,10 @@ impl<W: Write> Session<W> {
         if let Some(cursor) = reply.cursor {
             self.cursor = Some(cursor);
         }
-        Ok(())
+        match reply.disconnect {
+            Some(notice) => Err(disconnected(&peek(notice.get())?)),
+            None => Ok(()),
+        }
     }
 
     /// Sends a subscribe request and sorts the answer: a stream to read, a failure worth
@@ -433,6 +436,8 @@ struct Record {
     cursor: Option<String>,
     reason: Option<String>,
     reconnect: Option<bool>,
+    /// A draining server's advice: wait this long before reconnecting (SPEC §13).
+    reconnect_after_ms: Option<u64>,
 }
 
 fn peek(json: &str) -> Result<Record, Ended> {
@@ -456,7 +461,12 @@ fn disconnected(record: &Record) -> Ended {
     // A disconnect that does not say otherwise is treated as transient: losing the subscription
     // over a missing field would be worse than one extra attempt.
     if record.reconnect.unwrap_or(true) {
-        Ended::retry(format!("the server ended the stream ({reason})"))
+        Ended::Retry {
+            why: format!("the server ended the stream ({reason})"),
+            // Honoured as a floor under the backoff: a server that shuts down spreads its
+            // clients' returns this way, and coming back early would undo the spread.
+            after: record.reconnect_after_ms.map(Duration::from_millis),
+        }
     } else {
         Ended::Fatal(anyhow!(
             "the server ended the subscription ({reason}) and asked not to reconnect"
@@ -471,6 +481,8 @@ struct PollReply {
     cursor: Option<String>,
     #[serde(default)]
     gaps: Vec<Box<RawValue>>,
+    /// Present when the server ended a held poll because it shuts down.
+    disconnect: Option<Box<RawValue>>,
 }
 
 /// stdout as NDJSON, flushed per line because readers are usually pipes.
