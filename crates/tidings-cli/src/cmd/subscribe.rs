@@ -1253,6 +1253,46 @@ mod tests {
         );
     }
 
+    /// A draining server's held poll answers with a `disconnect` advising a delay: the next
+    /// poll waits at least that long (the backoff alone would be a few milliseconds here).
+    #[tokio::test]
+    async fn long_poll_subscriber_waits_the_advised_delay_after_a_shutdown_notice() {
+        let first = format!(
+            r#"{{"messages":[{ENVELOPE_1}],"cursor":"p1","gaps":[],"disconnect":{{"reason":"shutdown","reconnect":true,"reconnect_after_ms":300}}}}"#
+        );
+        let second = format!(r#"{{"messages":[{ENVELOPE_2}],"cursor":"p2","gaps":[]}}"#);
+        let (url, server) = fake_server::spawn(vec![
+            fake_server::json("200 OK", &first),
+            fake_server::json("200 OK", &second),
+        ])
+        .await;
+        let started = tokio::time::Instant::now();
+        let (result, out) =
+            subscribe(args(&url, "long-poll", &["--wait", "5", "--count", "2"])).await;
+        result.unwrap();
+        assert!(started.elapsed() >= Duration::from_millis(300));
+        assert_eq!(out, format!("{ENVELOPE_1}\n{ENVELOPE_2}\n"));
+        assert_eq!(
+            server.await.unwrap(),
+            [
+                "GET /poll?channel=a&channel=b&wait=5 HTTP/1.1",
+                "GET /poll?channel=a&channel=b&since=p1&wait=5 HTTP/1.1",
+            ]
+        );
+    }
+
+    #[test]
+    fn a_shutdown_record_carries_its_delay_into_the_retry() {
+        let record = peek(
+            r#"{"type":"disconnect","reason":"shutdown","reconnect":true,"reconnect_after_ms":1234}"#,
+        )
+        .unwrap();
+        match disconnected(&record) {
+            Ended::Retry { after, .. } => assert_eq!(after, Some(Duration::from_millis(1234))),
+            other => panic!("{other:?}"),
+        }
+    }
+
     #[tokio::test]
     async fn short_poll_subscriber_sends_no_wait() {
         let reply = format!(r#"{{"messages":[{ENVELOPE_1}],"cursor":"p1","gaps":[]}}"#);
