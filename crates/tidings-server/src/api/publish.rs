@@ -469,12 +469,12 @@ fn gate(
 ) -> Result<Principal, ApiError> {
     // Open mode has no credentials to tell a backend by, so the HTTP publish API is taken to
     // be the backend ("server" rights, no rate limit); WebSocket frames remain the clients'.
-    if !state.auth().enabled() {
+    let auth = state.auth();
+    if !auth.enabled() {
         return Ok(Principal::ApiKey);
     }
-    let who = state.auth().authenticate(headers, query)?;
-    if state.auth().enabled()
-        && who != Principal::ApiKey
+    let who = auth.authenticate(headers, query)?;
+    if who != Principal::ApiKey
         && let Some(conn) = conn
         && !conn.publish_rate.try_take()
     {

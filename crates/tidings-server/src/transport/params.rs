@@ -21,10 +21,12 @@ pub fn authorize(
     headers: &HeaderMap,
     query: Option<&str>,
 ) -> Result<Principal, ApiError> {
-    let who = state.auth().authenticate(headers, query)?;
+    // One load of the credentials in force for the whole request (a reload may swap them).
+    let auth = state.auth();
+    let who = auth.authenticate(headers, query)?;
     for channel in &p.channels {
         let policy = state.node.policies.for_channel(channel);
-        state.auth().check_subscribe(&who, channel, &policy)?;
+        auth.check_subscribe(&who, channel, &policy)?;
     }
     Ok(who)
 }
