@@ -593,6 +593,58 @@ async fn forward(mut client: TcpStream, shared: Arc<ProxyShared>, cut: Cancellat
     }
 }
 
+/// A server whose `long_poll_max_wait` is below the subscriber's `--wait` (30 s by default)
+/// holds each poll for its own maximum instead of refusing it: the subscriber keeps polling
+/// and prints what is published, as against any other server.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscribe_over_long_poll_works_against_a_server_with_a_lower_long_poll_max_wait() {
+    let config = TempFile::new("short-wait.toml", "[server]\nlong_poll_max_wait = \"1s\"\n");
+    let server = Server::start_with(&[
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+        "--config",
+        config.path(),
+    ])
+    .await;
+    let (status, reply) = server.get_json("/poll/news?wait=30").await;
+    assert_eq!(status, 200, "{reply}");
+    let mut sub = subscriber(&[
+        "news",
+        "--transport",
+        "long-poll",
+        "--count",
+        "2",
+        "--url",
+        &server.url,
+    ]);
+    // Held (and re-held) by the server: the subscriber is waiting, not gone.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let text = server
+            .http
+            .get(format!("{}/metrics", server.url))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        if text.contains("tidings_connections{transport=\"long_poll\"} 1") {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the long poll was never held\n{}",
+            sub.context()
+        );
+        tokio::task::yield_now().await;
+    }
+    let published = publish_numbered(&server, 1..=2).await;
+    let lines = sub.finish_ok().await;
+    assert_envelopes(&lines, &published);
+}
+
 // ---------------------------------------------------------------------------------------------
 // `tidings config`
 // ---------------------------------------------------------------------------------------------

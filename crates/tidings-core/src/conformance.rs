@@ -19,13 +19,13 @@ use crate::history::{GapReason, Since};
 use crate::hub::Hub;
 use crate::message::{Data, Epoch, Position};
 use crate::node::Node;
-use crate::policy::{ChannelPolicy, Policies};
+use crate::policy::{ChannelPolicy, LivePolicies, Policies};
 use crate::queue::SessionQueue;
 use crate::subscription::{Event, Start};
 
 #[async_trait]
 pub trait BrokerFactory: Send + Sync {
-    async fn make(&self, hub: Arc<Hub>, policies: Arc<Policies>) -> Arc<dyn Broker>;
+    async fn make(&self, hub: Arc<Hub>, policies: Arc<LivePolicies>) -> Arc<dyn Broker>;
 }
 
 /// Generates one `#[tokio::test]` per scenario for the factory expression given.
@@ -56,8 +56,8 @@ macro_rules! broker_conformance_suite {
     };
 }
 
-fn policies(history_size: usize, ttl: Duration) -> Arc<Policies> {
-    Arc::new(Policies {
+fn policies(history_size: usize, ttl: Duration) -> Arc<LivePolicies> {
+    LivePolicies::new(Policies {
         default: ChannelPolicy {
             history_size,
             history_ttl: ttl,

@@ -36,10 +36,25 @@ impl DisconnectReason {
 }
 
 /// The JSON body carried by every transport's disconnect record.
-#[derive(Clone, Copy, Debug, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 pub struct Disconnect {
     pub reason: DisconnectReason,
     pub reconnect: bool,
+    /// How long the client should wait before reconnecting, in milliseconds: a shutdown spreads
+    /// its clients' returns over `reconnect_spread` instead of having them all come back at
+    /// once (SPEC §13). Absent: reconnect with the client's own backoff.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reconnect_after_ms: Option<u64>,
+}
+
+impl Disconnect {
+    /// `reason`, with the advice to wait `ms` before reconnecting.
+    pub fn after(reason: DisconnectReason, ms: u64) -> Self {
+        Self {
+            reconnect_after_ms: Some(ms),
+            ..reason.into()
+        }
+    }
 }
 
 impl From<DisconnectReason> for Disconnect {
@@ -47,6 +62,7 @@ impl From<DisconnectReason> for Disconnect {
         Self {
             reason,
             reconnect: reason.reconnect(),
+            reconnect_after_ms: None,
         }
     }
 }

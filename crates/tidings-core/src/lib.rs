@@ -43,7 +43,7 @@ pub use history::{Gap, GapReason, HistoryRead, Replay, Since};
 pub use hub::Hub;
 pub use message::{Data, Epoch, Message, Position};
 pub use node::Node;
-pub use policy::{ChannelPolicy, Policies, PublishPolicy, SubscribePolicy};
+pub use policy::{ChannelPolicy, LivePolicies, Policies, PublishPolicy, SubscribePolicy};
 pub use presence::{ClientInfo, PresenceEvent, PresenceKind};
 pub use queue::QueueItem;
 pub use subscription::{Event, Joined, Start, Subscription};

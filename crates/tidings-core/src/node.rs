@@ -9,17 +9,17 @@ use crate::channel::{ChannelName, EventName};
 use crate::history::{HistoryRead, Since};
 use crate::hub::Hub;
 use crate::message::{Data, Message};
-use crate::policy::Policies;
+use crate::policy::{LivePolicies, Policies};
 
 pub struct Node {
     pub hub: Arc<Hub>,
     pub broker: Arc<dyn Broker>,
-    pub policies: Arc<Policies>,
+    pub policies: Arc<LivePolicies>,
     session_ids: AtomicU64,
 }
 
 impl Node {
-    pub fn new(hub: Arc<Hub>, broker: Arc<dyn Broker>, policies: Arc<Policies>) -> Arc<Self> {
+    pub fn new(hub: Arc<Hub>, broker: Arc<dyn Broker>, policies: Arc<LivePolicies>) -> Arc<Self> {
         Arc::new(Self {
             hub,
             broker,
@@ -31,7 +31,7 @@ impl Node {
     /// A node on the in-memory broker.
     pub fn memory(policies: Policies) -> Arc<Self> {
         let hub = Arc::new(Hub::new());
-        let policies = Arc::new(policies);
+        let policies = LivePolicies::new(policies);
         let broker = MemoryBroker::new(hub.clone(), policies.clone());
         Self::new(hub, broker, policies)
     }

@@ -5,13 +5,13 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use tidings_core::broker::memory::MemoryBroker;
 use tidings_core::conformance::BrokerFactory;
-use tidings_core::{Broker, Hub, Policies};
+use tidings_core::{Broker, Hub, LivePolicies};
 
 struct Memory;
 
 #[async_trait]
 impl BrokerFactory for Memory {
-    async fn make(&self, hub: Arc<Hub>, policies: Arc<Policies>) -> Arc<dyn Broker> {
+    async fn make(&self, hub: Arc<Hub>, policies: Arc<LivePolicies>) -> Arc<dyn Broker> {
         MemoryBroker::new(hub, policies)
     }
 }

@@ -24,7 +24,9 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use bytes::Bytes;
-use tidings_core::{Broker, ChannelName, ChannelPolicy, Data, Hub, Node, Policies, Start};
+use tidings_core::{
+    Broker, ChannelName, ChannelPolicy, Data, Hub, LivePolicies, Node, Policies, Start,
+};
 use tidings_redis::{RedisBroker, RedisOptions};
 
 /// CPU seconds (user + system) a process has used, from /proc/PID/stat.
@@ -50,8 +52,8 @@ fn clock_ticks() -> f64 {
         .unwrap_or(100.0)
 }
 
-fn policies() -> Arc<Policies> {
-    Arc::new(Policies {
+fn policies() -> Arc<LivePolicies> {
+    LivePolicies::new(Policies {
         default: ChannelPolicy {
             history_size: 1000,
             ..ChannelPolicy::default()
@@ -163,7 +165,7 @@ async fn main() {
     let mut outcomes = Vec::new();
 
     // Publish-only first (no subscriber anywhere), then fan-out.
-    let memory = Node::memory((*policies()).clone());
+    let memory = Node::memory((*policies().current()).clone());
     outcomes.push(
         run(
             "memory, publish only",
@@ -190,7 +192,7 @@ async fn main() {
         .await,
     );
 
-    let memory = Node::memory((*policies()).clone());
+    let memory = Node::memory((*policies().current()).clone());
     outcomes.push(
         run(
             "memory, one node",

@@ -29,7 +29,7 @@ use tidings_core::broker::{Broker, BrokerError, ChannelStats};
 use tidings_core::history::{Gap, GapReason, HistoryRead, Replay, Since};
 use tidings_core::presence::{ClientInfo, PresenceKind};
 use tidings_core::{
-    ChannelName, ChannelPolicy, Data, Epoch, EventName, Hub, Message, Policies, Position,
+    ChannelName, ChannelPolicy, Data, Epoch, EventName, Hub, LivePolicies, Message, Position,
 };
 use tokio_util::sync::CancellationToken;
 
@@ -67,7 +67,7 @@ pub(crate) fn relock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 /// What the broker and its tasks share.
 pub struct Shared {
     pub(crate) hub: Arc<Hub>,
-    pub(crate) policies: Arc<Policies>,
+    pub(crate) policies: Arc<LivePolicies>,
     pub(crate) keys: Keys,
     pub(crate) endpoint: Endpoint,
     pub(crate) commands: Commands,
@@ -129,7 +129,7 @@ impl RedisBroker {
     pub async fn connect(
         options: RedisOptions,
         hub: Arc<Hub>,
-        policies: Arc<Policies>,
+        policies: Arc<LivePolicies>,
     ) -> Result<Arc<Self>, ConnectError> {
         let keys = Keys::new(&options.prefix).map_err(ConnectError::Url)?;
         let tls_ca = match &options.tls_ca_file {
@@ -311,7 +311,7 @@ impl Broker for RedisBroker {
             .arg(Epoch::random().as_str())
             .arg(policy.history_size)
             .arg(millis(policy.history_ttl))
-            .arg(meta_ttl(policy))
+            .arg(meta_ttl(&policy))
             .arg(s.keys.pubsub(channel))
             .arg(self.sharded())
             .arg(kind_of(&data))
@@ -358,7 +358,7 @@ impl Broker for RedisBroker {
             .key(s.keys.stream(channel))
             .arg(Epoch::random().as_str())
             .arg(millis(policy.history_ttl))
-            .arg(meta_ttl(policy))
+            .arg(meta_ttl(&policy))
             .arg(mode)
             .arg(n)
             .arg(epoch)
@@ -531,7 +531,7 @@ async fn run_upkeep(shared: Arc<Shared>, stop: CancellationToken) {
         let s = &*shared;
         futures_util::stream::iter(s.hub.channels())
             .for_each_concurrent(UPKEEP_CONCURRENCY, |c| async move {
-                let ttl = meta_ttl(s.policies.for_channel(&c));
+                let ttl = meta_ttl(&s.policies.for_channel(&c));
                 let mut touch = redis::cmd("PEXPIRE");
                 touch.arg(s.keys.meta(&c)).arg(ttl);
                 if let Err(e) = timed("touching channel", s.commands.query(&touch)).await {

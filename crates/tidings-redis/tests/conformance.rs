@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use tidings_core::conformance::BrokerFactory;
-use tidings_core::{Broker, Hub, Policies};
+use tidings_core::{Broker, Hub, LivePolicies};
 use tidings_redis::{RedisBroker, RedisOptions};
 
 mod support;
@@ -14,7 +14,7 @@ struct Redis;
 
 #[async_trait]
 impl BrokerFactory for Redis {
-    async fn make(&self, hub: Arc<Hub>, policies: Arc<Policies>) -> Arc<dyn Broker> {
+    async fn make(&self, hub: Arc<Hub>, policies: Arc<LivePolicies>) -> Arc<dyn Broker> {
         let options =
             RedisOptions::from_url(&support::shared().url(), &support::unique_prefix("conf"));
         match RedisBroker::connect(options, hub, policies).await {

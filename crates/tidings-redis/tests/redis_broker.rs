@@ -12,7 +12,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use tidings_core::{
     Broker, BrokerError, ChannelName, ChannelPolicy, ClientInfo, Data, DisconnectReason, Event,
-    GapReason, Hub, Node, Policies, Position, Since, Start, Subscription,
+    GapReason, Hub, LivePolicies, Node, Policies, Position, Since, Start, Subscription,
 };
 use tidings_redis::{RedisBroker, RedisOptions};
 use tokio::time::Instant;
@@ -21,8 +21,8 @@ use support::{RedisServer, unique_prefix};
 
 const WAIT: Duration = Duration::from_secs(10);
 
-fn policies(presence: bool) -> Arc<Policies> {
-    Arc::new(Policies {
+fn policies(presence: bool) -> Arc<LivePolicies> {
+    LivePolicies::new(Policies {
         default: ChannelPolicy {
             history_size: 1000,
             presence,

@@ -11,7 +11,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use bytes::Bytes;
 use tidings_core::conformance::{self, BrokerFactory};
-use tidings_core::{Broker, ChannelName, Data, Event, Hub, Node, Policies, Start};
+use tidings_core::{Broker, ChannelName, Data, Event, Hub, LivePolicies, Node, Policies, Start};
 use tidings_redis::{RedisBroker, RedisOptions};
 use tokio::time::Instant;
 
@@ -26,7 +26,7 @@ struct OnCluster;
 
 #[async_trait]
 impl BrokerFactory for OnCluster {
-    async fn make(&self, hub: Arc<Hub>, policies: Arc<Policies>) -> Arc<dyn Broker> {
+    async fn make(&self, hub: Arc<Hub>, policies: Arc<LivePolicies>) -> Arc<dyn Broker> {
         let options = RedisOptions {
             urls: cluster().urls(),
             prefix: unique_prefix("cluster"),
@@ -54,7 +54,7 @@ async fn the_conformance_scenarios_hold_on_a_cluster() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn channels_spread_over_every_shard_reach_other_nodes_through_sharded_pubsub() {
     let prefix = unique_prefix("shards");
-    let policies = Arc::new(Policies::default());
+    let policies = LivePolicies::new(Policies::default());
     let hub_a = Arc::new(Hub::new());
     // One seed URL is enough: the broker sees `cluster_enabled:1` and goes cluster-wide.
     let one_seed = RedisOptions {

@@ -75,6 +75,14 @@ pub struct ServerConfig {
     /// is on; API keys are exempt, and open mode (development) is not limited. Bursts up to
     /// the same number. 0 = unlimited.
     pub client_publish_rate: u32,
+    /// After SIGTERM/SIGINT, how long `/readyz` answers 503 while everything else keeps
+    /// working, so a load balancer stops sending new clients before streams are ended.
+    #[serde(deserialize_with = "duration")]
+    pub drain_grace: Duration,
+    /// The window over which the clients of a node that shuts down are told to come back:
+    /// each gets its own `reconnect_after_ms`, drawn uniformly from it.
+    #[serde(deserialize_with = "duration")]
+    pub reconnect_spread: Duration,
 }
 
 impl Default for ServerConfig {
@@ -100,6 +108,8 @@ impl Default for ServerConfig {
             request_header_timeout: Duration::from_secs(10),
             request_body_timeout: Duration::from_secs(10),
             client_publish_rate: 50,
+            drain_grace: Duration::from_secs(5),
+            reconnect_spread: Duration::from_secs(10),
         }
     }
 }
@@ -237,6 +247,9 @@ pub struct NamespaceConfig {
     pub join_leave: Option<bool>,
 }
 
+/// Upper bound on `drain_grace` and `reconnect_spread`.
+pub const MAX_DRAIN: Duration = Duration::from_secs(600);
+
 /// Upper bound on retained messages per channel, so one setting cannot exhaust memory silently.
 pub const MAX_HISTORY_SIZE: usize = 1_000_000;
 
@@ -340,6 +353,18 @@ impl Config {
         }
         if s.ping_interval < Duration::from_millis(100) {
             return invalid("server.ping_interval must be at least 100ms".into());
+        }
+        if s.drain_grace > MAX_DRAIN {
+            return invalid(format!(
+                "server.drain_grace is capped at {}s: a node that drains longer holds a deploy back",
+                MAX_DRAIN.as_secs()
+            ));
+        }
+        if s.reconnect_spread > MAX_DRAIN {
+            return invalid(format!(
+                "server.reconnect_spread is capped at {}s",
+                MAX_DRAIN.as_secs()
+            ));
         }
         if self.channels.history_size > MAX_HISTORY_SIZE
             || self
@@ -515,12 +540,14 @@ max_message_bytes = 65536          # larger publishes answer 413
 max_channels_per_subscription = 64 # more channels in one subscribe request answer 400
 queue_max_bytes = 1048576          # per connection, then disconnect "slow"
 heartbeat_interval = "15s"         # SSE comment / empty NDJSON line when idle
-long_poll_max_wait = "60s"         # a larger ?wait= answers 400
+long_poll_max_wait = "60s"         # a larger ?wait= is held this long (Preference-Applied says so)
 ping_interval = "25s"              # WebSocket pings; a peer silent for two intervals is closed
 idle_timeout = "5m"                # a /ws connection with no subscription and no frames is closed
 request_header_timeout = "10s"     # a client must send its request headers within this (slowloris)
 request_body_timeout = "10s"       # ... and the body within this, else 408
 client_publish_rate = 50           # publishes/s per client connection with [auth] (API keys exempt); 0 = unlimited
+drain_grace = "5s"                 # on SIGTERM: /readyz answers 503 this long while all else keeps working
+reconnect_spread = "10s"           # then clients are told to reconnect, each after its own delay within this
 
 [broker]
 url = "memory"                     # or redis://[user:password@]host:port/db, rediss://… (TLS);
@@ -560,6 +587,8 @@ mod tests {
         assert_eq!(c.channels.history_ttl, Duration::from_secs(600));
         assert_eq!(c.broker.url, "memory");
         assert!(!c.auth.enabled());
+        assert_eq!(c.server.drain_grace, Duration::from_secs(5));
+        assert_eq!(c.server.reconnect_spread, Duration::from_secs(10));
     }
 
     #[test]
@@ -601,6 +630,10 @@ mod tests {
         assert!(Config::from_toml("[server]\nlisten = \"nowhere\"\n").is_err());
         assert!(Config::from_toml("[server]\nmax_message_bytes = 0\n").is_err());
         assert!(Config::from_toml("[namespaces.\"a:b\"]\n").is_err());
+        let e = Config::from_toml("[server]\ndrain_grace = \"1h\"\n").unwrap_err();
+        assert!(e.to_string().contains("drain_grace"), "{e}");
+        assert!(Config::from_toml("[server]\nreconnect_spread = \"soon\"\n").is_err());
+        assert!(Config::from_toml("[server]\ndrain_grace = \"0s\"\n").is_ok());
     }
 
     #[test]

@@ -9,6 +9,7 @@
 //! - `config`: the TOML/env configuration and its validation; `config_keys` reads the keys'
 //!   defaults and meanings for `config explain` and checks the docs against them.
 //! - `server`: `AppState`, the accept loop (HTTP/1.1 + h2c), graceful shutdown.
+//! - `lifecycle`: drain for rolling deploys (SIGTERM) and live reload (SIGHUP).
 //! - `auth/`: API keys, JWTs, grants; the 400/401/403 mapping.
 //! - `api/`: `app` (what every connection runs: CORS, the hot routes dispatched directly, the
 //!   router for the rest), publishing, channel reads, health and metrics, `ApiError`.
@@ -28,6 +29,7 @@ pub mod config;
 pub mod config_keys;
 pub mod demo;
 pub mod h1;
+pub mod lifecycle;
 pub mod limits;
 pub mod metrics;
 pub mod query;

@@ -12,8 +12,9 @@ use std::sync::{Arc, Mutex};
 use tokio::time::Instant;
 
 pub struct ConnectionLimits {
-    max_total: usize,
-    max_per_ip: usize,
+    /// Atomics so a reload can change them; a lower limit refuses new connections only.
+    max_total: AtomicUsize,
+    max_per_ip: AtomicUsize,
     total: AtomicUsize,
     per_ip: Mutex<HashMap<IpAddr, usize>>,
 }
@@ -35,21 +36,22 @@ impl ConnectionLimits {
     /// `max_per_ip` 0 = unlimited.
     pub fn new(max_total: usize, max_per_ip: usize) -> Arc<Self> {
         Arc::new(Self {
-            max_total,
-            max_per_ip,
+            max_total: AtomicUsize::new(max_total),
+            max_per_ip: AtomicUsize::new(max_per_ip),
             total: AtomicUsize::new(0),
             per_ip: Mutex::new(HashMap::new()),
         })
     }
 
     pub fn try_acquire(self: &Arc<Self>, ip: IpAddr) -> Result<ConnectionPermit, Refused> {
-        if self.total.fetch_add(1, Ordering::AcqRel) >= self.max_total {
+        if self.total.fetch_add(1, Ordering::AcqRel) >= self.max_total.load(Ordering::Relaxed) {
             self.total.fetch_sub(1, Ordering::AcqRel);
             return Err(Refused::Total);
         }
         let mut per_ip = self.per_ip.lock().unwrap_or_else(|e| e.into_inner());
         let n = per_ip.entry(ip).or_insert(0);
-        if self.max_per_ip > 0 && *n >= self.max_per_ip {
+        let max_per_ip = self.max_per_ip.load(Ordering::Relaxed);
+        if max_per_ip > 0 && *n >= max_per_ip {
             if *n == 0 {
                 per_ip.remove(&ip);
             }
@@ -62,6 +64,12 @@ impl ConnectionLimits {
             limits: self.clone(),
             ip,
         })
+    }
+
+    /// New limits (a reload): connections already open stay.
+    pub fn set_max(&self, max_total: usize, max_per_ip: usize) {
+        self.max_total.store(max_total, Ordering::Relaxed);
+        self.max_per_ip.store(max_per_ip, Ordering::Relaxed);
     }
 
     pub fn open(&self) -> usize {

@@ -10,8 +10,9 @@
 //! requests' extensions; a subscription whose queue overflows (a client that stopped
 //! reading) fires it, and the connection is dropped after `SLOW_CLOSE_GRACE` if it has not
 //! ended by itself — hyper cannot end a response whose body it is no longer polling.
-//! Shutdown cancels `AppState::shutdown` (every stream writes its goodbye and ends), stops
-//! accepting, and waits up to `SHUTDOWN_GRACE` for connections to drain.
+//! Shutdown (once `shutdown` resolves: with `lifecycle::drain`, after the drain grace) stops
+//! accepting, cancels `AppState::shutdown` (every stream writes its goodbye and ends), and
+//! waits up to `SHUTDOWN_GRACE` for connections to drain.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -20,6 +21,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
+use arc_swap::{ArcSwap, Guard};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::{GracefulShutdown, Watcher};
@@ -35,7 +37,8 @@ use crate::metrics::Metrics;
 use crate::transport::websocket::WsIo;
 
 const SLOW_CLOSE_GRACE: Duration = Duration::from_secs(2);
-const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+/// How long connections get to end after shutdown (the bound `docs/operations.md` gives).
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 /// A client gets this long to finish the TLS handshake (a slowloris variant otherwise).
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -54,12 +57,68 @@ impl std::ops::Deref for AppState {
 
 pub struct Shared {
     pub node: Arc<Node>,
-    pub config: Arc<Config>,
+    /// The configuration and credentials in force; a reload (`lifecycle::reload`) swaps them
+    /// whole. Read with `config()` / `auth()`: one atomic load, never a lock.
+    live: ArcSwap<Live>,
+    /// Counts reloads that took effect: sessions watch it to re-check what they follow.
+    pub reloads: tokio::sync::watch::Sender<u64>,
     pub metrics: Arc<Metrics>,
     /// Cancelled when the server shuts down: open streams say goodbye and end.
     pub shutdown: CancellationToken,
-    pub auth: Arc<Auth>,
+    /// Set when a stop signal starts the drain (`lifecycle::drain`): `/readyz` answers 503.
+    pub draining: std::sync::atomic::AtomicBool,
     pub limits: Arc<ConnectionLimits>,
+}
+
+/// What a reload replaces: the whole configuration (settings that need a restart keep their
+/// values from the start) and the credentials built from it.
+pub struct Live {
+    pub config: Config,
+    pub auth: Auth,
+}
+
+/// The configuration in force when it was taken (`Shared::config`).
+pub struct ConfigRef(Guard<Arc<Live>>);
+
+impl std::ops::Deref for ConfigRef {
+    type Target = Config;
+
+    fn deref(&self) -> &Config {
+        &self.0.config
+    }
+}
+
+/// The credentials in force when they were taken (`Shared::auth`).
+pub struct AuthRef(Guard<Arc<Live>>);
+
+impl std::ops::Deref for AuthRef {
+    type Target = Auth;
+
+    fn deref(&self) -> &Auth {
+        &self.0.auth
+    }
+}
+
+impl Shared {
+    /// The configuration in force. Take it once per request where several settings are read.
+    pub fn config(&self) -> ConfigRef {
+        ConfigRef(self.live.load())
+    }
+
+    /// The credentials in force.
+    pub fn auth(&self) -> AuthRef {
+        AuthRef(self.live.load())
+    }
+
+    /// Both, consistent with each other.
+    pub fn live(&self) -> Arc<Live> {
+        self.live.load_full()
+    }
+
+    /// Puts a new configuration in force (`lifecycle::reload` decides what may change).
+    pub(crate) fn swap_live(&self, live: Live) {
+        self.live.store(Arc::new(live));
+    }
 }
 
 impl AppState {
@@ -94,7 +153,7 @@ impl AppState {
             .into());
         }
         let hub = Arc::new(tidings_core::Hub::new());
-        let policies = Arc::new(config.policies());
+        let policies = tidings_core::LivePolicies::new(config.policies());
         let mut options =
             tidings_redis::RedisOptions::from_url(&config.broker.url, &config.broker.prefix);
         options.tls_ca_file = config.broker.tls_ca_file.clone();
@@ -106,17 +165,18 @@ impl AppState {
 
     /// A state on a node built elsewhere (another broker).
     pub fn with_node(config: Config, node: Arc<Node>) -> Result<Self, crate::config::ConfigError> {
-        let auth = Arc::new(Auth::from_config(&config.auth)?);
+        let auth = Auth::from_config(&config.auth)?;
         let limits = ConnectionLimits::new(
             config.server.max_connections,
             config.server.max_connections_per_ip,
         );
         Ok(Self(Arc::new(Shared {
             node,
-            config: Arc::new(config),
+            live: ArcSwap::from_pointee(Live { config, auth }),
+            reloads: tokio::sync::watch::Sender::new(0),
             metrics: Arc::new(Metrics::default()),
             shutdown: CancellationToken::new(),
-            auth,
+            draining: std::sync::atomic::AtomicBool::new(false),
             limits,
         })))
     }
@@ -171,7 +231,7 @@ pub async fn serve_all(
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(state.config.server.request_header_timeout);
+        .header_read_timeout(state.config().server.request_header_timeout);
     // Lets WebSockets ride HTTP/2 streams (RFC 8441).
     builder.http2().enable_connect_protocol();
     let edge = Arc::new(Edge {
@@ -208,7 +268,7 @@ pub async fn serve_all(
         let ctx = ConnectionCtx {
             peer,
             kill: CancellationToken::new(),
-            publish_rate: Arc::new(RateLimiter::new(state.config.server.client_publish_rate)),
+            publish_rate: Arc::new(RateLimiter::new(state.config().server.client_publish_rate)),
             http2: false,
         };
         let watcher = graceful.watcher();
@@ -261,8 +321,8 @@ impl Edge {
             let lean = crate::h1::Lean {
                 app: &self.app,
                 ctx: &ctx,
-                header_timeout: self.state.config.server.request_header_timeout,
-                body_timeout: self.state.config.server.request_body_timeout,
+                header_timeout: self.state.config().server.request_header_timeout,
+                body_timeout: self.state.config().server.request_body_timeout,
                 shutdown: &self.state.shutdown,
             };
             drive(std::pin::pin!(lean.serve(&mut stream)), &ctx.kill).await

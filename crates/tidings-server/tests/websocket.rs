@@ -304,8 +304,8 @@ async fn raw_clients_may_not_publish_where_the_namespace_forbids_it() {
 }
 
 #[tokio::test]
-async fn shutdown_sends_a_disconnect_frame_then_closes_with_1012() {
-    let server = TestServer::spawn().await;
+async fn shutdown_sends_a_disconnect_frame_with_its_delay_then_closes_with_1012() {
+    let server = TestServer::with(|c| c.server.reconnect_spread = Duration::from_millis(800)).await;
     let mut json_ws = connect(&server, "/ws").await;
     send(
         &mut json_ws,
@@ -315,7 +315,13 @@ async fn shutdown_sends_a_disconnect_frame_then_closes_with_1012() {
     assert_eq!(next_json(&mut json_ws).await["ok"], true);
     let mut raw_ws = connect(&server, "/ws/a").await;
     let stopping = tokio::spawn(server.shutdown());
-    let goodbye = next_json(&mut json_ws).await;
+    let mut goodbye = next_json(&mut json_ws).await;
+    let after = goodbye["reconnect_after_ms"].take();
+    assert!(after.as_u64().is_some_and(|ms| ms <= 800), "{after}");
+    goodbye
+        .as_object_mut()
+        .unwrap()
+        .remove("reconnect_after_ms");
     assert_eq!(
         goodbye,
         json!({"type": "disconnect", "reason": "shutdown", "reconnect": true})

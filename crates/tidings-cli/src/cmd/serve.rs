@@ -7,7 +7,7 @@ use anyhow::{Context, bail};
 use tidings_server::AppState;
 use tidings_server::config::{Config, parse_listen};
 
-#[derive(Debug, clap::Args)]
+#[derive(Clone, Debug, clap::Args)]
 pub struct ServeArgs {
     /// Address for HTTP/1.1 and h2c (overrides server.listen), e.g. 127.0.0.1:8080; port 0 picks one.
     #[arg(long)]
@@ -47,8 +47,11 @@ fn is_loopback(addr: &SocketAddr) -> bool {
     addr.ip().is_loopback()
 }
 
-pub async fn run(args: ServeArgs, config_path: Option<&Path>) -> anyhow::Result<()> {
+/// The file (or defaults), the environment, then the flags: at start and at every reload, so
+/// a reload sees the same overrides the server started with.
+fn effective_config(args: &ServeArgs, config_path: Option<&Path>) -> anyhow::Result<Config> {
     let mut config = load_config(config_path)?;
+    let args = args.clone();
     if let Some(listen) = args.listen {
         config.server.listen = listen;
     }
@@ -71,6 +74,11 @@ pub async fn run(args: ServeArgs, config_path: Option<&Path>) -> anyhow::Result<
         tidings_server::demo::configure(&mut config);
     }
     config.validate().context("checking the configuration")?;
+    Ok(config)
+}
+
+pub async fn run(args: ServeArgs, config_path: Option<&Path>) -> anyhow::Result<()> {
+    let config = effective_config(&args, config_path)?;
 
     let addr = parse_listen(&config.server.listen).with_context(|| {
         format!(
@@ -124,36 +132,95 @@ pub async fn run(args: ServeArgs, config_path: Option<&Path>) -> anyhow::Result<
         None => None,
     };
     // The handlers are in place before systemd hears READY=1: a SIGTERM right after it must
-    // drain, not kill the process by the default action.
-    let shutdown = shutdown_signal();
+    // drain, and a SIGHUP reload, not kill the process by the default action.
+    let stops = stop_signals();
+    let hangups = hangup_signals();
+    tokio::spawn(reload_on_hangup(
+        hangups,
+        state.clone(),
+        args.clone(),
+        config_path.map(Path::to_path_buf),
+    ));
     crate::notify::notify("READY=1");
-    tidings_server::server::serve_all(state, listener, tls, shutdown)
+    let drain = tidings_server::lifecycle::drain(state.clone(), stops);
+    tidings_server::server::serve_all(state, listener, tls, drain)
         .await
         .context("serving")?;
     tracing::info!("stopped");
     Ok(())
 }
 
-/// Registers for SIGINT and SIGTERM now (not when first polled) and resolves on either.
-fn shutdown_signal() -> impl std::future::Future<Output = ()> {
+/// SIGHUP, registered now (not when first polled); `None` if it cannot be.
+fn hangup_signals() -> Option<tokio::signal::unix::Signal> {
+    use tokio::signal::unix::{SignalKind, signal};
+    match signal(SignalKind::hangup()) {
+        Ok(s) => Some(s),
+        Err(e) => {
+            tracing::warn!("cannot listen for SIGHUP ({e}): reloading is off");
+            None
+        }
+    }
+}
+
+/// Reloads the configuration on every SIGHUP (`lifecycle::reload`). A file that does not load
+/// or validate is refused with the reason in the log, and the running configuration stays.
+async fn reload_on_hangup(
+    hangups: Option<tokio::signal::unix::Signal>,
+    state: AppState,
+    args: ServeArgs,
+    path: Option<std::path::PathBuf>,
+) {
+    let Some(mut hangups) = hangups else { return };
+    while hangups.recv().await.is_some() {
+        let loaded = effective_config(&args, path.as_deref()).and_then(|config| {
+            tidings_server::lifecycle::reload(&state, config).context("checking the configuration")
+        });
+        match loaded {
+            Ok(done) => tracing::info!(
+                needs_restart = ?done.needs_restart,
+                "configuration reloaded"
+            ),
+            Err(e) => tracing::error!(
+                "configuration reload refused, the running configuration stays: {e:#}"
+            ),
+        }
+    }
+}
+
+/// SIGTERM and SIGINT, registered now (not when first polled), each one a message: the first
+/// starts the drain (and tells systemd STOPPING=1), a second ends it early
+/// (`lifecycle::drain`).
+fn stop_signals() -> tokio::sync::mpsc::Receiver<()> {
     use tokio::signal::unix::{SignalKind, signal};
     let mut int = signal(SignalKind::interrupt()).ok();
     let mut term = signal(SignalKind::terminate()).ok();
-    async move {
-        let wait = |s: Option<tokio::signal::unix::Signal>| async move {
-            match s {
-                Some(mut s) => {
-                    s.recv().await;
-                }
-                None => std::future::pending::<()>().await,
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tokio::spawn(async move {
+        let mut first = true;
+        loop {
+            let name = tokio::select! {
+                _ = recv(int.as_mut()) => "SIGINT",
+                _ = recv(term.as_mut()) => "SIGTERM",
+            };
+            if std::mem::take(&mut first) {
+                crate::notify::notify("STOPPING=1");
             }
-        };
-        tokio::select! {
-            _ = wait(int.take()) => {}
-            _ = wait(term.take()) => {}
+            tracing::info!(signal = name, "stop signal: shutting down");
+            if tx.send(()).await.is_err() {
+                return;
+            }
         }
-        crate::notify::notify("STOPPING=1");
-        tracing::info!("shutting down");
+    });
+    rx
+}
+
+/// The next delivery of `signal`; never, when it could not be registered.
+async fn recv(signal: Option<&mut tokio::signal::unix::Signal>) {
+    match signal {
+        Some(s) => {
+            s.recv().await;
+        }
+        None => std::future::pending::<()>().await,
     }
 }
 

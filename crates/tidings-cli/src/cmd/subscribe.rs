@@ -307,7 +307,10 @@ impl<W: Write> Session<W> {
         if let Some(cursor) = reply.cursor {
             self.cursor = Some(cursor);
         }
-        Ok(())
+        match reply.disconnect {
+            Some(notice) => Err(disconnected(&peek(notice.get())?)),
+            None => Ok(()),
+        }
     }
 
     /// Sends a subscribe request and sorts the answer: a stream to read, a failure worth
@@ -433,6 +436,8 @@ struct Record {
     cursor: Option<String>,
     reason: Option<String>,
     reconnect: Option<bool>,
+    /// A draining server's advice: wait this long before reconnecting (SPEC §13).
+    reconnect_after_ms: Option<u64>,
 }
 
 fn peek(json: &str) -> Result<Record, Ended> {
@@ -456,7 +461,12 @@ fn disconnected(record: &Record) -> Ended {
     // A disconnect that does not say otherwise is treated as transient: losing the subscription
     // over a missing field would be worse than one extra attempt.
     if record.reconnect.unwrap_or(true) {
-        Ended::retry(format!("the server ended the stream ({reason})"))
+        Ended::Retry {
+            why: format!("the server ended the stream ({reason})"),
+            // Honoured as a floor under the backoff: a server that shuts down spreads its
+            // clients' returns this way, and coming back early would undo the spread.
+            after: record.reconnect_after_ms.map(Duration::from_millis),
+        }
     } else {
         Ended::Fatal(anyhow!(
             "the server ended the subscription ({reason}) and asked not to reconnect"
@@ -471,6 +481,8 @@ struct PollReply {
     cursor: Option<String>,
     #[serde(default)]
     gaps: Vec<Box<RawValue>>,
+    /// Present when the server ended a held poll because it shuts down.
+    disconnect: Option<Box<RawValue>>,
 }
 
 /// stdout as NDJSON, flushed per line because readers are usually pipes.
@@ -1239,6 +1251,46 @@ mod tests {
                 "GET /poll?channel=a&channel=b&since=p1&wait=5 HTTP/1.1",
             ]
         );
+    }
+
+    /// A draining server's held poll answers with a `disconnect` advising a delay: the next
+    /// poll waits at least that long (the backoff alone would be a few milliseconds here).
+    #[tokio::test]
+    async fn long_poll_subscriber_waits_the_advised_delay_after_a_shutdown_notice() {
+        let first = format!(
+            r#"{{"messages":[{ENVELOPE_1}],"cursor":"p1","gaps":[],"disconnect":{{"reason":"shutdown","reconnect":true,"reconnect_after_ms":300}}}}"#
+        );
+        let second = format!(r#"{{"messages":[{ENVELOPE_2}],"cursor":"p2","gaps":[]}}"#);
+        let (url, server) = fake_server::spawn(vec![
+            fake_server::json("200 OK", &first),
+            fake_server::json("200 OK", &second),
+        ])
+        .await;
+        let started = tokio::time::Instant::now();
+        let (result, out) =
+            subscribe(args(&url, "long-poll", &["--wait", "5", "--count", "2"])).await;
+        result.unwrap();
+        assert!(started.elapsed() >= Duration::from_millis(300));
+        assert_eq!(out, format!("{ENVELOPE_1}\n{ENVELOPE_2}\n"));
+        assert_eq!(
+            server.await.unwrap(),
+            [
+                "GET /poll?channel=a&channel=b&wait=5 HTTP/1.1",
+                "GET /poll?channel=a&channel=b&since=p1&wait=5 HTTP/1.1",
+            ]
+        );
+    }
+
+    #[test]
+    fn a_shutdown_record_carries_its_delay_into_the_retry() {
+        let record = peek(
+            r#"{"type":"disconnect","reason":"shutdown","reconnect":true,"reconnect_after_ms":1234}"#,
+        )
+        .unwrap();
+        match disconnected(&record) {
+            Ended::Retry { after, .. } => assert_eq!(after, Some(Duration::from_millis(1234))),
+            other => panic!("{other:?}"),
+        }
     }
 
     #[tokio::test]

@@ -506,6 +506,22 @@ mod tests {
     }
 
     #[test]
+    fn a_shutdown_notice_makes_the_advised_delay_the_floor_of_the_next_attempt() {
+        let mut session = session(&[]);
+        let mut unanswered = 0;
+        let ended = session.on_ws_frame(
+            r#"{"type":"disconnect","reason":"shutdown","reconnect":true,"reconnect_after_ms":750}"#,
+            &mut unanswered,
+        );
+        match ended {
+            Err(Ended::Retry { after, .. }) => {
+                assert_eq!(after, Some(std::time::Duration::from_millis(750)));
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
     fn policy_and_size_closes_are_fatal_and_restart_slow_and_try_again_are_retried() {
         let frame = |code: u16| CloseFrame {
             code: code.into(),

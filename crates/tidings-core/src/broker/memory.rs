@@ -22,7 +22,7 @@ use crate::channel::{ChannelName, EventName};
 use crate::history::{History, HistoryRead, Since};
 use crate::hub::Hub;
 use crate::message::{Data, Epoch, Message};
-use crate::policy::Policies;
+use crate::policy::LivePolicies;
 use crate::presence::{ClientInfo, PresenceEvent, PresenceKind};
 use crate::shards::Shards;
 
@@ -30,7 +30,7 @@ const SWEEP_EVERY: Duration = Duration::from_secs(5);
 
 pub struct MemoryBroker {
     hub: Arc<Hub>,
-    policies: Arc<Policies>,
+    policies: Arc<LivePolicies>,
     shards: Shards<Arc<Mutex<History>>>,
     /// Who is present where. One lock: joins and leaves are per connection, not per message.
     presence: Mutex<HashMap<ChannelName, Vec<ClientInfo>>>,
@@ -49,7 +49,7 @@ pub fn now_millis() -> u64 {
 
 impl MemoryBroker {
     /// Creates the broker and, inside a tokio runtime, its sweeper (which ends with the broker).
-    pub fn new(hub: Arc<Hub>, policies: Arc<Policies>) -> Arc<Self> {
+    pub fn new(hub: Arc<Hub>, policies: Arc<LivePolicies>) -> Arc<Self> {
         let broker = Arc::new(Self {
             hub,
             policies,
@@ -246,14 +246,14 @@ mod tests {
     use crate::history::Since;
 
     fn broker(ttl: Duration) -> Arc<MemoryBroker> {
-        let policies = Policies {
+        let policies = crate::policy::Policies {
             default: crate::policy::ChannelPolicy {
                 history_ttl: ttl,
                 ..Default::default()
             },
             namespaces: Default::default(),
         };
-        MemoryBroker::new(Arc::new(Hub::new()), Arc::new(policies))
+        MemoryBroker::new(Arc::new(Hub::new()), LivePolicies::new(policies))
     }
 
     #[tokio::test(start_paused = true)]

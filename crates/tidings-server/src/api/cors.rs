@@ -33,9 +33,9 @@ fn origin_host(origin: &str) -> Option<&str> {
 /// `host`: the request's own authority (the `Host` header, or `:authority` in HTTP/2).
 pub fn allowed(state: &AppState, origin: &str, host: Option<&str>) -> bool {
     let own = host.is_some_and(|host| origin_host(origin) == Some(host));
-    let list = &state.config.server.cors_origins;
+    let list = &state.config().server.cors_origins;
     own || list.iter().any(|o| o == "*" || o == origin)
-        || (list.is_empty() && !state.auth.enabled())
+        || (list.is_empty() && !state.auth().enabled())
 }
 
 fn is_websocket_handshake(req: &Request) -> bool {

@@ -59,8 +59,8 @@ async fn require_api_key(
     req: axum::extract::Request,
     next: middleware::Next,
 ) -> Response {
-    let who = state.auth.authenticate(req.headers(), req.uri().query());
-    match who.and_then(|who| state.auth.check_admin(&who)) {
+    let who = state.auth().authenticate(req.headers(), req.uri().query());
+    match who.and_then(|who| state.auth().check_admin(&who)) {
         Ok(()) => next.run(req).await,
         Err(e) => e.into_response(),
     }
@@ -71,6 +71,14 @@ async fn healthz() -> Response {
 }
 
 async fn readyz(State(state): State<AppState>) -> Response {
+    // Draining (SPEC §13): out of the load balancer's rotation, whatever the broker says.
+    if state.draining.load(std::sync::atomic::Ordering::Acquire) {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            axum::Json(serde_json::json!({"status": "draining"})),
+        )
+            .into_response();
+    }
     let broker = state.node.broker.kind();
     match state.node.broker.ready().await {
         Ok(()) => {

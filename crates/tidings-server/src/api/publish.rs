@@ -27,7 +27,7 @@ const MAX_BATCH: usize = 1000;
 /// Reads a body of at most `limit` bytes within the configured time; more answers 413
 /// without reading it all, slower answers 408 (a client trickling a body holds a task).
 async fn read_body(state: &AppState, body: Body, limit: usize) -> Result<Bytes, ApiError> {
-    let timeout = state.config.server.request_body_timeout;
+    let timeout = state.config().server.request_body_timeout;
     let Ok(collected) = tokio::time::timeout(timeout, Limited::new(body, limit).collect()).await
     else {
         return Err(ApiError::body_timeout(timeout));
@@ -215,9 +215,9 @@ pub async fn publish_body(
     let channel = ChannelName::new(channel)?;
     let who = gate(state, conn, headers, query)?;
     let policy = state.node.policies.for_channel(&channel);
-    state.auth.check_publish(&who, &channel, policy)?;
+    state.auth().check_publish(&who, &channel, &policy)?;
     let event = event_from_query(query)?;
-    let body = read_body(state, body, state.config.server.max_message_bytes).await?;
+    let body = read_body(state, body, state.config().server.max_message_bytes).await?;
     let data = data_from(headers, body)?;
     let message = publish(state, &channel, event, data).await?;
     Ok(position_reply(&message))
@@ -303,7 +303,7 @@ pub(crate) fn validate(
     encoding: Option<&str>,
 ) -> Result<Validated, ApiError> {
     validate_within(
-        state.config.server.max_message_bytes,
+        state.config().server.max_message_bytes,
         channel,
         data,
         event,
@@ -380,7 +380,7 @@ pub async fn document(
         ));
     }
     let limit = state
-        .config
+        .config()
         .server
         .max_message_bytes
         .saturating_mul(BATCH_BODY_FACTOR);
@@ -469,12 +469,12 @@ fn gate(
 ) -> Result<Principal, ApiError> {
     // Open mode has no credentials to tell a backend by, so the HTTP publish API is taken to
     // be the backend ("server" rights, no rate limit); WebSocket frames remain the clients'.
-    if !state.auth.enabled() {
+    let auth = state.auth();
+    if !auth.enabled() {
         return Ok(Principal::ApiKey);
     }
-    let who = state.auth.authenticate(headers, query)?;
-    if state.auth.enabled()
-        && who != Principal::ApiKey
+    let who = auth.authenticate(headers, query)?;
+    if who != Principal::ApiKey
         && let Some(conn) = conn
         && !conn.publish_rate.try_take()
     {
@@ -483,7 +483,7 @@ fn gate(
             "rate_limited",
             format!(
                 "more than {} publishes per second on this connection (client_publish_rate); slow down",
-                state.config.server.client_publish_rate
+                state.config().server.client_publish_rate
             ),
         ));
     }
@@ -500,8 +500,8 @@ fn allowed(
     for (i, v) in batch.iter().enumerate() {
         let policy = state.node.policies.for_channel(&v.channel);
         state
-            .auth
-            .check_publish(who, &v.channel, policy)
+            .auth()
+            .check_publish(who, &v.channel, &policy)
             .map_err(|e| {
                 if batch.len() > 1 {
                     e.context(&format!("{what}[{i}]"))

@@ -129,6 +129,18 @@ impl Auth {
         self.enabled
     }
 
+    /// Whether credentials of `who`'s kind are still accepted: after a reload that removed
+    /// every API key (or the JWT key), sessions opened with one are no longer allowed. A
+    /// reload cannot tell which key a session used, nor re-verify a token it no longer has:
+    /// a token accepted before stays valid until its `exp`.
+    pub fn still_accepts(&self, who: &Principal) -> bool {
+        match who {
+            Principal::Anonymous => true,
+            Principal::ApiKey => !self.enabled || !self.api_keys.is_empty(),
+            Principal::User(_) => !self.enabled || self.jwt.is_some(),
+        }
+    }
+
     /// Reads and verifies the request's credentials, if any.
     pub fn authenticate(
         &self,

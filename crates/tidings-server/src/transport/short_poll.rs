@@ -3,6 +3,10 @@
 //! `long_poll.rs` holds the request until a message exists. Both answer
 //! `200 {"messages":[envelopes],"cursor":"…","gaps":[…]}`, never 304, with the cursor as ETag.
 //!
+//! A long poll the server ends because it shuts down also carries
+//! `"disconnect":{"reason":"shutdown","reconnect":true,"reconnect_after_ms":N}`: when to poll
+//! again, and (the next poll goes to another node) that it will be somewhere else.
+//!
 //! A poll is a subscription that lives for one request: the same race-free join as the
 //! streams, so a message published between two polls is in the next reply exactly once.
 
@@ -10,7 +14,7 @@ use axum::extract::{Path, RawQuery, State};
 use axum::http::{HeaderMap, HeaderValue, header};
 use axum::response::{IntoResponse, Response};
 use bytes::{BufMut, Bytes, BytesMut};
-use tidings_core::{BrokerError, DisconnectReason, Event, Subscription};
+use tidings_core::{BrokerError, Disconnect, DisconnectReason, Event, Subscription};
 
 use crate::api::error::ApiError;
 use crate::metrics::SessionGauge;
@@ -73,7 +77,9 @@ impl PollReply {
         self.ended.is_some()
     }
 
-    fn into_response(self, cursor: &str) -> Response {
+    /// `goodbye`: the server is shutting down, and says when to poll again (the reply's
+    /// `disconnect`, as a stream would have it).
+    fn into_response(self, cursor: &str, goodbye: Option<Disconnect>) -> Response {
         let mut body = BytesMut::with_capacity(self.messages.len() + cursor.len() + 64);
         body.put_slice(b"{\"messages\":[");
         body.put_slice(&self.messages);
@@ -81,6 +87,10 @@ impl PollReply {
         body.put_slice(cursor.as_bytes());
         body.put_slice(b"\",\"gaps\":");
         let _ = serde_json::to_writer((&mut body).writer(), &self.gaps);
+        if let Some(goodbye) = goodbye {
+            body.put_slice(b",\"disconnect\":");
+            let _ = serde_json::to_writer((&mut body).writer(), &goodbye);
+        }
         body.put_u8(b'}');
         let mut res = (
             [(
@@ -127,7 +137,7 @@ pub async fn poll(
     query: Option<&str>,
     headers: &HeaderMap,
 ) -> Result<Polled, ApiError> {
-    let p = params::parse(channel, query, headers, &state.config.server, true)?;
+    let p = params::parse(channel, query, headers, &state.config().server, true)?;
     params::authorize(state, &p, headers, query)?;
     let wait = p.wait.filter(|w| !w.is_zero());
     let kind = if wait.is_some() {
@@ -140,7 +150,7 @@ pub async fn poll(
         .subscribe(
             &p.channels,
             &p.start,
-            state.config.server.queue_max_bytes,
+            state.config().server.queue_max_bytes,
             // A poll lasts one request: it is not "present" and carries no join/leave.
             None,
         )
@@ -150,13 +160,18 @@ pub async fn poll(
     reply.collect(&mut sub, &gauge);
     match wait {
         Some(wait) if reply.is_empty() => {
-            let shutdown = state.shutdown.clone();
+            let state = state.clone();
             Ok(Polled::Later(Box::pin(async move {
-                long_poll::wait(&mut sub, &gauge, &mut reply, wait, &shutdown).await;
-                finish(&sub, reply, Some(wait)).unwrap_or_else(IntoResponse::into_response)
+                long_poll::wait(&mut sub, &gauge, &mut reply, wait, &state.shutdown).await;
+                // Ended by shutdown: say so, and when to come back (SPEC §13).
+                let goodbye = state
+                    .shutdown
+                    .is_cancelled()
+                    .then(|| crate::lifecycle::shutdown_notice(&state));
+                finish(&sub, reply, Some(wait), goodbye).unwrap_or_else(IntoResponse::into_response)
             })))
         }
-        _ => finish(&sub, reply, wait).map(Polled::Now),
+        _ => finish(&sub, reply, wait, None).map(Polled::Now),
     }
 }
 
@@ -165,12 +180,13 @@ fn finish(
     sub: &Subscription,
     reply: PollReply,
     wait: Option<std::time::Duration>,
+    goodbye: Option<Disconnect>,
 ) -> Result<Response, ApiError> {
     if reply.is_empty() && reply.ended == Some(DisconnectReason::BrokerUnavailable) {
         return Err(BrokerError::Unavailable("the broker went away during the poll".into()).into());
     }
     let cursor = sub.cursor().encode();
-    let mut res = reply.into_response(&cursor);
+    let mut res = reply.into_response(&cursor, goodbye);
     if let Some(wait) = wait
         && let Ok(v) = HeaderValue::from_maybe_shared(wait_preference(wait))
     {

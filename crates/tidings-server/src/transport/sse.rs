@@ -88,7 +88,14 @@ impl Framing for SseFraming {
         out.put_slice(b"\n\n");
     }
 
+    /// With advice on when to come back (a shutdown), `retry:` carries the same delay, so a
+    /// plain EventSource waits it too before its automatic reconnect.
     fn disconnect(&mut self, d: Disconnect, out: &mut BytesMut) {
+        if let Some(ms) = d.reconnect_after_ms {
+            out.put_slice(b"retry: ");
+            out.put_slice(itoa::Buffer::new().format(ms).as_bytes());
+            out.put_u8(b'\n');
+        }
         out.put_slice(b"event: tidings.disconnect\ndata: ");
         write_json(&d, out);
         out.put_slice(b"\n\n");

@@ -20,7 +20,6 @@ use tidings_core::{
     Disconnect, DisconnectReason, Event, Gap, Message, PresenceEvent, Subscription,
 };
 use tokio::time::{Instant, Interval, MissedTickBehavior};
-use tokio_util::sync::CancellationToken;
 
 use crate::api::error::ApiError;
 use crate::auth::Principal;
@@ -59,8 +58,13 @@ pub async fn subscribe<F: Framing>(
     headers: &axum::http::HeaderMap,
     framing: F,
 ) -> Result<Response, ApiError> {
-    let p =
-        crate::transport::params::parse(path_channel, query, headers, &state.config.server, false)?;
+    let p = crate::transport::params::parse(
+        path_channel,
+        query,
+        headers,
+        &state.config().server,
+        false,
+    )?;
     let who = crate::transport::params::authorize(state, &p, headers, query)?;
     open(state, conn, p, who, framing).await
 }
@@ -78,7 +82,7 @@ pub async fn open<F: Framing>(
         .subscribe(
             &params.channels,
             &params.start,
-            state.config.server.queue_max_bytes,
+            state.config().server.queue_max_bytes,
             Some(who.client_info()),
         )
         .await?;
@@ -98,7 +102,8 @@ pub async fn open<F: Framing>(
         }
     });
     let expires = who.expires_at().map(deadline_for);
-    let every = state.config.server.heartbeat_interval;
+    let reloads = state.reloads.subscribe();
+    let every = state.config().server.heartbeat_interval;
     let mut heartbeat = tokio::time::interval_at(Instant::now() + every, every);
     heartbeat.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let writer = Writer {
@@ -107,11 +112,13 @@ pub async fn open<F: Framing>(
         framing,
         gauge,
         heartbeat,
-        shutdown: state.shutdown.clone(),
+        state: state.clone(),
         started: false,
         done: false,
         buf: BytesMut::new(),
         expires,
+        who: Box::new(who),
+        reloads,
     };
     let body = Body::from_stream(futures_util::stream::unfold(writer, Writer::next_chunk));
     let mut res = Response::new(body);
@@ -139,12 +146,17 @@ struct Writer<F> {
     framing: F,
     gauge: SessionGauge,
     heartbeat: Interval,
-    shutdown: CancellationToken,
+    /// Its shutdown token ends the stream; its config says how far to spread the reconnects.
+    state: AppState,
     started: bool,
     done: bool,
     buf: BytesMut,
     /// When the subscriber's token expires: the stream ends then, saying why.
     expires: Option<Instant>,
+    /// Who subscribed (boxed: claims are large and only a reload reads them), re-checked when
+    /// `reloads` moves: a reload that revokes its access ends the stream like an expiry.
+    who: Box<Principal>,
+    reloads: tokio::sync::watch::Receiver<u64>,
 }
 
 /// The tokio instant of a Unix time in seconds (now when it has passed).
@@ -156,6 +168,7 @@ pub fn deadline_for(unix_secs: u64) -> Instant {
 enum Wake {
     Shutdown,
     Expired,
+    Reloaded,
     Ready,
     Heartbeat,
 }
@@ -178,21 +191,30 @@ impl<F: Framing> Writer<F> {
         while self.buf.is_empty() && !self.done {
             let wake = tokio::select! {
                 biased;
-                _ = self.shutdown.cancelled() => Wake::Shutdown,
+                _ = self.state.shutdown.cancelled() => Wake::Shutdown,
                 _ = sleep_until_opt(self.expires) => Wake::Expired,
+                Ok(()) = self.reloads.changed() => Wake::Reloaded,
                 _ = self.sub.ready() => Wake::Ready,
                 _ = self.heartbeat.tick() => Wake::Heartbeat,
             };
             match wake {
                 Wake::Shutdown => {
-                    self.framing
-                        .disconnect(DisconnectReason::Shutdown.into(), &mut self.buf);
+                    let notice = crate::lifecycle::shutdown_notice(&self.state);
+                    self.framing.disconnect(notice, &mut self.buf);
                     self.done = true;
                 }
                 Wake::Expired => {
                     self.framing
                         .disconnect(DisconnectReason::TokenExpired.into(), &mut self.buf);
                     self.done = true;
+                }
+                Wake::Reloaded => {
+                    if !crate::lifecycle::still_allowed(&self.state, &self.who, self.sub.channels())
+                    {
+                        self.framing
+                            .disconnect(DisconnectReason::TokenExpired.into(), &mut self.buf);
+                        self.done = true;
+                    }
                 }
                 Wake::Ready => self.write_ready(),
                 Wake::Heartbeat => self.framing.heartbeat(&mut self.buf),
@@ -272,8 +294,10 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn shutdown_sends_the_goodbye_record_and_ends_the_stream() {
-        let state = AppState::new(Config::default()).unwrap();
+    async fn shutdown_sends_the_goodbye_record_with_a_delay_and_ends_the_stream() {
+        let mut config = Config::default();
+        config.server.reconnect_spread = Duration::ZERO;
+        let state = AppState::new(config).unwrap();
         let res = open(&state, None, params(), Principal::Anonymous, NdjsonFraming)
             .await
             .unwrap();
@@ -282,7 +306,40 @@ mod tests {
         state.shutdown.cancel();
         assert_eq!(
             next_frame(&mut body).await,
-            "{\"type\":\"disconnect\",\"reason\":\"shutdown\",\"reconnect\":true}\n"
+            "{\"type\":\"disconnect\",\"reason\":\"shutdown\",\"reconnect\":true,\"reconnect_after_ms\":0}\n"
+        );
+        assert!(body.frame().await.is_none());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_sse_shutdown_sets_retry_to_the_advised_delay() {
+        let mut config = Config::default();
+        config.server.reconnect_spread = Duration::from_millis(5000);
+        let state = AppState::new(config).unwrap();
+        let res = open(
+            &state,
+            None,
+            params(),
+            Principal::Anonymous,
+            SseFraming::raw(),
+        )
+        .await
+        .unwrap();
+        let mut body = res.into_body();
+        assert!(next_frame(&mut body).await.starts_with("retry: "));
+        state.shutdown.cancel();
+        let goodbye = next_frame(&mut body).await;
+        let retry: u64 = goodbye
+            .strip_prefix("retry: ")
+            .and_then(|r| r.split_once('\n'))
+            .and_then(|(ms, _)| ms.parse().ok())
+            .unwrap_or_else(|| panic!("no retry: first in {goodbye:?}"));
+        assert!(retry <= 5000);
+        assert!(
+            goodbye.contains(&format!(
+                "event: tidings.disconnect\ndata: {{\"reason\":\"shutdown\",\"reconnect\":true,\"reconnect_after_ms\":{retry}}}\n\n"
+            )),
+            "{goodbye:?}"
         );
         assert!(body.frame().await.is_none());
     }

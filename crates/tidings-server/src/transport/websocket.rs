@@ -287,14 +287,14 @@ pub async fn raw(
         Some(&channel),
         query.as_deref(),
         &headers,
-        &state.config.server,
+        &state.config().server,
         false,
     )?;
     let who = params::authorize(&state, &p, &headers, query.as_deref())?;
     let ws = ws?;
     let channel = p.channels[0].clone();
     let mut sub = state.node.session(
-        state.config.server.queue_max_bytes,
+        state.config().server.queue_max_bytes,
         false,
         Some(who.client_info()),
     );
@@ -327,10 +327,10 @@ pub async fn json(
 ) -> Result<Response, ApiError> {
     // Bad credentials are refused before the upgrade (401/400); what they allow is checked
     // per op, so one socket can follow public channels and granted ones.
-    let who = state.auth.authenticate(&headers, query.as_deref())?;
+    let who = state.auth().authenticate(&headers, query.as_deref())?;
     let ws = ws?;
     let sub = state.node.session(
-        state.config.server.queue_max_bytes,
+        state.config().server.queue_max_bytes,
         true,
         Some(who.client_info()),
     );
@@ -360,11 +360,11 @@ struct Peer {
 impl Peer {
     fn new(state: &AppState, who: Principal, conn: Option<&ConnectionCtx>) -> Self {
         let publish_rate = conn.map_or_else(
-            || Arc::new(RateLimiter::new(state.config.server.client_publish_rate)),
+            || Arc::new(RateLimiter::new(state.config().server.client_publish_rate)),
             |c| c.publish_rate.clone(),
         );
         Self {
-            limited: state.auth.enabled() && who != Principal::ApiKey,
+            limited: state.auth().enabled() && who != Principal::ApiKey,
             who,
             publish_rate,
         }
@@ -402,6 +402,7 @@ enum Wake {
     Kill,
     Shutdown,
     Expired,
+    Reloaded,
     Read(io::Result<usize>),
     Ready,
     Ping,
@@ -462,7 +463,7 @@ fn run(
     let mut session = Session {
         io,
         rbuf: BytesMut::from(&pre[..]),
-        decoder: Decoder::new(state.config.server.max_message_bytes),
+        decoder: Decoder::new(state.config().server.max_message_bytes),
         out: Vec::new(),
         sent: 0,
         state,
@@ -483,11 +484,13 @@ fn run(
 
 impl Session {
     async fn run(&mut self, first: Next) {
-        let every = self.state.config.server.ping_interval;
+        let every = self.state.config().server.ping_interval;
         let mut ping = tokio::time::interval_at(Instant::now() + every, every);
         ping.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let shutdown = self.state.shutdown.clone();
         let kill = self.kill.clone();
+        // A reload re-checks what this session follows (`lifecycle::still_allowed`).
+        let mut reloads = self.state.reloads.subscribe();
         // Whatever the join queued (raw mode's replay) goes out first.
         let mut next = match first {
             // Frames a client sent right behind its handshake are handled first.
@@ -510,6 +513,7 @@ impl Session {
                 _ = kill.cancelled() => Wake::Kill,
                 _ = shutdown.cancelled() => Wake::Shutdown,
                 _ = crate::transport::stream::sleep_until_opt(self.expires) => Wake::Expired,
+                Ok(()) = reloads.changed() => Wake::Reloaded,
                 r = self.io.read_more(&mut self.rbuf) => Wake::Read(r),
                 _ = self.sub.ready() => Wake::Ready,
                 _ = ping.tick() => Wake::Ping,
@@ -522,6 +526,16 @@ impl Session {
                 Wake::Expired => {
                     let (code, why) = close_for(DisconnectReason::TokenExpired);
                     Next::Goodbye(Some(DisconnectReason::TokenExpired), code, why)
+                }
+                Wake::Reloaded => {
+                    let (state, who) = (&self.state, &self.peer.who);
+                    if crate::lifecycle::still_allowed(state, who, self.sub.channels()) {
+                        Next::Continue
+                    } else {
+                        // Revoked by the reload: the same goodbye as an expired token.
+                        let (code, why) = close_for(DisconnectReason::TokenExpired);
+                        Next::Goodbye(Some(DisconnectReason::TokenExpired), code, why)
+                    }
                 }
                 Wake::Read(Ok(0) | Err(_)) => Next::Gone,
                 // Boxed: publishes and joins make this future large, and it is rare next
@@ -656,14 +670,14 @@ impl Session {
     }
 
     fn ping(&mut self) -> Next {
-        let every = self.state.config.server.ping_interval;
+        let every = self.state.config().server.ping_interval;
         if self.heard.elapsed() > every * 2 {
             return Next::Goodbye(None, close::GOING_AWAY, "ping timeout");
         }
         // Idle: subscribed to nothing and sending nothing but pongs.
         if self.mode == Mode::Json
             && self.sub.channels().is_empty()
-            && self.active.elapsed() > self.state.config.server.idle_timeout
+            && self.active.elapsed() > self.state.config().server.idle_timeout
         {
             return Next::Goodbye(None, close::NORMAL, "idle");
         }
@@ -723,8 +737,17 @@ impl Session {
     /// bytes would send a reset, which can destroy the close frame before it is read.
     async fn goodbye(&mut self, reason: Option<DisconnectReason>, code: u16, why: &'static str) {
         if let (Some(reason), Mode::Json) = (reason, self.mode) {
-            let d = Disconnect::from(reason);
-            self.push(json!({"type": "disconnect", "reason": d.reason, "reconnect": d.reconnect}));
+            // A shutdown tells each client its own delay (SPEC §13), spreading the reconnects.
+            let d = match reason {
+                DisconnectReason::Shutdown => crate::lifecycle::shutdown_notice(&self.state),
+                other => Disconnect::from(other),
+            };
+            let mut frame =
+                json!({"type": "disconnect", "reason": d.reason, "reconnect": d.reconnect});
+            if let Some(ms) = d.reconnect_after_ms {
+                frame["reconnect_after_ms"] = json!(ms);
+            }
+            self.push(frame);
         }
         wsframe::encode_close(&mut self.out, code, why);
         self.leave_all();
@@ -879,8 +902,8 @@ async fn raw_publish(
     };
     let policy = state.node.policies.for_channel(channel);
     if state
-        .auth
-        .check_publish(&peer.who, channel, policy)
+        .auth()
+        .check_publish(&peer.who, channel, &policy)
         .is_err()
     {
         return Err((close::POLICY, "publishing to this channel is not allowed"));
@@ -889,7 +912,7 @@ async fn raw_publish(
         // Raw mode has no error frame to say "slow down": the policy close is the answer.
         return Err((close::POLICY, "publish rate limit exceeded"));
     }
-    if data.len() > state.config.server.max_message_bytes {
+    if data.len() > state.config().server.max_message_bytes {
         return Err((close::TOO_BIG, "message too big"));
     }
     match publish::publish(state, channel, None, data).await {
@@ -1039,12 +1062,16 @@ impl Session {
     /// not count toward 1008.
     async fn request(&mut self, frame: &str) -> Result<Next, Malformed> {
         let state = &self.state;
-        let ParsedRequest { id, op } = parse_request(frame, state.config.server.max_message_bytes)?;
+        let ParsedRequest { id, op } =
+            parse_request(frame, state.config().server.max_message_bytes)?;
         let reply = match op {
             Op::Ping => json!({"type": "pong", "id": id}),
             Op::Subscribe { channel, since } => {
                 let policy = state.node.policies.for_channel(&channel);
-                match state.auth.check_subscribe(&self.peer.who, &channel, policy) {
+                match state
+                    .auth()
+                    .check_subscribe(&self.peer.who, &channel, &policy)
+                {
                     Ok(()) => return Ok(self.subscribe(id, channel, since).await),
                     Err(e) => error_reply(&id, e.code, &e.message),
                 }
@@ -1067,7 +1094,10 @@ impl Session {
                 data,
             } => {
                 let policy = state.node.policies.for_channel(&channel);
-                if let Err(e) = state.auth.check_publish(&self.peer.who, &channel, policy) {
+                if let Err(e) = state
+                    .auth()
+                    .check_publish(&self.peer.who, &channel, &policy)
+                {
                     error_reply(&id, e.code, &e.message)
                 } else if !self.peer.may_publish_now() {
                     error_reply(
@@ -1096,7 +1126,10 @@ impl Session {
                 limit,
             } => {
                 let policy = state.node.policies.for_channel(&channel);
-                if let Err(e) = state.auth.check_subscribe(&self.peer.who, &channel, policy) {
+                if let Err(e) = state
+                    .auth()
+                    .check_subscribe(&self.peer.who, &channel, &policy)
+                {
                     error_reply(&id, e.code, &e.message)
                 } else {
                     match state.node.read(&channel, &since, Some(limit)).await {
@@ -1129,7 +1162,10 @@ impl Session {
             }
             Op::Presence { channel } => {
                 let policy = state.node.policies.for_channel(&channel);
-                if let Err(e) = state.auth.check_subscribe(&self.peer.who, &channel, policy) {
+                if let Err(e) = state
+                    .auth()
+                    .check_subscribe(&self.peer.who, &channel, &policy)
+                {
                     error_reply(&id, e.code, &e.message)
                 } else {
                     match crate::api::channels::presence_of(state, &channel).await {
@@ -1148,7 +1184,7 @@ impl Session {
     /// Joins `channel`: the reply with the cursor to resume from, then whatever the join
     /// queued (history, a gap notice).
     async fn subscribe(&mut self, id: Option<Value>, channel: ChannelName, since: Since) -> Next {
-        let max = self.state.config.server.max_channels_per_subscription;
+        let max = self.state.config().server.max_channels_per_subscription;
         if self.sub.channels().len() >= max {
             self.push(error_reply(
                 &id,

@@ -86,3 +86,43 @@ async fn a_short_poll_answers_at_once_even_when_nothing_is_new() {
     assert_eq!(reply["messages"], json!([]));
     assert!(reply["cursor"].as_str().is_some());
 }
+
+#[tokio::test]
+async fn a_wait_above_long_poll_max_wait_is_held_for_the_maximum_and_preference_applied_says_so() {
+    let server = TestServer::with(|c| c.server.long_poll_max_wait = Duration::from_secs(1)).await;
+    let cursor = cursor_now(&server, "news").await;
+    // The query form, far above the cap: held for the cap, then answered empty.
+    let started = tokio::time::Instant::now();
+    let res = server
+        .http
+        .get(format!("{}/poll/news?wait=3600&since={cursor}", server.url))
+        .timeout(Duration::from_secs(10))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    assert_eq!(res.headers()["preference-applied"], "wait=1");
+    assert!(started.elapsed() >= Duration::from_secs(1));
+    let reply: Value = res.json().await.unwrap();
+    assert_eq!(reply["messages"], json!([]));
+    assert_eq!(reply["cursor"], json!(cursor));
+    // The RFC 7240 form, with a message waiting: answered at once, the cap still reported.
+    server.publish("news", json!("hi")).await;
+    let res = server
+        .http
+        .get(format!("{}/poll/news?since={cursor}", server.url))
+        .header("prefer", "wait=90")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    assert_eq!(res.headers()["preference-applied"], "wait=1");
+    let reply: Value = res.json().await.unwrap();
+    assert_eq!(reply["messages"][0]["data"], json!("hi"));
+    // Only a wait that is not a non-negative number is refused.
+    for bad in ["-1", "soon"] {
+        let (status, reply) = server.get_json(&format!("/poll/news?wait={bad}")).await;
+        assert_eq!(status, 400, "wait={bad}");
+        assert_eq!(reply["error"]["code"], "invalid_wait");
+    }
+}

@@ -1,0 +1,205 @@
+//! A node's lifecycle beyond serving (SPEC §13): the drain before it stops (rolling deploys),
+//! and the reload of what can change without dropping anyone (SIGHUP).
+//!
+//! Drain, in order:
+//! 1. a stop signal (SIGTERM/SIGINT, or whatever the caller feeds `drain`) marks the node
+//!    draining: `/readyz` answers `503 {"status":"draining"}` from that moment, so a load
+//!    balancer's health check takes the node out of rotation, while every route — publishes,
+//!    new subscriptions, `/ws` — keeps working for `[server] drain_grace`;
+//! 2. then `drain` resolves, and `server::serve_all` stops accepting and cancels
+//!    `AppState::shutdown`: every stream writes its `disconnect` (`reason: "shutdown"`,
+//!    `reconnect: true`, and its own `reconnect_after_ms` from `shutdown_notice`), `/ws`
+//!    closes with 1012, held long polls answer, requests in flight (publishes) finish;
+//! 3. the process exits once every connection has ended, at most `SHUTDOWN_GRACE` (10 s) after
+//!    step 2, so at most `drain_grace` + 10 s after the signal. A second signal during the
+//!    grace skips the rest of it.
+//!
+//! The spread of reconnects is the client's part: every session is told its own delay, drawn
+//! uniformly from `[0, reconnect_spread]`, and the server ends all streams at once. So the
+//! node is not kept alive for the spread, and clients arrive at the other nodes spread out.
+//!
+//! Reload (`reload`): `[auth]`, `[server] cors_origins`, the limits and timings in
+//! `[server]`, `[channels]` and `[namespaces.*]` take effect for every request from the next
+//! one on; connections stay. Settings bound at start — the listen addresses, TLS, the broker,
+//! `request_header_timeout` (hyper's builder has it) — keep their old values, each logged as
+//! "needs a restart". An invalid file changes nothing. Sessions then re-check what they
+//! follow (`still_allowed`): one that may no longer follow a channel ends as an expired
+//! token's would (`token_expired`; `/ws` closes 1008). Limits that size a session when it
+//! opens (`queue_max_bytes`, a connection's publish rate) apply to new sessions.
+//!
+//! Concurrency: `draining` is one atomic flag, read by `/readyz`; the delay is drawn per
+//! session from the thread-local RNG when its goodbye is written. A reload swaps the live
+//! configuration and the node's policies (each one `ArcSwap` store: readers never wait),
+//! then bumps `AppState::reloads`, which every session watches. Reloads are serialised by
+//! their caller (one signal task).
+
+use std::sync::atomic::Ordering;
+
+use tidings_core::{ChannelName, Disconnect, DisconnectReason};
+use tokio::sync::mpsc;
+
+use crate::auth::{Auth, Principal};
+use crate::config::{Config, ConfigError, parse_listen};
+use crate::server::{AppState, Live};
+
+/// Resolves when the node should stop serving: `drain_grace` after the first stop signal on
+/// `signals` (or at the second one). Marks the node draining on the first. A closed channel
+/// with no signal sent never resolves (nobody can ask the node to stop).
+pub async fn drain(state: AppState, mut signals: mpsc::Receiver<()>) {
+    if signals.recv().await.is_none() {
+        std::future::pending::<()>().await;
+    }
+    let grace = state.config().server.drain_grace;
+    state.draining.store(true, Ordering::Release);
+    tracing::info!(
+        grace_ms = grace.as_millis() as u64,
+        "draining: /readyz answers 503; clients are told to reconnect once the grace ends"
+    );
+    tokio::select! {
+        _ = tokio::time::sleep(grace) => {}
+        Some(()) = signals.recv() => {
+            tracing::info!("second stop signal: ending the drain now");
+        }
+    }
+    tracing::info!("telling every client to reconnect elsewhere");
+}
+
+/// The goodbye of a session ended by shutdown: reconnect, after a delay of its own drawn
+/// uniformly from `[0, reconnect_spread]`.
+pub fn shutdown_notice(state: &AppState) -> Disconnect {
+    let spread = state.config().server.reconnect_spread.as_millis() as u64;
+    Disconnect::after(DisconnectReason::Shutdown, rand::random_range(0..=spread))
+}
+
+/// What a reload did.
+#[derive(Debug, Default)]
+pub struct Reloaded {
+    /// Settings that changed in the file but keep their old value until a restart.
+    pub needs_restart: Vec<&'static str>,
+}
+
+/// Puts `new` in force, except what needs a restart (kept, and named in the result). An
+/// invalid configuration (or credentials that cannot be built, such as an unreadable JWT key
+/// file) is refused whole: the old one stays.
+pub fn reload(state: &AppState, mut new: Config) -> Result<Reloaded, ConfigError> {
+    new.validate()?;
+    let auth = Auth::from_config(&new.auth)?;
+    let old = state.live();
+    let (o, n) = (&old.config.server, &mut new.server);
+    let mut needs_restart = Vec::new();
+    macro_rules! keep {
+        ($($field:ident),+) => {$(
+            if n.$field != o.$field {
+                needs_restart.push(concat!("server.", stringify!($field)));
+                n.$field = o.$field.clone();
+            }
+        )+};
+    }
+    keep!(
+        listen,
+        tls_listen,
+        tls_cert,
+        tls_key,
+        tls_self_signed,
+        request_header_timeout
+    );
+    // The broker is connected at start; every key of its table needs a restart (compared
+    // through `Debug`, so keys added later are covered too).
+    if format!("{:?}", new.broker) != format!("{:?}", old.config.broker) {
+        needs_restart.push("broker");
+        new.broker = old.config.broker.clone();
+    }
+    // The start-up refusal of open mode on an exposed address holds for a reload too.
+    let exposed = parse_listen(&new.server.listen).is_some_and(|a| !a.ip().is_loopback())
+        || new
+            .server
+            .tls_listen
+            .as_deref()
+            .and_then(parse_listen)
+            .is_some_and(|a| !a.ip().is_loopback());
+    if !new.auth.enabled() && exposed && !new.server.insecure {
+        return Err(ConfigError::Invalid(
+            "this reload would turn on open mode (no [auth]) on a non-loopback address; \
+             keep [auth], or set server.insecure = true"
+                .into(),
+        ));
+    }
+    state.limits.set_max(
+        new.server.max_connections,
+        new.server.max_connections_per_ip,
+    );
+    state.node.policies.replace(new.policies());
+    state.swap_live(Live { config: new, auth });
+    state.reloads.send_modify(|n| *n += 1);
+    for key in &needs_restart {
+        tracing::warn!(
+            key,
+            "changed in the configuration: needs a restart; keeping the running value"
+        );
+    }
+    Ok(Reloaded { needs_restart })
+}
+
+/// Whether `who` may still follow every one of `channels` under the configuration in force
+/// (after a reload): its kind of credentials still accepted, each channel's subscribe policy
+/// still met.
+pub fn still_allowed(state: &AppState, who: &Principal, channels: &[ChannelName]) -> bool {
+    let auth = state.auth();
+    auth.still_accepts(who)
+        && channels.iter().all(|c| {
+            let policy = state.node.policies.for_channel(c);
+            auth.check_subscribe(who, c, &policy).is_ok()
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::config::Config;
+
+    #[test]
+    fn shutdown_notices_spread_their_delays_over_the_whole_window() {
+        let mut config = Config::default();
+        config.server.reconnect_spread = Duration::from_millis(1000);
+        let state = AppState::new(config).unwrap();
+        let delays: Vec<u64> = (0..2000)
+            .map(|_| shutdown_notice(&state).reconnect_after_ms.unwrap())
+            .collect();
+        assert!(delays.iter().all(|&d| d <= 1000));
+        // Every tenth of the window is used, none by more than twice its share.
+        let mut buckets = [0usize; 10];
+        for d in &delays {
+            buckets[(*d as usize * 10 / 1001).min(9)] += 1;
+        }
+        assert!(buckets.iter().all(|&n| n > 100 && n < 400), "{buckets:?}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_drain_marks_the_node_at_the_signal_and_ends_after_the_grace() {
+        let mut config = Config::default();
+        config.server.drain_grace = Duration::from_secs(5);
+        let state = AppState::new(config).unwrap();
+        let (tx, rx) = mpsc::channel(2);
+        let drain = tokio::spawn(drain(state.clone(), rx));
+        tokio::task::yield_now().await;
+        assert!(!state.draining.load(Ordering::Acquire));
+        let started = tokio::time::Instant::now();
+        tx.send(()).await.unwrap();
+        drain.await.unwrap();
+        assert!(state.draining.load(Ordering::Acquire));
+        assert_eq!(started.elapsed().as_secs(), 5);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_second_signal_ends_the_grace_at_once() {
+        let state = AppState::new(Config::default()).unwrap();
+        let (tx, rx) = mpsc::channel(2);
+        let started = tokio::time::Instant::now();
+        tx.send(()).await.unwrap();
+        tx.send(()).await.unwrap();
+        drain(state, rx).await;
+        assert_eq!(started.elapsed(), Duration::ZERO);
+    }
+}
