@@ -33,6 +33,9 @@ pub enum BrokerError {
     Unavailable(String),
     #[error("not supported by this broker: {0}")]
     Unsupported(&'static str),
+    /// The data dir could not take the write (disk full, I/O error): nothing was stored.
+    #[error("storage failed: {0}")]
+    Storage(String),
 }
 
 /// A channel's state as the broker knows it.
@@ -76,6 +79,11 @@ pub trait Broker: Send + Sync + 'static {
 
     /// Whether the broker can serve requests now (`/readyz`).
     async fn ready(&self) -> Result<(), BrokerError>;
+
+    /// Bytes its data dir occupies, for a broker that keeps one.
+    fn bytes_on_disk(&self) -> Option<u64> {
+        None
+    }
 
     /// Records `info` as present on `channel`; with `announce`, every subscriber of the
     /// channel (on every node) gets a join event.

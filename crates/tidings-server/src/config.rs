@@ -134,7 +134,10 @@ impl LogFormat {
 pub struct BrokerConfig {
     /// `memory`, a `redis://` / `rediss://` URL, or comma-separated Redis Cluster seeds.
     pub url: String,
+    /// Keeps history, offsets and epochs on disk (memory broker only).
     pub data_dir: Option<PathBuf>,
+    /// When a publish is on disk before it is answered (with `data_dir`).
+    pub fsync: tidings_core::Fsync,
     pub prefix: String,
     /// PEM CA for a `rediss://` server whose certificate a private CA signed.
     pub tls_ca_file: Option<PathBuf>,
@@ -152,6 +155,7 @@ impl Default for BrokerConfig {
         Self {
             url: "memory".into(),
             data_dir: None,
+            fsync: tidings_core::Fsync::Batch,
             prefix: "tidings".into(),
             tls_ca_file: None,
         }
@@ -526,6 +530,9 @@ client_publish_rate = 50           # publishes/s per client connection with [aut
 url = "memory"                     # or redis://[user:password@]host:port/db, rediss://… (TLS);
                                    # comma-separated URLs = seed nodes of a Redis Cluster
 # data_dir = "/var/lib/tidings"    # durable history with the memory broker
+fsync = "batch"                    # with data_dir: "always" (an fsync per publish), "batch"
+                                   # (publishes arriving together share one fsync) or "never"
+                                   # (the OS decides); always/batch answer after the fsync
 prefix = "tidings"                 # Redis key prefix (deployments sharing one Redis use different ones)
 # tls_ca_file = "redis-ca.pem"     # CA of a rediss:// server whose certificate a private CA signed
 

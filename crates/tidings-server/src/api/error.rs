@@ -104,6 +104,11 @@ impl From<BrokerError> for ApiError {
                 "broker_unavailable",
                 "the broker is unavailable; nothing was stored, retry later",
             ),
+            BrokerError::Storage(_) => Self::new(
+                StatusCode::INSUFFICIENT_STORAGE,
+                "storage_failed",
+                "the data dir could not store the message (disk full or an I/O error); nothing was stored, retry later",
+            ),
             BrokerError::Unsupported(what) => Self::new(
                 StatusCode::NOT_IMPLEMENTED,
                 "unsupported",
