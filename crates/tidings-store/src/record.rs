@@ -25,8 +25,10 @@ const KIND_MESSAGE: u8 = 1;
 const KIND_CHANNEL: u8 = 2;
 const KIND_FORGOTTEN: u8 = 3;
 
-const CRC_TABLE: [u32; 256] = {
-    let mut table = [0u32; 256];
+/// CRC-32 (IEEE) tables for slicing-by-8: eight bytes per step, several times faster than a
+/// byte at a time, which matters when a large log is scanned at start.
+const CRC_TABLES: [[u32; 256]; 8] = {
+    let mut t = [[0u32; 256]; 8];
     let mut i = 0;
     while i < 256 {
         let mut c = i as u32;
@@ -39,15 +41,38 @@ const CRC_TABLE: [u32; 256] = {
             };
             k += 1;
         }
-        table[i] = c;
+        t[0][i] = c;
         i += 1;
     }
-    table
+    let mut i = 0;
+    while i < 256 {
+        let mut j = 1;
+        while j < 8 {
+            let prev = t[j - 1][i];
+            t[j][i] = (prev >> 8) ^ t[0][(prev & 0xff) as usize];
+            j += 1;
+        }
+        i += 1;
+    }
+    t
 };
 
 fn crc_update(mut crc: u32, bytes: &[u8]) -> u32 {
-    for &b in bytes {
-        crc = CRC_TABLE[((crc ^ u32::from(b)) & 0xff) as usize] ^ (crc >> 8);
+    let t = &CRC_TABLES;
+    let mut chunks = bytes.chunks_exact(8);
+    for c in &mut chunks {
+        let lo = crc ^ u32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+        crc = t[7][(lo & 0xff) as usize]
+            ^ t[6][((lo >> 8) & 0xff) as usize]
+            ^ t[5][((lo >> 16) & 0xff) as usize]
+            ^ t[4][(lo >> 24) as usize]
+            ^ t[3][c[4] as usize]
+            ^ t[2][c[5] as usize]
+            ^ t[1][c[6] as usize]
+            ^ t[0][c[7] as usize];
+    }
+    for &b in chunks.remainder() {
+        crc = t[0][((crc ^ u32::from(b)) & 0xff) as usize] ^ (crc >> 8);
     }
     crc
 }
@@ -244,6 +269,17 @@ mod tests {
     fn the_crc_is_the_standard_crc32() {
         // The check value every CRC-32 (IEEE) implementation agrees on.
         assert_eq!(!crc_update(!0, b"123456789"), 0xCBF4_3926);
+        // Across the eight-byte steps and the tail, against the bytewise definition.
+        let data: Vec<u8> = (0..1000u32).map(|i| (i * 31 % 251) as u8).collect();
+        let mut bytewise = !0u32;
+        for &b in &data {
+            bytewise = CRC_TABLES[0][((bytewise ^ u32::from(b)) & 0xff) as usize] ^ (bytewise >> 8);
+        }
+        assert_eq!(crc_update(!0, &data), bytewise);
+        assert_eq!(
+            !crc_update(crc_update(!0, &data[..13]), &data[13..]),
+            !bytewise
+        );
     }
 
     #[test]
