@@ -76,7 +76,11 @@ impl AppState {
                 "broker.data_dir: a data dir is opened by AppState::connect".into(),
             ));
         }
-        let node = Node::memory(config.policies());
+        let hub = Arc::new(tidings_core::Hub::new());
+        let policies = Arc::new(config.policies());
+        let broker = tidings_core::broker::memory::MemoryBroker::new(hub.clone(), policies.clone());
+        broker.set_max_channels(config.server.max_channels);
+        let node = Node::new(hub, broker, policies);
         Self::with_node(config, node)
     }
 
@@ -138,6 +142,7 @@ impl AppState {
             config.broker.fsync,
         )
         .map_err(|e| StartError::Store(format!("starting the data dir's writer: {e}")))?;
+        broker.set_max_channels(config.server.max_channels);
         let node = Node::new(hub, broker, policies);
         Ok(Self::with_node(config, node)?)
     }

@@ -109,6 +109,13 @@ impl From<BrokerError> for ApiError {
                 "storage_failed",
                 "the data dir could not store the message (disk full or an I/O error); nothing was stored, retry later",
             ),
+            BrokerError::TooManyChannels(max) => Self::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "too_many_channels",
+                format!(
+                    "the server holds its maximum of {max} channels (server.max_channels); nothing was published, publish to an existing channel or retry once idle channels are reclaimed"
+                ),
+            ),
             BrokerError::Unsupported(what) => Self::new(
                 StatusCode::NOT_IMPLEMENTED,
                 "unsupported",
