@@ -33,6 +33,12 @@ pub enum BrokerError {
     Unavailable(String),
     #[error("not supported by this broker: {0}")]
     Unsupported(&'static str),
+    /// The data dir could not take the write (disk full, I/O error): nothing was stored.
+    #[error("storage failed: {0}")]
+    Storage(String),
+    /// Creating one more channel would pass `max_channels` (the number given).
+    #[error("the server holds its maximum of {0} channels")]
+    TooManyChannels(usize),
 }
 
 /// A channel's state as the broker knows it.
@@ -74,8 +80,23 @@ pub trait Broker: Send + Sync + 'static {
     /// Channels the broker currently holds (with history or subscribers).
     async fn channels(&self) -> Result<Vec<ChannelName>, BrokerError>;
 
+    /// How many channels the broker holds and at most `max` of their names, for callers that
+    /// sample (the stats task) rather than list: a broker holding a million channels must
+    /// not clone every name for them.
+    async fn channel_sample(&self, max: usize) -> Result<(usize, Vec<ChannelName>), BrokerError> {
+        let mut all = self.channels().await?;
+        let total = all.len();
+        all.truncate(max);
+        Ok((total, all))
+    }
+
     /// Whether the broker can serve requests now (`/readyz`).
     async fn ready(&self) -> Result<(), BrokerError>;
+
+    /// Bytes its data dir occupies, for a broker that keeps one.
+    fn bytes_on_disk(&self) -> Option<u64> {
+        None
+    }
 
     /// Records `info` as present on `channel`; with `announce`, every subscriber of the
     /// channel (on every node) gets a join event.

@@ -84,6 +84,13 @@ pub struct History {
     size: usize,
     ttl: Duration,
     last_active: Instant,
+    /// Publishes given an offset here and not yet committed to the data dir: the channel is
+    /// in use even if nothing is retained yet.
+    pub(crate) pending: u32,
+    /// Set (under this lock) when the sweeper removes the channel from the broker's map: a
+    /// publisher or reader that looked it up before must look it up again, or it would write
+    /// into a history nobody can reach any more.
+    pub(crate) retired: bool,
 }
 
 impl History {
@@ -96,6 +103,46 @@ impl History {
             size,
             ttl,
             last_active: Instant::now(),
+            pending: 0,
+            retired: false,
+        }
+    }
+
+    pub fn channel(&self) -> &ChannelName {
+        &self.channel
+    }
+
+    pub fn epoch(&self) -> &Epoch {
+        &self.epoch
+    }
+
+    pub fn last_offset(&self) -> u64 {
+        self.last_offset
+    }
+
+    /// Messages retained, oldest first (for a store's compaction).
+    pub fn messages(&self) -> impl Iterator<Item = &Arc<Message>> {
+        self.entries.iter().map(|(_, m)| m)
+    }
+
+    /// Puts back a message read from a data dir, published at `at`. A message that does not
+    /// follow the last one (a record lost in the middle of the file) empties what is retained
+    /// first: a reader from before it then gets a `trimmed` gap instead of a silent hole.
+    pub fn restore(&mut self, message: Arc<Message>, at: Instant) {
+        if message.offset <= self.last_offset {
+            return;
+        }
+        if message.offset != self.last_offset + 1 {
+            self.entries.clear();
+        }
+        self.append(message, at);
+    }
+
+    /// A position with nothing retained behind it (restored from a data dir).
+    pub fn restore_position(&mut self, last_offset: u64) {
+        if last_offset > self.last_offset {
+            self.entries.clear();
+            self.last_offset = last_offset;
         }
     }
 
@@ -108,7 +155,9 @@ impl History {
     /// Reclaiming sooner would hand a client that polls an idle channel a new epoch, and with it
     /// a spurious `epoch_changed` gap, every few seconds.
     pub fn reclaimable(&self, now: Instant) -> bool {
-        self.entries.is_empty() && now.saturating_duration_since(self.last_active) >= self.ttl
+        self.entries.is_empty()
+            && self.pending == 0
+            && now.saturating_duration_since(self.last_active) >= self.ttl
     }
 
     pub fn top(&self) -> Position {

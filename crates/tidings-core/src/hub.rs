@@ -144,6 +144,18 @@ impl Hub {
             .map_or(0, |s| relock(s).list.len())
     }
 
+    /// At most `max` channels with local subscribers.
+    pub fn channel_sample(&self, max: usize) -> Vec<ChannelName> {
+        let mut names = Vec::new();
+        for shard in self.shards.all() {
+            if names.len() >= max {
+                break;
+            }
+            names.extend(relock(shard).keys().take(max - names.len()).cloned());
+        }
+        names
+    }
+
     /// Channels with at least one local subscriber.
     pub fn channels(&self) -> Vec<ChannelName> {
         self.shards

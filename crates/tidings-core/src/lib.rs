@@ -13,6 +13,7 @@
 //! - `subscription`: the race-free join (register → read → replay → live) and the ordered,
 //!   deduplicated event stream with gap notices.
 //! - `broker`: the `Broker` trait (memory today, Redis later) and `broker::memory`.
+//! - `store`: the `Store` contract a data dir implements (`tidings-store`), `Fsync`.
 //! - `node`: a hub joined to a broker; what the transports call.
 //! - `policy`: per-namespace history and permission settings.
 //! - `presence`: who follows a channel, and join/leave events.
@@ -33,6 +34,7 @@ pub mod policy;
 pub mod presence;
 pub mod queue;
 mod shards;
+pub mod store;
 pub mod subscription;
 
 pub use broker::{Broker, BrokerError, ChannelStats};
@@ -46,4 +48,5 @@ pub use node::Node;
 pub use policy::{ChannelPolicy, LivePolicies, Policies, PublishPolicy, SubscribePolicy};
 pub use presence::{ClientInfo, PresenceEvent, PresenceKind};
 pub use queue::QueueItem;
+pub use store::{Fsync, Store, StoreError};
 pub use subscription::{Event, Joined, Start, Subscription};

@@ -13,7 +13,7 @@ use foldhash::quality::RandomState;
 
 use crate::channel::ChannelName;
 
-const SHARDS: usize = 32;
+pub(crate) const SHARDS: usize = 32;
 
 pub(crate) type ChannelMap<V> = HashMap<ChannelName, V, RandomState>;
 
@@ -35,6 +35,10 @@ impl<V> Shards<V> {
     /// The shard `channel` lives in.
     pub(crate) fn of(&self, channel: &ChannelName) -> &Mutex<ChannelMap<V>> {
         &self.shards[(self.hasher.hash_one(channel) as usize) % SHARDS]
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.shards.len()
     }
 
     /// Every shard, for sweeps and listings.

@@ -52,6 +52,9 @@ pub struct ServerConfig {
     pub cors_origins: Vec<String>,
     pub max_connections: usize,
     pub max_connections_per_ip: usize,
+    /// Channels the memory broker may hold at once; a publish that would create one more is
+    /// refused (503 `too_many_channels`).
+    pub max_channels: usize,
     pub max_message_bytes: usize,
     pub max_channels_per_subscription: usize,
     pub queue_max_bytes: usize,
@@ -98,6 +101,7 @@ impl Default for ServerConfig {
             cors_origins: Vec::new(),
             max_connections: 100_000,
             max_connections_per_ip: 0,
+            max_channels: 1_000_000,
             max_message_bytes: 65_536,
             max_channels_per_subscription: 64,
             queue_max_bytes: 1_048_576,
@@ -144,7 +148,10 @@ impl LogFormat {
 pub struct BrokerConfig {
     /// `memory`, a `redis://` / `rediss://` URL, or comma-separated Redis Cluster seeds.
     pub url: String,
+    /// Keeps history, offsets and epochs on disk (memory broker only).
     pub data_dir: Option<PathBuf>,
+    /// When a publish is on disk before it is answered (with `data_dir`).
+    pub fsync: tidings_core::Fsync,
     pub prefix: String,
     /// PEM CA for a `rediss://` server whose certificate a private CA signed.
     pub tls_ca_file: Option<PathBuf>,
@@ -162,6 +169,7 @@ impl Default for BrokerConfig {
         Self {
             url: "memory".into(),
             data_dir: None,
+            fsync: tidings_core::Fsync::Batch,
             prefix: "tidings".into(),
             tls_ca_file: None,
         }
@@ -341,6 +349,9 @@ impl Config {
         }
         if s.max_message_bytes == 0 || s.max_message_bytes > 64 << 20 {
             return invalid("server.max_message_bytes must be between 1 and 67108864".into());
+        }
+        if s.max_channels == 0 {
+            return invalid("server.max_channels must be at least 1".into());
         }
         if s.max_channels_per_subscription == 0 {
             return invalid("server.max_channels_per_subscription must be at least 1".into());
@@ -536,6 +547,7 @@ log_format = "auto"                # "auto" (plain under systemd, else text) | "
 cors_origins = []                  # CORS + WebSocket Origin allow-list; empty = any origin in open mode, none otherwise
 max_connections = 100000
 max_connections_per_ip = 0         # 0 = unlimited
+max_channels = 1000000             # channels held at once (memory broker); a publish creating one more answers 503
 max_message_bytes = 65536          # larger publishes answer 413
 max_channels_per_subscription = 64 # more channels in one subscribe request answer 400
 queue_max_bytes = 1048576          # per connection, then disconnect "slow"
@@ -553,6 +565,9 @@ reconnect_spread = "10s"           # then clients are told to reconnect, each af
 url = "memory"                     # or redis://[user:password@]host:port/db, rediss://… (TLS);
                                    # comma-separated URLs = seed nodes of a Redis Cluster
 # data_dir = "/var/lib/tidings"    # durable history with the memory broker
+fsync = "batch"                    # with data_dir: "always" (an fsync per publish), "batch"
+                                   # (publishes arriving together share one fsync) or "never"
+                                   # (the OS decides); always/batch answer after the fsync
 prefix = "tidings"                 # Redis key prefix (deployments sharing one Redis use different ones)
 # tls_ca_file = "redis-ca.pem"     # CA of a rediss:// server whose certificate a private CA signed
 

@@ -132,10 +132,14 @@ impl AppState {
         }
         if config.broker.data_dir.is_some() {
             return Err(crate::config::ConfigError::Invalid(
-                "broker.data_dir: durable history is not available in this build; remove the key to run in memory".into(),
+                "broker.data_dir: a data dir is opened by AppState::connect".into(),
             ));
         }
-        let node = Node::memory(config.policies());
+        let hub = Arc::new(tidings_core::Hub::new());
+        let policies = Arc::new(config.policies());
+        let broker = tidings_core::broker::memory::MemoryBroker::new(hub.clone(), policies.clone());
+        broker.set_max_channels(config.server.max_channels);
+        let node = Node::new(hub, broker, policies);
         Self::with_node(config, node)
     }
 
@@ -144,7 +148,10 @@ impl AppState {
     /// address fails at startup rather than at the first request.
     pub async fn connect(config: Config) -> Result<Self, StartError> {
         if !tidings_redis::is_redis_url(&config.broker.url) {
-            return Ok(Self::new(config)?);
+            return match config.broker.data_dir.clone() {
+                Some(dir) => Self::durable(config, &dir).await,
+                None => Ok(Self::new(config)?),
+            };
         }
         if config.broker.data_dir.is_some() {
             return Err(crate::config::ConfigError::Invalid(
@@ -159,6 +166,42 @@ impl AppState {
         options.tls_ca_file = config.broker.tls_ca_file.clone();
         let broker =
             tidings_redis::RedisBroker::connect(options, hub.clone(), policies.clone()).await?;
+        let node = Node::new(hub, broker, policies);
+        Ok(Self::with_node(config, node)?)
+    }
+
+    /// A state on the memory broker writing through the data dir at `dir`: opened (locked,
+    /// scanned, a torn tail cut off) before this returns, so a locked, unwritable or newer
+    /// dir fails at startup.
+    async fn durable(config: Config, dir: &std::path::Path) -> Result<Self, StartError> {
+        let hub = Arc::new(tidings_core::Hub::new());
+        let policies = Arc::new(config.policies());
+        let opened = {
+            let dir = dir.to_owned();
+            let policies = policies.clone();
+            // Reading a large log is blocking work: off the runtime's threads.
+            tokio::task::spawn_blocking(move || {
+                let mut restore = tidings_core::broker::memory::Restore::new(policies);
+                let opened =
+                    tidings_store::open(&dir, tidings_store::Options::default(), &mut |r| {
+                        restore.apply(r)
+                    });
+                opened.map(|(store, report)| (store, report, restore))
+            })
+            .await
+            .map_err(|e| StartError::Store(format!("opening the data dir: {e}")))?
+        };
+        let (store, report, restore) = opened.map_err(|e| StartError::Store(e.to_string()))?;
+        log_report(dir, &report, restore.len());
+        let broker = tidings_core::broker::memory::MemoryBroker::durable(
+            hub.clone(),
+            policies.clone(),
+            restore,
+            Box::new(store),
+            config.broker.fsync,
+        )
+        .map_err(|e| StartError::Store(format!("starting the data dir's writer: {e}")))?;
+        broker.set_max_channels(config.server.max_channels);
         let node = Node::new(hub, broker, policies);
         Ok(Self::with_node(config, node)?)
     }
@@ -189,6 +232,42 @@ pub enum StartError {
     Config(#[from] crate::config::ConfigError),
     #[error(transparent)]
     Redis(#[from] tidings_redis::ConnectError),
+    #[error("{0}")]
+    Store(String),
+}
+
+/// What opening the data dir found: damage is a warning or an error in the log, never silent.
+fn log_report(dir: &std::path::Path, report: &tidings_store::Report, channels: usize) {
+    tracing::info!(
+        dir = %dir.display(),
+        segments = report.segments,
+        records = report.records,
+        bytes = report.bytes,
+        channels,
+        "data dir opened"
+    );
+    if let Some(t) = &report.torn {
+        tracing::warn!(
+            file = %t.file.display(),
+            bytes_cut = t.bytes_cut,
+            channels = %t.channels.join(", "),
+            "data dir: cut {} bytes of a torn tail (a write cut short by a crash; never acknowledged) off {} (channels: {})",
+            t.bytes_cut,
+            t.file.display(),
+            if t.channels.is_empty() { "unknown".to_owned() } else { t.channels.join(", ") }
+        );
+    }
+    for d in &report.damaged {
+        tracing::error!(
+            file = %d.file.display(),
+            at = d.at,
+            bytes = d.bytes_skipped,
+            "data dir: a damaged record at byte {} of {} ({} bytes) was skipped and is not served; readers across it get a gap",
+            d.at,
+            d.file.display(),
+            d.bytes_skipped
+        );
+    }
 }
 
 /// Per-connection facts handed to handlers through request extensions.

@@ -35,9 +35,11 @@ pub const INTERVAL: Duration = Duration::from_secs(1);
 const HISTORY: usize = 60;
 /// Channels listed, busiest first.
 const TOP_CHANNELS: usize = 20;
-/// Above this many channels only those with local subscribers are ranked: reading every
-/// channel's position each second would cost more than the console is worth.
-const RANK_ALL_UP_TO: usize = 10_000;
+/// At most this many channels are ranked each second (a sample of the broker's and of those
+/// with local subscribers): reading, let alone cloning, a million channels' names and
+/// positions each second would cost more than the console is worth. Below it the ranking is
+/// exact; above it, `total` is still exact and `top` is the busiest of the sample.
+const RANK_AT_MOST: usize = 5_000;
 
 /// Samples every second until the server shuts down; publishes while someone is watching.
 pub async fn run(state: AppState) {
@@ -104,15 +106,15 @@ impl Sampler {
     /// The busiest channels (messages in the last second, then subscribers), skipping the
     /// stats channel itself.
     async fn rank_channels(&mut self, state: &AppState, skip: &ChannelName) -> Value {
-        let mut names = state.node.hub.channels();
-        if let Ok(all) = state.node.broker.channels().await
-            && all.len() <= RANK_ALL_UP_TO
-        {
-            names.extend(all);
+        let mut names = state.node.hub.channel_sample(RANK_AT_MOST);
+        let mut total = None;
+        if let Ok((count, sample)) = state.node.broker.channel_sample(RANK_AT_MOST).await {
+            total = Some(count);
+            names.extend(sample);
         }
         names.sort_unstable_by(|a, b| a.as_str().cmp(b.as_str()));
         names.dedup();
-        let total = names.len();
+        let total = total.unwrap_or(names.len()).max(names.len());
         let mut rows = Vec::with_capacity(names.len());
         let mut seen = HashMap::with_capacity(names.len());
         for name in names {

@@ -1,32 +1,61 @@
-//! The in-memory broker: one node, history in RAM, an epoch per channel incarnation.
+//! The single-node broker: history in RAM, an epoch per channel incarnation, and optionally a
+//! data dir (`Store`) that history, offsets and epochs are written through.
 //!
 //! Concurrency: channels live in a sharded map of `Arc<Mutex<History>>` (std mutexes, never
-//! held across an `.await`). `publish` assigns the offset, appends and calls
-//! `Hub::deliver` under the channel's lock: that makes "in history before anyone sees it" and
-//! "delivered in offset order" hold by construction. Fan-out under the lock costs one queue
-//! push per local subscriber and blocks only other publishers of the same channel.
+//! held across an `.await`). Offsets, history and fan-out change only under a channel's lock,
+//! so "in history before anyone sees it" and "delivered in offset order" hold by construction.
+//!
+//! - In memory only, `publish` assigns the offset, appends and calls `Hub::deliver` under the
+//!   channel's lock, on the publisher's task.
+//! - With a store, every publish goes through one writer thread (`run_writer`) over a bounded
+//!   queue: it takes what is queued (one job under `fsync = "always"`), gives each message its
+//!   offset under the channel's lock (counting it as `pending`, which also keeps the sweeper
+//!   off the channel), writes the batch and fsyncs once (group commit), and only then, channel
+//!   lock by channel lock and in batch order, appends to history, delivers and answers. A
+//!   message is thus never seen before it is durable, so a crash can never hand its offset to
+//!   a different message; a failed write answers every publish of the batch with an error and
+//!   the offsets are simply not taken (the channel's `last_offset` never moved).
+//!
+//! Only a publish creates a channel. Reading one the broker does not hold (a poll, a join, a
+//! history read) leaves no state behind: it answers with the position `(fresh, 0)`, where
+//! `fresh` is the epoch the next new channel will get. A cursor at `(fresh, 0)` therefore
+//! resumes without a gap when the channel is then created, as long as no channel that had
+//! messages was reclaimed meanwhile: every such reclaim draws a new `fresh` (under the
+//! reclaimed channel's shard lock), so a channel that came, published, expired and went while
+//! a client was away can never be mistaken for the first incarnation it saw.
 //!
 //! A channel with no subscribers, no retained history and no use for a whole `history_ttl` is
-//! reclaimed by a sweeper task; when it comes back it gets a new epoch, so an old cursor
-//! reports `epoch_changed`.
+//! reclaimed by a sweeper task, one shard per tick so each tick's work is a fraction of the
+//! map; when it comes back it gets a new epoch, so an old cursor reports `epoch_changed`.
+//! `max_channels` caps how many exist: a publish that would create one more is refused. The sweeper marks what it removes `retired` under the channel's
+//! lock; whoever looked the channel up before and finds it retired looks it up again
+//! (`locked`), so nothing is ever written into a history the map no longer holds.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
+use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
 use crate::broker::{Broker, BrokerError, ChannelStats};
 use crate::channel::{ChannelName, EventName};
-use crate::history::{History, HistoryRead, Since};
+use crate::history::{Gap, GapReason, History, HistoryRead, Replay, Since};
 use crate::hub::Hub;
 use crate::message::{Data, Epoch, Message};
 use crate::policy::LivePolicies;
 use crate::presence::{ClientInfo, PresenceEvent, PresenceKind};
 use crate::shards::Shards;
+use crate::store::{Fsync, Recovered, Snapshot, Store, age};
 
+/// The whole map is swept once per this period, one shard per tick.
 const SWEEP_EVERY: Duration = Duration::from_secs(5);
+/// Publishes waiting for the writer thread; a full queue makes publishers wait (backpressure).
+const JOB_QUEUE: usize = 4096;
+/// At most this many publishes share one write and one fsync.
+const MAX_BATCH: usize = 1024;
 
 pub struct MemoryBroker {
     hub: Arc<Hub>,
@@ -34,6 +63,35 @@ pub struct MemoryBroker {
     shards: Shards<Arc<Mutex<History>>>,
     /// Who is present where. One lock: joins and leaves are per connection, not per message.
     presence: Mutex<HashMap<ChannelName, Vec<ClientInfo>>>,
+    durable: Option<Durable>,
+    /// The epoch a channel created now gets (see the module comment).
+    fresh: Mutex<Epoch>,
+    /// Channels in `shards`, and how many may be.
+    count: AtomicUsize,
+    max_channels: AtomicUsize,
+    /// The shard the next sweep tick visits.
+    sweep_at: AtomicUsize,
+}
+
+/// The write-through side, with a data dir.
+struct Durable {
+    jobs: mpsc::Sender<Job>,
+    bytes_on_disk: Arc<AtomicU64>,
+}
+
+type Reply = oneshot::Sender<Result<Arc<Message>, BrokerError>>;
+
+enum Job {
+    Publish {
+        channel: ChannelName,
+        event: Option<EventName>,
+        data: Data,
+        reply: Reply,
+    },
+    Forget {
+        channel: ChannelName,
+        epoch: Epoch,
+    },
 }
 
 fn relock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -47,6 +105,85 @@ pub fn now_millis() -> u64 {
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
+/// Channels read back from a data dir, built record by record as the store replays them.
+pub struct Restore {
+    policies: Arc<Policies>,
+    channels: HashMap<ChannelName, History>,
+    now: Instant,
+    now_ms: u64,
+}
+
+impl Restore {
+    pub fn new(policies: Arc<Policies>) -> Self {
+        Self {
+            policies,
+            channels: HashMap::new(),
+            now: Instant::now(),
+            now_ms: now_millis(),
+        }
+    }
+
+    /// The channel in `epoch`: a record of another epoch starts a new incarnation.
+    fn incarnation(&mut self, channel: &ChannelName, epoch: &Epoch) -> &mut History {
+        let policy = self.policies.for_channel(channel);
+        let h = self.channels.entry(channel.clone()).or_insert_with(|| {
+            History::new(
+                channel.clone(),
+                epoch.clone(),
+                policy.history_size,
+                policy.history_ttl,
+            )
+        });
+        if h.epoch() != epoch {
+            *h = History::new(
+                channel.clone(),
+                epoch.clone(),
+                policy.history_size,
+                policy.history_ttl,
+            );
+        }
+        h
+    }
+
+    pub fn apply(&mut self, record: Recovered) {
+        match record {
+            Recovered::Message(m) => {
+                let at = self
+                    .now
+                    .checked_sub(age(m.time, self.now_ms))
+                    .unwrap_or(self.now);
+                let (channel, epoch) = (m.channel.clone(), m.epoch.clone());
+                self.incarnation(&channel, &epoch).restore(Arc::new(m), at);
+            }
+            Recovered::Channel {
+                channel,
+                epoch,
+                last_offset,
+            } => self
+                .incarnation(&channel, &epoch)
+                .restore_position(last_offset),
+            Recovered::Forgotten { channel, epoch } => {
+                if self
+                    .channels
+                    .get(&channel)
+                    .is_some_and(|h| h.epoch() == &epoch)
+                {
+                    self.channels.remove(&channel);
+                }
+            }
+        }
+    }
+
+    /// Channels restored so far.
+    pub fn len(&self) -> usize {
+        self.channels.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.channels.is_empty()
+    }
+}
+
 impl MemoryBroker {
     /// Creates the broker and, inside a tokio runtime, its sweeper (which ends with the broker).
     pub fn new(hub: Arc<Hub>, policies: Arc<LivePolicies>) -> Arc<Self> {
@@ -55,53 +192,361 @@ impl MemoryBroker {
             policies,
             shards: Shards::new(),
             presence: Mutex::new(HashMap::new()),
+            durable: None,
+            fresh: Mutex::new(Epoch::random()),
+            count: AtomicUsize::new(0),
+            max_channels: AtomicUsize::new(usize::MAX),
+            sweep_at: AtomicUsize::new(0),
         });
-        if let Ok(rt) = tokio::runtime::Handle::try_current() {
-            let weak = Arc::downgrade(&broker);
-            rt.spawn(sweep_loop(weak));
-        }
+        spawn_sweeper(&broker);
         broker
     }
 
-    fn channel(&self, channel: &ChannelName) -> Arc<Mutex<History>> {
+    /// A broker that writes through `store`, starting from what it held (`restore`). Starts
+    /// the writer thread, which ends when the broker is dropped.
+    pub fn durable(
+        hub: Arc<Hub>,
+        policies: Arc<Policies>,
+        restore: Restore,
+        store: Box<dyn Store>,
+        fsync: Fsync,
+    ) -> std::io::Result<Arc<Self>> {
+        let (jobs, queue) = mpsc::channel(JOB_QUEUE);
+        let bytes_on_disk = Arc::new(AtomicU64::new(store.bytes_on_disk()));
+        let shards = Shards::new();
+        let now = Instant::now();
+        let count = restore.channels.len();
+        for (name, mut history) in restore.channels {
+            history.expire(now);
+            // A restored channel counts as used now: clients resuming after the restart
+            // find their epoch even when nothing is retained any more.
+            history.touch(now);
+            relock(shards.of(&name)).insert(name, Arc::new(Mutex::new(history)));
+        }
+        let broker = Arc::new(Self {
+            hub,
+            policies,
+            shards,
+            presence: Mutex::new(HashMap::new()),
+            durable: Some(Durable {
+                jobs,
+                bytes_on_disk: bytes_on_disk.clone(),
+            }),
+            fresh: Mutex::new(Epoch::random()),
+            count: AtomicUsize::new(count),
+            max_channels: AtomicUsize::new(usize::MAX),
+            sweep_at: AtomicUsize::new(0),
+        });
+        let weak = Arc::downgrade(&broker);
+        std::thread::Builder::new()
+            .name("tidings-store".into())
+            .spawn(move || run_writer(weak, store, queue, fsync, bytes_on_disk))?;
+        spawn_sweeper(&broker);
+        Ok(broker)
+    }
+
+    /// Caps how many channels may exist; a publish that would create one more is refused.
+    pub fn set_max_channels(&self, max: usize) {
+        self.max_channels.store(max.max(1), Ordering::Relaxed);
+    }
+
+    /// Channels the broker holds now.
+    pub fn channel_count(&self) -> usize {
+        self.count.load(Ordering::Relaxed)
+    }
+
+    /// The channel's history, created (with the fresh epoch) if the broker holds none.
+    fn channel(&self, channel: &ChannelName) -> Result<Arc<Mutex<History>>, BrokerError> {
         let mut shard = relock(self.shards.of(channel));
-        shard
-            .entry(channel.clone())
-            .or_insert_with(|| {
-                let policy = self.policies.for_channel(channel);
-                Arc::new(Mutex::new(History::new(
-                    channel.clone(),
-                    Epoch::random(),
-                    policy.history_size,
-                    policy.history_ttl,
-                )))
-            })
-            .clone()
+        if let Some(h) = shard.get(channel) {
+            return Ok(h.clone());
+        }
+        let max = self.max_channels.load(Ordering::Relaxed);
+        if self.count.load(Ordering::Relaxed) >= max {
+            return Err(BrokerError::TooManyChannels(max));
+        }
+        let policy = self.policies.for_channel(channel);
+        let history = Arc::new(Mutex::new(History::new(
+            channel.clone(),
+            relock(&self.fresh).clone(),
+            policy.history_size,
+            policy.history_ttl,
+        )));
+        shard.insert(channel.clone(), history.clone());
+        self.count.fetch_add(1, Ordering::Relaxed);
+        Ok(history)
+    }
+
+    /// Reads a channel, creating nothing: one the broker does not hold answers from
+    /// `(fresh, 0)`, under its shard's lock so a concurrent reclaim is seen whole.
+    fn read_existing(
+        &self,
+        channel: &ChannelName,
+        since: &Since,
+        limit: Option<usize>,
+    ) -> HistoryRead {
+        let found = {
+            let shard = relock(self.shards.of(channel));
+            match shard.get(channel) {
+                Some(h) => h.clone(),
+                None => {
+                    let fresh = relock(&self.fresh).clone();
+                    return absent(channel, fresh, since);
+                }
+            }
+        };
+        let mut h = relock(&found);
+        if h.retired {
+            drop(h);
+            return self.read_existing(channel, since, limit);
+        }
+        let now = Instant::now();
+        h.expire(now);
+        h.touch(now);
+        h.read(since, limit)
+    }
+
+    /// Runs `f` under the lock of the channel's live history. `found` is a history looked up
+    /// earlier: if the sweeper retired it meanwhile, the channel is looked up again.
+    fn locked<R>(
+        &self,
+        channel: &ChannelName,
+        mut found: Arc<Mutex<History>>,
+        f: impl FnOnce(&Arc<Mutex<History>>, &mut History) -> R,
+    ) -> Result<R, BrokerError> {
+        loop {
+            let mut h = relock(&found);
+            if !h.retired {
+                return Ok(f(&found, &mut h));
+            }
+            drop(h);
+            found = self.channel(channel)?;
+        }
     }
 
     /// Expires history everywhere and reclaims channels nobody follows and nothing is kept for.
     pub fn sweep(&self) {
+        for i in 0..self.shards.len() {
+            self.sweep_shard(i);
+        }
+    }
+
+    /// One sweeper tick: the next shard.
+    fn sweep_step(&self) {
+        let i = self.sweep_at.fetch_add(1, Ordering::Relaxed) % self.shards.len();
+        self.sweep_shard(i);
+    }
+
+    fn sweep_shard(&self, i: usize) {
         let now = Instant::now();
-        for shard in self.shards.all() {
-            let mut shard = relock(shard);
-            shard.retain(|name, history| {
-                let mut h = relock(history);
-                h.expire(now);
-                // The hub check happens under the shard lock: a subscriber that registers
-                // after it and then reads will create a fresh channel, which is consistent.
-                !h.reclaimable(now) || self.hub.subscriber_count(name) > 0
+        let Some(shard) = self.shards.all().nth(i) else {
+            return;
+        };
+        let mut shard = relock(shard);
+        let mut published_gone = false;
+        shard.retain(|name, history| {
+            let mut h = relock(history);
+            h.expire(now);
+            // The hub check happens under the shard lock: a subscriber that registers
+            // after it and then reads sees no channel, which is consistent.
+            if !h.reclaimable(now) || self.hub.subscriber_count(name) > 0 {
+                return true;
+            }
+            if let Some(d) = &self.durable {
+                let forget = Job::Forget {
+                    channel: name.clone(),
+                    epoch: h.epoch().clone(),
+                };
+                if d.jobs.try_send(forget).is_err() {
+                    // The writer is busy: reclaim at a later sweep rather than let the
+                    // channel come back from the data dir after a restart.
+                    return true;
+                }
+            }
+            published_gone |= h.last_offset() > 0 && h.epoch() == &*relock(&self.fresh);
+            h.retired = true;
+            self.count.fetch_sub(1, Ordering::Relaxed);
+            false
+        });
+        if published_gone {
+            // Still under the shard lock: nobody can read this channel as absent, or
+            // create it again, with the old fresh epoch.
+            *relock(&self.fresh) = Epoch::random();
+        }
+    }
+
+    /// Gives each queued publish its offset, writes the batch, then makes it visible in order.
+    fn commit(&self, store: &mut dyn Store, batch: &mut Vec<Job>, sync: bool) {
+        let now = Instant::now();
+        let now_ms = now_millis();
+        let mut staged = Vec::with_capacity(batch.len());
+        let mut forgotten = Vec::new();
+        // The last offset given out in this batch, per channel: `last_offset` itself only
+        // moves once the batch is durable.
+        let mut given: foldhash::HashMap<ChannelName, u64> = Default::default();
+        for job in batch.drain(..) {
+            let (channel, event, data, reply) = match job {
+                Job::Publish {
+                    channel,
+                    event,
+                    data,
+                    reply,
+                } => (channel, event, data, reply),
+                Job::Forget { channel, epoch } => {
+                    forgotten.push((channel, epoch));
+                    continue;
+                }
+            };
+            let looked_up = self.channel(&channel).and_then(|found| {
+                self.locked(&channel, found, |arc, h| {
+                    h.pending += 1;
+                    h.touch(now);
+                    let last = given.entry(channel.clone()).or_insert(h.last_offset());
+                    *last += 1;
+                    let position = crate::message::Position {
+                        epoch: h.epoch().clone(),
+                        offset: *last,
+                    };
+                    (arc.clone(), position)
+                })
             });
+            let (history, position) = match looked_up {
+                Ok(found) => found,
+                Err(e) => {
+                    let _ = reply.send(Err(e));
+                    continue;
+                }
+            };
+            let message = Arc::new(Message::new(channel, position, event, data, now_ms));
+            staged.push((history, message, reply));
+        }
+        let messages: Vec<Arc<Message>> = staged.iter().map(|(_, m, _)| m.clone()).collect();
+        let written = if messages.is_empty() {
+            Ok(())
+        } else {
+            store.append(&messages, sync)
+        };
+        if let Err(e) = &written {
+            tracing::error!(error = %e, publishes = messages.len(), "a write to the data dir failed; those publishes were refused");
+        }
+        for (history, message, reply) in staged {
+            let outcome = {
+                let mut h = relock(&history);
+                h.pending -= 1;
+                match &written {
+                    Ok(()) => {
+                        h.expire(now);
+                        h.append(message.clone(), now);
+                        self.hub.deliver(&message);
+                        Ok(message)
+                    }
+                    Err(e) => Err(BrokerError::Storage(e.to_string())),
+                }
+            };
+            // The publisher may have gone away (its request was dropped): nothing to tell.
+            let _ = reply.send(outcome);
+        }
+        for (channel, epoch) in forgotten {
+            if let Err(e) = store.forget(&channel, &epoch) {
+                tracing::warn!(error = %e, %channel, "could not record a reclaimed channel");
+            }
+        }
+    }
+
+    /// Hands the store what the broker holds, so it can rewrite its files without the rest.
+    fn compact(&self, store: &mut dyn Store) {
+        let now = Instant::now();
+        let histories: Vec<Arc<Mutex<History>>> = self
+            .shards
+            .all()
+            .flat_map(|s| relock(s).values().cloned().collect::<Vec<_>>())
+            .collect();
+        let mut snapshots = histories.iter().filter_map(|arc| {
+            let mut h = relock(arc);
+            if h.retired {
+                return None;
+            }
+            h.expire(now);
+            Some(Snapshot {
+                channel: h.channel().clone(),
+                epoch: h.epoch().clone(),
+                last_offset: h.last_offset(),
+                messages: h.messages().cloned().collect(),
+            })
+        });
+        match store.compact(&mut snapshots) {
+            Ok(()) => tracing::info!(bytes = store.bytes_on_disk(), "data dir compacted"),
+            Err(e) => {
+                tracing::warn!(error = %e, "compacting the data dir failed; it keeps its files")
+            }
         }
     }
 }
 
+/// A read of a channel the broker does not hold: nothing retained, top `(fresh, 0)`.
+fn absent(channel: &ChannelName, fresh: Epoch, since: &Since) -> HistoryRead {
+    let top = crate::message::Position {
+        epoch: fresh,
+        offset: 0,
+    };
+    let replay = match since {
+        Since::After(pos) if pos != &top => Replay::Gap {
+            gap: Gap {
+                channel: channel.as_str().to_owned(),
+                epoch: top.epoch.clone(),
+                next_offset: 1,
+                reason: GapReason::EpochChanged,
+            },
+            messages: Vec::new(),
+        },
+        _ => Replay::Complete(Vec::new()),
+    };
+    HistoryRead { top, replay }
+}
+
+fn spawn_sweeper(broker: &Arc<MemoryBroker>) {
+    if let Ok(rt) = tokio::runtime::Handle::try_current() {
+        rt.spawn(sweep_loop(Arc::downgrade(broker)));
+    }
+}
+
+/// The writer thread: blocking file I/O off the async runtime, one batch at a time.
+fn run_writer(
+    broker: Weak<MemoryBroker>,
+    mut store: Box<dyn Store>,
+    mut queue: mpsc::Receiver<Job>,
+    fsync: Fsync,
+    bytes_on_disk: Arc<AtomicU64>,
+) {
+    let mut batch = Vec::new();
+    while let Some(job) = queue.blocking_recv() {
+        batch.push(job);
+        if fsync != Fsync::Always {
+            while batch.len() < MAX_BATCH {
+                match queue.try_recv() {
+                    Ok(job) => batch.push(job),
+                    Err(_) => break,
+                }
+            }
+        }
+        let Some(broker) = broker.upgrade() else {
+            return;
+        };
+        broker.commit(&mut *store, &mut batch, fsync != Fsync::Never);
+        if store.wants_compaction() {
+            broker.compact(&mut *store);
+        }
+        bytes_on_disk.store(store.bytes_on_disk(), Ordering::Relaxed);
+    }
+}
+
 async fn sweep_loop(broker: Weak<MemoryBroker>) {
-    let mut tick = tokio::time::interval(SWEEP_EVERY);
+    let mut tick = tokio::time::interval(SWEEP_EVERY / crate::shards::SHARDS as u32);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
         match broker.upgrade() {
-            Some(b) => b.sweep(),
+            Some(b) => b.sweep_step(),
             None => return,
         }
     }
@@ -119,21 +564,34 @@ impl Broker for MemoryBroker {
         event: Option<EventName>,
         data: Data,
     ) -> Result<Arc<Message>, BrokerError> {
-        let history = self.channel(channel);
-        let mut h = relock(&history);
-        let now = Instant::now();
-        h.expire(now);
-        h.touch(now);
-        let message = Arc::new(Message::new(
-            channel.clone(),
-            h.next_position(),
-            event,
-            data,
-            now_millis(),
-        ));
-        h.append(message.clone(), now);
-        self.hub.deliver(&message);
-        Ok(message)
+        if let Some(d) = &self.durable {
+            let (reply, answer) = oneshot::channel();
+            let job = Job::Publish {
+                channel: channel.clone(),
+                event,
+                data,
+                reply,
+            };
+            let stopped = || BrokerError::Storage("the data dir's writer stopped".into());
+            d.jobs.send(job).await.map_err(|_| stopped())?;
+            return answer.await.map_err(|_| stopped())?;
+        }
+        let found = self.channel(channel)?;
+        self.locked(channel, found, |_, h| {
+            let now = Instant::now();
+            h.expire(now);
+            h.touch(now);
+            let message = Arc::new(Message::new(
+                channel.clone(),
+                h.next_position(),
+                event,
+                data,
+                now_millis(),
+            ));
+            h.append(message.clone(), now);
+            self.hub.deliver(&message);
+            message
+        })
     }
 
     async fn read(
@@ -142,12 +600,7 @@ impl Broker for MemoryBroker {
         since: &Since,
         limit: Option<usize>,
     ) -> Result<HistoryRead, BrokerError> {
-        let history = self.channel(channel);
-        let mut h = relock(&history);
-        let now = Instant::now();
-        h.expire(now);
-        h.touch(now);
-        Ok(h.read(since, limit))
+        Ok(self.read_existing(channel, since, limit))
     }
 
     async fn subscribe(&self, _channel: &ChannelName) -> Result<(), BrokerError> {
@@ -181,6 +634,24 @@ impl Broker for MemoryBroker {
 
     async fn ready(&self) -> Result<(), BrokerError> {
         Ok(())
+    }
+
+    async fn channel_sample(&self, max: usize) -> Result<(usize, Vec<ChannelName>), BrokerError> {
+        let mut names = Vec::new();
+        for shard in self.shards.all() {
+            if names.len() >= max {
+                break;
+            }
+            let shard = relock(shard);
+            names.extend(shard.keys().take(max - names.len()).cloned());
+        }
+        Ok((self.channel_count(), names))
+    }
+
+    fn bytes_on_disk(&self) -> Option<u64> {
+        self.durable
+            .as_ref()
+            .map(|d| d.bytes_on_disk.load(Ordering::Relaxed))
     }
 
     async fn presence_join(
@@ -256,22 +727,127 @@ mod tests {
         MemoryBroker::new(Arc::new(Hub::new()), LivePolicies::new(policies))
     }
 
+    fn text() -> Data {
+        Data::Text(bytes::Bytes::from_static(b"x"))
+    }
+
     #[tokio::test(start_paused = true)]
-    async fn an_idle_channel_keeps_its_epoch_until_unused_for_a_whole_ttl() {
+    async fn reading_a_channel_the_broker_does_not_hold_creates_nothing_and_resumes_without_a_gap()
+    {
+        let b = broker(Duration::from_secs(60));
+        let c = ChannelName::new("absent").unwrap();
+        let first = b.read(&c, &Since::Now, None).await.unwrap().top;
+        assert_eq!(first.offset, 0);
+        for since in [Since::Now, Since::Last(5), Since::After(first.clone())] {
+            let r = b.read(&c, &since, None).await.unwrap();
+            assert!(r.replay.gap().is_none(), "{since:?}");
+            assert_eq!(r.top, first, "the same position every time");
+        }
+        assert!(
+            b.channels().await.unwrap().is_empty(),
+            "nothing was created"
+        );
+        assert_eq!(b.channel_count(), 0);
+        // Created by a publish: the cursor read while it was absent resumes with no gap.
+        let m = b.publish(&c, None, text()).await.unwrap();
+        assert_eq!(m.position().epoch, first.epoch);
+        let r = b
+            .read(&c, &Since::After(first.clone()), None)
+            .await
+            .unwrap();
+        assert!(r.replay.gap().is_none());
+        assert_eq!(r.replay.messages().len(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_cursor_from_before_a_whole_incarnation_came_and_went_gets_a_gap() {
+        let b = broker(Duration::from_secs(60));
+        let c = ChannelName::new("comes-and-goes").unwrap();
+        let seen = b.read(&c, &Since::Now, None).await.unwrap().top;
+        b.publish(&c, None, text()).await.unwrap();
+        // Its message expires and the channel is reclaimed, then it comes back.
+        tokio::time::advance(Duration::from_secs(121)).await;
+        b.sweep();
+        assert_eq!(b.channel_count(), 0);
+        b.publish(&c, None, text()).await.unwrap();
+        let r = b.read(&c, &Since::After(seen), None).await.unwrap();
+        assert_eq!(
+            r.replay.gap().map(|g| g.reason),
+            Some(GapReason::EpochChanged),
+            "the first incarnation's message was missed"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_used_channel_keeps_its_epoch_until_unused_for_a_whole_ttl() {
         let b = broker(Duration::from_secs(60));
         let c = ChannelName::new("idle").unwrap();
-        let e1 = b.read(&c, &Since::Now, None).await.unwrap().top.epoch;
+        let e1 = b.publish(&c, None, text()).await.unwrap().epoch.clone();
         tokio::time::advance(Duration::from_secs(30)).await;
         b.sweep();
         let e2 = b.read(&c, &Since::Now, None).await.unwrap().top.epoch;
         assert_eq!(e1, e2, "reclaimed while still in use");
         tokio::time::advance(Duration::from_secs(61)).await;
         b.sweep();
+        // Its message expired at 60 s, the read at 30 s kept it in use until 90 s.
         assert!(b.channels().await.unwrap().is_empty());
-        let e3 = b.read(&c, &Since::Now, None).await.unwrap().top.epoch;
+        let e3 = b.publish(&c, None, text()).await.unwrap().epoch.clone();
         assert_ne!(
             e1, e3,
             "a reclaimed channel comes back as a new incarnation"
         );
+    }
+
+    #[tokio::test]
+    async fn publishes_that_would_pass_max_channels_are_refused_and_existing_ones_still_work() {
+        let b = broker(Duration::from_secs(60));
+        b.set_max_channels(2);
+        let (a, c, d) = (
+            ChannelName::new("a").unwrap(),
+            ChannelName::new("c").unwrap(),
+            ChannelName::new("d").unwrap(),
+        );
+        b.publish(&a, None, text()).await.unwrap();
+        b.publish(&c, None, text()).await.unwrap();
+        assert_eq!(
+            b.publish(&d, None, text()).await.unwrap_err(),
+            BrokerError::TooManyChannels(2)
+        );
+        assert_eq!(b.publish(&a, None, text()).await.unwrap().offset, 2);
+        // Reads of other channels are still answered, and create nothing.
+        assert!(b.read(&d, &Since::Now, None).await.is_ok());
+        assert_eq!(b.channel_count(), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_publisher_that_looked_up_a_channel_the_sweeper_then_reclaimed_writes_into_the_live_one()
+     {
+        let b = broker(Duration::from_secs(60));
+        let c = ChannelName::new("swept").unwrap();
+        let old_epoch = b.publish(&c, None, text()).await.unwrap().epoch.clone();
+        // A publisher looks the channel up (what `publish` does first) ...
+        let found = b.channel(&c).unwrap();
+        // ... and before it takes the lock, the channel turns idle and the sweeper removes it.
+        tokio::time::advance(Duration::from_secs(61)).await;
+        b.sweep();
+        assert!(b.channels().await.unwrap().is_empty());
+        let message = b
+            .locked(&c, found, |_, h| {
+                let m = Arc::new(Message::new(
+                    c.clone(),
+                    h.next_position(),
+                    None,
+                    text(),
+                    now_millis(),
+                ));
+                h.append(m.clone(), Instant::now());
+                m
+            })
+            .unwrap();
+        assert_ne!(message.epoch, old_epoch, "written into a fresh incarnation");
+        // The acknowledged message is in the history every reader reaches.
+        let read = b.read(&c, &Since::Last(10), None).await.unwrap();
+        assert_eq!(read.top, message.position());
+        assert_eq!(read.replay.messages().len(), 1);
     }
 }

@@ -104,6 +104,18 @@ impl From<BrokerError> for ApiError {
                 "broker_unavailable",
                 "the broker is unavailable; nothing was stored, retry later",
             ),
+            BrokerError::Storage(_) => Self::new(
+                StatusCode::INSUFFICIENT_STORAGE,
+                "storage_failed",
+                "the data dir could not store the message (disk full or an I/O error); nothing was stored, retry later",
+            ),
+            BrokerError::TooManyChannels(max) => Self::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "too_many_channels",
+                format!(
+                    "the server holds its maximum of {max} channels (server.max_channels); nothing was published, publish to an existing channel or retry once idle channels are reclaimed"
+                ),
+            ),
             BrokerError::Unsupported(what) => Self::new(
                 StatusCode::NOT_IMPLEMENTED,
                 "unsupported",

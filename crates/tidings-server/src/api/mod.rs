@@ -99,7 +99,15 @@ async fn metrics(State(state): State<AppState>) -> Response {
             header::CONTENT_TYPE,
             "text/plain; version=0.0.4; charset=utf-8",
         )],
-        state.metrics.render(),
+        {
+            let mut text = state.metrics.render();
+            if let Some(bytes) = state.node.broker.bytes_on_disk() {
+                text.push_str(&format!(
+                    "# HELP tidings_store_bytes Bytes the data dir's log occupies on disk.\n# TYPE tidings_store_bytes gauge\ntidings_store_bytes {bytes}\n"
+                ));
+            }
+            text
+        },
     )
         .into_response()
 }

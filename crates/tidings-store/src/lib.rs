@@ -1,0 +1,533 @@
+//! # tidings-store
+//!
+//! The data dir behind `tidings serve --data-dir`: an append-only log of CRC-framed records
+//! (`record.rs`), implementing `tidings_core::Store`. The broker decides offsets, epochs and
+//! visibility; this crate only appends, fsyncs, rewrites itself when most of it has expired,
+//! and reads everything back at start.
+//!
+//! ## Layout on disk
+//! - `LOCK`: locked (`flock`) by the server using the dir, and holding its pid, so a second
+//!   server on the same dir is refused with the other one's pid.
+//! - `0000000000000001.log`, `…2.log`: segments, replayed in name order. Each starts with the
+//!   header `TIDINGS\0` + format version (u32 LE); a newer version is refused. A segment past
+//!   `segment_bytes` is closed and a new one started.
+//!
+//! ## Crashes and damage
+//! A write that fails is cut off the file again (`set_len`) before the publish is answered with
+//! an error, so nothing half-written becomes visible, even after a restart. At open, every
+//! segment is scanned frame by frame:
+//! - a frame that does not check out and is followed by intact frames is damage in the middle:
+//!   it is skipped and reported (never served), and the channel it belonged to gets a
+//!   `trimmed` gap at the hole (`History::restore`);
+//! - damage that runs to the end of the last segment is a torn tail (a crash mid-write): it is
+//!   cut off, with a warning naming the bytes and the channels it held.
+//!
+//! Concurrency: a `LogStore` is owned by the broker's one writer thread; nothing here is shared.
+
+mod record;
+
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Write};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use thiserror::Error;
+use tidings_core::store::{Recovered, Snapshot, Store, StoreError};
+use tidings_core::{ChannelName, Epoch, Message};
+
+use record::Frame;
+
+/// The format this build writes and reads.
+pub const FORMAT_VERSION: u32 = 1;
+const HEADER_MAGIC: &[u8; 8] = b"TIDINGS\0";
+const HEADER_LEN: u64 = 12;
+const LOCK_FILE: &str = "LOCK";
+
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// A segment past this size is closed and a new one started.
+    pub segment_bytes: u64,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            segment_bytes: 64 << 20,
+        }
+    }
+}
+
+#[derive(Debug, Error)]
+pub enum OpenError {
+    #[error(
+        "the data dir {dir} is in use by another tidings process{}: its lock {lock} is held",
+        pid.map(|p| format!(" (pid {p})")).unwrap_or_default()
+    )]
+    Locked {
+        dir: PathBuf,
+        lock: PathBuf,
+        pid: Option<u32>,
+    },
+    #[error("the data dir {dir} cannot be written: {source}")]
+    NotWritable {
+        dir: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(
+        "{file} was written by a newer tidings (data format v{version}; this build reads v{FORMAT_VERSION}): upgrade tidings or use another data dir"
+    )]
+    NewerFormat { file: PathBuf, version: u32 },
+    #[error("{file} is not a tidings data file (bad header): is this the right data dir?")]
+    NotAStore { file: PathBuf },
+    #[error("reading the data dir: {path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// What opening found, for the startup log.
+#[derive(Debug, Default)]
+pub struct Report {
+    pub segments: usize,
+    pub records: u64,
+    pub bytes: u64,
+    /// A torn tail cut off the last segment.
+    pub torn: Option<Torn>,
+    /// Damaged records skipped in the middle of the log.
+    pub damaged: Vec<Damage>,
+}
+
+#[derive(Debug)]
+pub struct Torn {
+    pub file: PathBuf,
+    pub bytes_cut: u64,
+    /// Channels named by the records cut off (as far as what is left of them tells).
+    pub channels: Vec<String>,
+}
+
+#[derive(Debug)]
+pub struct Damage {
+    pub file: PathBuf,
+    pub at: u64,
+    pub bytes_skipped: u64,
+}
+
+struct Segment {
+    seq: u64,
+    path: PathBuf,
+}
+
+pub struct LogStore {
+    dir: PathBuf,
+    options: Options,
+    /// Held for the lock's sake (released when the store is dropped or the process dies).
+    _lock: File,
+    /// Closed segments, oldest first (kept until a compaction replaces them).
+    closed: Vec<Segment>,
+    active: Segment,
+    file: File,
+    /// Bytes of `file` that hold whole, acknowledged records: the next write goes here.
+    len: u64,
+    /// Bytes in every closed segment.
+    closed_bytes: u64,
+    /// Size of the log right after the last compaction (or the open).
+    base_bytes: u64,
+    broken: Option<String>,
+    scratch: Vec<u8>,
+}
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> OpenError + '_ {
+    move |source| OpenError::Io {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+fn segment_path(dir: &Path, seq: u64) -> PathBuf {
+    dir.join(format!("{seq:016}.log"))
+}
+
+fn sync_dir(dir: &Path) -> std::io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+/// Creates a segment with its header, durably (the file and its directory entry).
+fn create_segment(dir: &Path, seq: u64) -> std::io::Result<(Segment, File)> {
+    let path = segment_path(dir, seq);
+    let mut file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .open(&path)?;
+    let mut header = Vec::with_capacity(HEADER_LEN as usize);
+    header.extend_from_slice(HEADER_MAGIC);
+    header.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
+    file.write_all(&header)?;
+    file.sync_all()?;
+    sync_dir(dir)?;
+    Ok((Segment { seq, path }, file))
+}
+
+/// Takes the data dir's lock, or says who holds it.
+fn lock(dir: &Path) -> Result<File, OpenError> {
+    let path = dir.join(LOCK_FILE);
+    let not_writable = |source| OpenError::NotWritable {
+        dir: dir.to_owned(),
+        source,
+    };
+    let mut file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .map_err(not_writable)?;
+    match file.try_lock() {
+        Ok(()) => {}
+        Err(std::fs::TryLockError::WouldBlock) => {
+            let mut text = String::new();
+            let _ = file.read_to_string(&mut text);
+            return Err(OpenError::Locked {
+                dir: dir.to_owned(),
+                lock: path,
+                pid: text.trim().parse().ok(),
+            });
+        }
+        Err(std::fs::TryLockError::Error(e)) => return Err(not_writable(e)),
+    }
+    // Also proves the dir takes writes and fsyncs before anything else is touched.
+    file.set_len(0)
+        .and_then(|()| file.write_all_at(format!("{}\n", std::process::id()).as_bytes(), 0))
+        .and_then(|()| file.sync_all())
+        .map_err(not_writable)?;
+    Ok(file)
+}
+
+/// Opens (or creates) the data dir at `dir`, handing every record it holds to `restore` in
+/// order, and repairing a torn tail. The returned store appends after what was read.
+pub fn open(
+    dir: &Path,
+    options: Options,
+    restore: &mut dyn FnMut(Recovered),
+) -> Result<(LogStore, Report), OpenError> {
+    std::fs::create_dir_all(dir).map_err(|source| OpenError::NotWritable {
+        dir: dir.to_owned(),
+        source,
+    })?;
+    let lock = lock(dir)?;
+    let mut seqs: Vec<u64> = std::fs::read_dir(dir)
+        .map_err(io_err(dir))?
+        .filter_map(|e| {
+            let name = e.ok()?.file_name();
+            let name = name.to_str()?;
+            let seq = name.strip_suffix(".log")?;
+            (seq.len() == 16).then(|| seq.parse().ok())?
+        })
+        .collect();
+    seqs.sort_unstable();
+    let mut report = Report {
+        segments: seqs.len(),
+        ..Report::default()
+    };
+    let mut segments: Vec<Segment> = Vec::new();
+    let mut closed_bytes = 0;
+    let mut active = None;
+    for (i, &seq) in seqs.iter().enumerate() {
+        let path = segment_path(dir, seq);
+        let last = i + 1 == seqs.len();
+        let (len, file) = replay(&path, last, restore, &mut report)?;
+        report.bytes += len;
+        if last {
+            active = Some((Segment { seq, path }, file, len));
+        } else {
+            closed_bytes += len;
+            segments.push(Segment { seq, path });
+        }
+    }
+    let (active, file, len) = match active {
+        Some(a) => a,
+        None => {
+            let (segment, file) =
+                create_segment(dir, 1).map_err(|source| OpenError::NotWritable {
+                    dir: dir.to_owned(),
+                    source,
+                })?;
+            (segment, file, HEADER_LEN)
+        }
+    };
+    let store = LogStore {
+        dir: dir.to_owned(),
+        options,
+        _lock: lock,
+        closed: segments,
+        active,
+        file,
+        len,
+        closed_bytes,
+        base_bytes: closed_bytes + len,
+        broken: None,
+        scratch: Vec::new(),
+    };
+    Ok((store, report))
+}
+
+/// Reads one segment into `restore`; returns the length of its intact part and, for the
+/// last segment, the file opened for appending (with a torn tail already cut off).
+fn replay(
+    path: &Path,
+    last: bool,
+    restore: &mut dyn FnMut(Recovered),
+    report: &mut Report,
+) -> Result<(u64, File), OpenError> {
+    let mut file = OpenOptions::new()
+        .read(true)
+        .write(last)
+        .open(path)
+        .map_err(io_err(path))?;
+    let mut buf = Vec::new();
+    file.read_to_end(&mut buf).map_err(io_err(path))?;
+    let header_len = HEADER_LEN as usize;
+    if buf.len() < header_len && last && HEADER_MAGIC.starts_with(&buf[..buf.len().min(8)]) {
+        // Created and cut short before its header was whole: nothing was ever in it.
+        let mut header = HEADER_MAGIC.to_vec();
+        header.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
+        file.set_len(0)
+            .and_then(|()| file.write_all_at(&header, 0))
+            .and_then(|()| file.sync_all())
+            .map_err(io_err(path))?;
+        return Ok((HEADER_LEN, file));
+    }
+    if buf.len() < header_len || &buf[..8] != HEADER_MAGIC {
+        return Err(OpenError::NotAStore {
+            file: path.to_owned(),
+        });
+    }
+    let version = u32::from_le_bytes([buf[8], buf[9], buf[10], buf[11]]);
+    if version > FORMAT_VERSION {
+        return Err(OpenError::NewerFormat {
+            file: path.to_owned(),
+            version,
+        });
+    }
+    let mut pos = header_len;
+    while pos < buf.len() {
+        match record::frame_at(&buf, pos) {
+            Frame::Whole { payload, next } => {
+                match record::decode(payload) {
+                    Some(r) => {
+                        report.records += 1;
+                        restore(r);
+                    }
+                    None => report.damaged.push(Damage {
+                        file: path.to_owned(),
+                        at: pos as u64,
+                        bytes_skipped: (next - pos) as u64,
+                    }),
+                }
+                pos = next;
+            }
+            Frame::Short | Frame::Damaged => match next_whole_frame(&buf, pos + 1) {
+                Some(next) => {
+                    report.damaged.push(Damage {
+                        file: path.to_owned(),
+                        at: pos as u64,
+                        bytes_skipped: (next - pos) as u64,
+                    });
+                    pos = next;
+                }
+                None if last => {
+                    let channels = channels_in(&buf[pos..]);
+                    file.set_len(pos as u64)
+                        .and_then(|()| file.sync_all())
+                        .map_err(io_err(path))?;
+                    report.torn = Some(Torn {
+                        file: path.to_owned(),
+                        bytes_cut: (buf.len() - pos) as u64,
+                        channels,
+                    });
+                    return Ok((pos as u64, file));
+                }
+                None => {
+                    report.damaged.push(Damage {
+                        file: path.to_owned(),
+                        at: pos as u64,
+                        bytes_skipped: (buf.len() - pos) as u64,
+                    });
+                    pos = buf.len();
+                }
+            },
+        }
+    }
+    Ok((pos as u64, file))
+}
+
+/// Where the next intact frame after damage starts, if any does.
+fn next_whole_frame(buf: &[u8], from: usize) -> Option<usize> {
+    let magic = record::MAGIC.to_le_bytes();
+    let mut at = from;
+    while at + record::FRAME_HEADER <= buf.len() {
+        let found = buf[at..].windows(4).position(|w| w == magic)?;
+        at += found;
+        if matches!(record::frame_at(buf, at), Frame::Whole { .. }) {
+            return Some(at);
+        }
+        at += 1;
+    }
+    None
+}
+
+/// Channels named by the frames (whole or not) that start in a torn tail.
+fn channels_in(tail: &[u8]) -> Vec<String> {
+    let magic = record::MAGIC.to_le_bytes();
+    let mut names: Vec<String> = Vec::new();
+    let mut at = 0;
+    while let Some(found) = tail
+        .get(at..)
+        .and_then(|t| t.windows(4).position(|w| w == magic))
+    {
+        at += found;
+        if let Some(name) = tail
+            .get(at + record::FRAME_HEADER..)
+            .and_then(record::channel_of_partial)
+            .filter(|n| !names.contains(n))
+        {
+            names.push(name);
+        }
+        at += 1;
+    }
+    names
+}
+
+impl LogStore {
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Writes `self.scratch` after the last whole record; undoes it on failure.
+    fn write_scratch(&mut self, sync: bool) -> Result<(), StoreError> {
+        if let Some(why) = &self.broken {
+            return Err(StoreError::Broken(why.clone()));
+        }
+        if self.scratch.is_empty() {
+            return Ok(());
+        }
+        if self.len >= self.options.segment_bytes {
+            self.rotate()
+                .map_err(|e| StoreError::Write(format!("starting a new segment: {e}")))?;
+        }
+        let at = self.len;
+        let written = self
+            .file
+            .write_all_at(&self.scratch, at)
+            .and_then(|()| if sync { self.file.sync_data() } else { Ok(()) });
+        match written {
+            Ok(()) => {
+                self.len += self.scratch.len() as u64;
+                Ok(())
+            }
+            Err(e) => {
+                // Cut back to the last whole record: shrinking needs no space, so this works
+                // on a full disk; if even it fails, a restart's scan will cut the tail.
+                let undone = self.file.set_len(at).and_then(|()| self.file.sync_data());
+                match undone {
+                    Ok(()) => Err(StoreError::Write(e.to_string())),
+                    Err(e2) => {
+                        let why = format!("{e}; undoing it failed too: {e2}");
+                        self.broken = Some(why.clone());
+                        Err(StoreError::Broken(why))
+                    }
+                }
+            }
+        }
+    }
+
+    fn rotate(&mut self) -> std::io::Result<()> {
+        let (segment, file) = create_segment(&self.dir, self.active.seq + 1)?;
+        let old = std::mem::replace(&mut self.active, segment);
+        self.closed.push(old);
+        self.closed_bytes += self.len;
+        self.file = file;
+        self.len = HEADER_LEN;
+        Ok(())
+    }
+}
+
+impl Store for LogStore {
+    fn append(&mut self, messages: &[Arc<Message>], sync: bool) -> Result<(), StoreError> {
+        self.scratch.clear();
+        for m in messages {
+            record::encode_message(&mut self.scratch, m);
+        }
+        self.write_scratch(sync)
+    }
+
+    fn forget(&mut self, channel: &ChannelName, epoch: &Epoch) -> Result<(), StoreError> {
+        self.scratch.clear();
+        record::encode_forgotten(&mut self.scratch, channel, epoch);
+        self.write_scratch(false)
+    }
+
+    fn wants_compaction(&self) -> bool {
+        // Rewriting costs what is retained; do it once the log is mostly what is not.
+        self.bytes_on_disk() > 2 * self.base_bytes + self.options.segment_bytes
+    }
+
+    fn compact(&mut self, channels: &mut dyn Iterator<Item = Snapshot>) -> Result<(), StoreError> {
+        if let Some(why) = &self.broken {
+            return Err(StoreError::Broken(why.clone()));
+        }
+        let fail = |e: std::io::Error| StoreError::Write(format!("compacting: {e}"));
+        // The new segment sorts after every old one: if we crash before the old ones are
+        // deleted, replaying old then new gives the same state (`History::restore` skips
+        // offsets it already has).
+        let (segment, file) = create_segment(&self.dir, self.active.seq + 1).map_err(fail)?;
+        let mut buf = Vec::new();
+        let mut len = HEADER_LEN;
+        for s in channels {
+            for m in &s.messages {
+                record::encode_message(&mut buf, m);
+            }
+            // After the messages: a position record first would make them look old.
+            record::encode_channel(&mut buf, &s.channel, &s.epoch, s.last_offset);
+            if buf.len() >= 1 << 20 {
+                file.write_all_at(&buf, len).map_err(fail)?;
+                len += buf.len() as u64;
+                buf.clear();
+            }
+        }
+        let done = file
+            .write_all_at(&buf, len)
+            .and_then(|()| file.sync_all())
+            .map_err(fail);
+        if let Err(e) = done {
+            let _ = std::fs::remove_file(&segment.path);
+            return Err(e);
+        }
+        len += buf.len() as u64;
+        let old = std::mem::replace(&mut self.active, segment);
+        // Newest first: a crash half-way leaves an oldest prefix of segments, which replays
+        // into a state the new segment then brings up to date.
+        let mut gone: Vec<Segment> = self.closed.drain(..).collect();
+        gone.push(old);
+        for s in gone.iter().rev() {
+            if let Err(e) = std::fs::remove_file(&s.path) {
+                tracing::warn!(file = %s.path.display(), error = %e, "could not delete a compacted segment");
+            }
+        }
+        let _ = sync_dir(&self.dir);
+        self.file = file;
+        self.len = len;
+        self.closed_bytes = 0;
+        self.base_bytes = len;
+        Ok(())
+    }
+
+    fn bytes_on_disk(&self) -> u64 {
+        self.closed_bytes + self.len
+    }
+}
+
+#[cfg(test)]
+mod tests;

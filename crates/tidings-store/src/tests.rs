@@ -1,0 +1,280 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use bytes::Bytes;
+use tidings_core::{Data, Position};
+
+use super::*;
+
+/// A fresh directory under the system temp dir, removed when dropped.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new() -> Self {
+        static N: AtomicU64 = AtomicU64::new(0);
+        let p = std::env::temp_dir().join(format!(
+            "tidings-store-test-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        let _ = std::fs::remove_dir_all(&p);
+        Self(p)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn message(channel: &str, epoch: &str, offset: u64, data: &str) -> Arc<Message> {
+    Arc::new(Message::new(
+        ChannelName::new(channel).unwrap(),
+        Position {
+            epoch: Epoch::new(epoch).unwrap(),
+            offset,
+        },
+        None,
+        Data::Text(Bytes::from(data.to_owned())),
+        1_700_000_000_000 + offset,
+    ))
+}
+
+/// (channel, offset, data) of every message record, in order.
+fn reopen(dir: &Path) -> (LogStore, Report, Vec<(String, u64, String)>) {
+    let mut seen = Vec::new();
+    let (store, report) = open(dir, Options::default(), &mut |r| {
+        if let Recovered::Message(m) = r {
+            let data = String::from_utf8(m.data.raw().to_vec()).unwrap();
+            seen.push((m.channel.as_str().to_owned(), m.offset, data));
+        }
+    })
+    .unwrap();
+    (store, report, seen)
+}
+
+fn last_segment(dir: &Path) -> PathBuf {
+    let mut logs: Vec<PathBuf> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "log"))
+        .collect();
+    logs.sort();
+    logs.pop().unwrap()
+}
+
+#[test]
+fn what_was_appended_comes_back_in_order_after_a_reopen() {
+    let dir = TempDir::new();
+    let (mut store, report, seen) = reopen(&dir.0);
+    assert!(seen.is_empty() && report.torn.is_none());
+    store
+        .append(
+            &[message("a", "e1", 1, "x"), message("b", "e2", 1, "y")],
+            true,
+        )
+        .unwrap();
+    store.append(&[message("a", "e1", 2, "z")], false).unwrap();
+    drop(store);
+    let (_, report, seen) = reopen(&dir.0);
+    assert_eq!(
+        seen,
+        [
+            ("a".into(), 1, "x".into()),
+            ("b".into(), 1, "y".into()),
+            ("a".into(), 2, "z".into())
+        ]
+    );
+    assert_eq!(report.records, 3);
+}
+
+#[test]
+fn a_second_open_of_the_same_dir_is_refused_naming_the_lock_and_pid() {
+    let dir = TempDir::new();
+    let (_store, _, _) = reopen(&dir.0);
+    let err = open(&dir.0, Options::default(), &mut |_| {})
+        .err()
+        .expect("refused");
+    let text = err.to_string();
+    assert!(text.contains("LOCK"), "{text}");
+    assert!(
+        text.contains(&format!("pid {}", std::process::id())),
+        "{text}"
+    );
+}
+
+#[test]
+fn a_torn_tail_is_cut_off_with_its_size_and_channel_and_appends_continue() {
+    let dir = TempDir::new();
+    let (mut store, _, _) = reopen(&dir.0);
+    store
+        .append(&[message("keep", "e1", 1, "one")], true)
+        .unwrap();
+    store
+        .append(&[message("torn:ch", "e1", 1, "a longer payload")], true)
+        .unwrap();
+    drop(store);
+    let seg = last_segment(&dir.0);
+    let len = std::fs::metadata(&seg).unwrap().len();
+    let f = OpenOptions::new().write(true).open(&seg).unwrap();
+    f.set_len(len - 5).unwrap();
+    drop(f);
+
+    let (mut store, report, seen) = reopen(&dir.0);
+    assert_eq!(seen, [("keep".into(), 1, "one".into())]);
+    let torn = report.torn.expect("a torn tail");
+    let frame_len = (record::FRAME_HEADER + 1 + 1 + 7 + 1 + 2 + 16 + 1 + 1 + 16) as u64;
+    assert_eq!(torn.bytes_cut, frame_len - 5);
+    assert_eq!(torn.channels, ["torn:ch"]);
+    assert!(report.damaged.is_empty());
+    store
+        .append(&[message("keep", "e1", 2, "two")], true)
+        .unwrap();
+    drop(store);
+    let (_, report, seen) = reopen(&dir.0);
+    assert!(report.torn.is_none(), "the cut was made for good");
+    assert_eq!(seen.len(), 2);
+}
+
+#[test]
+fn a_flipped_byte_in_the_middle_is_reported_and_never_read_as_data() {
+    let dir = TempDir::new();
+    let (mut store, _, _) = reopen(&dir.0);
+    for i in 1..=3 {
+        store
+            .append(&[message("c", "e1", i, &format!("payload-{i}"))], true)
+            .unwrap();
+    }
+    drop(store);
+    let seg = last_segment(&dir.0);
+    let mut bytes = std::fs::read(&seg).unwrap();
+    // Inside the second record's data.
+    let at = bytes.windows(9).position(|w| w == b"payload-2").unwrap();
+    bytes[at + 3] ^= 0x01;
+    std::fs::write(&seg, &bytes).unwrap();
+
+    let (_, report, seen) = reopen(&dir.0);
+    assert_eq!(
+        seen,
+        [
+            ("c".into(), 1, "payload-1".into()),
+            ("c".into(), 3, "payload-3".into())
+        ]
+    );
+    assert_eq!(report.damaged.len(), 1);
+    assert!(report.torn.is_none());
+}
+
+#[test]
+fn a_damaged_length_in_the_middle_does_not_cut_what_follows() {
+    let dir = TempDir::new();
+    let (mut store, _, _) = reopen(&dir.0);
+    for i in 1..=3 {
+        store.append(&[message("c", "e1", i, "x")], true).unwrap();
+    }
+    drop(store);
+    let seg = last_segment(&dir.0);
+    let mut bytes = std::fs::read(&seg).unwrap();
+    // The second frame's length field: now it claims to run past the end of the file.
+    let second = HEADER_LEN as usize + (bytes.len() - HEADER_LEN as usize) / 3;
+    bytes[second + 7] = 0x01;
+    std::fs::write(&seg, &bytes).unwrap();
+    let (_, report, seen) = reopen(&dir.0);
+    assert_eq!(
+        seen.iter().map(|s| s.1).collect::<Vec<_>>(),
+        [1, 3],
+        "{report:?}"
+    );
+    assert!(report.torn.is_none());
+}
+
+#[test]
+fn a_data_dir_of_a_newer_format_is_refused() {
+    let dir = TempDir::new();
+    drop(reopen(&dir.0));
+    let seg = last_segment(&dir.0);
+    let mut bytes = std::fs::read(&seg).unwrap();
+    bytes[8..12].copy_from_slice(&(FORMAT_VERSION + 1).to_le_bytes());
+    std::fs::write(&seg, &bytes).unwrap();
+    let err = open(&dir.0, Options::default(), &mut |_| {})
+        .err()
+        .expect("refused");
+    assert!(
+        matches!(err, OpenError::NewerFormat { version: 2, .. }),
+        "{err}"
+    );
+    assert!(err.to_string().contains("newer tidings"), "{err}");
+}
+
+#[test]
+fn compaction_keeps_what_is_retained_and_reclaims_the_rest() {
+    let dir = TempDir::new();
+    let (mut store, _, _) = reopen(&dir.0);
+    for i in 1..=100 {
+        store
+            .append(&[message("c", "e1", i, "xxxxxxxxxx")], false)
+            .unwrap();
+    }
+    let before = store.bytes_on_disk();
+    let kept: Vec<_> = (98..=100)
+        .map(|i| message("c", "e1", i, "xxxxxxxxxx"))
+        .collect();
+    let mut snapshots = std::iter::once(Snapshot {
+        channel: ChannelName::new("c").unwrap(),
+        epoch: Epoch::new("e1").unwrap(),
+        last_offset: 100,
+        messages: kept,
+    })
+    .chain(std::iter::once(Snapshot {
+        channel: ChannelName::new("empty").unwrap(),
+        epoch: Epoch::new("e9").unwrap(),
+        last_offset: 7,
+        messages: Vec::new(),
+    }));
+    store.compact(&mut snapshots).unwrap();
+    assert!(
+        store.bytes_on_disk() < before / 10,
+        "{} of {before}",
+        store.bytes_on_disk()
+    );
+    store
+        .append(&[message("c", "e1", 101, "new")], true)
+        .unwrap();
+    drop(store);
+    let mut positions = Vec::new();
+    let (_, _) = open(&dir.0, Options::default(), &mut |r| match r {
+        Recovered::Message(m) => positions.push((m.channel.as_str().to_owned(), m.offset)),
+        Recovered::Channel {
+            channel,
+            last_offset,
+            ..
+        } => positions.push((format!("{channel}@"), last_offset)),
+        Recovered::Forgotten { .. } => {}
+    })
+    .unwrap();
+    assert_eq!(
+        positions,
+        [
+            ("c".into(), 98),
+            ("c".into(), 99),
+            ("c".into(), 100),
+            ("c@".into(), 100),
+            ("empty@".into(), 7),
+            ("c".into(), 101)
+        ]
+    );
+    assert_eq!(
+        std::fs::read_dir(&dir.0)
+            .unwrap()
+            .filter(|e| e
+                .as_ref()
+                .unwrap()
+                .path()
+                .extension()
+                .is_some_and(|x| x == "log"))
+            .count(),
+        1
+    );
+}
