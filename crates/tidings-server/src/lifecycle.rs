@@ -101,7 +101,10 @@ pub fn reload(state: &AppState, mut new: Config) -> Result<Reloaded, ConfigError
         tls_cert,
         tls_key,
         tls_self_signed,
-        request_header_timeout
+        request_header_timeout,
+        // The broker took its cap and the logger its format at start.
+        max_channels,
+        log_format
     );
     // The broker is connected at start; every key of its table needs a restart (compared
     // through `Debug`, so keys added later are covered too).

@@ -136,7 +136,7 @@ impl AppState {
             ));
         }
         let hub = Arc::new(tidings_core::Hub::new());
-        let policies = Arc::new(config.policies());
+        let policies = tidings_core::LivePolicies::new(config.policies());
         let broker = tidings_core::broker::memory::MemoryBroker::new(hub.clone(), policies.clone());
         broker.set_max_channels(config.server.max_channels);
         let node = Node::new(hub, broker, policies);
@@ -175,7 +175,7 @@ impl AppState {
     /// dir fails at startup.
     async fn durable(config: Config, dir: &std::path::Path) -> Result<Self, StartError> {
         let hub = Arc::new(tidings_core::Hub::new());
-        let policies = Arc::new(config.policies());
+        let policies = tidings_core::LivePolicies::new(config.policies());
         let opened = {
             let dir = dir.to_owned();
             let policies = policies.clone();

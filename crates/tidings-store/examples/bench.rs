@@ -22,11 +22,13 @@ use tokio::time::Instant;
 use bytes::Bytes;
 use tidings_core::broker::memory::{MemoryBroker, Restore};
 use tidings_core::store::Store;
-use tidings_core::{Broker, ChannelName, Data, Fsync, Hub, Policies, Position, Since};
+use tidings_core::{
+    Broker, ChannelName, Data, Fsync, Hub, LivePolicies, Policies, Position, Since,
+};
 
 const PUBLISHERS: usize = 8;
 
-fn open_durable(dir: &Path, policies: &Arc<Policies>, fsync: Fsync) -> Arc<MemoryBroker> {
+fn open_durable(dir: &Path, policies: &Arc<LivePolicies>, fsync: Fsync) -> Arc<MemoryBroker> {
     let mut restore = Restore::new(policies.clone());
     let (store, _) = tidings_store::open(dir, tidings_store::Options::default(), &mut |r| {
         restore.apply(r)
@@ -84,7 +86,7 @@ fn fresh(dir: &Path, name: &str) -> PathBuf {
 }
 
 async fn publish(dir: &Path, seconds: f64) {
-    let policies = Arc::new(Policies::default());
+    let policies = LivePolicies::new(Policies::default());
     println!("{PUBLISHERS} publishers, 100-byte messages, {seconds} s each");
     publish_run(
         "memory",
@@ -144,7 +146,7 @@ fn log(dir: &Path, megabytes: u64) {
     );
     drop(store);
 
-    let policies = Arc::new(Policies::default());
+    let policies = LivePolicies::new(Policies::default());
     let t = Instant::now();
     let mut restore = Restore::new(policies.clone());
     let (store, report) = tidings_store::open(&d, tidings_store::Options::default(), &mut |r| {

@@ -9,13 +9,14 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use async_trait::async_trait;
 use tidings_core::broker::memory::{MemoryBroker, Restore};
 use tidings_core::conformance::BrokerFactory;
-use tidings_core::{Broker, Fsync, Hub, Policies};
+use tidings_core::policy::LivePolicies;
+use tidings_core::{Broker, Fsync, Hub};
 
 struct Durable;
 
 #[async_trait]
 impl BrokerFactory for Durable {
-    async fn make(&self, hub: Arc<Hub>, policies: Arc<Policies>) -> Arc<dyn Broker> {
+    async fn make(&self, hub: Arc<Hub>, policies: Arc<LivePolicies>) -> Arc<dyn Broker> {
         static N: AtomicU64 = AtomicU64::new(0);
         let dir = std::env::temp_dir().join(format!(
             "tidings-conformance-{}-{}",

@@ -107,14 +107,14 @@ pub fn now_millis() -> u64 {
 
 /// Channels read back from a data dir, built record by record as the store replays them.
 pub struct Restore {
-    policies: Arc<Policies>,
+    policies: Arc<LivePolicies>,
     channels: HashMap<ChannelName, History>,
     now: Instant,
     now_ms: u64,
 }
 
 impl Restore {
-    pub fn new(policies: Arc<Policies>) -> Self {
+    pub fn new(policies: Arc<LivePolicies>) -> Self {
         Self {
             policies,
             channels: HashMap::new(),
@@ -206,7 +206,7 @@ impl MemoryBroker {
     /// the writer thread, which ends when the broker is dropped.
     pub fn durable(
         hub: Arc<Hub>,
-        policies: Arc<Policies>,
+        policies: Arc<LivePolicies>,
         restore: Restore,
         store: Box<dyn Store>,
         fsync: Fsync,
