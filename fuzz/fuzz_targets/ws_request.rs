@@ -61,7 +61,7 @@ fuzz_target!(|data: &[u8]| {
                 check_channel(&channel);
                 check_since(&channel, &since);
             }
-            Op::Unsubscribe { channel } | Op::Presence { channel } => check_channel(&channel),
+            Op::Unsubscribe { channel } | Op::Presence { channel, .. } => check_channel(&channel),
             Op::Publish {
                 channel,
                 event,

@@ -123,4 +123,22 @@ pub trait Broker: Send + Sync + 'static {
     async fn presence(&self, _channel: &ChannelName) -> Result<Vec<ClientInfo>, BrokerError> {
         Err(BrokerError::Unsupported("presence"))
     }
+
+    /// One page of who is present on `channel`, ordered by client id: at most `limit`
+    /// clients after the client id `after`, and whether more follow. This default reads the
+    /// whole list (a broker that keeps presence elsewhere); the memory broker reads the page.
+    async fn presence_page(
+        &self,
+        channel: &ChannelName,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<(Vec<ClientInfo>, bool), BrokerError> {
+        let mut all = self.presence(channel).await?;
+        all.sort_unstable_by(|a, b| a.client.cmp(&b.client));
+        let start = after.map_or(0, |a| all.partition_point(|c| c.client.as_str() <= a));
+        let more = all.len().saturating_sub(start) > limit;
+        all.truncate(start.saturating_add(limit));
+        all.drain(..start.min(all.len()));
+        Ok((all, more))
+    }
 }

@@ -53,9 +53,19 @@ impl ChannelName {
         self.name.split_once(':').map(|(ns, _)| ns)
     }
 
-    /// Stable 32-bit hash used inside cursors.
+    /// Stable 64-bit hash used inside cursors.
     pub fn hash64(&self) -> u64 {
         self.hash
+    }
+
+    /// A name carrying a chosen hash: what a deliberate FNV-1a collision looks like, for the
+    /// tests of the collision guard (`cursor::collision`) without a 2^32-step search.
+    #[cfg(test)]
+    pub(crate) fn with_hash(name: &str, hash: u64) -> Self {
+        Self {
+            name: Arc::from(name),
+            hash,
+        }
     }
 }
 

@@ -5,6 +5,13 @@
 //! and bytes, the offset as LEB128. Sorting makes the encoding canonical, so a one-channel
 //! subscription's cursor is byte-for-byte the message's own cursor and can be shared.
 //! Clients must not parse it; the format may change behind the version byte.
+//!
+//! A 64-bit FNV-1a hash can be collided on purpose (names are short and the hash is not
+//! keyed), and two colliding names in one cursor would share one position: messages
+//! skipped or false gaps. So a subscription never holds two names with the same hash
+//! (`collision`, checked where channels are joined: the subscribe parameters, the `/ws`
+//! subscribe op, and `Subscription::add` as the last guard). The format is unchanged, so
+//! every cursor ever handed out still reads.
 
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -16,6 +23,23 @@ use crate::message::{Epoch, Position};
 const VERSION: u8 = 1;
 /// Longer input is refused before decoding: 64 channels need well under 4 KiB.
 pub const MAX_CURSOR_LEN: usize = 8192;
+
+/// A channel among `channels` that is a different name with `channel`'s cursor hash.
+pub fn collision<'a>(
+    channels: &'a [ChannelName],
+    channel: &ChannelName,
+) -> Option<&'a ChannelName> {
+    channels
+        .iter()
+        .find(|c| c.hash64() == channel.hash64() && *c != channel)
+}
+
+/// The message for a collision: which names, and what to do.
+pub fn collision_message(a: &ChannelName, b: &ChannelName) -> String {
+    format!(
+        "channels {a} and {b} cannot be followed in one subscription (their cursor entries would collide); subscribe to them separately"
+    )
+}
 
 #[derive(Debug, Error, Clone, PartialEq, Eq)]
 #[error("malformed cursor: {0}; pass back a cursor exactly as the server sent it")]

@@ -139,6 +139,11 @@ impl SessionQueue {
         let _ = self.on_overflow.set(hook);
     }
 
+    /// The budget: more than this queued ends the session (`Slow`).
+    pub fn max_bytes(&self) -> usize {
+        self.max_bytes
+    }
+
     /// Bytes currently queued.
     pub fn queued_bytes(&self) -> usize {
         self.lock().bytes

@@ -12,7 +12,16 @@
 //! The subscription tracks one position per channel (its `Cursor`); a live message that is
 //! not the next offset of the tracked epoch produces a gap notice before it, so a subscriber
 //! is never left to guess.
+//!
+//! Replays are bounded (SPEC §13): `history=N` never asks for more than the namespace keeps,
+//! and the replay is handed out in pages of at most the session's queue budget
+//! (`queue_max_bytes`) per `drain`, so a writer never frames more than one budget of it at
+//! once; `ready` stays ready while a page is left. The replayed messages are shared with
+//! history (reference counted), not copied; the live queue is drained only after the whole
+//! replay, and live messages that arrive meanwhile count against the queue as usual (a
+//! client that cannot take its replay overflows and resumes from its cursor).
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 
 use crate::channel::ChannelName;
@@ -66,7 +75,8 @@ pub struct Subscription {
     queue: Arc<SessionQueue>,
     channels: Vec<ChannelName>,
     cursor: Cursor,
-    pending: Vec<Pending>,
+    /// The replay not handed out yet, oldest first.
+    pending: VecDeque<Pending>,
     batch: Vec<QueueItem>,
     cursor_text: String,
     per_channel: bool,
@@ -89,15 +99,18 @@ impl Subscription {
         self.queue.set_on_overflow(Box::new(hook));
     }
 
-    /// Resolves when live messages (or an overflow) are waiting. Replayed history is ready
-    /// at once: call `drain` first.
+    /// Resolves when live messages (or an overflow) are waiting, and at once while part of
+    /// the replay is still to be handed out.
     pub async fn ready(&self) {
-        self.queue.ready().await;
+        if self.pending.is_empty() {
+            self.queue.ready().await;
+        }
     }
 
     /// Hands every event that is ready to `f`, each with the cursor text that resumes right
-    /// after it. Returns `Err(reason)` when the session must end: `Slow` when it fell too far
-    /// behind, or whatever `Hub::disconnect_all` said.
+    /// after it — of the replay, one page (about `queue_max_bytes`) per call; the live queue
+    /// once the replay is out. Returns `Err(reason)` when the session must end: `Slow` when
+    /// it fell too far behind, or whatever `Hub::disconnect_all` said.
     pub fn drain(
         &mut self,
         mut f: impl FnMut(Event<'_>, &[u8]),
@@ -105,10 +118,15 @@ impl Subscription {
         // A message's own cursor is right whenever it covers the whole subscription.
         let single = self.per_channel || self.channels.len() == 1;
         let mut count = 0;
-        let pending = std::mem::take(&mut self.pending);
-        for p in &pending {
+        let mut budget = self.queue.max_bytes();
+        while let Some(p) = self.pending.front() {
             match p {
                 Pending::Message(m) => {
+                    // At least one message per page, however large.
+                    if count > 0 && m.weight() > budget {
+                        break;
+                    }
+                    budget = budget.saturating_sub(m.weight());
                     self.cursor.advance(&m.channel, &m.position());
                     emit_message(single, &self.cursor, &mut self.cursor_text, m, &mut f);
                     count += 1;
@@ -121,6 +139,14 @@ impl Subscription {
                     &mut f,
                 ),
             }
+            self.pending.pop_front();
+        }
+        if !self.pending.is_empty() {
+            return Ok(count);
+        }
+        if self.pending.capacity() > 0 {
+            // Freed: a parked session keeps no replay buffer.
+            self.pending = VecDeque::new();
         }
         let mut batch = std::mem::take(&mut self.batch);
         self.queue.drain_into(&mut batch)?;
@@ -229,13 +255,16 @@ pub struct Joined {
 
 impl Subscription {
     /// Joins one more channel race-free (see the module docs). Joining a channel already
-    /// followed is refused with `None` so the caller can report it.
+    /// followed — or one whose cursor entry would be another's (`cursor::collision`, which
+    /// callers check first to say so) — is refused with `None` so the caller can report it.
     pub async fn add(
         &mut self,
         channel: &ChannelName,
         since: &Since,
     ) -> Result<Option<Joined>, crate::broker::BrokerError> {
-        if self.channels.contains(channel) {
+        if self.channels.contains(channel)
+            || crate::cursor::collision(&self.channels, channel).is_some()
+        {
             return Ok(None);
         }
         // Pushed before registering so Drop undoes exactly what was done if we fail later.
@@ -243,6 +272,16 @@ impl Subscription {
         if self.node.hub.add(channel, self.id, self.queue.clone()) {
             self.node.broker.subscribe(channel).await?;
         }
+        // Never more than the namespace keeps, whatever `history=N` asked for.
+        let capped;
+        let since = match since {
+            Since::Last(n) => {
+                let keeps = self.node.policies.for_channel(channel).history_size;
+                capped = Since::Last((*n).min(keeps));
+                &capped
+            }
+            other => other,
+        };
         let read = self.node.broker.read(channel, since, None).await?;
         let begin = match &read.replay {
             Replay::Gap { gap, .. } => Position {
@@ -262,7 +301,7 @@ impl Subscription {
                 None
             }
             Replay::Gap { gap, messages } => {
-                self.pending.push(Pending::Gap(gap.clone()));
+                self.pending.push_back(Pending::Gap(gap.clone()));
                 self.pending
                     .extend(messages.into_iter().map(Pending::Message));
                 Some(gap)
@@ -345,7 +384,7 @@ impl Node {
             queue: SessionQueue::new(queue_max_bytes),
             channels: Vec::new(),
             cursor: Cursor::default(),
-            pending: Vec::new(),
+            pending: VecDeque::new(),
             batch: Vec::new(),
             cursor_text: String::new(),
             per_channel: per_channel_cursors,
@@ -366,5 +405,69 @@ impl Node {
             sub.add(channel, &start.since(channel)).await?;
         }
         Ok(sub)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::Policies;
+
+    #[tokio::test]
+    async fn a_channel_whose_cursor_entry_would_be_another_s_is_not_joined() {
+        let node = Node::memory(Policies::default());
+        let a = ChannelName::new("a").unwrap_or_else(|e| panic!("{e}"));
+        let forged = ChannelName::with_hash("b", a.hash64());
+        assert_eq!(
+            crate::cursor::collision(std::slice::from_ref(&a), &forged),
+            Some(&a)
+        );
+        assert_eq!(crate::cursor::collision(std::slice::from_ref(&a), &a), None);
+        let mut sub = node.session(1 << 20, true, None);
+        assert!(matches!(sub.add(&a, &Since::Now).await, Ok(Some(_))));
+        assert!(matches!(sub.add(&forged, &Since::Now).await, Ok(None)));
+        assert_eq!(sub.channels(), &[a]);
+    }
+
+    #[tokio::test]
+    async fn a_replay_is_handed_out_in_pages_of_the_queue_budget() {
+        let node = Node::memory(Policies::default());
+        let c = ChannelName::new("paged").unwrap_or_else(|e| panic!("{e}"));
+        for _ in 0..10 {
+            let data = crate::message::Data::Text(bytes::Bytes::from(vec![b'x'; 1000]));
+            node.publish(&c, None, data)
+                .await
+                .unwrap_or_else(|e| panic!("{e}"));
+        }
+        // Room for three messages of 1000 + 160 bytes per page; `history` beyond what the
+        // namespace keeps (100) is capped.
+        let mut sub = node
+            .subscribe(
+                std::slice::from_ref(&c),
+                &Start::Last(usize::MAX),
+                3500,
+                None,
+            )
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        let mut pages = Vec::new();
+        loop {
+            let mut offsets = Vec::new();
+            let n = sub
+                .drain(|e, _| {
+                    if let Event::Message(m) = e {
+                        offsets.push(m.offset);
+                    }
+                })
+                .unwrap_or_else(|e| panic!("{e:?}"));
+            if n == 0 {
+                break;
+            }
+            pages.push(offsets);
+        }
+        assert_eq!(
+            pages,
+            vec![vec![1, 2, 3], vec![4, 5, 6], vec![7, 8, 9], vec![10]]
+        );
     }
 }

@@ -74,9 +74,17 @@ pub struct ServerConfig {
     /// ... and its body within this (408 otherwise).
     #[serde(deserialize_with = "duration")]
     pub request_body_timeout: Duration,
-    /// Publishes per second one client connection may make (HTTP or WebSocket) once `[auth]`
-    /// is on; API keys are exempt, and open mode (development) is not limited. Bursts up to
-    /// the same number. 0 = unlimited.
+    /// A connection whose writes make no progress this long (the client stopped reading) is
+    /// closed and its memory freed, on every transport and protocol.
+    #[serde(deserialize_with = "duration")]
+    pub write_timeout: Duration,
+    /// Concurrent streams one HTTP/2 connection may open; each also counts against
+    /// `max_connections` and `max_connections_per_ip` while it is open.
+    pub max_streams_per_connection: u32,
+    /// Publishes per second one client may make (HTTP or WebSocket, all its connections
+    /// together: per token `sub`, else per IP address) once `[auth]` is on; API keys are
+    /// exempt, and open mode (development) is not limited. Bursts up to the same number.
+    /// 0 = unlimited.
     pub client_publish_rate: u32,
     /// After SIGTERM/SIGINT, how long `/readyz` answers 503 while everything else keeps
     /// working, so a load balancer stops sending new clients before streams are ended.
@@ -111,6 +119,8 @@ impl Default for ServerConfig {
             idle_timeout: Duration::from_secs(300),
             request_header_timeout: Duration::from_secs(10),
             request_body_timeout: Duration::from_secs(10),
+            write_timeout: Duration::from_secs(30),
+            max_streams_per_connection: 100,
             client_publish_rate: 50,
             drain_grace: Duration::from_secs(5),
             reconnect_spread: Duration::from_secs(10),
@@ -377,6 +387,12 @@ impl Config {
                 MAX_DRAIN.as_secs()
             ));
         }
+        if s.write_timeout < Duration::from_millis(100) {
+            return invalid("server.write_timeout must be at least 100ms".into());
+        }
+        if s.max_streams_per_connection == 0 {
+            return invalid("server.max_streams_per_connection must be at least 1".into());
+        }
         if self.channels.history_size > MAX_HISTORY_SIZE
             || self
                 .namespaces
@@ -557,7 +573,9 @@ ping_interval = "25s"              # WebSocket pings; a peer silent for two inte
 idle_timeout = "5m"                # a /ws connection with no subscription and no frames is closed
 request_header_timeout = "10s"     # a client must send its request headers within this (slowloris)
 request_body_timeout = "10s"       # ... and the body within this, else 408
-client_publish_rate = 50           # publishes/s per client connection with [auth] (API keys exempt); 0 = unlimited
+write_timeout = "30s"              # a connection whose writes make no progress this long is closed
+max_streams_per_connection = 100   # concurrent HTTP/2 streams per connection (each counts as a connection)
+client_publish_rate = 50           # publishes/s per client (token sub, else IP) with [auth] (API keys exempt); 0 = unlimited
 drain_grace = "5s"                 # on SIGTERM: /readyz answers 503 this long while all else keeps working
 reconnect_spread = "10s"           # then clients are told to reconnect, each after its own delay within this
 

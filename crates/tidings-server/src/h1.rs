@@ -56,7 +56,9 @@ pub const MAX_HEAD: usize = 64 * 1024;
 const MAX_HEADERS: usize = 100;
 /// Bodies of a known length up to this are written with the head in one call.
 const COALESCE: usize = 64 * 1024;
-const HTTP2_PREFACE: &[u8] = b"PRI * HTTP/2.0";
+/// The whole HTTP/2 connection preface: read here, under the request-head deadline, before
+/// hyper (which has no timer for it) gets the connection.
+pub const HTTP2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 /// Bodies of a declared length up to this are read here; larger ones go to hyper, which
 /// streams them to the handler (and its 413 comes before the whole body is read).
 pub const LEAN_BODY: usize = 64 * 1024;
@@ -246,21 +248,11 @@ impl Lean<'_> {
         Ok(body)
     }
 
+    /// One deadline, from the moment the server starts waiting (after the accept, or after
+    /// the previous response): the first byte and the rest of the head share it, so a
+    /// client trickling a byte just before it cannot start a second one. The HTTP/2
+    /// preface is read whole under it too before hyper gets the connection.
     async fn read_head<S: Socket>(&self, stream: &mut S, buf: &mut BytesMut) -> Head {
-        if buf.is_empty() {
-            // A request must start within the header timeout: a client that connects and
-            // says nothing, or keeps a connection idle between requests, would otherwise
-            // hold its slot forever. Shutdown ends the wait too.
-            let read = tokio::select! {
-                r = tokio::time::timeout(self.header_timeout, read_more(stream, buf, 1024)) => {
-                    r.ok().and_then(Result::ok)
-                }
-                _ = self.shutdown.cancelled() => None,
-            };
-            if !matches!(read, Some(n) if n > 0) {
-                return Head::Closed;
-            }
-        }
         let deadline = Instant::now() + self.header_timeout;
         loop {
             if let Some(head) = parse(buf) {
@@ -269,11 +261,20 @@ impl Lean<'_> {
             if buf.len() >= MAX_HEAD {
                 return too_large();
             }
-            let room = if buf.is_empty() { 1024 } else { 4096 };
-            match tokio::time::timeout_at(deadline, read_more(stream, buf, room)).await {
-                Ok(Ok(n)) if n > 0 => {}
-                // EOF, a socket error or a head that never finished (slowloris): close.
-                _ => return Head::Closed,
+            let waiting = buf.is_empty();
+            let room = if waiting { 1024 } else { 4096 };
+            // A client that connects and says nothing, keeps a connection idle between
+            // requests or never finishes a head (slowloris) would otherwise hold its slot
+            // forever. Shutdown ends the wait for a request that has not started.
+            let read = tokio::select! {
+                r = tokio::time::timeout_at(deadline, read_more(stream, buf, room)) => {
+                    r.ok().and_then(Result::ok)
+                }
+                _ = self.shutdown.cancelled(), if waiting => None,
+            };
+            if !matches!(read, Some(n) if n > 0) {
+                // EOF, a socket error, the deadline or shutdown: close.
+                return Head::Closed;
             }
         }
     }
@@ -324,7 +325,7 @@ impl Socket for TcpStream {
 /// TLS: whether plaintext is waiting is only known by reading, so the room is made first.
 /// Boxed: the connection's task then holds a pointer, not rustls' state inline (kept twice,
 /// were it moved into a WebSocket session later).
-impl Socket for Box<TlsStream<TcpStream>> {
+impl Socket for Box<TlsStream<crate::deadline::Conn>> {
     fn poll_read_more(
         &mut self,
         cx: &mut Context<'_>,
@@ -357,7 +358,7 @@ fn parse(buf: &mut BytesMut) -> Option<Head> {
     }
     let preface_len = buf.len().min(HTTP2_PREFACE.len());
     if buf[..preface_len] == HTTP2_PREFACE[..preface_len] {
-        return (buf.len() >= 3).then_some(Head::Handoff);
+        return (buf.len() >= HTTP2_PREFACE.len()).then_some(Head::Handoff);
     }
     // Uninitialized: 100 empty headers would be 3 KiB written per request for nothing.
     let mut headers = [const { std::mem::MaybeUninit::<httparse::Header>::uninit() }; MAX_HEADERS];
@@ -729,10 +730,15 @@ async fn write_body<S: Socket>(
                     return Err(io::Error::other("body longer than its content-length"));
                 };
                 left = rest;
-                out.extend_from_slice(&data);
-                if out.len() >= COALESCE {
-                    stream.write_all(&out).await?;
-                    out.clear();
+                if out.len() + data.len() <= COALESCE {
+                    out.extend_from_slice(&data);
+                } else {
+                    // A large body (a page of replay) goes out as it is, not copied.
+                    if !out.is_empty() {
+                        stream.write_all(&out).await?;
+                        out = Vec::new();
+                    }
+                    stream.write_all(&data).await?;
                 }
             }
             stream.write_all(&out).await?;

@@ -27,6 +27,7 @@ pub mod assets;
 pub mod auth;
 pub mod config;
 pub mod config_keys;
+pub mod deadline;
 pub mod demo;
 pub mod h1;
 pub mod lifecycle;

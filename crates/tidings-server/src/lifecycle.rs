@@ -104,7 +104,9 @@ pub fn reload(state: &AppState, mut new: Config) -> Result<Reloaded, ConfigError
         request_header_timeout,
         // The broker took its cap and the logger its format at start.
         max_channels,
-        log_format
+        log_format,
+        // One rate per client, taken at start (limits::Rates).
+        client_publish_rate
     );
     // The broker is connected at start; every key of its table needs a restart (compared
     // through `Debug`, so keys added later are covered too).

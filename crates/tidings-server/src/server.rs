@@ -32,7 +32,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::auth::Auth;
 use crate::config::Config;
-use crate::limits::{ConnectionLimits, RateLimiter, Refused};
+use crate::limits::{ConnectionLimits, RateKey, Rates, Refused};
 use crate::metrics::Metrics;
 use crate::transport::websocket::WsIo;
 
@@ -68,6 +68,10 @@ pub struct Shared {
     /// Set when a stop signal starts the drain (`lifecycle::drain`): `/readyz` answers 503.
     pub draining: std::sync::atomic::AtomicBool,
     pub limits: Arc<ConnectionLimits>,
+    /// Client publishes per token subject or IP address (`client_publish_rate`).
+    pub publish_rates: Rates,
+    /// Presence reads, keyed the same way (`api::channels::PRESENCE_READS_PER_SEC`).
+    pub presence_rates: Rates,
 }
 
 /// What a reload replaces: the whole configuration (settings that need a restart keep their
@@ -209,6 +213,7 @@ impl AppState {
     /// A state on a node built elsewhere (another broker).
     pub fn with_node(config: Config, node: Arc<Node>) -> Result<Self, crate::config::ConfigError> {
         let auth = Auth::from_config(&config.auth)?;
+        let config_rate = config.server.client_publish_rate;
         let limits = ConnectionLimits::new(
             config.server.max_connections,
             config.server.max_connections_per_ip,
@@ -221,6 +226,8 @@ impl AppState {
             shutdown: CancellationToken::new(),
             draining: std::sync::atomic::AtomicBool::new(false),
             limits,
+            publish_rates: Rates::new(config_rate),
+            presence_rates: Rates::new(crate::api::channels::PRESENCE_READS_PER_SEC),
         })))
     }
 }
@@ -270,14 +277,35 @@ fn log_report(dir: &std::path::Path, report: &tidings_store::Report, channels: u
     }
 }
 
+impl Shared {
+    /// Takes one client publish for `who` from `peer`: per token subject, else per address.
+    pub fn may_publish(&self, who: &crate::auth::Principal, peer: std::net::IpAddr) -> bool {
+        self.publish_rates.try_take(&rate_key(who, peer))
+    }
+
+    /// Takes one presence read for `who` from `peer` (API keys are exempt).
+    pub fn may_read_presence(&self, who: &crate::auth::Principal, peer: std::net::IpAddr) -> bool {
+        *who == crate::auth::Principal::ApiKey || self.presence_rates.try_take(&rate_key(who, peer))
+    }
+}
+
+/// Whose bucket a client's request draws from: its token's subject, else its address.
+fn rate_key(who: &crate::auth::Principal, peer: std::net::IpAddr) -> RateKey {
+    match who {
+        crate::auth::Principal::User(claims) => match &claims.sub {
+            Some(sub) => RateKey::Subject(sub.clone()),
+            None => RateKey::Ip(peer),
+        },
+        _ => RateKey::Ip(peer),
+    }
+}
+
 /// Per-connection facts handed to handlers through request extensions.
 #[derive(Clone)]
 pub struct ConnectionCtx {
     pub peer: SocketAddr,
     /// Cancel to drop this connection (after a short grace).
     pub kill: CancellationToken,
-    /// Client publishes over this connection (HTTP requests and WebSocket frames alike).
-    pub publish_rate: Arc<RateLimiter>,
     /// Whether this request came over HTTP/2 (set per request: one connection, one version).
     pub http2: bool,
 }
@@ -311,8 +339,18 @@ pub async fn serve_all(
         .http1()
         .timer(TokioTimer::new())
         .header_read_timeout(state.config().server.request_header_timeout);
-    // Lets WebSockets ride HTTP/2 streams (RFC 8441).
-    builder.http2().enable_connect_protocol();
+    let config = state.config();
+    let server = &config.server;
+    builder
+        .http2()
+        // Lets WebSockets ride HTTP/2 streams (RFC 8441).
+        .enable_connect_protocol()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(server.max_streams_per_connection)
+        // A peer that stops answering pings (a preface, SETTINGS, then silence) is closed;
+        // one that answers them but opens no stream is closed by `hyper`'s idle watch.
+        .keep_alive_interval(server.ping_interval)
+        .keep_alive_timeout(server.ping_interval);
     let edge = Arc::new(Edge {
         app,
         builder,
@@ -347,9 +385,9 @@ pub async fn serve_all(
         let ctx = ConnectionCtx {
             peer,
             kill: CancellationToken::new(),
-            publish_rate: Arc::new(RateLimiter::new(state.config().server.client_publish_rate)),
             http2: false,
         };
+        let stream = crate::deadline::Deadline::new(stream, state.config().server.write_timeout);
         let watcher = graceful.watcher();
         let edge = edge.clone();
         let acceptor = tls.as_ref().filter(|_| secure).map(|(_, a)| a.clone());
@@ -427,7 +465,7 @@ impl Edge {
     /// holds rustls' state but not hyper's too); h2 goes to hyper.
     async fn tls(
         &self,
-        stream: tokio::net::TcpStream,
+        stream: crate::deadline::Conn,
         acceptor: TlsAcceptor,
         ctx: ConnectionCtx,
         watcher: Watcher,
@@ -454,7 +492,25 @@ impl Edge {
             return;
         };
         if tls.get_ref().1.alpn_protocol() == Some(b"h2") {
-            Box::pin(self.hyper(tls, ctx, watcher)).await
+            // The preface comes within the request-head deadline, as on the plain port
+            // (hyper has no timer for it).
+            let mut tls = tls;
+            let mut read = bytes::BytesMut::new();
+            let deadline =
+                tokio::time::Instant::now() + self.state.config().server.request_header_timeout;
+            while read.len() < crate::h1::HTTP2_PREFACE.len() {
+                let want = crate::h1::HTTP2_PREFACE.len() - read.len();
+                let got = tokio::time::timeout_at(
+                    deadline,
+                    crate::h1::read_more(&mut tls, &mut read, want),
+                )
+                .await;
+                if !matches!(got, Ok(Ok(n)) if n > 0) {
+                    return;
+                }
+            }
+            let io = crate::h1::Rewind::new(tls, read.freeze());
+            Box::pin(self.hyper(io, ctx, watcher)).await
         } else {
             self.lean(tls, ctx, watcher, WsIo::Tls).await
         }
@@ -466,19 +522,146 @@ impl Edge {
     {
         let kill = ctx.kill.clone();
         let app = self.app.clone();
+        let state = self.state.clone();
+        let (open, mut streams) = tokio::sync::watch::channel(0usize);
+        let open = Arc::new(open);
         let svc = hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
             let mut ctx = ctx.clone();
             ctx.http2 = req.version() == http::Version::HTTP_2;
             let app = app.clone();
-            async move {
+            // An HTTP/2 stream costs what a connection does: it counts against the same
+            // limits while it is open (the connection itself holds one place already).
+            let permit = if ctx.http2 {
+                match state.limits.try_acquire(ctx.peer.ip()) {
+                    Ok(p) => Some(p),
+                    Err(why) => {
+                        let res = crate::api::error::ApiError::new(
+                            http::StatusCode::SERVICE_UNAVAILABLE,
+                            "too_many_connections",
+                            refusal(why),
+                        );
+                        return futures_util::future::Either::Left(std::future::ready(Ok::<
+                            _,
+                            std::convert::Infallible,
+                        >(
+                            axum::response::IntoResponse::into_response(res),
+                        )));
+                    }
+                }
+            } else {
+                None
+            };
+            let upgrade = req.method() == http::Method::CONNECT
+                || req.headers().contains_key(http::header::UPGRADE);
+            let guard = StreamGuard::new(&open, upgrade);
+            futures_util::future::Either::Right(async move {
                 let req = req.map(axum::body::Body::new);
-                Ok::<_, std::convert::Infallible>(app.handle_resolved(req, &ctx).await)
-            }
+                let res = app.handle_resolved(req, &ctx).await;
+                // The stream's places are given back when hyper drops its body: at its end,
+                // or when the client resets it.
+                Ok::<_, std::convert::Infallible>(
+                    res.map(|body| axum::body::Body::new(Held::new(body, (guard, permit)))),
+                )
+            })
         });
         let conn = self
             .builder
             .serve_connection_with_upgrades(TokioIo::new(io), svc);
-        drive(std::pin::pin!(watcher.watch(conn.into_owned())), &kill).await;
+        let idle = self.state.config().server.request_header_timeout;
+        let conn = async move {
+            let conn = std::pin::pin!(watcher.watch(conn.into_owned()));
+            // A connection with no stream open is waiting for a request: it gets what an
+            // HTTP/1.1 connection gets between requests, then it is closed.
+            tokio::select! {
+                _ = conn => {}
+                _ = idle_for(&mut streams, idle) => {}
+            }
+        };
+        drive(std::pin::pin!(conn), &kill).await;
+    }
+}
+
+/// The reason a connection or stream over a limit is given.
+fn refusal(why: Refused) -> &'static str {
+    match why {
+        Refused::Total => "the server is at max_connections; retry later",
+        Refused::PerIp => {
+            "too many connections from your address (max_connections_per_ip); retry later"
+        }
+    }
+}
+
+/// Resolves once no stream has been open for `idle` (never while one is). Requests that
+/// upgraded (a WebSocket over HTTP/2) keep their stream open beyond their response, so a
+/// connection that ever carried one is left to its keep-alive pings instead.
+async fn idle_for(streams: &mut tokio::sync::watch::Receiver<usize>, idle: Duration) {
+    loop {
+        if *streams.borrow_and_update() == 0 {
+            match tokio::time::timeout(idle, streams.changed()).await {
+                Err(_) => return,
+                Ok(Err(_)) => return std::future::pending().await,
+                Ok(Ok(())) => continue,
+            }
+        }
+        if streams.changed().await.is_err() {
+            return std::future::pending().await;
+        }
+    }
+}
+
+/// One open stream of a hyper connection, counted while it lives.
+struct StreamGuard {
+    open: Arc<tokio::sync::watch::Sender<usize>>,
+    upgrade: bool,
+}
+
+impl StreamGuard {
+    fn new(open: &Arc<tokio::sync::watch::Sender<usize>>, upgrade: bool) -> Self {
+        open.send_modify(|n| *n += 1);
+        Self {
+            open: open.clone(),
+            upgrade,
+        }
+    }
+}
+
+impl Drop for StreamGuard {
+    fn drop(&mut self) {
+        if !self.upgrade {
+            self.open.send_modify(|n| *n -= 1);
+        }
+    }
+}
+
+/// A response body that holds something (a stream's guard and permit) until hyper drops it.
+struct Held<T> {
+    body: axum::body::Body,
+    _held: T,
+}
+
+impl<T> Held<T> {
+    fn new(body: axum::body::Body, held: T) -> Self {
+        Self { body, _held: held }
+    }
+}
+
+impl<T: Send + Unpin + 'static> http_body::Body for Held<T> {
+    type Data = bytes::Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
     }
 }
 
@@ -512,17 +695,11 @@ async fn accept_tls(
 /// Answers a connection over a limit with a JSON 503 and closes it (no request is read: the
 /// point is to spend as little as possible on it).
 async fn refuse(mut stream: tokio::net::TcpStream, why: Refused) {
-    let message = match why {
-        Refused::Total => "the server is at max_connections; retry later",
-        Refused::PerIp => {
-            "too many connections from your address (max_connections_per_ip); retry later"
-        }
-    };
     let _ = crate::h1::answer_and_close(
         &mut stream,
         http::StatusCode::SERVICE_UNAVAILABLE,
         "too_many_connections",
-        message,
+        refusal(why),
         "retry-after: 1\r\n",
     )
     .await;

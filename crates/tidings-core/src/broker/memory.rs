@@ -31,7 +31,7 @@
 //! lock; whoever looked the channel up before and finds it retired looks it up again
 //! (`locked`), so nothing is ever written into a history the map no longer holds.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -61,8 +61,10 @@ pub struct MemoryBroker {
     hub: Arc<Hub>,
     policies: Arc<LivePolicies>,
     shards: Shards<Arc<Mutex<History>>>,
-    /// Who is present where. One lock: joins and leaves are per connection, not per message.
-    presence: Mutex<HashMap<ChannelName, Vec<ClientInfo>>>,
+    /// Who is present where, per channel by client id (its user beside it): a join or leave
+    /// is O(log n) and a page of readers is a range, not a scan or a clone of the whole list.
+    /// One lock: joins and leaves are per connection, not per message.
+    presence: Mutex<HashMap<ChannelName, BTreeMap<String, Option<String>>>>,
     durable: Option<Durable>,
     /// The epoch a channel created now gets (see the module comment).
     fresh: Mutex<Epoch>,
@@ -663,7 +665,7 @@ impl Broker for MemoryBroker {
         relock(&self.presence)
             .entry(channel.clone())
             .or_default()
-            .push(info.clone());
+            .insert(info.client.clone(), info.user.clone());
         if announce {
             self.announce(PresenceKind::Join, channel, info);
         }
@@ -678,11 +680,10 @@ impl Broker for MemoryBroker {
     ) -> Result<(), BrokerError> {
         let removed = {
             let mut all = relock(&self.presence);
-            let removed = all.get_mut(channel).and_then(|list| {
-                let i = list.iter().position(|c| c.client == info.client)?;
-                Some(list.swap_remove(i))
-            });
-            if all.get(channel).is_some_and(Vec::is_empty) {
+            let removed = all
+                .get_mut(channel)
+                .and_then(|clients| clients.remove(&info.client));
+            if all.get(channel).is_some_and(BTreeMap::is_empty) {
                 all.remove(channel);
             }
             removed.is_some()
@@ -694,10 +695,33 @@ impl Broker for MemoryBroker {
     }
 
     async fn presence(&self, channel: &ChannelName) -> Result<Vec<ClientInfo>, BrokerError> {
-        Ok(relock(&self.presence)
-            .get(channel)
-            .cloned()
-            .unwrap_or_default())
+        self.presence_page(channel, None, usize::MAX)
+            .await
+            .map(|(clients, _)| clients)
+    }
+
+    async fn presence_page(
+        &self,
+        channel: &ChannelName,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<(Vec<ClientInfo>, bool), BrokerError> {
+        use std::ops::Bound;
+        let all = relock(&self.presence);
+        let Some(clients) = all.get(channel) else {
+            return Ok((Vec::new(), false));
+        };
+        let from = after.map_or(Bound::Unbounded, Bound::Excluded);
+        let mut page = clients.range::<str, _>((from, Bound::Unbounded));
+        let taken: Vec<ClientInfo> = page
+            .by_ref()
+            .take(limit)
+            .map(|(client, user)| ClientInfo {
+                client: client.clone(),
+                user: user.clone(),
+            })
+            .collect();
+        Ok((taken, page.next().is_some()))
     }
 }
 

@@ -120,11 +120,22 @@ pub async fn history(
         .into_response())
 }
 
-/// Who is present on `channel`; 409 `presence_disabled` where the namespace keeps none.
+/// Clients per presence page, by default and at most.
+pub const PRESENCE_PAGE: usize = 1000;
+/// Presence reads per second one client (token subject, else address) may make; API keys
+/// are exempt. A read is a page of up to `PRESENCE_PAGE` entries serialised under no lock,
+/// but a client looping on it would still cost a core.
+pub const PRESENCE_READS_PER_SEC: u32 = 10;
+
+/// One page of who is present on `channel` (by client id, after `after`) and the client id
+/// the next page starts after, if there is one; 409 `presence_disabled` where the namespace
+/// keeps none.
 pub async fn presence_of(
     state: &AppState,
     channel: &ChannelName,
-) -> Result<Vec<tidings_core::ClientInfo>, ApiError> {
+    after: Option<&str>,
+    limit: usize,
+) -> Result<(Vec<tidings_core::ClientInfo>, Option<String>), ApiError> {
     if !state.node.policies.for_channel(channel).presence {
         return Err(ApiError::new(
             StatusCode::CONFLICT,
@@ -132,18 +143,66 @@ pub async fn presence_of(
             format!("the namespace of {channel} keeps no presence; set presence = true for it"),
         ));
     }
-    Ok(state.node.broker.presence(channel).await?)
+    let (clients, more) = state
+        .node
+        .broker
+        .presence_page(channel, after, limit.clamp(1, PRESENCE_PAGE))
+        .await?;
+    let next = more
+        .then(|| clients.last().map(|c| c.client.clone()))
+        .flatten();
+    Ok((clients, next))
 }
 
-/// `GET /api/channels/{channel}/presence`.
+/// 429 for a client over `PRESENCE_READS_PER_SEC`.
+pub fn presence_rate_limited() -> ApiError {
+    ApiError::new(
+        StatusCode::TOO_MANY_REQUESTS,
+        "rate_limited",
+        format!("more than {PRESENCE_READS_PER_SEC} presence reads per second; slow down"),
+    )
+}
+
+/// `GET /api/channels/{channel}/presence?after=CLIENT&limit=N`: one page, ordered by client
+/// id; `next` (when present) is the `after` of the next page.
 pub async fn presence(
     State(state): State<AppState>,
+    conn: Option<axum::Extension<crate::server::ConnectionCtx>>,
     Path(channel): Path<String>,
+    RawQuery(query): RawQuery,
 ) -> Result<Response, ApiError> {
     let channel = ChannelName::new(&channel)?;
-    let clients = presence_of(&state, &channel).await?;
-    Ok(
-        axum::Json(serde_json::json!({"channel": channel.as_str(), "clients": clients}))
-            .into_response(),
+    let mut after = None;
+    let mut limit = PRESENCE_PAGE;
+    for (k, v) in crate::query::pairs(query.as_deref()) {
+        match &*k {
+            "after" if !v.is_empty() => after = Some(v.into_owned()),
+            "limit" => {
+                limit = v
+                    .parse()
+                    .ok()
+                    .filter(|n| (1..=PRESENCE_PAGE).contains(n))
+                    .ok_or_else(|| {
+                        ApiError::bad_request(
+                            "invalid_parameter",
+                            format!("limit must be 1 to {PRESENCE_PAGE}"),
+                        )
+                    })?;
+            }
+            _ => {}
+        }
+    }
+    // With [auth] only API keys get here (`/api/*`), and they are exempt; in open mode the
+    // address pays.
+    if !state.auth().enabled()
+        && let Some(conn) = conn
+        && !state.may_read_presence(&crate::auth::Principal::Anonymous, conn.peer.ip())
+    {
+        return Err(presence_rate_limited());
+    }
+    let (clients, next) = presence_of(&state, &channel, after.as_deref(), limit).await?;
+    Ok(axum::Json(
+        serde_json::json!({"channel": channel.as_str(), "clients": clients, "next": next}),
     )
+    .into_response())
 }

@@ -38,15 +38,49 @@ pub fn allowed(state: &AppState, origin: &str, host: Option<&str>) -> bool {
         || (list.is_empty() && !state.auth().enabled())
 }
 
+/// Whether a browser says this request comes from an allowed page: its `Origin` is allowed
+/// (the allow-list, or the server's own host), or it sends `Sec-Fetch-Site: same-origin`
+/// (which also covers HTTP/2, where there is no `Host` header to compare with). Both headers
+/// are set by the browser alone — a page cannot forge them — so a request with neither is not
+/// from a browser page, and a cookie-authenticated state change then is refused
+/// (`api::publish`). An unparseable `Origin`, or `null`, is not allowed.
+pub fn same_site_request(state: &AppState, headers: &axum::http::HeaderMap) -> bool {
+    let origin_ok = headers.get(header::ORIGIN).is_some_and(|origin| {
+        origin.to_str().is_ok_and(|origin| {
+            let host = headers.get(header::HOST).and_then(|h| h.to_str().ok());
+            origin != "null" && allowed_origin(state, origin, host)
+        })
+    });
+    origin_ok
+        || headers
+            .get("sec-fetch-site")
+            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"same-origin"))
+}
+
+/// An allowed origin for a state change: the list (`"*"` included) or the server's own;
+/// unlike `allowed`, an empty list in open mode does not allow every origin (open mode
+/// reads no cookie anyway).
+fn allowed_origin(state: &AppState, origin: &str, host: Option<&str>) -> bool {
+    let own = host.is_some_and(|host| origin_host(origin) == Some(host));
+    own || state
+        .config()
+        .server
+        .cors_origins
+        .iter()
+        .any(|o| o == "*" || o == origin)
+}
+
 fn is_websocket_handshake(req: &Request) -> bool {
-    let upgrade = req
-        .headers()
-        .get(header::UPGRADE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.eq_ignore_ascii_case("websocket"));
-    upgrade
-        || (req.method() == Method::CONNECT
-            && req.extensions().get::<hyper::ext::Protocol>().is_some())
+    crate::transport::websocket::asks_for_websocket(req.method(), req.headers(), req.extensions())
+}
+
+fn forbidden(origin: &str) -> Response {
+    ApiError::new(
+        StatusCode::FORBIDDEN,
+        "origin_not_allowed",
+        format!("origin {origin} is not in server.cors_origins"),
+    )
+    .into_response()
 }
 
 /// What `check` decided before the request is routed.
@@ -61,7 +95,16 @@ pub fn check(state: &AppState, req: &Request) -> Verdict {
     let Some(value) = req.headers().get(header::ORIGIN) else {
         return Verdict::Route(None);
     };
+    let preflight = req.method() == Method::OPTIONS
+        && req
+            .headers()
+            .contains_key(header::ACCESS_CONTROL_REQUEST_METHOD);
+    // An Origin that is not even text matches no allowed origin: refused where the check
+    // refuses, never taken for "no Origin".
     let Ok(origin) = value.to_str() else {
+        if preflight || is_websocket_handshake(req) {
+            return Verdict::Answer(forbidden(&String::from_utf8_lossy(value.as_bytes())));
+        }
         return Verdict::Route(None);
     };
     // HTTP/2 requests carry their authority in the URI, not in a Host header.
@@ -71,19 +114,8 @@ pub fn check(state: &AppState, req: &Request) -> Verdict {
         .and_then(|h| h.to_str().ok())
         .or_else(|| req.uri().authority().map(|a| a.as_str()));
     let ok = allowed(state, origin, host);
-    let preflight = req.method() == Method::OPTIONS
-        && req
-            .headers()
-            .contains_key(header::ACCESS_CONTROL_REQUEST_METHOD);
     if !ok && (preflight || is_websocket_handshake(req)) {
-        return Verdict::Answer(
-            ApiError::new(
-                StatusCode::FORBIDDEN,
-                "origin_not_allowed",
-                format!("origin {origin} is not in server.cors_origins"),
-            )
-            .into_response(),
-        );
+        return Verdict::Answer(forbidden(origin));
     }
     let allow = ok.then(|| value.clone());
     if preflight {

@@ -459,8 +459,9 @@ pub async fn document(
     }
 }
 
-/// Authenticates a publishing request and spends one unit of the connection's publish
-/// rate (API keys, being backends, are exempt): 401/400 for credentials, 429 for the rate.
+/// Authenticates a publishing request and spends one unit of the client's publish rate (per
+/// token subject, else per IP address; API keys, being backends, are exempt): 401/400 for
+/// credentials, 429 for the rate.
 fn gate(
     state: &AppState,
     conn: Option<&ConnectionCtx>,
@@ -474,15 +475,27 @@ fn gate(
         return Ok(Principal::ApiKey);
     }
     let who = auth.authenticate(headers, query)?;
+    // A browser sends the cookie with any site's form or fetch: a publish it authenticates
+    // must come from a page of an allowed origin (cross-site request forgery otherwise).
+    if crate::auth::cookie_only(headers, query)
+        && !crate::api::cors::same_site_request(state, headers)
+    {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "origin_not_allowed",
+            "a publish authenticated by the tidings_token cookie must come from an allowed Origin \
+             (server.cors_origins or the server's own); send the token as Authorization: Bearer instead",
+        ));
+    }
     if who != Principal::ApiKey
         && let Some(conn) = conn
-        && !conn.publish_rate.try_take()
+        && !state.may_publish(&who, conn.peer.ip())
     {
         return Err(ApiError::new(
             StatusCode::TOO_MANY_REQUESTS,
             "rate_limited",
             format!(
-                "more than {} publishes per second on this connection (client_publish_rate); slow down",
+                "more than {} publishes per second from this client (client_publish_rate); slow down",
                 state.config().server.client_publish_rate
             ),
         ));

@@ -248,6 +248,26 @@ impl Auth {
     }
 }
 
+/// Whether the request's credentials are the `tidings_token` cookie (no `Authorization`
+/// header, no `token` query parameter): the one form a browser sends on its own, so the
+/// one a cross-site page can borrow.
+pub fn cookie_only(headers: &HeaderMap, query: Option<&str>) -> bool {
+    if headers.contains_key(header::AUTHORIZATION)
+        || crate::query::pairs(query).any(|(k, _)| k == "token")
+    {
+        return false;
+    }
+    headers.get_all(header::COOKIE).iter().any(|cookies| {
+        cookies.to_str().is_ok_and(|c| {
+            c.split(';').any(|pair| {
+                pair.trim()
+                    .split_once('=')
+                    .is_some_and(|(n, _)| n == TOKEN_COOKIE)
+            })
+        })
+    })
+}
+
 /// The bearer token from the header, the `token` query parameter or the cookie, in that
 /// order. `Err` (400) when something is there but not in a form we read.
 fn credentials(headers: &HeaderMap, query: Option<&str>) -> Result<Option<String>, ApiError> {

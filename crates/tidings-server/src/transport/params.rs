@@ -63,7 +63,14 @@ pub fn parse(
                 if channels.len() >= config.max_channels_per_subscription {
                     return Err(too_many(config));
                 }
-                channels.push(ChannelName::new(&value)?);
+                let channel = ChannelName::new(&value)?;
+                if let Some(other) = tidings_core::cursor::collision(&channels, &channel) {
+                    return Err(ApiError::bad_request(
+                        "channel_collision",
+                        tidings_core::cursor::collision_message(other, &channel),
+                    ));
+                }
+                channels.push(channel);
             }
             "since" if !value.is_empty() => since = Some(value.into_owned()),
             "lastEventId" if !value.is_empty() => last_event_id = Some(value.into_owned()),

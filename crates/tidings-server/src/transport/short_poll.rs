@@ -21,7 +21,9 @@ use crate::metrics::SessionGauge;
 use crate::server::AppState;
 use crate::transport::{TransportKind, long_poll, params};
 
-/// The JSON reply being assembled: envelopes are written straight into one buffer.
+/// The JSON reply being assembled: envelopes are written straight into the buffer that
+/// becomes the body (no copy of a replay on its way out). A reply holds at most one page of
+/// replay (`Subscription::drain`, about `queue_max_bytes`); its cursor resumes after it.
 pub struct PollReply {
     messages: BytesMut,
     count: usize,
@@ -31,8 +33,10 @@ pub struct PollReply {
 
 impl PollReply {
     fn new() -> Self {
+        let mut messages = BytesMut::with_capacity(256);
+        messages.put_slice(b"{\"messages\":[");
         Self {
-            messages: BytesMut::new(),
+            messages,
             count: 0,
             gaps: Vec::new(),
             ended: None,
@@ -80,9 +84,8 @@ impl PollReply {
     /// `goodbye`: the server is shutting down, and says when to poll again (the reply's
     /// `disconnect`, as a stream would have it).
     fn into_response(self, cursor: &str, goodbye: Option<Disconnect>) -> Response {
-        let mut body = BytesMut::with_capacity(self.messages.len() + cursor.len() + 64);
-        body.put_slice(b"{\"messages\":[");
-        body.put_slice(&self.messages);
+        let mut body = self.messages;
+        body.reserve(cursor.len() + 64);
         body.put_slice(b"],\"cursor\":\"");
         body.put_slice(cursor.as_bytes());
         body.put_slice(b"\",\"gaps\":");

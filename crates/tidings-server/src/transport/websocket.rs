@@ -15,7 +15,13 @@
 //! written with as few calls as the kernel takes. While that buffer drains, the socket is not
 //! read: a client's flood is paced by its own TCP window. A client that stops reading
 //! overflows its queue; the overflow hook cancels the session's kill token, which the write
-//! loop also watches, so the session ends (4008) instead of hanging. Nothing is shared
+//! loop also watches, so the session ends instead of hanging: what was queued and not yet
+//! sent is dropped (but a frame already half sent is finished, or the stream would be
+//! garbage), the `slow` disconnect frame and the 4008 close go behind what the kernel holds,
+//! and they get `write_timeout` to be taken before the socket is dropped. Every write has
+//! that deadline (`write_timeout`, no progress → the session ends), and while a write waits,
+//! shutdown, token expiry and the kill still end the session: the timers that live in the
+//! main loop are not needed then, since the deadline bounds the wait. Nothing is shared
 //! between sessions but the hub.
 //!
 //! Memory: a parked socket holds its `Session` and the task; the read buffer exists only
@@ -40,14 +46,12 @@ use tidings_core::{
     Start, Subscription,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 
 use crate::api::error::ApiError;
 use crate::api::publish::{self, position_json};
 use crate::auth::Principal;
-use crate::limits::RateLimiter;
 use crate::metrics::SessionGauge;
 use crate::server::{AppState, ConnectionCtx};
 use crate::transport::{TransportKind, frame_slot, params};
@@ -90,9 +94,9 @@ enum Mode {
 /// The socket a session owns.
 pub enum WsIo {
     /// A plaintext connection upgraded by the lean path.
-    Tcp(TcpStream),
+    Tcp(crate::deadline::Conn),
     /// A TLS connection upgraded by the lean path (boxed: plaintext sessions are the many).
-    Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
+    Tls(Box<tokio_rustls::server::TlsStream<crate::deadline::Conn>>),
     /// An upgrade through hyper: HTTP/2 extended CONNECT, or a connection hyper owned.
     Upgraded(TokioIo<hyper::upgrade::Upgraded>),
 }
@@ -170,6 +174,19 @@ enum Via {
     Lean,
 }
 
+/// Whether a request asks for a WebSocket: `Upgrade` lists the `websocket` token (as the
+/// lean path and the handshake read it: any token list), or it is an HTTP/2 extended
+/// CONNECT. The one predicate for both the Origin check (`api::cors`) and the handshake, so
+/// no request is accepted as a handshake that the Origin check did not see as one.
+pub fn asks_for_websocket(
+    method: &Method,
+    headers: &HeaderMap,
+    extensions: &http::Extensions,
+) -> bool {
+    has_token(headers, header::UPGRADE, "websocket")
+        || (method == Method::CONNECT && extensions.get::<hyper::ext::Protocol>().is_some())
+}
+
 fn has_token(headers: &HeaderMap, name: header::HeaderName, token: &str) -> bool {
     headers.get_all(name).iter().any(|v| {
         v.as_bytes()
@@ -196,6 +213,9 @@ impl<S: Send + Sync> FromRequestParts<S> for WsUpgrade {
 
     async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, ApiError> {
         let refuse = || upgrade_error(&parts.method);
+        if !asks_for_websocket(&parts.method, &parts.headers, &parts.extensions) {
+            return Err(refuse());
+        }
         let key = if parts.version <= Version::HTTP_11 {
             let h = &parts.headers;
             if parts.method != Method::GET
@@ -353,27 +373,30 @@ pub async fn json(
 /// Who is on the other end, and how fast they may publish.
 struct Peer {
     who: Principal,
-    publish_rate: Arc<RateLimiter>,
+    state: AppState,
+    /// The client's address; `None` when the session has no connection (tests).
+    ip: Option<std::net::IpAddr>,
     limited: bool,
 }
 
 impl Peer {
     fn new(state: &AppState, who: Principal, conn: Option<&ConnectionCtx>) -> Self {
-        let publish_rate = conn.map_or_else(
-            || Arc::new(RateLimiter::new(state.config().server.client_publish_rate)),
-            |c| c.publish_rate.clone(),
-        );
         Self {
             limited: state.auth().enabled() && who != Principal::ApiKey,
             who,
-            publish_rate,
+            state: state.clone(),
+            ip: conn.map(|c| c.peer.ip()),
         }
     }
 
     /// API keys (backends) are not rate limited, nor is anyone in open mode (development);
-    /// with `[auth]`, everyone else shares the connection's bucket.
+    /// with `[auth]`, everyone else draws from their client's bucket (token subject, else
+    /// address), shared with their other connections.
     fn may_publish_now(&self) -> bool {
-        !self.limited || self.publish_rate.try_take()
+        match self.ip {
+            Some(ip) if self.limited => self.state.may_publish(&self.who, ip),
+            _ => true,
+        }
     }
 }
 
@@ -548,22 +571,36 @@ impl Session {
     }
 
     /// Writes everything queued. The kill token cuts a write to a client that stopped
-    /// reading short; what was not sent stays in `out`, behind which a goodbye may still go.
+    /// reading short, as do shutdown and token expiry; what was not sent stays in `out`, behind
+    /// which a goodbye may still go. A write that makes no progress for `write_timeout`
+    /// ends the session (the socket has the same deadline; this one also covers a WebSocket
+    /// over an HTTP/2 stream, whose window the client may keep shut).
     async fn flush(&mut self) -> Next {
+        let timeout = self.state.config().server.write_timeout;
         while self.sent < self.out.len() {
             let wrote = tokio::select! {
-                r = self.io.write(&self.out[self.sent..]) => r,
+                r = tokio::time::timeout(timeout, self.io.write(&self.out[self.sent..])) => r,
                 _ = self.kill.cancelled() => {
                     return Next::Goodbye(Some(DisconnectReason::Slow), close::SLOW, "slow");
                 }
+                _ = self.state.shutdown.cancelled() => {
+                    return Next::Goodbye(Some(DisconnectReason::Shutdown), close::RESTART, "shutdown");
+                }
+                _ = crate::transport::stream::sleep_until_opt(self.expires) => {
+                    let (code, why) = close_for(DisconnectReason::TokenExpired);
+                    return Next::Goodbye(Some(DisconnectReason::TokenExpired), code, why);
+                }
             };
             match wrote {
-                Ok(0) | Err(_) => return Next::Gone,
-                Ok(n) => self.sent += n,
+                Ok(Ok(0) | Err(_)) | Err(_) => return Next::Gone,
+                Ok(Ok(n)) => self.sent += n,
             }
         }
         if !self.out.is_empty() {
-            if self.io.flush().await.is_err() {
+            if !matches!(
+                tokio::time::timeout(timeout, self.io.flush()).await,
+                Ok(Ok(()))
+            ) {
                 return Next::Gone;
             }
             // Freed, not cleared: an idle socket keeps no output buffer.
@@ -735,7 +772,16 @@ impl Session {
     /// then the server closes its side first (RFC 6455 §7.1.1) and discards what still
     /// comes (the client's close reply) until the client closes too: closing with unread
     /// bytes would send a reset, which can destroy the close frame before it is read.
+    ///
+    /// A slow client's goodbye drops what it was not sent yet (SPEC §2.4: it resumes from
+    /// its cursor) and gets `write_timeout`, not a second: its kernel buffers are full, and
+    /// the goodbye goes out only as it reads.
     async fn goodbye(&mut self, reason: Option<DisconnectReason>, code: u16, why: &'static str) {
+        let slow = reason == Some(DisconnectReason::Slow);
+        if slow {
+            let end = frame_end(&self.out, self.sent);
+            self.out.truncate(end);
+        }
         if let (Some(reason), Mode::Json) = (reason, self.mode) {
             // A shutdown tells each client its own delay (SPEC §13), spreading the reconnects.
             let d = match reason {
@@ -751,9 +797,20 @@ impl Session {
         }
         wsframe::encode_close(&mut self.out, code, why);
         self.leave_all();
-        let _ = tokio::time::timeout(GOODBYE_TIMEOUT, async {
+        let write_for = if slow {
+            self.state.config().server.write_timeout
+        } else {
+            GOODBYE_TIMEOUT
+        };
+        let wrote = tokio::time::timeout(write_for, async {
             self.write_out().await?;
-            self.io.shutdown().await?;
+            self.io.shutdown().await
+        })
+        .await;
+        if !matches!(wrote, Ok(Ok(()))) {
+            return;
+        }
+        let _ = tokio::time::timeout(GOODBYE_TIMEOUT, async {
             loop {
                 self.rbuf.clear();
                 if self.io.read_more(&mut self.rbuf).await? == 0 {
@@ -787,6 +844,54 @@ impl Session {
         })
         .await;
     }
+}
+
+/// Where the frame holding byte `at` of `out` ends (`at` itself when a frame starts there).
+/// The frames are the server's own: unmasked, well formed.
+fn frame_end(out: &[u8], at: usize) -> usize {
+    let mut i = 0usize;
+    while i < out.len() && i < at {
+        let Some(&len7) = out.get(i + 1) else {
+            return out.len();
+        };
+        let (len, head) = match len7 & 0x7f {
+            126 => match out.get(i + 2..i + 4) {
+                Some(b) => (u64::from(u16::from_be_bytes([b[0], b[1]])), 4),
+                None => return out.len(),
+            },
+            127 => match out
+                .get(i + 2..i + 10)
+                .and_then(|b| <[u8; 8]>::try_from(b).ok())
+            {
+                Some(b) => (u64::from_be_bytes(b), 10),
+                None => return out.len(),
+            },
+            n => (u64::from(n), 2),
+        };
+        let end = usize::try_from(len)
+            .ok()
+            .and_then(|len| (i + head).checked_add(len))
+            .unwrap_or(usize::MAX);
+        if end > at {
+            return end.min(out.len());
+        }
+        i = end;
+    }
+    i.min(out.len())
+}
+
+/// The first messages of `all` that fit in `budget` bytes (at least one, however large).
+pub fn page(all: &[Arc<Message>], budget: usize) -> &[Arc<Message>] {
+    let mut used = 0usize;
+    let n = all
+        .iter()
+        .take_while(|m| {
+            let first = used == 0;
+            used = used.saturating_add(m.weight());
+            first || used <= budget
+        })
+        .count();
+    &all[..n]
 }
 
 /// A raw-mode message's whole frame, encoded once per message.
@@ -845,6 +950,7 @@ struct Request {
     event: Option<String>,
     encoding: Option<String>,
     limit: Option<usize>,
+    after: Option<String>,
 }
 
 /// A frame that is not a valid request: an error reply, and it counts toward 1008.
@@ -980,8 +1086,11 @@ pub enum Op {
         /// At most 10,000.
         limit: usize,
     },
+    /// One page: clients after the client id `after`, at most `limit`.
     Presence {
         channel: ChannelName,
+        after: Option<String>,
+        limit: usize,
     },
 }
 
@@ -1042,6 +1151,11 @@ pub fn parse_request(frame: &str, max_message_bytes: usize) -> Result<ParsedRequ
         }
         "presence" => Op::Presence {
             channel: channel_of(&id, req.channel.as_deref())?,
+            after: req.after,
+            limit: req
+                .limit
+                .unwrap_or(crate::api::channels::PRESENCE_PAGE)
+                .clamp(1, crate::api::channels::PRESENCE_PAGE),
         },
         other => {
             return Err(Malformed::new(
@@ -1103,7 +1217,7 @@ impl Session {
                     error_reply(
                         &id,
                         "rate_limited",
-                        "too many publishes on this connection (client_publish_rate); slow down",
+                        "too many publishes from this client (client_publish_rate); slow down",
                     )
                 } else {
                     match publish::publish(state, &channel, event, data).await {
@@ -1134,17 +1248,17 @@ impl Session {
                 } else {
                     match state.node.read(&channel, &since, Some(limit)).await {
                         Ok(read) => {
-                            let messages: Vec<Value> = read
-                                .replay
-                                .messages()
+                            // One reply holds at most the session's byte budget; its cursor
+                            // says where the next page starts.
+                            let page = page(
+                                read.replay.messages(),
+                                state.config().server.queue_max_bytes,
+                            );
+                            let messages: Vec<Value> = page
                                 .iter()
                                 .map(|m| serde_json::from_slice(&m.envelope()).unwrap_or_default())
                                 .collect();
-                            let end = read
-                                .replay
-                                .messages()
-                                .last()
-                                .map_or(read.top.clone(), |m| m.position());
+                            let end = page.last().map_or(read.top.clone(), |m| m.position());
                             let gaps: Vec<_> = read.replay.gap().into_iter().collect();
                             json!({
                                 "type": "reply", "id": id, "ok": true,
@@ -1160,17 +1274,33 @@ impl Session {
                     }
                 }
             }
-            Op::Presence { channel } => {
+            Op::Presence {
+                channel,
+                after,
+                limit,
+            } => {
                 let policy = state.node.policies.for_channel(&channel);
                 if let Err(e) = state
                     .auth()
                     .check_subscribe(&self.peer.who, &channel, &policy)
                 {
                     error_reply(&id, e.code, &e.message)
+                } else if let Some(ip) = self.peer.ip
+                    && !state.may_read_presence(&self.peer.who, ip)
+                {
+                    let e = crate::api::channels::presence_rate_limited();
+                    error_reply(&id, e.code, &e.message)
                 } else {
-                    match crate::api::channels::presence_of(state, &channel).await {
-                        Ok(clients) => {
-                            json!({"type": "reply", "id": id, "ok": true, "clients": clients})
+                    match crate::api::channels::presence_of(
+                        state,
+                        &channel,
+                        after.as_deref(),
+                        limit,
+                    )
+                    .await
+                    {
+                        Ok((clients, next)) => {
+                            json!({"type": "reply", "id": id, "ok": true, "clients": clients, "next": next})
                         }
                         Err(e) => error_reply(&id, e.code, &e.message),
                     }
@@ -1191,6 +1321,11 @@ impl Session {
                 "too_many_channels",
                 &format!("at most {max} channels per connection (max_channels_per_subscription)"),
             ));
+            return Next::Continue;
+        }
+        if let Some(other) = tidings_core::cursor::collision(self.sub.channels(), &channel) {
+            let message = tidings_core::cursor::collision_message(other, &channel);
+            self.push(error_reply(&id, "channel_collision", &message));
             return Next::Continue;
         }
         match self.sub.add(&channel, &since).await {

@@ -1,0 +1,161 @@
+//! The write deadline every connection carries (`[server] write_timeout`, SPEC §13).
+//!
+//! Why a socket wrapper rather than a timeout around each write: the writers are many — the
+//! lean HTTP/1.1 path, hyper's HTTP/1.1 and HTTP/2 connections, rustls under both, WebSocket
+//! sessions — and hyper's own writes cannot be wrapped from outside. Every one of them ends
+//! up in `poll_write` on the TCP socket, so the deadline lives there: the first write the
+//! kernel refuses (its send buffer full because the client stopped reading) arms a timer,
+//! any write that goes through disarms it, and a write still refused when it fires fails
+//! with `TimedOut`. The writer then ends the connection, which frees what it held.
+//!
+//! It measures progress, not idleness: a connection with nothing to write never arms it,
+//! and a writer that gave up on a write (a `select!` that picked another branch) and comes
+//! back later finds the timer still running only if the socket never took a byte meanwhile
+//! — which is exactly "no progress".
+//!
+//! Concurrency: one connection, one owner; nothing shared. Memory: the timer is boxed and
+//! exists only while a write is refused, so a parked connection pays a pointer for it.
+
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::BytesMut;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::time::Sleep;
+
+/// Every accepted TCP connection, under TLS where there is TLS.
+pub type Conn = Deadline<tokio::net::TcpStream>;
+
+pub struct Deadline<S> {
+    inner: S,
+    timeout: Duration,
+    stalled: Option<Pin<Box<Sleep>>>,
+}
+
+impl<S> Deadline<S> {
+    pub fn new(inner: S, timeout: Duration) -> Self {
+        Self {
+            inner,
+            timeout,
+            stalled: None,
+        }
+    }
+
+    /// A write was refused: `Pending` until the deadline, then the error.
+    fn refused<T>(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<T>> {
+        let timeout = self.timeout;
+        let timer = self
+            .stalled
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
+        match timer.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "no write progress within write_timeout",
+            ))),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn outcome<T>(
+        &mut self,
+        cx: &mut Context<'_>,
+        polled: Poll<io::Result<T>>,
+    ) -> Poll<io::Result<T>> {
+        match polled {
+            Poll::Pending => self.refused(cx),
+            ready => {
+                self.stalled = None;
+                ready
+            }
+        }
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Deadline<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Deadline<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let polled = Pin::new(&mut self.inner).poll_write(cx, buf);
+        self.outcome(cx, polled)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let polled = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        self.outcome(cx, polled)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let polled = Pin::new(&mut self.inner).poll_flush(cx);
+        self.outcome(cx, polled)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let polled = Pin::new(&mut self.inner).poll_shutdown(cx);
+        self.outcome(cx, polled)
+    }
+}
+
+/// The lean path reads a bare socket its own way (`h1::Socket`); the deadline changes
+/// nothing there.
+impl<S: crate::h1::Socket> crate::h1::Socket for Deadline<S> {
+    fn poll_read_more(
+        &mut self,
+        cx: &mut Context<'_>,
+        buf: &mut BytesMut,
+        room: usize,
+    ) -> Poll<io::Result<usize>> {
+        self.inner.poll_read_more(cx, buf, room)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    #[tokio::test(start_paused = true)]
+    async fn a_write_the_peer_never_takes_fails_after_the_timeout_and_progress_resets_it() {
+        let (a, mut b) = tokio::io::duplex(64);
+        let mut a = Deadline::new(a, Duration::from_secs(30));
+        // Fills the pipe; the next write waits.
+        a.write_all(&[1; 64]).await.unwrap();
+        let started = tokio::time::Instant::now();
+        let stuck = tokio::spawn(async move {
+            let r = a.write_all(&[2; 64]).await;
+            (r, a)
+        });
+        // The reader takes a little after 20 s: progress, so the clock starts over.
+        tokio::time::sleep(Duration::from_secs(20)).await;
+        let mut got = [0u8; 64];
+        b.read_exact(&mut got).await.unwrap();
+        let (r, mut a) = stuck.await.unwrap();
+        r.unwrap();
+        assert!(started.elapsed() < Duration::from_secs(30));
+        let err = a.write_all(&[3; 64]).await.unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut);
+        assert_eq!(started.elapsed(), Duration::from_secs(50));
+    }
+}
