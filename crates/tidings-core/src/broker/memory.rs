@@ -21,6 +21,7 @@ use crate::broker::{Broker, BrokerError, ChannelStats};
 use crate::channel::{ChannelName, EventName};
 use crate::history::{History, HistoryRead, Since};
 use crate::hub::Hub;
+use crate::idempotency::{IdempotencyWindow, PublishOptions, Published, Remembered};
 use crate::message::{Data, Epoch, Message};
 use crate::policy::LivePolicies;
 use crate::presence::{ClientInfo, PresenceEvent, PresenceKind};
@@ -32,6 +33,10 @@ pub struct MemoryBroker {
     hub: Arc<Hub>,
     policies: Arc<LivePolicies>,
     shards: Shards<Arc<Mutex<History>>>,
+    /// Idempotency keys per channel, checked and recorded while holding the channel's
+    /// history lock (lock order: history, then this shard). Kept apart from the history so a
+    /// reclaimed channel still remembers them; the sweeper drops empty windows.
+    keys: Shards<IdempotencyWindow>,
     /// Who is present where. One lock: joins and leaves are per connection, not per message.
     presence: Mutex<HashMap<ChannelName, Vec<ClientInfo>>>,
 }
@@ -54,6 +59,7 @@ impl MemoryBroker {
             hub,
             policies,
             shards: Shards::new(),
+            keys: Shards::new(),
             presence: Mutex::new(HashMap::new()),
         });
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
@@ -92,6 +98,9 @@ impl MemoryBroker {
                 !h.reclaimable(now) || self.hub.subscriber_count(name) > 0
             });
         }
+        for shard in self.keys.all() {
+            relock(shard).retain(|_, window| !window.sweep(now));
+        }
     }
 }
 
@@ -113,15 +122,29 @@ impl Broker for MemoryBroker {
         "memory"
     }
 
-    async fn publish(
+    async fn publish_with(
         &self,
         channel: &ChannelName,
         event: Option<EventName>,
         data: Data,
-    ) -> Result<Arc<Message>, BrokerError> {
+        options: &PublishOptions,
+    ) -> Result<Published, BrokerError> {
         let history = self.channel(channel);
         let mut h = relock(&history);
         let now = Instant::now();
+        // Idempotency hook: checked and recorded under the channel's lock, so two publishes
+        // with one key store one message.
+        if let Some(key) = &options.idempotency_key
+            && let Some(first) = relock(self.keys.of(channel))
+                .get_mut(channel)
+                .and_then(|w| w.get(key, now))
+        {
+            let message = Message::new(channel.clone(), first.position, event, data, first.time);
+            return Ok(Published {
+                message: Arc::new(message),
+                replayed: true,
+            });
+        }
         h.expire(now);
         h.touch(now);
         let message = Arc::new(Message::new(
@@ -132,8 +155,21 @@ impl Broker for MemoryBroker {
             now_millis(),
         ));
         h.append(message.clone(), now);
+        if let Some(key) = &options.idempotency_key {
+            let first = Remembered {
+                position: message.position(),
+                time: message.time,
+            };
+            relock(self.keys.of(channel))
+                .entry(channel.clone())
+                .or_default()
+                .insert(key.clone(), first, now, options.idempotency_window);
+        }
         self.hub.deliver(&message);
-        Ok(message)
+        Ok(Published {
+            message,
+            replayed: false,
+        })
     }
 
     async fn read(

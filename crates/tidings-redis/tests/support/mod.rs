@@ -242,6 +242,91 @@ impl RedisCluster {
     pub fn urls(&self) -> Vec<String> {
         self.nodes.iter().map(RedisServer::url).collect()
     }
+
+    /// The hash slot of `key`.
+    pub fn keyslot(&self, key: &str) -> u16 {
+        let reply = self.nodes[0].command(&format!("CLUSTER KEYSLOT {key}"));
+        reply.trim().trim_start_matches(':').parse().unwrap()
+    }
+
+    pub fn node_id(&self, i: usize) -> String {
+        bulk_lines(&self.nodes[i].command("CLUSTER MYID"))
+            .next()
+            .unwrap()
+    }
+
+    /// Index (in `nodes`) of the master that owns `slot`, as node 0 sees it.
+    pub fn owner(&self, slot: u16) -> usize {
+        let text = self.nodes[0].command("CLUSTER NODES");
+        for line in text.lines() {
+            let fields: Vec<&str> = line.split(' ').collect();
+            if fields.len() < 9 {
+                continue;
+            }
+            let owns = fields[8..].iter().any(|range| {
+                let (lo, hi) = range.split_once('-').unwrap_or((range, range));
+                match (lo.parse::<u16>(), hi.parse::<u16>()) {
+                    (Ok(lo), Ok(hi)) => (lo..=hi).contains(&slot),
+                    _ => false,
+                }
+            });
+            if owns {
+                let port: u16 = fields[1]
+                    .split('@')
+                    .next()
+                    .and_then(|a| a.rsplit_once(':'))
+                    .and_then(|(_, p)| p.parse().ok())
+                    .unwrap();
+                return self.nodes.iter().position(|n| n.port == port).unwrap();
+            }
+        }
+        panic!("nobody owns slot {slot}: {text}");
+    }
+
+    /// Moves `slot` from node `from` to node `to` with the steps `redis-cli --cluster
+    /// reshard` takes: IMPORTING on the target, MIGRATING on the source, MIGRATE of the
+    /// slot's keys, then SETSLOT NODE on the target, the source and every other master.
+    pub fn move_slot(&self, slot: u16, from: usize, to: usize) {
+        let (from_id, to_id) = (self.node_id(from), self.node_id(to));
+        let ok = |r: String| assert!(r.starts_with("+OK"), "{r}");
+        ok(self.nodes[to].command(&format!("CLUSTER SETSLOT {slot} IMPORTING {from_id}")));
+        ok(self.nodes[from].command(&format!("CLUSTER SETSLOT {slot} MIGRATING {to_id}")));
+        loop {
+            let keys: Vec<String> =
+                bulk_lines(&self.nodes[from].command(&format!("CLUSTER GETKEYSINSLOT {slot} 100")))
+                    .collect();
+            if keys.is_empty() {
+                break;
+            }
+            let reply = self.nodes[from].command(&format!(
+                "MIGRATE 127.0.0.1 {} \"\" 0 5000 KEYS {}",
+                self.nodes[to].port,
+                keys.join(" ")
+            ));
+            assert!(
+                reply.starts_with("+OK") || reply.starts_with("+NOKEY"),
+                "{reply}"
+            );
+        }
+        let mut order = vec![to, from];
+        order.extend((0..self.nodes.len()).filter(|i| *i != to && *i != from));
+        for i in order {
+            ok(self.nodes[i].command(&format!("CLUSTER SETSLOT {slot} NODE {to_id}")));
+        }
+    }
+}
+
+/// The bulk strings of a RESP reply (`*2 $3 foo $3 bar` → foo, bar), one per line.
+pub fn bulk_lines(reply: &str) -> impl Iterator<Item = String> + '_ {
+    let mut lines = reply.split("\r\n");
+    std::iter::from_fn(move || {
+        loop {
+            let line = lines.next()?;
+            if line.starts_with('$') && line != "$-1" {
+                return lines.next().map(str::to_owned);
+            }
+        }
+    })
 }
 
 /// A private CA and a server certificate for 127.0.0.1, made with the `openssl` command.
