@@ -580,3 +580,30 @@ async fn sessions_joining_together_while_the_first_subscribe_is_in_flight_miss_n
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publish_whose_reply_is_lost_is_reported_unknown_and_a_keyed_retry_stores_it_once() {
+    let server = RedisServer::start();
+    let proxy = support::LossyProxy::start(server.port, 25).await;
+    let url = format!("redis://127.0.0.1:{}", proxy.port);
+    let b = broker(
+        vec![url],
+        &unique_prefix("lossy"),
+        Arc::new(Hub::new()),
+        false,
+    )
+    .await;
+    let report = support::publish_through_lost_replies(&b, &ch("lossy"), 300, || {
+        proxy
+            .lossy
+            .store(false, std::sync::atomic::Ordering::Relaxed);
+    })
+    .await;
+    let dropped = proxy.dropped.load(std::sync::atomic::Ordering::Relaxed);
+    assert!(dropped >= 5, "only {dropped} replies were lost");
+    assert!(
+        report.unknown > 0,
+        "a lost reply is reported as unknown, not as not stored"
+    );
+    assert!(report.acknowledged > 200);
+}

@@ -274,3 +274,45 @@ async fn live_delivery_continues_with_nothing_lost_when_the_channel_slot_moves_t
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publish_whose_reply_is_lost_is_never_stored_twice_on_a_cluster() {
+    let cluster = RedisCluster::start(3);
+    let mut proxies = Vec::new();
+    for node in &cluster.nodes {
+        proxies.push(support::LossyProxy::start(node.port, 25).await);
+    }
+    cluster.announce(&proxies.iter().map(|p| p.port).collect::<Vec<_>>());
+    let policies = Arc::new(Policies {
+        default: tidings_core::ChannelPolicy {
+            history_size: 100_000,
+            ..Default::default()
+        },
+        namespaces: Default::default(),
+    });
+    let options = RedisOptions {
+        urls: proxies
+            .iter()
+            .map(|p| format!("redis://127.0.0.1:{}", p.port))
+            .collect(),
+        prefix: unique_prefix("lossy"),
+        tls_ca_file: None,
+    };
+    let b = RedisBroker::connect(options, Arc::new(Hub::new()), policies)
+        .await
+        .unwrap();
+    let c = ChannelName::new("lossy").unwrap();
+    let report = support::publish_through_lost_replies(&b, &c, 300, || {
+        for p in &proxies {
+            p.lossy.store(false, std::sync::atomic::Ordering::Relaxed);
+        }
+    })
+    .await;
+    let dropped: u64 = proxies
+        .iter()
+        .map(|p| p.dropped.load(std::sync::atomic::Ordering::Relaxed))
+        .sum();
+    assert!(dropped >= 5, "only {dropped} replies were lost");
+    assert!(report.unknown > 0, "a lost reply is reported as unknown");
+    assert!(report.acknowledged > 200);
+}

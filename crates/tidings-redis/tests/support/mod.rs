@@ -243,6 +243,30 @@ impl RedisCluster {
         self.nodes.iter().map(RedisServer::url).collect()
     }
 
+    /// Has every node announce the port of its proxy (`ports[i]` for `nodes[i]`), so clients
+    /// that learn the topology from the cluster connect through the proxies; waits until
+    /// every node tells every proxy port.
+    pub fn announce(&self, ports: &[u16]) {
+        for (node, port) in self.nodes.iter().zip(ports) {
+            let r = node.command(&format!("CONFIG SET cluster-announce-port {port}"));
+            assert!(r.starts_with("+OK"), "{r}");
+        }
+        let deadline = Instant::now() + READY_WITHIN;
+        for node in &self.nodes {
+            loop {
+                let text = node.command("CLUSTER NODES");
+                if ports.iter().all(|p| text.contains(&format!(":{p}@"))) {
+                    break;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "announced ports never spread: {text}"
+                );
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    }
+
     /// The hash slot of `key`.
     pub fn keyslot(&self, key: &str) -> u16 {
         let reply = self.nodes[0].command(&format!("CLUSTER KEYSLOT {key}"));
@@ -443,4 +467,218 @@ impl Drop for TlsFiles {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.dir);
     }
+}
+
+/// A TCP proxy on a loopback port in front of a Redis port that loses the reply to every
+/// `drop_every`-th `EVALSHA` it forwards (counted over all its connections), the way a
+/// network does: it lets the command through, waits for Redis' answer, throws it away and
+/// closes the client's connection. Redis has run the command; the client cannot know.
+pub struct LossyProxy {
+    pub port: u16,
+    /// Replies thrown away so far.
+    pub dropped: std::sync::Arc<AtomicU64>,
+    /// While false, nothing is dropped.
+    pub lossy: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl LossyProxy {
+    pub async fn start(target: u16, drop_every: u64) -> Self {
+        use std::sync::Arc;
+        use std::sync::atomic::AtomicBool;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let dropped = Arc::new(AtomicU64::new(0));
+        let lossy = Arc::new(AtomicBool::new(true));
+        let seen = Arc::new(AtomicU64::new(0));
+        let (d, l) = (dropped.clone(), lossy.clone());
+        let task = tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let Ok(server) = tokio::net::TcpStream::connect(("127.0.0.1", target)).await else {
+                    continue;
+                };
+                tokio::spawn(Self::pump(
+                    client,
+                    server,
+                    drop_every,
+                    seen.clone(),
+                    d.clone(),
+                    l.clone(),
+                ));
+            }
+        });
+        Self {
+            port,
+            dropped,
+            lossy,
+            task,
+        }
+    }
+
+    async fn pump(
+        client: tokio::net::TcpStream,
+        server: tokio::net::TcpStream,
+        drop_every: u64,
+        seen: std::sync::Arc<AtomicU64>,
+        dropped: std::sync::Arc<AtomicU64>,
+        lossy: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    ) {
+        use std::sync::atomic::AtomicBool;
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let (mut client_rx, mut client_tx) = client.into_split();
+        let (mut server_rx, mut server_tx) = server.into_split();
+        let cut = std::sync::Arc::new(AtomicBool::new(false));
+        let cut_up = cut.clone();
+        let up = async move {
+            let mut buf = vec![0u8; 64 * 1024];
+            loop {
+                let n = match client_rx.read(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => n,
+                };
+                let evalshas = buf[..n]
+                    .windows(7)
+                    .filter(|w| w.eq_ignore_ascii_case(b"EVALSHA"))
+                    .count() as u64;
+                for _ in 0..evalshas {
+                    let k = seen.fetch_add(1, Ordering::Relaxed) + 1;
+                    if k % drop_every == 0 && lossy.load(Ordering::Relaxed) {
+                        cut_up.store(true, Ordering::Release);
+                    }
+                }
+                if server_tx.write_all(&buf[..n]).await.is_err() {
+                    return;
+                }
+            }
+        };
+        let down = async move {
+            let mut buf = vec![0u8; 64 * 1024];
+            loop {
+                let n = match server_rx.read(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => n,
+                };
+                if cut.load(Ordering::Acquire) {
+                    dropped.fetch_add(1, Ordering::Relaxed);
+                    let _ = client_tx.shutdown().await;
+                    return;
+                }
+                if client_tx.write_all(&buf[..n]).await.is_err() {
+                    return;
+                }
+            }
+        };
+        // Either direction ending ends the connection (both halves are dropped).
+        tokio::select! {
+            () = up => {}
+            () = down => {}
+        }
+    }
+}
+
+impl Drop for LossyProxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// What `publish_through_lost_replies` saw.
+pub struct LossReport {
+    pub acknowledged: usize,
+    pub unknown: usize,
+    pub not_stored: usize,
+    pub keyed_retries: usize,
+}
+
+/// Publishes `n` messages without a key and `n` with one (retried until answered) while
+/// replies get lost, then checks history: no payload stored twice, every acknowledged
+/// position holds its payload, nothing answered "not stored" was stored, and every keyed
+/// message is stored exactly once at the position its answer named.
+pub async fn publish_through_lost_replies(
+    broker: &tidings_redis::RedisBroker,
+    channel: &tidings_core::ChannelName,
+    n: usize,
+    stop_losing: impl FnOnce(),
+) -> LossReport {
+    use std::collections::HashMap;
+    use tidings_core::{Broker, BrokerError, Data, IdempotencyKey, PublishOptions, Since};
+    let text = |s: &str| Data::Text(bytes::Bytes::from(s.to_owned()));
+    let mut acked: HashMap<u64, String> = HashMap::new();
+    let mut report = LossReport {
+        acknowledged: 0,
+        unknown: 0,
+        not_stored: 0,
+        keyed_retries: 0,
+    };
+    let mut not_stored = Vec::new();
+    for i in 0..n {
+        let payload = format!("plain-{i}");
+        match broker.publish(channel, None, text(&payload)).await {
+            Ok(m) => {
+                assert!(
+                    acked.insert(m.offset, payload).is_none(),
+                    "offset {} twice",
+                    m.offset
+                );
+                report.acknowledged += 1;
+            }
+            Err(BrokerError::OutcomeUnknown(_)) => report.unknown += 1,
+            Err(BrokerError::Unavailable(_)) => {
+                report.not_stored += 1;
+                not_stored.push(payload);
+            }
+            Err(e) => panic!("unexpected {e}"),
+        }
+    }
+    let mut keyed: HashMap<String, u64> = HashMap::new();
+    for i in 0..n {
+        let payload = format!("keyed-{i}");
+        let options = PublishOptions {
+            idempotency_key: Some(IdempotencyKey::new(&format!("key-{i}")).unwrap()),
+            ..PublishOptions::default()
+        };
+        let mut tries = 0;
+        let offset = loop {
+            tries += 1;
+            assert!(tries < 50, "{payload} never answered");
+            match broker
+                .publish_with(channel, None, text(&payload), &options)
+                .await
+            {
+                Ok(p) => break p.message.offset,
+                Err(_) => report.keyed_retries += 1,
+            }
+        };
+        keyed.insert(payload, offset);
+    }
+    stop_losing();
+    let read = broker
+        .read(channel, &Since::Last(1_000_000), None)
+        .await
+        .unwrap();
+    let mut stored: HashMap<String, Vec<u64>> = HashMap::new();
+    for m in read.replay.messages() {
+        let payload = String::from_utf8_lossy(m.data.raw()).into_owned();
+        stored.entry(payload).or_default().push(m.offset);
+    }
+    for (payload, offsets) in &stored {
+        assert_eq!(offsets.len(), 1, "{payload} stored at offsets {offsets:?}");
+    }
+    for (offset, payload) in &acked {
+        assert_eq!(
+            stored.get(payload),
+            Some(&vec![*offset]),
+            "acknowledged {payload}"
+        );
+    }
+    for payload in &not_stored {
+        assert!(
+            !stored.contains_key(payload),
+            "{payload} was answered \"not stored\""
+        );
+    }
+    for (payload, offset) in &keyed {
+        assert_eq!(stored.get(payload), Some(&vec![*offset]), "keyed {payload}");
+    }
+    report
 }
