@@ -104,6 +104,12 @@ impl From<BrokerError> for ApiError {
                 "broker_unavailable",
                 "the broker is unavailable; nothing was stored, retry later",
             ),
+            BrokerError::OutcomeUnknown(_) => Self::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "outcome_unknown",
+                "the broker's answer was lost: the message may or may not have been stored; \
+                 retry with the same Idempotency-Key to publish it at most once",
+            ),
             BrokerError::Unsupported(what) => Self::new(
                 StatusCode::NOT_IMPLEMENTED,
                 "unsupported",
