@@ -420,3 +420,50 @@ async fn a_lost_redis_reply_answers_503_outcome_unknown_and_keyed_retries_store_
         assert!(data.contains(d), "acknowledged {d} is in history");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn raw_ws_closes_4010_before_any_message_of_the_epoch_after_a_gap() {
+    use futures_util::StreamExt;
+    use tokio_tungstenite::tungstenite::Message as Ws;
+    let redis = redis_support::shared();
+    let prefix = unique_prefix("rawgap");
+    let server = {
+        let (url, prefix) = (redis.url(), prefix.clone());
+        TestServer::with(move |c| {
+            c.broker.url = url;
+            c.broker.prefix = prefix;
+        })
+        .await
+    };
+    let url = format!("{}/ws/news", server.url.replacen("http://", "ws://", 1));
+    let (mut ws, _) = tokio_tungstenite::connect_async(url).await.unwrap();
+    let mut next = async || loop {
+        let frame = tokio::time::timeout(common::TIMEOUT, ws.next())
+            .await
+            .expect("a frame in time")
+            .expect("the socket is open")
+            .unwrap();
+        match frame {
+            Ws::Ping(_) | Ws::Pong(_) => continue,
+            f => return f,
+        }
+    };
+    eventually("the raw socket is subscribed", async || {
+        server.get_json("/api/channels/news").await.1["subscribers"] == 1
+    })
+    .await;
+    for i in 1..=3 {
+        server.publish("news", json!(format!("before-{i}"))).await;
+    }
+    for i in 1..=3 {
+        assert_eq!(next().await, Ws::text(format!("\"before-{i}\"")));
+    }
+    // What a volatile-* eviction policy can do: the channel's keys vanish between publishes.
+    redis.command(&format!("DEL {prefix}:{{news}}:m {prefix}:{{news}}:s"));
+    server.publish("news", json!("after-1")).await;
+    server.publish("news", json!("after-2")).await;
+    match next().await {
+        Ws::Close(Some(f)) => assert_eq!(u16::from(f.code), 4010, "{f:?}"),
+        other => panic!("expected the 4010 close before anything of the new epoch, got {other:?}"),
+    }
+}
