@@ -542,7 +542,7 @@ impl LossyProxy {
                     .count() as u64;
                 for _ in 0..evalshas {
                     let k = seen.fetch_add(1, Ordering::Relaxed) + 1;
-                    if k % drop_every == 0 && lossy.load(Ordering::Relaxed) {
+                    if k.is_multiple_of(drop_every) && lossy.load(Ordering::Relaxed) {
                         cut_up.store(true, Ordering::Release);
                     }
                 }
