@@ -262,8 +262,7 @@ mod tests {
         for row in &rows {
             for name in &row.names {
                 assert!(
-                    keys.iter()
-                        .any(|k| k.table == row.table && &k.name == name),
+                    keys.iter().any(|k| k.table == row.table && &k.name == name),
                     "docs/configuration.md documents {}.{name}, which `config default` does not have",
                     row.table
                 );
