@@ -4,6 +4,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod lost_replies;
 mod support;
 
 use std::sync::Arc;
@@ -593,7 +594,7 @@ async fn a_publish_whose_reply_is_lost_is_reported_unknown_and_a_keyed_retry_sto
         false,
     )
     .await;
-    let report = support::publish_through_lost_replies(&b, &ch("lossy"), 300, || {
+    let report = lost_replies::publish_through_lost_replies(&b, &ch("lossy"), 300, || {
         proxy
             .lossy
             .store(false, std::sync::atomic::Ordering::Relaxed);

@@ -3,6 +3,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod lost_replies;
 mod support;
 
 use std::sync::{Arc, OnceLock};
@@ -159,7 +160,7 @@ impl Seen {
 async fn live_delivery_continues_with_nothing_lost_when_the_channel_slot_moves_to_another_master() {
     let cluster = RedisCluster::start(3);
     let prefix = unique_prefix("reshard");
-    let policies = Arc::new(Policies {
+    let policies = LivePolicies::new(Policies {
         default: tidings_core::ChannelPolicy {
             history_size: 100_000,
             ..Default::default()
@@ -283,7 +284,7 @@ async fn a_publish_whose_reply_is_lost_is_never_stored_twice_on_a_cluster() {
         proxies.push(support::LossyProxy::start(node.port, 25).await);
     }
     cluster.announce(&proxies.iter().map(|p| p.port).collect::<Vec<_>>());
-    let policies = Arc::new(Policies {
+    let policies = LivePolicies::new(Policies {
         default: tidings_core::ChannelPolicy {
             history_size: 100_000,
             ..Default::default()
@@ -302,7 +303,7 @@ async fn a_publish_whose_reply_is_lost_is_never_stored_twice_on_a_cluster() {
         .await
         .unwrap();
     let c = ChannelName::new("lossy").unwrap();
-    let report = support::publish_through_lost_replies(&b, &c, 300, || {
+    let report = lost_replies::publish_through_lost_replies(&b, &c, 300, || {
         for p in &proxies {
             p.lossy.store(false, std::sync::atomic::Ordering::Relaxed);
         }
