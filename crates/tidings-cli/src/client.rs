@@ -283,7 +283,7 @@ pub fn one_line(json: &str) -> Cow<'_, str> {
     Cow::Owned(out)
 }
 
-fn is_connection_refused(err: &reqwest::Error) -> bool {
+pub(crate) fn is_connection_refused(err: &reqwest::Error) -> bool {
     let mut source: Option<&(dyn std::error::Error + 'static)> = Some(err);
     while let Some(e) = source {
         if let Some(io) = e.downcast_ref::<std::io::Error>()

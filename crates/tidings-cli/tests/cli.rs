@@ -829,3 +829,101 @@ async fn config_explain_prints_a_keys_default_variable_and_meaning_and_lists_key
     let stderr = run_err(&["config", "explain", "heartbeat"]).await;
     assert!(stderr.contains("server.heartbeat_interval"), "{stderr}");
 }
+
+/// A loopback proxy to `target` that, on its first connection, lets the request through
+/// but throws away the server's answer and closes: a publish stored, its reply lost.
+async fn reply_losing_proxy(target: std::net::SocketAddr) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut first = true;
+        while let Ok((client, _)) = listener.accept().await {
+            let server = tokio::net::TcpStream::connect(target).await.unwrap();
+            let lose = std::mem::take(&mut first);
+            tokio::spawn(async move {
+                let (mut cr, mut cw) = client.into_split();
+                let (mut sr, mut sw) = server.into_split();
+                let up = async move {
+                    let _ = tokio::io::copy(&mut cr, &mut sw).await;
+                };
+                let down = async move {
+                    if lose {
+                        let mut buf = [0u8; 4096];
+                        let _ = sr.read(&mut buf).await;
+                        let _ = cw.shutdown().await;
+                    } else {
+                        let _ = tokio::io::copy(&mut sr, &mut cw).await;
+                    }
+                };
+                tokio::select! {
+                    () = up => {}
+                    () = down => {}
+                }
+            });
+        }
+    });
+    format!("http://{addr}")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publish_retries_a_lost_reply_with_its_idempotency_key_and_the_message_is_stored_once() {
+    let server = Server::start().await;
+    let target = server.url.trim_start_matches("http://").parse().unwrap();
+    let proxy = reply_losing_proxy(target).await;
+    let out = run(&["publish", "news", "once", "--url", &proxy], None).await;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let position = parse_one_line(&text(&out.stdout));
+    assert!(
+        text(&out.stderr).contains("trying again with the same Idempotency-Key"),
+        "{}",
+        text(&out.stderr)
+    );
+    let (_, history) = server.get_json("/api/channels/news/history").await;
+    let messages = history["messages"].as_array().unwrap();
+    assert_eq!(messages.len(), 1, "{history}");
+    assert_eq!(messages[0]["offset"], position["offset"]);
+    assert_eq!(messages[0]["data"], json!("once"));
+
+    // An explicit key: a second invocation is answered with the first position.
+    let again = |data: &'static str| {
+        let url = server.url.clone();
+        async move {
+            let out = run_ok(
+                &[
+                    "publish",
+                    "news",
+                    data,
+                    "--idempotency-key",
+                    "job-1",
+                    "--url",
+                    &url,
+                ],
+                None,
+            )
+            .await;
+            parse_one_line(&out)
+        }
+    };
+    let first = again("a").await;
+    assert_eq!(again("a").await, first);
+    let bad = run(
+        &[
+            "publish",
+            "news",
+            "x",
+            "--idempotency-key",
+            "no spaces",
+            "--url",
+            &server.url,
+        ],
+        None,
+    )
+    .await;
+    assert!(!bad.status.success());
+    assert!(
+        text(&bad.stderr).contains("idempotency"),
+        "{}",
+        text(&bad.stderr)
+    );
+}

@@ -14,6 +14,10 @@
 //!   that keep remote subscriptions reconcile against `Hub::subscriber_count` rather than
 //!   trusting call order.
 //! - An unsupported capability answers `BrokerError::Unsupported`, never a silent no-op.
+//! - `Unavailable` from `publish` means nothing was stored; a publish that may or may not
+//!   have been stored (Redis ran it, the reply was lost) is `OutcomeUnknown`, never retried
+//!   blindly. A publish with an idempotency key (`PublishOptions`) checks and records the key
+//!   in the same atomic step as the publish (see `idempotency.rs`).
 
 pub mod memory;
 
@@ -24,13 +28,18 @@ use thiserror::Error;
 
 use crate::channel::{ChannelName, EventName};
 use crate::history::{HistoryRead, Since};
+use crate::idempotency::{PublishOptions, Published};
 use crate::message::{Data, Message, Position};
 use crate::presence::ClientInfo;
 
 #[derive(Debug, Error, Clone, PartialEq, Eq)]
 pub enum BrokerError {
+    /// Nothing was stored.
     #[error("broker unavailable: {0}")]
     Unavailable(String),
+    /// The publish may have been stored: the broker's answer was lost.
+    #[error("outcome unknown: {0}")]
+    OutcomeUnknown(String),
     #[error("not supported by this broker: {0}")]
     Unsupported(&'static str),
     /// The data dir could not take the write (disk full, I/O error): nothing was stored.
@@ -53,12 +62,26 @@ pub trait Broker: Send + Sync + 'static {
     /// A short name for logs and `/readyz` (`memory`, `redis`).
     fn kind(&self) -> &'static str;
 
+    /// Publishes one message (see the module docs for what a success promises).
+    async fn publish_with(
+        &self,
+        channel: &ChannelName,
+        event: Option<EventName>,
+        data: Data,
+        options: &PublishOptions,
+    ) -> Result<Published, BrokerError>;
+
+    /// `publish_with` without options.
     async fn publish(
         &self,
         channel: &ChannelName,
         event: Option<EventName>,
         data: Data,
-    ) -> Result<Arc<Message>, BrokerError>;
+    ) -> Result<Arc<Message>, BrokerError> {
+        self.publish_with(channel, event, data, &PublishOptions::default())
+            .await
+            .map(|p| p.message)
+    }
 
     /// Reads history from `since`, at most `limit` messages, with the channel's top.
     async fn read(

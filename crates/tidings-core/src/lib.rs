@@ -14,6 +14,7 @@
 //!   deduplicated event stream with gap notices.
 //! - `broker`: the `Broker` trait (memory today, Redis later) and `broker::memory`.
 //! - `store`: the `Store` contract a data dir implements (`tidings-store`), `Fsync`.
+//! - `idempotency`: idempotency keys and the per-channel window that remembers them.
 //! - `node`: a hub joined to a broker; what the transports call.
 //! - `policy`: per-namespace history and permission settings.
 //! - `presence`: who follows a channel, and join/leave events.
@@ -28,6 +29,7 @@ pub mod cursor;
 pub mod disconnect;
 pub mod history;
 pub mod hub;
+pub mod idempotency;
 pub mod message;
 pub mod node;
 pub mod policy;
@@ -43,6 +45,7 @@ pub use cursor::{Cursor, CursorError};
 pub use disconnect::{Disconnect, DisconnectReason};
 pub use history::{Gap, GapReason, HistoryRead, Replay, Since};
 pub use hub::Hub;
+pub use idempotency::{IdempotencyKey, PublishOptions, Published};
 pub use message::{Data, Epoch, Message, Position};
 pub use node::Node;
 pub use policy::{ChannelPolicy, LivePolicies, Policies, PublishPolicy, SubscribePolicy};

@@ -8,6 +8,7 @@ use crate::broker::{Broker, BrokerError};
 use crate::channel::{ChannelName, EventName};
 use crate::history::{HistoryRead, Since};
 use crate::hub::Hub;
+use crate::idempotency::{PublishOptions, Published};
 use crate::message::{Data, Message};
 use crate::policy::{LivePolicies, Policies};
 
@@ -47,6 +48,18 @@ impl Node {
         data: Data,
     ) -> Result<Arc<Message>, BrokerError> {
         self.broker.publish(channel, event, data).await
+    }
+
+    pub async fn publish_with(
+        &self,
+        channel: &ChannelName,
+        event: Option<EventName>,
+        data: Data,
+        options: &PublishOptions,
+    ) -> Result<Published, BrokerError> {
+        self.broker
+            .publish_with(channel, event, data, options)
+            .await
     }
 
     pub async fn read(

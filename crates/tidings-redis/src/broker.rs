@@ -27,6 +27,7 @@ use futures_util::StreamExt;
 use redis::Value;
 use tidings_core::broker::{Broker, BrokerError, ChannelStats};
 use tidings_core::history::{Gap, GapReason, HistoryRead, Replay, Since};
+use tidings_core::idempotency::{PublishOptions, Published};
 use tidings_core::presence::{ClientInfo, PresenceKind};
 use tidings_core::{
     ChannelName, ChannelPolicy, Data, Epoch, EventName, Hub, LivePolicies, Message, Position,
@@ -36,7 +37,7 @@ use tokio_util::sync::CancellationToken;
 use crate::codec::{self, announcement, client_json, entry_message, kind_of, parse_client};
 use crate::connection::{self, Commands, Endpoint, RESPONSE_TIMEOUT};
 use crate::keys::Keys;
-use crate::pubsub::{Inbox, Link, run_reader, run_supervisor};
+use crate::pubsub::{Inbox, Link, Recovered, recovery_channel, run_reader, run_supervisor};
 use crate::scripts;
 use crate::{ConnectError, RedisOptions};
 
@@ -56,6 +57,8 @@ const LIST_MAX: usize = 10_000;
 const SCAN_PAGES_MAX: usize = 1_000;
 /// Presence lists are capped like channel lists.
 const PRESENCE_MAX: usize = 10_000;
+/// Channels whose last seen position a node remembers (see `Shared::seen`).
+const SEEN_MAX: usize = 100_000;
 /// Redis calls the upkeep task makes at once.
 const UPKEEP_CONCURRENCY: usize = 16;
 
@@ -71,6 +74,8 @@ pub struct Shared {
     pub(crate) keys: Keys,
     pub(crate) endpoint: Endpoint,
     pub(crate) commands: Commands,
+    /// The publish script's connection: it never resends by itself (see `publish_with`).
+    pub(crate) publisher: Commands,
     pub(crate) inbox: Arc<Inbox>,
     pub(crate) link: Mutex<Link>,
     pub(crate) current_generation: AtomicU64,
@@ -78,6 +83,12 @@ pub struct Shared {
     pub(crate) installed: tokio::sync::Notify,
     /// Per channel: the generation of the connection it is subscribed on (see `reconcile`).
     pub(crate) subs: Mutex<HashMap<ChannelName, Arc<tokio::sync::Mutex<u64>>>>,
+    /// Recovery tasks report to the reader here (see `pubsub::recover`).
+    pub(crate) recovered: tokio::sync::mpsc::Sender<Recovered>,
+    /// Per channel, the highest position this node has seen Redis acknowledge or deliver:
+    /// the evidence that lets the scripts notice a Redis restored from an older copy
+    /// (`regressed` in `common.lua`). Bounded by `SEEN_MAX`.
+    seen: Mutex<HashMap<ChannelName, Position>>,
     /// This node's present clients, refreshed in Redis by `run_upkeep`.
     presence: Mutex<HashMap<ChannelName, HashMap<String, ClientInfo>>>,
 }
@@ -119,6 +130,66 @@ async fn timed<T>(
     }
 }
 
+/// Warnings about an `INFO memory` + `INFO persistence` text (see `configuration_warnings`).
+pub(crate) fn config_warnings(info: &str) -> Vec<String> {
+    let field = |name: &str| {
+        info.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
+            .map(str::trim)
+    };
+    let mut out = Vec::new();
+    let maxmemory = field("maxmemory")
+        .and_then(|v| v.parse::<u64>().ok())
+        .unwrap_or(0);
+    let policy = field("maxmemory_policy").unwrap_or("noeviction");
+    if maxmemory > 0 && policy != "noeviction" {
+        out.push(format!(
+            "Redis may evict Tidings' keys (maxmemory {maxmemory} bytes, maxmemory-policy {policy}): \
+             an evicted channel silently restarts in a new epoch and loses its history; \
+             set maxmemory-policy noeviction (publishes then fail with 503 when memory is full)"
+        ));
+    }
+    if field("loading") == Some("1") {
+        out.push("Redis is still loading its data".to_owned());
+    }
+    out
+}
+
+/// What a failed publish script call says about whether it ran.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum PublishFailure {
+    /// Redis did not run it, and may well run it in a moment (a redirect during a slot
+    /// migration, a failover, a loading replica, a connection being re-established).
+    NotRunRetry,
+    /// Redis refused it (out of memory, no permission, a script error before any write).
+    NotRun,
+    /// The request may have been executed: the connection dropped or the reply was lost.
+    Unknown,
+}
+
+fn publish_failure(e: &redis::RedisError) -> PublishFailure {
+    use redis::{ErrorKind, ServerErrorKind};
+    match e.kind() {
+        ErrorKind::Server(
+            ServerErrorKind::Moved
+            | ServerErrorKind::Ask
+            | ServerErrorKind::TryAgain
+            | ServerErrorKind::ClusterDown
+            | ServerErrorKind::MasterDown
+            | ServerErrorKind::BusyLoading
+            | ServerErrorKind::ReadOnly,
+        ) => PublishFailure::NotRunRetry,
+        // A server error answers the request: a script that fails does so before writing
+        // (Redis refuses a write script under OOM before running it).
+        ErrorKind::Server(_) => PublishFailure::NotRun,
+        ErrorKind::ClusterConnectionNotFound => PublishFailure::NotRunRetry,
+        // Redis is down: fail fast rather than wait for it.
+        ErrorKind::Io if e.is_connection_refusal() => PublishFailure::NotRun,
+        ErrorKind::InvalidClientConfig | ErrorKind::AuthenticationFailed => PublishFailure::NotRun,
+        _ => PublishFailure::Unknown,
+    }
+}
+
 fn malformed(what: &str) -> BrokerError {
     BrokerError::Unavailable(format!("unexpected reply from Redis ({what})"))
 }
@@ -138,23 +209,31 @@ impl RedisBroker {
             })?),
             None => None,
         };
-        let (endpoint, commands) = connection::open(&options.urls, tls_ca).await?;
+        let connection::Opened {
+            endpoint,
+            commands,
+            publisher,
+        } = connection::open(&options.urls, tls_ca).await?;
         let (inbox, rx) = Inbox::new();
+        let (recovered, recovered_rx) = recovery_channel();
         let shared = Arc::new(Shared {
             hub,
             policies,
             keys,
             endpoint,
             commands,
+            publisher,
             inbox,
             link: Mutex::new(Link::default()),
             current_generation: AtomicU64::new(0),
             installed: tokio::sync::Notify::new(),
             subs: Mutex::new(HashMap::new()),
+            recovered,
+            seen: Mutex::new(HashMap::new()),
             presence: Mutex::new(HashMap::new()),
         });
         let stop = CancellationToken::new();
-        tokio::spawn(run_reader(shared.clone(), rx, stop.clone()));
+        tokio::spawn(run_reader(shared.clone(), rx, recovered_rx, stop.clone()));
         tokio::spawn(run_supervisor(shared.clone(), stop.clone()));
         tokio::spawn(run_upkeep(shared.clone(), stop.clone()));
         let broker = Arc::new(Self { shared, stop });
@@ -172,6 +251,14 @@ impl RedisBroker {
             }
         };
         if up {
+            match broker.configuration_warnings().await {
+                Ok(warnings) => {
+                    for w in warnings {
+                        tracing::warn!("{w}");
+                    }
+                }
+                Err(e) => tracing::info!(error = %e, "could not check Redis' configuration"),
+            }
             Ok(broker)
         } else {
             Err(ConnectError::Connect(
@@ -190,12 +277,62 @@ impl RedisBroker {
         self.shared.connected()
     }
 
+    /// What in Redis' configuration can break Tidings' guarantees, one sentence each (empty
+    /// when nothing does). Read from `INFO memory` and `INFO persistence` of every master,
+    /// which the documented ACL already allows; see `docs/redis.md`.
+    pub async fn configuration_warnings(&self) -> Result<Vec<String>, BrokerError> {
+        let s = &self.shared;
+        let mut out = Vec::new();
+        for (host, port) in s.scan_targets().await? {
+            let at = if host.is_empty() {
+                String::new()
+            } else {
+                format!(" on {host}:{port}")
+            };
+            let mut info = redis::cmd("INFO");
+            info.arg("memory").arg("persistence");
+            let reply = timed(
+                "reading Redis' configuration",
+                s.commands.query_on(info, &host, port),
+            )
+            .await?;
+            let text = codec::bytes(reply).ok_or_else(|| malformed("INFO"))?;
+            out.extend(
+                config_warnings(&String::from_utf8_lossy(&text))
+                    .into_iter()
+                    .map(|w| format!("{w}{at}")),
+            );
+        }
+        Ok(out)
+    }
+
     fn sharded(&self) -> &'static str {
         if self.is_cluster() { "1" } else { "0" }
     }
 }
 
 impl Shared {
+    pub(crate) fn seen(&self, channel: &ChannelName) -> Option<Position> {
+        relock(&self.seen).get(channel).cloned()
+    }
+
+    /// Records `at` as seen (a later offset of the same epoch, or any other epoch: the newest
+    /// word on the channel is what counts).
+    pub(crate) fn note_seen(&self, channel: &ChannelName, at: &Position) {
+        let mut seen = relock(&self.seen);
+        match seen.get_mut(channel) {
+            Some(p) if p.epoch == at.epoch => p.offset = p.offset.max(at.offset),
+            Some(p) => *p = at.clone(),
+            None => {
+                if seen.len() >= SEEN_MAX {
+                    // Forgetting only weakens the check for a while; it never misleads it.
+                    seen.clear();
+                }
+                seen.insert(channel.clone(), at.clone());
+            }
+        }
+    }
+
     async fn stats(&self, channel: &ChannelName) -> Result<Option<ChannelStats>, BrokerError> {
         let policy = self.policies.for_channel(channel);
         let mut inv = scripts::STATS.prepare_invoke();
@@ -217,6 +354,71 @@ impl Shared {
             top: Position { epoch, offset: top },
             history_len: usize::try_from(len).unwrap_or(usize::MAX),
         }))
+    }
+
+    /// `read.lua`: the replay and the channel's top in one atomic step (no subscribing).
+    pub(crate) async fn read_history(
+        &self,
+        channel: &ChannelName,
+        since: &Since,
+        limit: Option<usize>,
+    ) -> Result<HistoryRead, BrokerError> {
+        let s = self;
+        let policy = s.policies.for_channel(channel);
+        let limit = limit.unwrap_or(READ_MAX).min(READ_MAX);
+        let (mode, n, epoch) = match since {
+            Since::Now => ("now", 0, ""),
+            Since::Last(n) => ("last", (*n).min(READ_MAX) as u64, ""),
+            Since::After(p) => ("after", p.offset, p.epoch.as_str()),
+        };
+        let mut inv = scripts::READ.prepare_invoke();
+        inv.key(s.keys.meta(channel))
+            .key(s.keys.stream(channel))
+            .arg(Epoch::random().as_str())
+            .arg(millis(policy.history_ttl))
+            .arg(meta_ttl(&policy))
+            .arg(mode)
+            .arg(n)
+            .arg(epoch)
+            .arg(limit)
+            .arg(policy.history_size);
+        let seen = s.seen(channel);
+        inv.arg(seen.as_ref().map_or("", |p| p.epoch.as_str()))
+            .arg(seen.as_ref().map_or(0, |p| p.offset));
+        let reply = timed("reading history", s.commands.invoke(&inv)).await?;
+        let parts = codec::array(reply).ok_or_else(|| malformed("read"))?;
+        let [epoch, top, reason, first, entries] =
+            <[Value; 5]>::try_from(parts).map_err(|_| malformed("read"))?;
+        let epoch = codec::epoch(epoch).ok_or_else(|| malformed("read epoch"))?;
+        let top = codec::integer(&top).ok_or_else(|| malformed("read top"))?;
+        let first = codec::integer(&first).ok_or_else(|| malformed("read first"))?;
+        let reason = match codec::bytes(reason).as_deref() {
+            Some(b"") => None,
+            Some(b"trimmed") => Some(GapReason::Trimmed),
+            Some(b"epoch_changed") => Some(GapReason::EpochChanged),
+            _ => return Err(malformed("read gap reason")),
+        };
+        let entries = codec::array(entries).ok_or_else(|| malformed("read entries"))?;
+        let mut messages = Vec::with_capacity(entries.len());
+        for entry in entries {
+            let m = entry_message(channel, &epoch, entry).map_err(malformed)?;
+            messages.push(Arc::new(m));
+        }
+        let replay = match reason {
+            None => Replay::Complete(messages),
+            Some(reason) => Replay::Gap {
+                gap: Gap {
+                    channel: channel.as_str().to_owned(),
+                    epoch: epoch.clone(),
+                    next_offset: first,
+                    reason,
+                },
+                messages,
+            },
+        };
+        let top = Position { epoch, offset: top };
+        s.note_seen(channel, &top);
+        Ok(HistoryRead { top, replay })
     }
 
     /// Masters of the cluster as `(host, port)`, or the one server.
@@ -297,17 +499,29 @@ impl Broker for RedisBroker {
         "redis"
     }
 
-    async fn publish(
+    async fn publish_with(
         &self,
         channel: &ChannelName,
         event: Option<EventName>,
         data: Data,
-    ) -> Result<Arc<Message>, BrokerError> {
+        options: &PublishOptions,
+    ) -> Result<Published, BrokerError> {
         let s = &self.shared;
+        if !s.connected() {
+            // Redis went away (the supervisor noticed): nothing is sent, so this is a clean
+            // "not stored", where a command on the dead connection could only be "unknown".
+            return Err(BrokerError::Unavailable(
+                "Redis pub/sub is not connected".into(),
+            ));
+        }
         let policy = s.policies.for_channel(channel);
+        let [keys_even, keys_odd] = s.keys.idempotency(channel);
+        let key = options.idempotency_key.as_ref();
         let mut inv = scripts::PUBLISH.prepare_invoke();
         inv.key(s.keys.meta(channel))
             .key(s.keys.stream(channel))
+            .key(keys_even)
+            .key(keys_odd)
             .arg(Epoch::random().as_str())
             .arg(policy.history_size)
             .arg(millis(policy.history_ttl))
@@ -316,21 +530,71 @@ impl Broker for RedisBroker {
             .arg(self.sharded())
             .arg(kind_of(&data))
             .arg(event.as_ref().map_or("", |e| e.as_str()))
-            .arg(&data.raw()[..]);
-        let reply = timed("publishing", s.commands.invoke(&inv)).await?;
+            .arg(&data.raw()[..])
+            .arg(key.map_or("", |k| k.as_str()))
+            .arg(millis(options.idempotency_window));
+        let seen = s.seen(channel);
+        inv.arg(seen.as_ref().map_or("", |p| p.epoch.as_str()))
+            .arg(seen.as_ref().map_or(0, |p| p.offset));
+        // Never a blind retry: the script is sent again only when Redis certainly did not run
+        // it (a redirect, a refused connection, LOADING…), or when it carries an idempotency
+        // key (then running it twice stores it once). Otherwise a lost answer is reported as
+        // such: the caller cannot be told "not stored" when it may have been.
+        let deadline = tokio::time::Instant::now() + RESPONSE_TIMEOUT;
+        let mut pause = Duration::from_millis(10);
+        let reply = loop {
+            let failure = match tokio::time::timeout_at(deadline, s.publisher.invoke(&inv)).await {
+                Ok(Ok(reply)) => break reply,
+                Ok(Err(e)) => e,
+                Err(_) => {
+                    return Err(BrokerError::OutcomeUnknown(
+                        "Redis did not answer the publish in time".into(),
+                    ));
+                }
+            };
+            let outcome = publish_failure(&failure);
+            let retry = match outcome {
+                PublishFailure::NotRunRetry => true,
+                PublishFailure::NotRun => false,
+                PublishFailure::Unknown => key.is_some(),
+            };
+            if !retry || tokio::time::Instant::now() + pause >= deadline {
+                return Err(match outcome {
+                    PublishFailure::Unknown => BrokerError::OutcomeUnknown(format!(
+                        "publishing: {failure} (Redis may have stored it)"
+                    )),
+                    _ => unavailable("publishing", failure),
+                });
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_millis(200));
+        };
         let parts = codec::array(reply).ok_or_else(|| malformed("publish"))?;
-        let [epoch, offset, time] =
-            <[Value; 3]>::try_from(parts).map_err(|_| malformed("publish"))?;
+        let [epoch, offset, time, replayed] =
+            <[Value; 4]>::try_from(parts).map_err(|_| malformed("publish"))?;
         let offset = codec::integer(&offset).ok_or_else(|| malformed("publish offset"))?;
         let time = codec::integer(&time).ok_or_else(|| malformed("publish time"))?;
         let epoch = codec::epoch(epoch).ok_or_else(|| malformed("publish epoch"))?;
-        Ok(Arc::new(Message::new(
-            channel.clone(),
-            Position { epoch, offset },
-            event,
-            data,
-            time,
-        )))
+        let replayed = codec::integer(&replayed) == Some(1);
+        if !replayed {
+            s.note_seen(
+                channel,
+                &Position {
+                    epoch: epoch.clone(),
+                    offset,
+                },
+            );
+        }
+        Ok(Published {
+            message: Arc::new(Message::new(
+                channel.clone(),
+                Position { epoch, offset },
+                event,
+                data,
+                time,
+            )),
+            replayed,
+        })
     }
 
     async fn read(
@@ -346,59 +610,7 @@ impl Broker for RedisBroker {
             // for the first one's subscribe otherwise).
             s.reconcile(channel).await?;
         }
-        let policy = s.policies.for_channel(channel);
-        let limit = limit.unwrap_or(READ_MAX).min(READ_MAX);
-        let (mode, n, epoch) = match since {
-            Since::Now => ("now", 0, ""),
-            Since::Last(n) => ("last", (*n).min(READ_MAX) as u64, ""),
-            Since::After(p) => ("after", p.offset, p.epoch.as_str()),
-        };
-        let mut inv = scripts::READ.prepare_invoke();
-        inv.key(s.keys.meta(channel))
-            .key(s.keys.stream(channel))
-            .arg(Epoch::random().as_str())
-            .arg(millis(policy.history_ttl))
-            .arg(meta_ttl(&policy))
-            .arg(mode)
-            .arg(n)
-            .arg(epoch)
-            .arg(limit)
-            .arg(policy.history_size);
-        let reply = timed("reading history", s.commands.invoke(&inv)).await?;
-        let parts = codec::array(reply).ok_or_else(|| malformed("read"))?;
-        let [epoch, top, reason, first, entries] =
-            <[Value; 5]>::try_from(parts).map_err(|_| malformed("read"))?;
-        let epoch = codec::epoch(epoch).ok_or_else(|| malformed("read epoch"))?;
-        let top = codec::integer(&top).ok_or_else(|| malformed("read top"))?;
-        let first = codec::integer(&first).ok_or_else(|| malformed("read first"))?;
-        let reason = match codec::bytes(reason).as_deref() {
-            Some(b"") => None,
-            Some(b"trimmed") => Some(GapReason::Trimmed),
-            Some(b"epoch_changed") => Some(GapReason::EpochChanged),
-            _ => return Err(malformed("read gap reason")),
-        };
-        let entries = codec::array(entries).ok_or_else(|| malformed("read entries"))?;
-        let mut messages = Vec::with_capacity(entries.len());
-        for entry in entries {
-            let m = entry_message(channel, &epoch, entry).map_err(malformed)?;
-            messages.push(Arc::new(m));
-        }
-        let replay = match reason {
-            None => Replay::Complete(messages),
-            Some(reason) => Replay::Gap {
-                gap: Gap {
-                    channel: channel.as_str().to_owned(),
-                    epoch: epoch.clone(),
-                    next_offset: first,
-                    reason,
-                },
-                messages,
-            },
-        };
-        Ok(HistoryRead {
-            top: Position { epoch, offset: top },
-            replay,
-        })
+        s.read_history(channel, since, limit).await
     }
 
     async fn subscribe(&self, channel: &ChannelName) -> Result<(), BrokerError> {

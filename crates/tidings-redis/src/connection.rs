@@ -94,12 +94,18 @@ fn with_resp3(info: &ConnectionInfo) -> ConnectionInfo {
     info.clone().set_redis_settings(redis)
 }
 
-fn cluster_builder(nodes: &[ConnectionInfo], tls_ca: Option<&[u8]>) -> ClusterClientBuilder {
+/// `retries`: how often redis-rs may send a failed command again by itself (redirects
+/// included). Only for commands that are safe to repeat: the publish script gets 0 (see
+/// `RedisBroker::publish_with`).
+fn cluster_builder(
+    nodes: &[ConnectionInfo],
+    tls_ca: Option<&[u8]>,
+    retries: u32,
+) -> ClusterClientBuilder {
     let mut b = ClusterClientBuilder::new(nodes.to_vec())
         .connection_timeout(CONNECT_TIMEOUT)
         .response_timeout(RESPONSE_TIMEOUT)
-        // Few retries: a publish must fail fast (503) when the cluster is down, not queue up.
-        .retries(2)
+        .retries(retries)
         .min_retry_wait(50)
         .max_retry_wait(500);
     if let Some(ca) = tls_ca {
@@ -115,11 +121,19 @@ fn connect_error(url: &str, e: impl std::fmt::Display) -> ConnectError {
     ConnectError::Connect(format!("{}: {e}", masked(url)))
 }
 
-/// Opens the command connection and works out whether the target is a cluster.
-pub async fn open(
-    urls: &[String],
-    tls_ca: Option<Vec<u8>>,
-) -> Result<(Endpoint, Commands), ConnectError> {
+/// What `open` connects.
+pub struct Opened {
+    pub endpoint: Endpoint,
+    /// For everything that is safe to repeat (reads, presence, listing).
+    pub commands: Commands,
+    /// For the publish script, which is not: on a cluster a connection that never sends a
+    /// command again by itself; on one server the same connection (a `ConnectionManager`
+    /// reconnects but does not resend).
+    pub publisher: Commands,
+}
+
+/// Opens the command connections and works out whether the target is a cluster.
+pub async fn open(urls: &[String], tls_ca: Option<Vec<u8>>) -> Result<Opened, ConnectError> {
     let Some(first_url) = urls.first() else {
         return Err(ConnectError::Url("no Redis URL given".into()));
     };
@@ -173,25 +187,44 @@ pub async fn open(
     }
     let resp3 =
         client(with_resp3(&info), tls_ca.as_deref()).map_err(|e| connect_error(first_url, e))?;
-    Ok((Endpoint::Single { resp3 }, Commands::Single(manager)))
+    Ok(Opened {
+        endpoint: Endpoint::Single { resp3 },
+        commands: Commands::Single(manager.clone()),
+        publisher: Commands::Single(manager),
+    })
+}
+
+async fn cluster_connection(
+    nodes: &[ConnectionInfo],
+    tls_ca: Option<&[u8]>,
+    retries: u32,
+    first_url: &str,
+) -> Result<ClusterConnection, ConnectError> {
+    let client: ClusterClient = cluster_builder(nodes, tls_ca, retries)
+        .build()
+        .map_err(|e| connect_error(first_url, e))?;
+    tokio::time::timeout(
+        CONNECT_TIMEOUT + RESPONSE_TIMEOUT,
+        client.get_async_connection(),
+    )
+    .await
+    .map_err(|_| connect_error(first_url, "timed out"))?
+    .map_err(|e| connect_error(first_url, e))
 }
 
 async fn open_cluster(
     nodes: Vec<ConnectionInfo>,
     tls_ca: Option<Vec<u8>>,
     first_url: &str,
-) -> Result<(Endpoint, Commands), ConnectError> {
-    let client: ClusterClient = cluster_builder(&nodes, tls_ca.as_deref())
-        .build()
-        .map_err(|e| connect_error(first_url, e))?;
-    let conn = tokio::time::timeout(
-        CONNECT_TIMEOUT + RESPONSE_TIMEOUT,
-        client.get_async_connection(),
-    )
-    .await
-    .map_err(|_| connect_error(first_url, "timed out"))?
-    .map_err(|e| connect_error(first_url, e))?;
-    Ok((Endpoint::Cluster { nodes, tls_ca }, Commands::Cluster(conn)))
+) -> Result<Opened, ConnectError> {
+    // Few retries: a request must fail fast (503) when the cluster is down, not queue up.
+    let commands = cluster_connection(&nodes, tls_ca.as_deref(), 2, first_url).await?;
+    let publisher = cluster_connection(&nodes, tls_ca.as_deref(), 0, first_url).await?;
+    Ok(Opened {
+        endpoint: Endpoint::Cluster { nodes, tls_ca },
+        commands: Commands::Cluster(commands),
+        publisher: Commands::Cluster(publisher),
+    })
 }
 
 impl Endpoint {
@@ -213,7 +246,7 @@ impl Endpoint {
                 Ok(PubSubConn::Single(conn))
             }
             Endpoint::Cluster { nodes, tls_ca } => {
-                let client = cluster_builder(nodes, tls_ca.as_deref())
+                let client = cluster_builder(nodes, tls_ca.as_deref(), 2)
                     .use_protocol(ProtocolVersion::RESP3)
                     .push_sender(sender)
                     .build()?;

@@ -11,6 +11,7 @@
 //! | `P:{channel}:s`        | stream | history, entry IDs `<offset>-<time ms>`            |
 //! | `P:{channel}:pz`       | zset   | present client → expiry (ms)                       |
 //! | `P:{channel}:ph`       | hash   | present client → `{"client","user"}`               |
+//! | `P:{channel}:i0`, `:i1`| hash   | idempotency keys of two time buckets (`publish.lua`) |
 //! | `P:{channel}:c`        | pub/sub (sharded in a cluster) channel of messages, joins and leaves |
 
 use tidings_core::ChannelName;
@@ -59,6 +60,11 @@ impl Keys {
 
     pub fn presence_info(&self, channel: &ChannelName) -> String {
         self.key(channel, "ph")
+    }
+
+    /// The two idempotency-key hashes (even and odd time buckets).
+    pub fn idempotency(&self, channel: &ChannelName) -> [String; 2] {
+        [self.key(channel, "i0"), self.key(channel, "i1")]
     }
 
     pub fn pubsub(&self, channel: &ChannelName) -> String {

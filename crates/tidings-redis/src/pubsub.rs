@@ -32,13 +32,16 @@ use bytes::Bytes;
 use futures_util::StreamExt;
 use redis::{PushInfo, PushKind, Value};
 use tidings_core::presence::PresenceEvent;
-use tidings_core::{BrokerError, ChannelName, DisconnectReason, Epoch};
+use tidings_core::{
+    BrokerError, ChannelName, DisconnectReason, Epoch, HistoryRead, Message, Position, Since,
+};
 use tokio::sync::{Notify, mpsc};
 use tokio_util::sync::CancellationToken;
 
 use crate::broker::{Shared, relock};
 use crate::codec::{Push, decode_push};
 use crate::connection::{PubSubConn, RESPONSE_TIMEOUT};
+use crate::keys::Keys;
 
 /// Pushes the inbox holds before it starts dropping (and ending sessions).
 const INBOX_PUSHES: usize = 65_536;
@@ -51,8 +54,12 @@ const RETRY_MIN: Duration = Duration::from_millis(100);
 const RETRY_MAX: Duration = Duration::from_secs(2);
 /// Resubscriptions in flight at once after a reconnect.
 const RESUBSCRIBE_CONCURRENCY: usize = 32;
-/// Pub/sub names the reader remembers the channel (and last epoch) of.
+/// Pub/sub names the reader remembers the channel (and last position) of.
 const NAME_CACHE: usize = 10_000;
+/// Live messages held per channel while its subscription is being restored.
+const RECOVERY_HOLD: usize = 100_000;
+/// Recovery reports waiting for the reader.
+const RECOVERY_QUEUE: usize = 1024;
 
 pub struct Pushed {
     generation: u64,
@@ -91,8 +98,13 @@ impl Inbox {
             self.wake_supervisor.notify_one();
             return;
         }
-        if !matches!(info.kind, PushKind::Message | PushKind::SMessage) {
+        if !matches!(
+            info.kind,
+            PushKind::Message | PushKind::SMessage | PushKind::Unsubscribe | PushKind::SUnsubscribe
+        ) {
             // Subscribe confirmations and the like: the subscribe call already has its answer.
+            // Unsubscribes are kept: on a cluster the server sends one by itself when the
+            // channel's slot moves to another master (see `Reader::unsubscribed`).
             return;
         }
         let weight = 64 + info.data.iter().map(value_len).sum::<usize>();
@@ -177,10 +189,24 @@ impl Shared {
     /// when the hub has local subscribers, not subscribed otherwise. Returns once Redis has
     /// confirmed, which is what lets a join read history right after (see `read`).
     pub async fn reconcile(&self, channel: &ChannelName) -> Result<(), BrokerError> {
+        self.reconcile_with(channel, false).await
+    }
+
+    /// `reconcile`, but with `resubscribe` the channel is subscribed again even where this
+    /// node believes it already is: Redis dropped the subscription by itself (a slot
+    /// migration), and SUBSCRIBE is idempotent.
+    pub async fn reconcile_with(
+        &self,
+        channel: &ChannelName,
+        resubscribe: bool,
+    ) -> Result<(), BrokerError> {
         let slot = self.slot(channel);
         let result = {
             // The generation this channel is subscribed on (0: not subscribed).
             let mut subscribed = slot.lock().await;
+            if resubscribe {
+                *subscribed = 0;
+            }
             let want = self.hub.subscriber_count(channel) > 0;
             match self.link() {
                 (generation, Some(conn)) => {
@@ -316,24 +342,67 @@ pub async fn run_supervisor(shared: Arc<Shared>, stop: CancellationToken) {
     }
 }
 
+/// What a recovery task (`recover`) hands back to the reader.
+pub struct Recovered {
+    channel: ChannelName,
+    generation: u64,
+    /// What history held after the node's last delivered message, read once the channel was
+    /// subscribed again; `None` when it could not be read (or nobody needs it any more).
+    read: Option<HistoryRead>,
+}
+
+/// The control channel from recovery tasks to the reader.
+pub fn recovery_channel() -> (mpsc::Sender<Recovered>, mpsc::Receiver<Recovered>) {
+    mpsc::channel(RECOVERY_QUEUE)
+}
+
+/// What the reader remembers of a pub/sub name.
+struct Known {
+    channel: ChannelName,
+    /// The epoch of the last message decoded (saves an allocation per message).
+    epoch: Option<Epoch>,
+    /// The offset of the last message of `epoch` handed to the hub (0: none yet).
+    last: u64,
+}
+
+/// A channel whose subscription Redis dropped, while it is subscribed again.
+#[derive(Default)]
+struct Recovering {
+    /// Live messages that arrived meanwhile, delivered after what history returns.
+    held: Vec<Arc<Message>>,
+    /// Another drop arrived while recovering: recover once more when this one ends.
+    again: bool,
+}
+
 /// The single reader: inbox → hub, in arrival order.
 pub async fn run_reader(
     shared: Arc<Shared>,
     mut rx: mpsc::Receiver<Pushed>,
+    mut recovered: mpsc::Receiver<Recovered>,
     stop: CancellationToken,
 ) {
-    let mut names: HashMap<Vec<u8>, (ChannelName, Option<Epoch>)> = HashMap::new();
+    let mut reader = Reader {
+        shared,
+        names: HashMap::new(),
+        recovering: HashMap::new(),
+        stop: stop.clone(),
+    };
     let mut batch = Vec::with_capacity(256);
     loop {
         batch.clear();
         let n = tokio::select! {
             _ = stop.cancelled() => return,
+            Some(r) = recovered.recv() => {
+                reader.recovered(r);
+                continue;
+            }
             n = rx.recv_many(&mut batch, 256) => n,
         };
         if n == 0 {
             return;
         }
         for pushed in batch.drain(..) {
+            let shared = &reader.shared;
             shared.inbox.bytes.fetch_sub(pushed.weight, AcqRel);
             if shared.inbox.dropped.swap(false, AcqRel) {
                 tracing::warn!(
@@ -346,48 +415,218 @@ pub async fn run_reader(
             if pushed.generation != shared.current_generation.load(Relaxed) {
                 continue;
             }
-            deliver(&shared, pushed.info.data, &mut names);
+            match pushed.info.kind {
+                PushKind::Unsubscribe | PushKind::SUnsubscribe => {
+                    reader.unsubscribed(pushed.generation, pushed.info.data);
+                }
+                _ => reader.deliver(pushed.info.data),
+            }
         }
     }
 }
 
-fn deliver(
-    shared: &Shared,
-    data: Vec<Value>,
-    names: &mut HashMap<Vec<u8>, (ChannelName, Option<Epoch>)>,
-) {
-    let mut data = data.into_iter();
-    let (Some(Value::BulkString(name)), Some(Value::BulkString(payload))) =
-        (data.next(), data.next())
-    else {
-        tracing::warn!("ignoring a pub/sub push without channel and payload");
-        return;
-    };
-    if !names.contains_key(&name) {
-        let Some(channel) = shared.keys.channel_of_pubsub(&name) else {
-            return;
-        };
+struct Reader {
+    shared: Arc<Shared>,
+    names: HashMap<Vec<u8>, Known>,
+    recovering: HashMap<ChannelName, Recovering>,
+    stop: CancellationToken,
+}
+
+fn known<'a>(
+    names: &'a mut HashMap<Vec<u8>, Known>,
+    keys: &Keys,
+    name: &[u8],
+) -> Option<&'a mut Known> {
+    if !names.contains_key(name) {
+        let channel = keys.channel_of_pubsub(name)?;
         if names.len() >= NAME_CACHE {
+            // Only costs a longer replay should a channel need recovering (see `start_recovery`).
             names.clear();
         }
-        names.insert(name.clone(), (channel, None));
+        names.insert(
+            name.to_vec(),
+            Known {
+                channel,
+                epoch: None,
+                last: 0,
+            },
+        );
     }
-    let Some((channel, epoch)) = names.get_mut(&name) else {
-        return;
+    names.get_mut(name)
+}
+
+impl Reader {
+    fn deliver(&mut self, data: Vec<Value>) {
+        let mut data = data.into_iter();
+        let (Some(Value::BulkString(name)), Some(Value::BulkString(payload))) =
+            (data.next(), data.next())
+        else {
+            tracing::warn!("ignoring a pub/sub push without channel and payload");
+            return;
+        };
+        let Some(known) = known(&mut self.names, &self.shared.keys, &name) else {
+            return;
+        };
+        match decode_push(&known.channel, Bytes::from(payload), &mut known.epoch) {
+            Ok(Push::Message(m)) => {
+                if let Some(r) = self.recovering.get_mut(&m.channel) {
+                    if r.held.len() < RECOVERY_HOLD {
+                        r.held.push(m);
+                    }
+                    // Beyond that the message is dropped: the subscription reports the hole
+                    // as a gap before the next message it receives, never silently.
+                    return;
+                }
+                known.last = m.offset;
+                self.shared.note_seen(&m.channel, &m.position());
+                self.shared.hub.deliver(&m);
+            }
+            Ok(Push::Presence(kind, info)) => {
+                self.shared.hub.deliver_presence(&Arc::new(PresenceEvent {
+                    kind,
+                    channel: known.channel.clone(),
+                    info,
+                }));
+            }
+            Err(e) => {
+                let channel = &known.channel;
+                tracing::warn!(%channel, error = e, "ignoring a malformed pub/sub payload");
+            }
+        }
+    }
+
+    /// Redis says the connection no longer follows a channel. Mostly the answer to this
+    /// node's own UNSUBSCRIBE; but on a cluster a master that hands a slot to another one
+    /// drops every shard subscription of that slot with an unasked `sunsubscribe`, and the
+    /// messages then go to the new owner. While local sessions follow the channel, it is
+    /// subscribed again (at whichever master owns it now) and whatever the node missed is
+    /// read from history, so each session receives everything or, where history no longer
+    /// has it, a gap notice. A false alarm (an own unsubscribe racing a join) costs one
+    /// SUBSCRIBE and one history read whose messages the sessions skip as duplicates.
+    fn unsubscribed(&mut self, generation: u64, data: Vec<Value>) {
+        let Some(Value::BulkString(name)) = data.into_iter().next() else {
+            return;
+        };
+        let Some(known) = known(&mut self.names, &self.shared.keys, &name) else {
+            return;
+        };
+        let channel = known.channel.clone();
+        if self.shared.hub.subscriber_count(&channel) == 0 {
+            return;
+        }
+        if let Some(r) = self.recovering.get_mut(&channel) {
+            r.again = true;
+            return;
+        }
+        self.start_recovery(channel, generation);
+    }
+
+    fn start_recovery(&mut self, channel: ChannelName, generation: u64) {
+        let since = self
+            .names
+            .get(self.shared.keys.pubsub(&channel).as_bytes())
+            .and_then(|k| {
+                let epoch = k.epoch.clone()?;
+                (k.last > 0).then_some(Since::After(Position {
+                    epoch,
+                    offset: k.last,
+                }))
+            })
+            // Nothing delivered yet (or forgotten): all that history holds; the sessions
+            // skip what they already have.
+            .unwrap_or_else(|| {
+                Since::Last(self.shared.policies.for_channel(&channel).history_size)
+            });
+        tracing::info!(%channel, "Redis dropped the channel's subscription (slot moved?); subscribing again");
+        self.recovering
+            .insert(channel.clone(), Recovering::default());
+        tokio::spawn(recover(
+            self.shared.clone(),
+            channel,
+            generation,
+            since,
+            self.stop.clone(),
+        ));
+    }
+
+    fn recovered(&mut self, r: Recovered) {
+        let Some(state) = self.recovering.remove(&r.channel) else {
+            return;
+        };
+        let generation = self.shared.current_generation.load(Relaxed);
+        if r.generation != generation {
+            // The connection was replaced meanwhile: every session was ended already.
+            return;
+        }
+        let name = self.shared.keys.pubsub(&r.channel);
+        let Some(known) = known(&mut self.names, &self.shared.keys, name.as_bytes()) else {
+            return;
+        };
+        let replay = r.read.map(|read| read.replay);
+        let from_history = replay.as_ref().map_or(&[][..], |r| r.messages());
+        for m in from_history.iter().chain(state.held.iter()) {
+            let new = known.epoch.as_ref() != Some(&m.epoch) || m.offset > known.last;
+            if new {
+                known.epoch = Some(m.epoch.clone());
+                known.last = m.offset;
+                self.shared.note_seen(&m.channel, &m.position());
+                self.shared.hub.deliver(m);
+            }
+        }
+        if state.again {
+            self.start_recovery(r.channel, generation);
+        }
+    }
+}
+
+/// Subscribes `channel` again after Redis dropped it, then reads what the node missed.
+/// Retries (with backoff) while local sessions follow the channel and the connection lives;
+/// always reports back, so the reader releases the messages it holds.
+async fn recover(
+    shared: Arc<Shared>,
+    channel: ChannelName,
+    generation: u64,
+    since: Since,
+    stop: CancellationToken,
+) {
+    let mut backoff = RETRY_MIN;
+    let mut attempts = 0u32;
+    let read = loop {
+        if stop.is_cancelled() || shared.current_generation.load(Acquire) != generation {
+            break None;
+        }
+        match shared.reconcile_with(&channel, true).await {
+            Ok(()) if shared.hub.subscriber_count(&channel) == 0 => break None,
+            Ok(()) => match shared.read_history(&channel, &since, None).await {
+                Ok(read) => break Some(read),
+                Err(e) => {
+                    // Subscribed: from here on nothing more is missed, and the sessions
+                    // see the hole (if any) as a gap.
+                    tracing::warn!(%channel, error = %e, "reading what was missed failed");
+                    break None;
+                }
+            },
+            Err(e) => {
+                attempts += 1;
+                if attempts == 1 || attempts.is_multiple_of(30) {
+                    tracing::warn!(%channel, error = %e, attempts, "subscribing again failed; retrying");
+                }
+                tokio::select! {
+                    _ = stop.cancelled() => break None,
+                    _ = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(RETRY_MAX);
+            }
+        }
     };
-    match decode_push(channel, Bytes::from(payload), epoch) {
-        Ok(Push::Message(m)) => {
-            shared.hub.deliver(&m);
-        }
-        Ok(Push::Presence(kind, info)) => {
-            shared.hub.deliver_presence(&Arc::new(PresenceEvent {
-                kind,
-                channel: channel.clone(),
-                info,
-            }));
-        }
-        Err(e) => tracing::warn!(%channel, error = e, "ignoring a malformed pub/sub payload"),
-    }
+    let _ = shared
+        .recovered
+        .send(Recovered {
+            channel,
+            generation,
+            read,
+        })
+        .await;
 }
 
 #[cfg(test)]

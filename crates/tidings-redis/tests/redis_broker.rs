@@ -4,6 +4,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod lost_replies;
 mod support;
 
 use std::sync::Arc;
@@ -579,4 +580,130 @@ async fn sessions_joining_together_while_the_first_subscribe_is_in_flight_miss_n
             assert_eq!(seen, (first..=end).collect::<Vec<_>>(), "round {round}");
         }
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publish_whose_reply_is_lost_is_reported_unknown_and_a_keyed_retry_stores_it_once() {
+    let server = RedisServer::start();
+    let proxy = support::LossyProxy::start(server.port, 25).await;
+    let url = format!("redis://127.0.0.1:{}", proxy.port);
+    let b = broker(
+        vec![url],
+        &unique_prefix("lossy"),
+        Arc::new(Hub::new()),
+        false,
+    )
+    .await;
+    let report = lost_replies::publish_through_lost_replies(&b, &ch("lossy"), 300, || {
+        proxy
+            .lossy
+            .store(false, std::sync::atomic::Ordering::Relaxed);
+    })
+    .await;
+    let dropped = proxy.dropped.load(std::sync::atomic::Ordering::Relaxed);
+    assert!(dropped >= 5, "only {dropped} replies were lost");
+    assert!(
+        report.unknown > 0,
+        "a lost reply is reported as unknown, not as not stored"
+    );
+    assert!(report.acknowledged > 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_restored_from_an_older_dump_starts_a_new_epoch_so_no_position_names_two_messages()
+{
+    let prefix = unique_prefix("restore");
+    let mut server = RedisServer::start();
+    let port = server.port;
+    let (a, broker_a) = node(&server.url(), &prefix, false).await;
+    let (b, broker_b) = node(&server.url(), &prefix, false).await;
+    let c = ch("news");
+    let mut sub = b
+        .subscribe(std::slice::from_ref(&c), &Start::Now, 1 << 20, None)
+        .await
+        .unwrap();
+    let mut acked = std::collections::HashMap::new();
+    for i in 1..=40 {
+        if i == 21 {
+            assert!(server.command("SAVE").starts_with("+OK"));
+        }
+        let m = a.publish(&c, None, text(&format!("m{i}"))).await.unwrap();
+        acked.insert((m.epoch.clone(), m.offset), format!("m{i}"));
+    }
+    assert_eq!(offsets(&mut sub, 40).await.len(), 40);
+    let epoch = a.read(&c, &Since::Now, None).await.unwrap().top.epoch;
+    server.kill();
+    let dir = server.dir();
+    let _back = RedisServer::start_on(port, &["--dir", &dir]);
+    for broker in [&broker_a, &broker_b] {
+        eventually("the node is back", async || broker.ready().await.is_ok()).await;
+    }
+    // Redis now says offset 20 is the top of that epoch; both nodes have seen 40.
+    let after = a.publish(&c, None, text("after")).await.unwrap();
+    assert_ne!(after.epoch, epoch, "a new epoch, not offset 21 again");
+    assert!(
+        acked
+            .insert((after.epoch.clone(), after.offset), "after".to_owned())
+            .is_none(),
+        "{:?} named two messages",
+        after.position()
+    );
+    // A session resuming on the node that only delivered gets a gap naming the new epoch.
+    let since = tidings_core::Cursor::single(
+        &c,
+        Position {
+            epoch: epoch.clone(),
+            offset: 40,
+        },
+    );
+    let mut resumed = b
+        .subscribe(
+            std::slice::from_ref(&c),
+            &Start::Cursor(since),
+            1 << 20,
+            None,
+        )
+        .await
+        .unwrap();
+    let mut gap = None;
+    resumed
+        .drain(|e, _| {
+            if let Event::Gap(g) = e {
+                gap = Some(g.clone());
+            }
+        })
+        .unwrap();
+    let gap = gap.expect("a gap notice");
+    assert_eq!(gap.reason, GapReason::EpochChanged);
+    assert_eq!(gap.epoch, after.epoch);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_that_may_evict_keys_is_reported_and_a_safe_one_is_not() {
+    let (_, safe) = node(&support::shared().url(), &unique_prefix("cfg"), false).await;
+    assert_eq!(
+        safe.configuration_warnings().await.unwrap(),
+        Vec::<String>::new()
+    );
+    for policy in ["allkeys-lru", "volatile-ttl"] {
+        let server = RedisServer::start_on(
+            support::free_port(),
+            &["--maxmemory", "100mb", "--maxmemory-policy", policy],
+        );
+        let (_, b) = node(&server.url(), &unique_prefix("cfg"), false).await;
+        let warnings = b.configuration_warnings().await.unwrap();
+        assert_eq!(warnings.len(), 1, "{warnings:?}");
+        assert!(
+            warnings[0].contains(&format!("maxmemory-policy {policy}"))
+                && warnings[0].contains("noeviction"),
+            "{warnings:?}"
+        );
+    }
+    // A memory limit with noeviction is fine: publishes then fail (503), nothing is lost.
+    let server = RedisServer::start_on(
+        support::free_port(),
+        &["--maxmemory", "100mb", "--maxmemory-policy", "noeviction"],
+    );
+    let (_, b) = node(&server.url(), &unique_prefix("cfg"), false).await;
+    assert!(b.configuration_warnings().await.unwrap().is_empty());
 }

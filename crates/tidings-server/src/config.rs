@@ -165,6 +165,9 @@ pub struct BrokerConfig {
     pub prefix: String,
     /// PEM CA for a `rediss://` server whose certificate a private CA signed.
     pub tls_ca_file: Option<PathBuf>,
+    /// How long a publish's `Idempotency-Key` is remembered per channel.
+    #[serde(deserialize_with = "duration")]
+    pub idempotency_window: Duration,
 }
 
 impl BrokerConfig {
@@ -182,6 +185,7 @@ impl Default for BrokerConfig {
             fsync: tidings_core::Fsync::Batch,
             prefix: "tidings".into(),
             tls_ca_file: None,
+            idempotency_window: tidings_core::idempotency::DEFAULT_IDEMPOTENCY_WINDOW,
         }
     }
 }
@@ -350,6 +354,11 @@ impl Config {
         }
         if let Err(e) = tidings_redis::validate_prefix(&b.prefix) {
             return invalid(e);
+        }
+        if b.idempotency_window.is_zero() || b.idempotency_window > Duration::from_secs(86_400) {
+            return invalid(
+                "broker.idempotency_window must be between 1ms and 24h (\"2m\" by default)".into(),
+            );
         }
         if parse_listen(&s.listen).is_none() {
             return invalid(format!(
@@ -588,6 +597,7 @@ fsync = "batch"                    # with data_dir: "always" (an fsync per publi
                                    # (the OS decides); always/batch answer after the fsync
 prefix = "tidings"                 # Redis key prefix (deployments sharing one Redis use different ones)
 # tls_ca_file = "redis-ca.pem"     # CA of a rediss:// server whose certificate a private CA signed
+idempotency_window = "2m"          # a publish retried with the same Idempotency-Key within this is not stored twice
 
 [auth]                             # absent or empty = open mode
 # api_keys = ["…"]

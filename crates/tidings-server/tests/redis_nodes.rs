@@ -325,3 +325,145 @@ async fn presence_of_a_client_on_one_node_is_listed_by_the_other() {
     drop(sub);
     eventually("node b sees it leave", async || listed(0).await).await;
 }
+
+async fn publish_keyed(server: &TestServer, channel: &str, key: &str, data: Value) -> (u16, Value) {
+    let res = server
+        .http
+        .post(format!("{}/publish/{channel}", server.url))
+        .header("content-type", "application/json")
+        .header("Idempotency-Key", key)
+        .body(data.to_string())
+        .send()
+        .await
+        .unwrap();
+    let status = res.status().as_u16();
+    (status, res.json().await.unwrap_or(Value::Null))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publish_retried_on_the_other_node_with_its_key_is_stored_once_and_answered_the_same() {
+    let (a, b) = pair(&redis_support::shared().url(), 100).await;
+    let (status, first) = publish_keyed(&a, "news", "order-7", json!("x")).await;
+    assert_eq!(status, 200, "{first}");
+    let (status, again) = publish_keyed(&b, "news", "order-7", json!("x")).await;
+    assert_eq!((status, &again), (200, &first));
+    let (_, other) = publish_keyed(&b, "news", "order-8", json!("y")).await;
+    assert_eq!(other["offset"], 2);
+    let (_, body) = a.get_json("/api/channels/news/history").await;
+    assert_eq!(body["messages"].as_array().unwrap().len(), 2, "{body}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_redis_reply_answers_503_outcome_unknown_and_keyed_retries_store_each_message_once()
+{
+    let redis = RedisServer::start();
+    let proxy = redis_support::LossyProxy::start(redis.port, 10).await;
+    let url = format!("redis://127.0.0.1:{}", proxy.port);
+    let prefix = unique_prefix("lossy");
+    let server = TestServer::with(move |c| {
+        c.broker.url = url;
+        c.broker.prefix = prefix;
+        c.channels.history_size = 1000;
+    })
+    .await;
+    // Without a key a lost reply can only be answered "unknown"…
+    let mut codes = Vec::new();
+    let mut stored = Vec::new();
+    for i in 0..100 {
+        let (status, body) = publish_status(&server, "news", json!(format!("plain-{i}"))).await;
+        match status {
+            200 => stored.push(json!(format!("plain-{i}"))),
+            503 => codes.push(body["error"]["code"].as_str().unwrap().to_owned()),
+            other => panic!("{other}: {body}"),
+        }
+    }
+    assert!(
+        codes.iter().any(|c| c == "outcome_unknown"),
+        "a lost reply is outcome_unknown: {codes:?}"
+    );
+    // …with one the node retries by itself, and a client's retries are just as safe.
+    for i in 0..100 {
+        let key = format!("m{i}");
+        let mut tries = 0;
+        loop {
+            let (status, body) = publish_keyed(&server, "news", &key, json!(i)).await;
+            if status == 200 {
+                break;
+            }
+            assert_eq!(status, 503, "{body}");
+            tries += 1;
+            assert!(tries < 20, "{key} never answered");
+        }
+    }
+    proxy
+        .lossy
+        .store(false, std::sync::atomic::Ordering::Relaxed);
+    let (_, body) = server
+        .get_json("/api/channels/news/history?limit=1000")
+        .await;
+    let data: Vec<Value> = body["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["data"].clone())
+        .collect();
+    let keyed: Vec<Value> = data.iter().filter(|d| d.is_number()).cloned().collect();
+    assert_eq!(keyed, (0..100).map(|i| json!(i)).collect::<Vec<_>>());
+    for d in data.iter().filter(|d| d.is_string()) {
+        assert_eq!(
+            data.iter().filter(|x| *x == d).count(),
+            1,
+            "{d} stored twice"
+        );
+    }
+    for d in &stored {
+        assert!(data.contains(d), "acknowledged {d} is in history");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn raw_ws_closes_4010_before_any_message_of_the_epoch_after_a_gap() {
+    use futures_util::StreamExt;
+    use tokio_tungstenite::tungstenite::Message as Ws;
+    let redis = redis_support::shared();
+    let prefix = unique_prefix("rawgap");
+    let server = {
+        let (url, prefix) = (redis.url(), prefix.clone());
+        TestServer::with(move |c| {
+            c.broker.url = url;
+            c.broker.prefix = prefix;
+        })
+        .await
+    };
+    let url = format!("{}/ws/news", server.url.replacen("http://", "ws://", 1));
+    let (mut ws, _) = tokio_tungstenite::connect_async(url).await.unwrap();
+    let mut next = async || loop {
+        let frame = tokio::time::timeout(common::TIMEOUT, ws.next())
+            .await
+            .expect("a frame in time")
+            .expect("the socket is open")
+            .unwrap();
+        match frame {
+            Ws::Ping(_) | Ws::Pong(_) => continue,
+            f => return f,
+        }
+    };
+    eventually("the raw socket is subscribed", async || {
+        server.get_json("/api/channels/news").await.1["subscribers"] == 1
+    })
+    .await;
+    for i in 1..=3 {
+        server.publish("news", json!(format!("before-{i}"))).await;
+    }
+    for i in 1..=3 {
+        assert_eq!(next().await, Ws::text(format!("\"before-{i}\"")));
+    }
+    // What a volatile-* eviction policy can do: the channel's keys vanish between publishes.
+    redis.command(&format!("DEL {prefix}:{{news}}:m {prefix}:{{news}}:s"));
+    server.publish("news", json!("after-1")).await;
+    server.publish("news", json!("after-2")).await;
+    match next().await {
+        Ws::Close(Some(f)) => assert_eq!(u16::from(f.code), 4010, "{f:?}"),
+        other => panic!("expected the 4010 close before anything of the new epoch, got {other:?}"),
+    }
+}

@@ -46,7 +46,22 @@ pub struct PublishArgs {
     /// How to publish.
     #[arg(long, value_enum, default_value_t = PublishTransport::Http)]
     pub transport: PublishTransport,
+
+    /// Tries after the first when the server answers 503 (`outcome_unknown`,
+    /// `broker_unavailable`) or the connection fails. Every try carries the same
+    /// `Idempotency-Key`, so a retry never stores the message twice.
+    #[arg(long, value_name = "N", default_value_t = 3)]
+    pub retries: u32,
+
+    /// The `Idempotency-Key` to send (default: a random one per invocation). The server
+    /// answers a repeat within its `idempotency_window` with the first publish's position.
+    #[arg(long, value_name = "KEY")]
+    pub idempotency_key: Option<String>,
 }
+
+/// Waits between tries: the server's `Retry-After` (capped), else this, doubling.
+const RETRY_FIRST: Duration = Duration::from_millis(250);
+const RETRY_MAX: Duration = Duration::from_secs(5);
 
 /// The wire a message is published over.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -64,28 +79,60 @@ pub async fn run(args: PublishArgs) -> anyhow::Result<()> {
         Some(data) => Body::Argument(data.to_owned()),
     };
     let (bytes, content_type) = body.into_request(args.content_type.as_deref());
+    let key = match args.idempotency_key.as_deref() {
+        Some(k) => tidings_core::IdempotencyKey::new(k)
+            .map_err(|e| anyhow!("--idempotency-key {k:?}: {e}"))?,
+        None => tidings_core::IdempotencyKey::random(),
+    };
     if args.transport == PublishTransport::Ws {
-        return publish_ws(&client, &args, bytes, &content_type).await;
+        return publish_ws(&client, &args, bytes, &content_type, &key).await;
     }
 
     let mut url = client.endpoint(&["publish", &args.channel]);
     if let Some(event) = &args.event {
         url.query_pairs_mut().append_pair("event", event);
     }
-    let response = client
-        .post(url)
-        .header(CONTENT_TYPE, content_type)
-        .timeout(PUBLISH_TIMEOUT)
-        .body(bytes)
-        .send()
-        .await
-        .map_err(|err| client.unreachable(&err))?;
-    if !response.status().is_success() {
-        let error = client.api_error(response).await;
-        return Err(
-            anyhow::Error::new(error).context(format!("publishing to {:?} failed", args.channel))
-        );
-    }
+    let failed = || format!("publishing to {:?} failed", args.channel);
+    let mut pause = RETRY_FIRST;
+    let mut tries_left = args.retries;
+    let response = loop {
+        let sent = client
+            .post(url.clone())
+            .header(CONTENT_TYPE, &content_type)
+            .header("Idempotency-Key", key.as_str())
+            .timeout(PUBLISH_TIMEOUT)
+            .body(bytes.clone())
+            .send()
+            .await;
+        let wait = match sent {
+            Ok(response) if response.status().is_success() => break response,
+            Ok(response) if response.status() == reqwest::StatusCode::SERVICE_UNAVAILABLE => {
+                let error = client.api_error(response).await;
+                if tries_left == 0 {
+                    return Err(anyhow::Error::new(error).context(failed()));
+                }
+                eprintln!("tidings: {error}; trying again with the same Idempotency-Key");
+                error.retry_after.map_or(pause, |d| d.min(RETRY_MAX))
+            }
+            Ok(response) => {
+                let error = client.api_error(response).await;
+                return Err(anyhow::Error::new(error).context(failed()));
+            }
+            Err(err) => {
+                // The request may have reached the server: only the key makes a retry safe.
+                // (Nobody listening is reported at once: that is a wrong --url, mostly.)
+                let error = client.unreachable(&err);
+                if tries_left == 0 || crate::client::is_connection_refused(&err) {
+                    return Err(error.context(failed()));
+                }
+                eprintln!("tidings: {error:#}; trying again with the same Idempotency-Key");
+                pause
+            }
+        };
+        tries_left -= 1;
+        tokio::time::sleep(wait).await;
+        pause = (pause * 2).min(RETRY_MAX);
+    };
     let reply = response
         .bytes()
         .await
@@ -109,10 +156,17 @@ async fn publish_ws(
     args: &PublishArgs,
     bytes: Vec<u8>,
     content_type: &str,
+    key: &tidings_core::IdempotencyKey,
 ) -> anyhow::Result<()> {
     let failed = || format!("publishing to {:?} failed", args.channel);
     let (data, encoding) = ws_data(bytes, content_type).with_context(failed)?;
-    let op = publish_op(&args.channel, &data, args.event.as_deref(), encoding)?;
+    let op = publish_op(
+        &args.channel,
+        &data,
+        args.event.as_deref(),
+        encoding,
+        Some(key.as_str()),
+    )?;
     let exchange = async {
         let mut socket = ws::connect(client)
             .await
@@ -229,6 +283,8 @@ struct PublishOp<'a> {
     event: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     encoding: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    idempotency_key: Option<&'a str>,
 }
 
 fn publish_op(
@@ -236,6 +292,7 @@ fn publish_op(
     data: &RawValue,
     event: Option<&str>,
     encoding: Option<&'static str>,
+    idempotency_key: Option<&str>,
 ) -> anyhow::Result<String> {
     let op = PublishOp {
         id: PUBLISH_ID,
@@ -244,6 +301,7 @@ fn publish_op(
         data,
         event,
         encoding,
+        idempotency_key,
     };
     serde_json::to_string(&op).context("encoding the publish op")
 }
@@ -374,7 +432,7 @@ mod tests {
     fn ws_op(body: Body, content_type: Option<&str>, event: Option<&str>) -> String {
         let (bytes, content_type) = body.into_request(content_type);
         let (data, encoding) = ws_data(bytes, &content_type).unwrap();
-        publish_op("chat:lobby", &data, event, encoding).unwrap()
+        publish_op("chat:lobby", &data, event, encoding, None).unwrap()
     }
 
     #[test]

@@ -44,6 +44,7 @@ use crate::broker::{Broker, BrokerError, ChannelStats};
 use crate::channel::{ChannelName, EventName};
 use crate::history::{Gap, GapReason, History, HistoryRead, Replay, Since};
 use crate::hub::Hub;
+use crate::idempotency::{IdempotencyWindow, PublishOptions, Published, Remembered};
 use crate::message::{Data, Epoch, Message};
 use crate::policy::LivePolicies;
 use crate::presence::{ClientInfo, PresenceEvent, PresenceKind};
@@ -65,6 +66,10 @@ pub struct MemoryBroker {
     /// is O(log n) and a page of readers is a range, not a scan or a clone of the whole list.
     /// One lock: joins and leaves are per connection, not per message.
     presence: Mutex<HashMap<ChannelName, BTreeMap<String, Option<String>>>>,
+    /// Idempotency keys per channel, checked and recorded while holding the channel's
+    /// history lock (lock order: history, then this shard). Kept apart from the history so a
+    /// reclaimed channel still remembers them; the sweeper drops empty windows.
+    keys: Shards<IdempotencyWindow>,
     durable: Option<Durable>,
     /// The epoch a channel created now gets (see the module comment).
     fresh: Mutex<Epoch>,
@@ -81,13 +86,14 @@ struct Durable {
     bytes_on_disk: Arc<AtomicU64>,
 }
 
-type Reply = oneshot::Sender<Result<Arc<Message>, BrokerError>>;
+type Reply = oneshot::Sender<Result<Published, BrokerError>>;
 
 enum Job {
     Publish {
         channel: ChannelName,
         event: Option<EventName>,
         data: Data,
+        options: PublishOptions,
         reply: Reply,
     },
     Forget {
@@ -193,6 +199,7 @@ impl MemoryBroker {
             hub,
             policies,
             shards: Shards::new(),
+            keys: Shards::new(),
             presence: Mutex::new(HashMap::new()),
             durable: None,
             fresh: Mutex::new(Epoch::random()),
@@ -230,6 +237,7 @@ impl MemoryBroker {
             policies,
             shards,
             presence: Mutex::new(HashMap::new()),
+            keys: Shards::new(),
             durable: Some(Durable {
                 jobs,
                 bytes_on_disk: bytes_on_disk.clone(),
@@ -326,6 +334,54 @@ impl MemoryBroker {
         }
     }
 
+    /// The first answer to a publish whose idempotency key the channel's window still holds.
+    /// Call under the channel's history lock (lock order: history, then the key shard).
+    fn replay_of(
+        &self,
+        channel: &ChannelName,
+        options: &PublishOptions,
+        event: &Option<EventName>,
+        data: &Data,
+        now: Instant,
+    ) -> Option<Published> {
+        let key = options.idempotency_key.as_ref()?;
+        let first = relock(self.keys.of(channel))
+            .get_mut(channel)
+            .and_then(|w| w.get(key, now))?;
+        let message = Message::new(
+            channel.clone(),
+            first.position,
+            event.clone(),
+            data.clone(),
+            first.time,
+        );
+        Some(Published {
+            message: Arc::new(message),
+            replayed: true,
+        })
+    }
+
+    /// Records a stored publish's key. Call under the channel's history lock, once the
+    /// message is in history (durable, with a data dir).
+    fn remember(
+        &self,
+        channel: &ChannelName,
+        options: &PublishOptions,
+        message: &Message,
+        now: Instant,
+    ) {
+        if let Some(key) = &options.idempotency_key {
+            let first = Remembered {
+                position: message.position(),
+                time: message.time,
+            };
+            relock(self.keys.of(channel))
+                .entry(channel.clone())
+                .or_default()
+                .insert(key.clone(), first, now, options.idempotency_window);
+        }
+    }
+
     /// Expires history everywhere and reclaims channels nobody follows and nothing is kept for.
     pub fn sweep(&self) {
         for i in 0..self.shards.len() {
@@ -341,6 +397,9 @@ impl MemoryBroker {
 
     fn sweep_shard(&self, i: usize) {
         let now = Instant::now();
+        if let Some(keys) = self.keys.all().nth(i) {
+            relock(keys).retain(|_, window| !window.sweep(now));
+        }
         let Some(shard) = self.shards.all().nth(i) else {
             return;
         };
@@ -386,21 +445,47 @@ impl MemoryBroker {
         // The last offset given out in this batch, per channel: `last_offset` itself only
         // moves once the batch is durable.
         let mut given: foldhash::HashMap<ChannelName, u64> = Default::default();
+        // Keys of this batch's publishes: a second publish with one of them waits for the
+        // next batch, where the first is durable and its answer can be replayed (answering
+        // it now could replay a message whose write then fails).
+        let mut keyed: foldhash::HashSet<(ChannelName, crate::idempotency::IdempotencyKey)> =
+            Default::default();
+        let mut deferred = Vec::new();
         for job in batch.drain(..) {
-            let (channel, event, data, reply) = match job {
+            let (channel, event, data, options, reply) = match job {
                 Job::Publish {
                     channel,
                     event,
                     data,
+                    options,
                     reply,
-                } => (channel, event, data, reply),
+                } => (channel, event, data, options, reply),
                 Job::Forget { channel, epoch } => {
                     forgotten.push((channel, epoch));
                     continue;
                 }
             };
+            if let Some(key) = &options.idempotency_key
+                && !keyed.insert((channel.clone(), key.clone()))
+            {
+                deferred.push(Job::Publish {
+                    channel,
+                    event,
+                    data,
+                    options,
+                    reply,
+                });
+                continue;
+            }
+            enum Step {
+                Replayed(Published),
+                Staged(Arc<Mutex<History>>, crate::message::Position),
+            }
             let looked_up = self.channel(&channel).and_then(|found| {
                 self.locked(&channel, found, |arc, h| {
+                    if let Some(replayed) = self.replay_of(&channel, &options, &event, &data, now) {
+                        return Step::Replayed(replayed);
+                    }
                     h.pending += 1;
                     h.touch(now);
                     let last = given.entry(channel.clone()).or_insert(h.last_offset());
@@ -409,20 +494,24 @@ impl MemoryBroker {
                         epoch: h.epoch().clone(),
                         offset: *last,
                     };
-                    (arc.clone(), position)
+                    Step::Staged(arc.clone(), position)
                 })
             });
             let (history, position) = match looked_up {
-                Ok(found) => found,
+                Ok(Step::Staged(history, position)) => (history, position),
+                Ok(Step::Replayed(replayed)) => {
+                    let _ = reply.send(Ok(replayed));
+                    continue;
+                }
                 Err(e) => {
                     let _ = reply.send(Err(e));
                     continue;
                 }
             };
             let message = Arc::new(Message::new(channel, position, event, data, now_ms));
-            staged.push((history, message, reply));
+            staged.push((history, message, options, reply));
         }
-        let messages: Vec<Arc<Message>> = staged.iter().map(|(_, m, _)| m.clone()).collect();
+        let messages: Vec<Arc<Message>> = staged.iter().map(|(_, m, _, _)| m.clone()).collect();
         let written = if messages.is_empty() {
             Ok(())
         } else {
@@ -431,7 +520,7 @@ impl MemoryBroker {
         if let Err(e) = &written {
             tracing::error!(error = %e, publishes = messages.len(), "a write to the data dir failed; those publishes were refused");
         }
-        for (history, message, reply) in staged {
+        for (history, message, options, reply) in staged {
             let outcome = {
                 let mut h = relock(&history);
                 h.pending -= 1;
@@ -439,8 +528,12 @@ impl MemoryBroker {
                     Ok(()) => {
                         h.expire(now);
                         h.append(message.clone(), now);
+                        self.remember(&message.channel, &options, &message, now);
                         self.hub.deliver(&message);
-                        Ok(message)
+                        Ok(Published {
+                            message,
+                            replayed: false,
+                        })
                     }
                     Err(e) => Err(BrokerError::Storage(e.to_string())),
                 }
@@ -453,6 +546,7 @@ impl MemoryBroker {
                 tracing::warn!(error = %e, %channel, "could not record a reclaimed channel");
             }
         }
+        batch.extend(deferred);
     }
 
     /// Hands the store what the broker holds, so it can rewrite its files without the rest.
@@ -520,9 +614,16 @@ fn run_writer(
     fsync: Fsync,
     bytes_on_disk: Arc<AtomicU64>,
 ) {
+    // What `commit` leaves in `batch` (publishes deferred behind one with the same key) is
+    // committed next, before waiting for more.
     let mut batch = Vec::new();
-    while let Some(job) = queue.blocking_recv() {
-        batch.push(job);
+    loop {
+        if batch.is_empty() {
+            match queue.blocking_recv() {
+                Some(job) => batch.push(job),
+                None => return,
+            }
+        }
         if fsync != Fsync::Always {
             while batch.len() < MAX_BATCH {
                 match queue.try_recv() {
@@ -560,18 +661,20 @@ impl Broker for MemoryBroker {
         "memory"
     }
 
-    async fn publish(
+    async fn publish_with(
         &self,
         channel: &ChannelName,
         event: Option<EventName>,
         data: Data,
-    ) -> Result<Arc<Message>, BrokerError> {
+        options: &PublishOptions,
+    ) -> Result<Published, BrokerError> {
         if let Some(d) = &self.durable {
             let (reply, answer) = oneshot::channel();
             let job = Job::Publish {
                 channel: channel.clone(),
                 event,
                 data,
+                options: options.clone(),
                 reply,
             };
             let stopped = || BrokerError::Storage("the data dir's writer stopped".into());
@@ -581,6 +684,11 @@ impl Broker for MemoryBroker {
         let found = self.channel(channel)?;
         self.locked(channel, found, |_, h| {
             let now = Instant::now();
+            // Idempotency hook: checked and recorded under the channel's lock, so two
+            // publishes with one key store one message.
+            if let Some(replayed) = self.replay_of(channel, options, &event, &data, now) {
+                return replayed;
+            }
             h.expire(now);
             h.touch(now);
             let message = Arc::new(Message::new(
@@ -591,8 +699,12 @@ impl Broker for MemoryBroker {
                 now_millis(),
             ));
             h.append(message.clone(), now);
+            self.remember(channel, options, &message, now);
             self.hub.deliver(&message);
-            message
+            Published {
+                message,
+                replayed: false,
+            }
         })
     }
 

@@ -66,3 +66,11 @@ local function epoch_of(meta, stream, candidate)
   end
   return epoch
 end
+
+-- Whether Redis holds fewer messages of `epoch` than a node has seen (`seen_epoch`,
+-- `seen_offset`): Redis came back from an older copy of its data (a snapshot, an AOF that
+-- missed its last writes, a replica behind its master). Continuing would give offsets that
+-- were already acknowledged to other messages, so the caller starts a new incarnation.
+local function regressed(epoch, top, seen_epoch, seen_offset)
+  return seen_epoch ~= '' and seen_epoch == epoch and tonumber(top) < tonumber(seen_offset)
+end

@@ -4,8 +4,14 @@
 -- ARGV[4] mode: 'now' | 'last' | 'after'
 -- ARGV[5] how many (last) or the position's offset (after), ARGV[6] the position's epoch
 -- ARGV[7] at most this many entries, ARGV[8] history size
+-- ARGV[9], ARGV[10] the highest position of the channel the calling node has seen (see
+-- regressed() in common.lua; a client's cursor is not trusted for this: anyone can forge one)
 -- Returns {epoch, top, gap reason ('' | 'trimmed' | 'epoch_changed'), first kept offset, entries}.
 local meta, stream = KEYS[1], KEYS[2]
+local known = redis.call('HMGET', meta, 'e', 'o')
+if known[1] and regressed(known[1], known[2], ARGV[9], ARGV[10]) then
+  redis.call('DEL', meta)
+end
 local epoch = epoch_of(meta, stream, ARGV[1])
 -- Reading is use: an idle channel keeps its epoch while someone reads it.
 redis.call('PEXPIRE', meta, tonumber(ARGV[3]))

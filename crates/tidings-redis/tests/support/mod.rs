@@ -242,6 +242,115 @@ impl RedisCluster {
     pub fn urls(&self) -> Vec<String> {
         self.nodes.iter().map(RedisServer::url).collect()
     }
+
+    /// Has every node announce the port of its proxy (`ports[i]` for `nodes[i]`), so clients
+    /// that learn the topology from the cluster connect through the proxies; waits until
+    /// every node tells every proxy port.
+    pub fn announce(&self, ports: &[u16]) {
+        for (node, port) in self.nodes.iter().zip(ports) {
+            let r = node.command(&format!("CONFIG SET cluster-announce-port {port}"));
+            assert!(r.starts_with("+OK"), "{r}");
+        }
+        let deadline = Instant::now() + READY_WITHIN;
+        for node in &self.nodes {
+            loop {
+                let text = node.command("CLUSTER NODES");
+                if ports.iter().all(|p| text.contains(&format!(":{p}@"))) {
+                    break;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "announced ports never spread: {text}"
+                );
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    }
+
+    /// The hash slot of `key`.
+    pub fn keyslot(&self, key: &str) -> u16 {
+        let reply = self.nodes[0].command(&format!("CLUSTER KEYSLOT {key}"));
+        reply.trim().trim_start_matches(':').parse().unwrap()
+    }
+
+    pub fn node_id(&self, i: usize) -> String {
+        bulk_lines(&self.nodes[i].command("CLUSTER MYID"))
+            .next()
+            .unwrap()
+    }
+
+    /// Index (in `nodes`) of the master that owns `slot`, as node 0 sees it.
+    pub fn owner(&self, slot: u16) -> usize {
+        let text = self.nodes[0].command("CLUSTER NODES");
+        for line in text.lines() {
+            let fields: Vec<&str> = line.split(' ').collect();
+            if fields.len() < 9 {
+                continue;
+            }
+            let owns = fields[8..].iter().any(|range| {
+                let (lo, hi) = range.split_once('-').unwrap_or((range, range));
+                match (lo.parse::<u16>(), hi.parse::<u16>()) {
+                    (Ok(lo), Ok(hi)) => (lo..=hi).contains(&slot),
+                    _ => false,
+                }
+            });
+            if owns {
+                let port: u16 = fields[1]
+                    .split('@')
+                    .next()
+                    .and_then(|a| a.rsplit_once(':'))
+                    .and_then(|(_, p)| p.parse().ok())
+                    .unwrap();
+                return self.nodes.iter().position(|n| n.port == port).unwrap();
+            }
+        }
+        panic!("nobody owns slot {slot}: {text}");
+    }
+
+    /// Moves `slot` from node `from` to node `to` with the steps `redis-cli --cluster
+    /// reshard` takes: IMPORTING on the target, MIGRATING on the source, MIGRATE of the
+    /// slot's keys, then SETSLOT NODE on the target, the source and every other master.
+    pub fn move_slot(&self, slot: u16, from: usize, to: usize) {
+        let (from_id, to_id) = (self.node_id(from), self.node_id(to));
+        let ok = |r: String| assert!(r.starts_with("+OK"), "{r}");
+        ok(self.nodes[to].command(&format!("CLUSTER SETSLOT {slot} IMPORTING {from_id}")));
+        ok(self.nodes[from].command(&format!("CLUSTER SETSLOT {slot} MIGRATING {to_id}")));
+        loop {
+            let keys: Vec<String> =
+                bulk_lines(&self.nodes[from].command(&format!("CLUSTER GETKEYSINSLOT {slot} 100")))
+                    .collect();
+            if keys.is_empty() {
+                break;
+            }
+            let reply = self.nodes[from].command(&format!(
+                "MIGRATE 127.0.0.1 {} \"\" 0 5000 KEYS {}",
+                self.nodes[to].port,
+                keys.join(" ")
+            ));
+            assert!(
+                reply.starts_with("+OK") || reply.starts_with("+NOKEY"),
+                "{reply}"
+            );
+        }
+        let mut order = vec![to, from];
+        order.extend((0..self.nodes.len()).filter(|i| *i != to && *i != from));
+        for i in order {
+            ok(self.nodes[i].command(&format!("CLUSTER SETSLOT {slot} NODE {to_id}")));
+        }
+    }
+}
+
+/// The bulk strings of a RESP reply (`*2 $3 foo $3 bar` → foo, bar), one per line.
+pub fn bulk_lines(reply: &str) -> impl Iterator<Item = String> + '_ {
+    let mut lines = reply.split("\r\n");
+    std::iter::from_fn(move || {
+        loop {
+            let line = lines.next()?;
+            if line.starts_with('$') && line != "$-1" {
+                return lines.next().map(str::to_owned);
+            }
+        }
+    })
 }
 
 /// A private CA and a server certificate for 127.0.0.1, made with the `openssl` command.
@@ -357,5 +466,118 @@ impl TlsFiles {
 impl Drop for TlsFiles {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A TCP proxy on a loopback port in front of a Redis port that loses the reply to every
+/// `drop_every`-th `EVALSHA` it forwards (counted over all its connections), the way a
+/// network does: it lets the command through, waits for Redis' answer, throws it away and
+/// closes the client's connection. Redis has run the command; the client cannot know.
+pub struct LossyProxy {
+    pub port: u16,
+    /// Replies thrown away so far.
+    pub dropped: std::sync::Arc<AtomicU64>,
+    /// While false, nothing is dropped.
+    pub lossy: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl LossyProxy {
+    pub async fn start(target: u16, drop_every: u64) -> Self {
+        use std::sync::Arc;
+        use std::sync::atomic::AtomicBool;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let dropped = Arc::new(AtomicU64::new(0));
+        let lossy = Arc::new(AtomicBool::new(true));
+        let seen = Arc::new(AtomicU64::new(0));
+        let (d, l) = (dropped.clone(), lossy.clone());
+        let task = tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let Ok(server) = tokio::net::TcpStream::connect(("127.0.0.1", target)).await else {
+                    continue;
+                };
+                tokio::spawn(Self::pump(
+                    client,
+                    server,
+                    drop_every,
+                    seen.clone(),
+                    d.clone(),
+                    l.clone(),
+                ));
+            }
+        });
+        Self {
+            port,
+            dropped,
+            lossy,
+            task,
+        }
+    }
+
+    async fn pump(
+        client: tokio::net::TcpStream,
+        server: tokio::net::TcpStream,
+        drop_every: u64,
+        seen: std::sync::Arc<AtomicU64>,
+        dropped: std::sync::Arc<AtomicU64>,
+        lossy: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    ) {
+        use std::sync::atomic::AtomicBool;
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let (mut client_rx, mut client_tx) = client.into_split();
+        let (mut server_rx, mut server_tx) = server.into_split();
+        let cut = std::sync::Arc::new(AtomicBool::new(false));
+        let cut_up = cut.clone();
+        let up = async move {
+            let mut buf = vec![0u8; 64 * 1024];
+            loop {
+                let n = match client_rx.read(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => n,
+                };
+                let evalshas = buf[..n]
+                    .windows(7)
+                    .filter(|w| w.eq_ignore_ascii_case(b"EVALSHA"))
+                    .count() as u64;
+                for _ in 0..evalshas {
+                    let k = seen.fetch_add(1, Ordering::Relaxed) + 1;
+                    if k.is_multiple_of(drop_every) && lossy.load(Ordering::Relaxed) {
+                        cut_up.store(true, Ordering::Release);
+                    }
+                }
+                if server_tx.write_all(&buf[..n]).await.is_err() {
+                    return;
+                }
+            }
+        };
+        let down = async move {
+            let mut buf = vec![0u8; 64 * 1024];
+            loop {
+                let n = match server_rx.read(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => n,
+                };
+                if cut.load(Ordering::Acquire) {
+                    dropped.fetch_add(1, Ordering::Relaxed);
+                    let _ = client_tx.shutdown().await;
+                    return;
+                }
+                if client_tx.write_all(&buf[..n]).await.is_err() {
+                    return;
+                }
+            }
+        };
+        // Either direction ending ends the connection (both halves are dropped).
+        tokio::select! {
+            () = up => {}
+            () = down => {}
+        }
+    }
+}
+
+impl Drop for LossyProxy {
+    fn drop(&mut self) {
+        self.task.abort();
     }
 }

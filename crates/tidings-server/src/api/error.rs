@@ -116,6 +116,12 @@ impl From<BrokerError> for ApiError {
                     "the server holds its maximum of {max} channels (server.max_channels); nothing was published, publish to an existing channel or retry once idle channels are reclaimed"
                 ),
             ),
+            BrokerError::OutcomeUnknown(_) => Self::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "outcome_unknown",
+                "the broker's answer was lost: the message may or may not have been stored; \
+                 retry with the same Idempotency-Key to publish it at most once",
+            ),
             BrokerError::Unsupported(what) => Self::new(
                 StatusCode::NOT_IMPLEMENTED,
                 "unsupported",

@@ -14,7 +14,9 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Limited};
 use serde::Deserialize;
 use serde_json::value::RawValue;
-use tidings_core::{ChannelName, Data, EventName, Message};
+use tidings_core::{
+    ChannelName, Data, EventName, IdempotencyKey, Message, PublishOptions, Published,
+};
 
 use crate::api::error::ApiError;
 use crate::auth::Principal;
@@ -173,6 +175,36 @@ fn event_from_query(query: Option<&str>) -> Result<Option<EventName>, ApiError> 
     Ok(None)
 }
 
+/// The `Idempotency-Key` request header, validated.
+pub const IDEMPOTENCY_KEY: &str = "idempotency-key";
+/// Set on a reply that repeats an earlier publish's answer (nothing was published now).
+pub const IDEMPOTENT_REPLAYED: &str = "idempotent-replayed";
+
+pub(crate) fn idempotency_key(key: &str) -> Result<IdempotencyKey, ApiError> {
+    IdempotencyKey::new(key)
+        .map_err(|e| ApiError::bad_request("invalid_idempotency_key", e.to_string()))
+}
+
+fn header_key(headers: &HeaderMap) -> Result<Option<IdempotencyKey>, ApiError> {
+    let mut values = headers.get_all(IDEMPOTENCY_KEY).iter();
+    let Some(value) = values.next() else {
+        return Ok(None);
+    };
+    if values.next().is_some() {
+        return Err(ApiError::bad_request(
+            "invalid_idempotency_key",
+            "give one Idempotency-Key header, not several",
+        ));
+    }
+    let text = value.to_str().map_err(|_| {
+        ApiError::bad_request(
+            "invalid_idempotency_key",
+            "the Idempotency-Key is not ASCII",
+        )
+    })?;
+    idempotency_key(text.trim()).map(Some)
+}
+
 pub fn position_json(m: &Message) -> serde_json::Value {
     serde_json::json!({
         "channel": m.channel.as_str(),
@@ -217,10 +249,24 @@ pub async fn publish_body(
     let policy = state.node.policies.for_channel(&channel);
     state.auth().check_publish(&who, &channel, &policy)?;
     let event = event_from_query(query)?;
+    let key = header_key(headers)?;
     let body = read_body(state, body, state.config().server.max_message_bytes).await?;
     let data = data_from(headers, body)?;
-    let message = publish(state, &channel, event, data).await?;
-    Ok(position_reply(&message))
+    let published = publish_keyed(state, &channel, event, data, key).await?;
+    Ok(single_reply(&published))
+}
+
+/// The reply to one publish; a replayed key says so in a header (the body is the first
+/// publish's answer, unchanged).
+fn single_reply(p: &Published) -> Response {
+    let mut res = position_reply(&p.message);
+    if p.replayed {
+        res.headers_mut().insert(
+            IDEMPOTENT_REPLAYED,
+            axum::http::HeaderValue::from_static("true"),
+        );
+    }
+    res
 }
 
 /// `position_json` written straight to bytes (same fields, same order) for the hot
@@ -257,10 +303,33 @@ pub(crate) async fn publish(
     event: Option<EventName>,
     data: Data,
 ) -> Result<std::sync::Arc<Message>, ApiError> {
-    match state.node.publish(channel, event, data).await {
-        Ok(m) => {
-            state.metrics.published.fetch_add(1, Relaxed);
-            Ok(m)
+    publish_keyed(state, channel, event, data, None)
+        .await
+        .map(|p| p.message)
+}
+
+/// Publishes with an optional idempotency key (remembered for `[broker] idempotency_window`).
+pub(crate) async fn publish_keyed(
+    state: &AppState,
+    channel: &ChannelName,
+    event: Option<EventName>,
+    data: Data,
+    idempotency_key: Option<IdempotencyKey>,
+) -> Result<Published, ApiError> {
+    let options = PublishOptions {
+        idempotency_key,
+        idempotency_window: state.config().broker.idempotency_window,
+    };
+    match state
+        .node
+        .publish_with(channel, event, data, &options)
+        .await
+    {
+        Ok(p) => {
+            if !p.replayed {
+                state.metrics.published.fetch_add(1, Relaxed);
+            }
+            Ok(p)
         }
         Err(e) => {
             state.metrics.publish_errors.fetch_add(1, Relaxed);
@@ -278,6 +347,7 @@ struct Document {
     event: Option<String>,
     encoding: Option<String>,
     messages: Option<Vec<Entry>>,
+    idempotency_key: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -287,12 +357,14 @@ struct Entry {
     data: Box<RawValue>,
     event: Option<String>,
     encoding: Option<String>,
+    idempotency_key: Option<String>,
 }
 
 pub(crate) struct Validated {
     pub channel: ChannelName,
     pub event: Option<EventName>,
     pub data: Data,
+    pub idempotency_key: Option<IdempotencyKey>,
 }
 
 pub(crate) fn validate(
@@ -356,6 +428,7 @@ pub(crate) fn validate_within(
         channel,
         event,
         data,
+        idempotency_key: None,
     })
 }
 
@@ -393,6 +466,19 @@ pub async fn document(
             ),
         )
     })?;
+    // One key for the request: the header, or "idempotency_key" in the document (with
+    // "channels", the key applies per channel: keys are remembered per channel).
+    let doc_key = match (header_key(&headers)?, doc.idempotency_key.as_deref()) {
+        (Some(h), Some(b)) if h.as_str() != b => {
+            return Err(ApiError::bad_request(
+                "invalid_idempotency_key",
+                "the Idempotency-Key header and \"idempotency_key\" differ",
+            ));
+        }
+        (Some(h), _) => Some(h),
+        (None, Some(b)) => Some(idempotency_key(b)?),
+        (None, None) => None,
+    };
     let shape_error = || {
         ApiError::bad_request(
             "invalid_request",
@@ -410,8 +496,8 @@ pub async fn document(
                 doc.encoding.as_deref(),
             )?;
             allowed(&state, &who, std::slice::from_ref(&v), "channel")?;
-            let m = publish(&state, &v.channel, v.event, v.data).await?;
-            Ok(position_reply(&m))
+            let p = publish_keyed(&state, &v.channel, v.event, v.data, doc_key).await?;
+            Ok(single_reply(&p))
         }
         (None, Some(channels), None) => {
             let data = doc.data.ok_or_else(shape_error)?;
@@ -427,6 +513,10 @@ pub async fn document(
                         doc.event.as_deref(),
                         doc.encoding.as_deref(),
                     )
+                    .map(|v| Validated {
+                        idempotency_key: doc_key.clone(),
+                        ..v
+                    })
                     .map_err(|e| e.context(&format!("channels[{i}]")))
                 })
                 .collect::<Result<Vec<_>, _>>()?;
@@ -436,6 +526,12 @@ pub async fn document(
         (None, None, Some(messages)) => {
             if doc.data.is_some() || doc.event.is_some() || doc.encoding.is_some() {
                 return Err(shape_error());
+            }
+            if doc_key.is_some() {
+                return Err(ApiError::bad_request(
+                    "invalid_idempotency_key",
+                    "a batch takes \"idempotency_key\" per entry, not one for the whole request",
+                ));
             }
             check_batch_len(messages.len())?;
             let batch = messages
@@ -449,6 +545,17 @@ pub async fn document(
                         m.event.as_deref(),
                         m.encoding.as_deref(),
                     )
+                    .and_then(|v| {
+                        let key = m
+                            .idempotency_key
+                            .as_deref()
+                            .map(idempotency_key)
+                            .transpose()?;
+                        Ok(Validated {
+                            idempotency_key: key,
+                            ..v
+                        })
+                    })
                     .map_err(|e| e.context(&format!("messages[{i}]")))
                 })
                 .collect::<Result<Vec<_>, _>>()?;
@@ -541,8 +648,9 @@ fn check_batch_len(n: usize) -> Result<(), ApiError> {
 async fn publish_batch(state: &AppState, batch: Vec<Validated>) -> Result<Response, ApiError> {
     let mut results = Vec::with_capacity(batch.len());
     for v in batch {
-        results.push(match publish(state, &v.channel, v.event, v.data).await {
-            Ok(m) => position_json(&m),
+        let published = publish_keyed(state, &v.channel, v.event, v.data, v.idempotency_key);
+        results.push(match published.await {
+            Ok(p) => position_json(&p.message),
             Err(e) => serde_json::json!({"error": {"code": e.code, "message": e.message}}),
         });
     }

@@ -42,8 +42,8 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 use serde_json::{Value, json};
 use tidings_core::{
-    ChannelName, Cursor, Data, Disconnect, DisconnectReason, Event, EventName, Message, Since,
-    Start, Subscription,
+    ChannelName, Cursor, Data, Disconnect, DisconnectReason, Event, EventName, IdempotencyKey,
+    Message, Since, Start, Subscription,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::time::{Instant, MissedTickBehavior};
@@ -731,6 +731,8 @@ impl Session {
         let gauge = &self.gauge;
         let out = &mut self.out;
         let drained = self.sub.drain(|event, cursor| match event {
+            // Raw mode: nothing after a gap is written; the 4010 close comes first.
+            _ if gap => {}
             Event::Message(m) => {
                 delivered += 1;
                 out.extend_from_slice(match mode {
@@ -951,6 +953,7 @@ struct Request {
     encoding: Option<String>,
     limit: Option<usize>,
     after: Option<String>,
+    idempotency_key: Option<String>,
 }
 
 /// A frame that is not a valid request: an error reply, and it counts toward 1008.
@@ -1079,6 +1082,7 @@ pub enum Op {
         channel: ChannelName,
         event: Option<EventName>,
         data: Data,
+        idempotency_key: Option<IdempotencyKey>,
     },
     History {
         channel: ChannelName,
@@ -1130,10 +1134,17 @@ pub fn parse_request(frame: &str, max_message_bytes: usize) -> Result<ParsedRequ
                 req.encoding.as_deref(),
             )
             .map_err(|e| Malformed::from((id.clone(), e)))?;
+            let idempotency_key = req
+                .idempotency_key
+                .as_deref()
+                .map(publish::idempotency_key)
+                .transpose()
+                .map_err(|e| Malformed::from((id.clone(), e)))?;
             Op::Publish {
                 channel: v.channel,
                 event: v.event,
                 data: v.data,
+                idempotency_key,
             }
         }
         "history" => {
@@ -1206,6 +1217,7 @@ impl Session {
                 channel,
                 event,
                 data,
+                idempotency_key,
             } => {
                 let policy = state.node.policies.for_channel(&channel);
                 if let Err(e) = state
@@ -1220,11 +1232,13 @@ impl Session {
                         "too many publishes from this client (client_publish_rate); slow down",
                     )
                 } else {
-                    match publish::publish(state, &channel, event, data).await {
-                        Ok(m) => {
+                    match publish::publish_keyed(state, &channel, event, data, idempotency_key)
+                        .await
+                    {
+                        Ok(p) => {
                             let mut reply = typed("reply", json!({"id": id, "ok": true}));
                             if let (Some(r), Value::Object(position)) =
-                                (reply.as_object_mut(), position_json(&m))
+                                (reply.as_object_mut(), position_json(&p.message))
                             {
                                 r.extend(position);
                             }
