@@ -13,14 +13,7 @@ const API_KEY: &str = "backend-key-do-not-log-0123456789";
 const SECRET: &str = "jwt-secret-do-not-log-0123456789";
 
 fn tidings() -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_tidings"));
-    for (key, _) in std::env::vars_os() {
-        if key.to_string_lossy().starts_with("TIDINGS_") {
-            cmd.env_remove(key);
-        }
-    }
-    cmd.kill_on_drop(true);
-    cmd
+    tidings_testkit::command(env!("CARGO_BIN_EXE_tidings"))
 }
 
 fn config_file() -> std::path::PathBuf {

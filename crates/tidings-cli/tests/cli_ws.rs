@@ -20,23 +20,7 @@ const WAIT: Duration = Duration::from_secs(20);
 
 /// `tidings` with a clean environment: no `TIDINGS_*` variable of the caller leaks in.
 fn tidings() -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_tidings"));
-    for (key, _) in std::env::vars_os() {
-        if key.to_string_lossy().starts_with("TIDINGS_") {
-            cmd.env_remove(key);
-        }
-    }
-    cmd.env("TIDINGS_LOG", "warn")
-        .env("NO_PROXY", "*")
-        .env_remove("http_proxy")
-        .env_remove("HTTP_PROXY")
-        .env_remove("all_proxy")
-        .env_remove("ALL_PROXY")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true);
-    cmd
+    tidings_testkit::command(env!("CARGO_BIN_EXE_tidings"))
 }
 
 /// Runs `tidings ARGS` to completion (stdin from `input` when given), within `WAIT`.

@@ -37,22 +37,8 @@ use tokio_tungstenite::tungstenite::Message as WsMessage;
 const WAIT: Duration = Duration::from_secs(20);
 
 fn tidings() -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_tidings"));
-    for (key, _) in std::env::vars_os() {
-        if key.to_string_lossy().starts_with("TIDINGS_") {
-            cmd.env_remove(key);
-        }
-    }
-    cmd.env("TIDINGS_LOG", "info")
-        .env("NO_PROXY", "*")
-        .env_remove("http_proxy")
-        .env_remove("HTTP_PROXY")
-        .env_remove("all_proxy")
-        .env_remove("ALL_PROXY")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true);
+    let mut cmd = tidings_testkit::command(env!("CARGO_BIN_EXE_tidings"));
+    cmd.env("TIDINGS_LOG", "info").stdout(Stdio::null());
     cmd
 }
 

@@ -13,6 +13,31 @@ pub mod proc;
 
 pub use proc::Proc;
 
+/// `bin` (a `tidings` binary, `env!("CARGO_BIN_EXE_tidings")` in the CLI's tests) with a clean
+/// environment: no `TIDINGS_*` variable or proxy setting of the caller leaks in, logs at
+/// `warn` unless the test sets `TIDINGS_LOG`, stdin closed, stdout and stderr piped, and the
+/// process killed when the handle is dropped (also when a test panics).
+pub fn command(bin: &str) -> tokio::process::Command {
+    use std::process::Stdio;
+    let mut cmd = tokio::process::Command::new(bin);
+    for (key, _) in std::env::vars_os() {
+        if key.to_string_lossy().starts_with("TIDINGS_") {
+            cmd.env_remove(key);
+        }
+    }
+    cmd.env("TIDINGS_LOG", "warn")
+        .env("NO_PROXY", "*")
+        .env_remove("http_proxy")
+        .env_remove("HTTP_PROXY")
+        .env_remove("all_proxy")
+        .env_remove("ALL_PROXY")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    cmd
+}
+
 /// Polls `probe` every `tick` until it holds; panics naming `what` if it has not within
 /// `within`. For state with no event a test could await instead (metrics gauges after a
 /// hang-up, `/readyz` following a broker, presence kept in Redis).
