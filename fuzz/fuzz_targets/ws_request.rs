@@ -66,8 +66,15 @@ fuzz_target!(|data: &[u8]| {
                 channel,
                 event,
                 data,
+                idempotency_key,
             } => {
                 check_channel(&channel);
+                // An accepted key is one the validator accepts again, unchanged.
+                if let Some(k) = idempotency_key {
+                    let again = tidings_core::idempotency::IdempotencyKey::new(k.as_str())
+                        .expect("an accepted idempotency key validates again");
+                    assert_eq!(again.as_str(), k.as_str());
+                }
                 if let Some(e) = event {
                     assert_eq!(EventName::new(e.as_str()).as_ref(), Ok(&e));
                 }
