@@ -148,6 +148,17 @@ impl Server {
         serde_json::from_str(&res.text().await.unwrap()).unwrap()
     }
 
+    /// The string data of every message `channel`'s history holds, oldest first.
+    async fn history_data(&self, channel: &str) -> Vec<String> {
+        let history = self.history(channel).await;
+        history["messages"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m["data"].as_str().unwrap().to_owned())
+            .collect()
+    }
+
     /// SIGTERM, then waits for the exit.
     async fn stop(mut self) -> String {
         let pid = self.child.id().unwrap().to_string();
@@ -449,13 +460,7 @@ async fn a_torn_tail_is_cut_off_at_start_with_a_warning_naming_bytes_and_channel
         log.contains("torn tail") && log.contains("torn:chan") && log.contains("cut"),
         "{log}"
     );
-    let history = server.history("torn:chan").await;
-    let data: Vec<&str> = history["messages"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|m| m["data"].as_str().unwrap())
-        .collect();
+    let data = server.history_data("torn:chan").await;
     assert_eq!(data, ["message 1", "message 2"]);
     let next = server.publish("torn:chan", "after").await.unwrap();
     assert_eq!(next["offset"], 3);
@@ -481,13 +486,7 @@ async fn a_flipped_byte_in_the_middle_is_reported_and_never_served() {
 
     let server = serve(dir.path(), &[]).await;
     assert!(server.log().contains("damaged record"), "{}", server.log());
-    let history = server.history("flip:chan").await;
-    let data: Vec<&str> = history["messages"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|m| m["data"].as_str().unwrap())
-        .collect();
+    let data = server.history_data("flip:chan").await;
     assert_eq!(data, ["message-3"], "nothing altered is served");
     server.stop().await;
 }
@@ -609,13 +608,7 @@ async fn a_full_disk_answers_507_keeps_subscribers_and_publishing_resumes_when_s
         "{log}\n{}",
         server.log()
     );
-    let history = server.history("full:chan").await;
-    let got: Vec<&str> = history["messages"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|m| m["data"].as_str().unwrap())
-        .collect();
+    let got = server.history_data("full:chan").await;
     assert_eq!(got, ["before", "after"]);
     server.stop().await;
 }
