@@ -112,6 +112,11 @@ pub async fn run(args: ServeArgs, config_path: Option<&Path>) -> anyhow::Result<
             state.shutdown.clone(),
         ));
     }
+    // The handlers are in place before anyone hears we listen (the announcement below,
+    // systemd's READY=1): a SIGTERM right after either must drain, and a SIGHUP reload, not
+    // kill the process by the default action.
+    let stops = stop_signals();
+    let hangups = hangup_signals();
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .with_context(|| format!("binding {addr}"))?;
@@ -131,10 +136,6 @@ pub async fn run(args: ServeArgs, config_path: Option<&Path>) -> anyhow::Result<
         }
         None => None,
     };
-    // The handlers are in place before systemd hears READY=1: a SIGTERM right after it must
-    // drain, and a SIGHUP reload, not kill the process by the default action.
-    let stops = stop_signals();
-    let hangups = hangup_signals();
     tokio::spawn(reload_on_hangup(
         hangups,
         state.clone(),
@@ -143,7 +144,7 @@ pub async fn run(args: ServeArgs, config_path: Option<&Path>) -> anyhow::Result<
     ));
     crate::notify::notify("READY=1");
     let drain = tidings_server::lifecycle::drain(state.clone(), stops);
-    tidings_server::server::serve_all(state, listener, tls, drain)
+    tidings_server::serve_all(state, listener, tls, drain)
         .await
         .context("serving")?;
     tracing::info!("stopped");
