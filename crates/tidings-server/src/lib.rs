@@ -22,22 +22,28 @@
 //! - `query`: query strings, decoded only where they need it.
 //! - `wsframe`: RFC 6455 framing (the decoder and encoder WebSocket sessions run).
 
+#[path = "app/mod.rs"]
 pub mod api;
 pub mod assets;
 pub mod auth;
 pub mod config;
 pub mod config_keys;
+#[path = "net/deadline.rs"]
 pub mod deadline;
 pub mod demo;
+#[path = "net/h1.rs"]
 pub mod h1;
 pub mod lifecycle;
+#[path = "net/limits.rs"]
 pub mod limits;
 pub mod metrics;
 pub mod query;
+#[path = "net/listener.rs"]
 pub mod server;
 pub mod stats;
 pub mod tls;
 pub mod transport;
+#[path = "net/wsframe.rs"]
 pub mod wsframe;
 
 pub use config::{Config, ConfigError};

@@ -1,6 +1,7 @@
 //! The HTTP API besides the transports: publishing, channels, health and metrics, and the
 //! router that puts every route together (`app` puts CORS and the hot routes in front of it).
 
+#[path = "service.rs"]
 pub mod app;
 pub mod channels;
 pub mod cors;
