@@ -1,4 +1,4 @@
-//! The lean HTTP/1.1 path's request-head parser (`tidings_server::h1`, through `fuzz_parse`)
+//! The lean HTTP/1.1 path's request-head parser (`tidings_server::net::h1`, through `fuzz_parse`)
 //! on arbitrary bytes: the first bytes of every plaintext connection go through it. Never
 //! panics; never consumes bytes it then hands elsewhere (hyper must see a request it takes
 //! over from its first byte); keeps only requests with at most a small body of declared length that upgrade to nothing
@@ -6,14 +6,14 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use tidings_server::h1::{FuzzHead, LEAN_BODY, MAX_HEAD, fuzz_parse};
+use tidings_server::net::h1::{FuzzHead, LEAN_BODY, MAX_HEAD, fuzz_parse};
 
 fuzz_target!(|data: &[u8]| {
     let (head, left) = fuzz_parse(data);
     match head {
         FuzzHead::Partial | FuzzHead::Handoff | FuzzHead::Refuse(_) => {
             assert_eq!(left, data, "bytes consumed without a request: {head:?}");
-            const PREFACE: &[u8] = tidings_server::h1::HTTP2_PREFACE;
+            const PREFACE: &[u8] = tidings_server::net::h1::HTTP2_PREFACE;
             let n = data.len().min(PREFACE.len());
             if n > 0 && data[..n] == PREFACE[..n] {
                 // Read whole under the head deadline first, then hyper's.

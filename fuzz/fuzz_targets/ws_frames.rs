@@ -7,7 +7,7 @@
 
 use bytes::BytesMut;
 use libfuzzer_sys::fuzz_target;
-use tidings_server::wsframe::{Decoder, Fail, Incoming};
+use tidings_server::net::wsframe::{Decoder, Fail, Incoming};
 
 const MAX: usize = 4096;
 
@@ -55,7 +55,7 @@ fuzz_target!(|input: &[u8]| {
             Incoming::Binary(b) => assert!(b.len() <= MAX),
             Incoming::Ping(p) => assert!(p.len() <= 125),
             Incoming::Close(Some((code, _))) => {
-                assert!(tidings_server::wsframe::close_code_allowed(*code))
+                assert!(tidings_server::net::wsframe::close_code_allowed(*code))
             }
             Incoming::Close(None) | Incoming::Pong => {}
         }

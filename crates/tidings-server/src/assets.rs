@@ -8,14 +8,13 @@
 //! Pages get a Content-Security-Policy that allows only this origin: they have no inline
 //! scripts and talk to no one else.
 
-use axum::Router;
 use axum::extract::Path;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{MethodRouter, get};
 
-use crate::api::error::ApiError;
-use crate::server::AppState;
+use crate::app::error::ApiError;
+use crate::state::AppState;
 
 /// One embedded file.
 pub struct Asset {
@@ -139,46 +138,13 @@ pub fn all() -> Vec<(String, &'static Asset)> {
 }
 
 /// The routes of the web side; merged into the main router.
-pub fn routes() -> Router<AppState> {
-    Router::new()
-        .route("/", get(|h: HeaderMap| async move { serve(&INDEX, &h) }))
-        .route(
-            "/demo/chat",
-            get(|h: HeaderMap| async move { serve(&CHAT, &h) }),
-        )
-        .route(
-            "/demo/dashboard",
-            get(|h: HeaderMap| async move { serve(&DASHBOARD, &h) }),
-        )
-        .route(
-            "/demo/lab",
-            get(|h: HeaderMap| async move { serve(&LAB, &h) }),
-        )
-        .route(
-            "/admin",
-            get(|h: HeaderMap| async move { serve(&ADMIN, &h) }),
-        )
-        .route(
-            "/tidings.js",
-            get(|h: HeaderMap| async move { serve(&CLIENT_JS, &h) }),
-        )
-        .route(
-            "/tidings.d.ts",
-            get(|h: HeaderMap| async move { serve(&CLIENT_DTS, &h) }),
-        )
-        // Browsers ask for /favicon.ico on their own; the SVG answers both.
-        .route(
-            "/favicon.svg",
-            get(|h: HeaderMap| async move { serve(&FAVICON, &h) }),
-        )
-        .route(
-            "/favicon.ico",
-            get(|h: HeaderMap| async move { serve(&FAVICON, &h) }),
-        )
-        .route("/assets/{name}", get(shared))
+/// The route that serves one embedded file (`app::routes` lists them).
+pub fn page(asset: &'static Asset) -> MethodRouter<AppState> {
+    get(move |h: HeaderMap| async move { serve(asset, &h) })
 }
 
-async fn shared(Path(name): Path<String>, headers: HeaderMap) -> Response {
+/// `/assets/{name}`: the files the pages share.
+pub async fn shared(Path(name): Path<String>, headers: HeaderMap) -> Response {
     match SHARED.iter().find(|(n, _)| *n == name) {
         Some((_, asset)) => serve(asset, &headers),
         None => ApiError::new(

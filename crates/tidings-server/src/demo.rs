@@ -20,7 +20,7 @@ use tokio::time::MissedTickBehavior;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, NamespaceConfig};
-use crate::server::AppState;
+use crate::state::AppState;
 
 pub const TICKER: &str = "demo:ticker";
 pub const METRICS: &str = "demo:metrics";

@@ -5,46 +5,68 @@
 //! server on any listener: `serve(AppState::connect(config).await?, listener, shutdown)`
 //! (`connect` builds the broker the config names: memory, or Redis via `tidings-redis`).
 //!
-//! ## Layout
+//! ## Layout: two layers, arrows pointing down
+//! ```text
+//!   application   app/ (routes, service, publish, channels, health, cors, error)
+//!                 transport/  auth/  lifecycle  stats  demo  assets  tls
+//!        │        state (AppState)  metrics  rates  config  config_keys  query
+//!        ▼
+//!   protocol      net/ (listener, h1, upgrade, wsframe, deadline, limits)
+//! ```
+//! The protocol layer (`net/`) turns bytes into requests and responses into bytes and knows
+//! no route: it calls the application through one interface, `net::Service`, which
+//! `app::service::App` implements. `tests/layers.rs` fails when a file under `net/` names a
+//! module outside it.
+//!
+//! Where things go:
+//! - **a new route**: one line in `app/routes.rs` (`table()`), its handler in the module that
+//!   owns it (`app/`, `transport/`, or a new file for a new protocol); a catch-all for paths
+//!   no row matches replaces `routes::fallback`.
+//! - **a new transport**: a file in `transport/`, its rows in the table.
+//! - **something every connection does** (a deadline, a limit, a new wire protocol under
+//!   HTTP): `net/`, taking what it needs from `net::Service` (never from `AppState`).
+//! - **something every handler shares**: a field of `state::Shared`.
+//!
+//! ## Modules
+//! - `net/`: the protocol layer. `listener` (accept loop, TLS handshake, hyper for h2/h2c and
+//!   bodies, kill grace, graceful shutdown), `h1` (the lean HTTP/1.1 path), `upgrade` (a
+//!   socket handed to a session), `wsframe` (RFC 6455 framing), `deadline` (the write
+//!   deadline), `limits` (connection admission).
+//! - `app/`: `routes` (the one route table), `service` (`App`: CORS, direct calls, the
+//!   router), `publish`, `channels`, `health` (health and metrics), `cors`, `error`
+//!   (`ApiError`). `app::serve_all` starts a server.
+//! - `transport/`: one file per transport (`sse`, `http_stream`, `long_poll`, `short_poll`,
+//!   `websocket`), `stream.rs` for the lifecycle SSE and NDJSON share, `params.rs` for
+//!   subscribe parameters.
+//! - `state`: `AppState`, what every handler shares (node, live config and auth, metrics,
+//!   rates, shutdown).
 //! - `config`: the TOML/env configuration and its validation; `config_keys` reads the keys'
 //!   defaults and meanings for `config explain` and checks the docs against them.
-//! - `server`: `AppState`, the accept loop (HTTP/1.1 + h2c), graceful shutdown.
-//! - `lifecycle`: drain for rolling deploys (SIGTERM) and live reload (SIGHUP).
 //! - `auth/`: API keys, JWTs, grants; the 400/401/403 mapping.
-//! - `api/`: `app` (what every connection runs: CORS, the hot routes dispatched directly, the
-//!   router for the rest), publishing, channel reads, health and metrics, `ApiError`.
-//! - `transport/`: one file per transport (`sse`, `http_stream`, `long_poll`, `short_poll`),
-//!   `stream.rs` for the lifecycle SSE and NDJSON share, `params.rs` for subscribe parameters.
-//! - `metrics`: Prometheus counters and gauges.
+//! - `lifecycle`: drain for rolling deploys (SIGTERM) and live reload (SIGHUP).
+//! - `metrics`: Prometheus counters and gauges. `rates`: client rates per identity.
+//! - `tls`: the TLS acceptor built from the config (the handshake is `net::listener`'s).
 //! - `assets`: the embedded web side (pages, demos, admin console, `/tidings.js`).
 //! - `stats`: the server's own stats, published each second to `admin:stats` for `/admin`.
 //! - `demo`: what `tidings serve --demo` publishes to `demo:` channels.
 //! - `query`: query strings, decoded only where they need it.
-//! - `wsframe`: RFC 6455 framing (the decoder and encoder WebSocket sessions run).
 
-#[path = "app/mod.rs"]
-pub mod api;
+pub mod app;
 pub mod assets;
 pub mod auth;
 pub mod config;
 pub mod config_keys;
-#[path = "net/deadline.rs"]
-pub mod deadline;
 pub mod demo;
-#[path = "net/h1.rs"]
-pub mod h1;
 pub mod lifecycle;
-#[path = "net/limits.rs"]
-pub mod limits;
 pub mod metrics;
+pub mod net;
 pub mod query;
-#[path = "net/listener.rs"]
-pub mod server;
+pub mod rates;
+pub mod state;
 pub mod stats;
 pub mod tls;
 pub mod transport;
-#[path = "net/wsframe.rs"]
-pub mod wsframe;
 
+pub use app::{serve, serve_all};
 pub use config::{Config, ConfigError};
-pub use server::{AppState, serve};
+pub use state::AppState;

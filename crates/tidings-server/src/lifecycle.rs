@@ -6,7 +6,7 @@
 //!    draining: `/readyz` answers `503 {"status":"draining"}` from that moment, so a load
 //!    balancer's health check takes the node out of rotation, while every route — publishes,
 //!    new subscriptions, `/ws` — keeps working for `[server] drain_grace`;
-//! 2. then `drain` resolves, and `server::serve_all` stops accepting and cancels
+//! 2. then `drain` resolves, and `app::serve_all` stops accepting and cancels
 //!    `AppState::shutdown`: every stream writes its `disconnect` (`reason: "shutdown"`,
 //!    `reconnect: true`, and its own `reconnect_after_ms` from `shutdown_notice`), `/ws`
 //!    closes with 1012, held long polls answer, requests in flight (publishes) finish;
@@ -40,7 +40,7 @@ use tokio::sync::mpsc;
 
 use crate::auth::{Auth, Principal};
 use crate::config::{Config, ConfigError, parse_listen};
-use crate::server::{AppState, Live};
+use crate::state::{AppState, Live};
 
 /// Resolves when the node should stop serving: `drain_grace` after the first stop signal on
 /// `signals` (or at the second one). Marks the node draining on the first. A closed channel
@@ -105,7 +105,7 @@ pub fn reload(state: &AppState, mut new: Config) -> Result<Reloaded, ConfigError
         // The broker took its cap and the logger its format at start.
         max_channels,
         log_format,
-        // One rate per client, taken at start (limits::Rates).
+        // One rate per client, taken at start (rates::Rates).
         client_publish_rate
     );
     // The broker is connected at start; every key of its table needs a restart (compared

@@ -24,7 +24,7 @@ use serde_json::{Value, json};
 use tidings_core::{ChannelName, Data};
 use tokio::time::MissedTickBehavior;
 
-use crate::server::AppState;
+use crate::state::AppState;
 use crate::transport::TransportKind;
 
 /// Where the stats go.

@@ -46,7 +46,7 @@ async fn tls_server() -> TlsServer {
     let tls = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = tls.local_addr().unwrap();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(tidings_server::server::serve_all(
+    tokio::spawn(tidings_server::serve_all(
         state,
         plain,
         Some((tls, acceptor)),

@@ -9,8 +9,8 @@ use axum::response::{IntoResponse, Response};
 use bytes::{BufMut, BytesMut};
 use tidings_core::{ChannelName, Cursor, Since};
 
-use crate::api::error::ApiError;
-use crate::server::AppState;
+use crate::app::error::ApiError;
+use crate::state::AppState;
 
 const DEFAULT_LIMIT: usize = 100;
 const MAX_LIMIT: usize = 10_000;
@@ -167,7 +167,7 @@ pub fn presence_rate_limited() -> ApiError {
 /// id; `next` (when present) is the `after` of the next page.
 pub async fn presence(
     State(state): State<AppState>,
-    conn: Option<axum::Extension<crate::server::ConnectionCtx>>,
+    conn: Option<axum::Extension<crate::net::ConnectionCtx>>,
     Path(channel): Path<String>,
     RawQuery(query): RawQuery,
 ) -> Result<Response, ApiError> {

@@ -11,15 +11,15 @@
 //! - A WebSocket handshake from a disallowed origin is refused with 403 before any upgrade:
 //!   browsers do not apply CORS to WebSockets, so this check is the only protection there.
 //!
-//! Two plain functions around the handler (`api::app` calls them) rather than a middleware:
+//! Two plain functions around the handler (`app::service` calls them) rather than a middleware:
 //! a `from_fn` layer boxes a future and clones the router's services on every request.
 
 use axum::extract::Request;
 use axum::http::{HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 
-use crate::api::error::ApiError;
-use crate::server::AppState;
+use crate::app::error::ApiError;
+use crate::state::AppState;
 
 const ALLOW_METHODS: &str = "GET, POST, OPTIONS";
 const ALLOW_HEADERS: &str =
@@ -43,7 +43,7 @@ pub fn allowed(state: &AppState, origin: &str, host: Option<&str>) -> bool {
 /// (which also covers HTTP/2, where there is no `Host` header to compare with). Both headers
 /// are set by the browser alone — a page cannot forge them — so a request with neither is not
 /// from a browser page, and a cookie-authenticated state change then is refused
-/// (`api::publish`). An unparseable `Origin`, or `null`, is not allowed.
+/// (`app::publish`). An unparseable `Origin`, or `null`, is not allowed.
 pub fn same_site_request(state: &AppState, headers: &axum::http::HeaderMap) -> bool {
     let origin_ok = headers.get(header::ORIGIN).is_some_and(|origin| {
         origin.to_str().is_ok_and(|origin| {

@@ -62,13 +62,11 @@ impl ApiError {
 
     /// A request body that did not arrive within `request_body_timeout`.
     pub fn body_timeout(timeout: std::time::Duration) -> Self {
+        // The lean path answers the same 408 itself, from the same words.
         Self::new(
             StatusCode::REQUEST_TIMEOUT,
             "body_timeout",
-            format!(
-                "the request body did not arrive within {}s",
-                timeout.as_secs_f64()
-            ),
+            crate::net::h1::body_timeout_message(timeout),
         )
     }
 

@@ -18,9 +18,10 @@ use tidings_core::{
     ChannelName, Data, EventName, IdempotencyKey, Message, PublishOptions, Published,
 };
 
-use crate::api::error::ApiError;
+use crate::app::error::ApiError;
 use crate::auth::Principal;
-use crate::server::{AppState, ConnectionCtx};
+use crate::net::ConnectionCtx;
+use crate::state::AppState;
 
 /// A batch body may hold this many messages' worth of `max_message_bytes`.
 const BATCH_BODY_FACTOR: usize = 16;
@@ -585,7 +586,7 @@ fn gate(
     // A browser sends the cookie with any site's form or fetch: a publish it authenticates
     // must come from a page of an allowed origin (cross-site request forgery otherwise).
     if crate::auth::cookie_only(headers, query)
-        && !crate::api::cors::same_site_request(state, headers)
+        && !crate::app::cors::same_site_request(state, headers)
     {
         return Err(ApiError::new(
             StatusCode::FORBIDDEN,

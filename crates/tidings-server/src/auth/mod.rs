@@ -23,7 +23,7 @@ use axum::http::{HeaderMap, StatusCode, header};
 use subtle::ConstantTimeEq;
 use tidings_core::{ChannelName, ChannelPolicy, ClientInfo, PublishPolicy, SubscribePolicy};
 
-use crate::api::error::ApiError;
+use crate::app::error::ApiError;
 use crate::config::{AuthConfig, ConfigError};
 use jwt::{Claims, JwtVerifier};
 

@@ -120,7 +120,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Deadline<S> {
 
 /// The lean path reads a bare socket its own way (`h1::Socket`); the deadline changes
 /// nothing there.
-impl<S: crate::h1::Socket> crate::h1::Socket for Deadline<S> {
+impl<S: crate::net::h1::Socket> crate::net::h1::Socket for Deadline<S> {
     fn poll_read_more(
         &mut self,
         cx: &mut Context<'_>,

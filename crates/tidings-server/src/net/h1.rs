@@ -7,8 +7,8 @@
 //! response head is written and dropped, and a parked stream holds its socket, its body
 //! (the session writer) and little else.
 //!
-//! WebSocket upgrades are answered here too: the router's 101 carries the session
-//! (`websocket::Pending`), which then runs on the bare socket in this same task.
+//! WebSocket upgrades are answered here too: the service's 101 carries the session
+//! (`upgrade::Pending`), which then runs on the bare socket in this same task.
 //!
 //! Requests with a small body of declared length (`Content-Length` up to `LEAN_BODY`:
 //! publishes) are read whole here, under `request_body_timeout`, and handed to the handler
@@ -22,7 +22,7 @@
 //! rustls' state, but not hyper's as well. TLS connections that negotiate h2 go to hyper
 //! directly.
 //!
-//! Concurrency: one task per connection (spawned by `server.rs`, which also wraps it in the
+//! Concurrency: one task per connection (spawned by `listener.rs`, which also wraps it in the
 //! kill-token grace). While a response streams, the task waits on the body and on the
 //! socket's read readiness at once, so a client that hangs up ends its stream now rather
 //! than at the next heartbeat. Bytes a client sends during a response (pipelining) are kept
@@ -45,11 +45,8 @@ use tokio::time::Instant;
 use tokio_rustls::server::TlsStream;
 use tokio_util::sync::CancellationToken;
 
-use crate::api::app::{App, Handled};
-use crate::api::error::ApiError;
-use crate::server::ConnectionCtx;
-use crate::transport::long_poll;
-use crate::transport::websocket::{LeanUpgrade, Pending};
+use crate::net::upgrade::{LeanUpgrade, Pending};
+use crate::net::{ConnectionCtx, Handled, Service};
 
 /// The largest request head read here (request line and headers); over it: 431.
 pub const MAX_HEAD: usize = 64 * 1024;
@@ -74,8 +71,8 @@ pub enum Outcome {
     Upgrade(Pending, Bytes),
 }
 
-pub struct Lean<'a> {
-    pub app: &'a App,
+pub struct Lean<'a, Svc> {
+    pub service: &'a Svc,
     pub ctx: &'a ConnectionCtx,
     pub header_timeout: Duration,
     pub body_timeout: Duration,
@@ -127,18 +124,17 @@ impl Exchange {
     }
 }
 
-/// What the app answered: a response, or a long poll still waiting for its answer.
-enum Answer {
+/// What the service answered: a response, or a long poll still waiting for its answer.
+enum Answer<L> {
     Ready(Exchange),
-    Wait {
-        wait: long_poll::Wait,
-        cors: Option<HeaderValue>,
+    Later {
+        later: L,
         keep_alive: bool,
         head_only: bool,
     },
 }
 
-impl Lean<'_> {
+impl<Svc: Service> Lean<'_, Svc> {
     /// Serves requests on `stream` until it closes or hyper must take over.
     ///
     /// Memory: this future is what a parked stream costs, so everything that lives only
@@ -153,15 +149,14 @@ impl Lean<'_> {
             };
             let exchange = match answer {
                 Answer::Ready(exchange) => exchange,
-                Answer::Wait {
-                    wait,
-                    cors,
+                Answer::Later {
+                    later,
                     keep_alive,
                     head_only,
                 } => {
                     let mut watch = Watch::new(&mut buf);
                     let res = tokio::select! {
-                        res = wait => App::finish(res, cors),
+                        res = later => res,
                         _ = hung_up(stream, &mut watch) => return Outcome::Done,
                     };
                     Exchange::new(res, keep_alive, head_only)
@@ -187,13 +182,13 @@ impl Lean<'_> {
         }
     }
 
-    /// Reads the next request and has the app (`api::app`) answer it; `Err` when the connection
-    /// ends here or goes to hyper.
+    /// Reads the next request and has the service answer it; `Err` when the connection ends
+    /// here or goes to hyper.
     async fn exchange<S: Socket>(
         &self,
         stream: &mut S,
         buf: &mut BytesMut,
-    ) -> Result<Answer, Outcome> {
+    ) -> Result<Answer<Svc::Later>, Outcome> {
         let (mut req, keep_alive, head_only, body) = match self.read_head(stream, buf).await {
             Head::Request {
                 req,
@@ -211,11 +206,10 @@ impl Lean<'_> {
         if body > 0 {
             *req.body_mut() = Body::from(self.read_body(stream, buf, body).await?);
         }
-        match self.app.handle(req, self.ctx).await {
+        match self.service.call(req, self.ctx).await {
             Handled::Ready(res) => Ok(Answer::Ready(Exchange::new(res, keep_alive, head_only))),
-            Handled::Wait(wait, cors) => Ok(Answer::Wait {
-                wait,
-                cors,
+            Handled::Later(later) => Ok(Answer::Later {
+                later,
                 keep_alive,
                 head_only,
             }),
@@ -224,7 +218,7 @@ impl Lean<'_> {
 
     /// Reads a body of `len` bytes that follows the head in `buf` (at most `LEAN_BODY`).
     /// A body that does not arrive within `request_body_timeout` gets the same 408 a
-    /// handler gives (`api::publish::read_body`): a client trickling bytes holds a task.
+    /// handler gives (`app::publish::read_body`): a client trickling bytes holds a task.
     async fn read_body<S: Socket>(
         &self,
         stream: &mut S,
@@ -237,8 +231,14 @@ impl Lean<'_> {
                 Ok(Ok(n)) if n > 0 => {}
                 Ok(_) => return Err(Outcome::Done),
                 Err(_) => {
-                    let e = ApiError::body_timeout(self.body_timeout);
-                    let _ = refuse(stream, e.status, e.code, &e.message).await;
+                    let message = body_timeout_message(self.body_timeout);
+                    let _ = refuse(
+                        stream,
+                        StatusCode::REQUEST_TIMEOUT,
+                        "body_timeout",
+                        &message,
+                    )
+                    .await;
                     return Err(Outcome::Done);
                 }
             }
@@ -325,7 +325,7 @@ impl Socket for TcpStream {
 /// TLS: whether plaintext is waiting is only known by reading, so the room is made first.
 /// Boxed: the connection's task then holds a pointer, not rustls' state inline (kept twice,
 /// were it moved into a WebSocket session later).
-impl Socket for Box<TlsStream<crate::deadline::Conn>> {
+impl Socket for Box<TlsStream<crate::net::deadline::Conn>> {
     fn poll_read_more(
         &mut self,
         cx: &mut Context<'_>,
@@ -531,6 +531,14 @@ pub fn fuzz_parse(input: &[u8]) -> (FuzzHead, Vec<u8>) {
         },
     };
     (head, buf.to_vec())
+}
+
+/// The 408's message, word for word what a handler's `ApiError::body_timeout` says.
+pub fn body_timeout_message(timeout: Duration) -> String {
+    format!(
+        "the request body did not arrive within {}s",
+        timeout.as_secs_f64()
+    )
 }
 
 fn has_token(value: &[u8], token: &[u8]) -> bool {

@@ -11,30 +11,29 @@
 //! reading) fires it, and the connection is dropped after `SLOW_CLOSE_GRACE` if it has not
 //! ended by itself — hyper cannot end a response whose body it is no longer polling.
 //! Shutdown (once `shutdown` resolves: with `lifecycle::drain`, after the drain grace) stops
-//! accepting, cancels `AppState::shutdown` (every stream writes its goodbye and ends), and
+//! accepting, cancels `Service::shutdown` (every stream writes its goodbye and ends), and
 //! waits up to `SHUTDOWN_GRACE` for connections to drain.
+//!
+//! Every request, whichever way it arrived (lean path, hyper's HTTP/1.1, h2, h2c, TLS), goes
+//! to the one `Service` (`net/mod.rs`); nothing here knows what a route is.
 
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
-use arc_swap::{ArcSwap, Guard};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::{GracefulShutdown, Watcher};
-use tidings_core::Node;
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
-use crate::auth::Auth;
-use crate::config::Config;
-use crate::limits::{ConnectionLimits, RateKey, Rates, Refused};
-use crate::metrics::Metrics;
-use crate::transport::websocket::WsIo;
+use crate::net::h1;
+use crate::net::limits::Refused;
+use crate::net::upgrade::SessionIo;
+use crate::net::{ConnectionCtx, Handled, Service};
 
 const SLOW_CLOSE_GRACE: Duration = Duration::from_secs(2);
 /// How long connections get to end after shutdown (the bound `docs/operations.md` gives).
@@ -42,294 +41,14 @@ pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 /// A client gets this long to finish the TLS handshake (a slowloris variant otherwise).
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// What every handler shares: one pointer, so the clone each request and session takes is
-/// one reference count (its fields are reached through `Deref`).
-#[derive(Clone)]
-pub struct AppState(Arc<Shared>);
-
-impl std::ops::Deref for AppState {
-    type Target = Shared;
-
-    fn deref(&self) -> &Shared {
-        &self.0
-    }
-}
-
-pub struct Shared {
-    pub node: Arc<Node>,
-    /// The configuration and credentials in force; a reload (`lifecycle::reload`) swaps them
-    /// whole. Read with `config()` / `auth()`: one atomic load, never a lock.
-    live: ArcSwap<Live>,
-    /// Counts reloads that took effect: sessions watch it to re-check what they follow.
-    pub reloads: tokio::sync::watch::Sender<u64>,
-    pub metrics: Arc<Metrics>,
-    /// Cancelled when the server shuts down: open streams say goodbye and end.
-    pub shutdown: CancellationToken,
-    /// Set when a stop signal starts the drain (`lifecycle::drain`): `/readyz` answers 503.
-    pub draining: std::sync::atomic::AtomicBool,
-    pub limits: Arc<ConnectionLimits>,
-    /// Client publishes per token subject or IP address (`client_publish_rate`).
-    pub publish_rates: Rates,
-    /// Presence reads, keyed the same way (`api::channels::PRESENCE_READS_PER_SEC`).
-    pub presence_rates: Rates,
-}
-
-/// What a reload replaces: the whole configuration (settings that need a restart keep their
-/// values from the start) and the credentials built from it.
-pub struct Live {
-    pub config: Config,
-    pub auth: Auth,
-}
-
-/// The configuration in force when it was taken (`Shared::config`).
-pub struct ConfigRef(Guard<Arc<Live>>);
-
-impl std::ops::Deref for ConfigRef {
-    type Target = Config;
-
-    fn deref(&self) -> &Config {
-        &self.0.config
-    }
-}
-
-/// The credentials in force when they were taken (`Shared::auth`).
-pub struct AuthRef(Guard<Arc<Live>>);
-
-impl std::ops::Deref for AuthRef {
-    type Target = Auth;
-
-    fn deref(&self) -> &Auth {
-        &self.0.auth
-    }
-}
-
-impl Shared {
-    /// The configuration in force. Take it once per request where several settings are read.
-    pub fn config(&self) -> ConfigRef {
-        ConfigRef(self.live.load())
-    }
-
-    /// The credentials in force.
-    pub fn auth(&self) -> AuthRef {
-        AuthRef(self.live.load())
-    }
-
-    /// Both, consistent with each other.
-    pub fn live(&self) -> Arc<Live> {
-        self.live.load_full()
-    }
-
-    /// Puts a new configuration in force (`lifecycle::reload` decides what may change).
-    pub(crate) fn swap_live(&self, live: Live) {
-        self.live.store(Arc::new(live));
-    }
-}
-
-impl AppState {
-    /// A state on the in-memory broker (`AppState::connect` also knows Redis).
-    pub fn new(config: Config) -> Result<Self, crate::config::ConfigError> {
-        if config.broker.url != "memory" {
-            return Err(crate::config::ConfigError::Invalid(format!(
-                "broker.url = {:?}: a remote broker is started by AppState::connect",
-                tidings_redis::masked_url(&config.broker.url)
-            )));
-        }
-        if config.broker.data_dir.is_some() {
-            return Err(crate::config::ConfigError::Invalid(
-                "broker.data_dir: a data dir is opened by AppState::connect".into(),
-            ));
-        }
-        let hub = Arc::new(tidings_core::Hub::new());
-        let policies = tidings_core::LivePolicies::new(config.policies());
-        let broker = tidings_core::broker::memory::MemoryBroker::new(hub.clone(), policies.clone());
-        broker.set_max_channels(config.server.max_channels);
-        let node = Node::new(hub, broker, policies);
-        Self::with_node(config, node)
-    }
-
-    /// A state on the broker the config names: in memory, or Redis (`redis://`, `rediss://`,
-    /// comma-separated URLs for a Redis Cluster), connected before this returns so a wrong
-    /// address fails at startup rather than at the first request.
-    pub async fn connect(config: Config) -> Result<Self, StartError> {
-        if !tidings_redis::is_redis_url(&config.broker.url) {
-            return match config.broker.data_dir.clone() {
-                Some(dir) => Self::durable(config, &dir).await,
-                None => Ok(Self::new(config)?),
-            };
-        }
-        if config.broker.data_dir.is_some() {
-            return Err(crate::config::ConfigError::Invalid(
-                "broker.data_dir keeps history for the memory broker; with Redis, history lives in Redis: remove the key".into(),
-            )
-            .into());
-        }
-        let hub = Arc::new(tidings_core::Hub::new());
-        let policies = tidings_core::LivePolicies::new(config.policies());
-        let mut options =
-            tidings_redis::RedisOptions::from_url(&config.broker.url, &config.broker.prefix);
-        options.tls_ca_file = config.broker.tls_ca_file.clone();
-        let broker =
-            tidings_redis::RedisBroker::connect(options, hub.clone(), policies.clone()).await?;
-        let node = Node::new(hub, broker, policies);
-        Ok(Self::with_node(config, node)?)
-    }
-
-    /// A state on the memory broker writing through the data dir at `dir`: opened (locked,
-    /// scanned, a torn tail cut off) before this returns, so a locked, unwritable or newer
-    /// dir fails at startup.
-    async fn durable(config: Config, dir: &std::path::Path) -> Result<Self, StartError> {
-        let hub = Arc::new(tidings_core::Hub::new());
-        let policies = tidings_core::LivePolicies::new(config.policies());
-        let opened = {
-            let dir = dir.to_owned();
-            let policies = policies.clone();
-            // Reading a large log is blocking work: off the runtime's threads.
-            tokio::task::spawn_blocking(move || {
-                let mut restore = tidings_core::broker::memory::Restore::new(policies);
-                let opened =
-                    tidings_store::open(&dir, tidings_store::Options::default(), &mut |r| {
-                        restore.apply(r)
-                    });
-                opened.map(|(store, report)| (store, report, restore))
-            })
-            .await
-            .map_err(|e| StartError::Store(format!("opening the data dir: {e}")))?
-        };
-        let (store, report, restore) = opened.map_err(|e| StartError::Store(e.to_string()))?;
-        log_report(dir, &report, restore.len());
-        let broker = tidings_core::broker::memory::MemoryBroker::durable(
-            hub.clone(),
-            policies.clone(),
-            restore,
-            Box::new(store),
-            config.broker.fsync,
-        )
-        .map_err(|e| StartError::Store(format!("starting the data dir's writer: {e}")))?;
-        broker.set_max_channels(config.server.max_channels);
-        let node = Node::new(hub, broker, policies);
-        Ok(Self::with_node(config, node)?)
-    }
-
-    /// A state on a node built elsewhere (another broker).
-    pub fn with_node(config: Config, node: Arc<Node>) -> Result<Self, crate::config::ConfigError> {
-        let auth = Auth::from_config(&config.auth)?;
-        let config_rate = config.server.client_publish_rate;
-        let limits = ConnectionLimits::new(
-            config.server.max_connections,
-            config.server.max_connections_per_ip,
-        );
-        Ok(Self(Arc::new(Shared {
-            node,
-            live: ArcSwap::from_pointee(Live { config, auth }),
-            reloads: tokio::sync::watch::Sender::new(0),
-            metrics: Arc::new(Metrics::default()),
-            shutdown: CancellationToken::new(),
-            draining: std::sync::atomic::AtomicBool::new(false),
-            limits,
-            publish_rates: Rates::new(config_rate),
-            presence_rates: Rates::new(crate::api::channels::PRESENCE_READS_PER_SEC),
-        })))
-    }
-}
-
-/// Why `AppState::connect` could not start.
-#[derive(Debug, thiserror::Error)]
-pub enum StartError {
-    #[error(transparent)]
-    Config(#[from] crate::config::ConfigError),
-    #[error(transparent)]
-    Redis(#[from] tidings_redis::ConnectError),
-    #[error("{0}")]
-    Store(String),
-}
-
-/// What opening the data dir found: damage is a warning or an error in the log, never silent.
-fn log_report(dir: &std::path::Path, report: &tidings_store::Report, channels: usize) {
-    tracing::info!(
-        dir = %dir.display(),
-        segments = report.segments,
-        records = report.records,
-        bytes = report.bytes,
-        channels,
-        "data dir opened"
-    );
-    if let Some(t) = &report.torn {
-        tracing::warn!(
-            file = %t.file.display(),
-            bytes_cut = t.bytes_cut,
-            channels = %t.channels.join(", "),
-            "data dir: cut {} bytes of a torn tail (a write cut short by a crash; never acknowledged) off {} (channels: {})",
-            t.bytes_cut,
-            t.file.display(),
-            if t.channels.is_empty() { "unknown".to_owned() } else { t.channels.join(", ") }
-        );
-    }
-    for d in &report.damaged {
-        tracing::error!(
-            file = %d.file.display(),
-            at = d.at,
-            bytes = d.bytes_skipped,
-            "data dir: a damaged record at byte {} of {} ({} bytes) was skipped and is not served; readers across it get a gap",
-            d.at,
-            d.file.display(),
-            d.bytes_skipped
-        );
-    }
-}
-
-impl Shared {
-    /// Takes one client publish for `who` from `peer`: per token subject, else per address.
-    pub fn may_publish(&self, who: &crate::auth::Principal, peer: std::net::IpAddr) -> bool {
-        self.publish_rates.try_take(&rate_key(who, peer))
-    }
-
-    /// Takes one presence read for `who` from `peer` (API keys are exempt).
-    pub fn may_read_presence(&self, who: &crate::auth::Principal, peer: std::net::IpAddr) -> bool {
-        *who == crate::auth::Principal::ApiKey || self.presence_rates.try_take(&rate_key(who, peer))
-    }
-}
-
-/// Whose bucket a client's request draws from: its token's subject, else its address.
-fn rate_key(who: &crate::auth::Principal, peer: std::net::IpAddr) -> RateKey {
-    match who {
-        crate::auth::Principal::User(claims) => match &claims.sub {
-            Some(sub) => RateKey::Subject(sub.clone()),
-            None => RateKey::Ip(peer),
-        },
-        _ => RateKey::Ip(peer),
-    }
-}
-
-/// Per-connection facts handed to handlers through request extensions.
-#[derive(Clone)]
-pub struct ConnectionCtx {
-    pub peer: SocketAddr,
-    /// Cancel to drop this connection (after a short grace).
-    pub kill: CancellationToken,
-    /// Whether this request came over HTTP/2 (set per request: one connection, one version).
-    pub http2: bool,
-}
-
-/// Serves plain HTTP (HTTP/1.1 + h2c) until `shutdown` resolves, then drains.
-pub async fn serve(
-    state: AppState,
-    listener: TcpListener,
-    shutdown: impl Future<Output = ()>,
-) -> std::io::Result<()> {
-    serve_all(state, listener, None, shutdown).await
-}
-
-/// Serves the plain listener and, when given, a TLS one (ALPN h2 / http/1.1) until
-/// `shutdown` resolves, then drains.
-pub async fn serve_all(
-    state: AppState,
+/// Serves the plain listener and, when given, a TLS one (ALPN h2 / http/1.1) with `service`
+/// until `shutdown` resolves, then drains.
+pub async fn serve<S: Service>(
+    service: Arc<S>,
     listener: TcpListener,
     tls: Option<(TcpListener, TlsAcceptor)>,
     shutdown: impl Future<Output = ()>,
 ) -> std::io::Result<()> {
-    let app = crate::api::app::App::new(state.clone());
-    // The admin console's feed; ends with `state.shutdown`.
-    tokio::spawn(crate::stats::run(state.clone()));
     let graceful = GracefulShutdown::new();
     // Every connection task, so shutdown can wait for lean ones too (hyper's are also
     // watched by `graceful`, which tells them to finish).
@@ -338,9 +57,8 @@ pub async fn serve_all(
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(state.config().server.request_header_timeout);
-    let config = state.config();
-    let server = &config.server;
+        .header_read_timeout(service.settings().request_header_timeout);
+    let server = service.settings();
     builder
         .http2()
         // Lets WebSockets ride HTTP/2 streams (RFC 8441).
@@ -352,9 +70,8 @@ pub async fn serve_all(
         .keep_alive_interval(server.ping_interval)
         .keep_alive_timeout(server.ping_interval);
     let edge = Arc::new(Edge {
-        app,
+        service: service.clone(),
         builder,
-        state: state.clone(),
     });
     tokio::pin!(shutdown);
     loop {
@@ -373,7 +90,7 @@ pub async fn serve_all(
             }
         };
         let _ = stream.set_nodelay(true);
-        let permit = match state.limits.try_acquire(peer.ip()) {
+        let permit = match service.limits().try_acquire(peer.ip()) {
             Ok(p) => p,
             // A plaintext answer would be garbage to a TLS client: there, just close.
             Err(why) if !secure => {
@@ -387,28 +104,26 @@ pub async fn serve_all(
             kill: CancellationToken::new(),
             http2: false,
         };
-        let stream = crate::deadline::Deadline::new(stream, state.config().server.write_timeout);
+        let stream = super::deadline::Deadline::new(stream, service.settings().write_timeout);
         let watcher = graceful.watcher();
         let edge = edge.clone();
         let acceptor = tls.as_ref().filter(|_| secure).map(|(_, a)| a.clone());
         tasks.spawn(async move {
             let _permit = permit;
-            let metrics = &edge.state.metrics;
-            metrics.http_connections.fetch_add(1, Relaxed);
-            metrics.http_connections_total.fetch_add(1, Relaxed);
+            edge.service.connection(true);
             match acceptor {
                 // A plaintext connection: the lean HTTP/1.1 path first, hyper if it hands off.
-                None => edge.lean(stream, ctx, watcher, WsIo::Tcp).await,
+                None => edge.lean(stream, ctx, watcher, SessionIo::Tcp).await,
                 // Boxed: a TLS session and its handshake are large, and without the box every
                 // plain connection's task would be sized for them too (idle memory).
                 Some(acceptor) => Box::pin(edge.tls(stream, acceptor, ctx, watcher)).await,
             }
-            metrics.http_connections.fetch_sub(1, Relaxed);
+            edge.service.connection(false);
         });
     }
     drop(listener);
     drop(tls);
-    state.shutdown.cancel();
+    service.shutdown().cancel();
     tasks.close();
     let drained = async {
         graceful.shutdown().await;
@@ -421,43 +136,48 @@ pub async fn serve_all(
 }
 
 /// What every connection task shares.
-struct Edge {
-    app: crate::api::app::App,
+struct Edge<Svc> {
+    service: Arc<Svc>,
     builder: auto::Builder<TokioExecutor>,
-    state: AppState,
 }
 
-impl Edge {
+impl<Svc: Service> Edge<Svc> {
     /// Serves `stream` on the lean path; hyper takes over if it hands off, a WebSocket
     /// session if it upgrades (`ws` makes the socket the session's).
-    async fn lean<S>(&self, mut stream: S, ctx: ConnectionCtx, watcher: Watcher, ws: fn(S) -> WsIo)
-    where
-        S: crate::h1::Socket + 'static,
+    async fn lean<S>(
+        &self,
+        mut stream: S,
+        ctx: ConnectionCtx,
+        watcher: Watcher,
+        ws: fn(S) -> SessionIo,
+    ) where
+        S: h1::Socket + 'static,
     {
         let outcome = {
-            let lean = crate::h1::Lean {
-                app: &self.app,
+            let settings = self.service.settings();
+            let lean = h1::Lean {
+                service: &*self.service,
                 ctx: &ctx,
-                header_timeout: self.state.config().server.request_header_timeout,
-                body_timeout: self.state.config().server.request_body_timeout,
-                shutdown: &self.state.shutdown,
+                header_timeout: settings.request_header_timeout,
+                body_timeout: settings.request_body_timeout,
+                shutdown: self.service.shutdown(),
             };
             drive(std::pin::pin!(lean.serve(&mut stream)), &ctx.kill).await
         };
         match outcome {
-            Some(crate::h1::Outcome::Handoff(read)) => {
+            Some(h1::Outcome::Handoff(read)) => {
                 // Boxed: hyper's connection state is large, and without the box every lean
                 // connection's task would be sized for it.
-                let io = crate::h1::Rewind::new(stream, read);
+                let io = h1::Rewind::new(stream, read);
                 Box::pin(self.hyper(io, ctx, watcher)).await
             }
-            Some(crate::h1::Outcome::Upgrade(pending, pre)) => {
+            Some(h1::Outcome::Upgrade(pending, pre)) => {
                 // The WebSocket session runs in this task (its future is boxed already).
                 if let Some(session) = pending.start(ws(stream), pre) {
                     session.await;
                 }
             }
-            Some(crate::h1::Outcome::Done) | None => {}
+            Some(h1::Outcome::Done) | None => {}
         }
     }
 
@@ -465,7 +185,7 @@ impl Edge {
     /// holds rustls' state but not hyper's too); h2 goes to hyper.
     async fn tls(
         &self,
-        stream: crate::deadline::Conn,
+        stream: super::deadline::Conn,
         acceptor: TlsAcceptor,
         ctx: ConnectionCtx,
         watcher: Watcher,
@@ -497,22 +217,20 @@ impl Edge {
             let mut tls = tls;
             let mut read = bytes::BytesMut::new();
             let deadline =
-                tokio::time::Instant::now() + self.state.config().server.request_header_timeout;
-            while read.len() < crate::h1::HTTP2_PREFACE.len() {
-                let want = crate::h1::HTTP2_PREFACE.len() - read.len();
-                let got = tokio::time::timeout_at(
-                    deadline,
-                    crate::h1::read_more(&mut tls, &mut read, want),
-                )
-                .await;
+                tokio::time::Instant::now() + self.service.settings().request_header_timeout;
+            while read.len() < h1::HTTP2_PREFACE.len() {
+                let want = h1::HTTP2_PREFACE.len() - read.len();
+                let got =
+                    tokio::time::timeout_at(deadline, h1::read_more(&mut tls, &mut read, want))
+                        .await;
                 if !matches!(got, Ok(Ok(n)) if n > 0) {
                     return;
                 }
             }
-            let io = crate::h1::Rewind::new(tls, read.freeze());
+            let io = h1::Rewind::new(tls, read.freeze());
             Box::pin(self.hyper(io, ctx, watcher)).await
         } else {
-            self.lean(tls, ctx, watcher, WsIo::Tls).await
+            self.lean(tls, ctx, watcher, SessionIo::Tls).await
         }
     }
 
@@ -521,53 +239,54 @@ impl Edge {
         IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
     {
         let kill = ctx.kill.clone();
-        let app = self.app.clone();
-        let state = self.state.clone();
+        let service = self.service.clone();
         let (open, mut streams) = tokio::sync::watch::channel(0usize);
         let open = Arc::new(open);
-        let svc = hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
-            let mut ctx = ctx.clone();
-            ctx.http2 = req.version() == http::Version::HTTP_2;
-            let app = app.clone();
-            // An HTTP/2 stream costs what a connection does: it counts against the same
-            // limits while it is open (the connection itself holds one place already).
-            let permit = if ctx.http2 {
-                match state.limits.try_acquire(ctx.peer.ip()) {
-                    Ok(p) => Some(p),
-                    Err(why) => {
-                        let res = crate::api::error::ApiError::new(
-                            http::StatusCode::SERVICE_UNAVAILABLE,
-                            "too_many_connections",
-                            refusal(why),
-                        );
-                        return futures_util::future::Either::Left(std::future::ready(Ok::<
-                            _,
-                            std::convert::Infallible,
-                        >(
-                            axum::response::IntoResponse::into_response(res),
-                        )));
-                    }
-                }
-            } else {
-                None
-            };
-            let upgrade = req.method() == http::Method::CONNECT
-                || req.headers().contains_key(http::header::UPGRADE);
-            let guard = StreamGuard::new(&open, upgrade);
-            futures_util::future::Either::Right(async move {
-                let req = req.map(axum::body::Body::new);
-                let res = app.handle_resolved(req, &ctx).await;
-                // The stream's places are given back when hyper drops its body: at its end,
-                // or when the client resets it.
-                Ok::<_, std::convert::Infallible>(
-                    res.map(|body| axum::body::Body::new(Held::new(body, (guard, permit)))),
-                )
-            })
-        });
+        let svc =
+            hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                let mut ctx = ctx.clone();
+                ctx.http2 = req.version() == http::Version::HTTP_2;
+                let service = service.clone();
+                // An HTTP/2 stream costs what a connection does: it counts against the same
+                // limits while it is open (the connection itself holds one place already).
+                let permit =
+                    if ctx.http2 {
+                        match service.limits().try_acquire(ctx.peer.ip()) {
+                            Ok(p) => Some(p),
+                            Err(why) => {
+                                let res = super::error_response(
+                                    http::StatusCode::SERVICE_UNAVAILABLE,
+                                    "too_many_connections",
+                                    refusal(why),
+                                );
+                                return futures_util::future::Either::Left(std::future::ready(
+                                    Ok::<_, std::convert::Infallible>(res),
+                                ));
+                            }
+                        }
+                    } else {
+                        None
+                    };
+                let upgrade = req.method() == http::Method::CONNECT
+                    || req.headers().contains_key(http::header::UPGRADE);
+                let guard = StreamGuard::new(&open, upgrade);
+                futures_util::future::Either::Right(async move {
+                    let req = req.map(axum::body::Body::new);
+                    let res = match service.call(req, &ctx).await {
+                        Handled::Ready(res) => res,
+                        Handled::Later(later) => later.await,
+                    };
+                    // The stream's places are given back when hyper drops its body: at its end,
+                    // or when the client resets it.
+                    Ok::<_, std::convert::Infallible>(
+                        res.map(|body| axum::body::Body::new(Held::new(body, (guard, permit)))),
+                    )
+                })
+            });
         let conn = self
             .builder
             .serve_connection_with_upgrades(TokioIo::new(io), svc);
-        let idle = self.state.config().server.request_header_timeout;
+        let idle = self.service.settings().request_header_timeout;
         let conn = async move {
             let conn = std::pin::pin!(watcher.watch(conn.into_owned()));
             // A connection with no stream open is waiting for a request: it gets what an
@@ -695,7 +414,7 @@ async fn accept_tls(
 /// Answers a connection over a limit with a JSON 503 and closes it (no request is read: the
 /// point is to spend as little as possible on it).
 async fn refuse(mut stream: tokio::net::TcpStream, why: Refused) {
-    let _ = crate::h1::answer_and_close(
+    let _ = h1::answer_and_close(
         &mut stream,
         http::StatusCode::SERVICE_UNAVAILABLE,
         "too_many_connections",

@@ -5,7 +5,7 @@
 //! Memory: a waiting poll is a parked connection, and waiting inside the handler would keep
 //! the handler's future (extractors, the request's headers, and through the router its
 //! whole chain of futures) alive with it. So a poll answers at once with its `Wait`, and
-//! the connection then holds only that: `api::app` gets it straight from `short_poll`, and
+//! the connection then holds only that: `app::service` gets it straight from `short_poll`, and
 //! through the router (which has no other way to return it) as a placeholder response that
 //! carries it as a `Deferred` extension (`take_deferred`).
 

@@ -7,10 +7,10 @@ use std::time::Duration;
 use axum::http::{HeaderMap, header};
 use tidings_core::{ChannelName, Cursor, Start};
 
-use crate::api::error::ApiError;
+use crate::app::error::ApiError;
 use crate::auth::Principal;
 use crate::config::ServerConfig;
-use crate::server::AppState;
+use crate::state::AppState;
 
 /// Authenticates the request and checks every channel's subscribe policy (401/403, see
 /// `auth`). Returns who is subscribing: its token's expiry ends the session, its `sub` is

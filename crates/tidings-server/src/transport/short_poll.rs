@@ -16,9 +16,9 @@ use axum::response::{IntoResponse, Response};
 use bytes::{BufMut, Bytes, BytesMut};
 use tidings_core::{BrokerError, Disconnect, DisconnectReason, Event, Subscription};
 
-use crate::api::error::ApiError;
+use crate::app::error::ApiError;
 use crate::metrics::SessionGauge;
-use crate::server::AppState;
+use crate::state::AppState;
 use crate::transport::{TransportKind, long_poll, params};
 
 /// The JSON reply being assembled: envelopes are written straight into the buffer that
@@ -133,7 +133,7 @@ impl Polled {
 }
 
 /// `GET /poll/{channel}` (`channel`) or `GET /poll?channel=…`, for callers that take a
-/// long poll's wait directly (`api::app`).
+/// long poll's wait directly (`app::service`).
 pub async fn poll(
     state: &AppState,
     channel: Option<&str>,

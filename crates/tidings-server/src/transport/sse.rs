@@ -13,8 +13,9 @@ use axum::response::Response;
 use bytes::{BufMut, Bytes, BytesMut};
 use tidings_core::{Disconnect, Gap, Message, PresenceEvent};
 
-use crate::api::error::ApiError;
-use crate::server::{AppState, ConnectionCtx};
+use crate::app::error::ApiError;
+use crate::net::ConnectionCtx;
+use crate::state::AppState;
 use crate::transport::stream::{self, Framing};
 use crate::transport::{TransportKind, frame_slot};
 

@@ -6,7 +6,7 @@
 //! can take more; each poll drains everything queued into one buffer and yields it as one
 //! chunk (one write, one flush per batch instead of per message). A client that stops
 //! reading stops the polling; its queue then overflows on the publisher's side, which
-//! counts the slow disconnect and fires the connection's kill token (see `server.rs`), so
+//! counts the slow disconnect and fires the connection's kill token (see `net/listener.rs`), so
 //! the connection ends even though this writer never runs again.
 
 use std::convert::Infallible;
@@ -21,10 +21,11 @@ use tidings_core::{
 };
 use tokio::time::{Instant, Interval, MissedTickBehavior};
 
-use crate::api::error::ApiError;
+use crate::app::error::ApiError;
 use crate::auth::Principal;
 use crate::metrics::SessionGauge;
-use crate::server::{AppState, ConnectionCtx};
+use crate::net::ConnectionCtx;
+use crate::state::AppState;
 use crate::transport::TransportKind;
 use crate::transport::params::SubscribeParams;
 

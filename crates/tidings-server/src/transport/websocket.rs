@@ -2,8 +2,8 @@
 //! `/ws` (the JSON protocol of SPEC §5: any number of channels, publish with acks, history,
 //! presence, ping). Over HTTP/1.1 upgrades and HTTP/2 extended CONNECT (RFC 8441) alike.
 //!
-//! Framing is ours (`crate::wsframe`); this module does the handshake and runs sessions.
-//! An HTTP/1.1 upgrade (plaintext or TLS) is answered by the lean path (`h1.rs`), which
+//! Framing is ours (`crate::net::wsframe`); this module does the handshake and runs sessions.
+//! An HTTP/1.1 upgrade (plaintext or TLS) is answered by the lean path (`net/h1.rs`, through `net::upgrade`), which
 //! then hands the socket to the session in the same task; upgrades through hyper (HTTP/2,
 //! a connection hyper already owns) run the session in a task of their own on hyper's
 //! upgraded stream.
@@ -29,8 +29,7 @@
 //! everything rare (joins, publishes, history reads) runs in boxed futures.
 
 use std::io;
-use std::pin::Pin;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::{FromRequestParts, Path, RawQuery, State};
@@ -45,17 +44,18 @@ use tidings_core::{
     ChannelName, Cursor, Data, Disconnect, DisconnectReason, Event, EventName, IdempotencyKey,
     Message, Since, Start, Subscription,
 };
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 
-use crate::api::error::ApiError;
-use crate::api::publish::{self, position_json};
+use crate::app::error::ApiError;
+use crate::app::publish::{self, position_json};
 use crate::auth::Principal;
 use crate::metrics::SessionGauge;
-use crate::server::{AppState, ConnectionCtx};
+use crate::net::ConnectionCtx;
+use crate::net::upgrade::{LeanUpgrade, Pending, SessionIo, StartFn};
+use crate::net::wsframe::{self, Decoder, Incoming, OP_BINARY, OP_PING, OP_PONG, OP_TEXT};
+use crate::state::AppState;
 use crate::transport::{TransportKind, frame_slot, params};
-use crate::wsframe::{self, Decoder, Incoming, OP_BINARY, OP_PING, OP_PONG, OP_TEXT};
 
 /// Close codes (SPEC §5).
 pub mod close {
@@ -77,11 +77,6 @@ const MAX_MALFORMED: u32 = 10;
 /// How long a goodbye (disconnect frame, close, the client's close reply) may take before
 /// the socket is just dropped.
 const GOODBYE_TIMEOUT: Duration = Duration::from_secs(1);
-/// Room made per read. On a bare socket it is reserved only once bytes are waiting, and
-/// freed once they are parsed; over TLS or hyper's upgraded stream readiness cannot be
-/// asked separately, so a smaller buffer waits there.
-const TCP_READ: usize = 4096;
-const UPGRADED_READ: usize = 512;
 /// Output past this is written before more frames are read.
 const WRITE_BATCH: usize = 64 * 1024;
 
@@ -89,76 +84,6 @@ const WRITE_BATCH: usize = 64 * 1024;
 enum Mode {
     Raw,
     Json,
-}
-
-/// The socket a session owns.
-pub enum WsIo {
-    /// A plaintext connection upgraded by the lean path.
-    Tcp(crate::deadline::Conn),
-    /// A TLS connection upgraded by the lean path (boxed: plaintext sessions are the many).
-    Tls(Box<tokio_rustls::server::TlsStream<crate::deadline::Conn>>),
-    /// An upgrade through hyper: HTTP/2 extended CONNECT, or a connection hyper owned.
-    Upgraded(TokioIo<hyper::upgrade::Upgraded>),
-}
-
-impl WsIo {
-    /// Reads what is waiting into `buf`; `Ok(0)` at end of stream. Cancel-safe.
-    async fn read_more(&mut self, buf: &mut BytesMut) -> io::Result<usize> {
-        match self {
-            WsIo::Tcp(s) => crate::h1::read_more(s, buf, TCP_READ).await,
-            WsIo::Tls(s) => crate::h1::read_more(s, buf, UPGRADED_READ).await,
-            WsIo::Upgraded(s) => {
-                buf.reserve(UPGRADED_READ);
-                s.read_buf(buf).await
-            }
-        }
-    }
-
-    /// Cancel-safe: either `Ok(n)` bytes went out or none did.
-    async fn write(&mut self, data: &[u8]) -> io::Result<usize> {
-        match self {
-            WsIo::Tcp(s) => s.write(data).await,
-            WsIo::Tls(s) => s.write(data).await,
-            WsIo::Upgraded(s) => s.write(data).await,
-        }
-    }
-
-    async fn flush(&mut self) -> io::Result<()> {
-        match self {
-            WsIo::Tcp(_) => Ok(()),
-            WsIo::Tls(s) => s.flush().await,
-            WsIo::Upgraded(s) => s.flush().await,
-        }
-    }
-
-    async fn shutdown(&mut self) -> io::Result<()> {
-        match self {
-            WsIo::Tcp(s) => s.shutdown().await,
-            WsIo::Tls(s) => s.shutdown().await,
-            WsIo::Upgraded(s) => s.shutdown().await,
-        }
-    }
-}
-
-type SessionFuture = Pin<Box<dyn Future<Output = ()> + Send>>;
-type StartFn = Box<dyn FnOnce(WsIo, Bytes) -> SessionFuture + Send>;
-
-/// Marks a request the lean HTTP/1.1 path can upgrade itself (`h1.rs` inserts it).
-#[derive(Clone, Copy)]
-pub struct LeanUpgrade;
-
-/// A session waiting for its socket: put in a 101 response's extensions for the lean path,
-/// which writes the response and then runs it on the bare socket.
-#[derive(Clone)]
-pub struct Pending(Arc<Mutex<Option<StartFn>>>);
-
-impl Pending {
-    /// The session's future on `io` (`pre`: bytes read past the request head), or `None`
-    /// when it was already taken.
-    pub fn start(&self, io: WsIo, pre: Bytes) -> Option<SessionFuture> {
-        let start = self.0.lock().ok()?.take()?;
-        Some(start(io, pre))
-    }
 }
 
 /// A valid WebSocket handshake request, and where its socket will come from.
@@ -176,7 +101,7 @@ enum Via {
 
 /// Whether a request asks for a WebSocket: `Upgrade` lists the `websocket` token (as the
 /// lean path and the handshake read it: any token list), or it is an HTTP/2 extended
-/// CONNECT. The one predicate for both the Origin check (`api::cors`) and the handshake, so
+/// CONNECT. The one predicate for both the Origin check (`app::cors`) and the handshake, so
 /// no request is accepted as a handshake that the Origin check did not see as one.
 pub fn asks_for_websocket(
     method: &Method,
@@ -260,7 +185,7 @@ impl WsUpgrade {
     /// The handshake's answer; `start` runs on the socket once the answer is out.
     fn accept<F, Fut>(self, start: F) -> Response
     where
-        F: FnOnce(WsIo, Bytes) -> Fut + Send + 'static,
+        F: FnOnce(SessionIo, Bytes) -> Fut + Send + 'static,
         Fut: Future<Output = ()> + Send + 'static,
     {
         let mut res = match &self.key {
@@ -280,14 +205,13 @@ impl WsUpgrade {
             Via::Hyper(on) => {
                 tokio::spawn(async move {
                     if let Ok(upgraded) = on.await {
-                        start(WsIo::Upgraded(TokioIo::new(upgraded)), Bytes::new()).await;
+                        start(SessionIo::Upgraded(TokioIo::new(upgraded)), Bytes::new()).await;
                     }
                 });
             }
             Via::Lean => {
                 let start: StartFn = Box::new(move |io, pre| Box::pin(start(io, pre)));
-                res.extensions_mut()
-                    .insert(Pending(Arc::new(Mutex::new(Some(start)))));
+                res.extensions_mut().insert(Pending::new(start));
             }
         }
         res
@@ -432,7 +356,7 @@ enum Wake {
 }
 
 struct Session {
-    io: WsIo,
+    io: SessionIo,
     /// Bytes read and not yet parsed; empty (no allocation) while the socket is idle.
     rbuf: BytesMut,
     decoder: Decoder,
@@ -459,7 +383,7 @@ struct Session {
 /// stay in the future beside the `Session` they were moved into.
 fn run(
     state: AppState,
-    (io, pre): (WsIo, Bytes),
+    (io, pre): (SessionIo, Bytes),
     sub: Subscription,
     mode: Mode,
     raw_channel: Option<ChannelName>,
@@ -1165,8 +1089,8 @@ pub fn parse_request(frame: &str, max_message_bytes: usize) -> Result<ParsedRequ
             after: req.after,
             limit: req
                 .limit
-                .unwrap_or(crate::api::channels::PRESENCE_PAGE)
-                .clamp(1, crate::api::channels::PRESENCE_PAGE),
+                .unwrap_or(crate::app::channels::PRESENCE_PAGE)
+                .clamp(1, crate::app::channels::PRESENCE_PAGE),
         },
         other => {
             return Err(Malformed::new(
@@ -1302,10 +1226,10 @@ impl Session {
                 } else if let Some(ip) = self.peer.ip
                     && !state.may_read_presence(&self.peer.who, ip)
                 {
-                    let e = crate::api::channels::presence_rate_limited();
+                    let e = crate::app::channels::presence_rate_limited();
                     error_reply(&id, e.code, &e.message)
                 } else {
-                    match crate::api::channels::presence_of(
+                    match crate::app::channels::presence_of(
                         state,
                         &channel,
                         after.as_deref(),

@@ -1,0 +1,55 @@
+//! Health and metrics: `/healthz` (the process answers), `/readyz` (the broker is ready and
+//! the server is not draining), `/metrics` (Prometheus text).
+
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+
+use crate::app::error::ApiError;
+use crate::state::AppState;
+
+pub async fn healthz() -> Response {
+    axum::Json(serde_json::json!({"status": "ok"})).into_response()
+}
+
+pub async fn readyz(State(state): State<AppState>) -> Response {
+    // Draining (SPEC §13): out of the load balancer's rotation, whatever the broker says.
+    if state.draining.load(std::sync::atomic::Ordering::Acquire) {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            axum::Json(serde_json::json!({"status": "draining"})),
+        )
+            .into_response();
+    }
+    let broker = state.node.broker.kind();
+    match state.node.broker.ready().await {
+        Ok(()) => {
+            axum::Json(serde_json::json!({"status": "ready", "broker": broker})).into_response()
+        }
+        Err(e) => ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "broker_unavailable",
+            format!("the {broker} broker is not ready: {e}"),
+        )
+        .into_response(),
+    }
+}
+
+pub async fn metrics(State(state): State<AppState>) -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        {
+            let mut text = state.metrics.render();
+            if let Some(bytes) = state.node.broker.bytes_on_disk() {
+                text.push_str(&format!(
+                    "# HELP tidings_store_bytes Bytes the data dir's log occupies on disk.\n# TYPE tidings_store_bytes gauge\ntidings_store_bytes {bytes}\n"
+                ));
+            }
+            text
+        },
+    )
+        .into_response()
+}

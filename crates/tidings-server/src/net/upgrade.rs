@@ -1,0 +1,97 @@
+//! Handing a connection's socket to a session (a WebSocket) once the handshake's answer is
+//! written: the protocol layer owns the sockets, the application owns the sessions.
+//!
+//! The lean HTTP/1.1 path marks requests whose socket it can hand over (`LeanUpgrade`); a
+//! handler that accepts puts a `Pending` session in its 101's extensions, and the lean path
+//! writes the 101 and runs the session on the bare socket in the same task (`SessionIo::Tcp`
+//! or `SessionIo::Tls`). Through hyper (HTTP/2 extended CONNECT, or a connection hyper
+//! owns), the session gets hyper's upgraded stream instead (`SessionIo::Upgraded`).
+
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+
+use bytes::{Bytes, BytesMut};
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// Room made per read. On a bare socket it is reserved only once bytes are waiting, and
+/// freed once they are parsed; over TLS or hyper's upgraded stream readiness cannot be
+/// asked separately, so a smaller buffer waits there.
+const TCP_READ: usize = 4096;
+const UPGRADED_READ: usize = 512;
+
+/// The socket a session owns.
+pub enum SessionIo {
+    /// A plaintext connection upgraded by the lean path.
+    Tcp(crate::net::deadline::Conn),
+    /// A TLS connection upgraded by the lean path (boxed: plaintext sessions are the many).
+    Tls(Box<tokio_rustls::server::TlsStream<crate::net::deadline::Conn>>),
+    /// An upgrade through hyper: HTTP/2 extended CONNECT, or a connection hyper owned.
+    Upgraded(TokioIo<hyper::upgrade::Upgraded>),
+}
+
+impl SessionIo {
+    /// Reads what is waiting into `buf`; `Ok(0)` at end of stream. Cancel-safe.
+    pub async fn read_more(&mut self, buf: &mut BytesMut) -> io::Result<usize> {
+        match self {
+            SessionIo::Tcp(s) => crate::net::h1::read_more(s, buf, TCP_READ).await,
+            SessionIo::Tls(s) => crate::net::h1::read_more(s, buf, UPGRADED_READ).await,
+            SessionIo::Upgraded(s) => {
+                buf.reserve(UPGRADED_READ);
+                s.read_buf(buf).await
+            }
+        }
+    }
+
+    /// Cancel-safe: either `Ok(n)` bytes went out or none did.
+    pub async fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        match self {
+            SessionIo::Tcp(s) => s.write(data).await,
+            SessionIo::Tls(s) => s.write(data).await,
+            SessionIo::Upgraded(s) => s.write(data).await,
+        }
+    }
+
+    pub async fn flush(&mut self) -> io::Result<()> {
+        match self {
+            SessionIo::Tcp(_) => Ok(()),
+            SessionIo::Tls(s) => s.flush().await,
+            SessionIo::Upgraded(s) => s.flush().await,
+        }
+    }
+
+    pub async fn shutdown(&mut self) -> io::Result<()> {
+        match self {
+            SessionIo::Tcp(s) => s.shutdown().await,
+            SessionIo::Tls(s) => s.shutdown().await,
+            SessionIo::Upgraded(s) => s.shutdown().await,
+        }
+    }
+}
+
+pub type SessionFuture = Pin<Box<dyn Future<Output = ()> + Send>>;
+pub type StartFn = Box<dyn FnOnce(SessionIo, Bytes) -> SessionFuture + Send>;
+
+/// Marks a request the lean HTTP/1.1 path can upgrade itself (`h1.rs` inserts it).
+#[derive(Clone, Copy)]
+pub struct LeanUpgrade;
+
+/// A session waiting for its socket: put in a 101 response's extensions for the lean path,
+/// which writes the response and then runs it on the bare socket.
+#[derive(Clone)]
+pub struct Pending(Arc<Mutex<Option<StartFn>>>);
+
+impl Pending {
+    pub fn new(start: StartFn) -> Self {
+        Self(Arc::new(Mutex::new(Some(start))))
+    }
+
+    /// The session's future on `io` (`pre`: bytes read past the request head), or `None`
+    /// when it was already taken.
+    pub fn start(&self, io: SessionIo, pre: Bytes) -> Option<SessionFuture> {
+        let start = self.0.lock().ok()?.take()?;
+        Some(start(io, pre))
+    }
+}
