@@ -49,6 +49,8 @@ pub struct ServerConfig {
     pub insecure: bool,
     /// How log lines look (read by the CLI before the rest of the configuration).
     pub log_format: LogFormat,
+    /// `"stderr"` or a file path: one line per request or stream (`app::access_log`).
+    pub access_log: Option<String>,
     pub cors_origins: Vec<String>,
     pub max_connections: usize,
     pub max_connections_per_ip: usize,
@@ -106,6 +108,7 @@ impl Default for ServerConfig {
             tls_self_signed: false,
             insecure: false,
             log_format: LogFormat::Auto,
+            access_log: None,
             cors_origins: Vec::new(),
             max_connections: 100_000,
             max_connections_per_ip: 0,
@@ -569,6 +572,7 @@ listen = "127.0.0.1:8080"          # plain HTTP/1.1 + h2c
 tls_self_signed = false            # TLS with a certificate generated at start (development)
 insecure = false                   # allow open mode on a non-loopback address
 log_format = "auto"                # "auto" (plain under systemd, else text) | "text" | "json"; or TIDINGS_LOG_FORMAT
+# access_log = "stderr"            # one line per request or stream: "stderr" or a file path; off when unset
 cors_origins = []                  # CORS + WebSocket Origin allow-list; empty = any origin in open mode, none otherwise
 max_connections = 100000
 max_connections_per_ip = 0         # 0 = unlimited

@@ -82,6 +82,10 @@ pub struct Reloaded {
 /// invalid configuration (or credentials that cannot be built, such as an unreadable JWT key
 /// file) is refused whole: the old one stays.
 pub fn reload(state: &AppState, mut new: Config) -> Result<Reloaded, ConfigError> {
+    // logrotate moves the file, then sends SIGHUP: reopen whatever the new file says.
+    if let Some(log) = &state.access_log {
+        log.reopen();
+    }
     new.validate()?;
     let auth = Auth::from_config(&new.auth)?;
     let old = state.live();
@@ -105,6 +109,8 @@ pub fn reload(state: &AppState, mut new: Config) -> Result<Reloaded, ConfigError
         // The broker took its cap and the logger its format at start.
         max_channels,
         log_format,
+        // The writer opened its target at start (a reload reopens the same file).
+        access_log,
         // One rate per client, taken at start (rates::Rates).
         client_publish_rate
     );

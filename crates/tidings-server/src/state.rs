@@ -14,6 +14,7 @@ use arc_swap::{ArcSwap, Guard};
 use tidings_core::Node;
 use tokio_util::sync::CancellationToken;
 
+use crate::app::access_log::{AccessLog, Target};
 use crate::auth::Auth;
 use crate::config::Config;
 use crate::metrics::Metrics;
@@ -50,6 +51,8 @@ pub struct Shared {
     pub publish_rates: Rates,
     /// Presence reads, keyed the same way (`app::channels::PRESENCE_READS_PER_SEC`).
     pub presence_rates: Rates,
+    /// `[server] access_log`, when set: one line per request or stream.
+    pub access_log: Option<Arc<AccessLog>>,
 }
 
 /// What a reload replaces: the whole configuration (settings that need a restart keep their
@@ -196,7 +199,20 @@ impl AppState {
             config.server.max_connections,
             config.server.max_connections_per_ip,
         );
+        let access_log = match &config.server.access_log {
+            Some(target) => {
+                let json = config.server.log_format == crate::config::LogFormat::Json;
+                let log = AccessLog::start(Target::parse(target), json).map_err(|e| {
+                    crate::config::ConfigError::Invalid(format!(
+                        "server.access_log: cannot open {e}"
+                    ))
+                })?;
+                Some(Arc::new(log))
+            }
+            None => None,
+        };
         Ok(Self(Arc::new(Shared {
+            access_log,
             node,
             live: ArcSwap::from_pointee(Live { config, auth }),
             reloads: tokio::sync::watch::Sender::new(0),

@@ -48,6 +48,12 @@ pub async fn metrics(State(state): State<AppState>) -> Response {
                     "# HELP tidings_store_bytes Bytes the data dir's log occupies on disk.\n# TYPE tidings_store_bytes gauge\ntidings_store_bytes {bytes}\n"
                 ));
             }
+            if let Some(log) = &state.access_log {
+                let dropped = log.dropped.load(std::sync::atomic::Ordering::Relaxed);
+                text.push_str(&format!(
+                    "# HELP tidings_access_log_dropped_total Access-log lines dropped because the writer fell behind.\n# TYPE tidings_access_log_dropped_total counter\ntidings_access_log_dropped_total {dropped}\n"
+                ));
+            }
             text
         },
     )

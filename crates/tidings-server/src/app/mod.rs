@@ -7,6 +7,7 @@
 //! - `publish`, `channels`, `health`: the HTTP API besides the transports (`transport/`);
 //! - `cors`: the Origin policy; `error`: `ApiError`, the one error answer.
 
+pub mod access_log;
 pub mod channels;
 pub mod cors;
 pub mod error;

@@ -19,6 +19,7 @@ use http::request::Parts;
 use tokio_util::sync::CancellationToken;
 use tower::ServiceExt;
 
+use crate::app::access_log::{Claim, Entry};
 use crate::app::error::ApiError;
 use crate::app::routes::{self, Direct, DirectRoutes};
 use crate::app::{cors, publish};
@@ -46,8 +47,24 @@ impl App {
         }
     }
 
-    /// Answers `req`, which came over `conn`.
-    pub async fn handle(&self, req: Request, conn: &ConnectionCtx) -> Handled<Finish> {
+    /// Answers `req`, which came over `conn`; with an access log, the answer carries the
+    /// request's entry, written when its body ends (`access_log`).
+    pub async fn handle(&self, mut req: Request, conn: &ConnectionCtx) -> Handled<Finish> {
+        let Some(log) = &self.state.access_log else {
+            return self.answer(req, conn).await;
+        };
+        let claim = Claim::new(log.open(req.method(), req.uri(), req.version(), Some(conn.peer)));
+        req.extensions_mut().insert(claim.clone());
+        match self.answer(req, conn).await {
+            Handled::Ready(res) => Handled::Ready(logged(res, &claim, None)),
+            Handled::Later(mut finish) => {
+                finish.access = Some(claim);
+                Handled::Later(finish)
+            }
+        }
+    }
+
+    async fn answer(&self, req: Request, conn: &ConnectionCtx) -> Handled<Finish> {
         let origin = match cors::check(&self.state, &req) {
             cors::Verdict::Route(origin) => origin,
             cors::Verdict::Answer(answer) => return Handled::Ready(answer),
@@ -59,7 +76,13 @@ impl App {
         };
         let mut res = match answered {
             Ok(Polled::Now(res)) => res,
-            Ok(Polled::Later(wait)) => return Handled::Later(Finish { wait, cors: origin }),
+            Ok(Polled::Later(wait)) => {
+                return Handled::Later(Finish {
+                    wait,
+                    cors: origin,
+                    access: None,
+                });
+            }
             Err(e) => e.into_response(),
         };
         cors::decorate(origin, &mut res);
@@ -109,6 +132,7 @@ impl App {
 pub struct Finish {
     wait: long_poll::Wait,
     cors: Option<HeaderValue>,
+    access: Option<Claim>,
 }
 
 impl Future for Finish {
@@ -117,7 +141,87 @@ impl Future for Finish {
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Response> {
         let mut res = std::task::ready!(self.wait.as_mut().poll(cx));
         cors::decorate(self.cors.take(), &mut res);
+        if let Some(claim) = self.access.take() {
+            res = logged(res, &claim, Some("long-poll"));
+        }
         Poll::Ready(res)
+    }
+}
+
+/// `res` with the request's access-log entry tied to its body: the line is written when the
+/// body is dropped (sent, or its stream ended). A WebSocket session that claimed the entry
+/// writes its own line when it closes.
+fn logged(res: Response, claim: &Claim, transport: Option<&'static str>) -> Response {
+    let Some(entry) = claim.take() else {
+        return res;
+    };
+    let transport = transport.unwrap_or_else(|| transport_of(&res));
+    let status = res.status().as_u16();
+    res.map(|body| {
+        Body::new(LoggedBody {
+            body,
+            sent: 0,
+            line: Some((entry, status, transport)),
+        })
+    })
+}
+
+/// What the access log calls a response's transport, from what it is.
+fn transport_of(res: &Response) -> &'static str {
+    let content_type = res
+        .headers()
+        .get(http::header::CONTENT_TYPE)
+        .map(HeaderValue::as_bytes)
+        .unwrap_or_default();
+    if res.status() == http::StatusCode::SWITCHING_PROTOCOLS {
+        "websocket"
+    } else if content_type.starts_with(b"text/event-stream") {
+        "sse"
+    } else if content_type.starts_with(b"application/x-ndjson") {
+        "stream"
+    } else {
+        "http"
+    }
+}
+
+/// A response body that counts what it yields and writes the access-log line when dropped.
+struct LoggedBody {
+    body: Body,
+    sent: u64,
+    line: Option<(Entry, u16, &'static str)>,
+}
+
+impl http_body::Body for LoggedBody {
+    type Data = bytes::Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<bytes::Bytes>, axum::Error>>> {
+        let polled = Pin::new(&mut self.body).poll_frame(cx);
+        if let Poll::Ready(Some(Ok(frame))) = &polled
+            && let Some(data) = frame.data_ref()
+        {
+            self.sent += data.len() as u64;
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
+    }
+}
+
+impl Drop for LoggedBody {
+    fn drop(&mut self) {
+        if let Some((entry, status, transport)) = self.line.take() {
+            entry.finish(status, self.sent, transport);
+        }
     }
 }
 

@@ -47,6 +47,7 @@ use tidings_core::{
 use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 
+use crate::app::access_log::Claim;
 use crate::app::error::ApiError;
 use crate::app::publish::{self, position_json};
 use crate::auth::Principal;
@@ -92,6 +93,8 @@ pub struct WsUpgrade {
     /// (the answer to extended CONNECT is 200).
     key: Option<HeaderValue>,
     via: Via,
+    /// The request's access-log entry: the session writes its line when it closes.
+    access: Option<Claim>,
 }
 
 enum Via {
@@ -177,7 +180,8 @@ impl<S: Send + Sync> FromRequestParts<S> for WsUpgrade {
                 "this connection cannot be upgraded",
             ));
         };
-        Ok(Self { key, via })
+        let access = parts.extensions.get::<Claim>().cloned();
+        Ok(Self { key, via, access })
     }
 }
 
@@ -186,8 +190,18 @@ impl WsUpgrade {
     fn accept<F, Fut>(self, start: F) -> Response
     where
         F: FnOnce(SessionIo, Bytes) -> Fut + Send + 'static,
-        Fut: Future<Output = ()> + Send + 'static,
+        Fut: Future<Output = u64> + Send + 'static,
     {
+        // Taken here, not by the extractor: a handshake refused after it is logged as the
+        // request it then is.
+        let entry = self.access.as_ref().and_then(Claim::take);
+        let status = if self.key.is_some() { 101 } else { 200 };
+        let start = move |io, pre| async move {
+            let written = start(io, pre).await;
+            if let Some(entry) = entry {
+                entry.finish(status, written, "websocket");
+            }
+        };
         let mut res = match &self.key {
             Some(key) => {
                 let mut res = StatusCode::SWITCHING_PROTOCOLS.into_response();
@@ -377,6 +391,8 @@ struct Session {
     heard: Instant,
     active: Instant,
     malformed: u32,
+    /// Bytes written to the socket, for the access log.
+    written: u64,
 }
 
 /// Sets the session up and returns its future. Not `async` itself: its arguments would
@@ -389,7 +405,7 @@ fn run(
     raw_channel: Option<ChannelName>,
     peer: Peer,
     first: Next,
-) -> impl Future<Output = ()> + Send {
+) -> impl Future<Output = u64> + Send {
     let mut gauge = state.metrics.session(TransportKind::WebSocket, 0);
     gauge.channels_changed(sub.channels().len() as i64);
     let kill = CancellationToken::new();
@@ -424,9 +440,13 @@ fn run(
         heard: now,
         active: now,
         malformed: 0,
+        written: 0,
     };
     // Uses the captured `session` in place (an `async fn` taking it would hold a copy).
-    async move { session.run(first).await }
+    async move {
+        session.run(first).await;
+        session.written
+    }
 }
 
 impl Session {
@@ -517,7 +537,10 @@ impl Session {
             };
             match wrote {
                 Ok(Ok(0) | Err(_)) | Err(_) => return Next::Gone,
-                Ok(Ok(n)) => self.sent += n,
+                Ok(Ok(n)) => {
+                    self.sent += n;
+                    self.written += n as u64;
+                }
             }
         }
         if !self.out.is_empty() {
@@ -539,7 +562,10 @@ impl Session {
         while self.sent < self.out.len() {
             match self.io.write(&self.out[self.sent..]).await? {
                 0 => return Err(io::ErrorKind::WriteZero.into()),
-                n => self.sent += n,
+                n => {
+                    self.sent += n;
+                    self.written += n as u64;
+                }
             }
         }
         self.out = Vec::new();
