@@ -12,6 +12,7 @@ use tokio::time::Instant;
 
 use crate::channel::ChannelName;
 use crate::message::{Epoch, Message, Position};
+use crate::store::Loc;
 
 /// Where a read starts.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -76,11 +77,18 @@ pub struct HistoryRead {
 }
 
 /// One channel's stream: its epoch, next offset and retained messages.
+///
+/// In memory only, `entries` holds every retained message. With a data dir (`durable`),
+/// `index` holds where every retained message lies on disk and when it was published (12
+/// bytes each), and `entries` only the most recent `cache` of them: a read that reaches
+/// further back gets the older part as `Loc`s to read from the store (`read_plan`).
+/// Retained offsets are always contiguous, ending at `last_offset`.
 pub struct History {
     channel: ChannelName,
     epoch: Epoch,
     last_offset: u64,
     entries: VecDeque<(Instant, Arc<Message>)>,
+    index: Option<DiskIndex>,
     size: usize,
     ttl: Duration,
     last_active: Instant,
@@ -93,6 +101,44 @@ pub struct History {
     pub(crate) retired: bool,
 }
 
+/// Every retained message's place on disk, oldest first.
+struct DiskIndex {
+    slots: VecDeque<Slot>,
+    /// Messages kept in RAM (the most recent ones).
+    cache: usize,
+    /// `Slot::at` counts tenths of a second from here (`ttl` before the history was made, so
+    /// anything older has expired anyway).
+    base: Instant,
+}
+
+/// 12 bytes: where a message lies and when it was published.
+#[derive(Clone, Copy)]
+#[repr(C, packed(4))]
+struct Slot {
+    loc: Loc,
+    at: u32,
+}
+
+const TICK: Duration = Duration::from_millis(100);
+
+impl DiskIndex {
+    fn encode(&self, at: Instant) -> u32 {
+        let ticks = at.saturating_duration_since(self.base).as_millis() / TICK.as_millis();
+        u32::try_from(ticks).unwrap_or(u32::MAX)
+    }
+
+    fn at(&self, slot: Slot) -> Instant {
+        self.base + TICK * slot.at
+    }
+}
+
+/// A read taken under the channel's lock, with the part that lies only on disk still to be
+/// read: `from_disk` precedes `read.replay`'s messages.
+pub struct ReadPlan {
+    pub read: HistoryRead,
+    pub from_disk: Vec<Loc>,
+}
+
 impl History {
     pub fn new(channel: ChannelName, epoch: Epoch, size: usize, ttl: Duration) -> Self {
         Self {
@@ -100,12 +146,31 @@ impl History {
             epoch,
             last_offset: 0,
             entries: VecDeque::new(),
+            index: None,
             size,
             ttl,
             last_active: Instant::now(),
             pending: 0,
             retired: false,
         }
+    }
+
+    /// A history whose messages live on disk, `cache` of the most recent ones also in RAM.
+    pub fn durable(
+        channel: ChannelName,
+        epoch: Epoch,
+        size: usize,
+        ttl: Duration,
+        cache: usize,
+    ) -> Self {
+        let now = Instant::now();
+        let mut h = Self::new(channel, epoch, size, ttl);
+        h.index = Some(DiskIndex {
+            slots: VecDeque::new(),
+            cache,
+            base: now.checked_sub(ttl).unwrap_or(now),
+        });
+        h
     }
 
     pub fn channel(&self) -> &ChannelName {
@@ -120,29 +185,58 @@ impl History {
         self.last_offset
     }
 
-    /// Messages retained, oldest first (for a store's compaction).
-    pub fn messages(&self) -> impl Iterator<Item = &Arc<Message>> {
-        self.entries.iter().map(|(_, m)| m)
+    /// Where the retained messages lie on disk, oldest first (for a store's compaction).
+    pub fn locs(&self) -> Vec<Loc> {
+        self.index
+            .as_ref()
+            .map(|i| i.slots.iter().map(|s| s.loc).collect())
+            .unwrap_or_default()
+    }
+
+    /// After a compaction: the messages from `first` on lie at `locs` now. Those expired
+    /// meanwhile are skipped (nothing can have been appended: appends and compactions both
+    /// run on the writer thread).
+    pub fn relocate(&mut self, first: u64, locs: &[Loc]) {
+        let kept_from = self.first_offset();
+        let Some(index) = &mut self.index else {
+            return;
+        };
+        for (i, slot) in index.slots.iter_mut().enumerate() {
+            let offset = kept_from + i as u64;
+            if let Some(&loc) = offset
+                .checked_sub(first)
+                .and_then(|k| locs.get(usize::try_from(k).ok()?))
+            {
+                slot.loc = loc;
+            }
+        }
     }
 
     /// Puts back a message read from a data dir, published at `at`. A message that does not
     /// follow the last one (a record lost in the middle of the file) empties what is retained
     /// first: a reader from before it then gets a `trimmed` gap instead of a silent hole.
-    pub fn restore(&mut self, message: Arc<Message>, at: Instant) {
+    pub fn restore(&mut self, message: Arc<Message>, loc: Loc, at: Instant) {
         if message.offset <= self.last_offset {
             return;
         }
         if message.offset != self.last_offset + 1 {
-            self.entries.clear();
+            self.clear();
         }
-        self.append(message, at);
+        self.append_at(message, loc, at);
     }
 
     /// A position with nothing retained behind it (restored from a data dir).
     pub fn restore_position(&mut self, last_offset: u64) {
         if last_offset > self.last_offset {
-            self.entries.clear();
+            self.clear();
             self.last_offset = last_offset;
+        }
+    }
+
+    fn clear(&mut self) {
+        self.entries.clear();
+        if let Some(i) = &mut self.index {
+            i.slots.clear();
         }
     }
 
@@ -155,7 +249,7 @@ impl History {
     /// Reclaiming sooner would hand a client that polls an idle channel a new epoch, and with it
     /// a spurious `epoch_changed` gap, every few seconds.
     pub fn reclaimable(&self, now: Instant) -> bool {
-        self.entries.is_empty()
+        self.is_empty()
             && self.pending == 0
             && now.saturating_duration_since(self.last_active) >= self.ttl
     }
@@ -167,12 +261,25 @@ impl History {
         }
     }
 
+    /// Messages retained (in RAM or on disk).
     pub fn len(&self) -> usize {
-        self.entries.len()
+        match &self.index {
+            Some(i) => i.slots.len(),
+            None => self.entries.len(),
+        }
     }
 
     pub fn is_empty(&self) -> bool {
-        self.entries.is_empty()
+        self.len() == 0
+    }
+
+    /// Messages held in RAM.
+    pub fn cached(&self) -> usize {
+        self.entries.len()
+    }
+
+    fn first_offset(&self) -> u64 {
+        self.last_offset + 1 - self.len() as u64
     }
 
     /// The position the next message gets.
@@ -183,12 +290,32 @@ impl History {
         }
     }
 
+    /// Appends a message held in memory only.
     pub fn append(&mut self, message: Arc<Message>, now: Instant) {
+        self.append_at(message, 0, now);
+    }
+
+    /// Appends a message, which lies at `loc` in the data dir if this history is durable.
+    pub fn append_at(&mut self, message: Arc<Message>, loc: Loc, now: Instant) {
         self.last_offset = message.offset;
         if self.size == 0 {
             return;
         }
-        if self.entries.len() == self.size {
+        let cache = match &mut self.index {
+            None => self.size,
+            Some(index) => {
+                if index.slots.len() == self.size {
+                    index.slots.pop_front();
+                }
+                let at = index.encode(now);
+                index.slots.push_back(Slot { loc, at });
+                index.cache.min(self.size)
+            }
+        };
+        if cache == 0 {
+            return;
+        }
+        if self.entries.len() >= cache {
             self.entries.pop_front();
         }
         self.entries.push_back((now, message));
@@ -196,6 +323,21 @@ impl History {
 
     /// Drops what is older than the TTL.
     pub fn expire(&mut self, now: Instant) {
+        if let Some(index) = &mut self.index {
+            while let Some(&slot) = index.slots.front() {
+                if now.saturating_duration_since(index.at(slot)) >= self.ttl {
+                    index.slots.pop_front();
+                } else {
+                    break;
+                }
+            }
+            // The cache holds a suffix of what is retained.
+            let keep = index.slots.len();
+            while self.entries.len() > keep {
+                self.entries.pop_front();
+            }
+            return;
+        }
         while let Some((at, _)) = self.entries.front() {
             if now.saturating_duration_since(*at) >= self.ttl {
                 self.entries.pop_front();
@@ -205,35 +347,70 @@ impl History {
         }
     }
 
-    /// Reads from `since`, at most `limit` messages (oldest first).
+    /// Reads from `since`, at most `limit` messages (oldest first). For a durable history,
+    /// only what is cached; `read_plan` says what else to read from disk.
     pub fn read(&self, since: &Since, limit: Option<usize>) -> HistoryRead {
+        self.read_plan(since, limit).read
+    }
+
+    /// Reads from `since`, at most `limit` messages: the cached part in `read`, the part
+    /// that is only on disk (older, so first) as `from_disk`.
+    pub fn read_plan(&self, since: &Since, limit: Option<usize>) -> ReadPlan {
         let top = self.top();
         let limit = limit.unwrap_or(usize::MAX);
-        let replay = match since {
-            Since::Now => Replay::Complete(Vec::new()),
+        let first = self.first_offset();
+        let end = self.last_offset + 1;
+        let take = |from: u64| from..end.min(from.saturating_add(limit as u64));
+        let (gap, range) = match since {
+            Since::Now => (None, end..end),
             Since::Last(n) => {
-                let n = (*n).min(limit);
-                let skip = self.entries.len().saturating_sub(n);
-                Replay::Complete(self.collect(skip, usize::MAX))
+                let n = (*n).min(limit).min(self.len()) as u64;
+                (None, end - n..end)
             }
             Since::After(pos) => {
-                let first = self
-                    .entries
-                    .front()
-                    .map_or(self.last_offset + 1, |(_, m)| m.offset);
                 if pos.epoch != self.epoch || pos.offset > self.last_offset {
                     // A cursor from another incarnation, or one ahead of this stream (which
                     // only another incarnation could have produced): start over at what is kept.
-                    self.gap(GapReason::EpochChanged, first, limit)
+                    (Some(GapReason::EpochChanged), take(first))
                 } else if pos.offset + 1 < first {
-                    self.gap(GapReason::Trimmed, first, limit)
+                    (Some(GapReason::Trimmed), take(first))
                 } else {
-                    let skip = usize::try_from(pos.offset + 1 - first).unwrap_or(usize::MAX);
-                    Replay::Complete(self.collect(skip, limit))
+                    (None, take(pos.offset + 1))
                 }
             }
         };
-        HistoryRead { top, replay }
+        let cached_from = end - self.entries.len() as u64;
+        let mut from_disk = Vec::new();
+        if let Some(index) = &self.index {
+            for offset in range.start..range.end.min(cached_from) {
+                if let Some(slot) = usize::try_from(offset - first)
+                    .ok()
+                    .and_then(|i| index.slots.get(i))
+                {
+                    from_disk.push(slot.loc);
+                }
+            }
+        }
+        let skip = usize::try_from(range.start.saturating_sub(cached_from)).unwrap_or(usize::MAX);
+        let count = usize::try_from(range.end.saturating_sub(range.start.max(cached_from)))
+            .unwrap_or(usize::MAX);
+        let messages = self.collect(skip, count);
+        let replay = match gap {
+            None => Replay::Complete(messages),
+            Some(reason) => Replay::Gap {
+                gap: Gap {
+                    channel: self.channel.as_str().to_owned(),
+                    epoch: self.epoch.clone(),
+                    next_offset: first,
+                    reason,
+                },
+                messages,
+            },
+        };
+        ReadPlan {
+            read: HistoryRead { top, replay },
+            from_disk,
+        }
     }
 
     fn collect(&self, skip: usize, limit: usize) -> Vec<Arc<Message>> {
@@ -244,17 +421,17 @@ impl History {
             .map(|(_, m)| m.clone())
             .collect()
     }
+}
 
-    fn gap(&self, reason: GapReason, next_offset: u64, limit: usize) -> Replay {
-        Replay::Gap {
-            gap: Gap {
-                channel: self.channel.as_str().to_owned(),
-                epoch: self.epoch.clone(),
-                next_offset,
-                reason,
-            },
-            messages: self.collect(0, limit),
+impl Replay {
+    /// Puts `older` (read from disk) before the messages already in the replay.
+    pub fn prepend(&mut self, older: Vec<Arc<Message>>) {
+        if older.is_empty() {
+            return;
         }
+        let (Replay::Complete(m) | Replay::Gap { messages: m, .. }) = self;
+        let newer = std::mem::replace(m, older);
+        m.extend(newer);
     }
 }
 
@@ -366,5 +543,82 @@ mod tests {
         push(&mut h, Instant::now());
         assert_eq!(push(&mut h, Instant::now()), 2);
         assert!(h.is_empty());
+    }
+
+    fn durable(size: usize, cache: usize) -> History {
+        History::durable(
+            ChannelName::new("c").unwrap(),
+            Epoch::new("e1").unwrap(),
+            size,
+            Duration::from_secs(60),
+            cache,
+        )
+    }
+
+    /// Appends offsets 1..=n at `loc = 1000 + offset`.
+    fn fill(h: &mut History, n: u64, now: Instant) {
+        for _ in 0..n {
+            let pos = h.next_position();
+            let m = Message::new(
+                ChannelName::new("c").unwrap(),
+                pos.clone(),
+                None,
+                Data::Text(Bytes::from_static(b"x")),
+                0,
+            );
+            h.append_at(Arc::new(m), 1000 + pos.offset, now);
+        }
+    }
+
+    #[test]
+    fn a_durable_read_past_the_cache_plans_the_older_part_from_disk() {
+        let mut h = durable(100, 10);
+        fill(&mut h, 100, Instant::now());
+        assert_eq!((h.len(), h.cached()), (100, 10));
+        let p = h.read_plan(&after("e1", 50), None);
+        assert_eq!(p.from_disk, (1051..=1090).collect::<Vec<_>>());
+        assert_eq!(offsets(&p.read), (91..=100).collect::<Vec<_>>());
+        // Within the cache: nothing from disk.
+        let p = h.read_plan(&after("e1", 95), None);
+        assert!(p.from_disk.is_empty());
+        assert_eq!(offsets(&p.read), (96..=100).collect::<Vec<_>>());
+        // A limit that ends before the cache starts.
+        let p = h.read_plan(&after("e1", 50), Some(20));
+        assert_eq!(p.from_disk, (1051..=1070).collect::<Vec<_>>());
+        assert!(offsets(&p.read).is_empty());
+        // Last N, and a trimmed gap from before what is retained.
+        let p = h.read_plan(&Since::Last(12), None);
+        assert_eq!(p.from_disk, [1089, 1090]);
+        fill(&mut h, 5, Instant::now());
+        let p = h.read_plan(&after("e1", 2), Some(3));
+        let gap = p.read.replay.gap().unwrap();
+        assert_eq!((gap.reason, gap.next_offset), (GapReason::Trimmed, 6));
+        assert_eq!(p.from_disk, [1006, 1007, 1008]);
+    }
+
+    #[test]
+    fn a_durable_history_expires_on_disk_and_in_its_cache_alike() {
+        let mut h = durable(100, 3);
+        let t0 = Instant::now();
+        fill(&mut h, 5, t0);
+        fill(&mut h, 2, t0 + Duration::from_secs(30));
+        h.expire(t0 + Duration::from_secs(61));
+        assert_eq!((h.len(), h.cached()), (2, 2));
+        let p = h.read_plan(&after("e1", 0), None);
+        assert_eq!(p.read.replay.gap().unwrap().next_offset, 6);
+        assert!(p.from_disk.is_empty());
+        h.expire(t0 + Duration::from_secs(91));
+        assert!(h.is_empty() && h.cached() == 0);
+        assert_eq!(h.next_position().offset, 8);
+    }
+
+    #[test]
+    fn relocating_after_a_compaction_skips_what_expired_meanwhile() {
+        let mut h = durable(4, 0);
+        fill(&mut h, 6, Instant::now());
+        // Retained 3..=6; the compaction saw 2..=6 (2 trimmed since).
+        h.relocate(2, &[7002, 7003, 7004, 7005, 7006]);
+        let p = h.read_plan(&after("e1", 2), None);
+        assert_eq!(p.from_disk, [7003, 7004, 7005, 7006]);
     }
 }

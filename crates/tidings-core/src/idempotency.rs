@@ -144,6 +144,19 @@ impl IdempotencyWindow {
         self.entries.len()
     }
 
+    /// Every key still remembered, with what it answered and how long it has left (for a
+    /// data dir's compaction).
+    pub fn live(
+        &self,
+        now: Instant,
+    ) -> impl Iterator<Item = (&IdempotencyKey, &Remembered, Duration)> {
+        self.order.iter().filter_map(move |(until, key)| {
+            let left = until.saturating_duration_since(now);
+            let remembered = self.entries.get(key)?;
+            (!left.is_zero()).then_some((key, remembered, left))
+        })
+    }
+
     pub fn is_empty(&self) -> bool {
         self.entries.is_empty()
     }

@@ -11,8 +11,15 @@
 //!   store cuts off whatever part of it reached the file.
 //! - After `Err(StoreError::Broken)`, every later call fails too (the store could not undo a
 //!   partial write); publishing stops until a restart, which cuts the torn tail.
-//! - Records come back at open in append order. A message of an epoch other than the
-//!   channel's current one starts a new incarnation of that channel.
+//! - Records come back at open in append order, each with its `Loc`. A message of an epoch
+//!   other than the channel's current one starts a new incarnation of that channel.
+//! - A `Loc` names one message record until the store is compacted; `compact` answers every
+//!   retained message's new `Loc`, and the old ones stay readable until `compact` returns
+//!   (readers that raced it get `ReadError::Moved` and look again).
+//! - `StoreReader::read` may be called from any thread, concurrently with `append` and
+//!   `compact`: it reads only what an `append` already returned (written whole).
+//! - The broker never holds every retained message in RAM: it keeps an index of `Loc`s and a
+//!   cache of the most recent messages, and reads older ones back through a `StoreReader`.
 
 use std::time::Duration;
 
@@ -20,7 +27,30 @@ use serde::Deserialize;
 use thiserror::Error;
 
 use crate::channel::ChannelName;
-use crate::message::{Epoch, Message};
+use crate::idempotency::IdempotencyKey;
+use crate::message::{Epoch, Message, Position};
+
+/// Where a message record lies in a store (opaque to the broker; 8 bytes so that an index
+/// entry per retained message stays small).
+pub type Loc = u64;
+
+/// An idempotency key written with the message it published, so a retry after a restart
+/// still finds it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Keyed {
+    pub key: IdempotencyKey,
+    /// Wall-clock milliseconds until which the key is remembered.
+    pub until_ms: u64,
+}
+
+/// A key remembered on a channel, for compaction (its message may be trimmed already).
+#[derive(Clone, Debug)]
+pub struct KeySnapshot {
+    pub channel: ChannelName,
+    pub position: Position,
+    pub time: u64,
+    pub keyed: Keyed,
+}
 
 /// When an acknowledged publish is on disk.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
@@ -62,7 +92,16 @@ pub enum StoreError {
 // A message is what nearly every record is; boxing it would cost an allocation each.
 #[allow(clippy::large_enum_variant)]
 pub enum Recovered {
-    Message(Message),
+    /// A message, where it lies, and the idempotency key it was published with.
+    Message {
+        message: Message,
+        loc: Loc,
+        key: Option<Keyed>,
+    },
+    /// A key whose message may be gone (written at compaction).
+    Key(KeySnapshot),
+    /// The epoch the next new channel gets (see `broker::memory`).
+    Fresh(Epoch),
     /// A channel's position with no message behind it (all expired or trimmed when the store
     /// last compacted).
     Channel {
@@ -71,10 +110,7 @@ pub enum Recovered {
         last_offset: u64,
     },
     /// The channel was reclaimed (idle, nothing retained) while in this epoch.
-    Forgotten {
-        channel: ChannelName,
-        epoch: Epoch,
-    },
+    Forgotten { channel: ChannelName, epoch: Epoch },
 }
 
 /// One channel as the broker holds it, for a store that rewrites itself (compaction).
@@ -82,16 +118,41 @@ pub struct Snapshot {
     pub channel: ChannelName,
     pub epoch: Epoch,
     pub last_offset: u64,
-    pub messages: Vec<std::sync::Arc<Message>>,
+    /// Where the retained messages lie, oldest first.
+    pub locs: Vec<Loc>,
+}
+
+/// Why a read from the store gave nothing.
+#[derive(Debug, Error, Clone, PartialEq, Eq)]
+pub enum ReadError {
+    /// The store was compacted since the `Loc` was taken: look it up again.
+    #[error("the data dir was compacted meanwhile")]
+    Moved,
+    /// The record could not be read or does not check out (never served as data).
+    #[error("reading the data dir: {0}")]
+    Failed(String),
+}
+
+/// Reads messages back from a store; shared with the tasks that serve history.
+pub trait StoreReader: Send + Sync + 'static {
+    /// The messages at `locs`, in that order.
+    fn read(&self, locs: &[Loc]) -> Result<Vec<Message>, ReadError>;
 }
 
 pub trait Store: Send + 'static {
-    /// Appends `messages` in order; with `sync`, durable before this returns.
+    /// Appends `messages` (each with the key it was published with) in order; with `sync`,
+    /// durable before this returns. Answers where each one lies.
     fn append(
         &mut self,
-        messages: &[std::sync::Arc<Message>],
+        messages: &[(std::sync::Arc<Message>, Option<Keyed>)],
         sync: bool,
-    ) -> Result<(), StoreError>;
+    ) -> Result<Vec<Loc>, StoreError>;
+
+    /// Records the epoch the next new channel gets (durably: a reader may see it next).
+    fn set_fresh(&mut self, epoch: &Epoch) -> Result<(), StoreError>;
+
+    /// A handle that reads messages back, from any thread.
+    fn reader(&self) -> std::sync::Arc<dyn StoreReader>;
 
     /// Records that `channel` in `epoch` was reclaimed, so it does not come back at open.
     fn forget(&mut self, channel: &ChannelName, epoch: &Epoch) -> Result<(), StoreError>;
@@ -102,10 +163,13 @@ pub trait Store: Send + 'static {
         false
     }
 
-    /// Replaces everything stored with `channels` (durably), then reclaims the old files.
-    fn compact(&mut self, _channels: &mut dyn Iterator<Item = Snapshot>) -> Result<(), StoreError> {
-        Ok(())
-    }
+    /// Replaces everything stored with `channels` and `keys` (durably), then reclaims the
+    /// old files. Answers, per snapshot in order, where its messages lie now.
+    fn compact(
+        &mut self,
+        channels: &mut dyn Iterator<Item = Snapshot>,
+        keys: &mut dyn Iterator<Item = KeySnapshot>,
+    ) -> Result<Vec<Vec<Loc>>, StoreError>;
 
     /// Bytes the store occupies on disk.
     fn bytes_on_disk(&self) -> u64;

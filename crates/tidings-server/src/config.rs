@@ -165,6 +165,9 @@ pub struct BrokerConfig {
     pub data_dir: Option<PathBuf>,
     /// When a publish is on disk before it is answered (with `data_dir`).
     pub fsync: tidings_core::Fsync,
+    /// With `data_dir`: the most recent messages per channel kept in RAM (older ones are read
+    /// from disk).
+    pub history_cache: usize,
     pub prefix: String,
     /// PEM CA for a `rediss://` server whose certificate a private CA signed.
     pub tls_ca_file: Option<PathBuf>,
@@ -186,6 +189,7 @@ impl Default for BrokerConfig {
             url: "memory".into(),
             data_dir: None,
             fsync: tidings_core::Fsync::Batch,
+            history_cache: tidings_core::broker::memory::DEFAULT_HISTORY_CACHE,
             prefix: "tidings".into(),
             tls_ca_file: None,
             idempotency_window: tidings_core::idempotency::DEFAULT_IDEMPOTENCY_WINDOW,
@@ -357,6 +361,12 @@ impl Config {
         }
         if let Err(e) = tidings_redis::validate_prefix(&b.prefix) {
             return invalid(e);
+        }
+        if b.history_cache > 100_000 {
+            return invalid(format!(
+                "broker.history_cache = {}: at most 100000 messages per channel (16 by default)",
+                b.history_cache
+            ));
         }
         if b.idempotency_window.is_zero() || b.idempotency_window > Duration::from_secs(86_400) {
             return invalid(
@@ -599,6 +609,7 @@ url = "memory"                     # or redis://[user:password@]host:port/db, re
 fsync = "batch"                    # with data_dir: "always" (an fsync per publish), "batch"
                                    # (publishes arriving together share one fsync) or "never"
                                    # (the OS decides); always/batch answer after the fsync
+history_cache = 16                 # with data_dir: recent messages per channel kept in RAM; older from disk
 prefix = "tidings"                 # Redis key prefix (deployments sharing one Redis use different ones)
 # tls_ca_file = "redis-ca.pem"     # CA of a rediss:// server whose certificate a private CA signed
 idempotency_window = "2m"          # a publish retried with the same Idempotency-Key within this is not stored twice

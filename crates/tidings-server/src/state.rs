@@ -163,10 +163,11 @@ impl AppState {
         let policies = tidings_core::LivePolicies::new(config.policies());
         let opened = {
             let dir = dir.to_owned();
-            let policies = policies.clone();
+            let (policies, cache) = (policies.clone(), config.broker.history_cache);
             // Reading a large log is blocking work: off the runtime's threads.
             tokio::task::spawn_blocking(move || {
-                let mut restore = tidings_core::broker::memory::Restore::new(policies);
+                let mut restore =
+                    tidings_core::broker::memory::Restore::new(policies).with_cache(cache);
                 let opened =
                     tidings_store::open(&dir, tidings_store::Options::default(), &mut |r| {
                         restore.apply(r)

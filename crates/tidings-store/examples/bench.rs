@@ -3,13 +3,17 @@
 //! ```sh
 //! cargo run --release -p tidings-store --example bench -- publish DIR [SECONDS]
 //! cargo run --release -p tidings-store --example bench -- log DIR [MEGABYTES]
+//! cargo run --release -p tidings-store --example bench -- memory DIR CHANNELS MESSAGES [CACHE|none]
 //! ```
 //!
 //! `publish`: 8 concurrent publishers (tokio tasks on 2 worker threads) on 8 channels, against
 //! the memory broker and the durable one under each `fsync` mode: publishes/s and latency
 //! percentiles. `log`: append ~N MB of 200-byte messages to a fresh data dir (unsynced, then
 //! one fsync), reopen it and time the replay, compact it down to the last 100 per channel, and
-//! read from an offset.
+//! read from an offset (50 back: past the cache, so from disk). `memory`: publish MESSAGES
+//! 100-byte messages to each of CHANNELS channels (history_size 100) with a data dir whose
+//! cache is CACHE messages per channel (or, with `none`, the memory broker alone), and print
+//! the process's resident memory before and after, then time resumes from 50 back.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -112,28 +116,43 @@ fn log(dir: &Path, megabytes: u64) {
     let t = Instant::now();
     let mut n = 0u64;
     let mut batch = Vec::with_capacity(256);
+    // Where each channel's last 100 messages lie (what the broker's index holds).
+    let mut kept: Vec<std::collections::VecDeque<tidings_core::store::Loc>> =
+        vec![Default::default(); channels];
     let epoch = tidings_core::Epoch::new("bench").unwrap();
     let names: Vec<ChannelName> = (0..channels)
         .map(|i| ChannelName::new(&format!("c{i}")).unwrap())
         .collect();
     while store.bytes_on_disk() < target {
         batch.clear();
+        let mut which = Vec::with_capacity(256);
         for _ in 0..256 {
             let c = (n as usize) % channels;
+            which.push(c);
             let offset = n / channels as u64 + 1;
-            batch.push(Arc::new(tidings_core::Message::new(
-                names[c].clone(),
-                Position {
-                    epoch: epoch.clone(),
-                    offset,
-                },
+            batch.push((
+                Arc::new(tidings_core::Message::new(
+                    names[c].clone(),
+                    Position {
+                        epoch: epoch.clone(),
+                        offset,
+                    },
+                    None,
+                    Data::Text(payload.clone()),
+                    tidings_core::broker::memory::now_millis(),
+                )),
                 None,
-                Data::Text(payload.clone()),
-                tidings_core::broker::memory::now_millis(),
-            )));
+            ));
             n += 1;
         }
-        store.append(&batch, false).unwrap();
+        let locs = store.append(&batch, false).unwrap();
+        for (&c, loc) in which.iter().zip(locs) {
+            let k = &mut kept[c];
+            if k.len() == 100 {
+                k.pop_front();
+            }
+            k.push_back(loc);
+        }
     }
     store.append(&batch[..0], true).unwrap();
     let secs = t.elapsed().as_secs_f64();
@@ -166,26 +185,18 @@ fn log(dir: &Path, megabytes: u64) {
     let mut store = store;
     let last = n / channels as u64;
     let t = Instant::now();
-    let mut snapshots = names.iter().map(|c| tidings_core::store::Snapshot {
-        channel: c.clone(),
-        epoch: epoch.clone(),
-        last_offset: last,
-        messages: (last.saturating_sub(99)..=last)
-            .map(|offset| {
-                Arc::new(tidings_core::Message::new(
-                    c.clone(),
-                    Position {
-                        epoch: epoch.clone(),
-                        offset,
-                    },
-                    None,
-                    Data::Text(payload.clone()),
-                    0,
-                ))
-            })
-            .collect(),
-    });
-    store.compact(&mut snapshots).unwrap();
+    let mut snapshots = names
+        .iter()
+        .zip(&kept)
+        .map(|(c, k)| tidings_core::store::Snapshot {
+            channel: c.clone(),
+            epoch: epoch.clone(),
+            last_offset: last,
+            locs: k.iter().copied().collect(),
+        });
+    store
+        .compact(&mut snapshots, &mut std::iter::empty())
+        .unwrap();
     println!(
         "trim (compaction to 100 per channel): {:.0} MB -> {:.0} MB in {:.2} s",
         report.bytes as f64 / 1e6,
@@ -226,8 +237,110 @@ fn log(dir: &Path, megabytes: u64) {
         }
     });
     println!(
-        "read from an offset (50 back, in RAM): {:.2} µs per read ({got} messages)",
+        "read from an offset (50 back: 16 from the cache, 34 from disk): {:.2} µs per read ({got} messages)",
         t.elapsed().as_secs_f64() * 1e6 / reads as f64
+    );
+    drop(broker);
+    let _ = std::fs::remove_dir_all(&d);
+}
+
+/// Resident and peak resident memory of this process, in MB (Linux).
+fn rss() -> (f64, f64) {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|kb| kb.parse::<f64>().ok())
+            .map_or(0.0, |kb| kb / 1024.0)
+    };
+    (field("VmRSS:"), field("VmHWM:"))
+}
+
+async fn memory(dir: &Path, channels: usize, messages: u64, cache: Option<usize>) {
+    let policies = LivePolicies::new(Policies {
+        default: tidings_core::ChannelPolicy {
+            history_size: 100,
+            history_ttl: Duration::from_secs(3600),
+            ..Default::default()
+        },
+        namespaces: Default::default(),
+    });
+    let d = fresh(dir, "memory");
+    let (before, _) = rss();
+    let broker: Arc<MemoryBroker> = match cache {
+        None => MemoryBroker::new(Arc::new(Hub::new()), policies.clone()),
+        Some(cache) => {
+            let mut restore = Restore::new(policies.clone()).with_cache(cache);
+            let (store, _) = tidings_store::open(&d, tidings_store::Options::default(), &mut |r| {
+                restore.apply(r)
+            })
+            .unwrap();
+            MemoryBroker::durable(
+                Arc::new(Hub::new()),
+                policies.clone(),
+                restore,
+                Box::new(store),
+                Fsync::Never,
+            )
+            .unwrap()
+        }
+    };
+    let names: Arc<Vec<ChannelName>> = Arc::new(
+        (0..channels)
+            .map(|i| ChannelName::new(&format!("room:{i}")).unwrap())
+            .collect(),
+    );
+    let t = Instant::now();
+    // Round by round (every channel gets its i-th message, then the next), so one channel's
+    // records are spread over the whole log as they are in a real server.
+    for _ in 0..messages {
+        let mut tasks = Vec::new();
+        for p in 0..64 {
+            let (broker, names) = (broker.clone(), names.clone());
+            tasks.push(tokio::spawn(async move {
+                let payload = Bytes::from(vec![b'x'; 100]);
+                for c in names.iter().skip(p).step_by(64) {
+                    broker
+                        .publish(c, None, Data::Text(payload.clone()))
+                        .await
+                        .unwrap();
+                }
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+    }
+    let took = t.elapsed().as_secs_f64();
+    let (after, peak) = rss();
+    let mode = match cache {
+        None => "memory broker (no data dir)".to_owned(),
+        Some(c) => format!("data dir, history_cache = {c}"),
+    };
+    println!(
+        "{mode}: {channels} channels x {messages} messages of 100 B in {took:.1} s; RSS {before:.0} MB -> {after:.0} MB (peak {peak:.0} MB); on disk {:.0} MB",
+        broker.bytes_on_disk().unwrap_or(0) as f64 / 1e6
+    );
+    let reads = 10_000usize;
+    let t = Instant::now();
+    let mut got = 0;
+    for i in 0..reads {
+        let c = &names[(i * 7919) % channels];
+        let top = broker.stats(c).await.unwrap().unwrap().top;
+        let since = Since::After(Position {
+            epoch: top.epoch.clone(),
+            offset: top.offset.saturating_sub(50),
+        });
+        let read = broker.read(c, &since, None).await.unwrap();
+        assert!(read.replay.gap().is_none());
+        got += read.replay.messages().len();
+    }
+    println!(
+        "  resume from 50 back: {:.1} µs per read ({got} messages); RSS after the reads {:.0} MB",
+        t.elapsed().as_secs_f64() * 1e6 / reads as f64,
+        rss().0
     );
     drop(broker);
     let _ = std::fs::remove_dir_all(&d);
@@ -250,6 +363,21 @@ fn main() {
             &dir,
             args.get(2).and_then(|s| s.parse().ok()).unwrap_or(1024),
         ),
-        _ => eprintln!("usage: bench publish DIR [SECONDS] | bench log DIR [MEGABYTES]"),
+        Some("memory") => {
+            let num = |i: usize, d: usize| args.get(i).and_then(|s| s.parse().ok()).unwrap_or(d);
+            let cache = match args.get(4).map(String::as_str) {
+                Some("none") => None,
+                other => Some(other.and_then(|s| s.parse().ok()).unwrap_or(16)),
+            };
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .unwrap()
+                .block_on(memory(&dir, num(2, 100_000), num(3, 100) as u64, cache));
+        }
+        _ => eprintln!(
+            "usage: bench publish DIR [SECONDS] | bench log DIR [MEGABYTES] | bench memory DIR CHANNELS MESSAGES [CACHE|none]"
+        ),
     }
 }

@@ -22,24 +22,42 @@
 //! - damage that runs to the end of the last segment is a torn tail (a crash mid-write): it is
 //!   cut off, with a warning naming the bytes and the channels it held.
 //!
-//! Concurrency: a `LogStore` is owned by the broker's one writer thread; nothing here is shared.
+//! ## Where a message lies
+//! A `Loc` is `segment << 40 | byte position` (segments are numbered from 1; a compacted
+//! segment may pass `segment_bytes`, up to 1 TiB). The broker keeps one per retained message
+//! and reads older history back through a `LogReader`.
+//!
+//! Concurrency: a `LogStore` is owned by the broker's one writer thread. The only shared part
+//! is the map of open segment files (`files`, an `RwLock` held only to clone an `Arc<File>`),
+//! which `LogReader`s use from the tasks serving history: they `pread` whole frames that an
+//! `append` already returned, which needs no lock against the writer's `pwrite` past them. A
+//! compaction deletes the old segments' names but keeps their open files in the map until the
+//! writer's next call, by which time the broker has re-pointed its index; a reader that
+//! still misses a segment gets `ReadError::Moved` and plans again.
 
 mod record;
 
+use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 
 use thiserror::Error;
-use tidings_core::store::{Recovered, Snapshot, Store, StoreError};
+use tidings_core::store::{
+    KeySnapshot, Keyed, Loc, ReadError, Recovered, Snapshot, Store, StoreError, StoreReader,
+};
 use tidings_core::{ChannelName, Epoch, Message};
 
 use record::Frame;
 
 /// The format this build writes and reads.
-pub const FORMAT_VERSION: u32 = 1;
+/// The format this build writes and reads (2 added keyed messages, fresh epochs and keys;
+/// version 1 files are read as they are).
+pub const FORMAT_VERSION: u32 = 2;
+const POS_BITS: u32 = 40;
+const POS_MASK: u64 = (1 << POS_BITS) - 1;
 const HEADER_MAGIC: &[u8; 8] = b"TIDINGS\0";
 const HEADER_LEN: u64 = 12;
 const LOCK_FILE: &str = "LOCK";
@@ -127,7 +145,13 @@ pub struct LogStore {
     /// Closed segments, oldest first (kept until a compaction replaces them).
     closed: Vec<Segment>,
     active: Segment,
-    file: File,
+    file: Arc<File>,
+    /// Every open segment by number, shared with readers.
+    files: Files,
+    /// Segments a compaction deleted, still readable until the next call (see the top).
+    retiring: Vec<u64>,
+    /// The last fresh epoch recorded (rewritten by a compaction).
+    fresh: Option<Epoch>,
     /// Bytes of `file` that hold whole, acknowledged records: the next write goes here.
     len: u64,
     /// Bytes in every closed segment.
@@ -136,6 +160,12 @@ pub struct LogStore {
     base_bytes: u64,
     broken: Option<String>,
     scratch: Vec<u8>,
+}
+
+type Files = Arc<RwLock<HashMap<u64, Arc<File>>>>;
+
+fn loc(seq: u64, pos: u64) -> Loc {
+    seq << POS_BITS | (pos & POS_MASK)
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> OpenError + '_ {
@@ -234,10 +264,20 @@ pub fn open(
     let mut segments: Vec<Segment> = Vec::new();
     let mut closed_bytes = 0;
     let mut active = None;
+    let files: Files = Arc::default();
+    let mut fresh = None;
+    let mut restore = |r: Recovered| {
+        if let Recovered::Fresh(e) = &r {
+            fresh = Some(e.clone());
+        }
+        restore(r)
+    };
     for (i, &seq) in seqs.iter().enumerate() {
         let path = segment_path(dir, seq);
         let last = i + 1 == seqs.len();
-        let (len, file) = replay(&path, last, restore, &mut report)?;
+        let (len, file) = replay(&path, seq, last, &mut restore, &mut report)?;
+        let file = Arc::new(file);
+        write_lock(&files).insert(seq, file.clone());
         report.bytes += len;
         if last {
             active = Some((Segment { seq, path }, file, len));
@@ -254,6 +294,8 @@ pub fn open(
                     dir: dir.to_owned(),
                     source,
                 })?;
+            let file = Arc::new(file);
+            write_lock(&files).insert(1, file.clone());
             (segment, file, HEADER_LEN)
         }
     };
@@ -264,6 +306,9 @@ pub fn open(
         closed: segments,
         active,
         file,
+        files,
+        retiring: Vec::new(),
+        fresh,
         len,
         closed_bytes,
         base_bytes: closed_bytes + len,
@@ -277,6 +322,7 @@ pub fn open(
 /// last segment, the file opened for appending (with a torn tail already cut off).
 fn replay(
     path: &Path,
+    seq: u64,
     last: bool,
     restore: &mut dyn FnMut(Recovered),
     report: &mut Report,
@@ -315,7 +361,7 @@ fn replay(
     while pos < buf.len() {
         match record::frame_at(&buf, pos) {
             Frame::Whole { payload, next } => {
-                match record::decode(payload) {
+                match record::decode(payload, loc(seq, pos as u64)) {
                     Some(r) => {
                         report.records += 1;
                         restore(r);
@@ -405,13 +451,15 @@ impl LogStore {
         &self.dir
     }
 
-    /// Writes `self.scratch` after the last whole record; undoes it on failure.
-    fn write_scratch(&mut self, sync: bool) -> Result<(), StoreError> {
+    /// Writes `self.scratch` after the last whole record; undoes it on failure. Answers the
+    /// position it was written at, in the active segment.
+    fn write_scratch(&mut self, sync: bool) -> Result<u64, StoreError> {
+        self.release_retired();
         if let Some(why) = &self.broken {
             return Err(StoreError::Broken(why.clone()));
         }
         if self.scratch.is_empty() {
-            return Ok(());
+            return Ok(self.len);
         }
         if self.len >= self.options.segment_bytes {
             self.rotate()
@@ -425,7 +473,7 @@ impl LogStore {
         match written {
             Ok(()) => {
                 self.len += self.scratch.len() as u64;
-                Ok(())
+                Ok(at)
             }
             Err(e) => {
                 // Cut back to the last whole record: shrinking needs no space, so this works
@@ -445,6 +493,8 @@ impl LogStore {
 
     fn rotate(&mut self) -> std::io::Result<()> {
         let (segment, file) = create_segment(&self.dir, self.active.seq + 1)?;
+        let file = Arc::new(file);
+        write_lock(&self.files).insert(segment.seq, file.clone());
         let old = std::mem::replace(&mut self.active, segment);
         self.closed.push(old);
         self.closed_bytes += self.len;
@@ -452,21 +502,140 @@ impl LogStore {
         self.len = HEADER_LEN;
         Ok(())
     }
+
+    /// Closes the files of segments a compaction deleted (the broker has re-pointed its
+    /// index since: the writer thread only calls again once it has).
+    fn release_retired(&mut self) {
+        if !self.retiring.is_empty() {
+            let mut files = write_lock(&self.files);
+            for seq in self.retiring.drain(..) {
+                files.remove(&seq);
+            }
+        }
+    }
+}
+
+fn write_lock(files: &Files) -> std::sync::RwLockWriteGuard<'_, HashMap<u64, Arc<File>>> {
+    // The map is valid at every step; poisoning carries no meaning.
+    files.write().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The whole frame (header and payload) at `pos` of `file`, checked.
+fn read_frame(file: &File, pos: u64) -> Result<Vec<u8>, String> {
+    // Most records are small: one read of the header and a guess, a second if it is longer.
+    let mut buf = vec![0u8; record::FRAME_HEADER + 512];
+    let n = read_at_most(file, &mut buf, pos).map_err(|e| e.to_string())?;
+    buf.truncate(n);
+    if buf.len() < record::FRAME_HEADER {
+        return Err(format!("no record at byte {pos}"));
+    }
+    let len = u32::from_le_bytes([buf[4], buf[5], buf[6], buf[7]]) as usize;
+    if len > record::MAX_PAYLOAD {
+        return Err(format!("no record at byte {pos}"));
+    }
+    let whole = record::FRAME_HEADER + len;
+    if buf.len() < whole {
+        let have = buf.len();
+        buf.resize(whole, 0);
+        file.read_exact_at(&mut buf[have..], pos + have as u64)
+            .map_err(|e| e.to_string())?;
+    }
+    buf.truncate(whole);
+    match record::frame_at(&buf, 0) {
+        record::Frame::Whole { .. } => Ok(buf),
+        _ => Err(format!("a damaged record at byte {pos}")),
+    }
+}
+
+fn read_at_most(file: &File, buf: &mut [u8], pos: u64) -> std::io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match file.read_at(&mut buf[n..], pos + n as u64) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(n)
+}
+
+/// Reads messages back from the segments, from any thread (see the top of this file).
+pub struct LogReader {
+    files: Files,
+}
+
+impl StoreReader for LogReader {
+    fn read(&self, locs: &[Loc]) -> Result<Vec<Message>, ReadError> {
+        let mut out = Vec::with_capacity(locs.len());
+        let mut file: Option<(u64, Arc<File>)> = None;
+        for &at in locs {
+            let seq = at >> POS_BITS;
+            let f = match &file {
+                Some((s, f)) if *s == seq => f.clone(),
+                _ => {
+                    let f = self
+                        .files
+                        .read()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .get(&seq)
+                        .cloned()
+                        .ok_or(ReadError::Moved)?;
+                    file = Some((seq, f.clone()));
+                    f
+                }
+            };
+            let frame = read_frame(&f, at & POS_MASK)
+                .map_err(|e| ReadError::Failed(format!("segment {seq}: {e}")))?;
+            match record::decode(&frame[record::FRAME_HEADER..], at) {
+                Some(Recovered::Message { message, .. }) => out.push(message),
+                _ => {
+                    return Err(ReadError::Failed(format!(
+                        "segment {seq}: no message at byte {}",
+                        at & POS_MASK
+                    )));
+                }
+            }
+        }
+        Ok(out)
+    }
 }
 
 impl Store for LogStore {
-    fn append(&mut self, messages: &[Arc<Message>], sync: bool) -> Result<(), StoreError> {
+    fn append(
+        &mut self,
+        messages: &[(Arc<Message>, Option<Keyed>)],
+        sync: bool,
+    ) -> Result<Vec<Loc>, StoreError> {
         self.scratch.clear();
-        for m in messages {
-            record::encode_message(&mut self.scratch, m);
+        let mut starts = Vec::with_capacity(messages.len());
+        for (m, key) in messages {
+            starts.push(self.scratch.len() as u64);
+            record::encode_message(&mut self.scratch, m, key.as_ref());
         }
-        self.write_scratch(sync)
+        let at = self.write_scratch(sync)?;
+        let seq = self.active.seq;
+        Ok(starts.into_iter().map(|s| loc(seq, at + s)).collect())
+    }
+
+    fn set_fresh(&mut self, epoch: &Epoch) -> Result<(), StoreError> {
+        self.scratch.clear();
+        record::encode_fresh(&mut self.scratch, epoch);
+        self.write_scratch(true)?;
+        self.fresh = Some(epoch.clone());
+        Ok(())
+    }
+
+    fn reader(&self) -> Arc<dyn StoreReader> {
+        Arc::new(LogReader {
+            files: self.files.clone(),
+        })
     }
 
     fn forget(&mut self, channel: &ChannelName, epoch: &Epoch) -> Result<(), StoreError> {
         self.scratch.clear();
         record::encode_forgotten(&mut self.scratch, channel, epoch);
-        self.write_scratch(false)
+        self.write_scratch(false).map(|_| ())
     }
 
     fn wants_compaction(&self) -> bool {
@@ -474,7 +643,12 @@ impl Store for LogStore {
         self.bytes_on_disk() > 2 * self.base_bytes + self.options.segment_bytes
     }
 
-    fn compact(&mut self, channels: &mut dyn Iterator<Item = Snapshot>) -> Result<(), StoreError> {
+    fn compact(
+        &mut self,
+        channels: &mut dyn Iterator<Item = Snapshot>,
+        keys: &mut dyn Iterator<Item = KeySnapshot>,
+    ) -> Result<Vec<Vec<Loc>>, StoreError> {
+        self.release_retired();
         if let Some(why) = &self.broken {
             return Err(StoreError::Broken(why.clone()));
         }
@@ -483,29 +657,51 @@ impl Store for LogStore {
         // deleted, replaying old then new gives the same state (`History::restore` skips
         // offsets it already has).
         let (segment, file) = create_segment(&self.dir, self.active.seq + 1).map_err(fail)?;
+        let seq = segment.seq;
         let mut buf = Vec::new();
         let mut len = HEADER_LEN;
-        for s in channels {
-            for m in &s.messages {
-                record::encode_message(&mut buf, m);
+        let mut moved = Vec::new();
+        let copied = (|| -> Result<(), StoreError> {
+            let files = self.files.read().unwrap_or_else(|e| e.into_inner()).clone();
+            for s in channels {
+                let mut locs = Vec::with_capacity(s.locs.len());
+                for &at in &s.locs {
+                    // The retained messages' records are copied as they are (no decoding).
+                    let frame = files
+                        .get(&(at >> POS_BITS))
+                        .ok_or_else(|| format!("segment {} is gone", at >> POS_BITS))
+                        .and_then(|f| read_frame(f, at & POS_MASK))
+                        .map_err(|e| StoreError::Write(format!("compacting: reading {e}")))?;
+                    locs.push(loc(seq, len + buf.len() as u64));
+                    buf.extend_from_slice(&frame);
+                }
+                moved.push(locs);
+                // After the messages: a position record first would make them look old.
+                record::encode_channel(&mut buf, &s.channel, &s.epoch, s.last_offset);
+                if buf.len() >= 1 << 20 {
+                    file.write_all_at(&buf, len).map_err(fail)?;
+                    len += buf.len() as u64;
+                    buf.clear();
+                }
             }
-            // After the messages: a position record first would make them look old.
-            record::encode_channel(&mut buf, &s.channel, &s.epoch, s.last_offset);
-            if buf.len() >= 1 << 20 {
-                file.write_all_at(&buf, len).map_err(fail)?;
-                len += buf.len() as u64;
-                buf.clear();
+            for k in keys {
+                record::encode_key(&mut buf, &k);
             }
-        }
-        let done = file
-            .write_all_at(&buf, len)
-            .and_then(|()| file.sync_all())
-            .map_err(fail);
-        if let Err(e) = done {
+            if let Some(fresh) = &self.fresh {
+                record::encode_fresh(&mut buf, fresh);
+            }
+            file.write_all_at(&buf, len)
+                .and_then(|()| file.sync_all())
+                .map_err(fail)?;
+            len += buf.len() as u64;
+            Ok(())
+        })();
+        if let Err(e) = copied {
             let _ = std::fs::remove_file(&segment.path);
             return Err(e);
         }
-        len += buf.len() as u64;
+        let file = Arc::new(file);
+        write_lock(&self.files).insert(seq, file.clone());
         let old = std::mem::replace(&mut self.active, segment);
         // Newest first: a crash half-way leaves an oldest prefix of segments, which replays
         // into a state the new segment then brings up to date.
@@ -515,13 +711,14 @@ impl Store for LogStore {
             if let Err(e) = std::fs::remove_file(&s.path) {
                 tracing::warn!(file = %s.path.display(), error = %e, "could not delete a compacted segment");
             }
+            self.retiring.push(s.seq);
         }
         let _ = sync_dir(&self.dir);
         self.file = file;
         self.len = len;
         self.closed_bytes = 0;
         self.base_bytes = len;
-        Ok(())
+        Ok(moved)
     }
 
     fn bytes_on_disk(&self) -> u64 {

@@ -11,10 +11,17 @@
 //!   2 binary), then the data to the end of the payload;
 //! - `2` channel position: `channel`, `epoch`, `last_offset` u64;
 //! - `3` forgotten: `channel`, `epoch`.
+//!
+//! Since format 2:
+//! - `4` message with an idempotency key: as `1`, with `key` (u8 length + bytes) and
+//!   `until_ms` u64 (wall clock) between `event` and the data kind;
+//! - `5` fresh epoch (the one the next new channel gets): `epoch` only;
+//! - `6` idempotency key whose message may be gone (written at compaction): `channel`,
+//!   `epoch`, `offset` u64, `time` u64, `key`, `until_ms` u64.
 
 use bytes::Bytes;
-use tidings_core::store::Recovered;
-use tidings_core::{ChannelName, Data, Epoch, EventName, Message, Position};
+use tidings_core::store::{KeySnapshot, Keyed, Loc, Recovered};
+use tidings_core::{ChannelName, Data, Epoch, EventName, IdempotencyKey, Message, Position};
 
 pub const MAGIC: u32 = 0x3147_4454; // "TDG1" read as little-endian bytes
 pub const FRAME_HEADER: usize = 12;
@@ -24,6 +31,9 @@ pub const MAX_PAYLOAD: usize = 64 << 20;
 const KIND_MESSAGE: u8 = 1;
 const KIND_CHANNEL: u8 = 2;
 const KIND_FORGOTTEN: u8 = 3;
+const KIND_MESSAGE_KEYED: u8 = 4;
+const KIND_FRESH: u8 = 5;
+const KIND_KEY: u8 = 6;
 
 /// CRC-32 (IEEE) tables for slicing-by-8: eight bytes per step, several times faster than a
 /// byte at a time, which matters when a large log is scanned at start.
@@ -100,14 +110,22 @@ fn put_short(out: &mut Vec<u8>, s: &str) {
     out.extend_from_slice(b);
 }
 
-pub fn encode_message(out: &mut Vec<u8>, m: &Message) {
+pub fn encode_message(out: &mut Vec<u8>, m: &Message, key: Option<&Keyed>) {
     frame(out, |out| {
-        out.push(KIND_MESSAGE);
+        out.push(if key.is_some() {
+            KIND_MESSAGE_KEYED
+        } else {
+            KIND_MESSAGE
+        });
         put_short(out, m.channel.as_str());
         put_short(out, m.epoch.as_str());
         out.extend_from_slice(&m.offset.to_le_bytes());
         out.extend_from_slice(&m.time.to_le_bytes());
         put_short(out, m.event.as_ref().map_or("", EventName::as_str));
+        if let Some(k) = key {
+            put_short(out, k.key.as_str());
+            out.extend_from_slice(&k.until_ms.to_le_bytes());
+        }
         let (kind, bytes) = match &m.data {
             Data::Json(b) => (0u8, b),
             Data::Text(b) => (1, b),
@@ -124,6 +142,25 @@ pub fn encode_channel(out: &mut Vec<u8>, channel: &ChannelName, epoch: &Epoch, l
         put_short(out, channel.as_str());
         put_short(out, epoch.as_str());
         out.extend_from_slice(&last.to_le_bytes());
+    });
+}
+
+pub fn encode_fresh(out: &mut Vec<u8>, epoch: &Epoch) {
+    frame(out, |out| {
+        out.push(KIND_FRESH);
+        put_short(out, epoch.as_str());
+    });
+}
+
+pub fn encode_key(out: &mut Vec<u8>, k: &KeySnapshot) {
+    frame(out, |out| {
+        out.push(KIND_KEY);
+        put_short(out, k.channel.as_str());
+        put_short(out, k.position.epoch.as_str());
+        out.extend_from_slice(&k.position.offset.to_le_bytes());
+        out.extend_from_slice(&k.time.to_le_bytes());
+        put_short(out, k.keyed.key.as_str());
+        out.extend_from_slice(&k.keyed.until_ms.to_le_bytes());
     });
 }
 
@@ -208,19 +245,35 @@ impl<'a> Reader<'a> {
     }
 }
 
-/// Decodes an intact payload; `None` when it is not a record this version knows.
-pub fn decode(payload: &[u8]) -> Option<Recovered> {
+/// Decodes an intact payload found at `loc`; `None` when it is not a record this version
+/// knows.
+pub fn decode(payload: &[u8], loc: Loc) -> Option<Recovered> {
     let mut r = Reader { buf: payload };
     let kind = r.u8()?;
+    if kind == KIND_FRESH {
+        return Some(Recovered::Fresh(Epoch::new(r.short()?)?));
+    }
     let channel = ChannelName::new(r.short()?).ok()?;
     let epoch = Epoch::new(r.short()?)?;
+    let keyed = |r: &mut Reader<'_>| -> Option<Keyed> {
+        let key = IdempotencyKey::new(r.short()?).ok()?;
+        Some(Keyed {
+            key,
+            until_ms: r.u64()?,
+        })
+    };
     match kind {
-        KIND_MESSAGE => {
+        KIND_MESSAGE | KIND_MESSAGE_KEYED => {
             let offset = r.u64()?;
             let time = r.u64()?;
             let event = match r.short()? {
                 "" => None,
                 e => Some(EventName::new(e).ok()?),
+            };
+            let key = if kind == KIND_MESSAGE_KEYED {
+                Some(keyed(&mut r)?)
+            } else {
+                None
             };
             let data_kind = r.u8()?;
             let bytes = Bytes::copy_from_slice(r.buf);
@@ -230,15 +283,22 @@ pub fn decode(payload: &[u8]) -> Option<Recovered> {
                 2 => Data::Binary(bytes),
                 _ => return None,
             };
-            (offset > 0).then(|| {
-                Recovered::Message(Message::new(
-                    channel,
-                    Position { epoch, offset },
-                    event,
-                    data,
-                    time,
-                ))
+            (offset > 0).then(|| Recovered::Message {
+                message: Message::new(channel, Position { epoch, offset }, event, data, time),
+                loc,
+                key,
             })
+        }
+        KIND_KEY => {
+            let offset = r.u64()?;
+            let time = r.u64()?;
+            let keyed = keyed(&mut r)?;
+            Some(Recovered::Key(KeySnapshot {
+                channel,
+                position: Position { epoch, offset },
+                time,
+                keyed,
+            }))
         }
         KIND_CHANNEL => Some(Recovered::Channel {
             channel,
@@ -253,7 +313,9 @@ pub fn decode(payload: &[u8]) -> Option<Recovered> {
 /// The channel a (possibly cut-off) payload names, if enough of it is there to tell.
 pub fn channel_of_partial(payload: &[u8]) -> Option<String> {
     let mut r = Reader { buf: payload };
-    r.u8()?;
+    if r.u8()? == KIND_FRESH {
+        return None;
+    }
     ChannelName::new(r.short()?)
         .ok()
         .map(|c| c.as_str().to_owned())
@@ -295,12 +357,12 @@ mod tests {
             1234,
         );
         let mut buf = Vec::new();
-        encode_message(&mut buf, &m);
+        encode_message(&mut buf, &m, None);
         let Frame::Whole { payload, next } = frame_at(&buf, 0) else {
             panic!("not whole")
         };
         assert_eq!(next, buf.len());
-        let Some(Recovered::Message(back)) = decode(payload) else {
+        let Some(Recovered::Message { message: back, .. }) = decode(payload, 0) else {
             panic!("not a message")
         };
         assert_eq!(

@@ -12,7 +12,8 @@ use tidings_core::conformance::BrokerFactory;
 use tidings_core::policy::LivePolicies;
 use tidings_core::{Broker, Fsync, Hub};
 
-struct Durable;
+/// The history cache size (messages per channel kept in RAM).
+struct Durable(usize);
 
 #[async_trait]
 impl BrokerFactory for Durable {
@@ -24,7 +25,7 @@ impl BrokerFactory for Durable {
             N.fetch_add(1, Ordering::Relaxed)
         ));
         let _ = std::fs::remove_dir_all(&dir);
-        let mut restore = Restore::new(policies.clone());
+        let mut restore = Restore::new(policies.clone()).with_cache(self.0);
         let (store, _) = tidings_store::open(&dir, tidings_store::Options::default(), &mut |r| {
             restore.apply(r)
         })
@@ -36,4 +37,16 @@ impl BrokerFactory for Durable {
     }
 }
 
-tidings_core::broker_conformance_suite!(Durable);
+tidings_core::broker_conformance_suite!(Durable(16));
+
+/// Every read past the newest message comes from disk.
+mod with_a_cache_of_one {
+    use super::*;
+    tidings_core::broker_conformance_suite!(Durable(1));
+}
+
+/// Nothing in RAM: every read comes from disk.
+mod with_no_cache {
+    use super::*;
+    tidings_core::broker_conformance_suite!(Durable(0));
+}

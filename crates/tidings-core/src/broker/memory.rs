@@ -15,6 +15,18 @@
 //!   message is thus never seen before it is durable, so a crash can never hand its offset to
 //!   a different message; a failed write answers every publish of the batch with an error and
 //!   the offsets are simply not taken (the channel's `last_offset` never moved).
+//! - With a store, a channel's history is an index of where each retained message lies on
+//!   disk plus the most recent `history_cache` messages in RAM (`History::durable`). A read
+//!   that reaches past the cache is planned under the channel's lock (which `Loc`s, which
+//!   cached messages) and the older part is then read with `spawn_blocking`, never on the
+//!   runtime's threads and never on the writer thread: reads are `pread`s of whole, already
+//!   written records, parallel with each other and with writes, and queuing them behind the
+//!   writer would make every resume wait for other publishers' fsyncs. At most
+//!   `DISK_READS` such reads run at once (a semaphore: the rest wait their turn). The index
+//!   only ever names records whose write returned, so a disk read never sees a message
+//!   before it is durable. A compaction moves records; it runs on the writer thread, then
+//!   re-points each history's index under its lock; a read that planned with old `Loc`s and
+//!   finds their segment gone (`ReadError::Moved`) plans again.
 //!
 //! Only a publish creates a channel. Reading one the broker does not hold (a poll, a join, a
 //! history read) leaves no state behind: it answers with the position `(fresh, 0)`, where
@@ -42,14 +54,16 @@ use tokio::time::Instant;
 
 use crate::broker::{Broker, BrokerError, ChannelStats};
 use crate::channel::{ChannelName, EventName};
-use crate::history::{Gap, GapReason, History, HistoryRead, Replay, Since};
+use crate::history::{Gap, GapReason, History, HistoryRead, ReadPlan, Replay, Since};
 use crate::hub::Hub;
 use crate::idempotency::{IdempotencyWindow, PublishOptions, Published, Remembered};
 use crate::message::{Data, Epoch, Message};
 use crate::policy::LivePolicies;
 use crate::presence::{ClientInfo, PresenceEvent, PresenceKind};
 use crate::shards::Shards;
-use crate::store::{Fsync, Recovered, Snapshot, Store, age};
+use crate::store::{
+    Fsync, KeySnapshot, Keyed, ReadError, Recovered, Snapshot, Store, StoreReader, age,
+};
 
 /// The whole map is swept once per this period, one shard per tick.
 const SWEEP_EVERY: Duration = Duration::from_secs(5);
@@ -57,6 +71,10 @@ const SWEEP_EVERY: Duration = Duration::from_secs(5);
 const JOB_QUEUE: usize = 4096;
 /// At most this many publishes share one write and one fsync.
 const MAX_BATCH: usize = 1024;
+/// History reads from the data dir running at once (blocking threads they may occupy).
+const DISK_READS: usize = 16;
+/// Messages per channel kept in RAM with a data dir, when not configured.
+pub const DEFAULT_HISTORY_CACHE: usize = 16;
 
 pub struct MemoryBroker {
     hub: Arc<Hub>,
@@ -84,6 +102,10 @@ pub struct MemoryBroker {
 struct Durable {
     jobs: mpsc::Sender<Job>,
     bytes_on_disk: Arc<AtomicU64>,
+    reader: Arc<dyn StoreReader>,
+    reads: Arc<tokio::sync::Semaphore>,
+    /// Messages per channel kept in RAM.
+    cache: usize,
 }
 
 type Reply = oneshot::Sender<Result<Published, BrokerError>>;
@@ -99,6 +121,8 @@ enum Job {
     Forget {
         channel: ChannelName,
         epoch: Epoch,
+        /// The epoch new channels get from now on, when this reclaim redrew it.
+        fresh: Option<Epoch>,
     },
 }
 
@@ -114,9 +138,13 @@ pub fn now_millis() -> u64 {
 }
 
 /// Channels read back from a data dir, built record by record as the store replays them.
+/// Only each channel's index and its `cache` most recent messages stay in RAM.
 pub struct Restore {
     policies: Arc<LivePolicies>,
     channels: HashMap<ChannelName, History>,
+    keys: HashMap<ChannelName, IdempotencyWindow>,
+    fresh: Option<Epoch>,
+    cache: usize,
     now: Instant,
     now_ms: u64,
 }
@@ -126,43 +154,81 @@ impl Restore {
         Self {
             policies,
             channels: HashMap::new(),
+            keys: HashMap::new(),
+            fresh: None,
+            cache: DEFAULT_HISTORY_CACHE,
             now: Instant::now(),
             now_ms: now_millis(),
         }
     }
 
+    /// Keeps the `cache` most recent messages of each channel in RAM (the rest is read from
+    /// disk when asked for).
+    pub fn with_cache(mut self, cache: usize) -> Self {
+        self.cache = cache;
+        self
+    }
+
+    fn remember(&mut self, channel: ChannelName, first: Remembered, keyed: Keyed) {
+        let Some(left) = keyed.until_ms.checked_sub(self.now_ms).filter(|&l| l > 0) else {
+            return;
+        };
+        self.keys.entry(channel).or_default().insert(
+            keyed.key,
+            first,
+            self.now,
+            Duration::from_millis(left),
+        );
+    }
+
     /// The channel in `epoch`: a record of another epoch starts a new incarnation.
     fn incarnation(&mut self, channel: &ChannelName, epoch: &Epoch) -> &mut History {
         let policy = self.policies.for_channel(channel);
-        let h = self.channels.entry(channel.clone()).or_insert_with(|| {
-            History::new(
+        let cache = self.cache;
+        let make = || {
+            History::durable(
                 channel.clone(),
                 epoch.clone(),
                 policy.history_size,
                 policy.history_ttl,
+                cache,
             )
-        });
+        };
+        let h = self.channels.entry(channel.clone()).or_insert_with(make);
         if h.epoch() != epoch {
-            *h = History::new(
-                channel.clone(),
-                epoch.clone(),
-                policy.history_size,
-                policy.history_ttl,
-            );
+            *h = make();
         }
         h
     }
 
     pub fn apply(&mut self, record: Recovered) {
         match record {
-            Recovered::Message(m) => {
+            Recovered::Message { message, loc, key } => {
                 let at = self
                     .now
-                    .checked_sub(age(m.time, self.now_ms))
+                    .checked_sub(age(message.time, self.now_ms))
                     .unwrap_or(self.now);
-                let (channel, epoch) = (m.channel.clone(), m.epoch.clone());
-                self.incarnation(&channel, &epoch).restore(Arc::new(m), at);
+                let (channel, epoch) = (message.channel.clone(), message.epoch.clone());
+                if let Some(keyed) = key {
+                    let first = Remembered {
+                        position: message.position(),
+                        time: message.time,
+                    };
+                    self.remember(channel.clone(), first, keyed);
+                }
+                let now = self.now;
+                let h = self.incarnation(&channel, &epoch);
+                h.restore(Arc::new(message), loc, at);
+                h.expire(now);
             }
+            Recovered::Key(k) => {
+                let first = Remembered {
+                    position: k.position,
+                    time: k.time,
+                };
+                self.remember(k.channel, first, k.keyed);
+            }
+            Recovered::Fresh(epoch) => self.fresh = Some(epoch),
             Recovered::Channel {
                 channel,
                 epoch,
@@ -213,15 +279,31 @@ impl MemoryBroker {
 
     /// A broker that writes through `store`, starting from what it held (`restore`). Starts
     /// the writer thread, which ends when the broker is dropped.
+    /// The epoch new channels get is kept in the data dir too (written here if it holds
+    /// none yet), so a cursor taken on a channel before it existed resumes without a gap
+    /// across a restart.
     pub fn durable(
         hub: Arc<Hub>,
         policies: Arc<LivePolicies>,
         restore: Restore,
-        store: Box<dyn Store>,
+        mut store: Box<dyn Store>,
         fsync: Fsync,
     ) -> std::io::Result<Arc<Self>> {
         let (jobs, queue) = mpsc::channel(JOB_QUEUE);
+        let fresh = match restore.fresh {
+            Some(epoch) => epoch,
+            None => {
+                // One small write and fsync, once, when a data dir is first used.
+                let epoch = Epoch::random();
+                store.set_fresh(&epoch).map_err(std::io::Error::other)?;
+                epoch
+            }
+        };
         let bytes_on_disk = Arc::new(AtomicU64::new(store.bytes_on_disk()));
+        let keys = Shards::new();
+        for (name, window) in restore.keys {
+            relock(keys.of(&name)).insert(name, window);
+        }
         let shards = Shards::new();
         let now = Instant::now();
         let count = restore.channels.len();
@@ -237,12 +319,15 @@ impl MemoryBroker {
             policies,
             shards,
             presence: Mutex::new(HashMap::new()),
-            keys: Shards::new(),
+            keys,
             durable: Some(Durable {
                 jobs,
                 bytes_on_disk: bytes_on_disk.clone(),
+                reader: store.reader(),
+                reads: Arc::new(tokio::sync::Semaphore::new(DISK_READS)),
+                cache: restore.cache,
             }),
-            fresh: Mutex::new(Epoch::random()),
+            fresh: Mutex::new(fresh),
             count: AtomicUsize::new(count),
             max_channels: AtomicUsize::new(usize::MAX),
             sweep_at: AtomicUsize::new(0),
@@ -265,6 +350,20 @@ impl MemoryBroker {
         self.count.load(Ordering::Relaxed)
     }
 
+    /// Messages retained over all channels, and how many of them are held in RAM (with a
+    /// data dir the rest is on disk). A scan of every channel: for tests and tools.
+    pub fn history_counts(&self) -> (usize, usize) {
+        let histories: Vec<Arc<Mutex<History>>> = self
+            .shards
+            .all()
+            .flat_map(|s| relock(s).values().cloned().collect::<Vec<_>>())
+            .collect();
+        histories.iter().fold((0, 0), |(retained, cached), h| {
+            let h = relock(h);
+            (retained + h.len(), cached + h.cached())
+        })
+    }
+
     /// The channel's history, created (with the fresh epoch) if the broker holds none.
     fn channel(&self, channel: &ChannelName) -> Result<Arc<Mutex<History>>, BrokerError> {
         let mut shard = relock(self.shards.of(channel));
@@ -276,12 +375,22 @@ impl MemoryBroker {
             return Err(BrokerError::TooManyChannels(max));
         }
         let policy = self.policies.for_channel(channel);
-        let history = Arc::new(Mutex::new(History::new(
-            channel.clone(),
-            relock(&self.fresh).clone(),
-            policy.history_size,
-            policy.history_ttl,
-        )));
+        let epoch = relock(&self.fresh).clone();
+        let history = Arc::new(Mutex::new(match &self.durable {
+            Some(d) => History::durable(
+                channel.clone(),
+                epoch,
+                policy.history_size,
+                policy.history_ttl,
+                d.cache,
+            ),
+            None => History::new(
+                channel.clone(),
+                epoch,
+                policy.history_size,
+                policy.history_ttl,
+            ),
+        }));
         shard.insert(channel.clone(), history.clone());
         self.count.fetch_add(1, Ordering::Relaxed);
         Ok(history)
@@ -294,14 +403,17 @@ impl MemoryBroker {
         channel: &ChannelName,
         since: &Since,
         limit: Option<usize>,
-    ) -> HistoryRead {
+    ) -> ReadPlan {
         let found = {
             let shard = relock(self.shards.of(channel));
             match shard.get(channel) {
                 Some(h) => h.clone(),
                 None => {
                     let fresh = relock(&self.fresh).clone();
-                    return absent(channel, fresh, since);
+                    return ReadPlan {
+                        read: absent(channel, fresh, since),
+                        from_disk: Vec::new(),
+                    };
                 }
             }
         };
@@ -313,7 +425,52 @@ impl MemoryBroker {
         let now = Instant::now();
         h.expire(now);
         h.touch(now);
-        h.read(since, limit)
+        h.read_plan(since, limit)
+    }
+
+    /// A read, with what lies only on disk read back off the runtime's threads.
+    async fn read_through(
+        &self,
+        channel: &ChannelName,
+        since: &Since,
+        limit: Option<usize>,
+    ) -> Result<HistoryRead, BrokerError> {
+        // A compaction between planning and reading moves records: plan again (a compaction
+        // takes far longer than a plan, so one retry nearly always does; a few bound it).
+        for _ in 0..4 {
+            let ReadPlan {
+                mut read,
+                from_disk,
+            } = self.read_existing(channel, since, limit);
+            let Some(d) = self.durable.as_ref().filter(|_| !from_disk.is_empty()) else {
+                return Ok(read);
+            };
+            let _permit = d
+                .reads
+                .clone()
+                .acquire_owned()
+                .await
+                .map_err(|_| BrokerError::Storage("the data dir is closed".into()))?;
+            let reader = d.reader.clone();
+            let loaded = tokio::task::spawn_blocking(move || reader.read(&from_disk))
+                .await
+                .map_err(|e| BrokerError::Storage(format!("reading the data dir: {e}")))?;
+            match loaded {
+                Ok(older) => {
+                    read.replay
+                        .prepend(older.into_iter().map(Arc::new).collect());
+                    return Ok(read);
+                }
+                Err(ReadError::Moved) => continue,
+                Err(e @ ReadError::Failed(_)) => {
+                    tracing::error!(error = %e, %channel, "reading history from the data dir failed");
+                    return Err(BrokerError::Storage(e.to_string()));
+                }
+            }
+        }
+        Err(BrokerError::Storage(
+            "the data dir kept moving under a read; try again".into(),
+        ))
     }
 
     /// Runs `f` under the lock of the channel's live history. `found` is a history looked up
@@ -413,18 +570,26 @@ impl MemoryBroker {
             if !h.reclaimable(now) || self.hub.subscriber_count(name) > 0 {
                 return true;
             }
+            let redraw = h.last_offset() > 0 && h.epoch() == &*relock(&self.fresh);
             if let Some(d) = &self.durable {
+                let fresh = redraw.then(Epoch::random);
                 let forget = Job::Forget {
                     channel: name.clone(),
                     epoch: h.epoch().clone(),
+                    fresh: fresh.clone(),
                 };
                 if d.jobs.try_send(forget).is_err() {
                     // The writer is busy: reclaim at a later sweep rather than let the
                     // channel come back from the data dir after a restart.
                     return true;
                 }
+                if let Some(fresh) = fresh {
+                    // Still under the shard lock (see below); the writer records it.
+                    *relock(&self.fresh) = fresh;
+                }
+            } else {
+                published_gone |= redraw;
             }
-            published_gone |= h.last_offset() > 0 && h.epoch() == &*relock(&self.fresh);
             h.retired = true;
             self.count.fetch_sub(1, Ordering::Relaxed);
             false
@@ -460,8 +625,12 @@ impl MemoryBroker {
                     options,
                     reply,
                 } => (channel, event, data, options, reply),
-                Job::Forget { channel, epoch } => {
-                    forgotten.push((channel, epoch));
+                Job::Forget {
+                    channel,
+                    epoch,
+                    fresh,
+                } => {
+                    forgotten.push((channel, epoch, fresh));
                     continue;
                 }
             };
@@ -511,23 +680,36 @@ impl MemoryBroker {
             let message = Arc::new(Message::new(channel, position, event, data, now_ms));
             staged.push((history, message, options, reply));
         }
-        let messages: Vec<Arc<Message>> = staged.iter().map(|(_, m, _, _)| m.clone()).collect();
+        // The key rides in the message's own record: durable with it, or not at all.
+        let messages: Vec<(Arc<Message>, Option<Keyed>)> = staged
+            .iter()
+            .map(|(_, m, options, _)| {
+                let keyed = options.idempotency_key.as_ref().map(|key| Keyed {
+                    key: key.clone(),
+                    until_ms: now_ms.saturating_add(
+                        u64::try_from(options.idempotency_window.as_millis()).unwrap_or(u64::MAX),
+                    ),
+                });
+                (m.clone(), keyed)
+            })
+            .collect();
         let written = if messages.is_empty() {
-            Ok(())
+            Ok(Vec::new())
         } else {
             store.append(&messages, sync)
         };
+        drop(messages);
         if let Err(e) = &written {
-            tracing::error!(error = %e, publishes = messages.len(), "a write to the data dir failed; those publishes were refused");
+            tracing::error!(error = %e, publishes = staged.len(), "a write to the data dir failed; those publishes were refused");
         }
-        for (history, message, options, reply) in staged {
+        for (i, (history, message, options, reply)) in staged.into_iter().enumerate() {
             let outcome = {
                 let mut h = relock(&history);
                 h.pending -= 1;
                 match &written {
-                    Ok(()) => {
+                    Ok(locs) => {
                         h.expire(now);
-                        h.append(message.clone(), now);
+                        h.append_at(message.clone(), locs.get(i).copied().unwrap_or(0), now);
                         self.remember(&message.channel, &options, &message, now);
                         self.hub.deliver(&message);
                         Ok(Published {
@@ -541,7 +723,15 @@ impl MemoryBroker {
             // The publisher may have gone away (its request was dropped): nothing to tell.
             let _ = reply.send(outcome);
         }
-        for (channel, epoch) in forgotten {
+        for (channel, epoch, fresh) in forgotten {
+            // The new fresh epoch first: should the forget then be lost, the channel comes
+            // back at the next start beside it, which a cursor handles (a `trimmed` gap); the
+            // other way round, an old cursor could resume across a lost incarnation unseen.
+            if let Some(fresh) = fresh
+                && let Err(e) = store.set_fresh(&fresh)
+            {
+                tracing::warn!(error = %e, "could not record the epoch new channels get");
+            }
             if let Err(e) = store.forget(&channel, &epoch) {
                 tracing::warn!(error = %e, %channel, "could not record a reclaimed channel");
             }
@@ -549,29 +739,69 @@ impl MemoryBroker {
         batch.extend(deferred);
     }
 
-    /// Hands the store what the broker holds, so it can rewrite its files without the rest.
+    /// Hands the store what the broker holds, so it can rewrite its files without the rest,
+    /// then points each history's index at where its messages lie now.
     fn compact(&self, store: &mut dyn Store) {
         let now = Instant::now();
+        let now_ms = now_millis();
         let histories: Vec<Arc<Mutex<History>>> = self
             .shards
             .all()
             .flat_map(|s| relock(s).values().cloned().collect::<Vec<_>>())
             .collect();
+        // Per snapshot, in order: whose it is and the offset of its first message.
+        let mut taken: Vec<(Arc<Mutex<History>>, Epoch, u64)> = Vec::new();
         let mut snapshots = histories.iter().filter_map(|arc| {
             let mut h = relock(arc);
             if h.retired {
                 return None;
             }
             h.expire(now);
+            let locs = h.locs();
+            let first = h.last_offset() + 1 - locs.len() as u64;
+            taken.push((arc.clone(), h.epoch().clone(), first));
             Some(Snapshot {
                 channel: h.channel().clone(),
                 epoch: h.epoch().clone(),
                 last_offset: h.last_offset(),
-                messages: h.messages().cloned().collect(),
+                locs,
             })
         });
-        match store.compact(&mut snapshots) {
-            Ok(()) => tracing::info!(bytes = store.bytes_on_disk(), "data dir compacted"),
+        let keys: Vec<KeySnapshot> = self
+            .keys
+            .all()
+            .flat_map(|shard| {
+                let shard = relock(shard);
+                shard
+                    .iter()
+                    .flat_map(|(channel, window)| {
+                        window.live(now).map(|(key, first, left)| KeySnapshot {
+                            channel: channel.clone(),
+                            position: first.position.clone(),
+                            time: first.time,
+                            keyed: Keyed {
+                                key: key.clone(),
+                                until_ms: now_ms.saturating_add(
+                                    u64::try_from(left.as_millis()).unwrap_or(u64::MAX),
+                                ),
+                            },
+                        })
+                    })
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        let result = store.compact(&mut snapshots, &mut keys.into_iter());
+        drop(snapshots);
+        match result {
+            Ok(moved) => {
+                for ((arc, epoch, first), locs) in taken.iter().zip(moved) {
+                    let mut h = relock(arc);
+                    if !h.retired && h.epoch() == epoch {
+                        h.relocate(*first, &locs);
+                    }
+                }
+                tracing::info!(bytes = store.bytes_on_disk(), "data dir compacted")
+            }
             Err(e) => {
                 tracing::warn!(error = %e, "compacting the data dir failed; it keeps its files")
             }
@@ -714,7 +944,7 @@ impl Broker for MemoryBroker {
         since: &Since,
         limit: Option<usize>,
     ) -> Result<HistoryRead, BrokerError> {
-        Ok(self.read_existing(channel, since, limit))
+        self.read_through(channel, since, limit).await
     }
 
     async fn subscribe(&self, _channel: &ChannelName) -> Result<(), BrokerError> {
