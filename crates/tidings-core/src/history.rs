@@ -306,6 +306,11 @@ impl History {
             Some(index) => {
                 if index.slots.len() == self.size {
                     index.slots.pop_front();
+                } else if index.slots.len() == index.slots.capacity() {
+                    // Grow by doubling but never past `size`: a full index of 100 takes 100
+                    // slots, not the 128 plain doubling would leave (per channel, it adds up).
+                    let want = (index.slots.len() * 2).max(4).min(self.size);
+                    index.slots.reserve_exact(want - index.slots.len());
                 }
                 let at = index.encode(now);
                 index.slots.push_back(Slot { loc, at });
