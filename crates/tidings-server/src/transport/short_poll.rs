@@ -31,12 +31,21 @@ pub struct PollReply {
     ended: Option<DisconnectReason>,
 }
 
+/// Opens a reply's body, with room for a small message, its cursor and the end (one
+/// allocation for the common one-message answer).
+fn start(body: &mut BytesMut) {
+    body.reserve(REPLY_ROOM);
+    body.put_slice(REPLY_START);
+}
+
+const REPLY_START: &[u8] = b"{\"messages\":[";
+const REPLY_ROOM: usize = 512;
+
 impl PollReply {
     fn new() -> Self {
-        let mut messages = BytesMut::with_capacity(256);
-        messages.put_slice(b"{\"messages\":[");
         Self {
-            messages,
+            // Empty until the first message: a long poll waits with no buffer at all.
+            messages: BytesMut::new(),
             count: 0,
             gaps: Vec::new(),
             ended: None,
@@ -55,6 +64,8 @@ impl PollReply {
             Event::Message(m) => {
                 if *count > 0 {
                     messages.put_u8(b',');
+                } else {
+                    start(messages);
                 }
                 m.write_envelope(messages, cursor);
                 *count += 1;
@@ -85,6 +96,9 @@ impl PollReply {
     /// `disconnect`, as a stream would have it).
     fn into_response(self, cursor: &str, goodbye: Option<Disconnect>) -> Response {
         let mut body = self.messages;
+        if body.is_empty() {
+            start(&mut body);
+        }
         body.reserve(cursor.len() + 64);
         body.put_slice(b"],\"cursor\":\"");
         body.put_slice(cursor.as_bytes());
