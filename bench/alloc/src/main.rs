@@ -65,7 +65,7 @@ fn trace(size: usize) {
                 && !f.starts_with("<tidings_alloc_count")
                 && !f.starts_with("__rustc")
         })
-        .take(6)
+        .take(std::env::var("ALLOC_FRAMES").ok().and_then(|v| v.parse().ok()).unwrap_or(6))
         .collect();
     eprintln!("{size:6} B  {}", frames.join("  <  "));
 }
