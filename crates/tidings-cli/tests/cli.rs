@@ -14,10 +14,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde_json::{Value, json};
-use tidings_testkit::Proc;
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tidings_testkit::{Proc, Served};
+use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::process::{Child, Command};
+use tokio::process::Command;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
@@ -82,18 +82,11 @@ async fn run_err(args: &[&str]) -> String {
 // `tidings serve`
 // ---------------------------------------------------------------------------------------------
 
-/// A running `tidings serve`. Dropping it kills the process (also when a test panics).
+/// A running `tidings serve` (`tidings_testkit::Served`: killed when dropped).
 struct Server {
-    child: Child,
+    served: Served,
     url: String,
-    stderr: Arc<Mutex<String>>,
     http: reqwest::Client,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.start_kill();
-    }
 }
 
 impl Server {
@@ -105,43 +98,12 @@ impl Server {
     async fn start_with(args: &[&str]) -> Self {
         let mut cmd = tidings();
         cmd.args(args).stdout(Stdio::null());
-        let mut child = cmd.spawn().expect("spawning tidings serve");
-        let mut stderr = BufReader::new(child.stderr.take().unwrap()).lines();
-        let mut seen = String::new();
-        let url = loop {
-            let line = tokio::time::timeout(WAIT, stderr.next_line())
-                .await
-                .unwrap_or_else(|_| panic!("tidings serve printed no address in {WAIT:?}:\n{seen}"))
-                .unwrap();
-            let Some(line) = line else {
-                panic!(
-                    "tidings serve exited ({:?}) before listening:\n{seen}",
-                    child.wait().await
-                );
-            };
-            seen.push_str(&line);
-            seen.push('\n');
-            if let Some(url) = line.strip_prefix("tidings listening on ") {
-                break url.trim().to_owned();
-            }
-        };
+        let served = Served::listening(cmd, WAIT).await;
+        let url = served.url.clone();
         assert!(url.starts_with("http://"), "{url}");
-        // Keep draining stderr, so the server never blocks on a full pipe; keep it for failures.
-        let log = Arc::new(Mutex::new(seen));
-        tokio::spawn({
-            let log = log.clone();
-            async move {
-                while let Ok(Some(line)) = stderr.next_line().await {
-                    let mut log = log.lock().unwrap();
-                    log.push_str(&line);
-                    log.push('\n');
-                }
-            }
-        });
         Self {
-            child,
+            served,
             url,
-            stderr: log,
             http: reqwest::Client::builder().no_proxy().build().unwrap(),
         }
     }
@@ -152,7 +114,7 @@ impl Server {
             .get(format!("{}{path}", self.url))
             .send()
             .await
-            .unwrap_or_else(|e| panic!("GET {path}: {e}\n{}", self.stderr.lock().unwrap()));
+            .unwrap_or_else(|e| panic!("GET {path}: {e}\n{}", self.served.log()));
         let status = res.status().as_u16();
         let body = res.text().await.unwrap();
         (status, serde_json::from_str(&body).unwrap_or(Value::Null))

@@ -5,8 +5,8 @@
 
 use std::process::Stdio;
 use std::time::Duration;
+use tidings_testkit::Served;
 
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
 use tokio::process::Command;
 
 const API_KEY: &str = "backend-key-do-not-log-0123456789";
@@ -36,30 +36,12 @@ fn config_file() -> std::path::PathBuf {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_minted_token_publishes_and_secrets_never_reach_the_logs() {
     let config = config_file();
-    let mut server = tidings()
-        .args(["--config", config.to_str().unwrap(), "serve"])
+    let mut cmd = tidings();
+    cmd.args(["--config", config.to_str().unwrap(), "serve"])
         .env("TIDINGS_LOG", "debug")
-        .stderr(Stdio::piped())
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut stderr = BufReader::new(server.stderr.take().unwrap());
-    let mut log = String::new();
-    let url = tokio::time::timeout(Duration::from_secs(20), async {
-        loop {
-            let mut line = String::new();
-            assert!(
-                stderr.read_line(&mut line).await.unwrap() > 0,
-                "server exited: {log}"
-            );
-            log.push_str(&line);
-            if let Some(rest) = line.trim().strip_prefix("tidings listening on ") {
-                return rest.to_owned();
-            }
-        }
-    })
-    .await
-    .unwrap();
+        .stdout(Stdio::null());
+    let server = Served::listening(cmd, Duration::from_secs(20)).await;
+    let url = server.url.clone();
 
     let out = tidings()
         .args([
@@ -108,10 +90,7 @@ async fn a_minted_token_publishes_and_secrets_never_reach_the_logs() {
     assert!(publish("news", API_KEY.into()).await.status.success());
 
     // Collect whatever the server logged during all that, then look for the secrets.
-    server.start_kill().unwrap();
-    let mut rest = String::new();
-    let _ = tokio::time::timeout(Duration::from_secs(10), stderr.read_to_string(&mut rest)).await;
-    log.push_str(&rest);
+    let log = server.kill_and_log(Duration::from_secs(10)).await;
     assert!(log.contains("listening"), "the log was captured: {log}");
     assert!(
         !log.contains(API_KEY) && !log.contains(SECRET),

@@ -11,9 +11,9 @@ use std::process::{Output, Stdio};
 use std::time::Duration;
 
 use serde_json::{Value, json};
-use tidings_testkit::Proc;
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
-use tokio::process::{Child, Command};
+use tidings_testkit::{Proc, Served};
+use tokio::io::AsyncWriteExt;
+use tokio::process::Command;
 
 /// The longest any single wait (a line, an exit) may take before the test fails.
 const WAIT: Duration = Duration::from_secs(20);
@@ -72,17 +72,12 @@ async fn run_err(args: &[&str]) -> String {
     text(&out.stderr)
 }
 
-/// A running `tidings serve --listen 127.0.0.1:0`. Dropping it kills the process.
+/// A running `tidings serve --listen 127.0.0.1:0` (`tidings_testkit::Served`: killed when
+/// dropped).
 struct Server {
-    child: Child,
+    _served: Served,
     url: String,
     http: reqwest::Client,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.start_kill();
-    }
 }
 
 impl Server {
@@ -91,28 +86,11 @@ impl Server {
         let mut cmd = tidings();
         cmd.args(["serve", "--listen", "127.0.0.1:0"])
             .stdout(Stdio::null());
-        let mut child = cmd.spawn().expect("spawning tidings serve");
-        let mut stderr = BufReader::new(child.stderr.take().unwrap()).lines();
-        let mut seen = String::new();
-        let url = loop {
-            let line = tokio::time::timeout(WAIT, stderr.next_line())
-                .await
-                .unwrap_or_else(|_| panic!("tidings serve printed no address in {WAIT:?}:\n{seen}"))
-                .unwrap();
-            let Some(line) = line else {
-                panic!("tidings serve exited before listening:\n{seen}");
-            };
-            seen.push_str(&line);
-            seen.push('\n');
-            if let Some(url) = line.strip_prefix("tidings listening on ") {
-                break url.trim().to_owned();
-            }
-        };
+        let served = Served::listening(cmd, WAIT).await;
+        let url = served.url.clone();
         assert!(url.starts_with("http://"), "{url}");
-        // Keep draining stderr so the server never blocks on a full pipe.
-        tokio::spawn(async move { while let Ok(Some(_)) = stderr.next_line().await {} });
         Self {
-            child,
+            _served: served,
             url,
             http: reqwest::Client::builder().no_proxy().build().unwrap(),
         }

@@ -14,8 +14,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde_json::Value;
-use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::process::{Child, Command};
+use tidings_testkit::Served;
+use tokio::process::Command;
 
 const WAIT: Duration = Duration::from_secs(20);
 
@@ -50,18 +50,11 @@ fn tidings() -> Command {
     tidings_testkit::command(env!("CARGO_BIN_EXE_tidings"))
 }
 
-/// A running `tidings serve --data-dir`. Dropping it kills the process.
+/// A running `tidings serve --data-dir` (`tidings_testkit::Served`: killed when dropped).
 struct Server {
-    child: Child,
+    served: Served,
     url: String,
-    log: Arc<Mutex<String>>,
     http: reqwest::Client,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.start_kill();
-    }
 }
 
 /// What `serve` printed before it exited or listened.
@@ -78,41 +71,14 @@ async fn start(dir: &str, env: &[(&str, &str)]) -> Started {
     for (k, v) in env {
         cmd.env(k, v);
     }
-    let mut child = cmd.spawn().expect("spawning tidings serve");
-    let mut stderr = BufReader::new(child.stderr.take().unwrap()).lines();
-    let mut seen = String::new();
-    let url = loop {
-        let line = tokio::time::timeout(WAIT, stderr.next_line())
-            .await
-            .unwrap_or_else(|_| panic!("tidings serve printed no address in {WAIT:?}:\n{seen}"))
-            .unwrap();
-        let Some(line) = line else {
-            let _ = child.wait().await;
-            return Started::Exited(seen);
-        };
-        seen.push_str(&line);
-        seen.push('\n');
-        if let Some(url) = line.strip_prefix("tidings listening on ") {
-            break url.trim().to_owned();
-        }
-    };
-    let log = Arc::new(Mutex::new(seen));
-    tokio::spawn({
-        let log = log.clone();
-        async move {
-            while let Ok(Some(line)) = stderr.next_line().await {
-                let mut log = log.lock().unwrap();
-                log.push_str(&line);
-                log.push('\n');
-            }
-        }
-    });
-    Started::Listening(Box::new(Server {
-        child,
-        url,
-        log,
-        http: reqwest::Client::builder().no_proxy().build().unwrap(),
-    }))
+    match Served::start(cmd, WAIT).await {
+        Ok(served) => Started::Listening(Box::new(Server {
+            url: served.url.clone(),
+            served,
+            http: reqwest::Client::builder().no_proxy().build().unwrap(),
+        })),
+        Err(log) => Started::Exited(log),
+    }
 }
 
 async fn serve(dir: &str, env: &[(&str, &str)]) -> Server {
@@ -161,32 +127,20 @@ impl Server {
 
     /// SIGTERM, then waits for the exit.
     async fn stop(mut self) -> String {
-        let pid = self.child.id().unwrap().to_string();
-        let status = Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .await
-            .unwrap();
-        assert!(status.success());
-        let exit = tokio::time::timeout(WAIT, self.child.wait())
-            .await
-            .expect("exits after SIGTERM")
-            .unwrap();
+        self.served.signal("TERM");
+        let exit = self.served.exit(WAIT).await;
         assert!(exit.success(), "{exit}\n{}", self.log());
         self.log()
     }
 
     /// `kill -9`, then waits for the exit.
     async fn crash(mut self) {
-        self.child.start_kill().unwrap();
-        tokio::time::timeout(WAIT, self.child.wait())
-            .await
-            .expect("exits after SIGKILL")
-            .unwrap();
+        self.served.child.start_kill().unwrap();
+        self.served.exit(WAIT).await;
     }
 
     fn log(&self) -> String {
-        self.log.lock().unwrap().clone()
+        self.served.log()
     }
 }
 
@@ -413,7 +367,7 @@ async fn a_second_server_on_the_same_data_dir_is_refused_naming_the_lock_and_pid
     let dir = TempDir::new("lock");
     let first = serve(dir.path(), &[]).await;
     let log = refused(dir.path()).await;
-    let pid = first.child.id().unwrap();
+    let pid = first.served.child.id().unwrap();
     assert!(
         log.contains("LOCK") && log.contains(&format!("pid {pid}")),
         "{log}"

@@ -26,10 +26,9 @@ use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{Value, json};
-use tidings_testkit::Proc;
-use tokio::io::{AsyncBufReadExt, BufReader};
+use tidings_testkit::{Proc, Served};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::process::{Child, Command};
+use tokio::process::Command;
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::Message as WsMessage;
 
@@ -76,69 +75,40 @@ impl Drop for TempFile {
     }
 }
 
-/// A running `tidings serve --config FILE --listen 127.0.0.1:0`; killed when dropped.
+/// A running `tidings serve --config FILE --listen 127.0.0.1:0`
+/// (`tidings_testkit::Served`: killed when dropped).
 struct Node {
-    child: Child,
+    served: Served,
     url: String,
-    stderr: Arc<Mutex<String>>,
 }
 
 impl Node {
     async fn start(config: &TempFile) -> Self {
-        let mut child = tidings()
-            .args([
-                "serve",
-                "--listen",
-                "127.0.0.1:0",
-                "--config",
-                config.path(),
-            ])
-            .spawn()
-            .expect("spawning tidings serve");
-        let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-        let mut seen = String::new();
-        let url = loop {
-            let line = tokio::time::timeout(WAIT, lines.next_line())
-                .await
-                .unwrap_or_else(|_| panic!("tidings serve printed no address:\n{seen}"))
-                .unwrap()
-                .unwrap_or_else(|| panic!("tidings serve exited before listening:\n{seen}"));
-            seen.push_str(&line);
-            seen.push('\n');
-            if let Some(url) = line.strip_prefix("tidings listening on ") {
-                break url.trim().to_owned();
-            }
-        };
-        let stderr = Arc::new(Mutex::new(seen));
-        tokio::spawn({
-            let stderr = stderr.clone();
-            async move {
-                while let Ok(Some(line)) = lines.next_line().await {
-                    let mut log = stderr.lock().unwrap();
-                    log.push_str(&line);
-                    log.push('\n');
-                }
-            }
-        });
-        Self { child, url, stderr }
+        let mut cmd = tidings();
+        cmd.args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--config",
+            config.path(),
+        ]);
+        let served = Served::listening(cmd, WAIT).await;
+        Self {
+            url: served.url.clone(),
+            served,
+        }
     }
 
     fn addr(&self) -> String {
-        self.url.trim_start_matches("http://").to_owned()
+        self.served.addr().to_owned()
     }
 
     fn log(&self) -> String {
-        self.stderr.lock().unwrap().clone()
+        self.served.log()
     }
 
     fn signal(&self, name: &str) {
-        let pid = self.child.id().expect("the node is running");
-        let status = std::process::Command::new("kill")
-            .arg(format!("-{name}"))
-            .arg(pid.to_string())
-            .status()
-            .unwrap();
-        assert!(status.success(), "kill -{name} {pid}");
+        self.served.signal(name);
     }
 
     async fn metric(&self, http: &reqwest::Client, line_prefix: &str) -> f64 {
@@ -502,7 +472,7 @@ async fn sigterm_drains_then_every_client_reconnects_to_the_other_node_after_its
     drop(fresh);
 
     // Node A ends every stream, then exits by itself, within drain_grace + 10 s.
-    let status = tokio::time::timeout(WAIT, a.child.wait())
+    let status = tokio::time::timeout(WAIT, a.served.child.wait())
         .await
         .expect("node A did not exit")
         .unwrap();

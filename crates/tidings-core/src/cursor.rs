@@ -50,6 +50,11 @@ pub struct Cursor {
     entries: Vec<(u64, Position)>,
 }
 
+/// Bytes `offset` takes as a LEB128 varint (as `Cursor::encode` writes it).
+fn varint_len(offset: u64) -> usize {
+    (u64::BITS - offset.leading_zeros()).max(1).div_ceil(7) as usize
+}
+
 impl Cursor {
     pub fn single(channel: &ChannelName, position: Position) -> Self {
         Self {
@@ -99,26 +104,47 @@ impl Cursor {
     }
 
     pub fn encode(&self) -> String {
-        let mut raw = Vec::with_capacity(1 + self.entries.len() * 16);
-        raw.push(VERSION);
+        // Written at its exact length, on the stack for the common one-channel cursor: the
+        // base64 text is then the only allocation (this runs for every publish reply and
+        // every poll answer).
+        let len = 1 + self
+            .entries
+            .iter()
+            .map(|(_, pos)| 8 + 1 + pos.epoch.as_str().len() + varint_len(pos.offset))
+            .sum::<usize>();
+        let mut stack = [0u8; 64];
+        let mut heap = Vec::new();
+        let raw: &mut [u8] = if len <= stack.len() {
+            &mut stack[..len]
+        } else {
+            heap.resize(len, 0);
+            &mut heap
+        };
+        raw[0] = VERSION;
+        let mut at = 1;
         for (hash, pos) in &self.entries {
-            raw.extend_from_slice(&hash.to_be_bytes());
+            raw[at..at + 8].copy_from_slice(&hash.to_be_bytes());
+            at += 8;
             let epoch = pos.epoch.as_str().as_bytes();
             // Epochs are at most 32 bytes by construction (Epoch::new).
-            raw.push(epoch.len() as u8);
-            raw.extend_from_slice(epoch);
+            raw[at] = epoch.len() as u8;
+            at += 1;
+            raw[at..at + epoch.len()].copy_from_slice(epoch);
+            at += epoch.len();
             let mut v = pos.offset;
             loop {
                 let byte = (v & 0x7f) as u8;
                 v >>= 7;
                 if v == 0 {
-                    raw.push(byte);
+                    raw[at] = byte;
+                    at += 1;
                     break;
                 }
-                raw.push(byte | 0x80);
+                raw[at] = byte | 0x80;
+                at += 1;
             }
         }
-        URL_SAFE_NO_PAD.encode(raw)
+        URL_SAFE_NO_PAD.encode(&raw[..at])
     }
 
     pub fn decode(text: &str) -> Result<Self, CursorError> {
@@ -209,6 +235,21 @@ mod tests {
         assert_eq!(back, c);
         assert_eq!(back.get(&a), Some(&pos("e1", u64::MAX)));
         assert_eq!(back.get(&ChannelName::new("zzz").unwrap()), None);
+    }
+
+    #[test]
+    fn cursors_longer_than_the_stack_buffer_round_trip_too() {
+        let long_epoch = "e".repeat(32);
+        let mut c = Cursor::default();
+        for (i, offset) in [0, 1, 127, 128, 16_383, 16_384, u64::MAX / 3, u64::MAX]
+            .into_iter()
+            .enumerate()
+        {
+            let channel = ChannelName::new(&format!("c{i}")).unwrap();
+            c.set(&channel, pos(&long_epoch, offset));
+            let back = Cursor::decode(&c.encode()).unwrap();
+            assert_eq!(back, c, "{} entries", i + 1);
+        }
     }
 
     #[test]

@@ -8,9 +8,10 @@
 
 mod common;
 
+use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
-use common::{TIMEOUT, TestServer, read_to_end, read_until};
+use common::{TIMEOUT, TestServer, eventually, read_to_end, read_until};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -331,4 +332,30 @@ async fn an_upgrade_to_another_protocol_is_left_to_hyper_which_answers_over_http
     )
     .await;
     assert!(out.starts_with("HTTP/1.1 200 "), "{out}");
+}
+
+/// A connection hyper took over (a chunked body) that then upgrades to a WebSocket keeps its
+/// place against the limits and in `tidings_http_connections` while the session lives.
+#[tokio::test]
+async fn a_websocket_upgraded_through_hyper_is_counted_as_an_open_connection_until_it_ends() {
+    let server = TestServer::spawn().await;
+    let mut s = TcpStream::connect(server.addr).await.unwrap();
+    s.write_all(
+        b"POST /publish/viahyper HTTP/1.1\r\nhost: x\r\ncontent-type: text/plain\r\ntransfer-encoding: chunked\r\n\r\n2\r\nhi\r\n0\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    read_until(&mut s, "HTTP/1.1 200 ", 1).await;
+    let mut bytes = UPGRADE.as_bytes().to_vec();
+    bytes.extend(client_text("through hyper"));
+    s.write_all(&bytes).await.unwrap();
+    let out = read_until(&mut s, "through hyper", 1).await;
+    assert!(out.contains("HTTP/1.1 101 "), "{out}");
+    assert_eq!(server.state.limits.open(), 1);
+    assert_eq!(server.state.metrics.http_connections.load(Relaxed), 1);
+    drop(s);
+    eventually("the session's connection is gone", async || {
+        server.state.limits.open() == 0 && server.state.metrics.http_connections.load(Relaxed) == 0
+    })
+    .await;
 }

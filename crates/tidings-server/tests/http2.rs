@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::TestServer;
+use common::{TestServer, eventually};
 use futures_util::StreamExt;
 
 #[tokio::test]
@@ -154,4 +154,78 @@ async fn a_websocket_rides_an_http2_stream_beside_sse_on_one_connection() {
         2.0,
         "one h2 connection plus this metrics read"
     );
+}
+
+/// An HTTP/2 stream counts against the connection limits like a connection (SPEC §13); a
+/// WebSocket on one keeps its place for as long as the session lives, not only until its
+/// extended CONNECT is answered.
+#[tokio::test]
+async fn a_websocket_over_http2_holds_its_place_against_the_connection_limits_until_it_ends() {
+    use bytes::Bytes;
+    use futures_util::SinkExt;
+    use http_body_util::Empty;
+    use hyper::{Method, Request, Version};
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    use tokio_tungstenite::WebSocketStream;
+    use tokio_tungstenite::tungstenite::Message as Ws;
+    use tokio_tungstenite::tungstenite::protocol::Role;
+
+    let server = TestServer::with(|c| c.server.max_connections = 2).await;
+    let tcp = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    let (mut sender, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    // A first exchange brings the server's SETTINGS (ENABLE_CONNECT_PROTOCOL).
+    let health = sender
+        .send_request(
+            Request::get(format!("{}/healthz", server.url))
+                .version(Version::HTTP_2)
+                .body(Empty::<Bytes>::new())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(health.status(), 200);
+    let connect = Request::builder()
+        .method(Method::CONNECT)
+        .uri(format!("{}/ws/h2places", server.url))
+        .version(Version::HTTP_2)
+        .header("sec-websocket-version", "13")
+        .extension(hyper::ext::Protocol::from_static("websocket"))
+        .body(Empty::<Bytes>::new())
+        .unwrap();
+    let res = sender.send_request(connect).await.unwrap();
+    assert_eq!(res.status(), 200);
+    let upgraded = hyper::upgrade::on(res).await.unwrap();
+    let mut ws = WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Client, None).await;
+    ws.send(Ws::text("placed")).await.unwrap();
+    let echoed = tokio::time::timeout(common::TIMEOUT, ws.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(echoed, Ws::text("placed"));
+    // The session is live and answered: the connection and the WebSocket hold both places.
+    assert_eq!(
+        server.state.limits.open(),
+        2,
+        "connection + WebSocket stream"
+    );
+    // A third connection finds no place: the server answers 503 without reading a request.
+    let mut third = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    let refused = common::read_to_end(&mut third).await;
+    assert!(
+        refused.starts_with("HTTP/1.1 503") && refused.contains("too_many_connections"),
+        "{refused}"
+    );
+    // Once the session ends, its place is free again.
+    ws.close(None).await.unwrap();
+    eventually("the WebSocket's place is given back", async || {
+        server.state.limits.open() == 1
+    })
+    .await;
+    let (status, _) = server.get_json("/healthz").await;
+    assert_eq!(status, 200);
 }

@@ -1,6 +1,6 @@
 //! Helpers the workspace's integration tests share: a spawned process read line by line
-//! (`Proc`: third-party clients, `tidings subscribe`) and `eventually` for state that
-//! announces no event. A dev-dependency only; nothing here ships.
+//! (`Proc`: third-party clients, `tidings subscribe`), a running `tidings serve` (`Served`)
+//! and `eventually` for state that announces no event. A dev-dependency only; nothing here ships.
 //!
 //! Tests fail by panicking, so helpers here panic too, with the context a reader of the
 //! failure needs (what the process printed, what never happened).
@@ -10,8 +10,10 @@
 use std::time::Duration;
 
 pub mod proc;
+pub mod served;
 
 pub use proc::Proc;
+pub use served::Served;
 
 /// `bin` (a `tidings` binary, `env!("CARGO_BIN_EXE_tidings")` in the CLI's tests) with a clean
 /// environment: no `TIDINGS_*` variable or proxy setting of the caller leaks in, logs at

@@ -10,7 +10,7 @@ use axum::extract::{Path, RawQuery, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use base64::Engine;
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use http_body_util::{BodyExt, Limited};
 use serde::Deserialize;
 use serde_json::value::RawValue;
@@ -31,18 +31,48 @@ const MAX_BATCH: usize = 1000;
 /// without reading it all, slower answers 408 (a client trickling a body holds a task).
 async fn read_body(state: &AppState, body: Body, limit: usize) -> Result<Bytes, ApiError> {
     let timeout = state.config().server.request_body_timeout;
-    let Ok(collected) = tokio::time::timeout(timeout, Limited::new(body, limit).collect()).await
+    let Ok(collected) = tokio::time::timeout(timeout, collect(Limited::new(body, limit))).await
     else {
         return Err(ApiError::body_timeout(timeout));
     };
     match collected {
-        Ok(c) => Ok(c.to_bytes()),
+        Ok(bytes) => Ok(bytes),
         Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(ApiError::too_large(limit)),
         Err(e) => Err(ApiError::bad_request(
             "invalid_body",
             format!("could not read the request body: {e}"),
         )),
     }
+}
+
+/// A body's data frames as one buffer. Most bodies are one frame (the lean path reads them
+/// whole): that one is returned as it is, without the list `BodyExt::collect` keeps (an
+/// allocation per publish).
+async fn collect<B>(mut body: B) -> Result<Bytes, B::Error>
+where
+    B: http_body::Body<Data = Bytes> + Unpin,
+{
+    let mut one: Option<Bytes> = None;
+    let mut many: Option<BytesMut> = None;
+    while let Some(frame) = body.frame().await {
+        let Ok(data) = frame?.into_data() else {
+            continue;
+        };
+        if data.is_empty() {
+            continue;
+        }
+        if let Some(many) = &mut many {
+            many.extend_from_slice(&data);
+        } else if let Some(first) = one.take() {
+            let mut joined = BytesMut::with_capacity(first.len() + data.len());
+            joined.extend_from_slice(&first);
+            joined.extend_from_slice(&data);
+            many = Some(joined);
+        } else {
+            one = Some(data);
+        }
+    }
+    Ok(many.map(BytesMut::freeze).or(one).unwrap_or_default())
 }
 
 /// Deeper JSON is refused: subscribers' parsers commonly stop at 128 levels (serde_json
@@ -132,11 +162,13 @@ fn data_from(headers: &HeaderMap, body: Bytes) -> Result<Data, ApiError> {
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .map(|v| {
-            v.split(';')
-                .next()
-                .unwrap_or("")
-                .trim()
-                .to_ascii_lowercase()
+            let t = v.split(';').next().unwrap_or("").trim();
+            // Lowercased only when it must be: a copy per publish otherwise.
+            if t.bytes().any(|b| b.is_ascii_uppercase()) {
+                std::borrow::Cow::Owned(t.to_ascii_lowercase())
+            } else {
+                std::borrow::Cow::Borrowed(t)
+            }
         });
     match ct.as_deref() {
         Some("application/json") => json_data(body),

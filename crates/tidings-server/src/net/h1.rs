@@ -45,7 +45,7 @@ use tokio::time::Instant;
 use tokio_rustls::server::TlsStream;
 use tokio_util::sync::CancellationToken;
 
-use crate::net::upgrade::{LeanUpgrade, Pending};
+use crate::net::upgrade::{Pending, Upgradable};
 use crate::net::{ConnectionCtx, Handled, Service};
 
 /// The largest request head read here (request line and headers); over it: 431.
@@ -443,7 +443,7 @@ fn parse(buf: &mut BytesMut) -> Option<Head> {
     *req.uri_mut() = uri;
     *req.headers_mut() = map;
     if websocket {
-        req.extensions_mut().insert(LeanUpgrade);
+        req.extensions_mut().insert(Upgradable);
     }
     buf.advance(len);
     // A body is read next and `read_body` compacts after it: copying it here would be twice.

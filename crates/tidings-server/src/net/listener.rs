@@ -23,16 +23,18 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::Bytes;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::net::h1;
 use crate::net::limits::Refused;
-use crate::net::upgrade::SessionIo;
+use crate::net::upgrade::{Pending, SessionIo, Upgradable};
 use crate::net::{ConnectionCtx, Handled, Service};
 
 const SLOW_CLOSE_GRACE: Duration = Duration::from_secs(2);
@@ -52,7 +54,7 @@ pub async fn serve<S: Service>(
     let graceful = GracefulShutdown::new();
     // Every connection task, so shutdown can wait for lean ones too (hyper's are also
     // watched by `graceful`, which tells them to finish).
-    let tasks = tokio_util::task::TaskTracker::new();
+    let tasks = TaskTracker::new();
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
@@ -72,6 +74,7 @@ pub async fn serve<S: Service>(
     let edge = Arc::new(Edge {
         service: service.clone(),
         builder,
+        tasks: tasks.clone(),
     });
     tokio::pin!(shutdown);
     loop {
@@ -139,6 +142,8 @@ pub async fn serve<S: Service>(
 struct Edge<Svc> {
     service: Arc<Svc>,
     builder: auto::Builder<TokioExecutor>,
+    /// Every connection task, and the sessions HTTP/2 streams hand their sockets to.
+    tasks: TaskTracker,
 }
 
 impl<Svc: Service> Edge<Svc> {
@@ -240,13 +245,18 @@ impl<Svc: Service> Edge<Svc> {
     {
         let kill = ctx.kill.clone();
         let service = self.service.clone();
+        let tasks = self.tasks.clone();
         let (open, mut streams) = tokio::sync::watch::channel(0usize);
         let open = Arc::new(open);
+        // An HTTP/1.1 upgrade's session, run in this task once hyper lets the socket go.
+        let upgraded: Arc<std::sync::Mutex<Option<Takeover>>> = Arc::default();
+        let take_over = upgraded.clone();
         let svc =
-            hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+            hyper::service::service_fn(move |mut req: http::Request<hyper::body::Incoming>| {
                 let mut ctx = ctx.clone();
                 ctx.http2 = req.version() == http::Version::HTTP_2;
                 let service = service.clone();
+                let (tasks, take_over) = (tasks.clone(), take_over.clone());
                 // An HTTP/2 stream costs what a connection does: it counts against the same
                 // limits while it is open (the connection itself holds one place already).
                 let permit =
@@ -270,16 +280,43 @@ impl<Svc: Service> Edge<Svc> {
                 let upgrade = req.method() == http::Method::CONNECT
                     || req.headers().contains_key(http::header::UPGRADE);
                 let guard = StreamGuard::new(&open, upgrade);
+                // hyper's handle on the socket after an upgrade stays here; the service only
+                // learns that this request may hand its socket to a session.
+                let on_upgrade = req.extensions_mut().remove::<hyper::upgrade::OnUpgrade>();
+                if on_upgrade.is_some() {
+                    req.extensions_mut().insert(Upgradable);
+                }
                 futures_util::future::Either::Right(async move {
                     let req = req.map(axum::body::Body::new);
-                    let res = match service.call(req, &ctx).await {
+                    let mut res = match service.call(req, &ctx).await {
                         Handled::Ready(res) => res,
                         Handled::Later(later) => later.await,
                     };
+                    let held = (guard, permit);
+                    let session = res.extensions_mut().remove::<Pending>();
+                    if let (Some(on), Some(session)) = (on_upgrade, session) {
+                        let takeover = Takeover { on, session };
+                        if ctx.http2 {
+                            // The connection goes on carrying other streams: the session
+                            // gets a task of its own, and keeps the stream's places (and
+                            // shutdown waits for its goodbye) until it ends.
+                            tasks.spawn(async move {
+                                let _held = held;
+                                takeover.run().await;
+                            });
+                            return Ok(res);
+                        }
+                        // HTTP/1.1: hyper ends the connection's future once the 101 is out;
+                        // the session then runs in the connection's task, which holds the
+                        // connection's place and gauge (`Edge::hyper`).
+                        if let Ok(mut slot) = take_over.lock() {
+                            *slot = Some(takeover);
+                        }
+                    }
                     // The stream's places are given back when hyper drops its body: at its end,
                     // or when the client resets it.
                     Ok::<_, std::convert::Infallible>(
-                        res.map(|body| axum::body::Body::new(Held::new(body, (guard, permit)))),
+                        res.map(|body| axum::body::Body::new(Held::new(body, held))),
                     )
                 })
             });
@@ -296,7 +333,32 @@ impl<Svc: Service> Edge<Svc> {
                 _ = idle_for(&mut streams, idle) => {}
             }
         };
-        drive(std::pin::pin!(conn), &kill).await;
+        // Killed (`None`): the connection is dropped, upgraded or not.
+        if drive(std::pin::pin!(conn), &kill).await.is_none() {
+            return;
+        }
+        let takeover = upgraded.lock().ok().and_then(|mut slot| slot.take());
+        if let Some(takeover) = takeover {
+            takeover.run().await;
+        }
+    }
+}
+
+/// A session waiting for hyper to let go of its socket.
+struct Takeover {
+    on: hyper::upgrade::OnUpgrade,
+    session: Pending,
+}
+
+impl Takeover {
+    async fn run(self) {
+        if let Ok(upgraded) = self.on.await
+            && let Some(session) = self
+                .session
+                .start(SessionIo::Upgraded(TokioIo::new(upgraded)), Bytes::new())
+        {
+            session.await;
+        }
     }
 }
 

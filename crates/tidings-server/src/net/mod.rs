@@ -16,12 +16,11 @@
 //! one implementation (`app::service::App`); tests of this layer can supply their own.
 //!
 //! ## What the layer gives the service, and takes from it
-//! - in: a `Request<Body>` whose extensions may carry [`upgrade::LeanUpgrade`] (this
-//!   connection can hand its socket to a session) and the hyper upgrade handle, plus the
-//!   connection's [`ConnectionCtx`];
+//! - in: a `Request<Body>` whose extensions may carry [`upgrade::Upgradable`] (this
+//!   connection can hand its socket to a session), plus the connection's [`ConnectionCtx`];
 //! - out: a response, or [`Handled::Later`] (answered when its future resolves, while the
-//!   lean path watches the socket for the client hanging up); a 101 whose extensions carry an
-//!   [`upgrade::Pending`] session gets the socket once the response is written;
+//!   lean path watches the socket for the client hanging up); an answer whose extensions
+//!   carry an [`upgrade::Pending`] session hands it the socket once it is written;
 //! - settings, limits, the shutdown signal and the connection gauges come from the service
 //!   too (`Service::settings` is read per connection, so a reload applies to new ones).
 

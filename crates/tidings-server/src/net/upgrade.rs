@@ -1,11 +1,16 @@
 //! Handing a connection's socket to a session (a WebSocket) once the handshake's answer is
 //! written: the protocol layer owns the sockets, the application owns the sessions.
 //!
-//! The lean HTTP/1.1 path marks requests whose socket it can hand over (`LeanUpgrade`); a
-//! handler that accepts puts a `Pending` session in its 101's extensions, and the lean path
-//! writes the 101 and runs the session on the bare socket in the same task (`SessionIo::Tcp`
-//! or `SessionIo::Tls`). Through hyper (HTTP/2 extended CONNECT, or a connection hyper
-//! owns), the session gets hyper's upgraded stream instead (`SessionIo::Upgraded`).
+//! The protocol layer marks requests whose socket it can hand over (`Upgradable`); a handler
+//! that accepts puts a `Pending` session in its answer's extensions (a 101, or a 200 to an
+//! HTTP/2 extended CONNECT), and the layer runs it once the answer is out:
+//! - the lean path on the bare socket, in the connection's task (`SessionIo::Tcp`/`Tls`);
+//! - hyper's HTTP/1.1 in the connection's task too, on hyper's upgraded stream;
+//! - HTTP/2 in a task of its own (the connection carries other streams), which keeps the
+//!   stream's places against the connection limits until the session ends.
+//!
+//! In each case the session lives where the connection's place (permit) and gauge live, so
+//! an upgraded socket is counted for exactly as long as it is open.
 
 use std::future::Future;
 use std::io;
@@ -74,12 +79,13 @@ impl SessionIo {
 pub type SessionFuture = Pin<Box<dyn Future<Output = ()> + Send>>;
 pub type StartFn = Box<dyn FnOnce(SessionIo, Bytes) -> SessionFuture + Send>;
 
-/// Marks a request the lean HTTP/1.1 path can upgrade itself (`h1.rs` inserts it).
+/// Marks a request whose socket can be handed to a session (`h1.rs` and `listener.rs`
+/// insert it).
 #[derive(Clone, Copy)]
-pub struct LeanUpgrade;
+pub struct Upgradable;
 
-/// A session waiting for its socket: put in a 101 response's extensions for the lean path,
-/// which writes the response and then runs it on the bare socket.
+/// A session waiting for its socket: put in the answer's extensions; the protocol layer
+/// writes the answer and then runs it on the socket.
 #[derive(Clone)]
 pub struct Pending(Arc<Mutex<Option<StartFn>>>);
 

@@ -11,7 +11,7 @@
 //! streams, so a message published between two polls is in the next reply exactly once.
 
 use axum::extract::{Path, RawQuery, State};
-use axum::http::{HeaderMap, HeaderValue, header};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, header};
 use axum::response::{IntoResponse, Response};
 use bytes::{BufMut, Bytes, BytesMut};
 use tidings_core::{BrokerError, Disconnect, DisconnectReason, Event, Subscription};
@@ -31,12 +31,21 @@ pub struct PollReply {
     ended: Option<DisconnectReason>,
 }
 
+/// Opens a reply's body, with room for a small message, its cursor and the end (one
+/// allocation for the common one-message answer).
+fn start(body: &mut BytesMut) {
+    body.reserve(REPLY_ROOM);
+    body.put_slice(REPLY_START);
+}
+
+const REPLY_START: &[u8] = b"{\"messages\":[";
+const REPLY_ROOM: usize = 512;
+
 impl PollReply {
     fn new() -> Self {
-        let mut messages = BytesMut::with_capacity(256);
-        messages.put_slice(b"{\"messages\":[");
         Self {
-            messages,
+            // Empty until the first message: a long poll waits with no buffer at all.
+            messages: BytesMut::new(),
             count: 0,
             gaps: Vec::new(),
             ended: None,
@@ -55,6 +64,8 @@ impl PollReply {
             Event::Message(m) => {
                 if *count > 0 {
                     messages.put_u8(b',');
+                } else {
+                    start(messages);
                 }
                 m.write_envelope(messages, cursor);
                 *count += 1;
@@ -85,6 +96,9 @@ impl PollReply {
     /// `disconnect`, as a stream would have it).
     fn into_response(self, cursor: &str, goodbye: Option<Disconnect>) -> Response {
         let mut body = self.messages;
+        if body.is_empty() {
+            start(&mut body);
+        }
         body.reserve(cursor.len() + 64);
         body.put_slice(b"],\"cursor\":\"");
         body.put_slice(cursor.as_bytes());
@@ -191,23 +205,26 @@ fn finish(
     let cursor = sub.cursor().encode();
     let mut res = reply.into_response(&cursor, goodbye);
     if let Some(wait) = wait
-        && let Ok(v) = HeaderValue::from_maybe_shared(wait_preference(wait))
+        && let Ok(v) = wait_preference(wait)
     {
-        res.headers_mut().insert("preference-applied", v);
+        res.headers_mut()
+            .insert(HeaderName::from_static("preference-applied"), v);
     }
     Ok(res)
 }
 
 /// `wait=30`, or `wait=2.5` for a fractional wait (no `fmt` for whole seconds: it cost
-/// more than the rest of the header).
-fn wait_preference(wait: std::time::Duration) -> Bytes {
+/// more than the rest of the header; and built on the stack, so the value is the one copy).
+fn wait_preference(wait: std::time::Duration) -> Result<HeaderValue, header::InvalidHeaderValue> {
     if wait.subsec_nanos() == 0 {
-        let mut v = Vec::with_capacity(16);
-        v.extend_from_slice(b"wait=");
-        v.extend_from_slice(itoa::Buffer::new().format(wait.as_secs()).as_bytes());
-        Bytes::from(v)
+        let mut v = [0u8; 32];
+        let mut digits = itoa::Buffer::new();
+        let secs = digits.format(wait.as_secs()).as_bytes();
+        v[..5].copy_from_slice(b"wait=");
+        v[5..5 + secs.len()].copy_from_slice(secs);
+        HeaderValue::from_bytes(&v[..5 + secs.len()])
     } else {
-        Bytes::from(format!("wait={}", wait.as_secs_f64()))
+        HeaderValue::from_str(&format!("wait={}", wait.as_secs_f64()))
     }
 }
 

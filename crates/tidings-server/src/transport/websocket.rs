@@ -3,10 +3,9 @@
 //! presence, ping). Over HTTP/1.1 upgrades and HTTP/2 extended CONNECT (RFC 8441) alike.
 //!
 //! Framing is ours (`crate::net::wsframe`); this module does the handshake and runs sessions.
-//! An HTTP/1.1 upgrade (plaintext or TLS) is answered by the lean path (`net/h1.rs`, through `net::upgrade`), which
-//! then hands the socket to the session in the same task; upgrades through hyper (HTTP/2,
-//! a connection hyper already owns) run the session in a task of their own on hyper's
-//! upgraded stream.
+//! The handshake's answer carries the session (`net::upgrade::Pending`); the protocol layer
+//! hands it the socket once the answer is out: in the connection's own task for HTTP/1.1
+//! (the lean path, or a connection hyper owns), in a task of its own for an HTTP/2 stream.
 //!
 //! Concurrency: one task owns the socket and the `Subscription`, and waits on everything at
 //! once — the socket's read readiness, the subscription's queue, the ping timer, the kill,
@@ -36,7 +35,6 @@ use axum::extract::{FromRequestParts, Path, RawQuery, State};
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Version, header, request::Parts};
 use axum::response::{IntoResponse, Response};
 use bytes::{Bytes, BytesMut};
-use hyper_util::rt::TokioIo;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 use serde_json::{Value, json};
@@ -53,7 +51,7 @@ use crate::app::publish::{self, position_json};
 use crate::auth::Principal;
 use crate::metrics::SessionGauge;
 use crate::net::ConnectionCtx;
-use crate::net::upgrade::{LeanUpgrade, Pending, SessionIo, StartFn};
+use crate::net::upgrade::{Pending, SessionIo, StartFn, Upgradable};
 use crate::net::wsframe::{self, Decoder, Incoming, OP_BINARY, OP_PING, OP_PONG, OP_TEXT};
 use crate::state::AppState;
 use crate::transport::{TransportKind, frame_slot, params};
@@ -92,14 +90,8 @@ pub struct WsUpgrade {
     /// HTTP/1.1: the client's key (the answer is 101 with its accept key). HTTP/2: `None`
     /// (the answer to extended CONNECT is 200).
     key: Option<HeaderValue>,
-    via: Via,
     /// The request's access-log entry: the session writes its line when it closes.
     access: Option<Claim>,
-}
-
-enum Via {
-    Hyper(hyper::upgrade::OnUpgrade),
-    Lean,
 }
 
 /// Whether a request asks for a WebSocket: `Upgrade` lists the `websocket` token (as the
@@ -170,18 +162,14 @@ impl<S: Send + Sync> FromRequestParts<S> for WsUpgrade {
         {
             return Err(refuse());
         }
-        let via = if let Some(on) = parts.extensions.remove::<hyper::upgrade::OnUpgrade>() {
-            Via::Hyper(on)
-        } else if parts.extensions.get::<LeanUpgrade>().is_some() {
-            Via::Lean
-        } else {
+        if parts.extensions.get::<Upgradable>().is_none() {
             return Err(ApiError::bad_request(
                 "websocket_unavailable",
                 "this connection cannot be upgraded",
             ));
-        };
+        }
         let access = parts.extensions.get::<Claim>().cloned();
-        Ok(Self { key, via, access })
+        Ok(Self { key, access })
     }
 }
 
@@ -215,19 +203,9 @@ impl WsUpgrade {
             }
             None => StatusCode::OK.into_response(),
         };
-        match self.via {
-            Via::Hyper(on) => {
-                tokio::spawn(async move {
-                    if let Ok(upgraded) = on.await {
-                        start(SessionIo::Upgraded(TokioIo::new(upgraded)), Bytes::new()).await;
-                    }
-                });
-            }
-            Via::Lean => {
-                let start: StartFn = Box::new(move |io, pre| Box::pin(start(io, pre)));
-                res.extensions_mut().insert(Pending::new(start));
-            }
-        }
+        // The protocol layer runs the session on the socket once this answer is out.
+        let start: StartFn = Box::new(move |io, pre| Box::pin(start(io, pre)));
+        res.extensions_mut().insert(Pending::new(start));
         res
     }
 }
