@@ -428,6 +428,21 @@ impl App {
         removed
     }
 
+    /// A presence channel's members: `(user_id, user_info)`, sorted by id.
+    pub fn members(&self, channel: &str) -> Vec<(String, Value)> {
+        let local = relock(&self.local);
+        local
+            .channels
+            .get(channel)
+            .map(|s| {
+                s.members
+                    .iter()
+                    .map(|(id, (info, _))| (id.clone(), info.clone()))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
     /// A present member's `user_info`.
     pub fn member_info(&self, channel: &str, user_id: &str) -> Option<Value> {
         let local = relock(&self.local);

@@ -36,6 +36,8 @@ pub struct Config {
     pub auth: AuthConfig,
     pub channels: ChannelsConfig,
     pub namespaces: BTreeMap<String, NamespaceConfig>,
+    /// `[[pusher.apps]]`: Pusher Channels apps (docs/pusher.md).
+    pub pusher: tidings_pusher::PusherConfig,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -359,6 +361,9 @@ impl Config {
                 tidings_redis::masked_url(&b.url)
             ));
         }
+        if let Err(e) = self.pusher.validate() {
+            return invalid(e);
+        }
         if let Err(e) = tidings_redis::validate_prefix(&b.prefix) {
             return invalid(e);
         }
@@ -626,6 +631,15 @@ history_ttl = "10m"                # how long a message stays in history
 # publish = "anyone"               # "anyone" | "token" | "server"   (default "anyone"; with [auth]: "token")
 presence = false
 join_leave = false
+
+# [[pusher.apps]]                  # a Pusher Channels app (docs/pusher.md); none by default
+# id = "1001"                      # digits: several Pusher server SDKs refuse other app ids
+# key = "app-key"                  # what pusher-js connects with: ws://host/app/KEY
+# secret = "app-secret"            # signs channel auth, HTTP API requests and webhooks
+# client_events = false            # relay client-* events on private and presence channels
+# max_connections = 0              # open Pusher connections for this app; 0 = no own limit
+# max_event_bytes = 10240          # largest event data (HTTP API and client events)
+# webhook_url = "http://127.0.0.1:9000/pusher/webhook"
 
 # [namespaces.chat]                # overrides for channels named chat:…
 # history_size = 500

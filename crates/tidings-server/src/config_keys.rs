@@ -28,8 +28,12 @@ pub struct Key {
 }
 
 impl Key {
-    /// `TIDINGS_SERVER__LISTEN` for `server.listen`.
+    /// `TIDINGS_SERVER__LISTEN` for `server.listen`; an array of tables (`pusher.apps`) is
+    /// set in the file only.
     pub fn env_var(&self) -> String {
+        if self.table.contains('.') {
+            return "none (set in the configuration file)".into();
+        }
         format!(
             "TIDINGS_{}__{}",
             self.table.to_ascii_uppercase(),
@@ -50,6 +54,12 @@ pub fn keys() -> Vec<Key> {
     for line in DEFAULT_TOML.lines() {
         let trimmed = line.trim();
         if let Some(rest) = trimmed.strip_prefix('[') {
+            table = rest.split(']').next().unwrap_or_default().to_owned();
+            continue;
+        }
+        // `[[pusher.apps]]` is an array of tables, commented out because there is none by
+        // default: its keys are listed under `pusher.apps`.
+        if let Some(rest) = trimmed.strip_prefix("# [[") {
             table = rest.split(']').next().unwrap_or_default().to_owned();
             continue;
         }
@@ -116,7 +126,10 @@ pub fn doc_rows() -> Vec<DocRow> {
     let mut table: Option<String> = None;
     for line in CONFIGURATION_MD.lines() {
         if let Some(heading) = line.strip_prefix("### `[") {
-            table = heading.split(']').next().map(str::to_owned);
+            table = heading
+                .split(']')
+                .next()
+                .map(|t| t.trim_start_matches('[').to_owned());
             continue;
         }
         if line.starts_with("## ") {

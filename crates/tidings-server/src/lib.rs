@@ -50,6 +50,9 @@
 //! - `stats`: the server's own stats, published each second to `admin:stats` for `/admin`.
 //! - `demo`: what `tidings serve --demo` publishes to `demo:` channels.
 //! - `query`: query strings, decoded only where they need it.
+//! - `pusher/`: the Pusher Channels protocol (a protocol beside the transports, under the
+//!   application): `/app/{key}` sessions, the `/apps/{id}` HTTP API, the webhook sender,
+//!   over the `tidings-pusher` crate.
 
 pub mod app;
 pub mod assets;
@@ -60,6 +63,7 @@ pub mod demo;
 pub mod lifecycle;
 pub mod metrics;
 pub mod net;
+pub mod pusher;
 pub mod query;
 pub mod rates;
 pub mod state;

@@ -53,6 +53,8 @@ pub struct Shared {
     pub presence_rates: Rates,
     /// `[server] access_log`, when set: one line per request or stream.
     pub access_log: Option<Arc<AccessLog>>,
+    /// The Pusher apps (`[[pusher.apps]]`) and what this node knows of them (`crate::pusher`).
+    pub pusher: Arc<tidings_pusher::Apps>,
 }
 
 /// What a reload replaces: the whole configuration (settings that need a restart keep their
@@ -196,6 +198,7 @@ impl AppState {
     pub fn with_node(config: Config, node: Arc<Node>) -> Result<Self, crate::config::ConfigError> {
         let auth = Auth::from_config(&config.auth)?;
         let config_rate = config.server.client_publish_rate;
+        let pusher = Arc::new(tidings_pusher::Apps::new(&config.pusher));
         let limits = ConnectionLimits::new(
             config.server.max_connections,
             config.server.max_connections_per_ip,
@@ -223,6 +226,7 @@ impl AppState {
             limits,
             publish_rates: Rates::new(config_rate),
             presence_rates: Rates::new(crate::app::channels::PRESENCE_READS_PER_SEC),
+            pusher,
         })))
     }
 }

@@ -54,6 +54,7 @@ pub async fn metrics(State(state): State<AppState>) -> Response {
                     "# HELP tidings_access_log_dropped_total Access-log lines dropped because the writer fell behind.\n# TYPE tidings_access_log_dropped_total counter\ntidings_access_log_dropped_total {dropped}\n"
                 ));
             }
+            text.push_str(&state.pusher.render_metrics());
             text
         },
     )

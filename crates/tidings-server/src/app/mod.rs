@@ -43,6 +43,8 @@ pub async fn serve_all(
 ) -> std::io::Result<()> {
     let app = Arc::new(service::App::new(state.clone()));
     // The admin console's feed; ends with `state.shutdown`.
+    // Pusher webhooks: one sender per app with a webhook_url; they end with `state.shutdown`.
+    crate::pusher::webhook::spawn_all(&state);
     tokio::spawn(crate::stats::run(state));
     crate::net::listener::serve(app, listener, tls, shutdown).await
 }

@@ -29,6 +29,7 @@ use http::Method;
 use crate::app::error::ApiError;
 use crate::app::{channels, health, publish};
 use crate::assets;
+use crate::pusher;
 use crate::state::AppState;
 use crate::transport::{http_stream, short_poll, sse, websocket};
 
@@ -115,6 +116,17 @@ pub fn table(state: &AppState) -> Vec<Route> {
         route("/favicon.svg", assets::page(&assets::FAVICON)),
         route("/favicon.ico", assets::page(&assets::FAVICON)),
         route("/assets/{name}", get(assets::shared)),
+        // The Pusher Channels protocol (pusher/): sessions (`any`, as for /ws) and the HTTP API.
+        route("/app/{key}", any(pusher::session::connect)),
+        route("/apps/{id}/events", post(pusher::http::events)),
+        route("/apps/{id}/batch_events", post(pusher::http::batch_events)),
+        route("/apps/{id}/channels", get(pusher::http::channels)),
+        route("/apps/{id}/channels/{name}", get(pusher::http::channel)),
+        route("/apps/{id}/channels/{name}/users", get(pusher::http::users)),
+        route(
+            "/apps/{id}/users/{user}/terminate_connections",
+            post(pusher::http::terminate_connections),
+        ),
     ]
 }
 

@@ -48,4 +48,6 @@ pub mod frame_slot {
     pub const NDJSON: usize = 2;
     pub const WS_ENVELOPE: usize = 3;
     pub const WS_RAW: usize = 4;
+    /// A Pusher protocol event (`crate::pusher`).
+    pub const PUSHER: usize = 5;
 }

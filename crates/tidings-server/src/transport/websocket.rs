@@ -175,7 +175,7 @@ impl<S: Send + Sync> FromRequestParts<S> for WsUpgrade {
 
 impl WsUpgrade {
     /// The handshake's answer; `start` runs on the socket once the answer is out.
-    fn accept<F, Fut>(self, start: F) -> Response
+    pub(crate) fn accept<F, Fut>(self, start: F) -> Response
     where
         F: FnOnce(SessionIo, Bytes) -> Fut + Send + 'static,
         Fut: Future<Output = u64> + Send + 'static,
@@ -778,7 +778,7 @@ impl Session {
 
 /// Where the frame holding byte `at` of `out` ends (`at` itself when a frame starts there).
 /// The frames are the server's own: unmasked, well formed.
-fn frame_end(out: &[u8], at: usize) -> usize {
+pub(crate) fn frame_end(out: &[u8], at: usize) -> usize {
     let mut i = 0usize;
     while i < out.len() && i < at {
         let Some(&len7) = out.get(i + 1) else {

@@ -1,0 +1,721 @@
+//! `GET /app/{key}?protocol=7`: one Pusher protocol session per WebSocket.
+//!
+//! The handshake is always accepted; what Pusher refuses is refused the Pusher way, with a
+//! `pusher:error` and a close code pusher-js acts on: 4001 unknown app key, 4006/4007/4008
+//! a bad protocol version, 4004 over the app's `max_connections`. Later ends: 4009 when the
+//! app terminates the user's connections, 4100 when the client reads too slowly (its queue
+//! overflowed: reconnect slowly), 4200 on server shutdown (reconnect now), 4201 when the
+//! client stopped answering.
+//!
+//! Concurrency: as in `transport/websocket.rs`, one task owns the socket and the
+//! `Subscription` and waits on everything at once (socket, queue, timer, kill, shutdown,
+//! termination). Frames in are handled in order; a client event awaits its publish before
+//! the next frame is read. Frames out go to one buffer written with as few calls as the kernel
+//! takes. The app's registry (`tidings_pusher::registry`) is touched on subscribe,
+//! unsubscribe and close only, never per delivered message; the per-message path reads one
+//! atomic (`Socket::has_exclusions`) and copies one cached frame.
+//!
+//! Presence: members live in the app's registry, one per `user_id`. The first socket of a
+//! user on a channel announces `member_added` through the hub (`Hub::deliver_presence`, a
+//! `PresenceEvent` whose client is the socket id and whose user is the `user_id`), so every
+//! local subscriber of the channel, Tidings' own included, sees it in order with the
+//! channel's messages; the last one's leave announces `member_removed`.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::Duration;
+
+use axum::extract::{Path, RawQuery, State};
+use axum::response::Response;
+use bytes::{Bytes, BytesMut};
+use serde_json::Value;
+use tidings_core::{
+    ChannelName, ClientInfo, Event, PresenceEvent, PresenceKind, Since, Subscription,
+};
+use tidings_pusher::names::{ChannelKind, PusherChannel};
+use tidings_pusher::protocol::{self, ClientMessage, code};
+use tidings_pusher::{App, Socket, bridge, registry, sign};
+use tokio::time::{Instant, MissedTickBehavior};
+use tokio_util::sync::CancellationToken;
+
+use crate::app::error::ApiError;
+use crate::net::upgrade::SessionIo as WsIo;
+use crate::net::wsframe::{self, Decoder, Incoming, OP_PONG, OP_TEXT};
+use crate::state::AppState;
+use crate::transport::frame_slot;
+use crate::transport::websocket::WsUpgrade;
+
+/// Channels one connection may follow.
+const MAX_CHANNELS: usize = 500;
+/// How often the session checks that the client is alive.
+const CHECK_EVERY: Duration = Duration::from_secs(30);
+/// Silence past the activity timeout plus this ends the session (4201).
+const PONG_GRACE: Duration = Duration::from_secs(30);
+/// How long a goodbye may take before the socket is just dropped.
+const GOODBYE_TIMEOUT: Duration = Duration::from_secs(1);
+/// Output past this is written before more frames are read.
+const WRITE_BATCH: usize = 64 * 1024;
+/// Malformed frames in a row before the connection is closed.
+const MAX_MALFORMED: u32 = 10;
+
+/// `GET /app/{key}`.
+pub async fn connect(
+    State(state): State<AppState>,
+    Path(key): Path<String>,
+    RawQuery(query): RawQuery,
+    ws: Result<WsUpgrade, ApiError>,
+) -> Result<Response, ApiError> {
+    let ws = ws?;
+    let app = state.pusher.by_key(&key).cloned();
+    let protocol = protocol::check_protocol(query.as_deref());
+    Ok(ws.accept(move |io, pre| async move {
+        run(state, app, protocol, io, pre).await;
+        0
+    }))
+}
+
+/// A followed channel.
+struct Followed {
+    pusher: PusherChannel,
+    /// The `user_id` this socket is present as (presence channels).
+    member: Option<String>,
+}
+
+struct Session {
+    io: WsIo,
+    rbuf: BytesMut,
+    decoder: Decoder,
+    out: Vec<u8>,
+    sent: usize,
+    state: AppState,
+    app: Arc<App>,
+    socket: Arc<Socket>,
+    sub: Subscription,
+    followed: HashMap<ChannelName, Followed>,
+    kill: CancellationToken,
+    terminated: CancellationToken,
+    heard: Instant,
+    pinged: bool,
+    malformed: u32,
+    /// Client events in the current one-second window.
+    window: (Instant, u32),
+}
+
+enum Next {
+    Continue,
+    Goodbye(u16, &'static str),
+    Echo(Option<u16>),
+    Gone,
+}
+
+async fn run(
+    state: AppState,
+    app: Option<Arc<App>>,
+    protocol: Result<(), (u16, &'static str)>,
+    mut io: WsIo,
+    pre: Bytes,
+) {
+    let Some(app) = app else {
+        return refuse(&mut io, code::APP_NOT_FOUND, "App key not in this server").await;
+    };
+    if let Err((c, why)) = protocol {
+        return refuse(&mut io, c, why).await;
+    }
+    let terminated = CancellationToken::new();
+    let socket_id = protocol::socket_id();
+    let socket = {
+        let t = terminated.clone();
+        match app.connect(socket_id.clone(), move || t.cancel()) {
+            Ok(s) => s,
+            Err(_) => return refuse(&mut io, code::OVER_QUOTA, "Over connection quota").await,
+        }
+    };
+    let kill = CancellationToken::new();
+    let sub = state
+        .node
+        .session(state.config().server.queue_max_bytes, true, None);
+    {
+        let kill = kill.clone();
+        sub.on_overflow(move || kill.cancel());
+    }
+    let max_frame = state
+        .config()
+        .server
+        .max_message_bytes
+        .max(app.config.max_event_bytes + 4096);
+    let now = Instant::now();
+    let mut s = Session {
+        io,
+        rbuf: BytesMut::from(&pre[..]),
+        decoder: Decoder::new(max_frame),
+        out: Vec::new(),
+        sent: 0,
+        state,
+        app,
+        socket,
+        sub,
+        followed: HashMap::new(),
+        kill,
+        terminated,
+        heard: now,
+        pinged: false,
+        malformed: 0,
+        window: (now, 0),
+    };
+    s.text(&protocol::connection_established(&socket_id));
+    s.run().await;
+    s.leave_all();
+    s.app.disconnect(&s.socket);
+}
+
+/// Says why the connection is refused and closes it with `code`.
+async fn refuse(io: &mut WsIo, code: u16, why: &'static str) {
+    let mut out = Vec::new();
+    wsframe::encode(
+        &mut out,
+        OP_TEXT,
+        protocol::error(Some(code), why).as_bytes(),
+    );
+    wsframe::encode_close(&mut out, code, why);
+    let _ = tokio::time::timeout(GOODBYE_TIMEOUT, async {
+        let mut sent = 0;
+        while sent < out.len() {
+            match io.write(&out[sent..]).await? {
+                0 => break,
+                n => sent += n,
+            }
+        }
+        io.flush().await?;
+        io.shutdown().await
+    })
+    .await;
+}
+
+impl Session {
+    fn text(&mut self, text: &str) {
+        wsframe::encode(&mut self.out, OP_TEXT, text.as_bytes());
+    }
+
+    async fn run(&mut self) {
+        let mut check = tokio::time::interval_at(Instant::now() + CHECK_EVERY, CHECK_EVERY);
+        check.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let shutdown = self.state.shutdown.clone();
+        let (kill, terminated) = (self.kill.clone(), self.terminated.clone());
+        let mut next = if self.rbuf.is_empty() {
+            Next::Continue
+        } else {
+            Box::pin(self.handle_input()).await
+        };
+        loop {
+            if let Next::Continue = next {
+                next = self.flush().await;
+            }
+            match next {
+                Next::Continue => {}
+                Next::Gone => return,
+                Next::Echo(code) => return self.echo_close(code).await,
+                Next::Goodbye(code, why) => return self.goodbye(code, why).await,
+            }
+            next = tokio::select! {
+                biased;
+                _ = kill.cancelled() => Next::Goodbye(code::OVER_CAPACITY, "Client too slow: queue overflowed"),
+                _ = terminated.cancelled() => Next::Goodbye(code::UNAUTHORIZED, "Connection terminated by the app"),
+                _ = shutdown.cancelled() => Next::Goodbye(code::RECONNECT, "Server is restarting"),
+                r = self.io.read_more(&mut self.rbuf) => match r {
+                    Ok(0) | Err(_) => Next::Gone,
+                    Ok(_) => Box::pin(self.handle_input()).await,
+                },
+                _ = self.sub.ready() => self.queue_ready(),
+                _ = check.tick() => self.check_alive(),
+            };
+        }
+    }
+
+    fn check_alive(&mut self) -> Next {
+        let timeout = Duration::from_secs(protocol::ACTIVITY_TIMEOUT_SECS);
+        let silent = self.heard.elapsed();
+        if silent > timeout + PONG_GRACE {
+            return Next::Goodbye(code::PONG_NOT_RECEIVED, "Pong reply not received");
+        }
+        if silent >= timeout && !self.pinged {
+            self.pinged = true;
+            self.text(&protocol::ping());
+        }
+        Next::Continue
+    }
+
+    async fn flush(&mut self) -> Next {
+        let timeout = self.state.config().server.write_timeout;
+        while self.sent < self.out.len() {
+            let wrote = tokio::select! {
+                r = tokio::time::timeout(timeout, self.io.write(&self.out[self.sent..])) => r,
+                _ = self.kill.cancelled() => return Next::Goodbye(code::OVER_CAPACITY, "Client too slow: queue overflowed"),
+                _ = self.state.shutdown.cancelled() => return Next::Goodbye(code::RECONNECT, "Server is restarting"),
+            };
+            match wrote {
+                Ok(Ok(0) | Err(_)) | Err(_) => return Next::Gone,
+                Ok(Ok(n)) => self.sent += n,
+            }
+        }
+        if !self.out.is_empty() {
+            if !matches!(
+                tokio::time::timeout(timeout, self.io.flush()).await,
+                Ok(Ok(()))
+            ) {
+                return Next::Gone;
+            }
+            // Freed, not cleared: an idle socket keeps no output buffer.
+            self.out = Vec::new();
+            self.sent = 0;
+        }
+        Next::Continue
+    }
+
+    async fn write_out(&mut self) -> std::io::Result<()> {
+        while self.sent < self.out.len() {
+            match self.io.write(&self.out[self.sent..]).await? {
+                0 => return Err(std::io::ErrorKind::WriteZero.into()),
+                n => self.sent += n,
+            }
+        }
+        self.out = Vec::new();
+        self.sent = 0;
+        self.io.flush().await
+    }
+
+    /// A slow client's queued frames are dropped (a half-sent one is finished); the close
+    /// goes behind what the kernel holds, bounded in time.
+    async fn goodbye(&mut self, code: u16, why: &'static str) {
+        if code == code::OVER_CAPACITY {
+            let end = crate::transport::websocket::frame_end(&self.out, self.sent);
+            self.out.truncate(end);
+        }
+        wsframe::encode_close(&mut self.out, code, why);
+        self.leave_all();
+        let wait = if code == code::OVER_CAPACITY {
+            self.state.config().server.write_timeout
+        } else {
+            GOODBYE_TIMEOUT
+        };
+        let wrote = tokio::time::timeout(wait, async {
+            self.write_out().await?;
+            self.io.shutdown().await
+        })
+        .await;
+        if !matches!(wrote, Ok(Ok(()))) {
+            return;
+        }
+        // Read until the client closes too: closing with unread bytes would reset the
+        // connection, which can destroy the close frame before it is read.
+        let _ = tokio::time::timeout(GOODBYE_TIMEOUT, async {
+            loop {
+                self.rbuf.clear();
+                if self.io.read_more(&mut self.rbuf).await? == 0 {
+                    return Ok::<(), std::io::Error>(());
+                }
+            }
+        })
+        .await;
+    }
+
+    async fn echo_close(&mut self, code: Option<u16>) {
+        match code {
+            Some(code) => wsframe::encode_close(&mut self.out, code, ""),
+            None => wsframe::encode(&mut self.out, wsframe::OP_CLOSE, b""),
+        }
+        self.leave_all();
+        let _ = tokio::time::timeout(GOODBYE_TIMEOUT, async {
+            self.write_out().await?;
+            self.io.shutdown().await
+        })
+        .await;
+    }
+
+    async fn handle_input(&mut self) -> Next {
+        loop {
+            let incoming = match self.decoder.next(&mut self.rbuf) {
+                Ok(Some(i)) => i,
+                Ok(None) => break,
+                Err(fail) => return Next::Goodbye(fail.code, fail.reason),
+            };
+            self.heard = Instant::now();
+            self.pinged = false;
+            let next = match incoming {
+                Incoming::Ping(payload) => {
+                    wsframe::encode(&mut self.out, OP_PONG, &payload);
+                    Next::Continue
+                }
+                Incoming::Pong => Next::Continue,
+                Incoming::Close(got) => return Next::Echo(got.map(|(c, _)| c)),
+                Incoming::Text(text) => match std::str::from_utf8(&text) {
+                    Ok(frame) => self.on_frame(frame).await,
+                    Err(_) => self.malformed("not UTF-8"),
+                },
+                Incoming::Binary(_) => self.malformed("the Pusher protocol takes JSON text frames"),
+            };
+            if !matches!(next, Next::Continue) {
+                return next;
+            }
+            if self.out.len() >= WRITE_BATCH {
+                match self.flush().await {
+                    Next::Continue => {}
+                    other => return other,
+                }
+            }
+        }
+        if self.rbuf.is_empty() {
+            self.rbuf = BytesMut::new();
+        }
+        self.queue_ready()
+    }
+
+    fn malformed(&mut self, why: &str) -> Next {
+        self.malformed += 1;
+        self.text(&protocol::error(Some(code::BAD_REQUEST), why));
+        if self.malformed >= MAX_MALFORMED {
+            Next::Goodbye(wsframe_policy(), "too many malformed frames")
+        } else {
+            Next::Continue
+        }
+    }
+
+    async fn on_frame(&mut self, frame: &str) -> Next {
+        let msg = match protocol::parse(frame) {
+            Ok(m) => m,
+            Err(r) => return self.malformed(&r.message),
+        };
+        self.malformed = 0;
+        match msg {
+            ClientMessage::Ping => self.text(&protocol::pong()),
+            ClientMessage::Pong => {}
+            ClientMessage::Subscribe {
+                channel,
+                auth,
+                channel_data,
+            } => {
+                self.subscribe(&channel, auth.as_deref(), channel_data.as_deref())
+                    .await
+            }
+            ClientMessage::Unsubscribe { channel } => {
+                if let Ok(c) = PusherChannel::parse(&self.app.config.id, &channel)
+                    && let Ok(t) = c.tidings(&self.app.config.id)
+                {
+                    self.leave(&t);
+                }
+            }
+            ClientMessage::Signin { auth, user_data } => self.signin(&auth, &user_data).await,
+            ClientMessage::ClientEvent {
+                event,
+                channel,
+                data,
+            } => self.client_event(&event, &channel, &data).await,
+        }
+        Next::Continue
+    }
+
+    fn sub_error(&mut self, channel: &str, kind: &str, why: &str, status: u16) {
+        self.text(&protocol::subscription_error(channel, kind, why, status));
+    }
+
+    async fn subscribe(&mut self, name: &str, auth: Option<&str>, channel_data: Option<&str>) {
+        let app = self.app.clone();
+        let id = app.config.id.as_str();
+        let channel = match PusherChannel::parse(id, name) {
+            Ok(c) => c,
+            Err(e) => {
+                let why = e.to_string();
+                return self.sub_error(name, "InvalidChannel", &why, 400);
+            }
+        };
+        let Ok(tidings) = channel.tidings(id) else {
+            return self.sub_error(name, "InvalidChannel", "invalid channel name", 400);
+        };
+        if self.followed.contains_key(&tidings) {
+            // pusher-js resubscribes after a reconnect only; answer as the first time.
+            let data = self.succeeded_data(&channel);
+            return self.text(&protocol::subscription_succeeded(name, &data));
+        }
+        if self.followed.len() >= MAX_CHANNELS {
+            let why = format!("at most {MAX_CHANNELS} channels per connection");
+            return self.sub_error(name, "LimitReached", &why, 400);
+        }
+        let mut member = None;
+        if channel.kind.needs_auth() {
+            let Some(auth) = auth else {
+                let why = format!("Auth info required to subscribe to {name}");
+                return self.sub_error(name, "AuthError", &why, 401);
+            };
+            let data = if channel.kind == ChannelKind::Presence {
+                let Some(data) = channel_data else {
+                    return self.sub_error(
+                        name,
+                        "AuthError",
+                        "presence channels need channel_data with a user_id",
+                        400,
+                    );
+                };
+                match protocol::parse_member(data) {
+                    Ok(m) => member = Some(m),
+                    Err(why) => return self.sub_error(name, "AuthError", &why, 400),
+                }
+                Some(data)
+            } else {
+                None
+            };
+            let key = &app.config.key;
+            let secret = &app.config.secret.0;
+            if let Err(e) = sign::verify_channel(key, secret, &self.socket.id, name, data, auth) {
+                let why = format!("Invalid signature: {e}");
+                return self.sub_error(name, "AuthError", &why, 401);
+            }
+        }
+        // A cache channel replays its last event; without one the client is told so.
+        let since = if channel.cache {
+            Since::Last(1)
+        } else {
+            Since::Now
+        };
+        let cache_miss = channel.cache
+            && matches!(
+                self.state.node.read(&tidings, &Since::Last(1), Some(1)).await,
+                Ok(read) if read.replay.messages().is_empty()
+            );
+        match self.sub.add(&tidings, &since).await {
+            Ok(Some(_)) => {}
+            Ok(None) => {
+                return self.sub_error(
+                    name,
+                    "InvalidChannel",
+                    "channel name collides with one already followed",
+                    400,
+                );
+            }
+            Err(e) => {
+                self.sub.remove(&tidings);
+                let e = ApiError::from(e);
+                return self.sub_error(name, "ServerError", &e.message, 503);
+            }
+        }
+        app.subscribed(name);
+        let user_id = member.as_ref().map(|m| m.user_id.clone());
+        if let Some(m) = &member {
+            let (added, _) = app.presence_join(name, &m.user_id, &m.user_info);
+            if added {
+                self.announce(&tidings, PresenceKind::Join, &m.user_id);
+            }
+        }
+        self.followed.insert(
+            tidings,
+            Followed {
+                pusher: channel.clone(),
+                member: user_id,
+            },
+        );
+        let data = self.succeeded_data(&channel);
+        self.text(&protocol::subscription_succeeded(name, &data));
+        if cache_miss {
+            self.text(&protocol::cache_miss(name));
+        }
+    }
+
+    fn succeeded_data(&self, channel: &PusherChannel) -> String {
+        if channel.kind != ChannelKind::Presence {
+            return "{}".into();
+        }
+        let members = self.app.members(&channel.name);
+        protocol::presence_data(members.iter().map(|(id, info)| (id.as_str(), info)))
+    }
+
+    /// Tells the channel's local subscribers that `user_id` joined or left.
+    fn announce(&self, channel: &ChannelName, kind: PresenceKind, user_id: &str) {
+        let event = Arc::new(PresenceEvent {
+            kind,
+            channel: channel.clone(),
+            info: ClientInfo {
+                client: self.socket.id.clone(),
+                user: Some(user_id.to_owned()),
+            },
+        });
+        self.state.node.hub.deliver_presence(&event);
+    }
+
+    /// Stops following a channel: the hub, the app's counts, presence.
+    fn leave(&mut self, tidings: &ChannelName) {
+        let Some(f) = self.followed.remove(tidings) else {
+            return;
+        };
+        self.sub.remove(tidings);
+        if let Some(user) = &f.member
+            && self.app.presence_leave(&f.pusher.name, user)
+        {
+            self.announce(tidings, PresenceKind::Leave, user);
+        }
+        self.app.unsubscribed(&f.pusher.name);
+    }
+
+    fn leave_all(&mut self) {
+        let all: Vec<ChannelName> = self.followed.keys().cloned().collect();
+        for c in &all {
+            self.leave(c);
+        }
+    }
+
+    async fn signin(&mut self, auth: &str, user_data: &str) {
+        let app = self.app.clone();
+        let user = match protocol::parse_user(user_data) {
+            Ok(u) => u,
+            Err(why) => return self.text(&protocol::error(Some(code::UNAUTHORIZED), &why)),
+        };
+        let (key, secret) = (&app.config.key, &app.config.secret.0);
+        if let Err(e) = sign::verify_user(key, secret, &self.socket.id, user_data, auth) {
+            let why = format!("Invalid signature: {e}");
+            return self.text(&protocol::error(Some(code::UNAUTHORIZED), &why));
+        }
+        app.signin(&self.socket, &user);
+        self.text(&protocol::signin_success(user_data));
+    }
+
+    async fn client_event(&mut self, event: &str, name: &str, data: &str) {
+        let app = self.app.clone();
+        let refuse = |s: &mut Self, why: &str| s.text(&protocol::error(None, why));
+        if !app.config.client_events {
+            return refuse(
+                self,
+                "Client events are disabled for this app (client_events = false)",
+            );
+        }
+        let channel = match PusherChannel::parse(&app.config.id, name) {
+            Ok(c) => c,
+            Err(e) => return refuse(self, &e.to_string()),
+        };
+        if !matches!(channel.kind, ChannelKind::Private | ChannelKind::Presence) {
+            return refuse(
+                self,
+                "Client event rejected - only supported on private and presence channels",
+            );
+        }
+        let Ok(tidings) = channel.tidings(&app.config.id) else {
+            return refuse(self, "invalid channel name");
+        };
+        let Some(followed) = self.followed.get(&tidings) else {
+            return refuse(
+                self,
+                "Client event rejected - not subscribed to the channel",
+            );
+        };
+        let user = followed.member.clone();
+        let data = bridge::client_data(data);
+        if data.len() > app.config.max_event_bytes {
+            let why = format!(
+                "Client event rejected - data is {} bytes; the limit is {} (max_event_bytes)",
+                data.len(),
+                app.config.max_event_bytes
+            );
+            return refuse(self, &why);
+        }
+        let now = Instant::now();
+        if now - self.window.0 >= Duration::from_secs(1) {
+            self.window = (now, 0);
+        }
+        if self.window.1 >= protocol::CLIENT_EVENTS_PER_SEC {
+            return self.text(&protocol::error(
+                Some(code::CLIENT_EVENT_RATE),
+                "Client event rejected due to rate limit",
+            ));
+        }
+        self.window.1 += 1;
+        let p = match bridge::to_tidings_from(
+            &app.config.id,
+            &channel,
+            event,
+            &data,
+            user.as_deref(),
+        ) {
+            Ok(p) => p,
+            Err(e) => return refuse(self, &e.to_string()),
+        };
+        // Never echoed to the sender: the socket skips its own event when it comes back.
+        let print = registry::fingerprint(
+            p.channel.as_str(),
+            p.event.as_ref().map(|e| e.as_str()),
+            p.data.raw(),
+        );
+        self.socket.exclude(print);
+        match crate::app::publish::publish(&self.state, &p.channel, p.event, p.data).await {
+            Ok(_) => {
+                app.counters.client_events.fetch_add(1, Relaxed);
+                app.client_event_hook(name, event, &data, &self.socket.id, user.as_deref());
+            }
+            Err(e) => {
+                self.socket.unexclude(print);
+                refuse(self, &e.message);
+            }
+        }
+    }
+
+    /// Writes every ready event: messages as Pusher events (one cached frame per message),
+    /// joins and leaves as member events. Gaps mean nothing to Pusher clients.
+    fn queue_ready(&mut self) -> Next {
+        let app_id = self.app.config.id.as_str();
+        let (socket, app, out) = (&self.socket, &self.app, &mut self.out);
+        let mut delivered = 0u64;
+        let drained = self.sub.drain(|event, _| match event {
+            Event::Message(m) => {
+                if socket.has_exclusions() {
+                    let print = registry::fingerprint(
+                        m.channel.as_str(),
+                        m.event.as_ref().map(|e| e.as_str()),
+                        m.data.raw(),
+                    );
+                    if socket.take_exclusion(print) {
+                        return;
+                    }
+                }
+                let frame = m.cached_frame(frame_slot::PUSHER, |m| {
+                    bridge::to_pusher(app_id, m)
+                        .map(|text| wsframe::encode_bytes(OP_TEXT, text.as_bytes()))
+                        .unwrap_or_default()
+                });
+                if !frame.is_empty() {
+                    delivered += 1;
+                    out.extend_from_slice(frame);
+                }
+            }
+            Event::Presence(e) => {
+                let Some(user) = &e.info.user else { return };
+                if e.info.client == socket.id {
+                    return;
+                }
+                let Some(name) = tidings_pusher::names::pusher_name(app_id, e.channel.as_str())
+                else {
+                    return;
+                };
+                if !name.starts_with("presence-") {
+                    return;
+                }
+                let text = match e.kind {
+                    PresenceKind::Join => {
+                        let info = app.member_info(&name, user).unwrap_or(Value::Null);
+                        protocol::member_added(&name, user, &info)
+                    }
+                    PresenceKind::Leave => protocol::member_removed(&name, user),
+                };
+                wsframe::encode(out, OP_TEXT, text.as_bytes());
+            }
+            Event::Gap(_) => {}
+        });
+        app.counters.messages_sent.fetch_add(delivered, Relaxed);
+        match drained {
+            Ok(_) => Next::Continue,
+            Err(tidings_core::DisconnectReason::Shutdown) => {
+                Next::Goodbye(code::RECONNECT, "Server is restarting")
+            }
+            Err(_) => Next::Goodbye(code::OVER_CAPACITY, "Client too slow: queue overflowed"),
+        }
+    }
+}
+
+fn wsframe_policy() -> u16 {
+    crate::transport::websocket::close::POLICY
+}
