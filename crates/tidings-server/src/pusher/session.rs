@@ -4,8 +4,10 @@
 //! `pusher:error` and a close code pusher-js acts on: 4001 unknown app key, 4006/4007/4008
 //! a bad protocol version, 4004 over the app's `max_connections`. Later ends: 4009 when the
 //! app terminates the user's connections, 4100 when the client reads too slowly (its queue
-//! overflowed: reconnect slowly), 4200 on server shutdown (reconnect now), 4201 when the
-//! client stopped answering.
+//! overflowed) and on server shutdown, 4201 when the client stopped answering. 4100 ("reconnect
+//! after backing off") rather than 4200 on shutdown: pusher-js then retries after a second,
+//! which finds a restarted single node already listening, where an immediate retry hits the
+//! closed port and leaves the client "unavailable" for pusher-js' 10 s timeout.
 //!
 //! Concurrency: as in `transport/websocket.rs`, one task owns the socket and the
 //! `Subscription` and waits on everything at once (socket, queue, timer, kill, shutdown,
@@ -221,7 +223,7 @@ impl Session {
                 biased;
                 _ = kill.cancelled() => Next::Goodbye(code::OVER_CAPACITY, "Client too slow: queue overflowed"),
                 _ = terminated.cancelled() => Next::Goodbye(code::UNAUTHORIZED, "Connection terminated by the app"),
-                _ = shutdown.cancelled() => Next::Goodbye(code::RECONNECT, "Server is restarting"),
+                _ = shutdown.cancelled() => Next::Goodbye(code::OVER_CAPACITY, "Server is restarting"),
                 r = self.io.read_more(&mut self.rbuf) => match r {
                     Ok(0) | Err(_) => Next::Gone,
                     Ok(_) => Box::pin(self.handle_input()).await,
@@ -251,7 +253,7 @@ impl Session {
             let wrote = tokio::select! {
                 r = tokio::time::timeout(timeout, self.io.write(&self.out[self.sent..])) => r,
                 _ = self.kill.cancelled() => return Next::Goodbye(code::OVER_CAPACITY, "Client too slow: queue overflowed"),
-                _ = self.state.shutdown.cancelled() => return Next::Goodbye(code::RECONNECT, "Server is restarting"),
+                _ = self.state.shutdown.cancelled() => return Next::Goodbye(code::OVER_CAPACITY, "Server is restarting"),
             };
             match wrote {
                 Ok(Ok(0) | Err(_)) | Err(_) => return Next::Gone,
@@ -466,8 +468,7 @@ impl Session {
             let key = &app.config.key;
             let secret = &app.config.secret.0;
             if let Err(e) = sign::verify_channel(key, secret, &self.socket.id, name, data, auth) {
-                let why = format!("Invalid signature: {e}");
-                return self.sub_error(name, "AuthError", &why, 401);
+                return self.sub_error(name, "AuthError", &e.to_string(), 401);
             }
         }
         // A cache channel replays its last event; without one the client is told so.
@@ -569,8 +570,7 @@ impl Session {
         };
         let (key, secret) = (&app.config.key, &app.config.secret.0);
         if let Err(e) = sign::verify_user(key, secret, &self.socket.id, user_data, auth) {
-            let why = format!("Invalid signature: {e}");
-            return self.text(&protocol::error(Some(code::UNAUTHORIZED), &why));
+            return self.text(&protocol::error(Some(code::UNAUTHORIZED), &e.to_string()));
         }
         app.signin(&self.socket, &user);
         self.text(&protocol::signin_success(user_data));
@@ -709,7 +709,7 @@ impl Session {
         match drained {
             Ok(_) => Next::Continue,
             Err(tidings_core::DisconnectReason::Shutdown) => {
-                Next::Goodbye(code::RECONNECT, "Server is restarting")
+                Next::Goodbye(code::OVER_CAPACITY, "Server is restarting")
             }
             Err(_) => Next::Goodbye(code::OVER_CAPACITY, "Client too slow: queue overflowed"),
         }

@@ -1,0 +1,450 @@
+//! The Pusher Channels protocol against unmodified clients: pusher-js and the `pusher` Node
+//! SDK (`tests/clients/pusher_node.mjs`, which also runs the app's auth endpoint), the
+//! Python `pusher` SDK (`tests/clients/pusher_python.py`), and a bare WebSocket
+//! (tokio-tungstenite) for the protocol's edges. Each test runs a real server on port 0.
+//!
+//! These tests need what `scripts/test.sh` installs (`tests/clients/node_modules/` with
+//! pusher-js and pusher, `.venv/` with pusher). A missing tool fails the test with a message
+//! that says so. No test sleeps: each step waits, with a timeout, for a line or a frame.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{Value, json};
+use tokio::process::Command;
+use tokio_tungstenite::tungstenite::Message as Ws;
+
+use common::{TIMEOUT, TestServer};
+use tidings_server::Config;
+use tidings_testkit::Proc;
+
+const INSTALL_HINT: &str = "run scripts/test.sh once: it installs tests/clients/node_modules \
+                            (pusher-js, pusher) and the Python venv .venv/ (pusher)";
+const APP_ID: &str = "1001";
+const KEY: &str = "app-key";
+const SECRET: &str = "app-secret";
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn clients_dir() -> PathBuf {
+    std::env::var_os("TIDINGS_CLIENTS_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root().join("tests/clients"))
+}
+
+fn app(config: &mut Config, edit: impl FnOnce(&mut tidings_pusher::AppConfig)) {
+    let mut app = tidings_pusher::AppConfig {
+        id: APP_ID.into(),
+        key: KEY.into(),
+        secret: tidings_pusher::config::AppSecret(SECRET.into()),
+        client_events: true,
+        max_connections: 0,
+        max_event_bytes: tidings_pusher::config::DEFAULT_MAX_EVENT_BYTES,
+        webhook_url: None,
+    };
+    edit(&mut app);
+    config.pusher.apps.push(app);
+}
+
+async fn pusher_server() -> TestServer {
+    TestServer::with(|c| app(c, |_| {})).await
+}
+
+/// `pusher_node.mjs` running `scenario` against `server`.
+fn node_scenario(server: &TestServer, scenario: &str) -> Proc {
+    let modules = std::env::var_os("TIDINGS_NODE_MODULES")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| clients_dir().join("node_modules"));
+    assert!(
+        modules.join("pusher-js/package.json").is_file()
+            && modules.join("pusher/package.json").is_file(),
+        "pusher-js and pusher are not installed in {}; {INSTALL_HINT}",
+        modules.display()
+    );
+    let mut cmd = Command::new("node");
+    cmd.arg(clients_dir().join("pusher_node.mjs")).args([
+        &server.url,
+        APP_ID,
+        KEY,
+        SECRET,
+        scenario,
+    ]);
+    Proc::spawn(&format!("pusher-js {scenario}"), cmd, INSTALL_HINT)
+}
+
+fn python_sdk(server: &TestServer, args: &[&str]) -> Proc {
+    let python = std::env::var_os("TIDINGS_PYTHON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root().join(".venv/bin/python"));
+    let mut cmd = Command::new(python);
+    cmd.arg(clients_dir().join("pusher_python.py"))
+        .args([&server.url, APP_ID, KEY, SECRET])
+        .args(args);
+    Proc::spawn("python pusher SDK", cmd, INSTALL_HINT)
+}
+
+/// Runs a scenario to its end and returns its steps by name.
+async fn steps(mut proc: Proc) -> Vec<Value> {
+    let lines = proc.finish_ok().await;
+    let all: Vec<Value> = lines
+        .iter()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(all.last(), Some(&json!({"ok": true})), "{all:?}");
+    all
+}
+
+fn step<'a>(all: &'a [Value], name: &str) -> &'a Value {
+    all.iter()
+        .find(|v| v["step"] == name)
+        .unwrap_or_else(|| panic!("no step {name:?} in {all:?}"))
+}
+
+// ---------------------------------------------------------------------------------------------
+// pusher-js + the Node SDK
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pusher_js_receives_sdk_triggers_and_tidings_publishes_and_tidings_sse_sees_pusher_events()
+{
+    let server = pusher_server().await;
+    let all = steps(node_scenario(&server, "basic")).await;
+    let env = &step(&all, "sdk trigger reached Tidings SSE")["envelope"];
+    assert_eq!(env["channel"], "pusher:1001:news");
+    assert_eq!(env["event"], "greet");
+    assert_eq!(
+        step(&all, "tidings publish reached pusher-js")["data"]["via"],
+        "tidings"
+    );
+    step(&all, "multi-channel trigger with a Laravel event name");
+    step(&all, "batch trigger");
+    let list = &step(&all, "channel queries")["list"]["channels"];
+    assert_eq!(list["news"]["subscription_count"], 1);
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn presence_members_are_one_per_user_and_client_events_reach_others_but_never_the_sender() {
+    let server = pusher_server().await;
+    let all = steps(node_scenario(&server, "presence")).await;
+    assert_eq!(step(&all, "member_added")["member"]["id"], "u2");
+    let users = &step(&all, "one member per user_id")["users"]["users"];
+    assert_eq!(users, &json!([{"id": "u1"}, {"id": "u2"}]));
+    step(&all, "client event relayed, not echoed");
+    step(&all, "socket_id exclusion");
+    assert_eq!(step(&all, "member_removed")["member"]["id"], "u2");
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_signatures_timestamps_bodies_channel_auth_and_oversized_events_are_refused_and_nothing_is_delivered()
+ {
+    let server = pusher_server().await;
+    let all = steps(node_scenario(&server, "bad")).await;
+    assert_eq!(step(&all, "forged auth refused")["error"]["status"], 401);
+    assert_eq!(
+        step(&all, "presence without user_id refused")["error"]["type"],
+        "AuthError"
+    );
+    let api = step(&all, "HTTP API refusals");
+    assert_eq!(
+        (
+            &api["old"],
+            &api["tampered"],
+            &api["replayed"],
+            &api["oversized"]
+        ),
+        (&json!(401), &json!(401), &json!(401), &json!(413))
+    );
+    step(&all, "oversized client event refused");
+    step(&all, "nothing delivered");
+    assert_eq!(step(&all, "unknown key closed 4001")["error"]["code"], 4001);
+    // The refusals were counted per app.
+    assert!(
+        server
+            .metric("tidings_pusher_api_refused_total{app_id=\"1001\"}")
+            .await
+            >= 4.0
+    );
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn terminate_connections_closes_a_signed_in_user_with_4009() {
+    let server = pusher_server().await;
+    let all = steps(node_scenario(&server, "terminate")).await;
+    assert_eq!(step(&all, "terminated")["error"]["code"], 4009);
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pusher_js_reconnects_and_resubscribes_after_the_server_restarts() {
+    let first = pusher_server().await;
+    let addr = first.addr;
+    let mut client = node_scenario(&first, "reconnect");
+    client
+        .line_where("subscribed", |l| l.contains("\"subscribed\""))
+        .await;
+    // Shutdown closes Pusher sockets with 4100: pusher-js retries after a second.
+    first.shutdown().await;
+    // The same address again: pusher-js reconnects to the host and port it knows.
+    let mut config = Config::default();
+    app(&mut config, |_| {});
+    let state = tidings_server::AppState::connect(config).await.unwrap();
+    let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let second = tokio::spawn(tidings_server::serve(state, listener, async {
+        let _ = stopped.await;
+    }));
+    client
+        .line_where("the second connection", |l| l.contains("\"n\":2"))
+        .await;
+    client
+        .line_where("the second subscription", |l| l.contains("\"subscribed\""))
+        .await;
+    let res = reqwest::Client::builder()
+        .no_proxy()
+        .build()
+        .unwrap()
+        .post(format!(
+            "http://{addr}/publish/pusher:1001:lobby?event=hello"
+        ))
+        .header("content-type", "application/json")
+        .body(r#"{"last":true}"#)
+        .send()
+        .await
+        .unwrap();
+    assert!(res.status().is_success());
+    let last = client
+        .line_where("the event", |l| l.contains("\"event\""))
+        .await;
+    assert!(last.contains("\"last\":true"), "{last}");
+    client.finish_ok().await;
+    let _ = stop.send(());
+    tokio::time::timeout(TIMEOUT * 2, second)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+}
+
+// ---------------------------------------------------------------------------------------------
+// The Python SDK
+// ---------------------------------------------------------------------------------------------
+
+/// A bare Pusher protocol connection.
+struct Raw {
+    ws: tokio_tungstenite::WebSocketStream<
+        tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
+    >,
+    socket_id: String,
+}
+
+impl Raw {
+    async fn connect(server: &TestServer, path: &str) -> Self {
+        let url = format!("ws://{}{path}", server.addr);
+        let (ws, _) = tokio_tungstenite::connect_async(url).await.unwrap();
+        let mut raw = Self {
+            ws,
+            socket_id: String::new(),
+        };
+        let hello = raw.next().await;
+        if hello["event"] == "pusher:connection_established" {
+            let data: Value = serde_json::from_str(hello["data"].as_str().unwrap()).unwrap();
+            raw.socket_id = data["socket_id"].as_str().unwrap().to_owned();
+            assert_eq!(data["activity_timeout"], 120);
+        } else {
+            raw.socket_id = hello.to_string();
+        }
+        raw
+    }
+
+    async fn send(&mut self, v: Value) {
+        self.ws.send(Ws::text(v.to_string())).await.unwrap();
+    }
+
+    /// The next text frame as JSON, or `{"close": code}`.
+    async fn next(&mut self) -> Value {
+        loop {
+            let frame = tokio::time::timeout(TIMEOUT, self.ws.next())
+                .await
+                .expect("no frame within the timeout");
+            match frame {
+                Some(Ok(Ws::Text(t))) => return serde_json::from_str(&t).unwrap(),
+                Some(Ok(Ws::Close(c))) => {
+                    return json!({"close": c.map(|c| u16::from(c.code))});
+                }
+                Some(Ok(_)) => continue,
+                other => return json!({"closed": format!("{other:?}")}),
+            }
+        }
+    }
+
+    async fn next_event(&mut self, event: &str) -> Value {
+        for _ in 0..100 {
+            let v = self.next().await;
+            if v["event"] == event {
+                return v;
+            }
+            assert!(
+                v.get("close").is_none(),
+                "closed while waiting for {event}: {v}"
+            );
+        }
+        panic!("no {event}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_python_sdk_signs_auth_the_server_accepts_and_its_triggers_reach_pusher_and_tidings_subscribers()
+ {
+    let server = pusher_server().await;
+    let mut raw = Raw::connect(&server, "/app/app-key?protocol=7").await;
+    let mut auth = python_sdk(&server, &["auth", &raw.socket_id]);
+    let signed: Value = serde_json::from_str(&auth.line().await).unwrap();
+    auth.finish_ok().await;
+    raw.send(json!({"event": "pusher:subscribe", "data": {"channel": "private-py", "auth": signed["private"]}}))
+        .await;
+    let ok = raw
+        .next_event("pusher_internal:subscription_succeeded")
+        .await;
+    assert_eq!(ok["channel"], "private-py");
+    let presence = &signed["presence"];
+    raw.send(json!({"event": "pusher:subscribe", "data": {"channel": "presence-py", "auth": presence["auth"], "channel_data": presence["channel_data"]}}))
+        .await;
+    let ok = raw
+        .next_event("pusher_internal:subscription_succeeded")
+        .await;
+    let members: Value = serde_json::from_str(ok["data"].as_str().unwrap()).unwrap();
+    assert_eq!(members["presence"]["hash"]["py-user"]["lang"], "python");
+    raw.send(json!({"event": "pusher:subscribe", "data": {"channel": "py-news"}}))
+        .await;
+    raw.next_event("pusher_internal:subscription_succeeded")
+        .await;
+    // A Tidings subscriber of the same channel, by SSE.
+    let mut sse = common::subscribe(
+        &server,
+        common::Kind::Sse,
+        &["pusher:1001:py-news"],
+        common::Start::Now,
+    )
+    .await;
+    let mut trigger = python_sdk(&server, &["trigger"]);
+    let lines: Vec<Value> = trigger
+        .finish_ok()
+        .await
+        .iter()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let event = raw.next_event("py-event").await;
+    assert_eq!(event["channel"], "py-news");
+    let data: Value = serde_json::from_str(event["data"].as_str().unwrap()).unwrap();
+    assert_eq!(data["from"], "python");
+    assert_eq!(raw.next_event("py-batch").await["data"], "{\"n\": 1}");
+    assert_eq!(raw.next_event("py-batch").await["data"], "{\"n\": 2}");
+    let seen = sse.messages(3).await;
+    assert_eq!(seen[0].0, "pusher:1001:py-news");
+    assert!(
+        lines.iter().any(|l| l["step"] == "channels_info"
+            && l["answer"]["channels"]["py-news"]["subscription_count"] == 1),
+        "{lines:?}"
+    );
+    assert!(lines.iter().any(|l| l["step"] == "wrong secret refused"));
+    server.shutdown().await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// The protocol's edges, on a bare WebSocket
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn unsupported_or_missing_protocol_versions_and_unknown_keys_close_with_pusher_codes() {
+    let server = pusher_server().await;
+    for (path, code) in [
+        ("/app/app-key?protocol=8", 4007),
+        ("/app/app-key?protocol=seven", 4006),
+        ("/app/app-key", 4008),
+        ("/app/nope?protocol=7", 4001),
+    ] {
+        let mut raw = Raw::connect(&server, path).await;
+        let error: Value = serde_json::from_str(&raw.socket_id).unwrap();
+        assert_eq!(error["event"], "pusher:error", "{path}");
+        assert_eq!(error["data"]["code"], code, "{path}");
+        assert_eq!(raw.next().await, json!({"close": code}), "{path}");
+    }
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn connections_over_the_app_quota_are_closed_with_4004() {
+    let server = TestServer::with(|c| app(c, |a| a.max_connections = 1)).await;
+    let _first = Raw::connect(&server, "/app/app-key?protocol=7").await;
+    let mut second = Raw::connect(&server, "/app/app-key?protocol=7").await;
+    let error: Value = serde_json::from_str(&second.socket_id).unwrap();
+    assert_eq!(error["data"]["code"], 4004);
+    assert_eq!(second.next().await, json!({"close": 4004}));
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn ping_gets_pong_and_client_events_are_refused_when_the_app_does_not_allow_them() {
+    let server = TestServer::with(|c| app(c, |a| a.client_events = false)).await;
+    let mut raw = Raw::connect(&server, "/app/app-key?protocol=7").await;
+    raw.send(json!({"event": "pusher:ping", "data": {}})).await;
+    assert_eq!(raw.next().await["event"], "pusher:pong");
+    let channel = "private-x";
+    let sig = tidings_pusher::sign::sign(SECRET, &format!("{}:{channel}", raw.socket_id));
+    raw.send(json!({"event": "pusher:subscribe", "data": {"channel": channel, "auth": format!("{KEY}:{sig}")}}))
+        .await;
+    raw.next_event("pusher_internal:subscription_succeeded")
+        .await;
+    raw.send(json!({"event": "client-x", "channel": channel, "data": {}}))
+        .await;
+    let err = raw.next_event("pusher:error").await;
+    assert!(
+        err["data"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("client_events = false"),
+        "{err}"
+    );
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_cache_channel_replays_its_last_event_on_subscribe_and_says_cache_miss_when_empty() {
+    let server = pusher_server().await;
+    let mut a = Raw::connect(&server, "/app/app-key?protocol=7").await;
+    a.send(json!({"event": "pusher:subscribe", "data": {"channel": "cache-weather"}}))
+        .await;
+    a.next_event("pusher_internal:subscription_succeeded").await;
+    assert_eq!(a.next().await["event"], "pusher:cache_miss");
+    for n in [1, 2] {
+        let res = server
+            .http
+            .post(format!(
+                "{}/publish/pusher:1001:cache-weather?event=temp",
+                server.url
+            ))
+            .header("content-type", "application/json")
+            .body(format!("{{\"n\":{n}}}"))
+            .send()
+            .await
+            .unwrap();
+        assert!(res.status().is_success());
+    }
+    let mut b = Raw::connect(&server, "/app/app-key?protocol=7").await;
+    b.send(json!({"event": "pusher:subscribe", "data": {"channel": "cache-weather"}}))
+        .await;
+    b.next_event("pusher_internal:subscription_succeeded").await;
+    let last = b.next().await;
+    assert_eq!(last["event"], "temp");
+    assert_eq!(last["data"], "{\"n\":2}");
+    server.shutdown().await;
+}
