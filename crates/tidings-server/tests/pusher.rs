@@ -448,3 +448,104 @@ async fn a_cache_channel_replays_its_last_event_on_subscribe_and_says_cache_miss
     assert_eq!(last["data"], "{\"n\":2}");
     server.shutdown().await;
 }
+
+// ---------------------------------------------------------------------------------------------
+// Webhooks
+// ---------------------------------------------------------------------------------------------
+
+/// One webhook request as received: its headers (lowercased names) and body.
+struct Hook {
+    headers: std::collections::HashMap<String, String>,
+    body: String,
+}
+
+/// Accepts one request on `listener`, answers `status`, returns what came.
+async fn receive_hook(listener: &tokio::net::TcpListener, status: u16) -> Hook {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (mut s, _) = tokio::time::timeout(TIMEOUT, listener.accept())
+        .await
+        .expect("no webhook within the timeout")
+        .unwrap();
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    let (head_end, length) = loop {
+        let n = s.read(&mut chunk).await.unwrap();
+        assert!(n > 0, "the webhook request ended early");
+        buf.extend_from_slice(&chunk[..n]);
+        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&buf[..i]).to_lowercase();
+            let length: usize = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length: "))
+                .unwrap()
+                .trim()
+                .parse()
+                .unwrap();
+            break (i + 4, length);
+        }
+    };
+    while buf.len() < head_end + length {
+        let n = s.read(&mut chunk).await.unwrap();
+        assert!(n > 0, "the webhook body ended early");
+        buf.extend_from_slice(&chunk[..n]);
+    }
+    let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
+    let headers = head
+        .lines()
+        .skip(1)
+        .filter_map(|l| l.split_once(": "))
+        .map(|(k, v)| (k.to_ascii_lowercase(), v.trim().to_owned()))
+        .collect();
+    let body = String::from_utf8_lossy(&buf[head_end..head_end + length]).into_owned();
+    let answer = format!("HTTP/1.1 {status} X\r\ncontent-length: 0\r\nconnection: close\r\n\r\n");
+    s.write_all(answer.as_bytes()).await.unwrap();
+    Hook { headers, body }
+}
+
+#[tokio::test]
+async fn webhooks_are_signed_batched_and_retried_until_the_endpoint_accepts_them() {
+    let hooks = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/pusher/webhook", hooks.local_addr().unwrap());
+    let server = TestServer::with(|c| app(c, |a| a.webhook_url = Some(url))).await;
+    let mut raw = Raw::connect(&server, "/app/app-key?protocol=7").await;
+    let channel = "presence-hooked";
+    let data = r#"{"user_id":"u9"}"#;
+    let sig = tidings_pusher::sign::sign(SECRET, &format!("{}:{channel}:{data}", raw.socket_id));
+    raw.send(json!({"event": "pusher:subscribe", "data": {"channel": channel, "auth": format!("{KEY}:{sig}"), "channel_data": data}}))
+        .await;
+    raw.next_event("pusher_internal:subscription_succeeded")
+        .await;
+    // The endpoint fails the first time: the same batch comes again.
+    let first = receive_hook(&hooks, 500).await;
+    let again = receive_hook(&hooks, 200).await;
+    assert_eq!(first.body, again.body);
+    assert_eq!(again.headers["x-pusher-key"], KEY);
+    assert_eq!(
+        again.headers["x-pusher-signature"],
+        tidings_pusher::sign::sign(SECRET, &again.body)
+    );
+    let body: Value = serde_json::from_str(&again.body).unwrap();
+    let names: Vec<&str> = body["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["channel_occupied", "member_added"], "{body}");
+    assert_eq!(body["events"][1]["user_id"], "u9");
+    // Leaving sends the other half.
+    raw.send(json!({"event": "pusher:unsubscribe", "data": {"channel": channel}}))
+        .await;
+    let left: Value = serde_json::from_str(&receive_hook(&hooks, 200).await.body).unwrap();
+    let names: Vec<&str> = left["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["member_removed", "channel_vacated"], "{left}");
+    server
+        .await_metric("tidings_pusher_webhooks_sent_total{app_id=\"1001\"}", 2.0)
+        .await;
+    server.shutdown().await;
+}
