@@ -50,6 +50,9 @@ pub enum BenchTransport {
     Stream,
     Ws,
     LongPoll,
+    /// The Pusher protocol (`/app/{key}?protocol=7`, one `pusher:subscribe` per connection),
+    /// Tidings only: channel `NAME` is published as `pusher:{app-id}:NAME`.
+    Pusher,
 }
 
 #[derive(Debug, Args)]
@@ -99,6 +102,11 @@ pub struct BenchArgs {
     /// Channel name prefix (default: a fresh one per run, so history is empty).
     #[arg(long)]
     channel_prefix: Option<String>,
+    /// `--transport pusher`: the app's key and id (`[[pusher.apps]]`).
+    #[arg(long, default_value = "app-key")]
+    pusher_key: String,
+    #[arg(long, default_value = "1001")]
+    pusher_app_id: String,
     /// Free text copied into the JSON result (scenario name).
     #[arg(long)]
     label: Option<String>,
@@ -151,7 +159,15 @@ impl Ctx {
     }
 
     fn channel(&self, c: usize) -> String {
+        if self.args.transport == BenchTransport::Pusher {
+            return format!("pusher:{}:{}", self.args.pusher_app_id, self.pusher_name(c));
+        }
         format!("{}{c}", self.prefix)
+    }
+
+    /// The Pusher name of channel `c` (Pusher names have no `:`).
+    fn pusher_name(&self, c: usize) -> String {
+        format!("{}{c}", self.prefix.replace(':', "-"))
     }
 }
 
@@ -407,6 +423,7 @@ fn report(
             BenchTransport::Stream => "stream",
             BenchTransport::Ws => "ws",
             BenchTransport::LongPoll => "long-poll",
+            BenchTransport::Pusher => "pusher",
         },
         "url": a.url,
         "subscribers": a.subscribers,
@@ -786,6 +803,7 @@ fn subscribe_path(ctx: &Ctx, channel: &str) -> String {
         (Target::Pushpin, Stream) => format!("/stream/{channel}"),
         (Target::Pushpin, Ws) => format!("/ws/{channel}"),
         (Target::Pushpin, LongPoll) => format!("/poll/{channel}"),
+        (_, Pusher) => format!("/app/{}?protocol=7", ctx.args.pusher_key),
     }
 }
 
@@ -794,6 +812,7 @@ async fn subscriber(i: usize, ctx: Arc<Ctx>, gate: Arc<Semaphore>) {
     let source = (ctx.args.subscribers > ctx.args.per_source_ip)
         .then(|| Ipv4Addr::new(127, 0, 0, 1 + (i / ctx.args.per_source_ip.max(1)) as u8));
     let path = subscribe_path(&ctx, &ctx.channel(ch));
+    let pusher = (ctx.args.transport == BenchTransport::Pusher).then(|| ctx.pusher_name(ch));
     let mut rx = Receiver {
         ctx: &ctx,
         stats: &ctx.subs[i],
@@ -804,7 +823,7 @@ async fn subscriber(i: usize, ctx: Arc<Ctx>, gate: Arc<Semaphore>) {
     };
     let opened = {
         let _permit = gate.acquire().await;
-        open(&ctx, source, &path).await
+        open(&ctx, source, &path, pusher.as_deref()).await
     };
     let mut conn = match opened {
         Ok(c) => c,
@@ -830,7 +849,12 @@ async fn subscriber(i: usize, ctx: Arc<Ctx>, gate: Arc<Semaphore>) {
 }
 
 /// Connects and, for streaming transports, sends the request and reads the response head.
-async fn open(ctx: &Ctx, source: Option<Ipv4Addr>, path: &str) -> io::Result<Conn> {
+async fn open(
+    ctx: &Ctx,
+    source: Option<Ipv4Addr>,
+    path: &str,
+    pusher: Option<&str>,
+) -> io::Result<Conn> {
     let stream = connect(ctx.sub_addr, source).await?;
     let mut conn = Conn::new(stream);
     if ctx.args.transport == BenchTransport::LongPoll {
@@ -838,7 +862,7 @@ async fn open(ctx: &Ctx, source: Option<Ipv4Addr>, path: &str) -> io::Result<Con
     }
     let extra = match ctx.args.transport {
         BenchTransport::Sse => "Accept: text/event-stream\r\n",
-        BenchTransport::Ws => {
+        BenchTransport::Ws | BenchTransport::Pusher => {
             "Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\n\
              Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
         }
@@ -848,15 +872,34 @@ async fn open(ctx: &Ctx, source: Option<Ipv4Addr>, path: &str) -> io::Result<Con
     conn.stream.write_all(req.as_bytes()).await?;
     let head = conn.head().await?;
     let ok = match ctx.args.transport {
-        BenchTransport::Ws => head.status == 101,
+        BenchTransport::Ws | BenchTransport::Pusher => head.status == 101,
         _ => head.status == 200,
     };
     if !ok {
         return Err(io::Error::other(format!("status {}", head.status)));
     }
+    if let Some(name) = pusher {
+        let frame = format!(r#"{{"event":"pusher:subscribe","data":{{"channel":"{name}"}}}}"#);
+        conn.stream.write_all(&masked_text(frame.as_bytes())).await?;
+    }
     ctx.connected.fetch_add(1, Relaxed);
     conn.consume(head.end);
     Ok(conn)
+}
+
+/// A client text frame (clients must mask; a zero key leaves the payload as it is).
+fn masked_text(payload: &[u8]) -> Vec<u8> {
+    let mut f = vec![0x81];
+    match payload.len() {
+        n if n < 126 => f.push(0x80 | n as u8),
+        n => {
+            f.push(0x80 | 126);
+            f.extend_from_slice(&(n.min(usize::from(u16::MAX)) as u16).to_be_bytes());
+        }
+    }
+    f.extend_from_slice(&[0, 0, 0, 0]);
+    f.extend_from_slice(payload);
+    f
 }
 
 async fn stream_loop(ctx: &Ctx, conn: &mut Conn, rx: &mut Receiver<'_>) -> io::Result<()> {
