@@ -549,3 +549,37 @@ async fn webhooks_are_signed_batched_and_retried_until_the_endpoint_accepts_them
         .await;
     server.shutdown().await;
 }
+
+// ---------------------------------------------------------------------------------------------
+// Configuration
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn pusher_apps_parse_from_toml_and_bad_ones_are_refused_with_the_key_named() {
+    let ok = Config::from_toml(
+        "[[pusher.apps]]\nid = 1001\nkey = \"k\"\nsecret = \"s\"\nclient_events = true\n\n[[pusher.apps]]\nid = \"1002\"\nkey = \"k2\"\nsecret = \"s2\"\nwebhook_url = \"http://127.0.0.1:9/h\"\n",
+    )
+    .unwrap();
+    assert_eq!(ok.pusher.apps.len(), 2);
+    assert_eq!(ok.pusher.apps[0].id, "1001");
+    assert!(ok.pusher.apps[0].client_events);
+    assert!(!format!("{ok:?}").contains("\"s2\""), "secrets are masked");
+    for (toml, names) in [
+        (
+            "[[pusher.apps]]\nid = \"x\"\nkey = \"k\"\nsecret = \"s\"\n",
+            "pusher.apps[0].id",
+        ),
+        ("[[pusher.apps]]\nid = \"1\"\nkey = \"k\"\n", "secret"),
+        (
+            "[[pusher.apps]]\nid = \"1\"\nkey = \"k\"\nsecret = \"s\"\nbogus = 1\n",
+            "bogus",
+        ),
+        (
+            "[[pusher.apps]]\nid = \"1\"\nkey = \"k\"\nsecret = \"s\"\nwebhook_url = \"https://x/\"\n",
+            "webhook_url",
+        ),
+    ] {
+        let e = Config::from_toml(toml).unwrap_err().to_string();
+        assert!(e.contains(names), "{toml}: {e}");
+    }
+}

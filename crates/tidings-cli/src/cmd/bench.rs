@@ -880,7 +880,9 @@ async fn open(
     }
     if let Some(name) = pusher {
         let frame = format!(r#"{{"event":"pusher:subscribe","data":{{"channel":"{name}"}}}}"#);
-        conn.stream.write_all(&masked_text(frame.as_bytes())).await?;
+        conn.stream
+            .write_all(&masked_text(frame.as_bytes()))
+            .await?;
     }
     ctx.connected.fetch_add(1, Relaxed);
     conn.consume(head.end);
