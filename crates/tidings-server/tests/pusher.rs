@@ -10,6 +10,8 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
+#[path = "../../tidings-redis/tests/support/mod.rs"]
+mod redis_support;
 
 use std::path::{Path, PathBuf};
 
@@ -582,4 +584,73 @@ fn pusher_apps_parse_from_toml_and_bad_ones_are_refused_with_the_key_named() {
         let e = Config::from_toml(toml).unwrap_err().to_string();
         assert!(e.contains(names), "{toml}: {e}");
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Two nodes on one Redis
+// ---------------------------------------------------------------------------------------------
+
+/// POSTs `body` to the HTTP API path `path`, signed as the SDKs sign.
+async fn signed_post(server: &TestServer, path: &str, body: &str) -> u16 {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let mut query = vec![
+        ("auth_key".to_owned(), KEY.to_owned()),
+        ("auth_timestamp".to_owned(), now.to_string()),
+        ("auth_version".to_owned(), "1.0".to_owned()),
+        (
+            "body_md5".to_owned(),
+            tidings_pusher::sign::md5_hex(body.as_bytes()),
+        ),
+    ];
+    let sig = tidings_pusher::sign::sign_request(SECRET, "POST", path, &query);
+    query.push(("auth_signature".to_owned(), sig));
+    let q: Vec<String> = query.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    server
+        .http
+        .post(format!("{}{path}?{}", server.url, q.join("&")))
+        .header("content-type", "application/json")
+        .body(body.to_owned())
+        .send()
+        .await
+        .unwrap()
+        .status()
+        .as_u16()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_two_nodes_sharing_redis_a_trigger_and_a_client_event_on_one_reach_a_pusher_client_on_the_other()
+ {
+    let redis = redis_support::shared();
+    let prefix = redis_support::unique_prefix("pusher");
+    let node = || {
+        let (url, prefix) = (redis.url(), prefix.clone());
+        TestServer::with(move |c| {
+            c.broker.url = url;
+            c.broker.prefix = prefix;
+            app(c, |_| {});
+        })
+    };
+    let (a, b) = (node().await, node().await);
+    let mut on_b = Raw::connect(&b, "/app/app-key?protocol=7").await;
+    let mut on_a = Raw::connect(&a, "/app/app-key?protocol=7").await;
+    for raw in [&mut on_a, &mut on_b] {
+        let sig = tidings_pusher::sign::sign(SECRET, &format!("{}:private-x", raw.socket_id));
+        raw.send(json!({"event": "pusher:subscribe", "data": {"channel": "private-x", "auth": format!("{KEY}:{sig}")}}))
+            .await;
+        raw.next_event("pusher_internal:subscription_succeeded")
+            .await;
+    }
+    let body =
+        json!({"name": "across", "channels": ["private-x"], "data": "{\"n\":1}"}).to_string();
+    assert_eq!(signed_post(&a, "/apps/1001/events", &body).await, 200);
+    assert_eq!(on_b.next_event("across").await["data"], "{\"n\":1}");
+    on_a.send(json!({"event": "client-hi", "channel": "private-x", "data": {"from": "a"}}))
+        .await;
+    let hi = on_b.next_event("client-hi").await;
+    assert_eq!(hi["data"], "{\"from\":\"a\"}");
+    a.shutdown().await;
+    b.shutdown().await;
 }
