@@ -167,8 +167,15 @@ async fn run(
     };
     s.text(&protocol::connection_established(&socket_id));
     s.run().await;
-    s.leave_all();
-    s.app.disconnect(&s.socket);
+}
+
+/// However the session ends — its goodbye, a broken socket, or its future dropped — it
+/// leaves its channels (presence included) and the app forgets the socket.
+impl Drop for Session {
+    fn drop(&mut self) {
+        self.leave_all();
+        self.app.disconnect(&self.socket);
+    }
 }
 
 /// Says why the connection is refused and closes it with `code`.
