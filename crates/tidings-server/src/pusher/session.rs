@@ -23,7 +23,6 @@
 //! local subscriber of the channel, Tidings' own included, sees it in order with the
 //! channel's messages; the last one's leave announces `member_removed`.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
@@ -94,7 +93,9 @@ struct Session {
     app: Arc<App>,
     socket: Arc<Socket>,
     sub: Subscription,
-    followed: HashMap<ChannelName, Followed>,
+    /// A list, not a map: most connections follow a channel or two, and an idle socket's
+    /// memory is what a map's buckets would add to.
+    followed: Vec<(ChannelName, Followed)>,
     kill: CancellationToken,
     terminated: CancellationToken,
     heard: Instant,
@@ -111,18 +112,37 @@ enum Next {
     Gone,
 }
 
-async fn run(
+/// Sets the session up and returns its future, or the refusal's. Not `async` itself: its
+/// arguments would stay in the future beside the `Session` they were moved into (memory per
+/// idle connection).
+fn run(
     state: AppState,
     app: Option<Arc<App>>,
     protocol: Result<(), (u16, &'static str)>,
-    mut io: WsIo,
+    io: WsIo,
     pre: Bytes,
-) {
+) -> impl Future<Output = ()> + Send {
+    use futures_util::future::Either;
+    match setup(state, app, protocol, io, pre) {
+        Ok(mut s) => Either::Left(async move { s.run().await }),
+        Err((mut io, code, why)) => Either::Right(async move { refuse(&mut io, code, why).await }),
+    }
+}
+
+type Refusal = (WsIo, u16, &'static str);
+
+fn setup(
+    state: AppState,
+    app: Option<Arc<App>>,
+    protocol: Result<(), (u16, &'static str)>,
+    io: WsIo,
+    pre: Bytes,
+) -> Result<Session, Refusal> {
     let Some(app) = app else {
-        return refuse(&mut io, code::APP_NOT_FOUND, "App key not in this server").await;
+        return Err((io, code::APP_NOT_FOUND, "App key not in this server"));
     };
     if let Err((c, why)) = protocol {
-        return refuse(&mut io, c, why).await;
+        return Err((io, c, why));
     }
     let terminated = CancellationToken::new();
     let socket_id = protocol::socket_id();
@@ -130,7 +150,7 @@ async fn run(
         let t = terminated.clone();
         match app.connect(socket_id.clone(), move || t.cancel()) {
             Ok(s) => s,
-            Err(_) => return refuse(&mut io, code::OVER_QUOTA, "Over connection quota").await,
+            Err(_) => return Err((io, code::OVER_QUOTA, "Over connection quota")),
         }
     };
     let kill = CancellationToken::new();
@@ -157,7 +177,7 @@ async fn run(
         app,
         socket,
         sub,
-        followed: HashMap::new(),
+        followed: Vec::new(),
         kill,
         terminated,
         heard: now,
@@ -166,7 +186,7 @@ async fn run(
         window: (now, 0),
     };
     s.text(&protocol::connection_established(&socket_id));
-    s.run().await;
+    Ok(s)
 }
 
 /// However the session ends — its goodbye, a broken socket, or its future dropped — it
@@ -440,7 +460,7 @@ impl Session {
         let Ok(tidings) = channel.tidings(id) else {
             return self.sub_error(name, "InvalidChannel", "invalid channel name", 400);
         };
-        if self.followed.contains_key(&tidings) {
+        if self.followed.iter().any(|(c, _)| *c == tidings) {
             // pusher-js resubscribes after a reconnect only; answer as the first time.
             let data = self.succeeded_data(&channel);
             return self.text(&protocol::subscription_succeeded(name, &data));
@@ -513,13 +533,13 @@ impl Session {
                 self.announce(&tidings, PresenceKind::Join, &m.user_id);
             }
         }
-        self.followed.insert(
+        self.followed.push((
             tidings,
             Followed {
                 pusher: channel.clone(),
                 member: user_id,
             },
-        );
+        ));
         let data = self.succeeded_data(&channel);
         self.text(&protocol::subscription_succeeded(name, &data));
         if cache_miss {
@@ -550,9 +570,10 @@ impl Session {
 
     /// Stops following a channel: the hub, the app's counts, presence.
     fn leave(&mut self, tidings: &ChannelName) {
-        let Some(f) = self.followed.remove(tidings) else {
+        let Some(i) = self.followed.iter().position(|(c, _)| c == tidings) else {
             return;
         };
+        let (_, f) = self.followed.swap_remove(i);
         self.sub.remove(tidings);
         if let Some(user) = &f.member
             && self.app.presence_leave(&f.pusher.name, user)
@@ -563,7 +584,7 @@ impl Session {
     }
 
     fn leave_all(&mut self) {
-        let all: Vec<ChannelName> = self.followed.keys().cloned().collect();
+        let all: Vec<ChannelName> = self.followed.iter().map(|(c, _)| c.clone()).collect();
         for c in &all {
             self.leave(c);
         }
@@ -605,7 +626,7 @@ impl Session {
         let Ok(tidings) = channel.tidings(&app.config.id) else {
             return refuse(self, "invalid channel name");
         };
-        let Some(followed) = self.followed.get(&tidings) else {
+        let Some((_, followed)) = self.followed.iter().find(|(c, _)| *c == tidings) else {
             return refuse(
                 self,
                 "Client event rejected - not subscribed to the channel",
