@@ -70,10 +70,7 @@ pub async fn connect(
     let ws = ws?;
     let app = state.pusher.by_key(&key).cloned();
     let protocol = protocol::check_protocol(query.as_deref());
-    Ok(ws.accept(move |io, pre| async move {
-        run(state, app, protocol, io, pre).await;
-        0
-    }))
+    Ok(ws.accept(move |io, pre| run(state, app, protocol, io, pre)))
 }
 
 /// A followed channel.
@@ -101,6 +98,8 @@ struct Session {
     heard: Instant,
     pinged: bool,
     malformed: u32,
+    /// Bytes written to the socket (the access log's size of the exchange).
+    written: u64,
     /// Client events in the current one-second window.
     window: (Instant, u32),
 }
@@ -121,10 +120,13 @@ fn run(
     protocol: Result<(), (u16, &'static str)>,
     io: WsIo,
     pre: Bytes,
-) -> impl Future<Output = ()> + Send {
+) -> impl Future<Output = u64> + Send {
     use futures_util::future::Either;
     match setup(state, app, protocol, io, pre) {
-        Ok(mut s) => Either::Left(async move { s.run().await }),
+        Ok(mut s) => Either::Left(async move {
+            s.run().await;
+            s.written
+        }),
         Err((mut io, code, why)) => Either::Right(async move { refuse(&mut io, code, why).await }),
     }
 }
@@ -183,6 +185,7 @@ fn setup(
         heard: now,
         pinged: false,
         malformed: 0,
+        written: 0,
         window: (now, 0),
     };
     s.text(&protocol::connection_established(&socket_id));
@@ -198,8 +201,8 @@ impl Drop for Session {
     }
 }
 
-/// Says why the connection is refused and closes it with `code`.
-async fn refuse(io: &mut WsIo, code: u16, why: &'static str) {
+/// Says why the connection is refused and closes it with `code`; returns the bytes written.
+async fn refuse(io: &mut WsIo, code: u16, why: &'static str) -> u64 {
     let mut out = Vec::new();
     wsframe::encode(
         &mut out,
@@ -207,8 +210,8 @@ async fn refuse(io: &mut WsIo, code: u16, why: &'static str) {
         protocol::error(Some(code), why).as_bytes(),
     );
     wsframe::encode_close(&mut out, code, why);
+    let mut sent = 0;
     let _ = tokio::time::timeout(GOODBYE_TIMEOUT, async {
-        let mut sent = 0;
         while sent < out.len() {
             match io.write(&out[sent..]).await? {
                 0 => break,
@@ -219,6 +222,7 @@ async fn refuse(io: &mut WsIo, code: u16, why: &'static str) {
         io.shutdown().await
     })
     .await;
+    sent as u64
 }
 
 impl Session {
@@ -284,7 +288,10 @@ impl Session {
             };
             match wrote {
                 Ok(Ok(0) | Err(_)) | Err(_) => return Next::Gone,
-                Ok(Ok(n)) => self.sent += n,
+                Ok(Ok(n)) => {
+                    self.sent += n;
+                    self.written += n as u64;
+                }
             }
         }
         if !self.out.is_empty() {
@@ -305,7 +312,10 @@ impl Session {
         while self.sent < self.out.len() {
             match self.io.write(&self.out[self.sent..]).await? {
                 0 => return Err(std::io::ErrorKind::WriteZero.into()),
-                n => self.sent += n,
+                n => {
+                    self.sent += n;
+                    self.written += n as u64;
+                }
             }
         }
         self.out = Vec::new();
