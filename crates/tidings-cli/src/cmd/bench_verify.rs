@@ -509,12 +509,12 @@ pub(super) async fn run(args: BenchArgs) -> anyhow::Result<()> {
                     first = Some(at);
                 }
                 eprintln!("bench: t={at:.1}s running: {command}");
-                let status = tokio::process::Command::new("sh")
-                    .arg("-c")
-                    .arg(&command)
-                    .status()
-                    .await;
-                if !matches!(&status, Ok(s) if s.success()) {
+                // std's Command on a blocking thread: this crate's tokio has no `process`.
+                let status = tokio::task::spawn_blocking(move || {
+                    std::process::Command::new("sh").arg("-c").arg(&command).status()
+                })
+                .await;
+                if !matches!(&status, Ok(Ok(s)) if s.success()) {
                     eprintln!("bench: the event command failed: {status:?}");
                 }
             }
