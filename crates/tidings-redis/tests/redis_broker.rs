@@ -715,7 +715,10 @@ async fn a_publish_redis_refuses_with_an_error_code_of_its_own_answers_unavailab
     // min-replicas-to-write asks for) are codes redis-rs has no name for; Redis refused the
     // script before it wrote anything, so the publisher must hear "not stored".
     for settings in [
-        &["CONFIG SET maxmemory-policy noeviction", "CONFIG SET maxmemory 1"][..],
+        &[
+            "CONFIG SET maxmemory-policy noeviction",
+            "CONFIG SET maxmemory 1",
+        ][..],
         &["CONFIG SET min-replicas-to-write 1"][..],
     ] {
         let server = RedisServer::start();
@@ -734,8 +737,15 @@ async fn a_publish_redis_refuses_with_an_error_code_of_its_own_answers_unavailab
             }
             other => panic!("{settings:?}: expected Unavailable, got {other:?}"),
         }
-        assert_eq!(server.command("DBSIZE"), keys, "{settings:?}: nothing stored");
+        assert_eq!(
+            server.command("DBSIZE"),
+            keys,
+            "{settings:?}: nothing stored"
+        );
         let stream = format!("XLEN {prefix}:{{news}}:s");
-        assert!(server.command(&stream).starts_with(":1"), "{settings:?}: nothing stored");
+        assert!(
+            server.command(&stream).starts_with(":1"),
+            "{settings:?}: nothing stored"
+        );
     }
 }

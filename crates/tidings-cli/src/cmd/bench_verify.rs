@@ -511,7 +511,10 @@ pub(super) async fn run(args: BenchArgs) -> anyhow::Result<()> {
                 eprintln!("bench: t={at:.1}s running: {command}");
                 // std's Command on a blocking thread: this crate's tokio has no `process`.
                 let status = tokio::task::spawn_blocking(move || {
-                    std::process::Command::new("sh").arg("-c").arg(&command).status()
+                    std::process::Command::new("sh")
+                        .arg("-c")
+                        .arg(&command)
+                        .status()
                 })
                 .await;
                 if !matches!(&status, Ok(Ok(s)) if s.success()) {
