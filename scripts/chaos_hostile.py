@@ -27,7 +27,7 @@ from urllib.parse import urlparse
 
 counts = {
     "stalled_opened": 0,
-    "stalled_closed_by_server": 0,
+    "stalled_closed_by_server": 0,  # the node let go of it (or the node died)
     "slowloris_opened": 0,
     "slowloris_closed_by_server": 0,
     "malformed_sent": 0,
@@ -56,16 +56,17 @@ async def open_small(host, port):
 STALLED_PORTS = set()
 
 
-def established_ports():
-    """Local ports of our TCP connections still established. A stalled subscriber whose port
-    left this set was closed by the server (FIN: CLOSE_WAIT, or RST: gone)."""
+def held_by_nodes(node_ports):
+    """Remote ports of connections a node still holds open (its side ESTABLISHED). A node that
+    gives up on a stalled subscriber closes its socket; with our window full its FIN cannot
+    even reach us, so the server's side is where to look, not ours."""
     ports = set()
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         try:
             for line in open(table).readlines()[1:]:
                 f = line.split()
-                if f[3] == "01":
-                    ports.add(int(f[1].rsplit(":", 1)[1], 16))
+                if f[3] == "01" and int(f[1].rsplit(":", 1)[1], 16) in node_ports:
+                    ports.add(int(f[2].rsplit(":", 1)[1], 16))
         except OSError:
             pass
     return ports
@@ -86,11 +87,11 @@ async def stalled(host, port, channel, until):
     w.transport.abort()
 
 
-async def watch_stalled(until):
+async def watch_stalled(until, node_ports):
     closed = set()
     while time.monotonic() < until:
         await asyncio.sleep(2)
-        closed |= STALLED_PORTS - established_ports()
+        closed |= STALLED_PORTS - held_by_nodes(node_ports)
         counts["stalled_closed_by_server"] = len(closed)
 
 
@@ -234,7 +235,7 @@ async def main():
         host, port = targets[i % len(targets)]
         tasks.append(slowloris(host, port, until, body=i % 2 == 1))
     tasks.append(storm(targets, args.storm, until, args.storm_every))
-    tasks.append(watch_stalled(until))
+    tasks.append(watch_stalled(until, {p for _, p in targets}))
     # The run may end before --duration: report what happened so far on SIGTERM.
     done = asyncio.Event()
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, done.set)
