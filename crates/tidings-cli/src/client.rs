@@ -15,6 +15,7 @@ use serde::Deserialize;
 use url::Url;
 
 /// The server a client command talks to, and the credentials it presents.
+#[derive(Clone)]
 pub struct Client {
     http: reqwest::Client,
     base: Url,
@@ -38,6 +39,15 @@ impl Client {
     }
 
     /// The server's base URL, as shown to the user in messages.
+    /// The same client (connection pool, token) for another base URL.
+    pub fn with_base(&self, url: &str) -> anyhow::Result<Self> {
+        Ok(Self {
+            http: self.http.clone(),
+            base: base_url(url)?,
+            token: self.token.clone(),
+        })
+    }
+
     pub fn base(&self) -> &Url {
         &self.base
     }

@@ -410,6 +410,30 @@ async fn subscribe_reconnects_by_itself_and_resumes_without_loss(transport: &str
     );
 }
 
+/// Two node URLs (two proxies in front of one server, standing for two nodes of one
+/// deployment): the subscriber starts on the first; that one goes away for good after 3
+/// messages; it must move to the second with its cursor and print all 6, each once, in order.
+async fn subscribe_moves_to_the_next_node_url_and_resumes_from_its_cursor(transport: &str) {
+    let server = Server::start().await;
+    let first = Proxy::start(&server.url).await;
+    let second = Proxy::start(&server.url).await;
+    let mut published = publish_numbered(&server, 1..=3).await;
+    let urls = format!("{},{}", first.url, second.url);
+    let mut args = vec!["news", "--history", "3", "--count", "6", "--url", &urls];
+    args.extend(transport_args(transport));
+    let mut sub = subscriber(&args);
+    sub.wait_for_lines(3).await;
+    first.cut();
+    published.extend(publish_numbered(&server, 4..=6).await);
+    let lines = sub.finish_ok().await;
+    assert_envelopes(&lines, &published);
+    assert!(
+        second.connections() >= 1,
+        "the subscriber never tried the second URL\n{}",
+        sub.context()
+    );
+}
+
 macro_rules! per_transport {
     ($($test:ident: $scenario:ident($transport:literal);)+) => {
         $(
@@ -452,6 +476,12 @@ per_transport! {
         subscribe_reconnects_by_itself_and_resumes_without_loss("long-poll");
     subscribe_over_poll_reconnects_by_itself_and_resumes_without_loss:
         subscribe_reconnects_by_itself_and_resumes_without_loss("poll");
+    subscribe_over_sse_moves_to_the_next_node_url_and_resumes_from_its_cursor:
+        subscribe_moves_to_the_next_node_url_and_resumes_from_its_cursor("sse");
+    subscribe_over_ws_moves_to_the_next_node_url_and_resumes_from_its_cursor:
+        subscribe_moves_to_the_next_node_url_and_resumes_from_its_cursor("ws");
+    subscribe_over_long_poll_moves_to_the_next_node_url_and_resumes_from_its_cursor:
+        subscribe_moves_to_the_next_node_url_and_resumes_from_its_cursor("long-poll");
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -182,10 +182,17 @@ fn publish_failure(e: &redis::RedisError) -> PublishFailure {
         // A server error answers the request: a script that fails does so before writing
         // (Redis refuses a write script under OOM before running it).
         ErrorKind::Server(_) => PublishFailure::NotRun,
+        // The same for the server's error codes redis-rs has no name for: `OOM` under
+        // noeviction, `NOREPLICAS` under min-replicas-to-write (an old primary back before
+        // Sentinel demoted it), `BUSY`, `NOAUTH`. Redis answered, and refused before writing.
+        // (Found by scripts/chaos.sh: these used to answer `outcome_unknown`.)
+        ErrorKind::Extension => PublishFailure::NotRun,
         ErrorKind::ClusterConnectionNotFound => PublishFailure::NotRunRetry,
         // Redis is down: fail fast rather than wait for it.
         ErrorKind::Io if e.is_connection_refusal() => PublishFailure::NotRun,
         ErrorKind::InvalidClientConfig | ErrorKind::AuthenticationFailed => PublishFailure::NotRun,
+        // Sentinel named no reachable primary: nothing was sent.
+        ErrorKind::MasterNameNotFoundBySentinel => PublishFailure::NotRun,
         _ => PublishFailure::Unknown,
     }
 }
@@ -236,6 +243,9 @@ impl RedisBroker {
         tokio::spawn(run_reader(shared.clone(), rx, recovered_rx, stop.clone()));
         tokio::spawn(run_supervisor(shared.clone(), stop.clone()));
         tokio::spawn(run_upkeep(shared.clone(), stop.clone()));
+        if let Some(sentinel) = shared.endpoint.sentinel() {
+            tokio::spawn(crate::sentinel::run_watcher(sentinel.clone(), stop.clone()));
+        }
         let broker = Arc::new(Self { shared, stop });
         // The command connection is up; a node is only useful once pub/sub is too.
         let deadline = tokio::time::Instant::now() + 2 * RESPONSE_TIMEOUT;

@@ -7,6 +7,7 @@
 //! server with `cluster_enabled:1`, mean a Redis Cluster. Passwords never reach a log or an
 //! error message: URLs are shown through `masked`.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use redis::aio::{
@@ -21,6 +22,7 @@ use redis::{
 };
 
 use crate::ConnectError;
+use crate::sentinel::{self, Sentinel};
 
 /// Time to open a TCP (and TLS) connection.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
@@ -57,6 +59,8 @@ pub enum Endpoint {
         nodes: Vec<ConnectionInfo>,
         tls_ca: Option<Vec<u8>>,
     },
+    /// One primary at a time, named by Redis Sentinel (`sentinel.rs`).
+    Sentinel(Arc<Sentinel>),
 }
 
 /// The command connection.
@@ -64,6 +68,8 @@ pub enum Endpoint {
 pub enum Commands {
     Single(ConnectionManager),
     Cluster(ClusterConnection),
+    /// The connection to whichever server Sentinel named last (swapped on failover).
+    Sentinel(Arc<Sentinel>),
 }
 
 /// The pub/sub connection (RESP3; messages arrive through its push sender).
@@ -137,6 +143,9 @@ pub async fn open(urls: &[String], tls_ca: Option<Vec<u8>>) -> Result<Opened, Co
     let Some(first_url) = urls.first() else {
         return Err(ConnectError::Url("no Redis URL given".into()));
     };
+    if first_url.trim_start().starts_with(sentinel::SCHEME) {
+        return open_sentinel(first_url, tls_ca).await;
+    }
     if urls.iter().any(|u| u.starts_with("rediss://")) {
         // rustls needs a process-wide crypto provider; another part of the process may
         // already have installed the same one, which is fine.
@@ -227,9 +236,34 @@ async fn open_cluster(
     })
 }
 
+async fn open_sentinel(url: &str, tls_ca: Option<Vec<u8>>) -> Result<Opened, ConnectError> {
+    if tls_ca.is_some() {
+        return Err(ConnectError::Url(
+            "broker.tls_ca_file is set but Sentinel URLs speak plain TCP".into(),
+        ));
+    }
+    let target = Arc::new(sentinel::parse(url)?);
+    target
+        .connect_primary()
+        .await
+        .map_err(|e| connect_error(url, e))?;
+    Ok(Opened {
+        endpoint: Endpoint::Sentinel(target.clone()),
+        commands: Commands::Sentinel(target.clone()),
+        publisher: Commands::Sentinel(target),
+    })
+}
+
 impl Endpoint {
     pub fn is_cluster(&self) -> bool {
         matches!(self, Endpoint::Cluster { .. })
+    }
+
+    pub fn sentinel(&self) -> Option<&Arc<Sentinel>> {
+        match self {
+            Endpoint::Sentinel(s) => Some(s),
+            _ => None,
+        }
     }
 
     /// A new pub/sub connection whose pushes go to `sender`.
@@ -252,6 +286,19 @@ impl Endpoint {
                     .build()?;
                 Ok(PubSubConn::Cluster(client.get_async_connection().await?))
             }
+            Endpoint::Sentinel(target) => {
+                // The command connection moves first, so a publish that finds the new
+                // pub/sub link installed also writes to the new primary.
+                let primary = target.connect_primary().await?;
+                let config = AsyncConnectionConfig::new()
+                    .set_connection_timeout(Some(CONNECT_TIMEOUT))
+                    .set_response_timeout(Some(RESPONSE_TIMEOUT))
+                    .set_push_sender(sender);
+                let conn = Client::open(with_resp3(&target.primary_at(&primary)))?
+                    .get_multiplexed_async_connection_with_config(&config)
+                    .await?;
+                Ok(PubSubConn::Single(conn))
+            }
         }
     }
 }
@@ -261,6 +308,7 @@ impl Commands {
         match self {
             Commands::Single(c) => script.invoke_async(&mut c.clone()).await,
             Commands::Cluster(c) => script.invoke_async(&mut c.clone()).await,
+            Commands::Sentinel(s) => script.invoke_async(&mut s.commands()?).await,
         }
     }
 
@@ -268,6 +316,7 @@ impl Commands {
         match self {
             Commands::Single(c) => cmd.query_async(&mut c.clone()).await,
             Commands::Cluster(c) => cmd.query_async(&mut c.clone()).await,
+            Commands::Sentinel(s) => cmd.query_async(&mut s.commands()?).await,
         }
     }
 
@@ -275,6 +324,7 @@ impl Commands {
     pub async fn query_on(&self, cmd: Cmd, host: &str, port: u16) -> RedisResult<Value> {
         match self {
             Commands::Single(c) => cmd.query_async(&mut c.clone()).await,
+            Commands::Sentinel(s) => cmd.query_async(&mut s.commands()?).await,
             Commands::Cluster(c) => {
                 let route = RoutingInfo::SingleNode(SingleNodeRoutingInfo::ByAddress {
                     host: host.to_owned(),

@@ -13,6 +13,7 @@
 //!   (reconnect, resubscribe, health) and per-channel subscription reconciling. Its
 //!   concurrency rules are written at its top.
 //! - `connection`: URLs, TLS, cluster detection; the command and pub/sub connections.
+//! - `sentinel`: Redis Sentinel URLs, asking for the primary, following `+switch-master`.
 //! - `keys`: key and pub/sub names (hash-tagged per channel, under the configured prefix).
 //! - `codec`: pub/sub payloads and stream entries, to and from `Message`.
 //! - `scripts` + `lua/`: the Lua scripts, one `.lua` file each.
@@ -25,6 +26,7 @@ mod connection;
 mod keys;
 mod pubsub;
 mod scripts;
+mod sentinel;
 
 use std::path::PathBuf;
 
@@ -54,6 +56,14 @@ pub struct RedisOptions {
 impl RedisOptions {
     /// Options from `[broker] url`: one URL, or a comma-separated list of cluster seeds.
     pub fn from_url(url: &str, prefix: &str) -> Self {
+        if url.trim_start().starts_with(sentinel::SCHEME) {
+            // Its commas separate sentinels, not cluster seeds.
+            return Self {
+                urls: vec![url.trim().to_owned()],
+                prefix: prefix.to_owned(),
+                tls_ca_file: None,
+            };
+        }
         Self {
             urls: url
                 .split(',')
@@ -76,10 +86,22 @@ pub enum ConnectError {
     Connect(String),
 }
 
-/// Whether `[broker] url` names Redis (one URL or a list).
+/// Whether `url` is one Redis URL: `redis://`, `rediss://` or `redis+sentinel://`.
 pub fn is_redis_url(url: &str) -> bool {
     let url = url.trim_start();
-    url.starts_with("redis://") || url.starts_with("rediss://")
+    url.starts_with("redis://") || url.starts_with("rediss://") || url.starts_with(sentinel::SCHEME)
+}
+
+/// Whether `[broker] url` names Redis: one URL, comma-separated cluster seeds, or one
+/// `redis+sentinel://` URL (whose commas separate sentinels).
+pub fn is_redis_broker_url(url: &str) -> bool {
+    if url.trim_start().starts_with(sentinel::SCHEME) {
+        return true;
+    }
+    url.split(',').all(|u| {
+        let u = u.trim_start();
+        u.starts_with("redis://") || u.starts_with("rediss://")
+    })
 }
 
 #[cfg(test)]
@@ -92,5 +114,15 @@ mod tests {
         assert_eq!(o.urls, vec!["redis://a:7000", "redis://b:7001"]);
         assert!(is_redis_url("rediss://h"));
         assert!(!is_redis_url("memory"));
+    }
+
+    #[test]
+    fn a_sentinel_url_is_one_url_whose_commas_separate_sentinels() {
+        let url = "redis+sentinel://127.0.0.1:26379,127.0.0.1:26380/mymaster";
+        let o = RedisOptions::from_url(url, "p");
+        assert_eq!(o.urls, vec![url]);
+        assert!(is_redis_broker_url(url));
+        assert!(is_redis_broker_url("redis://a:1,rediss://b:2"));
+        assert!(!is_redis_broker_url("redis://a:1,b:2"));
     }
 }

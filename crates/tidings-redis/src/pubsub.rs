@@ -50,6 +50,8 @@ const INBOX_BYTES: usize = 64 << 20;
 /// How often an idle connection is PINGed: a peer that vanished without closing the socket
 /// is noticed within this plus `RESPONSE_TIMEOUT`.
 const HEALTH_EVERY: Duration = Duration::from_secs(5);
+/// The health interval behind Sentinel (see `health_every`).
+const SENTINEL_CHECK_EVERY: Duration = Duration::from_secs(1);
 const RETRY_MIN: Duration = Duration::from_millis(100);
 const RETRY_MAX: Duration = Duration::from_secs(2);
 /// Resubscriptions in flight at once after a reconnect.
@@ -307,6 +309,8 @@ pub async fn run_supervisor(shared: Arc<Shared>, stop: CancellationToken) {
                 tokio::select! {
                     _ = stop.cancelled() => return,
                     _ = tokio::time::sleep(backoff) => {}
+                    // Sentinel announced a new primary: try it now rather than after the backoff.
+                    _ = sentinel_wake(&shared) => {}
                 }
                 backoff = (backoff * 2).min(RETRY_MAX);
                 continue;
@@ -323,10 +327,17 @@ pub async fn run_supervisor(shared: Arc<Shared>, stop: CancellationToken) {
             let health_check = tokio::select! {
                 _ = stop.cancelled() => return,
                 _ = shared.inbox.wake_supervisor.notified() => false,
-                _ = tokio::time::sleep(HEALTH_EVERY) => true,
+                _ = sentinel_wake(&shared) => false,
+                _ = tokio::time::sleep(health_every(&shared)) => true,
             };
             if shared.inbox.disconnected.load(Acquire) == generation {
                 shared.lose(generation, "the connection closed");
+                break;
+            }
+            if let Some(sentinel) = shared.endpoint.sentinel()
+                && sentinel.moved(health_check).await
+            {
+                shared.lose(generation, "Sentinel named another primary");
                 break;
             }
             if health_check
@@ -339,6 +350,25 @@ pub async fn run_supervisor(shared: Arc<Shared>, stop: CancellationToken) {
                 break;
             }
         }
+    }
+}
+
+/// Resolves when Sentinel announces a new primary; never without Sentinel.
+async fn sentinel_wake(shared: &Shared) {
+    match shared.endpoint.sentinel() {
+        Some(s) => s.wake.notified().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Behind Sentinel the health check also asks the sentinels where the primary is, so it runs
+/// more often: a demoted primary keeps its connections open and would otherwise go unnoticed
+/// until a `+switch-master` arrives.
+fn health_every(shared: &Shared) -> Duration {
+    if shared.endpoint.sentinel().is_some() {
+        SENTINEL_CHECK_EVERY
+    } else {
+        HEALTH_EVERY
     }
 }
 

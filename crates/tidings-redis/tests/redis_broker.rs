@@ -707,3 +707,45 @@ async fn a_redis_that_may_evict_keys_is_reported_and_a_safe_one_is_not() {
     let (_, b) = node(&server.url(), &unique_prefix("cfg"), false).await;
     assert!(b.configuration_warnings().await.unwrap().is_empty());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publish_redis_refuses_with_an_error_code_of_its_own_answers_unavailable_not_outcome_unknown()
+ {
+    // OOM (a full Redis under noeviction) and NOREPLICAS (a primary without the replicas
+    // min-replicas-to-write asks for) are codes redis-rs has no name for; Redis refused the
+    // script before it wrote anything, so the publisher must hear "not stored".
+    for settings in [
+        &[
+            "CONFIG SET maxmemory-policy noeviction",
+            "CONFIG SET maxmemory 1",
+        ][..],
+        &["CONFIG SET min-replicas-to-write 1"][..],
+    ] {
+        let server = RedisServer::start();
+        let prefix = unique_prefix("refused");
+        let (a, _) = node(&server.url(), &prefix, false).await;
+        // An existing channel: a new one's first publish starts with a DEL, after which
+        // Redis no longer applies its OOM check to the script (see "What is not there").
+        a.publish(&ch("news"), None, text("first")).await.unwrap();
+        let keys = server.command("DBSIZE");
+        for line in settings {
+            assert!(server.command(line).starts_with("+OK"), "{line}");
+        }
+        match a.publish(&ch("news"), None, text("refused")).await {
+            Err(BrokerError::Unavailable(why)) => {
+                assert!(why.contains("OOM") || why.contains("NOREPLICAS"), "{why}")
+            }
+            other => panic!("{settings:?}: expected Unavailable, got {other:?}"),
+        }
+        assert_eq!(
+            server.command("DBSIZE"),
+            keys,
+            "{settings:?}: nothing stored"
+        );
+        let stream = format!("XLEN {prefix}:{{news}}:s");
+        assert!(
+            server.command(&stream).starts_with(":1"),
+            "{settings:?}: nothing stored"
+        );
+    }
+}

@@ -354,10 +354,9 @@ impl Config {
         let s = &self.server;
         let invalid = |m: String| Err(ConfigError::Invalid(m));
         let b = &self.broker;
-        let redis = |u: &str| tidings_redis::is_redis_url(u.trim());
-        if b.url != "memory" && !b.url.split(',').all(redis) {
+        if b.url != "memory" && !tidings_redis::is_redis_broker_url(&b.url) {
             return invalid(format!(
-                "broker.url = {:?}: use \"memory\", a redis:// or rediss:// URL, or comma-separated Redis Cluster URLs",
+                "broker.url = {:?}: use \"memory\", a redis://, rediss:// or redis+sentinel:// URL, or comma-separated Redis Cluster URLs",
                 tidings_redis::masked_url(&b.url)
             ));
         }
@@ -610,6 +609,7 @@ reconnect_spread = "10s"           # then clients are told to reconnect, each af
 [broker]
 url = "memory"                     # or redis://[user:password@]host:port/db, rediss://… (TLS);
                                    # comma-separated URLs = seed nodes of a Redis Cluster
+                                   # redis+sentinel://host:port,host:port/MASTER = behind Sentinel
 # data_dir = "/var/lib/tidings"    # durable history with the memory broker
 fsync = "batch"                    # with data_dir: "always" (an fsync per publish), "batch"
                                    # (publishes arriving together share one fsync) or "never"

@@ -113,7 +113,33 @@ pub struct BenchArgs {
     /// No progress bar.
     #[arg(long)]
     quiet: bool,
+    /// Check every delivery instead of measuring latency (see `bench_verify.rs`): `--url` may
+    /// list several nodes (comma-separated), subscribers reconnect to the next node and resume
+    /// from their cursors, and the run fails on any silent loss, duplicate or reordering.
+    #[arg(long)]
+    verify: bool,
+    /// With --verify: the transports, subscriber i using the (i mod T)-th.
+    #[arg(
+        long,
+        value_enum,
+        value_delimiter = ',',
+        default_value = "sse,stream,ws,long-poll,poll"
+    )]
+    transports: Vec<crate::cmd::subscribe::Transport>,
+    /// With --verify: seconds between short polls.
+    #[arg(long, default_value_t = 1.0)]
+    poll_interval: f64,
+    /// With --verify: `SECS:COMMAND` runs COMMAND with `sh -c` SECS into the publishing (a
+    /// fault); the first one starts the recovery clock. Repeatable.
+    #[arg(long)]
+    event: Vec<String>,
+    /// With --verify: also write the result as JSON to this file.
+    #[arg(long)]
+    json_out: Option<std::path::PathBuf>,
 }
+
+#[path = "bench_verify.rs"]
+mod verify;
 
 /// One subscriber's counters; only its own task writes them.
 #[derive(Default)]
@@ -176,6 +202,9 @@ const READ_BUFFER: usize = 16 * 1024;
 const LONG_POLL_WAIT: u32 = 30;
 
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
+    if args.verify {
+        return verify::run(args).await;
+    }
     if args.subscribers == 0 || args.channels == 0 || args.publishers == 0 {
         bail!("--subscribers, --channels and --publishers must be at least 1");
     }

@@ -67,7 +67,8 @@ pub struct SubscribeArgs {
     #[arg(long, value_name = "N")]
     pub history: Option<u64>,
 
-    /// Server base URL.
+    /// Server base URL; several comma-separated URLs are nodes of one deployment: after a
+    /// failed attempt the next one is tried, resuming from the same cursor.
     #[arg(long, env = "TIDINGS_URL", default_value = "http://127.0.0.1:8080")]
     pub url: String,
 
@@ -105,15 +106,30 @@ pub enum Transport {
 }
 
 pub async fn run(args: SubscribeArgs) -> anyhow::Result<()> {
-    let client = Client::new(&args.url, args.token.clone())?;
+    let clients = clients_for(&args.url, args.token.clone())?;
     let backoff = Backoff::new(BACKOFF_INITIAL, BACKOFF_CAP);
-    let mut session = Session::new(client, &args, backoff, std::io::stdout());
+    let mut session = Session::new(clients, &args, backoff, std::io::stdout());
     session.run(args.transport, args.interval).await
 }
 
-/// One subscription, across however many connections it takes.
-struct Session<W> {
-    client: Client,
+/// One client per comma-separated URL, sharing one connection pool.
+pub(crate) fn clients_for(urls: &str, token: Option<String>) -> anyhow::Result<Vec<Client>> {
+    let mut urls = urls.split(',').map(str::trim).filter(|u| !u.is_empty());
+    let first = Client::new(urls.next().unwrap_or_default(), token)?;
+    let mut clients = vec![first];
+    for url in urls {
+        clients.push(clients[0].with_base(url)?);
+    }
+    Ok(clients)
+}
+
+/// One subscription, across however many connections (and nodes) it takes.
+pub(crate) struct Session<W> {
+    /// The nodes to try, one after another after each failed attempt.
+    clients: Vec<Client>,
+    current: usize,
+    /// Counts failed attempts for `tidings bench --verify`; `None` prints them instead.
+    retries: Option<std::sync::Arc<std::sync::atomic::AtomicU64>>,
     channels: Vec<String>,
     history: Option<u64>,
     wait: u64,
@@ -157,9 +173,16 @@ impl From<anyhow::Error> for Ended {
 }
 
 impl<W: Write> Session<W> {
-    fn new(client: Client, args: &SubscribeArgs, backoff: Backoff, sink: W) -> Self {
+    pub(crate) fn new(
+        clients: Vec<Client>,
+        args: &SubscribeArgs,
+        backoff: Backoff,
+        sink: W,
+    ) -> Self {
         Self {
-            client,
+            clients,
+            current: 0,
+            retries: None,
             channels: args.channels.clone(),
             history: args.history,
             wait: args.wait,
@@ -174,7 +197,33 @@ impl<W: Write> Session<W> {
         }
     }
 
-    async fn run(&mut self, transport: Transport, interval: Duration) -> anyhow::Result<()> {
+    /// Starts at node `index` (mod the number of nodes) and counts failed attempts in
+    /// `retries` instead of printing them.
+    pub(crate) fn quiet_from(
+        mut self,
+        index: usize,
+        retries: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    ) -> Self {
+        self.current = index % self.clients.len().max(1);
+        self.retries = Some(retries);
+        self
+    }
+
+    fn client(&self) -> &Client {
+        &self.clients[self.current % self.clients.len()]
+    }
+
+    fn reconnected(&mut self) {
+        if std::mem::take(&mut self.recovering) && self.retries.is_none() {
+            eprintln!("tidings: reconnected to {}", self.client().base());
+        }
+    }
+
+    pub(crate) async fn run(
+        &mut self,
+        transport: Transport,
+        interval: Duration,
+    ) -> anyhow::Result<()> {
         loop {
             let attempt = match transport {
                 Transport::Ws => self.ws().await,
@@ -190,10 +239,17 @@ impl<W: Write> Session<W> {
                 Err(Ended::Fatal(err)) => return Err(err),
                 Err(Ended::Retry { why, after }) => {
                     let delay = self.backoff.next_delay().max(after.unwrap_or_default());
-                    eprintln!(
-                        "tidings: {why}; reconnecting in {:.1}s",
-                        delay.as_secs_f64()
-                    );
+                    match &self.retries {
+                        Some(retries) => {
+                            retries.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        }
+                        None => eprintln!(
+                            "tidings: {why}; reconnecting in {:.1}s",
+                            delay.as_secs_f64()
+                        ),
+                    }
+                    // The next attempt goes to the next node, with the same cursor.
+                    self.current = (self.current + 1) % self.clients.len().max(1);
                     self.recovering = true;
                     delay
                 }
@@ -207,7 +263,7 @@ impl<W: Write> Session<W> {
     /// One SSE connection, read until it ends.
     async fn sse(&mut self) -> Result<(), Ended> {
         let url = self.subscribe_url("sse", None);
-        let request = self.client.get(url).header(ACCEPT, "text/event-stream");
+        let request = self.client().get(url).header(ACCEPT, "text/event-stream");
         let mut response = self.connect(request, "text/event-stream").await?;
         let mut parser = SseParser::default();
         loop {
@@ -239,7 +295,10 @@ impl<W: Write> Session<W> {
     /// One NDJSON stream, read until it ends.
     async fn stream(&mut self) -> Result<(), Ended> {
         let url = self.subscribe_url("stream", None);
-        let request = self.client.get(url).header(ACCEPT, "application/x-ndjson");
+        let request = self
+            .client()
+            .get(url)
+            .header(ACCEPT, "application/x-ndjson");
         let mut response = self.connect(request, "application/x-ndjson").await?;
         let mut lines = LineSplitter::default();
         loop {
@@ -285,7 +344,7 @@ impl<W: Write> Session<W> {
             Duration::from_secs(secs) + LONG_POLL_GRACE
         });
         let request = self
-            .client
+            .client()
             .get(url)
             .header(ACCEPT, "application/json")
             .timeout(timeout);
@@ -293,7 +352,7 @@ impl<W: Write> Session<W> {
         let body = response
             .bytes()
             .await
-            .map_err(|err| Ended::retry(format!("{:#}", self.client.unreachable(&err))))?;
+            .map_err(|err| Ended::retry(format!("{:#}", self.client().unreachable(&err))))?;
         let reply: PollReply = serde_json::from_slice(&body).map_err(|err| {
             anyhow!("the server's poll reply is not the expected JSON ({err}); is --url a Tidings server?")
         })?;
@@ -323,17 +382,15 @@ impl<W: Write> Session<W> {
         let response = request
             .send()
             .await
-            .map_err(|err| Ended::retry(format!("{:#}", self.client.unreachable(&err))))?;
+            .map_err(|err| Ended::retry(format!("{:#}", self.client().unreachable(&err))))?;
         let status = response.status();
         if status.is_success() {
             check_content_type(&response, expected)?;
             self.backoff.reset();
-            if std::mem::take(&mut self.recovering) {
-                eprintln!("tidings: reconnected to {}", self.client.base());
-            }
+            self.reconnected();
             return Ok(response);
         }
-        let error = self.client.api_error(response).await;
+        let error = self.client().api_error(response).await;
         if status.is_server_error()
             || status == StatusCode::TOO_MANY_REQUESTS
             || status == StatusCode::REQUEST_TIMEOUT
@@ -358,7 +415,7 @@ impl<W: Write> Session<W> {
 
     fn subscribe_url(&self, path: &str, wait: Option<u64>) -> Url {
         subscribe_url(
-            self.client.endpoint(&[path]),
+            self.client().endpoint(&[path]),
             &self.channels,
             self.cursor.as_deref(),
             self.history,
@@ -538,14 +595,14 @@ fn tag_as_gap(notice: &str) -> String {
 
 /// Exponential backoff with jitter, reset by a successful connection.
 #[derive(Debug)]
-struct Backoff {
+pub(crate) struct Backoff {
     initial: Duration,
     cap: Duration,
     failures: u32,
 }
 
 impl Backoff {
-    const fn new(initial: Duration, cap: Duration) -> Self {
+    pub(crate) const fn new(initial: Duration, cap: Duration) -> Self {
         Self {
             initial,
             cap,
@@ -1147,7 +1204,7 @@ mod tests {
     async fn subscribe(args: SubscribeArgs) -> (anyhow::Result<()>, String) {
         let client = Client::new(&args.url, None).unwrap();
         let backoff = Backoff::new(Duration::from_millis(1), Duration::from_millis(5));
-        let mut session = Session::new(client, &args, backoff, Vec::new());
+        let mut session = Session::new(vec![client], &args, backoff, Vec::new());
         let result = tokio::time::timeout(
             Duration::from_secs(10),
             session.run(args.transport, args.interval),

@@ -115,7 +115,7 @@ impl Cursors {
 impl<W: Write> Session<W> {
     /// One WebSocket connection, read until it ends.
     pub(super) async fn ws(&mut self) -> Result<(), Ended> {
-        let mut socket = ws::connect(&self.client).await.map_err(|err| match err {
+        let mut socket = ws::connect(self.client()).await.map_err(|err| match err {
             ConnectError::Transient { why, after } => Ended::Retry { why, after },
             ConnectError::Refused(err) => Ended::Fatal(err),
         })?;
@@ -217,9 +217,7 @@ impl<W: Write> Session<W> {
         if *unanswered == 0 {
             // Every channel is followed again: only now has the attempt worked.
             self.backoff.reset();
-            if std::mem::take(&mut self.recovering) {
-                eprintln!("tidings: reconnected to {}", self.client.base());
-            }
+            self.reconnected();
         }
         Ok(())
     }
@@ -404,7 +402,7 @@ mod tests {
         let args = Cli::try_parse_from(argv).unwrap().args;
         let client = Client::new(&args.url, args.token.clone()).unwrap();
         let backoff = Backoff::new(Duration::from_millis(1), Duration::from_millis(5));
-        Session::new(client, &args, backoff, Vec::new())
+        Session::new(vec![client], &args, backoff, Vec::new())
     }
 
     fn printed(session: &Session<Vec<u8>>) -> String {

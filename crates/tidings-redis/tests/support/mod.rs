@@ -73,14 +73,42 @@ impl RedisServer {
 
     /// A server on `port` (say, the port of one that was killed) with extra arguments.
     pub fn start_on(port: u16, extra: &[&str]) -> Self {
+        Self::start_in(port, Self::new_dir(port), Vec::new(), extra)
+    }
+
+    fn new_dir(port: u16) -> PathBuf {
         let dir = std::env::temp_dir().join(format!(
             "tidings-redis-{}-{port}-{}",
             std::process::id(),
             rand_suffix()
         ));
         std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    /// A Redis Sentinel on a free port watching the primary on `primary_port` as `master`,
+    /// quick to declare it down (`down_after_ms`).
+    pub fn start_sentinel(master: &str, primary_port: u16, down_after_ms: u64) -> Self {
+        let port = free_port();
+        let dir = Self::new_dir(port);
+        let conf = dir.join("sentinel.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "sentinel monitor {master} 127.0.0.1 {primary_port} 1\n\
+                 sentinel down-after-milliseconds {master} {down_after_ms}\n\
+                 sentinel failover-timeout {master} 5000\n"
+            ),
+        )
+        .unwrap();
+        let leading = vec![conf.display().to_string(), "--sentinel".into()];
+        Self::start_in(port, dir, leading, &[])
+    }
+
+    fn start_in(port: u16, dir: PathBuf, leading: Vec<String>, extra: &[&str]) -> Self {
         let log = dir.join("redis.log");
-        let mut args: Vec<String> = vec![
+        let mut args: Vec<String> = leading;
+        args.extend([
             "--port".into(),
             port.to_string(),
             "--bind".into(),
@@ -95,7 +123,7 @@ impl RedisServer {
             log.display().to_string(),
             "--daemonize".into(),
             "no".into(),
-        ];
+        ]);
         args.extend(extra.iter().map(|s| s.to_string()));
         let script = r#"redis-server "$@" </dev/null & pid=$!; echo "$pid"; read _; kill -9 "$pid" 2>/dev/null; wait "$pid" 2>/dev/null; rm -rf "$TIDINGS_REDIS_DIR""#;
         let mut keeper = Command::new("sh")

@@ -1,0 +1,272 @@
+//! The Redis broker behind Redis Sentinel: it finds the primary through the sentinels, answers
+//! 503 while none is reachable, and follows a failover (the primary killed, or moved by hand)
+//! to the promoted replica without losing what was acknowledged. Real `redis-server` and
+//! `redis-server --sentinel` processes on free loopback ports.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use tidings_core::{
+    Broker, BrokerError, ChannelName, ChannelPolicy, Data, DisconnectReason, Event, Hub,
+    LivePolicies, Node, Policies, Start, Subscription,
+};
+use tidings_redis::{RedisBroker, RedisOptions};
+use tokio::time::Instant;
+
+use support::{RedisServer, free_port, unique_prefix};
+
+/// Sentinel needs `down-after-milliseconds` plus an election and a promotion; generous for a
+/// loaded machine.
+const FAILOVER_WITHIN: Duration = Duration::from_secs(40);
+const WAIT: Duration = Duration::from_secs(10);
+
+fn policies() -> Arc<LivePolicies> {
+    LivePolicies::new(Policies {
+        default: ChannelPolicy {
+            history_size: 1000,
+            ..ChannelPolicy::default()
+        },
+        namespaces: Default::default(),
+    })
+}
+
+fn text(s: &str) -> Data {
+    Data::Text(Bytes::from(s.to_owned()))
+}
+
+/// A primary, one replica in sync with it, and one sentinel that knows both.
+struct Deployment {
+    primary: RedisServer,
+    replica: RedisServer,
+    sentinel: RedisServer,
+}
+
+impl Deployment {
+    async fn start() -> Self {
+        let primary = RedisServer::start();
+        let replica = RedisServer::start_on(
+            free_port(),
+            &["--replicaof", "127.0.0.1", &primary.port.to_string()],
+        );
+        let sentinel = RedisServer::start_sentinel("mymaster", primary.port, 300);
+        let d = Self {
+            primary,
+            replica,
+            sentinel,
+        };
+        tidings_testkit::eventually(
+            "the replica is in sync and the sentinel knows it",
+            WAIT * 3,
+            Duration::from_millis(50),
+            async || {
+                d.replica
+                    .command("INFO replication")
+                    .contains("master_link_status:up")
+                    && d.sentinel
+                        .command("SENTINEL replicas mymaster")
+                        .contains(&d.replica.port.to_string())
+            },
+        )
+        .await;
+        d
+    }
+
+    fn url(&self) -> String {
+        format!("redis+sentinel://127.0.0.1:{}/mymaster", self.sentinel.port)
+    }
+
+    fn primary_port(&self) -> u16 {
+        let reply = self
+            .sentinel
+            .command("SENTINEL get-master-addr-by-name mymaster");
+        support::bulk_lines(&reply)
+            .nth(1)
+            .and_then(|p| p.parse().ok())
+            .unwrap_or(0)
+    }
+}
+
+async fn node(url: &str, prefix: &str) -> (Arc<Node>, Arc<RedisBroker>) {
+    let hub = Arc::new(Hub::new());
+    let broker = RedisBroker::connect(RedisOptions::from_url(url, prefix), hub.clone(), policies())
+        .await
+        .unwrap();
+    (Node::new(hub, broker.clone(), policies()), broker)
+}
+
+/// Waits for the next message, failing on a gap.
+async fn next_offset(sub: &mut Subscription) -> u64 {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let mut got = None;
+        sub.drain(|e, _| match e {
+            Event::Message(m) if got.is_none() => got = Some(m.offset),
+            Event::Gap(g) => panic!("unexpected gap {g:?}"),
+            _ => {}
+        })
+        .expect("the session stays up");
+        if let Some(o) = got {
+            return o;
+        }
+        tokio::time::timeout_at(deadline, sub.ready())
+            .await
+            .expect("a message arrives");
+    }
+}
+
+/// Publishes until a publish succeeds (they answer 503 while no primary is reachable).
+async fn published_once_up(a: &Node, c: &ChannelName) -> Arc<tidings_core::Message> {
+    let mut done = None;
+    tidings_testkit::eventually(
+        "a publish succeeds on the promoted primary",
+        FAILOVER_WITHIN,
+        Duration::from_millis(100),
+        async || match a.publish(c, None, text("two")).await {
+            Ok(p) => {
+                done = Some(p);
+                true
+            }
+            Err(BrokerError::Unavailable(_)) => false,
+            Err(e) => panic!("unexpected publish error {e:?}"),
+        },
+    )
+    .await;
+    done.expect("published")
+}
+
+async fn ended(sub: &mut Subscription) -> DisconnectReason {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        match sub.drain(|_, _| {}) {
+            Err(reason) => return reason,
+            Ok(_) => tokio::time::timeout_at(deadline, sub.ready())
+                .await
+                .expect("the session is ended"),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn when_the_primary_is_killed_publishes_answer_503_until_sentinel_promotes_the_replica_then_resume_without_a_gap()
+ {
+    let mut d = Deployment::start().await;
+    let prefix = unique_prefix("sentinel");
+    let (a, broker) = node(&d.url(), &prefix).await;
+    let c = ChannelName::new("news").unwrap();
+    let mut sub = a
+        .subscribe(std::slice::from_ref(&c), &Start::Now, 1 << 20, None)
+        .await
+        .unwrap();
+    let first = a.publish(&c, None, text("one")).await.unwrap();
+    assert_eq!(next_offset(&mut sub).await, 1);
+    // Acknowledged by the replica too, so the promoted replica holds it.
+    assert!(d.primary.command("WAIT 1 2000").starts_with(":1"));
+
+    let old_port = d.primary.port;
+    d.primary.kill();
+    assert_eq!(ended(&mut sub).await, DisconnectReason::BrokerUnavailable);
+    match a.publish(&c, None, text("refused")).await {
+        Err(BrokerError::Unavailable(_)) => {}
+        other => panic!("a publish with no primary is refused, got {other:?}"),
+    }
+
+    let second = published_once_up(&a, &c).await;
+    assert_eq!(
+        d.primary_port(),
+        d.replica.port,
+        "sentinel promoted the replica"
+    );
+    assert_ne!(d.replica.port, old_port);
+    assert_eq!(
+        (&second.epoch, second.offset),
+        (&first.epoch, 2),
+        "the promoted replica continues the channel"
+    );
+    assert!(broker.ready().await.is_ok());
+    let since = tidings_core::Cursor::single(&c, first.position());
+    let mut sub = a
+        .subscribe(
+            std::slice::from_ref(&c),
+            &Start::Cursor(since),
+            1 << 20,
+            None,
+        )
+        .await
+        .unwrap();
+    assert_eq!(next_offset(&mut sub).await, 2);
+    a.publish(&c, None, text("three")).await.unwrap();
+    assert_eq!(next_offset(&mut sub).await, 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failover_ordered_by_hand_moves_the_node_to_the_new_primary_while_the_old_one_lives_on() {
+    let d = Deployment::start().await;
+    let prefix = unique_prefix("switch");
+    let (a, _broker) = node(&d.url(), &prefix).await;
+    let c = ChannelName::new("news").unwrap();
+    let first = a.publish(&c, None, text("one")).await.unwrap();
+    assert!(d.primary.command("WAIT 1 2000").starts_with(":1"));
+    let mut sub = a
+        .subscribe(std::slice::from_ref(&c), &Start::Now, 1 << 20, None)
+        .await
+        .unwrap();
+
+    assert!(
+        d.sentinel
+            .command("SENTINEL FAILOVER mymaster")
+            .starts_with("+OK")
+    );
+    // The node drops its sessions (they resume from their cursors) and moves over.
+    assert_eq!(ended(&mut sub).await, DisconnectReason::BrokerUnavailable);
+    tidings_testkit::eventually(
+        "sentinel completes the failover",
+        FAILOVER_WITHIN,
+        Duration::from_millis(100),
+        async || {
+            d.replica.command("ROLE").contains("master")
+                && d.primary.command("ROLE").contains("slave")
+        },
+    )
+    .await;
+    let second = published_once_up(&a, &c).await;
+    assert_eq!((&second.epoch, second.offset), (&first.epoch, 2));
+    // The write went to the new primary (the old one, now a replica, would refuse it).
+    let key = format!("{prefix}:{{news}}:m");
+    assert!(
+        d.replica
+            .command(&format!("HGET {key} o"))
+            .contains("\r\n2\r\n"),
+        "the new primary holds offset 2"
+    );
+}
+
+#[test]
+fn a_sentinel_url_that_names_no_reachable_sentinel_fails_at_connect_with_a_clear_error() {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let port = free_port();
+    let e = rt
+        .block_on(RedisBroker::connect(
+            RedisOptions::from_url(
+                &format!("redis+sentinel://:pw@127.0.0.1:{port}/mymaster"),
+                "p",
+            ),
+            Arc::new(Hub::new()),
+            policies(),
+        ))
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+    assert!(
+        e.starts_with("cannot connect to Redis at redis+sentinel://:****@"),
+        "{e}"
+    );
+    assert!(!e.contains("pw@"), "{e}");
+}
