@@ -28,6 +28,7 @@ pub mod deadline;
 pub mod h1;
 pub mod limits;
 pub mod listener;
+pub mod push;
 pub mod upgrade;
 pub mod wsframe;
 
