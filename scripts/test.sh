@@ -27,9 +27,10 @@ hash_of() { sha256sum "$1" | cut -d' ' -f1; }
 # --- Debian packages -------------------------------------------------------
 # curl: used by tests and scripts; redis-server: the Redis broker's tests (openssl makes
 # the certificates of its rediss:// test);
-# chromium: the browser end-to-end tests (tests/browser, driven by playwright-core).
+# chromium: the browser end-to-end tests (tests/browser, driven by playwright-core);
+# nghttp2-client: `nghttp`, the push-accepting HTTP/2 client of the server push tests.
 step_start
-APT_PACKAGES=(curl redis-server openssl chromium)
+APT_PACKAGES=(curl redis-server openssl chromium nghttp2-client)
 # A Debian python3 can only make a virtualenv with python3-venv installed.
 if ! python3 -c 'import ensurepip' 2>/dev/null; then
     APT_PACKAGES+=(python3-venv)

@@ -2,21 +2,20 @@
 //! JS client (`/tidings.js`, `/tidings.d.ts`) and their shared assets. No separate web server
 //! and no build step: the files under `web/` and `clients/js/` are compiled in as they are.
 //!
+//! Served by `app::pages` (the route table's fallback) as an embedded directory, by the same
+//! code as the files of `--static DIR`, which take precedence over these.
+//!
 //! Caching: every URL here is stable (no content hash in the name), so responses carry an
 //! `ETag` computed at compile time and `Cache-Control: no-cache` — the browser keeps its copy
 //! and revalidates it with one cheap 304 — except the favicon, which may be cached for a day.
 //! Pages get a Content-Security-Policy that allows only this origin: they have no inline
 //! scripts and talk to no one else.
 
-use axum::extract::Path;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{MethodRouter, get};
-
-use crate::app::error::ApiError;
-use crate::state::AppState;
 
 /// One embedded file.
+#[derive(Debug)]
 pub struct Asset {
     pub body: &'static [u8],
     pub content_type: &'static str,
@@ -137,25 +136,6 @@ pub fn all() -> Vec<(String, &'static Asset)> {
     v
 }
 
-/// The routes of the web side; merged into the main router.
-/// The route that serves one embedded file (`app::routes` lists them).
-pub fn page(asset: &'static Asset) -> MethodRouter<AppState> {
-    get(move |h: HeaderMap| async move { serve(asset, &h) })
-}
-
-/// `/assets/{name}`: the files the pages share.
-pub async fn shared(Path(name): Path<String>, headers: HeaderMap) -> Response {
-    match SHARED.iter().find(|(n, _)| *n == name) {
-        Some((_, asset)) => serve(asset, &headers),
-        None => ApiError::new(
-            StatusCode::NOT_FOUND,
-            "not_found",
-            format!("no asset named {name:?}"),
-        )
-        .into_response(),
-    }
-}
-
 /// The file, or 304 when the browser's copy (`If-None-Match`) is current.
 pub fn serve(asset: &'static Asset, request: &HeaderMap) -> Response {
     let fresh = request
@@ -170,7 +150,13 @@ pub fn serve(asset: &'static Asset, request: &HeaderMap) -> Response {
     } else {
         asset.body.into_response()
     };
-    let h = res.headers_mut();
+    decorate(asset, res.headers_mut());
+    res
+}
+
+/// The headers every answer for `asset` carries (its 200 and its 304): type, ETag, cache
+/// policy, and for pages their CSP. `app::pages` serves the embedded files through this.
+pub fn decorate(asset: &Asset, h: &mut HeaderMap) {
     h.insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static(asset.content_type),
@@ -191,7 +177,6 @@ pub fn serve(asset: &'static Asset, request: &HeaderMap) -> Response {
             HeaderValue::from_static("same-origin"),
         );
     }
-    res
 }
 
 #[cfg(test)]

@@ -98,6 +98,17 @@ pub struct ServerConfig {
     /// each gets its own `reconnect_after_ms`, drawn uniformly from it.
     #[serde(deserialize_with = "duration")]
     pub reconnect_spread: Duration,
+    /// A directory served at `/` beside the API (the API's paths win over its files, its
+    /// files over the built-in pages). Needs a restart.
+    pub static_dir: Option<PathBuf>,
+    /// `Cache-Control` on the files of `static_dir`.
+    pub static_cache_control: String,
+    /// What an HTML page's stylesheets and scripts get sent ahead as (`pages`).
+    pub push: PushMode,
+    /// At most this many of a page's subresources are hinted or pushed.
+    pub push_max_assets: usize,
+    /// At most this many bytes are pushed for one page.
+    pub push_max_bytes: u64,
 }
 
 impl Default for ServerConfig {
@@ -129,8 +140,26 @@ impl Default for ServerConfig {
             client_publish_rate: 50,
             drain_grace: Duration::from_secs(5),
             reconnect_spread: Duration::from_secs(10),
+            static_dir: None,
+            static_cache_control: "no-cache".into(),
+            push: PushMode::Auto,
+            push_max_assets: 32,
+            push_max_bytes: 1_048_576,
         }
     }
+}
+
+/// `[server] push`: how a page's subresources are sent ahead (SPEC §13).
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum PushMode {
+    /// HTTP/2 push to a client that enabled it, `103 Early Hints` (and `Link`) to every client.
+    #[default]
+    Auto,
+    /// `103 Early Hints` and `Link` only, never a push.
+    Hints,
+    /// Neither.
+    Off,
 }
 
 /// `[server] log_format`: see the CLI's `logging` module for what each one writes.
@@ -416,6 +445,17 @@ impl Config {
         if s.write_timeout < Duration::from_millis(100) {
             return invalid("server.write_timeout must be at least 100ms".into());
         }
+        if let Some(dir) = &s.static_dir
+            && !dir.is_dir()
+        {
+            return invalid(format!(
+                "server.static_dir = {:?}: not a directory",
+                dir.display().to_string()
+            ));
+        }
+        if http::HeaderValue::from_str(&s.static_cache_control).is_err() {
+            return invalid("server.static_cache_control is not a valid header value".into());
+        }
         if s.max_streams_per_connection == 0 {
             return invalid("server.max_streams_per_connection must be at least 1".into());
         }
@@ -605,6 +645,12 @@ max_streams_per_connection = 100   # concurrent HTTP/2 streams per connection (e
 client_publish_rate = 50           # publishes/s per client (token sub, else IP) with [auth] (API keys exempt); 0 = unlimited
 drain_grace = "5s"                 # on SIGTERM: /readyz answers 503 this long while all else keeps working
 reconnect_spread = "10s"           # then clients are told to reconnect, each after its own delay within this
+# static_dir = "./public"          # serve this directory at / beside the API (the API's paths win)
+static_cache_control = "no-cache"  # Cache-Control on static_dir's files
+push = "auto"                      # a page's CSS/JS: "auto" (HTTP/2 push where the client allows it,
+                                   # 103 Early Hints for all), "hints" (103 only) or "off"
+push_max_assets = 32               # at most this many of a page's assets hinted or pushed
+push_max_bytes = 1048576           # at most this many bytes pushed per page
 
 [broker]
 url = "memory"                     # or redis://[user:password@]host:port/db, rediss://… (TLS);

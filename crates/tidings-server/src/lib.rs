@@ -7,11 +7,11 @@
 //!
 //! ## Layout: two layers, arrows pointing down
 //! ```text
-//!   application   app/ (routes, service, publish, channels, health, cors, error)
+//!   application   app/ (routes, service, publish, channels, health, cors, error, pages)
 //!                 transport/  auth/  lifecycle  stats  demo  assets  tls
 //!        │        state (AppState)  metrics  rates  config  config_keys  query
 //!        ▼
-//!   protocol      net/ (listener, h1, upgrade, wsframe, deadline, limits)
+//!   protocol      net/ (listener, h1, upgrade, wsframe, deadline, limits, push)
 //! ```
 //! The protocol layer (`net/`) turns bytes into requests and responses into bytes and knows
 //! no route: it calls the application through one interface, `net::Service`, which
@@ -31,10 +31,12 @@
 //! - `net/`: the protocol layer. `listener` (accept loop, TLS handshake, hyper for h2/h2c and
 //!   bodies, kill grace, graceful shutdown), `h1` (the lean HTTP/1.1 path), `upgrade` (a
 //!   socket handed to a session), `wsframe` (RFC 6455 framing), `deadline` (the write
-//!   deadline), `limits` (connection admission).
+//!   deadline), `limits` (connection admission), `push` (what a page's response asks the
+//!   connection to send ahead: `103 Early Hints`, HTTP/2 pushes).
 //! - `app/`: `routes` (the one route table), `service` (`App`: CORS, direct calls, the
 //!   router), `publish`, `channels`, `health` (health and metrics), `cors`, `error`
-//!   (`ApiError`). `app::serve_all` starts a server.
+//!   (`ApiError`), `pages` (`static_dir` and the built-in pages, the table's fallback; finds
+//!   a page's subresources). `app::serve_all` starts a server.
 //! - `transport/`: one file per transport (`sse`, `http_stream`, `long_poll`, `short_poll`,
 //!   `websocket`), `stream.rs` for the lifecycle SSE and NDJSON share, `params.rs` for
 //!   subscribe parameters.

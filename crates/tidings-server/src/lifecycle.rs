@@ -112,7 +112,9 @@ pub fn reload(state: &AppState, mut new: Config) -> Result<Reloaded, ConfigError
         // The writer opened its target at start (a reload reopens the same file).
         access_log,
         // One rate per client, taken at start (rates::Rates).
-        client_publish_rate
+        client_publish_rate,
+        // The directory is opened (and its real path taken) at start (`app::pages`).
+        static_dir
     );
     // The broker is connected at start; every key of its table needs a restart (compared
     // through `Debug`, so keys added later are covered too).

@@ -36,6 +36,13 @@ pub struct ServeArgs {
     /// Serve TLS with a certificate generated at start, for development (browsers will warn).
     #[arg(long)]
     pub tls_self_signed: bool,
+    /// Serve this directory at / beside the API (overrides server.static_dir).
+    #[arg(long = "static", value_name = "DIR")]
+    pub static_dir: Option<std::path::PathBuf>,
+    /// "auto", "hints" or "off": what a page's stylesheets and scripts are sent ahead as
+    /// (overrides server.push).
+    #[arg(long, value_name = "MODE")]
+    pub push: Option<String>,
 }
 
 /// Loads the config file (if any) with `TIDINGS_*` variables from the environment.
@@ -70,6 +77,17 @@ fn effective_config(args: &ServeArgs, config_path: Option<&Path>) -> anyhow::Res
         config.server.tls_key = args.tls_key;
     }
     config.server.tls_self_signed |= args.tls_self_signed;
+    if args.static_dir.is_some() {
+        config.server.static_dir = args.static_dir;
+    }
+    if let Some(push) = args.push {
+        config.server.push = match push.as_str() {
+            "auto" => tidings_server::config::PushMode::Auto,
+            "hints" => tidings_server::config::PushMode::Hints,
+            "off" => tidings_server::config::PushMode::Off,
+            other => bail!("--push {other:?}: expected auto, hints or off"),
+        };
+    }
     if args.demo {
         tidings_server::demo::configure(&mut config);
     }

@@ -5,13 +5,16 @@
 //! - `routes`: **the** route table, for every path a request arrives by;
 //! - `service`: `App`, CORS around the table, the direct calls of the rows marked for it;
 //! - `publish`, `channels`, `health`: the HTTP API besides the transports (`transport/`);
-//! - `cors`: the Origin policy; `error`: `ApiError`, the one error answer.
+//! - `cors`: the Origin policy; `error`: `ApiError`, the one error answer;
+//! - `pages`: the route table's fallback — the files of `--static DIR`, then the built-in
+//!   pages — and what a page's subresources are sent ahead as (`Link`, `net::push::Preload`).
 
 pub mod access_log;
 pub mod channels;
 pub mod cors;
 pub mod error;
 pub mod health;
+pub mod pages;
 pub mod publish;
 pub mod routes;
 pub mod service;

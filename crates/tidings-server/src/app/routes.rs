@@ -16,8 +16,9 @@
 //! which answers exactly as it always did. The direct path is a shortcut for requests the
 //! router would route the same way, never a second set of rules.
 //!
-//! What is not a row: the fallback for paths no row matches (`fallback`, a 404 today), and the
-//! 405 for a known path with another method.
+//! What is not a row: the fallback for paths no row matches (`app::pages`: the files of
+//! `static_dir`, then the built-in pages, else a 404), and the 405 for a known path with
+//! another method.
 
 use axum::Router;
 use axum::extract::State;
@@ -28,7 +29,6 @@ use http::Method;
 
 use crate::app::error::ApiError;
 use crate::app::{channels, health, publish};
-use crate::assets;
 use crate::pusher;
 use crate::state::AppState;
 use crate::transport::{http_stream, short_poll, sse, websocket};
@@ -104,18 +104,9 @@ pub fn table(state: &AppState) -> Vec<Route> {
         route("/healthz", get(health::healthz)),
         route("/readyz", get(health::readyz)),
         route("/metrics", get(health::metrics)),
-        // The landing page, demos, admin console and JS client (assets.rs: embedded files).
-        route("/", assets::page(&assets::INDEX)),
-        route("/demo/chat", assets::page(&assets::CHAT)),
-        route("/demo/dashboard", assets::page(&assets::DASHBOARD)),
-        route("/demo/lab", assets::page(&assets::LAB)),
-        route("/admin", assets::page(&assets::ADMIN)),
-        route("/tidings.js", assets::page(&assets::CLIENT_JS)),
-        route("/tidings.d.ts", assets::page(&assets::CLIENT_DTS)),
-        // Browsers ask for /favicon.ico on their own; the SVG answers both.
-        route("/favicon.svg", assets::page(&assets::FAVICON)),
-        route("/favicon.ico", assets::page(&assets::FAVICON)),
-        route("/assets/{name}", get(assets::shared)),
+        // Not rows: the landing page, demos, admin console and JS client (assets.rs), served
+        // with the files of `static_dir` by the fallback (`app::pages`), so a site's own
+        // `index.html` can be `/`.
         // The Pusher Channels protocol (pusher/): sessions (`any`, as for /ws) and the HTTP API.
         route("/app/{key}", any(pusher::session::connect)),
         route("/apps/{id}/events", post(pusher::http::events)),
@@ -130,17 +121,16 @@ pub fn table(state: &AppState) -> Vec<Route> {
     ]
 }
 
-/// What answers a path no row matches.
-async fn fallback() -> ApiError {
-    ApiError::not_found()
-}
-
 /// The router over the whole table (what every request not called directly goes through).
 pub fn router(state: AppState, table: Vec<Route>) -> Router {
     table
         .into_iter()
         .fold(Router::new(), |router, r| router.route(r.path, r.handler))
-        .fallback(fallback)
+        // A path no row matches: the files of `static_dir`, then the built-in pages, else 404.
+        .fallback({
+            let pages = crate::app::pages::Pages::new(state.clone());
+            move |req: axum::extract::Request| async move { pages.handle(req).await }
+        })
         .method_not_allowed_fallback(|| async { ApiError::method_not_allowed() })
         .with_state(state)
 }

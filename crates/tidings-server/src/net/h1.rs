@@ -113,7 +113,13 @@ impl Exchange {
         };
         // A 101 with no session to run would leave the client talking to nobody.
         let keep_alive = keep_alive && (upgrade.is_some() || !parts.status.is_informational());
-        let (head, framing, keep_alive) = response_head(parts, &body, keep_alive, head_only);
+        // A page's subresources (`pages`): a `103 Early Hints` goes first (this path only
+        // serves HTTP/1.1; HTTP/1.0 goes to hyper, which never sends one).
+        let hints = parts.extensions.remove::<crate::net::push::Preload>();
+        let (mut head, framing, keep_alive) = response_head(parts, &body, keep_alive, head_only);
+        if let Some(hints) = hints {
+            head.splice(0..0, crate::net::push::early_hints_h1(&hints.links));
+        }
         Self {
             head,
             framing,

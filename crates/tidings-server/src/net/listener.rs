@@ -2,9 +2,9 @@
 //!
 //! A connection starts on the lean HTTP/1.1 path (`h1.rs`), which serves bodiless requests
 //! and WebSocket upgrades itself (so a parked stream holds a few KB, not hyper's buffers)
-//! and hands the connection to hyper, with the bytes already read, for bodies, other
-//! upgrades and h2c. TLS connections do the same after the handshake, unless ALPN chose h2:
-//! those go to hyper directly.
+//! and hands the connection, with the bytes already read, to our HTTP/2 driver (`http2`)
+//! for h2c, and to hyper for bodies, other upgrades and HTTP/1.0. TLS connections do the
+//! same after the handshake, unless ALPN chose h2: those go to the HTTP/2 driver directly.
 //!
 //! Concurrency: one task per TCP connection. Each connection carries a kill token in its
 //! requests' extensions; a subscription whose queue overflows (a client that stopped
@@ -173,8 +173,14 @@ impl<Svc: Service> Edge<Svc> {
             Some(h1::Outcome::Handoff(read)) => {
                 // Boxed: hyper's connection state is large, and without the box every lean
                 // connection's task would be sized for it.
+                let h2 = read.starts_with(h1::HTTP2_PREFACE);
                 let io = h1::Rewind::new(stream, read);
-                Box::pin(self.hyper(io, ctx, watcher)).await
+                if h2 {
+                    // h2c with prior knowledge: our HTTP/2 driver (push, 103).
+                    Box::pin(self.http2(io, ctx)).await
+                } else {
+                    Box::pin(self.hyper(io, ctx, watcher)).await
+                }
             }
             Some(h1::Outcome::Upgrade(pending, pre)) => {
                 // The WebSocket session runs in this task (its future is boxed already).
@@ -233,10 +239,22 @@ impl<Svc: Service> Edge<Svc> {
                 }
             }
             let io = h1::Rewind::new(tls, read.freeze());
-            Box::pin(self.hyper(io, ctx, watcher)).await
+            drop(watcher);
+            Box::pin(self.http2(io, ctx)).await
         } else {
             self.lean(tls, ctx, watcher, SessionIo::Tls).await
         }
+    }
+
+    /// An HTTP/2 connection (`http2`): drained by `Service::shutdown` rather than hyper's
+    /// watcher, and dropped like the others when its kill token fires.
+    async fn http2<IO>(&self, io: IO, ctx: ConnectionCtx)
+    where
+        IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
+    {
+        let kill = ctx.kill.clone();
+        let conn = super::http2::serve(io, self.service.clone(), ctx);
+        drive(std::pin::pin!(conn), &kill).await;
     }
 
     async fn hyper<IO>(&self, io: IO, ctx: ConnectionCtx, watcher: Watcher)
@@ -363,7 +381,7 @@ impl Takeover {
 }
 
 /// The reason a connection or stream over a limit is given.
-fn refusal(why: Refused) -> &'static str {
+pub(crate) fn refusal(why: Refused) -> &'static str {
     match why {
         Refused::Total => "the server is at max_connections; retry later",
         Refused::PerIp => {

@@ -1,7 +1,8 @@
 //! The protocol layer: bytes in, requests out, responses back to bytes. It accepts
 //! connections (plaintext and TLS), enforces the connection limits and deadlines, speaks
-//! HTTP/1.1 itself on the lean path (`h1`), hands everything else to hyper (h2, h2c, chunked
-//! bodies), frames WebSocket traffic (`wsframe`) and runs graceful shutdown (`listener`).
+//! HTTP/1.1 itself on the lean path (`h1`) and HTTP/2 (h2, h2c) on the `h2` crate (`http2`:
+//! server push and 103s, which hyper cannot send), hands the rest to hyper (chunked bodies,
+//! HTTP/1.0), frames WebSocket traffic (`wsframe`) and runs graceful shutdown (`listener`).
 //!
 //! It knows nothing of routes, handlers, transports, auth or `AppState`: everything above
 //! it is reached through one interface, [`Service`]. `tests/layers.rs` checks that no file
@@ -26,8 +27,10 @@
 
 pub mod deadline;
 pub mod h1;
+pub mod http2;
 pub mod limits;
 pub mod listener;
+pub mod push;
 pub mod upgrade;
 pub mod wsframe;
 

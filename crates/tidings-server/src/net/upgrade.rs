@@ -6,8 +6,9 @@
 //! HTTP/2 extended CONNECT), and the layer runs it once the answer is out:
 //! - the lean path on the bare socket, in the connection's task (`SessionIo::Tcp`/`Tls`);
 //! - hyper's HTTP/1.1 in the connection's task too, on hyper's upgraded stream;
-//! - HTTP/2 in a task of its own (the connection carries other streams), which keeps the
-//!   stream's places against the connection limits until the session ends.
+//! - HTTP/2 (`http2`, our driver) as one of the connection's stream futures, on the stream's
+//!   two halves (`SessionIo::H2`), keeping the stream's places against the connection limits
+//!   until the session ends (the connection task, which the listener tracks, outlives it).
 //!
 //! In each case the session lives where the connection's place (permit) and gauge live, so
 //! an upgraded socket is counted for exactly as long as it is open.
@@ -33,8 +34,10 @@ pub enum SessionIo {
     Tcp(crate::net::deadline::Conn),
     /// A TLS connection upgraded by the lean path (boxed: plaintext sessions are the many).
     Tls(Box<tokio_rustls::server::TlsStream<crate::net::deadline::Conn>>),
-    /// An upgrade through hyper: HTTP/2 extended CONNECT, or a connection hyper owned.
+    /// An upgrade through hyper: a connection hyper owned (HTTP/1.1 handed off).
     Upgraded(TokioIo<hyper::upgrade::Upgraded>),
+    /// HTTP/2 extended CONNECT (RFC 8441): a stream of our HTTP/2 driver (`http2`).
+    H2(Box<crate::net::http2::Tunnel>),
 }
 
 impl SessionIo {
@@ -47,6 +50,10 @@ impl SessionIo {
                 buf.reserve(UPGRADED_READ);
                 s.read_buf(buf).await
             }
+            SessionIo::H2(s) => {
+                buf.reserve(UPGRADED_READ);
+                s.read_buf(buf).await
+            }
         }
     }
 
@@ -56,6 +63,7 @@ impl SessionIo {
             SessionIo::Tcp(s) => s.write(data).await,
             SessionIo::Tls(s) => s.write(data).await,
             SessionIo::Upgraded(s) => s.write(data).await,
+            SessionIo::H2(s) => s.write(data).await,
         }
     }
 
@@ -64,6 +72,7 @@ impl SessionIo {
             SessionIo::Tcp(_) => Ok(()),
             SessionIo::Tls(s) => s.flush().await,
             SessionIo::Upgraded(s) => s.flush().await,
+            SessionIo::H2(s) => s.flush().await,
         }
     }
 
@@ -72,6 +81,7 @@ impl SessionIo {
             SessionIo::Tcp(s) => s.shutdown().await,
             SessionIo::Tls(s) => s.shutdown().await,
             SessionIo::Upgraded(s) => s.shutdown().await,
+            SessionIo::H2(s) => s.shutdown().await,
         }
     }
 }
