@@ -46,6 +46,7 @@ use crate::net::wsframe::{self, Decoder, Incoming, OP_PONG, OP_TEXT};
 use crate::state::AppState;
 use crate::transport::frame_slot;
 use crate::transport::websocket::WsUpgrade;
+use crate::transport::ws_socket::{Flushed, GOODBYE_TIMEOUT, WsSocket};
 
 /// Channels one connection may follow.
 const MAX_CHANNELS: usize = 500;
@@ -53,8 +54,6 @@ const MAX_CHANNELS: usize = 500;
 const CHECK_EVERY: Duration = Duration::from_secs(30);
 /// Silence past the activity timeout plus this ends the session (4201).
 const PONG_GRACE: Duration = Duration::from_secs(30);
-/// How long a goodbye may take before the socket is just dropped.
-const GOODBYE_TIMEOUT: Duration = Duration::from_secs(1);
 /// Output past this is written before more frames are read.
 const WRITE_BATCH: usize = 64 * 1024;
 /// Malformed frames in a row before the connection is closed.
@@ -81,11 +80,9 @@ struct Followed {
 }
 
 struct Session {
-    io: WsIo,
-    rbuf: BytesMut,
+    /// The socket, what was read from it and what is queued for it.
+    ws: WsSocket,
     decoder: Decoder,
-    out: Vec<u8>,
-    sent: usize,
     state: AppState,
     app: Arc<App>,
     socket: Arc<Socket>,
@@ -98,8 +95,6 @@ struct Session {
     heard: Instant,
     pinged: bool,
     malformed: u32,
-    /// Bytes written to the socket (the access log's size of the exchange).
-    written: u64,
     /// Client events in the current one-second window.
     window: (Instant, u32),
 }
@@ -125,9 +120,9 @@ fn run(
     match setup(state, app, protocol, io, pre) {
         Ok(mut s) => Either::Left(async move {
             s.run().await;
-            s.written
+            s.ws.written
         }),
-        Err((mut io, code, why)) => Either::Right(async move { refuse(&mut io, code, why).await }),
+        Err((io, code, why)) => Either::Right(refuse(io, code, why)),
     }
 }
 
@@ -170,11 +165,8 @@ fn setup(
         .max(app.config.max_event_bytes + 4096);
     let now = Instant::now();
     let mut s = Session {
-        io,
-        rbuf: BytesMut::from(&pre[..]),
+        ws: WsSocket::new(io, &pre),
         decoder: Decoder::new(max_frame),
-        out: Vec::new(),
-        sent: 0,
         state,
         app,
         socket,
@@ -185,7 +177,6 @@ fn setup(
         heard: now,
         pinged: false,
         malformed: 0,
-        written: 0,
         window: (now, 0),
     };
     s.text(&protocol::connection_established(&socket_id));
@@ -202,32 +193,21 @@ impl Drop for Session {
 }
 
 /// Says why the connection is refused and closes it with `code`; returns the bytes written.
-async fn refuse(io: &mut WsIo, code: u16, why: &'static str) -> u64 {
-    let mut out = Vec::new();
+async fn refuse(io: WsIo, code: u16, why: &'static str) -> u64 {
+    let mut ws = WsSocket::new(io, &Bytes::new());
     wsframe::encode(
-        &mut out,
+        &mut ws.out,
         OP_TEXT,
         protocol::error(Some(code), why).as_bytes(),
     );
-    wsframe::encode_close(&mut out, code, why);
-    let mut sent = 0;
-    let _ = tokio::time::timeout(GOODBYE_TIMEOUT, async {
-        while sent < out.len() {
-            match io.write(&out[sent..]).await? {
-                0 => break,
-                n => sent += n,
-            }
-        }
-        io.flush().await?;
-        io.shutdown().await
-    })
-    .await;
-    sent as u64
+    wsframe::encode_close(&mut ws.out, code, why);
+    ws.send_and_shut().await;
+    ws.written
 }
 
 impl Session {
     fn text(&mut self, text: &str) {
-        wsframe::encode(&mut self.out, OP_TEXT, text.as_bytes());
+        wsframe::encode(&mut self.ws.out, OP_TEXT, text.as_bytes());
     }
 
     async fn run(&mut self) {
@@ -235,7 +215,7 @@ impl Session {
         check.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let shutdown = self.state.shutdown.clone();
         let (kill, terminated) = (self.kill.clone(), self.terminated.clone());
-        let mut next = if self.rbuf.is_empty() {
+        let mut next = if self.ws.rbuf.is_empty() {
             Next::Continue
         } else {
             Box::pin(self.handle_input()).await
@@ -255,7 +235,7 @@ impl Session {
                 _ = kill.cancelled() => Next::Goodbye(code::OVER_CAPACITY, "Client too slow: queue overflowed"),
                 _ = terminated.cancelled() => Next::Goodbye(code::UNAUTHORIZED, "Connection terminated by the app"),
                 _ = shutdown.cancelled() => Next::Goodbye(code::OVER_CAPACITY, "Server is restarting"),
-                r = self.io.read_more(&mut self.rbuf) => match r {
+                r = self.ws.io.read_more(&mut self.ws.rbuf) => match r {
                     Ok(0) | Err(_) => Next::Gone,
                     Ok(_) => Box::pin(self.handle_input()).await,
                 },
@@ -280,100 +260,48 @@ impl Session {
 
     async fn flush(&mut self) -> Next {
         let timeout = self.state.config().server.write_timeout;
-        while self.sent < self.out.len() {
-            let wrote = tokio::select! {
-                r = tokio::time::timeout(timeout, self.io.write(&self.out[self.sent..])) => r,
-                _ = self.kill.cancelled() => return Next::Goodbye(code::OVER_CAPACITY, "Client too slow: queue overflowed"),
-                _ = self.state.shutdown.cancelled() => return Next::Goodbye(code::OVER_CAPACITY, "Server is restarting"),
-            };
-            match wrote {
-                Ok(Ok(0) | Err(_)) | Err(_) => return Next::Gone,
-                Ok(Ok(n)) => {
-                    self.sent += n;
-                    self.written += n as u64;
-                }
+        let (kill, shutdown) = (self.kill.clone(), self.state.shutdown.clone());
+        let stop = async {
+            tokio::select! {
+                _ = kill.cancelled() => (code::OVER_CAPACITY, "Client too slow: queue overflowed"),
+                _ = shutdown.cancelled() => (code::OVER_CAPACITY, "Server is restarting"),
             }
+        };
+        match self.ws.flush(timeout, stop).await {
+            Flushed::Done => Next::Continue,
+            Flushed::Gone => Next::Gone,
+            Flushed::Stopped((code, why)) => Next::Goodbye(code, why),
         }
-        if !self.out.is_empty() {
-            if !matches!(
-                tokio::time::timeout(timeout, self.io.flush()).await,
-                Ok(Ok(()))
-            ) {
-                return Next::Gone;
-            }
-            // Freed, not cleared: an idle socket keeps no output buffer.
-            self.out = Vec::new();
-            self.sent = 0;
-        }
-        Next::Continue
-    }
-
-    async fn write_out(&mut self) -> std::io::Result<()> {
-        while self.sent < self.out.len() {
-            match self.io.write(&self.out[self.sent..]).await? {
-                0 => return Err(std::io::ErrorKind::WriteZero.into()),
-                n => {
-                    self.sent += n;
-                    self.written += n as u64;
-                }
-            }
-        }
-        self.out = Vec::new();
-        self.sent = 0;
-        self.io.flush().await
     }
 
     /// A slow client's queued frames are dropped (a half-sent one is finished); the close
     /// goes behind what the kernel holds, bounded in time.
     async fn goodbye(&mut self, code: u16, why: &'static str) {
         if code == code::OVER_CAPACITY {
-            let end = crate::transport::websocket::frame_end(&self.out, self.sent);
-            self.out.truncate(end);
+            self.ws.drop_backlog();
         }
-        wsframe::encode_close(&mut self.out, code, why);
+        wsframe::encode_close(&mut self.ws.out, code, why);
         self.leave_all();
         let wait = if code == code::OVER_CAPACITY {
             self.state.config().server.write_timeout
         } else {
             GOODBYE_TIMEOUT
         };
-        let wrote = tokio::time::timeout(wait, async {
-            self.write_out().await?;
-            self.io.shutdown().await
-        })
-        .await;
-        if !matches!(wrote, Ok(Ok(()))) {
-            return;
-        }
-        // Read until the client closes too: closing with unread bytes would reset the
-        // connection, which can destroy the close frame before it is read.
-        let _ = tokio::time::timeout(GOODBYE_TIMEOUT, async {
-            loop {
-                self.rbuf.clear();
-                if self.io.read_more(&mut self.rbuf).await? == 0 {
-                    return Ok::<(), std::io::Error>(());
-                }
-            }
-        })
-        .await;
+        self.ws.close(wait).await;
     }
 
     async fn echo_close(&mut self, code: Option<u16>) {
         match code {
-            Some(code) => wsframe::encode_close(&mut self.out, code, ""),
-            None => wsframe::encode(&mut self.out, wsframe::OP_CLOSE, b""),
+            Some(code) => wsframe::encode_close(&mut self.ws.out, code, ""),
+            None => wsframe::encode(&mut self.ws.out, wsframe::OP_CLOSE, b""),
         }
         self.leave_all();
-        let _ = tokio::time::timeout(GOODBYE_TIMEOUT, async {
-            self.write_out().await?;
-            self.io.shutdown().await
-        })
-        .await;
+        self.ws.send_and_shut().await;
     }
 
     async fn handle_input(&mut self) -> Next {
         loop {
-            let incoming = match self.decoder.next(&mut self.rbuf) {
+            let incoming = match self.decoder.next(&mut self.ws.rbuf) {
                 Ok(Some(i)) => i,
                 Ok(None) => break,
                 Err(fail) => return Next::Goodbye(fail.code, fail.reason),
@@ -382,7 +310,7 @@ impl Session {
             self.pinged = false;
             let next = match incoming {
                 Incoming::Ping(payload) => {
-                    wsframe::encode(&mut self.out, OP_PONG, &payload);
+                    wsframe::encode(&mut self.ws.out, OP_PONG, &payload);
                     Next::Continue
                 }
                 Incoming::Pong => Next::Continue,
@@ -396,15 +324,15 @@ impl Session {
             if !matches!(next, Next::Continue) {
                 return next;
             }
-            if self.out.len() >= WRITE_BATCH {
+            if self.ws.out.len() >= WRITE_BATCH {
                 match self.flush().await {
                     Next::Continue => {}
                     other => return other,
                 }
             }
         }
-        if self.rbuf.is_empty() {
-            self.rbuf = BytesMut::new();
+        if self.ws.rbuf.is_empty() {
+            self.ws.rbuf = BytesMut::new();
         }
         self.queue_ready()
     }
@@ -696,7 +624,7 @@ impl Session {
     /// joins and leaves as member events. Gaps mean nothing to Pusher clients.
     fn queue_ready(&mut self) -> Next {
         let app_id = self.app.config.id.as_str();
-        let (socket, app, out) = (&self.socket, &self.app, &mut self.out);
+        let (socket, app, out) = (&self.socket, &self.app, &mut self.ws.out);
         let mut delivered = 0u64;
         let drained = self.sub.drain(|event, _| match event {
             Event::Message(m) => {

@@ -9,6 +9,7 @@ pub mod short_poll;
 pub mod sse;
 pub mod stream;
 pub mod websocket;
+pub mod ws_socket;
 
 /// The one spelling of a transport used in config, metrics labels, logs and file names.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]

@@ -29,7 +29,6 @@
 
 use std::io;
 use std::sync::Arc;
-use std::time::Duration;
 
 use axum::extract::{FromRequestParts, Path, RawQuery, State};
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Version, header, request::Parts};
@@ -54,6 +53,7 @@ use crate::net::ConnectionCtx;
 use crate::net::upgrade::{Pending, SessionIo, StartFn, Upgradable};
 use crate::net::wsframe::{self, Decoder, Incoming, OP_BINARY, OP_PING, OP_PONG, OP_TEXT};
 use crate::state::AppState;
+use crate::transport::ws_socket::{Flushed, GOODBYE_TIMEOUT, WsSocket};
 use crate::transport::{TransportKind, frame_slot, params};
 
 /// Close codes (SPEC §5).
@@ -73,9 +73,6 @@ pub mod close {
 
 /// Malformed frames in a row before the connection is closed with 1008.
 const MAX_MALFORMED: u32 = 10;
-/// How long a goodbye (disconnect frame, close, the client's close reply) may take before
-/// the socket is just dropped.
-const GOODBYE_TIMEOUT: Duration = Duration::from_secs(1);
 /// Output past this is written before more frames are read.
 const WRITE_BATCH: usize = 64 * 1024;
 
@@ -348,13 +345,9 @@ enum Wake {
 }
 
 struct Session {
-    io: SessionIo,
-    /// Bytes read and not yet parsed; empty (no allocation) while the socket is idle.
-    rbuf: BytesMut,
+    /// The socket, what was read from it and what is queued for it.
+    ws: WsSocket,
     decoder: Decoder,
-    /// Frames to send, and how much of them is already sent.
-    out: Vec<u8>,
-    sent: usize,
     state: AppState,
     sub: Subscription,
     gauge: SessionGauge,
@@ -369,8 +362,6 @@ struct Session {
     heard: Instant,
     active: Instant,
     malformed: u32,
-    /// Bytes written to the socket, for the access log.
-    written: u64,
 }
 
 /// Sets the session up and returns its future. Not `async` itself: its arguments would
@@ -402,11 +393,8 @@ fn run(
         .map(crate::transport::stream::deadline_for);
     let now = Instant::now();
     let mut session = Session {
-        io,
-        rbuf: BytesMut::from(&pre[..]),
+        ws: WsSocket::new(io, &pre),
         decoder: Decoder::new(state.config().server.max_message_bytes),
-        out: Vec::new(),
-        sent: 0,
         state,
         sub,
         gauge,
@@ -418,12 +406,11 @@ fn run(
         heard: now,
         active: now,
         malformed: 0,
-        written: 0,
     };
     // Uses the captured `session` in place (an `async fn` taking it would hold a copy).
     async move {
         session.run(first).await;
-        session.written
+        session.ws.written
     }
 }
 
@@ -439,7 +426,7 @@ impl Session {
         // Whatever the join queued (raw mode's replay) goes out first.
         let mut next = match first {
             // Frames a client sent right behind its handshake are handled first.
-            Next::Continue if !self.rbuf.is_empty() => Box::pin(self.handle_input()).await,
+            Next::Continue if !self.ws.rbuf.is_empty() => Box::pin(self.handle_input()).await,
             Next::Continue => self.queue_ready(),
             other => other,
         };
@@ -459,7 +446,7 @@ impl Session {
                 _ = shutdown.cancelled() => Wake::Shutdown,
                 _ = crate::transport::stream::sleep_until_opt(self.expires) => Wake::Expired,
                 Ok(()) = reloads.changed() => Wake::Reloaded,
-                r = self.io.read_more(&mut self.rbuf) => Wake::Read(r),
+                r = self.ws.io.read_more(&mut self.ws.rbuf) => Wake::Read(r),
                 _ = self.sub.ready() => Wake::Ready,
                 _ = ping.tick() => Wake::Ping,
             };
@@ -499,62 +486,29 @@ impl Session {
     /// over an HTTP/2 stream, whose window the client may keep shut).
     async fn flush(&mut self) -> Next {
         let timeout = self.state.config().server.write_timeout;
-        while self.sent < self.out.len() {
-            let wrote = tokio::select! {
-                r = tokio::time::timeout(timeout, self.io.write(&self.out[self.sent..])) => r,
-                _ = self.kill.cancelled() => {
-                    return Next::Goodbye(Some(DisconnectReason::Slow), close::SLOW, "slow");
-                }
-                _ = self.state.shutdown.cancelled() => {
-                    return Next::Goodbye(Some(DisconnectReason::Shutdown), close::RESTART, "shutdown");
-                }
-                _ = crate::transport::stream::sleep_until_opt(self.expires) => {
-                    let (code, why) = close_for(DisconnectReason::TokenExpired);
-                    return Next::Goodbye(Some(DisconnectReason::TokenExpired), code, why);
-                }
-            };
-            match wrote {
-                Ok(Ok(0) | Err(_)) | Err(_) => return Next::Gone,
-                Ok(Ok(n)) => {
-                    self.sent += n;
-                    self.written += n as u64;
-                }
+        let (kill, shutdown) = (self.kill.clone(), self.state.shutdown.clone());
+        let expires = self.expires;
+        let stop = async {
+            tokio::select! {
+                _ = kill.cancelled() => DisconnectReason::Slow,
+                _ = shutdown.cancelled() => DisconnectReason::Shutdown,
+                _ = crate::transport::stream::sleep_until_opt(expires) => DisconnectReason::TokenExpired,
+            }
+        };
+        match self.ws.flush(timeout, stop).await {
+            Flushed::Done => Next::Continue,
+            Flushed::Gone => Next::Gone,
+            Flushed::Stopped(reason) => {
+                let (code, why) = close_for(reason);
+                Next::Goodbye(Some(reason), code, why)
             }
         }
-        if !self.out.is_empty() {
-            if !matches!(
-                tokio::time::timeout(timeout, self.io.flush()).await,
-                Ok(Ok(()))
-            ) {
-                return Next::Gone;
-            }
-            // Freed, not cleared: an idle socket keeps no output buffer.
-            self.out = Vec::new();
-            self.sent = 0;
-        }
-        Next::Continue
-    }
-
-    /// Like `flush`, without the kill token (goodbyes are bounded by their own timeout).
-    async fn write_out(&mut self) -> io::Result<()> {
-        while self.sent < self.out.len() {
-            match self.io.write(&self.out[self.sent..]).await? {
-                0 => return Err(io::ErrorKind::WriteZero.into()),
-                n => {
-                    self.sent += n;
-                    self.written += n as u64;
-                }
-            }
-        }
-        self.out = Vec::new();
-        self.sent = 0;
-        self.io.flush().await
     }
 
     /// Handles every complete frame read so far.
     async fn handle_input(&mut self) -> Next {
         loop {
-            let incoming = match self.decoder.next(&mut self.rbuf) {
+            let incoming = match self.decoder.next(&mut self.ws.rbuf) {
                 Ok(Some(incoming)) => incoming,
                 Ok(None) => break,
                 Err(fail) => return Next::Goodbye(None, fail.code, fail.reason),
@@ -563,7 +517,7 @@ impl Session {
             self.heard = now;
             let next = match incoming {
                 Incoming::Ping(payload) => {
-                    wsframe::encode(&mut self.out, OP_PONG, &payload);
+                    wsframe::encode(&mut self.ws.out, OP_PONG, &payload);
                     Next::Continue
                 }
                 Incoming::Pong => Next::Continue,
@@ -580,16 +534,16 @@ impl Session {
             if !matches!(next, Next::Continue) {
                 return next;
             }
-            if self.out.len() >= WRITE_BATCH {
+            if self.ws.out.len() >= WRITE_BATCH {
                 match self.flush().await {
                     Next::Continue => {}
                     other => return other,
                 }
             }
         }
-        if self.rbuf.is_empty() {
+        if self.ws.rbuf.is_empty() {
             // Freed: a parked socket keeps no read buffer.
-            self.rbuf = BytesMut::new();
+            self.ws.rbuf = BytesMut::new();
         }
         // Echoes of what was just published (raw mode) go out in the same write.
         self.queue_ready()
@@ -631,7 +585,7 @@ impl Session {
     }
 
     fn push(&mut self, value: Value) {
-        wsframe::encode(&mut self.out, OP_TEXT, value.to_string().as_bytes());
+        wsframe::encode(&mut self.ws.out, OP_TEXT, value.to_string().as_bytes());
     }
 
     fn ping(&mut self) -> Next {
@@ -646,7 +600,7 @@ impl Session {
         {
             return Next::Goodbye(None, close::NORMAL, "idle");
         }
-        wsframe::encode(&mut self.out, OP_PING, b"");
+        wsframe::encode(&mut self.ws.out, OP_PING, b"");
         Next::Continue
     }
 
@@ -657,7 +611,7 @@ impl Session {
         let mut delivered = 0u64;
         let mode = self.mode;
         let gauge = &self.gauge;
-        let out = &mut self.out;
+        let out = &mut self.ws.out;
         let drained = self.sub.drain(|event, cursor| match event {
             // Raw mode: nothing after a gap is written; the 4010 close comes first.
             _ if gap => {}
@@ -709,8 +663,7 @@ impl Session {
     async fn goodbye(&mut self, reason: Option<DisconnectReason>, code: u16, why: &'static str) {
         let slow = reason == Some(DisconnectReason::Slow);
         if slow {
-            let end = frame_end(&self.out, self.sent);
-            self.out.truncate(end);
+            self.ws.drop_backlog();
         }
         if let (Some(reason), Mode::Json) = (reason, self.mode) {
             // A shutdown tells each client its own delay (SPEC §13), spreading the reconnects.
@@ -725,30 +678,14 @@ impl Session {
             }
             self.push(frame);
         }
-        wsframe::encode_close(&mut self.out, code, why);
+        wsframe::encode_close(&mut self.ws.out, code, why);
         self.leave_all();
         let write_for = if slow {
             self.state.config().server.write_timeout
         } else {
             GOODBYE_TIMEOUT
         };
-        let wrote = tokio::time::timeout(write_for, async {
-            self.write_out().await?;
-            self.io.shutdown().await
-        })
-        .await;
-        if !matches!(wrote, Ok(Ok(()))) {
-            return;
-        }
-        let _ = tokio::time::timeout(GOODBYE_TIMEOUT, async {
-            loop {
-                self.rbuf.clear();
-                if self.io.read_more(&mut self.rbuf).await? == 0 {
-                    return Ok::<(), io::Error>(());
-                }
-            }
-        })
-        .await;
+        self.ws.close(write_for).await;
     }
 
     /// Leaves every channel now: the goodbye may take a second, and the session must not
@@ -764,15 +701,11 @@ impl Session {
     /// Answers the client's close frame with its own code (none if it gave none) and ends.
     async fn echo_close(&mut self, code: Option<u16>) {
         match code {
-            Some(code) => wsframe::encode_close(&mut self.out, code, ""),
-            None => wsframe::encode(&mut self.out, wsframe::OP_CLOSE, b""),
+            Some(code) => wsframe::encode_close(&mut self.ws.out, code, ""),
+            None => wsframe::encode(&mut self.ws.out, wsframe::OP_CLOSE, b""),
         }
         self.leave_all();
-        let _ = tokio::time::timeout(GOODBYE_TIMEOUT, async {
-            self.write_out().await?;
-            self.io.shutdown().await
-        })
-        .await;
+        self.ws.send_and_shut().await;
     }
 }
 

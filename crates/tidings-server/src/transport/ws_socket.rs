@@ -1,0 +1,145 @@
+//! A WebSocket session's socket and the frames queued for it: the write and close paths that
+//! Tidings' own `/ws` sessions (`websocket.rs`) and the Pusher sessions (`pusher/session.rs`)
+//! share, so a fix to how a slow or vanished client is let go lands in both.
+//!
+//! Concurrency: owned by one session task; nothing here is shared.
+
+use std::future::Future;
+use std::io;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+
+use crate::net::upgrade::SessionIo;
+use crate::transport::websocket::frame_end;
+
+/// How long a goodbye (the close frame out, the client's close read) may take before the
+/// socket is dropped anyway.
+pub(crate) const GOODBYE_TIMEOUT: Duration = Duration::from_secs(1);
+
+pub(crate) struct WsSocket {
+    pub io: SessionIo,
+    /// Bytes read and not yet parsed; empty (no allocation) while the socket is idle.
+    pub rbuf: BytesMut,
+    /// Frames to send, and how much of them is already sent.
+    pub out: Vec<u8>,
+    pub sent: usize,
+    /// Bytes written to the socket, for the access log.
+    pub written: u64,
+}
+
+/// How a `flush` ended.
+pub(crate) enum Flushed<S> {
+    /// Everything queued is out.
+    Done,
+    /// The client is gone, or made no progress for the write timeout.
+    Gone,
+    /// `stop` resolved first; what was not sent stays queued.
+    Stopped(S),
+}
+
+impl WsSocket {
+    /// `pre`: bytes read past the handshake, the first to parse.
+    pub fn new(io: SessionIo, pre: &Bytes) -> Self {
+        Self {
+            io,
+            rbuf: BytesMut::from(&pre[..]),
+            out: Vec::new(),
+            sent: 0,
+            written: 0,
+        }
+    }
+
+    /// Writes everything queued. A write that makes no progress for `timeout` is `Gone` (the
+    /// socket has the same deadline; this one also covers a WebSocket over an HTTP/2 stream,
+    /// whose window the client may keep shut). `stop` (a kill token, shutdown, a token's
+    /// expiry) cuts it short, leaving the rest queued so a goodbye can still go behind it.
+    pub async fn flush<S>(
+        &mut self,
+        timeout: Duration,
+        stop: impl Future<Output = S>,
+    ) -> Flushed<S> {
+        let mut stop = std::pin::pin!(stop);
+        while self.sent < self.out.len() {
+            let wrote = tokio::select! {
+                r = tokio::time::timeout(timeout, self.io.write(&self.out[self.sent..])) => r,
+                s = &mut stop => return Flushed::Stopped(s),
+            };
+            match wrote {
+                Ok(Ok(0) | Err(_)) | Err(_) => return Flushed::Gone,
+                Ok(Ok(n)) => {
+                    self.sent += n;
+                    self.written += n as u64;
+                }
+            }
+        }
+        if !self.out.is_empty() {
+            if !matches!(
+                tokio::time::timeout(timeout, self.io.flush()).await,
+                Ok(Ok(()))
+            ) {
+                return Flushed::Gone;
+            }
+            // Freed, not cleared: an idle socket keeps no output buffer.
+            self.out = Vec::new();
+            self.sent = 0;
+        }
+        Flushed::Done
+    }
+
+    /// Like `flush`, with nothing to cut it short (goodbyes bound it with their own timeout).
+    pub async fn write_out(&mut self) -> io::Result<()> {
+        while self.sent < self.out.len() {
+            match self.io.write(&self.out[self.sent..]).await? {
+                0 => return Err(io::ErrorKind::WriteZero.into()),
+                n => {
+                    self.sent += n;
+                    self.written += n as u64;
+                }
+            }
+        }
+        self.out = Vec::new();
+        self.sent = 0;
+        self.io.flush().await
+    }
+
+    /// Drops the frames queued behind the one being written (a half-sent frame is finished):
+    /// a slow client's backlog is not worth waiting for, its close is.
+    pub fn drop_backlog(&mut self) {
+        let end = frame_end(&self.out, self.sent);
+        self.out.truncate(end);
+    }
+
+    /// Sends what is queued (the close frame last) within `write_for`, shuts the write side,
+    /// then reads until the client closes too, within `GOODBYE_TIMEOUT`: closing with unread
+    /// bytes would reset the connection, which can destroy the close frame before it is read.
+    pub async fn close(&mut self, write_for: Duration) {
+        let wrote = tokio::time::timeout(write_for, async {
+            self.write_out().await?;
+            self.io.shutdown().await
+        })
+        .await;
+        if !matches!(wrote, Ok(Ok(()))) {
+            return;
+        }
+        let _ = tokio::time::timeout(GOODBYE_TIMEOUT, async {
+            loop {
+                self.rbuf.clear();
+                if self.io.read_more(&mut self.rbuf).await? == 0 {
+                    return Ok::<(), io::Error>(());
+                }
+            }
+        })
+        .await;
+    }
+
+    /// What is queued goes out and the write side is shut, within `GOODBYE_TIMEOUT` (a close
+    /// answering the client's, or a refusal right after the handshake); no reading after.
+    pub async fn send_and_shut(&mut self) {
+        let _ = tokio::time::timeout(GOODBYE_TIMEOUT, async {
+            self.write_out().await?;
+            self.io.shutdown().await
+        })
+        .await;
+    }
+}
