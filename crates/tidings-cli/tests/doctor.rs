@@ -262,3 +262,112 @@ async fn a_configuration_that_does_not_validate_fails_and_stops_there() {
     assert_eq!(out.lines("FAIL", "config").len(), 1, "{}", out.show());
     assert_eq!(out.stdout.lines().count(), 1, "{}", out.show());
 }
+
+#[tokio::test]
+async fn a_redis_behind_sentinel_without_min_replicas_to_write_warns() {
+    let primary = redis_support::RedisServer::start();
+    let sentinel = redis_support::RedisServer::start_sentinel("mymaster", primary.port, 5000);
+    let url = format!("redis+sentinel://127.0.0.1:{}/mymaster", sentinel.port);
+    let out = doctor(&["--broker", &url]).await;
+    assert_eq!(out.code, Some(0), "{}", out.show());
+    assert!(
+        out.lines("ok  ", "redis")
+            .iter()
+            .any(|l| l.contains("reachable, behind Sentinel")),
+        "{}",
+        out.show()
+    );
+    assert!(
+        out.lines("warn", "redis")
+            .iter()
+            .any(|l| l.contains("min-replicas-to-write is 0")),
+        "{}",
+        out.show()
+    );
+
+    primary.command("CONFIG SET min-replicas-to-write 1");
+    let out = doctor(&["--broker", &url]).await;
+    assert!(
+        out.lines("ok  ", "redis")
+            .iter()
+            .any(|l| l.contains("min-replicas-to-write 1")),
+        "{}",
+        out.show()
+    );
+}
+
+/// A self-signed certificate and key for `localhost`, written by `openssl`.
+fn self_signed(dir: &std::path::Path, name: &str) -> (PathBuf, PathBuf) {
+    let (crt, key) = (
+        dir.join(format!("{name}.crt")),
+        dir.join(format!("{name}.key")),
+    );
+    let status = std::process::Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-subj",
+            "/CN=localhost",
+            "-days",
+            "1",
+            "-keyout",
+        ])
+        .arg(&key)
+        .arg("-out")
+        .arg(&crt)
+        .stderr(Stdio::null())
+        .status()
+        .expect("openssl (apt-get install openssl)");
+    assert!(status.success());
+    (crt, key)
+}
+
+#[tokio::test]
+async fn a_tls_key_that_does_not_match_the_certificate_fails_and_a_matching_one_passes() {
+    let dir = TempDir::new("tls");
+    std::fs::create_dir_all(&dir.0).unwrap();
+    let (a_crt, a_key) = self_signed(&dir.0, "a");
+    let (_, b_key) = self_signed(&dir.0, "b");
+    let tls = |key: &PathBuf| {
+        vec![
+            "--tls-listen".to_owned(),
+            "127.0.0.1:0".to_owned(),
+            "--tls-cert".to_owned(),
+            a_crt.display().to_string(),
+            "--tls-key".to_owned(),
+            key.display().to_string(),
+        ]
+    };
+    let args = tls(&b_key);
+    let out = doctor(&args.iter().map(String::as_str).collect::<Vec<_>>()).await;
+    assert_eq!(out.code, Some(1), "{}", out.show());
+    assert_eq!(out.lines("FAIL", "tls").len(), 1, "{}", out.show());
+
+    let args = tls(&a_key);
+    let out = doctor(&args.iter().map(String::as_str).collect::<Vec<_>>()).await;
+    assert_eq!(out.code, Some(0), "{}", out.show());
+    assert_eq!(out.lines("ok  ", "tls").len(), 1, "{}", out.show());
+    assert_eq!(out.lines("ok  ", "tls_listen").len(), 1, "{}", out.show());
+}
+
+#[tokio::test]
+async fn a_redis_that_may_evict_tidings_keys_warns_naming_the_policy() {
+    let redis = redis_support::RedisServer::start_on(
+        redis_support::free_port(),
+        &["--maxmemory", "100mb", "--maxmemory-policy", "allkeys-lru"],
+    );
+    let out = doctor(&["--broker", &redis.url()]).await;
+    assert_eq!(out.code, Some(0), "{}", out.show());
+    assert!(
+        out.lines("warn", "redis")
+            .iter()
+            .any(|l| l.contains("maxmemory-policy allkeys-lru") && l.contains("noeviction")),
+        "{}",
+        out.show()
+    );
+}

@@ -9,6 +9,7 @@
 //! would.
 
 use std::fmt::Display;
+use std::io::Write;
 use std::path::Path;
 
 use anyhow::bail;
@@ -58,7 +59,8 @@ impl Report {
             .split_whitespace()
             .collect::<Vec<_>>()
             .join(" ");
-        println!("{tag} {what}: {text}");
+        // A closed stdout (`doctor | head`) must not panic; the exit code still tells.
+        let _ = writeln!(std::io::stdout(), "{tag} {what}: {text}");
     }
 }
 
@@ -94,7 +96,7 @@ pub async fn run(args: DoctorArgs, config_path: Option<&Path>) -> anyhow::Result
     if r.failed > 0 {
         bail!("{} check(s) failed, {} warning(s)", r.failed, r.warned);
     }
-    println!("{} warning(s), nothing failed", r.warned);
+    let _ = writeln!(std::io::stdout(), "{} warning(s), nothing failed", r.warned);
     Ok(())
 }
 
