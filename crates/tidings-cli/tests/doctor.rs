@@ -371,3 +371,82 @@ async fn a_redis_that_may_evict_tidings_keys_warns_naming_the_policy() {
         out.show()
     );
 }
+
+#[tokio::test]
+async fn cluster_seeds_are_reported_as_a_cluster_with_every_master_asked() {
+    let cluster = redis_support::RedisCluster::start(3);
+    let url = cluster.urls().join(",");
+    let out = doctor(&["--broker", &url]).await;
+    assert_eq!(out.code, Some(0), "{}", out.show());
+    let ok = out.lines("ok  ", "redis");
+    assert!(
+        ok.iter()
+            .any(|l| l.contains("reachable, a cluster (3 masters)")),
+        "{}",
+        out.show()
+    );
+    // One persistence verdict per master, each naming it.
+    let per_master = out
+        .lines("warn", "redis")
+        .into_iter()
+        .filter(|l| l.contains("persists nothing on 127.0.0.1:"))
+        .count();
+    assert_eq!(per_master, 3, "{}", out.show());
+}
+
+#[tokio::test]
+async fn a_data_dir_written_by_a_newer_tidings_fails_naming_the_file_and_version() {
+    let dir = TempDir::new("newer");
+    std::fs::create_dir_all(&dir.0).unwrap();
+    let mut header = b"TIDINGS\0".to_vec();
+    header.extend_from_slice(&99u32.to_le_bytes());
+    std::fs::write(dir.0.join("0000000000000001.log"), header).unwrap();
+    let out = doctor(&["--data-dir", dir.path()]).await;
+    assert_eq!(out.code, Some(1), "{}", out.show());
+    let fails = out.lines("FAIL", "data_dir");
+    assert!(
+        fails.len() == 1 && fails[0].contains("0000000000000001.log") && fails[0].contains("v99"),
+        "{}",
+        out.show()
+    );
+}
+
+#[tokio::test]
+async fn a_missing_static_dir_fails_the_configuration_and_an_unwritable_access_log_fails() {
+    let dir = TempDir::new("files");
+    std::fs::create_dir_all(&dir.0).unwrap();
+    let file = dir.0.join("tidings.toml");
+    let doctor_with = async |static_dir: &str, access_log: &str| {
+        std::fs::write(
+            &file,
+            format!(
+                "[server]\nlisten = \"127.0.0.1:0\"\nstatic_dir = \"{}/{static_dir}\"\naccess_log = \"{}/{access_log}\"\n",
+                dir.path(),
+                dir.path()
+            ),
+        )
+        .unwrap();
+        let mut cmd = tidings_testkit::command(BIN);
+        cmd.arg("--config").arg(&file).arg("doctor");
+        run(cmd).await
+    };
+    std::fs::create_dir_all(dir.0.join("www")).unwrap();
+
+    let out = doctor_with("no-such-dir", "access.log").await;
+    assert_eq!(out.code, Some(1), "{}", out.show());
+    let fails = out.lines("FAIL", "config");
+    assert!(
+        fails.len() == 1 && fails[0].contains("static_dir"),
+        "{}",
+        out.show()
+    );
+
+    let out = doctor_with("www", "no-such-dir/access.log").await;
+    assert_eq!(out.code, Some(1), "{}", out.show());
+    assert_eq!(out.lines("ok  ", "static_dir").len(), 1, "{}", out.show());
+    assert_eq!(out.lines("FAIL", "access_log").len(), 1, "{}", out.show());
+
+    let out = doctor_with("www", "access.log").await;
+    assert_eq!(out.code, Some(0), "{}", out.show());
+    assert_eq!(out.lines("ok  ", "access_log").len(), 1, "{}", out.show());
+}
