@@ -35,6 +35,9 @@ enum Command {
     /// Print or check the configuration.
     #[command(subcommand)]
     Config(cmd::config::ConfigCommand),
+    /// Check this machine and configuration before serving: one line per check (ok, warn,
+    /// FAIL) with what to fix; exits 1 when a check failed.
+    Doctor(cmd::doctor::DoctorArgs),
     /// Load-test a push server (Tidings, Nchan or Pushpin); prints one JSON line.
     Bench(cmd::bench::BenchArgs),
 }
@@ -60,6 +63,7 @@ fn main() -> ExitCode {
             Command::Subscribe(args) => cmd::subscribe::run(args).await,
             Command::Config(c) => cmd::config::run(c, config),
             Command::Token(args) => cmd::token::run(args, config),
+            Command::Doctor(args) => cmd::doctor::run(args, config).await,
             Command::Bench(args) => cmd::bench::run(args).await,
         }
     });

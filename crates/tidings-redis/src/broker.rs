@@ -119,7 +119,7 @@ fn meta_ttl(policy: &ChannelPolicy) -> u64 {
 
 /// Bounds a Redis call by `RESPONSE_TIMEOUT` (on top of the connection's own) and turns
 /// every failure into `Unavailable`.
-async fn timed<T>(
+pub(crate) async fn timed<T>(
     what: &str,
     call: impl Future<Output = redis::RedisResult<T>>,
 ) -> Result<T, BrokerError> {
@@ -128,6 +128,40 @@ async fn timed<T>(
         Ok(Err(e)) => Err(unavailable(what, e)),
         Err(_) => Err(unavailable(what, "Redis did not answer in time")),
     }
+}
+
+/// The masters to ask about the whole keyspace: on a cluster every master that is not
+/// failing (`host`, `port`); on one server (or behind Sentinel) one target with an empty host,
+/// which `Commands::query_on` takes as the connection's own server.
+pub(crate) async fn masters(
+    endpoint: &Endpoint,
+    commands: &Commands,
+) -> Result<Vec<(String, u16)>, BrokerError> {
+    if !endpoint.is_cluster() {
+        return Ok(vec![(String::new(), 0)]);
+    }
+    let nodes = timed(
+        "listing cluster nodes",
+        commands.query(redis::cmd("CLUSTER").arg("NODES")),
+    )
+    .await?;
+    let text = codec::bytes(nodes).ok_or_else(|| malformed("CLUSTER NODES"))?;
+    let text = String::from_utf8_lossy(&text);
+    Ok(text
+        .lines()
+        .filter_map(|line| {
+            let mut fields = line.split(' ');
+            let addr = fields.nth(1)?;
+            let flags = fields.next()?;
+            if !flags.split(',').any(|f| f == "master") || flags.contains("fail") {
+                return None;
+            }
+            // `host:port@cport[,hostname]`
+            let hostport = addr.split('@').next()?;
+            let (host, port) = hostport.rsplit_once(':')?;
+            Some((host.to_owned(), port.parse().ok()?))
+        })
+        .collect())
 }
 
 /// Warnings about an `INFO memory` + `INFO persistence` text (see `configuration_warnings`).
@@ -433,31 +467,7 @@ impl Shared {
 
     /// Masters of the cluster as `(host, port)`, or the one server.
     async fn scan_targets(&self) -> Result<Vec<(String, u16)>, BrokerError> {
-        if !self.endpoint.is_cluster() {
-            return Ok(vec![(String::new(), 0)]);
-        }
-        let nodes = timed(
-            "listing cluster nodes",
-            self.commands.query(redis::cmd("CLUSTER").arg("NODES")),
-        )
-        .await?;
-        let text = codec::bytes(nodes).ok_or_else(|| malformed("CLUSTER NODES"))?;
-        let text = String::from_utf8_lossy(&text);
-        Ok(text
-            .lines()
-            .filter_map(|line| {
-                let mut fields = line.split(' ');
-                let addr = fields.nth(1)?;
-                let flags = fields.next()?;
-                if !flags.split(',').any(|f| f == "master") || flags.contains("fail") {
-                    return None;
-                }
-                // `host:port@cport[,hostname]`
-                let hostport = addr.split('@').next()?;
-                let (host, port) = hostport.rsplit_once(':')?;
-                Some((host.to_owned(), port.parse().ok()?))
-            })
-            .collect())
+        masters(&self.endpoint, &self.commands).await
     }
 
     async fn channels(&self) -> Result<Vec<ChannelName>, BrokerError> {

@@ -13,6 +13,7 @@
 //!   (reconnect, resubscribe, health) and per-channel subscription reconciling. Its
 //!   concurrency rules are written at its top.
 //! - `connection`: URLs, TLS, cluster detection; the command and pub/sub connections.
+//! - `doctor`: `tidings doctor`'s read-only look at Redis' settings.
 //! - `sentinel`: Redis Sentinel URLs, asking for the primary, following `+switch-master`.
 //! - `keys`: key and pub/sub names (hash-tagged per channel, under the configured prefix).
 //! - `codec`: pub/sub payloads and stream entries, to and from `Message`.
@@ -23,6 +24,7 @@
 mod broker;
 mod codec;
 mod connection;
+mod doctor;
 mod keys;
 mod pubsub;
 mod scripts;
@@ -32,6 +34,7 @@ use std::path::PathBuf;
 
 pub use broker::{PRESENCE_TTL, RedisBroker};
 pub use connection::masked as masked_url;
+pub use doctor::{Diagnosis, diagnose};
 pub use keys::MAX_PREFIX_LEN;
 
 /// Checks a `[broker] prefix` the way the broker will use it, so a bad one is refused by

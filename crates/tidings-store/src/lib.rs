@@ -235,6 +235,62 @@ fn lock(dir: &Path) -> Result<File, OpenError> {
     Ok(file)
 }
 
+/// What `probe` found in a data dir.
+#[derive(Debug, Default)]
+pub struct Probe {
+    /// Segment files in it.
+    pub segments: usize,
+    /// Their bytes.
+    pub bytes: u64,
+    /// The newest format version among them (`None` when there are none yet).
+    pub version: Option<u32>,
+}
+
+/// For `tidings doctor`: what `open` would refuse, without reading the records or changing
+/// any segment. Creates the dir if missing (as `open` would), takes the lock and lets it go
+/// again (so the dir is writable and no server holds it), and reads every segment's header.
+pub fn probe(dir: &Path) -> Result<Probe, OpenError> {
+    std::fs::create_dir_all(dir).map_err(|source| OpenError::NotWritable {
+        dir: dir.to_owned(),
+        source,
+    })?;
+    drop(lock(dir)?);
+    let mut probe = Probe::default();
+    for entry in std::fs::read_dir(dir).map_err(io_err(dir))? {
+        let entry = entry.map_err(io_err(dir))?;
+        let name = entry.file_name();
+        let Some(seq) = name.to_str().and_then(|n| n.strip_suffix(".log")) else {
+            continue;
+        };
+        if seq.len() != 16 || seq.parse::<u64>().is_err() {
+            continue;
+        }
+        let path = entry.path();
+        let mut file = File::open(&path).map_err(io_err(&path))?;
+        probe.segments += 1;
+        probe.bytes += file.metadata().map_err(io_err(&path))?.len();
+        let mut header = [0u8; HEADER_LEN as usize];
+        match file.read_exact(&mut header) {
+            Ok(()) => {}
+            // Cut short before its header was whole: `open` repairs it.
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => continue,
+            Err(e) => return Err(io_err(&path)(e)),
+        }
+        if &header[..8] != HEADER_MAGIC {
+            return Err(OpenError::NotAStore { file: path });
+        }
+        let version = u32::from_le_bytes([header[8], header[9], header[10], header[11]]);
+        if version > FORMAT_VERSION {
+            return Err(OpenError::NewerFormat {
+                file: path,
+                version,
+            });
+        }
+        probe.version = probe.version.max(Some(version));
+    }
+    Ok(probe)
+}
+
 /// Opens (or creates) the data dir at `dir`, handing every record it holds to `restore` in
 /// order, and repairing a torn tail. The returned store appends after what was read.
 pub fn open(

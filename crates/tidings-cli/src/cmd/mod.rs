@@ -2,6 +2,7 @@
 
 pub mod bench;
 pub mod config;
+pub mod doctor;
 pub mod publish;
 pub mod serve;
 pub mod subscribe;

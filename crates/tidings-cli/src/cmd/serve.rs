@@ -54,9 +54,24 @@ fn is_loopback(addr: &SocketAddr) -> bool {
     addr.ip().is_loopback()
 }
 
+/// The first address open mode (no `[auth]`) would listen on beyond loopback, if any.
+pub(crate) fn open_mode_exposure(
+    config: &Config,
+    listen: SocketAddr,
+    tls: Option<SocketAddr>,
+) -> Option<SocketAddr> {
+    if config.auth.enabled() {
+        return None;
+    }
+    std::iter::once(listen).chain(tls).find(|a| !is_loopback(a))
+}
+
 /// The file (or defaults), the environment, then the flags: at start and at every reload, so
 /// a reload sees the same overrides the server started with.
-fn effective_config(args: &ServeArgs, config_path: Option<&Path>) -> anyhow::Result<Config> {
+pub(crate) fn effective_config(
+    args: &ServeArgs,
+    config_path: Option<&Path>,
+) -> anyhow::Result<Config> {
     let mut config = load_config(config_path)?;
     let args = args.clone();
     if let Some(listen) = args.listen {
@@ -106,9 +121,7 @@ pub async fn run(args: ServeArgs, config_path: Option<&Path>) -> anyhow::Result<
     })?;
     let tls = tidings_server::tls::from_config(&config).context("setting up TLS")?;
     if !config.auth.enabled() {
-        let exposed = std::iter::once(addr)
-            .chain(tls.as_ref().map(|(a, _)| *a))
-            .find(|a| !is_loopback(a));
+        let exposed = open_mode_exposure(&config, addr, tls.as_ref().map(|(a, _)| *a));
         if let Some(addr) = exposed.filter(|_| !config.server.insecure) {
             bail!(
                 "refusing to listen on {addr} in open mode (no [auth]): anyone could publish and subscribe. \
