@@ -39,11 +39,11 @@ done
 DURATION=$((MINUTES * 60))
 # Leak thresholds, judged on the least-squares slope over the second half of the run (the first
 # half is warm-up: allocator arenas, channel tables and history filling to history_ttl).
-# 256 KB/min is 3.75 MB over the second half of a 30-minute run: a leak of ~100 bytes per
-# connection opened (the churn opens ~3,000/min) or of one history message per publish would
-# pass it, while the allocator's wobble at a steady load stays well under it. Fds follow the
-# number of open connections, which churn moves by tens from sample to sample; 2 fds/min
-# (30 over 15 minutes) catches a leak of one fd per ~1,500 connections.
+# 256 KB/min is 3.75 MB over the second half of a 30-minute run: a leak of ~650 bytes per
+# TCP connection (the load opens ~400/min) or of ~60 bytes per publish (~4,100/min)
+# is over it, while the wobble at a steady load stays far under it (+11.5 KB/min measured).
+# Fds follow the open connections, which churn moves by tens from sample to sample; 2 fds/min
+# (30 over 15 minutes) catches a leak of one fd per ~200 connections.
 RSS_LIMIT_KB_MIN=${RSS_LIMIT_KB_MIN:-256}
 FD_LIMIT_MIN=${FD_LIMIT_MIN:-2}
 PY=${TIDINGS_PYTHON:-$ROOT/.venv/bin/python}
