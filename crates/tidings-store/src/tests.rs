@@ -1,33 +1,10 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::sync::atomic::{AtomicU64, Ordering};
-
 use bytes::Bytes;
 use tidings_core::{Data, Position};
+use tidings_testkit::TempDir;
 
 use super::*;
-
-/// A fresh directory under the system temp dir, removed when dropped.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new() -> Self {
-        static N: AtomicU64 = AtomicU64::new(0);
-        let p = std::env::temp_dir().join(format!(
-            "tidings-store-test-{}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::Relaxed)
-        ));
-        let _ = std::fs::remove_dir_all(&p);
-        Self(p)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 fn message(channel: &str, epoch: &str, offset: u64, data: &str) -> (Arc<Message>, Option<Keyed>) {
     (msg(channel, epoch, offset, data), None)
@@ -71,7 +48,7 @@ fn last_segment(dir: &Path) -> PathBuf {
 
 #[test]
 fn what_was_appended_comes_back_in_order_after_a_reopen() {
-    let dir = TempDir::new();
+    let dir = TempDir::new("store-test");
     let (mut store, report, seen) = reopen(&dir.0);
     assert!(seen.is_empty() && report.torn.is_none());
     store
@@ -96,7 +73,7 @@ fn what_was_appended_comes_back_in_order_after_a_reopen() {
 
 #[test]
 fn a_second_open_of_the_same_dir_is_refused_naming_the_lock_and_pid() {
-    let dir = TempDir::new();
+    let dir = TempDir::new("store-test");
     let (_store, _, _) = reopen(&dir.0);
     let err = open(&dir.0, Options::default(), &mut |_| {})
         .err()
@@ -111,7 +88,7 @@ fn a_second_open_of_the_same_dir_is_refused_naming_the_lock_and_pid() {
 
 #[test]
 fn a_torn_tail_is_cut_off_with_its_size_and_channel_and_appends_continue() {
-    let dir = TempDir::new();
+    let dir = TempDir::new("store-test");
     let (mut store, _, _) = reopen(&dir.0);
     store
         .append(&[message("keep", "e1", 1, "one")], true)
@@ -144,7 +121,7 @@ fn a_torn_tail_is_cut_off_with_its_size_and_channel_and_appends_continue() {
 
 #[test]
 fn a_flipped_byte_in_the_middle_is_reported_and_never_read_as_data() {
-    let dir = TempDir::new();
+    let dir = TempDir::new("store-test");
     let (mut store, _, _) = reopen(&dir.0);
     for i in 1..=3 {
         store
@@ -173,7 +150,7 @@ fn a_flipped_byte_in_the_middle_is_reported_and_never_read_as_data() {
 
 #[test]
 fn a_damaged_length_in_the_middle_does_not_cut_what_follows() {
-    let dir = TempDir::new();
+    let dir = TempDir::new("store-test");
     let (mut store, _, _) = reopen(&dir.0);
     for i in 1..=3 {
         store.append(&[message("c", "e1", i, "x")], true).unwrap();
@@ -196,7 +173,7 @@ fn a_damaged_length_in_the_middle_does_not_cut_what_follows() {
 
 #[test]
 fn a_data_dir_of_a_newer_format_is_refused() {
-    let dir = TempDir::new();
+    let dir = TempDir::new("store-test");
     drop(reopen(&dir.0));
     let seg = last_segment(&dir.0);
     let mut bytes = std::fs::read(&seg).unwrap();
@@ -214,7 +191,7 @@ fn a_data_dir_of_a_newer_format_is_refused() {
 
 #[test]
 fn compaction_keeps_what_is_retained_and_reclaims_the_rest() {
-    let dir = TempDir::new();
+    let dir = TempDir::new("store-test");
     let (mut store, _, _) = reopen(&dir.0);
     for i in 1..=97 {
         store

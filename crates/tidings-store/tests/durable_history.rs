@@ -4,10 +4,10 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
+use tidings_testkit::TempDir;
 
 use tokio::time::Instant;
 
@@ -18,28 +18,6 @@ use tidings_core::{
     Broker, BrokerError, ChannelName, ChannelPolicy, Data, Fsync, GapReason, Hub, IdempotencyKey,
     LivePolicies, Policies, Position, Since,
 };
-
-/// A fresh directory under the system temp dir, removed when dropped.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new() -> Self {
-        static N: AtomicU64 = AtomicU64::new(0);
-        let p = std::env::temp_dir().join(format!(
-            "tidings-durable-history-{}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::Relaxed)
-        ));
-        let _ = std::fs::remove_dir_all(&p);
-        Self(p)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 fn policies(history_size: usize) -> Arc<LivePolicies> {
     LivePolicies::new(Policies {
@@ -98,7 +76,7 @@ fn offsets(r: &tidings_core::HistoryRead) -> Vec<u64> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_resume_from_an_old_cursor_reads_the_older_part_from_disk_exactly_once_in_order() {
-    let dir = TempDir::new();
+    let dir = TempDir::new("durable-history");
     let c = ch("chat:old");
     let broker = open(&dir.0, 100, 10, Default::default());
     let mut epoch = None;
@@ -144,7 +122,7 @@ async fn a_resume_from_an_old_cursor_reads_the_older_part_from_disk_exactly_once
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_damaged_record_on_disk_is_an_error_for_the_read_never_data() {
-    let dir = TempDir::new();
+    let dir = TempDir::new("durable-history");
     let c = ch("chat:damaged");
     let broker = open(&dir.0, 100, 10, Default::default());
     let mut epoch = None;
@@ -184,7 +162,7 @@ async fn a_damaged_record_on_disk_is_an_error_for_the_read_never_data() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn history_size_is_honoured_on_disk_with_a_trimmed_gap_before_what_is_left() {
-    let dir = TempDir::new();
+    let dir = TempDir::new("durable-history");
     let c = ch("chat:trim");
     let broker = open(&dir.0, 100, 10, Default::default());
     let mut epoch = None;
@@ -217,7 +195,7 @@ async fn history_size_is_honoured_on_disk_with_a_trimmed_gap_before_what_is_left
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn compaction_moves_records_and_reads_from_disk_still_find_them() {
-    let dir = TempDir::new();
+    let dir = TempDir::new("durable-history");
     let small = tidings_store::Options {
         segment_bytes: 16 << 10,
     };
@@ -268,7 +246,7 @@ async fn compaction_moves_records_and_reads_from_disk_still_find_them() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_idempotency_key_is_still_known_after_a_restart_and_answers_what_it_first_answered() {
-    let dir = TempDir::new();
+    let dir = TempDir::new("durable-history");
     let c = ch("orders");
     let keyed = |key: &str| PublishOptions {
         idempotency_key: Some(IdempotencyKey::new(key).unwrap()),
@@ -303,7 +281,7 @@ async fn an_idempotency_key_is_still_known_after_a_restart_and_answers_what_it_f
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_idempotency_key_outlives_its_message_through_compaction_and_a_restart() {
-    let dir = TempDir::new();
+    let dir = TempDir::new("durable-history");
     let c = ch("orders");
     let small = tidings_store::Options {
         segment_bytes: 8 << 10,
@@ -344,7 +322,7 @@ async fn an_idempotency_key_outlives_its_message_through_compaction_and_a_restar
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_epoch_a_new_channel_will_get_is_the_same_after_a_restart() {
-    let dir = TempDir::new();
+    let dir = TempDir::new("durable-history");
     let c = ch("not-yet");
     let broker = open(&dir.0, 100, 4, Default::default());
     let seen = broker.read(&c, &Since::Now, None).await.unwrap().top;
@@ -379,7 +357,7 @@ fn rss_mb() -> f64 {
 async fn retained_history_far_larger_than_the_cache_does_not_grow_resident_memory_with_it() {
     // 400 channels x 100 messages of 2 KiB: 80 MiB retained on disk. With 4 per channel
     // cached, RAM holds ~3 MiB of messages and a 12-byte index entry per message.
-    let dir = TempDir::new();
+    let dir = TempDir::new("durable-history");
     let broker = open(&dir.0, 100, 4, Default::default());
     let names: Arc<Vec<ChannelName>> =
         Arc::new((0..400).map(|i| ch(&format!("big:{i}"))).collect());

@@ -11,9 +11,11 @@ use std::time::Duration;
 
 pub mod proc;
 pub mod served;
+pub mod temp_dir;
 
 pub use proc::Proc;
 pub use served::Served;
+pub use temp_dir::TempDir;
 
 /// `bin` (a `tidings` binary, `env!("CARGO_BIN_EXE_tidings")` in the CLI's tests) with a clean
 /// environment: no `TIDINGS_*` variable or proxy setting of the caller leaks in, logs at
