@@ -30,6 +30,24 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// Redis that stopped answering turns into 503s quickly instead of hung requests.
 pub const RESPONSE_TIMEOUT: Duration = Duration::from_secs(3);
 
+/// The command connection to one Redis server (a plain one, or the primary Sentinel names),
+/// with the broker's timeouts; `None` when it did not connect within them.
+pub(crate) async fn command_manager(client: Client) -> Option<RedisResult<ConnectionManager>> {
+    let config = ConnectionManagerConfig::new()
+        .set_connection_timeout(Some(CONNECT_TIMEOUT))
+        .set_response_timeout(Some(RESPONSE_TIMEOUT))
+        // Reconnects are retried a few times per attempt; the broker's own timeouts decide
+        // when a request gives up.
+        .set_number_of_retries(2)
+        .set_max_delay(Duration::from_millis(500));
+    tokio::time::timeout(
+        CONNECT_TIMEOUT + RESPONSE_TIMEOUT,
+        ConnectionManager::new_with_config(client, config),
+    )
+    .await
+    .ok()
+}
+
 /// `redis://user:secret@host` → `redis://user:****@host`, for each URL of a comma-separated
 /// list.
 pub fn masked(url: &str) -> String {
@@ -169,20 +187,10 @@ pub async fn open(urls: &[String], tls_ca: Option<Vec<u8>>) -> Result<Opened, Co
     let info = nodes.remove(0);
     let commands =
         client(info.clone(), tls_ca.as_deref()).map_err(|e| connect_error(first_url, e))?;
-    let config = ConnectionManagerConfig::new()
-        .set_connection_timeout(Some(CONNECT_TIMEOUT))
-        .set_response_timeout(Some(RESPONSE_TIMEOUT))
-        // Reconnects are retried a few times per attempt; the broker's own timeouts decide
-        // when a request gives up.
-        .set_number_of_retries(2)
-        .set_max_delay(Duration::from_millis(500));
-    let manager = tokio::time::timeout(
-        CONNECT_TIMEOUT + RESPONSE_TIMEOUT,
-        ConnectionManager::new_with_config(commands, config),
-    )
-    .await
-    .map_err(|_| connect_error(first_url, "timed out"))?
-    .map_err(|e| connect_error(first_url, e))?;
+    let manager = command_manager(commands)
+        .await
+        .ok_or_else(|| connect_error(first_url, "timed out"))?
+        .map_err(|e| connect_error(first_url, e))?;
     let mut probe = manager.clone();
     let cluster_info: String = tokio::time::timeout(
         RESPONSE_TIMEOUT,

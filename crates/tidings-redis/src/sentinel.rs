@@ -29,7 +29,7 @@ use std::sync::atomic::{AtomicBool, Ordering::AcqRel, Ordering::Release};
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::aio::ConnectionManager;
 use redis::{Client, ConnectionAddr, ConnectionInfo, ErrorKind, IntoConnectionInfo, RedisResult};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
@@ -182,17 +182,9 @@ impl Sentinel {
         self.switched.store(false, Release);
         let addr = self.ask().await?;
         let client = Client::open(self.primary_at(&addr))?;
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(CONNECT_TIMEOUT))
-            .set_response_timeout(Some(RESPONSE_TIMEOUT))
-            .set_number_of_retries(2)
-            .set_max_delay(Duration::from_millis(500));
-        let manager = tokio::time::timeout(
-            CONNECT_TIMEOUT + RESPONSE_TIMEOUT,
-            ConnectionManager::new_with_config(client, config),
-        )
-        .await
-        .map_err(|_| no_primary(format!("{}:{} timed out", addr.0, addr.1)))??;
+        let manager = crate::connection::command_manager(client)
+            .await
+            .ok_or_else(|| no_primary(format!("{}:{} timed out", addr.0, addr.1)))??;
         let role: Vec<redis::Value> = redis::cmd("ROLE").query_async(&mut manager.clone()).await?;
         let is_primary = matches!(role.first(), Some(redis::Value::BulkString(r)) if r == b"master")
             || matches!(role.first(), Some(redis::Value::SimpleString(r)) if r == "master");
