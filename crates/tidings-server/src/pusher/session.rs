@@ -29,7 +29,7 @@ use std::time::Duration;
 
 use axum::extract::{Path, RawQuery, State};
 use axum::response::Response;
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use serde_json::Value;
 use tidings_core::{
     ChannelName, ClientInfo, Event, PresenceEvent, PresenceKind, Since, Subscription,
@@ -54,8 +54,6 @@ const MAX_CHANNELS: usize = 500;
 const CHECK_EVERY: Duration = Duration::from_secs(30);
 /// Silence past the activity timeout plus this ends the session (4201).
 const PONG_GRACE: Duration = Duration::from_secs(30);
-/// Output past this is written before more frames are read.
-const WRITE_BATCH: usize = 64 * 1024;
 /// Malformed frames in a row before the connection is closed.
 const MAX_MALFORMED: u32 = 10;
 
@@ -324,16 +322,14 @@ impl Session {
             if !matches!(next, Next::Continue) {
                 return next;
             }
-            if self.ws.out.len() >= WRITE_BATCH {
+            if self.ws.batch_full() {
                 match self.flush().await {
                     Next::Continue => {}
                     other => return other,
                 }
             }
         }
-        if self.ws.rbuf.is_empty() {
-            self.ws.rbuf = BytesMut::new();
-        }
+        self.ws.release_read_buffer();
         self.queue_ready()
     }
 

@@ -33,7 +33,7 @@ use std::sync::Arc;
 use axum::extract::{FromRequestParts, Path, RawQuery, State};
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Version, header, request::Parts};
 use axum::response::{IntoResponse, Response};
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 use serde_json::{Value, json};
@@ -73,8 +73,6 @@ pub mod close {
 
 /// Malformed frames in a row before the connection is closed with 1008.
 const MAX_MALFORMED: u32 = 10;
-/// Output past this is written before more frames are read.
-const WRITE_BATCH: usize = 64 * 1024;
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Mode {
@@ -534,17 +532,14 @@ impl Session {
             if !matches!(next, Next::Continue) {
                 return next;
             }
-            if self.ws.out.len() >= WRITE_BATCH {
+            if self.ws.batch_full() {
                 match self.flush().await {
                     Next::Continue => {}
                     other => return other,
                 }
             }
         }
-        if self.ws.rbuf.is_empty() {
-            // Freed: a parked socket keeps no read buffer.
-            self.ws.rbuf = BytesMut::new();
-        }
+        self.ws.release_read_buffer();
         // Echoes of what was just published (raw mode) go out in the same write.
         self.queue_ready()
     }

@@ -17,6 +17,9 @@ use crate::transport::websocket::frame_end;
 /// socket is dropped anyway.
 pub(crate) const GOODBYE_TIMEOUT: Duration = Duration::from_secs(1);
 
+/// Output past this is written before more frames are read.
+pub(crate) const WRITE_BATCH: usize = 64 * 1024;
+
 pub(crate) struct WsSocket {
     pub io: SessionIo,
     /// Bytes read and not yet parsed; empty (no allocation) while the socket is idle.
@@ -101,6 +104,18 @@ impl WsSocket {
         self.out = Vec::new();
         self.sent = 0;
         self.io.flush().await
+    }
+
+    /// Whether enough is queued to write it before reading more frames.
+    pub fn batch_full(&self) -> bool {
+        self.out.len() >= WRITE_BATCH
+    }
+
+    /// Frees the read buffer once everything read is parsed: a parked socket keeps none.
+    pub fn release_read_buffer(&mut self) {
+        if self.rbuf.is_empty() {
+            self.rbuf = BytesMut::new();
+        }
     }
 
     /// Drops the frames queued behind the one being written (a half-sent frame is finished):
