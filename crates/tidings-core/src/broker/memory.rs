@@ -62,7 +62,7 @@ use crate::policy::LivePolicies;
 use crate::presence::{ClientInfo, PresenceEvent, PresenceKind};
 use crate::shards::Shards;
 use crate::store::{
-    Fsync, KeySnapshot, Keyed, ReadError, Recovered, Snapshot, Store, StoreReader, age,
+    Fsync, KeySnapshot, Keyed, ReadError, Recovered, Snapshot, Store, StoreError, StoreReader, age,
 };
 
 /// The whole map is swept once per this period, one shard per tick.
@@ -106,6 +106,10 @@ struct Durable {
     reads: Arc<tokio::sync::Semaphore>,
     /// Messages per channel kept in RAM.
     cache: usize,
+    /// Why the data dir can take no more publishes (the writer thread panicked, or the store
+    /// is broken until a restart); `ready` reports it, so a load balancer stops sending
+    /// publishes to a node that can only refuse them.
+    failed: Arc<Mutex<Option<String>>>,
 }
 
 type Reply = oneshot::Sender<Result<Published, BrokerError>>;
@@ -300,6 +304,7 @@ impl MemoryBroker {
             }
         };
         let bytes_on_disk = Arc::new(AtomicU64::new(store.bytes_on_disk()));
+        let failed = Arc::new(Mutex::new(None));
         let keys = Shards::new();
         for (name, window) in restore.keys {
             relock(keys.of(&name)).insert(name, window);
@@ -326,6 +331,7 @@ impl MemoryBroker {
                 reader: store.reader(),
                 reads: Arc::new(tokio::sync::Semaphore::new(DISK_READS)),
                 cache: restore.cache,
+                failed: failed.clone(),
             }),
             fresh: Mutex::new(fresh),
             count: AtomicUsize::new(count),
@@ -335,7 +341,22 @@ impl MemoryBroker {
         let weak = Arc::downgrade(&broker);
         std::thread::Builder::new()
             .name("tidings-store".into())
-            .spawn(move || run_writer(weak, store, queue, fsync, bytes_on_disk))?;
+            .spawn(move || {
+                // A panic here is a bug, but it must not look like a healthy node: waiting
+                // publishers get an error as their replies drop, and `ready` says why.
+                let run = std::panic::AssertUnwindSafe(|| {
+                    run_writer(weak, store, queue, fsync, bytes_on_disk)
+                });
+                if let Err(panic) = std::panic::catch_unwind(run) {
+                    let what = panic
+                        .downcast_ref::<&str>()
+                        .map(|s| s.to_string())
+                        .or_else(|| panic.downcast_ref::<String>().cloned())
+                        .unwrap_or_else(|| "a panic".into());
+                    tracing::error!(panic = %what, "the data dir's writer thread panicked; publishing stops until a restart");
+                    *relock(&failed) = Some(format!("the data dir's writer panicked: {what}"));
+                }
+            })?;
         spawn_sweeper(&broker);
         Ok(broker)
     }
@@ -701,6 +722,9 @@ impl MemoryBroker {
         drop(messages);
         if let Err(e) = &written {
             tracing::error!(error = %e, publishes = staged.len(), "a write to the data dir failed; those publishes were refused");
+            if let (StoreError::Broken(_), Some(d)) = (e, &self.durable) {
+                *relock(&d.failed) = Some(e.to_string());
+            }
         }
         for (i, (history, message, options, reply)) in staged.into_iter().enumerate() {
             let outcome = {
@@ -907,7 +931,13 @@ impl Broker for MemoryBroker {
                 options: options.clone(),
                 reply,
             };
-            let stopped = || BrokerError::Storage("the data dir's writer stopped".into());
+            let stopped = || {
+                BrokerError::Storage(
+                    relock(&d.failed)
+                        .clone()
+                        .unwrap_or_else(|| "the data dir's writer stopped".into()),
+                )
+            };
             d.jobs.send(job).await.map_err(|_| stopped())?;
             return answer.await.map_err(|_| stopped())?;
         }
@@ -977,7 +1007,14 @@ impl Broker for MemoryBroker {
     }
 
     async fn ready(&self) -> Result<(), BrokerError> {
-        Ok(())
+        match self
+            .durable
+            .as_ref()
+            .and_then(|d| relock(&d.failed).clone())
+        {
+            Some(why) => Err(BrokerError::Storage(why)),
+            None => Ok(()),
+        }
     }
 
     async fn channel_sample(&self, max: usize) -> Result<(usize, Vec<ChannelName>), BrokerError> {
@@ -1215,5 +1252,99 @@ mod tests {
         let read = b.read(&c, &Since::Last(10), None).await.unwrap();
         assert_eq!(read.top, message.position());
         assert_eq!(read.replay.messages().len(), 1);
+    }
+
+    /// A store whose writes fail the way `kind` says: a panic in the writer thread, or a
+    /// write that could not be undone (the store is broken until a restart).
+    struct Failing {
+        panic: bool,
+    }
+
+    impl StoreReader for Failing {
+        fn read(&self, _: &[crate::store::Loc]) -> Result<Vec<Message>, ReadError> {
+            Err(ReadError::Failed("nothing stored".into()))
+        }
+    }
+
+    impl Store for Failing {
+        fn append(
+            &mut self,
+            _: &[(Arc<Message>, Option<Keyed>)],
+            _: bool,
+        ) -> Result<Vec<crate::store::Loc>, StoreError> {
+            if self.panic {
+                panic!("a bug in the store");
+            }
+            Err(StoreError::Broken("the disk went away".into()))
+        }
+        fn set_fresh(&mut self, _: &Epoch) -> Result<(), StoreError> {
+            Ok(())
+        }
+        fn reader(&self) -> Arc<dyn StoreReader> {
+            Arc::new(Failing { panic: self.panic })
+        }
+        fn forget(&mut self, _: &ChannelName, _: &Epoch) -> Result<(), StoreError> {
+            Ok(())
+        }
+        fn compact(
+            &mut self,
+            _: &mut dyn Iterator<Item = Snapshot>,
+            _: &mut dyn Iterator<Item = KeySnapshot>,
+        ) -> Result<Vec<Vec<crate::store::Loc>>, StoreError> {
+            Ok(Vec::new())
+        }
+        fn bytes_on_disk(&self) -> u64 {
+            0
+        }
+    }
+
+    async fn durable_over(store: Failing) -> Arc<MemoryBroker> {
+        let policies = LivePolicies::new(crate::policy::Policies::default());
+        MemoryBroker::durable(
+            Arc::new(Hub::new()),
+            policies.clone(),
+            Restore::new(policies),
+            Box::new(store),
+            Fsync::Batch,
+        )
+        .unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_writer_thread_that_panics_fails_publishes_and_readiness_instead_of_hanging() {
+        let b = durable_over(Failing { panic: true }).await;
+        assert!(b.ready().await.is_ok(), "ready before anything went wrong");
+        let c = ChannelName::new("doomed").unwrap();
+        let first = tokio::time::timeout(Duration::from_secs(10), b.publish(&c, None, text()))
+            .await
+            .expect("the publish is answered, not left waiting");
+        assert!(matches!(first, Err(BrokerError::Storage(_))), "{first:?}");
+        // The panic is recorded as the thread unwinds, just after the reply dropped.
+        let why = tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                if let Err(e) = b.ready().await {
+                    return e.to_string();
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await
+        .expect("readiness reports the panic");
+        assert!(why.contains("panicked: a bug in the store"), "{why}");
+        let later = b.publish(&c, None, text()).await;
+        assert!(
+            matches!(&later, Err(BrokerError::Storage(m)) if m.contains("panicked")),
+            "{later:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_broken_store_makes_the_broker_unready_with_its_reason() {
+        let b = durable_over(Failing { panic: false }).await;
+        let c = ChannelName::new("broken").unwrap();
+        let r = b.publish(&c, None, text()).await;
+        assert!(matches!(r, Err(BrokerError::Storage(_))), "{r:?}");
+        let why = b.ready().await.unwrap_err().to_string();
+        assert!(why.contains("the disk went away"), "{why}");
     }
 }
