@@ -194,8 +194,8 @@ impl History {
     }
 
     /// After a compaction: the messages from `first` on lie at `locs` now. Those expired
-    /// meanwhile are skipped (nothing can have been appended: appends and compactions both
-    /// run on the writer thread).
+    /// meanwhile are skipped; those appended after the compaction's snapshot (past the end
+    /// of `locs`) were written after its cut and keep their places.
     pub fn relocate(&mut self, first: u64, locs: &[Loc]) {
         let kept_from = self.first_offset();
         let Some(index) = &mut self.index else {

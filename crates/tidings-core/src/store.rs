@@ -13,9 +13,13 @@
 //!   partial write); publishing stops until a restart, which cuts the torn tail.
 //! - Records come back at open in append order, each with its `Loc`. A message of an epoch
 //!   other than the channel's current one starts a new incarnation of that channel.
-//! - A `Loc` names one message record until the store is compacted; `compact` answers every
-//!   retained message's new `Loc`, and the old ones stay readable until `compact` returns
-//!   (readers that raced it get `ReadError::Moved` and look again).
+//! - A `Loc` names one message record until the store is compacted; `finish_compaction`
+//!   answers every retained message's new `Loc`, and the old ones stay readable until the
+//!   store's next call after it (readers that raced it get `ReadError::Moved` and look again).
+//! - A compaction copies on a thread of its own while appends go on: `begin_compaction`
+//!   cuts the log (what is retained before the cut is copied, what comes after stays), the
+//!   job copies, `finish_compaction` swaps the files. A crash at any point leaves a store
+//!   that replays into the same state.
 //! - `StoreReader::read` may be called from any thread, concurrently with `append` and
 //!   `compact`: it reads only what an `append` already returned (written whole).
 //! - The broker never holds every retained message in RAM: it keeps an index of `Loc`s and a
@@ -163,16 +167,49 @@ pub trait Store: Send + 'static {
         false
     }
 
-    /// Replaces everything stored with `channels` and `keys` (durably), then reclaims the
-    /// old files. Answers, per snapshot in order, where its messages lie now.
+    /// Starts rewriting the store from `channels` and `keys` (what the broker holds now):
+    /// everything appended so far moves behind a cut, and the returned job copies what is
+    /// retained of it into a new file. The job runs on a thread of its own while `append`
+    /// goes on after the cut; its outcome goes to `finish_compaction`. At most one
+    /// compaction runs at a time (`wants_compaction` says no meanwhile).
+    fn begin_compaction(
+        &mut self,
+        channels: Vec<Snapshot>,
+        keys: Vec<KeySnapshot>,
+    ) -> Result<CompactionJob, StoreError>;
+
+    /// Installs what a compaction job copied and reclaims the files from before its cut.
+    /// Answers, per snapshot in order, where its messages lie now (messages appended after
+    /// the cut stay where they are). On `Err` (the job's or its own) the store keeps its
+    /// files as they were and every `Loc` stays valid.
+    fn finish_compaction(
+        &mut self,
+        copied: Result<Copied, StoreError>,
+    ) -> Result<Vec<Vec<Loc>>, StoreError>;
+
+    /// `begin_compaction`, the job and `finish_compaction` in one go, on this thread.
     fn compact(
         &mut self,
-        channels: &mut dyn Iterator<Item = Snapshot>,
-        keys: &mut dyn Iterator<Item = KeySnapshot>,
-    ) -> Result<Vec<Vec<Loc>>, StoreError>;
+        channels: Vec<Snapshot>,
+        keys: Vec<KeySnapshot>,
+    ) -> Result<Vec<Vec<Loc>>, StoreError> {
+        let job = self.begin_compaction(channels, keys)?;
+        let copied = job();
+        self.finish_compaction(copied)
+    }
 
     /// Bytes the store occupies on disk.
     fn bytes_on_disk(&self) -> u64;
+}
+
+/// The copying part of a compaction: blocking file I/O, run off the writer thread.
+pub type CompactionJob = Box<dyn FnOnce() -> Result<Copied, StoreError> + Send>;
+
+/// What a compaction job copied: the new places of each snapshot's messages, and what the
+/// store needs to install them (its own type, opaque to the broker).
+pub struct Copied {
+    pub moved: Vec<Vec<Loc>>,
+    pub state: Box<dyn std::any::Any + Send>,
 }
 
 /// Age of a message published at `time_ms`, by the wall clock (history TTLs survive restarts).

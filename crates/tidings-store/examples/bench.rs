@@ -4,6 +4,7 @@
 //! cargo run --release -p tidings-store --example bench -- publish DIR [SECONDS]
 //! cargo run --release -p tidings-store --example bench -- log DIR [MEGABYTES]
 //! cargo run --release -p tidings-store --example bench -- memory DIR CHANNELS MESSAGES [CACHE|none]
+//! cargo run --release -p tidings-store --example bench -- stall DIR [MESSAGES]
 //! ```
 //!
 //! `publish`: 8 concurrent publishers (tokio tasks on 2 worker threads) on 8 channels, against
@@ -14,6 +15,10 @@
 //! 100-byte messages to each of CHANNELS channels (history_size 100) with a data dir whose
 //! cache is CACHE messages per channel (or, with `none`, the memory broker alone), and print
 //! the process's resident memory before and after, then time resumes from 50 back.
+//! `stall`: 8 publishers publish MESSAGES 200-byte messages over 1,000 channels that retain
+//! 1,000 each (200 MB retained at most), so the log compacts several times as it grows;
+//! prints each compaction seen (the log shrank) and the publish latency percentiles and
+//! maximum: how long publishing waits while a compaction copies.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -185,7 +190,7 @@ fn log(dir: &Path, megabytes: u64) {
     let mut store = store;
     let last = n / channels as u64;
     let t = Instant::now();
-    let mut snapshots = names
+    let snapshots = names
         .iter()
         .zip(&kept)
         .map(|(c, k)| tidings_core::store::Snapshot {
@@ -194,9 +199,7 @@ fn log(dir: &Path, megabytes: u64) {
             last_offset: last,
             locs: k.iter().copied().collect(),
         });
-    store
-        .compact(&mut snapshots, &mut std::iter::empty())
-        .unwrap();
+    store.compact(snapshots.collect(), Vec::new()).unwrap();
     println!(
         "trim (compaction to 100 per channel): {:.0} MB -> {:.0} MB in {:.2} s",
         report.bytes as f64 / 1e6,
@@ -346,6 +349,85 @@ async fn memory(dir: &Path, channels: usize, messages: u64, cache: Option<usize>
     let _ = std::fs::remove_dir_all(&d);
 }
 
+async fn stall(dir: &Path, messages: u64) {
+    let _ = std::fs::remove_dir_all(dir);
+    let policies = LivePolicies::new(Policies {
+        default: tidings_core::ChannelPolicy {
+            history_size: 1000,
+            history_ttl: Duration::from_secs(3600),
+            ..Default::default()
+        },
+        namespaces: Default::default(),
+    });
+    let broker = open_durable(dir, &policies, Fsync::Batch);
+    let per = messages / PUBLISHERS as u64;
+    let started = Instant::now();
+    let watch = {
+        let broker = broker.clone();
+        tokio::spawn(async move {
+            let mut last = 0u64;
+            let mut seen = Vec::new();
+            loop {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                let now = broker.bytes_on_disk().unwrap_or(0);
+                if now < last {
+                    seen.push((started.elapsed().as_secs_f64(), last, now));
+                }
+                last = now;
+                if Arc::strong_count(&broker) <= 2 {
+                    return seen;
+                }
+            }
+        })
+    };
+    let mut tasks = Vec::new();
+    for p in 0..PUBLISHERS {
+        let broker = broker.clone();
+        tasks.push(tokio::spawn(async move {
+            let payload = Bytes::from(vec![b'x'; 200]);
+            let mut latencies = Vec::with_capacity(per as usize);
+            for i in 0..per {
+                let channel = ChannelName::new(&format!(
+                    "stall:{}",
+                    (i * PUBLISHERS as u64 + p as u64) % 1000
+                ))
+                .unwrap();
+                let t = Instant::now();
+                broker
+                    .publish(&channel, None, Data::Text(payload.clone()))
+                    .await
+                    .unwrap();
+                latencies.push(t.elapsed());
+            }
+            latencies
+        }));
+    }
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(t.await.unwrap());
+    }
+    let secs = started.elapsed().as_secs_f64();
+    let seen = watch.await.unwrap();
+    all.sort_unstable();
+    let pct = |q: f64| all[((all.len() - 1) as f64 * q) as usize].as_secs_f64() * 1e3;
+    for (at, from, to) in &seen {
+        println!(
+            "compaction seen at {at:.1} s: {:.0} MB -> {:.0} MB",
+            *from as f64 / 1e6,
+            *to as f64 / 1e6
+        );
+    }
+    println!(
+        "{} publishes in {secs:.1} s ({:.0}/s): latency p50 {:.2} ms, p99 {:.2} ms, p99.99 {:.1} ms, max {:.1} ms",
+        all.len(),
+        all.len() as f64 / secs,
+        pct(0.5),
+        pct(0.99),
+        pct(0.9999),
+        all.last().map_or(0.0, |d| d.as_secs_f64() * 1e3)
+    );
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let dir = PathBuf::from(args.get(1).map_or("/tmp/tidings-bench", String::as_str));
@@ -359,6 +441,17 @@ fn main() {
                 .unwrap()
                 .block_on(publish(&dir, seconds));
         }
+        Some("stall") => tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(stall(
+                &dir,
+                args.get(2)
+                    .and_then(|s| s.parse().ok())
+                    .unwrap_or(3_000_000),
+            )),
         Some("log") => log(
             &dir,
             args.get(2).and_then(|s| s.parse().ok()).unwrap_or(1024),

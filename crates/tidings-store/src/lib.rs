@@ -46,7 +46,8 @@ use std::sync::{Arc, RwLock};
 
 use thiserror::Error;
 use tidings_core::store::{
-    KeySnapshot, Keyed, Loc, ReadError, Recovered, Snapshot, Store, StoreError, StoreReader,
+    CompactionJob, Copied, KeySnapshot, Keyed, Loc, ReadError, Recovered, Snapshot, Store,
+    StoreError, StoreReader,
 };
 use tidings_core::{ChannelName, Epoch, Message};
 
@@ -160,6 +161,24 @@ pub struct LogStore {
     base_bytes: u64,
     broken: Option<String>,
     scratch: Vec<u8>,
+    /// The compaction whose copy is running, if one is.
+    compacting: Option<Compacting>,
+}
+
+/// A compaction between its cut and its finish.
+struct Compacting {
+    /// The number the copy's segment gets.
+    seq: u64,
+    /// The segments before the cut, oldest first (deleted when the copy is installed).
+    old: Vec<Segment>,
+    old_bytes: u64,
+}
+
+/// What a compaction job hands back to `finish_compaction` (inside `Copied`).
+struct CopyDone {
+    seq: u64,
+    len: u64,
+    file: File,
 }
 
 type Files = Arc<RwLock<HashMap<u64, Arc<File>>>>;
@@ -191,13 +210,93 @@ fn create_segment(dir: &Path, seq: u64) -> std::io::Result<(Segment, File)> {
         .write(true)
         .create_new(true)
         .open(&path)?;
-    let mut header = Vec::with_capacity(HEADER_LEN as usize);
-    header.extend_from_slice(HEADER_MAGIC);
-    header.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
-    file.write_all(&header)?;
+    file.write_all(&header())?;
     file.sync_all()?;
     sync_dir(dir)?;
     Ok((Segment { seq, path }, file))
+}
+
+/// The bytes every segment starts with.
+fn header() -> Vec<u8> {
+    let mut header = Vec::with_capacity(HEADER_LEN as usize);
+    header.extend_from_slice(HEADER_MAGIC);
+    header.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
+    header
+}
+
+/// A compaction's copy, on its own thread: the retained records of `channels` (copied as
+/// they are, no decoding), a position record per channel, the keys and the fresh epoch, into
+/// `NNNN.log.tmp`, fsynced, then renamed to segment `seq`. Until the rename nothing in the
+/// dir changed meaning (`open` deletes a leftover `.tmp`).
+fn copy_retained(
+    dir: &Path,
+    seq: u64,
+    files: &HashMap<u64, Arc<File>>,
+    channels: Vec<Snapshot>,
+    keys: Vec<KeySnapshot>,
+    fresh: Option<&Epoch>,
+) -> Result<Copied, StoreError> {
+    let fail = |e: std::io::Error| StoreError::Write(format!("compacting: {e}"));
+    let path = segment_path(dir, seq);
+    let tmp = path.with_extension("log.tmp");
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&tmp)
+        .map_err(fail)?;
+    let copied = (|| -> Result<(Vec<Vec<Loc>>, u64), StoreError> {
+        let mut buf = header();
+        let mut len = 0u64;
+        let mut moved = Vec::with_capacity(channels.len());
+        for s in channels {
+            let mut locs = Vec::with_capacity(s.locs.len());
+            for &at in &s.locs {
+                let frame = files
+                    .get(&(at >> POS_BITS))
+                    .ok_or_else(|| format!("segment {} is gone", at >> POS_BITS))
+                    .and_then(|f| read_frame(f, at & POS_MASK))
+                    .map_err(|e| StoreError::Write(format!("compacting: reading {e}")))?;
+                locs.push(loc(seq, len + buf.len() as u64));
+                buf.extend_from_slice(&frame);
+            }
+            moved.push(locs);
+            // After the messages: a position record first would make them look old.
+            record::encode_channel(&mut buf, &s.channel, &s.epoch, s.last_offset);
+            if buf.len() >= 1 << 20 {
+                file.write_all_at(&buf, len).map_err(fail)?;
+                len += buf.len() as u64;
+                buf.clear();
+            }
+        }
+        for k in &keys {
+            record::encode_key(&mut buf, k);
+        }
+        if let Some(fresh) = fresh {
+            record::encode_fresh(&mut buf, fresh);
+        }
+        file.write_all_at(&buf, len)
+            .and_then(|()| file.sync_all())
+            .map_err(fail)?;
+        len += buf.len() as u64;
+        std::fs::rename(&tmp, &path)
+            .and_then(|()| sync_dir(dir))
+            .map_err(fail)?;
+        Ok((moved, len))
+    })();
+    match copied {
+        Ok((moved, len)) => Ok(Copied {
+            moved,
+            state: Box::new(CopyDone { seq, len, file }),
+        }),
+        Err(e) => {
+            // Whichever name it has by now (a failed dir fsync comes after the rename).
+            let _ = std::fs::remove_file(&tmp);
+            let _ = std::fs::remove_file(&path);
+            Err(e)
+        }
+    }
 }
 
 /// Takes the data dir's lock, or says who holds it.
@@ -303,15 +402,25 @@ pub fn open(
         source,
     })?;
     let lock = lock(dir)?;
-    let mut seqs: Vec<u64> = std::fs::read_dir(dir)
-        .map_err(io_err(dir))?
-        .filter_map(|e| {
-            let name = e.ok()?.file_name();
-            let name = name.to_str()?;
-            let seq = name.strip_suffix(".log")?;
-            (seq.len() == 16).then(|| seq.parse().ok())?
-        })
-        .collect();
+    let mut seqs: Vec<u64> = Vec::new();
+    for entry in std::fs::read_dir(dir).map_err(io_err(dir))? {
+        let entry = entry.map_err(io_err(dir))?;
+        let name = entry.file_name();
+        let Some(name) = name.to_str() else { continue };
+        if name.ends_with(".log.tmp") {
+            // A compaction's copy that the process did not live to install: the segments
+            // it was copied from are all still here.
+            let path = entry.path();
+            tracing::info!(file = %path.display(), "removing an unfinished compaction");
+            std::fs::remove_file(&path).map_err(io_err(&path))?;
+            continue;
+        }
+        if let Some(seq) = name.strip_suffix(".log").filter(|s| s.len() == 16)
+            && let Ok(seq) = seq.parse()
+        {
+            seqs.push(seq);
+        }
+    }
     seqs.sort_unstable();
     let mut report = Report {
         segments: seqs.len(),
@@ -370,6 +479,7 @@ pub fn open(
         base_bytes: closed_bytes + len,
         broken: None,
         scratch: Vec::new(),
+        compacting: None,
     };
     Ok((store, report))
 }
@@ -696,84 +806,93 @@ impl Store for LogStore {
 
     fn wants_compaction(&self) -> bool {
         // Rewriting costs what is retained; do it once the log is mostly what is not.
-        self.bytes_on_disk() > 2 * self.base_bytes + self.options.segment_bytes
+        self.compacting.is_none()
+            && self.bytes_on_disk() > 2 * self.base_bytes + self.options.segment_bytes
     }
 
-    fn compact(
+    fn begin_compaction(
         &mut self,
-        channels: &mut dyn Iterator<Item = Snapshot>,
-        keys: &mut dyn Iterator<Item = KeySnapshot>,
-    ) -> Result<Vec<Vec<Loc>>, StoreError> {
+        channels: Vec<Snapshot>,
+        keys: Vec<KeySnapshot>,
+    ) -> Result<CompactionJob, StoreError> {
         self.release_retired();
         if let Some(why) = &self.broken {
             return Err(StoreError::Broken(why.clone()));
         }
-        let fail = |e: std::io::Error| StoreError::Write(format!("compacting: {e}"));
-        // The new segment sorts after every old one: if we crash before the old ones are
-        // deleted, replaying old then new gives the same state (`History::restore` skips
-        // offsets it already has).
-        let (segment, file) = create_segment(&self.dir, self.active.seq + 1).map_err(fail)?;
-        let seq = segment.seq;
-        let mut buf = Vec::new();
-        let mut len = HEADER_LEN;
-        let mut moved = Vec::new();
-        let copied = (|| -> Result<(), StoreError> {
-            let files = self.files.read().unwrap_or_else(|e| e.into_inner()).clone();
-            for s in channels {
-                let mut locs = Vec::with_capacity(s.locs.len());
-                for &at in &s.locs {
-                    // The retained messages' records are copied as they are (no decoding).
-                    let frame = files
-                        .get(&(at >> POS_BITS))
-                        .ok_or_else(|| format!("segment {} is gone", at >> POS_BITS))
-                        .and_then(|f| read_frame(f, at & POS_MASK))
-                        .map_err(|e| StoreError::Write(format!("compacting: reading {e}")))?;
-                    locs.push(loc(seq, len + buf.len() as u64));
-                    buf.extend_from_slice(&frame);
-                }
-                moved.push(locs);
-                // After the messages: a position record first would make them look old.
-                record::encode_channel(&mut buf, &s.channel, &s.epoch, s.last_offset);
-                if buf.len() >= 1 << 20 {
-                    file.write_all_at(&buf, len).map_err(fail)?;
-                    len += buf.len() as u64;
-                    buf.clear();
-                }
-            }
-            for k in keys {
-                record::encode_key(&mut buf, &k);
-            }
-            if let Some(fresh) = &self.fresh {
-                record::encode_fresh(&mut buf, fresh);
-            }
-            file.write_all_at(&buf, len)
-                .and_then(|()| file.sync_all())
-                .map_err(fail)?;
-            len += buf.len() as u64;
-            Ok(())
-        })();
-        if let Err(e) = copied {
-            let _ = std::fs::remove_file(&segment.path);
-            return Err(e);
+        if self.compacting.is_some() {
+            return Err(StoreError::Write("a compaction is already running".into()));
         }
+        // The cut: appends go on in a new segment, numbered one past the copy's, so that
+        // replaying in name order gives old, copy, new — the order things happened in.
+        let copy_seq = self.active.seq + 1;
+        let (segment, file) = create_segment(&self.dir, copy_seq + 1)
+            .map_err(|e| StoreError::Write(format!("compacting: starting a new segment: {e}")))?;
         let file = Arc::new(file);
-        write_lock(&self.files).insert(seq, file.clone());
-        let old = std::mem::replace(&mut self.active, segment);
+        write_lock(&self.files).insert(segment.seq, file.clone());
+        let cut = std::mem::replace(&mut self.active, segment);
+        self.closed.push(cut);
+        self.closed_bytes += self.len;
+        self.file = file;
+        self.len = HEADER_LEN;
+        let old: Vec<Segment> = self.closed.drain(..).collect();
+        self.compacting = Some(Compacting {
+            seq: copy_seq,
+            old,
+            old_bytes: self.closed_bytes,
+        });
+        let files = self.files.read().unwrap_or_else(|e| e.into_inner()).clone();
+        let dir = self.dir.clone();
+        let fresh = self.fresh.clone();
+        Ok(Box::new(move || {
+            copy_retained(&dir, copy_seq, &files, channels, keys, fresh.as_ref())
+        }))
+    }
+
+    fn finish_compaction(
+        &mut self,
+        copied: Result<Copied, StoreError>,
+    ) -> Result<Vec<Vec<Loc>>, StoreError> {
+        let Some(compacting) = self.compacting.take() else {
+            return Err(StoreError::Write("no compaction was running".into()));
+        };
+        let copy = copied.and_then(|c| match c.state.downcast::<CopyDone>() {
+            Ok(done) if done.seq == compacting.seq => Ok((c.moved, *done)),
+            _ => Err(StoreError::Write(
+                "compacting: not this compaction's copy".into(),
+            )),
+        });
+        let (moved, done) = match copy {
+            Ok(c) => c,
+            Err(e) => {
+                // The old segments are still the oldest part of the log: put them back, and
+                // wait for the log to grow again before the next try (a full disk would
+                // otherwise be retried after every write).
+                let mut closed = compacting.old;
+                closed.append(&mut self.closed);
+                self.closed = closed;
+                self.base_bytes = self.bytes_on_disk();
+                return Err(e);
+            }
+        };
+        write_lock(&self.files).insert(done.seq, Arc::new(done.file));
         // Newest first: a crash half-way leaves an oldest prefix of segments, which replays
-        // into a state the new segment then brings up to date.
-        let mut gone: Vec<Segment> = self.closed.drain(..).collect();
-        gone.push(old);
-        for s in gone.iter().rev() {
+        // into a state the copy then brings up to date.
+        for s in compacting.old.iter().rev() {
             if let Err(e) = std::fs::remove_file(&s.path) {
                 tracing::warn!(file = %s.path.display(), error = %e, "could not delete a compacted segment");
             }
             self.retiring.push(s.seq);
         }
         let _ = sync_dir(&self.dir);
-        self.file = file;
-        self.len = len;
-        self.closed_bytes = 0;
-        self.base_bytes = len;
+        self.closed.insert(
+            0,
+            Segment {
+                seq: done.seq,
+                path: segment_path(&self.dir, done.seq),
+            },
+        );
+        self.closed_bytes = self.closed_bytes - compacting.old_bytes + done.len;
+        self.base_bytes = self.bytes_on_disk();
         Ok(moved)
     }
 

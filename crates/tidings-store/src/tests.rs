@@ -206,7 +206,7 @@ fn compaction_keeps_what_is_retained_and_reclaims_the_rest() {
                 .unwrap()[0]
         })
         .collect();
-    let mut snapshots = std::iter::once(Snapshot {
+    let snapshots = std::iter::once(Snapshot {
         channel: ChannelName::new("c").unwrap(),
         epoch: Epoch::new("e1").unwrap(),
         last_offset: 100,
@@ -218,9 +218,7 @@ fn compaction_keeps_what_is_retained_and_reclaims_the_rest() {
         last_offset: 7,
         locs: Vec::new(),
     }));
-    let moved = store
-        .compact(&mut snapshots, &mut std::iter::empty())
-        .unwrap();
+    let moved = store.compact(snapshots.collect(), Vec::new()).unwrap();
     assert_eq!(moved.len(), 2);
     let back = store.reader().read(&moved[0]).unwrap();
     assert_eq!(
@@ -271,6 +269,136 @@ fn compaction_keeps_what_is_retained_and_reclaims_the_rest() {
                 .extension()
                 .is_some_and(|x| x == "log"))
             .count(),
-        1
+        2,
+        "the copy, and the segment appends went on in after the cut"
     );
+}
+
+fn log_files(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .filter(|n| n.contains(".log"))
+        .collect();
+    names.sort();
+    names
+}
+
+#[test]
+fn appends_go_on_while_a_compaction_copies_and_both_come_back_in_order() {
+    let dir = TempDir::new("store-test");
+    let (mut store, _, _) = reopen(&dir.0);
+    let mut kept = Vec::new();
+    for i in 1..=50 {
+        let at = store
+            .append(&[message("c", "e1", i, "before")], false)
+            .unwrap()[0];
+        if i > 45 {
+            kept.push(at);
+        }
+    }
+    let snapshot = Snapshot {
+        channel: ChannelName::new("c").unwrap(),
+        epoch: Epoch::new("e1").unwrap(),
+        last_offset: 50,
+        locs: kept,
+    };
+    let job = store.begin_compaction(vec![snapshot], Vec::new()).unwrap();
+    assert!(!store.wants_compaction(), "one compaction at a time");
+    // The writer goes on while the copy has not even started.
+    let during: Vec<Loc> = (51..=55)
+        .map(|i| {
+            store
+                .append(&[message("c", "e1", i, "during")], true)
+                .unwrap()[0]
+        })
+        .collect();
+    let copy = std::thread::spawn(job).join().unwrap();
+    let moved = store.finish_compaction(copy).unwrap();
+    assert_eq!(moved.len(), 1);
+    let reader = store.reader();
+    let offsets = |locs: &[Loc]| -> Vec<u64> {
+        reader
+            .read(locs)
+            .unwrap()
+            .iter()
+            .map(|m| m.offset)
+            .collect()
+    };
+    assert_eq!(offsets(&moved[0]), [46, 47, 48, 49, 50]);
+    assert_eq!(
+        offsets(&during),
+        [51, 52, 53, 54, 55],
+        "written after the cut, not moved"
+    );
+    drop(store);
+    let (_, _, seen) = reopen(&dir.0);
+    assert_eq!(
+        seen.iter().map(|(_, o, _)| *o).collect::<Vec<_>>(),
+        (46..=55).collect::<Vec<_>>()
+    );
+    assert_eq!(log_files(&dir.0).len(), 2, "{:?}", log_files(&dir.0));
+}
+
+#[test]
+fn a_compaction_the_process_did_not_finish_leaves_the_log_as_it_was() {
+    let dir = TempDir::new("store-test");
+    let (mut store, _, _) = reopen(&dir.0);
+    for i in 1..=10 {
+        store.append(&[message("c", "e1", i, "x")], false).unwrap();
+    }
+    let snapshot = Snapshot {
+        channel: ChannelName::new("c").unwrap(),
+        epoch: Epoch::new("e1").unwrap(),
+        last_offset: 10,
+        locs: Vec::new(),
+    };
+    let _never_run = store.begin_compaction(vec![snapshot], Vec::new()).unwrap();
+    store.append(&[message("c", "e1", 11, "y")], true).unwrap();
+    drop(store);
+    // As if the copy had been half-written when the process died.
+    std::fs::write(dir.0.join("0000000000000002.log.tmp"), b"TIDINGS\0half").unwrap();
+    let (_, _, seen) = reopen(&dir.0);
+    assert_eq!(
+        seen.iter().map(|(_, o, _)| *o).collect::<Vec<_>>(),
+        (1..=11).collect::<Vec<_>>()
+    );
+    assert!(
+        !log_files(&dir.0).iter().any(|n| n.ends_with(".tmp")),
+        "{:?}",
+        log_files(&dir.0)
+    );
+}
+
+#[test]
+fn a_failed_copy_keeps_every_segment_and_every_place() {
+    let dir = TempDir::new("store-test");
+    let (mut store, _, _) = reopen(&dir.0);
+    let first = store.append(&[message("c", "e1", 1, "x")], true).unwrap();
+    let _job = store.begin_compaction(Vec::new(), Vec::new()).unwrap();
+    let after = store.append(&[message("c", "e1", 2, "y")], true).unwrap();
+    let err = store
+        .finish_compaction(Err(StoreError::Write("disk full".into())))
+        .unwrap_err();
+    assert!(err.to_string().contains("disk full"));
+    let read = store.reader().read(&[first[0], after[0]]).unwrap();
+    assert_eq!(read.iter().map(|m| m.offset).collect::<Vec<_>>(), [1, 2]);
+    // A later compaction still works, and covers both sides of the failed cut.
+    let job = store
+        .begin_compaction(
+            vec![Snapshot {
+                channel: ChannelName::new("c").unwrap(),
+                epoch: Epoch::new("e1").unwrap(),
+                last_offset: 2,
+                locs: vec![first[0], after[0]],
+            }],
+            Vec::new(),
+        )
+        .unwrap();
+    let moved = store.finish_compaction(job()).unwrap();
+    let read = store.reader().read(&moved[0]).unwrap();
+    assert_eq!(read.iter().map(|m| m.offset).collect::<Vec<_>>(), [1, 2]);
+    drop(store);
+    let (_, _, seen) = reopen(&dir.0);
+    assert_eq!(seen.iter().map(|(_, o, _)| *o).collect::<Vec<_>>(), [1, 2]);
 }

@@ -24,9 +24,13 @@
 //!   writer would make every resume wait for other publishers' fsyncs. At most
 //!   `DISK_READS` such reads run at once (a semaphore: the rest wait their turn). The index
 //!   only ever names records whose write returned, so a disk read never sees a message
-//!   before it is durable. A compaction moves records; it runs on the writer thread, then
-//!   re-points each history's index under its lock; a read that planned with old `Loc`s and
-//!   finds their segment gone (`ReadError::Moved`) plans again.
+//!   before it is durable. A compaction moves records: the writer thread snapshots every
+//!   history's index and has the store cut its log, a `tidings-compact` thread copies what
+//!   is retained while publishes go on after the cut, and its outcome comes back through
+//!   the job queue, where the writer installs it and re-points each history's index under
+//!   its lock (only the part the snapshot covered: later messages were written after the
+//!   cut and stay put); a read that planned with old `Loc`s and finds their segment gone
+//!   (`ReadError::Moved`) plans again.
 //!
 //! Only a publish creates a channel. Reading one the broker does not hold (a poll, a join, a
 //! history read) leaves no state behind: it answers with the position `(fresh, 0)`, where
@@ -62,7 +66,8 @@ use crate::policy::LivePolicies;
 use crate::presence::{ClientInfo, PresenceEvent, PresenceKind};
 use crate::shards::Shards;
 use crate::store::{
-    Fsync, KeySnapshot, Keyed, ReadError, Recovered, Snapshot, Store, StoreError, StoreReader, age,
+    Copied, Fsync, KeySnapshot, Keyed, ReadError, Recovered, Snapshot, Store, StoreError,
+    StoreReader, age,
 };
 
 /// The whole map is swept once per this period, one shard per tick.
@@ -127,6 +132,13 @@ enum Job {
         epoch: Epoch,
         /// The epoch new channels get from now on, when this reclaim redrew it.
         fresh: Option<Epoch>,
+    },
+    /// A compaction's copy is done (sent by its thread): install it and re-point the
+    /// histories it covered.
+    Compacted {
+        copied: Result<Copied, StoreError>,
+        /// Per snapshot, in order: whose it is and the offset of its first message.
+        taken: Vec<(Arc<Mutex<History>>, Epoch, u64)>,
     },
 }
 
@@ -637,6 +649,7 @@ impl MemoryBroker {
         let mut keyed: foldhash::HashSet<(ChannelName, crate::idempotency::IdempotencyKey)> =
             Default::default();
         let mut deferred = Vec::new();
+        let mut compacted = Vec::new();
         for job in batch.drain(..) {
             let (channel, event, data, options, reply) = match job {
                 Job::Publish {
@@ -652,6 +665,10 @@ impl MemoryBroker {
                     fresh,
                 } => {
                     forgotten.push((channel, epoch, fresh));
+                    continue;
+                }
+                Job::Compacted { copied, taken } => {
+                    compacted.push((copied, taken));
                     continue;
                 }
             };
@@ -760,12 +777,20 @@ impl MemoryBroker {
                 tracing::warn!(error = %e, %channel, "could not record a reclaimed channel");
             }
         }
+        for (copied, taken) in compacted {
+            self.finish_compaction(store, copied, taken);
+        }
         batch.extend(deferred);
     }
 
-    /// Hands the store what the broker holds, so it can rewrite its files without the rest,
-    /// then points each history's index at where its messages lie now.
-    fn compact(&self, store: &mut dyn Store) {
+    /// Hands the store what the broker holds, so it can rewrite its files without the rest.
+    /// The copy runs on a thread of its own while publishes go on (a compaction costs what
+    /// is retained, seconds for gigabytes); its outcome comes back through the job queue as
+    /// `Job::Compacted`, and `finish_compaction` re-points each history's index.
+    fn start_compaction(&self, store: &mut dyn Store) {
+        let Some(d) = &self.durable else {
+            return;
+        };
         let now = Instant::now();
         let now_ms = now_millis();
         let histories: Vec<Arc<Mutex<History>>> = self
@@ -773,24 +798,27 @@ impl MemoryBroker {
             .all()
             .flat_map(|s| relock(s).values().cloned().collect::<Vec<_>>())
             .collect();
-        // Per snapshot, in order: whose it is and the offset of its first message.
+        // Per snapshot, in order: whose it is and the offset of its first message. Taken
+        // on the writer thread between two batches, so nothing is pending: the snapshot is
+        // exactly what the log holds before the store's cut.
         let mut taken: Vec<(Arc<Mutex<History>>, Epoch, u64)> = Vec::new();
-        let mut snapshots = histories.iter().filter_map(|arc| {
+        let mut snapshots = Vec::new();
+        for arc in &histories {
             let mut h = relock(arc);
             if h.retired {
-                return None;
+                continue;
             }
             h.expire(now);
             let locs = h.locs();
             let first = h.last_offset() + 1 - locs.len() as u64;
             taken.push((arc.clone(), h.epoch().clone(), first));
-            Some(Snapshot {
+            snapshots.push(Snapshot {
                 channel: h.channel().clone(),
                 epoch: h.epoch().clone(),
                 last_offset: h.last_offset(),
                 locs,
-            })
-        });
+            });
+        }
         let keys: Vec<KeySnapshot> = self
             .keys
             .all()
@@ -814,9 +842,41 @@ impl MemoryBroker {
                     .collect::<Vec<_>>()
             })
             .collect();
-        let result = store.compact(&mut snapshots, &mut keys.into_iter());
-        drop(snapshots);
-        match result {
+        let job = match store.begin_compaction(snapshots, keys) {
+            Ok(job) => job,
+            Err(e) => {
+                tracing::warn!(error = %e, "compacting the data dir failed; it keeps its files");
+                return;
+            }
+        };
+        let jobs = d.jobs.clone();
+        let spawned = std::thread::Builder::new()
+            .name("tidings-compact".into())
+            .spawn(move || {
+                let copied = job();
+                // The writer takes it with the next batch. Should the broker be gone, so is
+                // the writer: the copy stays a complete segment the next open replays.
+                let _ = jobs.blocking_send(Job::Compacted { copied, taken });
+            });
+        if let Err(e) = spawned {
+            let refused = store.finish_compaction(Err(StoreError::Write(format!(
+                "starting the compaction thread: {e}"
+            ))));
+            if let Err(e) = refused {
+                tracing::warn!(error = %e, "compacting the data dir failed; it keeps its files");
+            }
+        }
+    }
+
+    /// Installs a compaction's copy, then points each history's index at where its messages
+    /// lie now (messages published during the copy are past what it covered and stay put).
+    fn finish_compaction(
+        &self,
+        store: &mut dyn Store,
+        copied: Result<Copied, StoreError>,
+        taken: Vec<(Arc<Mutex<History>>, Epoch, u64)>,
+    ) {
+        match store.finish_compaction(copied) {
             Ok(moved) => {
                 for ((arc, epoch, first), locs) in taken.iter().zip(moved) {
                     let mut h = relock(arc);
@@ -891,7 +951,7 @@ fn run_writer(
         };
         broker.commit(&mut *store, &mut batch, fsync != Fsync::Never);
         if store.wants_compaction() {
-            broker.compact(&mut *store);
+            broker.start_compaction(&mut *store);
         }
         bytes_on_disk.store(store.bytes_on_disk(), Ordering::Relaxed);
     }
@@ -1286,12 +1346,18 @@ mod tests {
         fn forget(&mut self, _: &ChannelName, _: &Epoch) -> Result<(), StoreError> {
             Ok(())
         }
-        fn compact(
+        fn begin_compaction(
             &mut self,
-            _: &mut dyn Iterator<Item = Snapshot>,
-            _: &mut dyn Iterator<Item = KeySnapshot>,
+            _: Vec<Snapshot>,
+            _: Vec<KeySnapshot>,
+        ) -> Result<crate::store::CompactionJob, StoreError> {
+            Err(StoreError::Write("not here".into()))
+        }
+        fn finish_compaction(
+            &mut self,
+            _: Result<Copied, StoreError>,
         ) -> Result<Vec<Vec<crate::store::Loc>>, StoreError> {
-            Ok(Vec::new())
+            Err(StoreError::Write("not here".into()))
         }
         fn bytes_on_disk(&self) -> u64 {
             0
