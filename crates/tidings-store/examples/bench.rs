@@ -16,7 +16,7 @@
 //! cache is CACHE messages per channel (or, with `none`, the memory broker alone), and print
 //! the process's resident memory before and after, then time resumes from 50 back.
 //! `stall`: 8 publishers publish MESSAGES 200-byte messages over 1,000 channels that retain
-//! 1,000 each (200 MB retained at most), so the log compacts several times as it grows;
+//! 500 each (~125 MB retained at most), so the log compacts as it grows;
 //! prints each compaction seen (the log shrank) and the publish latency percentiles and
 //! maximum: how long publishing waits while a compaction copies.
 
@@ -353,7 +353,7 @@ async fn stall(dir: &Path, messages: u64) {
     let _ = std::fs::remove_dir_all(dir);
     let policies = LivePolicies::new(Policies {
         default: tidings_core::ChannelPolicy {
-            history_size: 1000,
+            history_size: 500,
             history_ttl: Duration::from_secs(3600),
             ..Default::default()
         },
@@ -450,7 +450,7 @@ fn main() {
                 &dir,
                 args.get(2)
                     .and_then(|s| s.parse().ok())
-                    .unwrap_or(3_000_000),
+                    .unwrap_or(1_200_000),
             )),
         Some("log") => log(
             &dir,
