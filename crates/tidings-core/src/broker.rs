@@ -31,6 +31,7 @@ use crate::history::{HistoryRead, Since};
 use crate::idempotency::{PublishOptions, Published};
 use crate::message::{Data, Message, Position};
 use crate::presence::ClientInfo;
+use crate::roster::Roster;
 
 #[derive(Debug, Error, Clone, PartialEq, Eq)]
 pub enum BrokerError {
@@ -115,6 +116,12 @@ pub trait Broker: Send + Sync + 'static {
 
     /// Whether the broker can serve requests now (`/readyz`).
     async fn ready(&self) -> Result<(), BrokerError>;
+
+    /// The cluster-wide roster of a broker that spans nodes; `None` for a one-node broker,
+    /// whose caller uses a `LocalRoster`.
+    fn roster(&self) -> Option<Arc<dyn Roster>> {
+        None
+    }
 
     /// Bytes its data dir occupies, for a broker that keeps one.
     fn bytes_on_disk(&self) -> Option<u64> {

@@ -18,6 +18,8 @@
 //! - `node`: a hub joined to a broker; what the transports call.
 //! - `policy`: per-namespace history and permission settings.
 //! - `presence`: who follows a channel, and join/leave events.
+//! - `roster`: cluster-wide counted membership and a broadcast, for protocols over the hub
+//!   (Pusher's channels and members); `LocalRoster` for one node.
 //! - `disconnect`: why a session ends on purpose.
 //! - `conformance`: the suite every broker must pass (compiled in so the Redis crate's tests
 //!   can run it unchanged; it panics on failure like any test).
@@ -35,6 +37,7 @@ pub mod node;
 pub mod policy;
 pub mod presence;
 pub mod queue;
+pub mod roster;
 mod shards;
 pub mod store;
 pub mod subscription;
@@ -51,5 +54,6 @@ pub use node::Node;
 pub use policy::{ChannelPolicy, LivePolicies, Policies, PublishPolicy, SubscribePolicy};
 pub use presence::{ClientInfo, PresenceEvent, PresenceKind};
 pub use queue::QueueItem;
+pub use roster::{Held, LocalRoster, Released, Roster};
 pub use store::{Fsync, Store, StoreError};
 pub use subscription::{Event, Joined, Start, Subscription};

@@ -24,6 +24,15 @@ pub struct Refusal {
 }
 
 impl Refusal {
+    /// The roster (Redis) could not answer: 503, as a publish the broker refused.
+    pub fn unavailable(e: tidings_core::BrokerError) -> Self {
+        Self {
+            status: 503,
+            code: "broker_unavailable",
+            message: e.to_string(),
+        }
+    }
+
     pub fn bad(code: &'static str, message: impl Into<String>) -> Self {
         Self {
             status: 400,
@@ -199,35 +208,40 @@ fn attributes(c: &ChannelInfo, info: Info) -> Value {
     v
 }
 
-/// The answer to a trigger: `{}`, or each channel's attributes when `info` asked.
-pub fn trigger_answer(app: &App, t: &Trigger) -> Value {
+/// The answer to a trigger: `{}`, or each channel's attributes (cluster-wide) when `info`
+/// asked.
+pub async fn trigger_answer(app: &App, t: &Trigger) -> Result<Value, Refusal> {
     if t.info == Info::default() {
-        return json!({});
+        return Ok(json!({}));
     }
     let mut channels = serde_json::Map::new();
     for c in &t.channels {
-        channels.insert(c.name.clone(), attributes(&app.channel(&c.name), t.info));
+        let state = app.channel(&c.name).await.map_err(Refusal::unavailable)?;
+        channels.insert(c.name.clone(), attributes(&state, t.info));
     }
-    json!({"channels": channels})
+    Ok(json!({"channels": channels}))
 }
 
 /// The answer to a batch: `{}`, or one attributes object per event when any asked.
-pub fn batch_answer(app: &App, batch: &[Trigger]) -> Value {
+pub async fn batch_answer(app: &App, batch: &[Trigger]) -> Result<Value, Refusal> {
     if batch.iter().all(|t| t.info == Info::default()) {
-        return json!({});
+        return Ok(json!({}));
     }
-    let answers: Vec<Value> = batch
-        .iter()
-        .map(|t| match t.channels.first() {
-            Some(c) => attributes(&app.channel(&c.name), t.info),
+    let mut answers = Vec::with_capacity(batch.len());
+    for t in batch {
+        answers.push(match t.channels.first() {
+            Some(c) => {
+                let state = app.channel(&c.name).await.map_err(Refusal::unavailable)?;
+                attributes(&state, t.info)
+            }
             None => json!({}),
-        })
-        .collect();
-    json!({"batch": answers})
+        });
+    }
+    Ok(json!({"batch": answers}))
 }
 
 /// `GET /apps/{id}/channels?filter_by_prefix=&info=`.
-pub fn channels_answer(
+pub async fn channels_answer(
     app: &App,
     prefix: Option<&str>,
     info: Option<&str>,
@@ -241,14 +255,14 @@ pub fn channels_answer(
         ));
     }
     let mut channels = serde_json::Map::new();
-    for c in app.channels(prefix) {
+    for c in app.channels(prefix).await.map_err(Refusal::unavailable)? {
         channels.insert(c.name.clone(), attributes(&c, info));
     }
     Ok(json!({"channels": channels}))
 }
 
 /// `GET /apps/{id}/channels/{name}?info=`.
-pub fn channel_answer(app: &App, name: &str, info: Option<&str>) -> Result<Value, Refusal> {
+pub async fn channel_answer(app: &App, name: &str, info: Option<&str>) -> Result<Value, Refusal> {
     let c = PusherChannel::parse(&app.config.id, name)
         .map_err(|e| Refusal::bad("invalid_channel", e.to_string()))?;
     let info = parse_info(info)?;
@@ -258,14 +272,14 @@ pub fn channel_answer(app: &App, name: &str, info: Option<&str>) -> Result<Value
             "user_count is available for presence- channels only",
         ));
     }
-    let state = app.channel(&c.name);
+    let state = app.channel(&c.name).await.map_err(Refusal::unavailable)?;
     let mut v = attributes(&state, info);
     v["occupied"] = json!(state.subscription_count > 0);
     Ok(v)
 }
 
 /// `GET /apps/{id}/channels/{name}/users`.
-pub fn users_answer(app: &App, name: &str) -> Result<Value, Refusal> {
+pub async fn users_answer(app: &App, name: &str) -> Result<Value, Refusal> {
     let c = PusherChannel::parse(&app.config.id, name)
         .map_err(|e| Refusal::bad("invalid_channel", e.to_string()))?;
     if c.kind != ChannelKind::Presence {
@@ -276,6 +290,8 @@ pub fn users_answer(app: &App, name: &str) -> Result<Value, Refusal> {
     }
     let users: Vec<Value> = app
         .users(&c.name)
+        .await
+        .map_err(Refusal::unavailable)?
         .into_iter()
         .map(|id| json!({"id": id}))
         .collect();
@@ -289,15 +305,18 @@ mod tests {
     use crate::config::{AppConfig, AppSecret};
 
     fn app() -> App {
-        App::new(AppConfig {
-            id: "1".into(),
-            key: "k".into(),
-            secret: AppSecret("s".into()),
-            client_events: false,
-            max_connections: 0,
-            max_event_bytes: 16,
-            webhook_url: None,
-        })
+        App::new(
+            AppConfig {
+                id: "1".into(),
+                key: "k".into(),
+                secret: AppSecret("s".into()),
+                client_events: false,
+                max_connections: 0,
+                max_event_bytes: 16,
+                webhook_url: None,
+            },
+            std::sync::Arc::new(tidings_core::LocalRoster::default()),
+        )
     }
 
     #[test]
@@ -366,21 +385,27 @@ mod tests {
         );
     }
 
-    #[test]
-    fn channel_queries_report_what_the_app_holds() {
+    #[tokio::test]
+    async fn channel_queries_report_what_the_app_holds() {
         let a = app();
-        a.subscribed("presence-room");
-        a.presence_join("presence-room", "u1", &Value::Null);
-        a.subscribed("news");
-        let v = channels_answer(&a, Some("presence-"), Some("user_count")).unwrap();
+        a.subscribed("presence-room").await.unwrap();
+        a.presence_join("presence-room", "u1", &Value::Null, "1.1")
+            .await
+            .unwrap();
+        a.subscribed("news").await.unwrap();
+        let v = channels_answer(&a, Some("presence-"), Some("user_count"))
+            .await
+            .unwrap();
         assert_eq!(v, json!({"channels": {"presence-room": {"user_count": 1}}}));
-        assert!(channels_answer(&a, None, Some("user_count")).is_err());
-        let v = channel_answer(&a, "news", Some("subscription_count")).unwrap();
+        assert!(channels_answer(&a, None, Some("user_count")).await.is_err());
+        let v = channel_answer(&a, "news", Some("subscription_count"))
+            .await
+            .unwrap();
         assert_eq!(v, json!({"occupied": true, "subscription_count": 1}));
         assert_eq!(
-            users_answer(&a, "presence-room").unwrap(),
+            users_answer(&a, "presence-room").await.unwrap(),
             json!({"users": [{"id": "u1"}]})
         );
-        assert!(users_answer(&a, "news").is_err());
+        assert!(users_answer(&a, "news").await.is_err());
     }
 }

@@ -29,22 +29,24 @@ pub fn to_tidings(
     event: &str,
     data: &str,
 ) -> Result<Publish, NameError> {
-    to_tidings_from(app_id, channel, event, data, None)
+    to_tidings_from(app_id, channel, event, data, None, None)
 }
 
-/// `to_tidings` for a client event: on a presence channel it carries its sender's
-/// `user_id`, so it always travels wrapped.
+/// `to_tidings` for an event that skips the Pusher connection `except` (a trigger's
+/// `socket_id`, a client event's sender) and, for a client event on a presence channel,
+/// carries its sender's `user_id`. Either makes it travel wrapped.
 pub fn to_tidings_from(
     app_id: &str,
     channel: &PusherChannel,
     event: &str,
     data: &str,
     user_id: Option<&str>,
+    except: Option<&str>,
 ) -> Result<Publish, NameError> {
     let tidings = channel.tidings(app_id)?;
     let named = names::tidings_event(event)?;
     Ok(match named {
-        TidingsEvent::Named(e) if user_id.is_none() => Publish {
+        TidingsEvent::Named(e) if user_id.is_none() && except.is_none() => Publish {
             channel: tidings,
             event: Some(e),
             data: Data::Text(Bytes::copy_from_slice(data.as_bytes())),
@@ -52,7 +54,7 @@ pub fn to_tidings_from(
         _ => Publish {
             channel: tidings,
             event: EventName::new(names::WRAPPED_EVENT).ok(),
-            data: Data::Json(Bytes::from(names::wrap(event, data, user_id))),
+            data: Data::Json(Bytes::from(names::wrap(event, data, user_id, except))),
         },
     })
 }
@@ -75,26 +77,24 @@ pub fn data_string(data: &Data) -> Cow<'_, str> {
 }
 
 /// The Pusher event for a Tidings message on one of app `app_id`'s channels, as the JSON
-/// text of the frame; `None` when the channel is not the app's. `user_id` marks a client
-/// event's sender on presence channels.
+/// text of the frame; `None` when the channel is not the app's.
 pub fn to_pusher(app_id: &str, m: &Message) -> Option<String> {
+    to_pusher_except(app_id, m).map(|(text, _)| text)
+}
+
+/// `to_pusher`, with the Pusher connection the event is not for (`socket_id`), if any.
+pub fn to_pusher_except(app_id: &str, m: &Message) -> Option<(String, Option<String>)> {
     let channel = names::pusher_name(app_id, m.channel.as_str())?;
     if let (Some(e), Data::Json(b)) = (&m.event, &m.data)
         && e.as_str() == names::WRAPPED_EVENT
         && let Some(w) = names::unwrap(b)
     {
-        return Some(crate::protocol::event(
-            &w.event,
-            &channel,
-            &w.data,
-            w.user_id.as_deref(),
-        ));
+        let text = crate::protocol::event(&w.event, &channel, &w.data, w.user_id.as_deref());
+        return Some((text, w.socket_id));
     }
     let event = names::pusher_event(m.event.as_ref());
-    Some(crate::protocol::event(
-        &event,
-        &channel,
-        &data_string(&m.data),
+    Some((
+        crate::protocol::event(&event, &channel, &data_string(&m.data), None),
         None,
     ))
 }
@@ -141,6 +141,19 @@ mod tests {
             assert_eq!(v["data"], data);
             assert_eq!(event_name(&m), event);
         }
+    }
+
+    #[test]
+    fn an_event_for_everyone_but_one_socket_carries_that_socket_id_to_every_node() {
+        let c = PusherChannel::parse("7", "news").unwrap();
+        let p = to_tidings_from("7", &c, "greet", "hi", None, Some("1.2")).unwrap();
+        let (text, except) = to_pusher_except("7", &message(p)).unwrap();
+        let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(
+            (v["event"].as_str(), v["data"].as_str()),
+            (Some("greet"), Some("hi"))
+        );
+        assert_eq!(except.as_deref(), Some("1.2"));
     }
 
     #[test]

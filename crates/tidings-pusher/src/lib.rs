@@ -17,8 +17,8 @@
 //! - `sign`: HMAC-SHA256 channel auth, user sign-in and HTTP API request signatures
 //!   (constant-time compares, the timestamp window, `body_md5`).
 //! - `api`: the HTTP API's bodies, limits and answers.
-//! - `registry`: the apps and what this node knows of each (sockets, channels, presence
-//!   members, signed-in users, counters).
+//! - `registry`: the apps; this node's sockets and signed-in users; channels and presence
+//!   members cluster-wide through a `tidings_core::Roster`; the broadcasts nodes exchange.
 //! - `webhooks`: the bounded per-app queue of webhook events, their body, signature and
 //!   retry schedule.
 

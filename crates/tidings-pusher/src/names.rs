@@ -10,7 +10,10 @@
 //! is the Tidings event name. Any other (Laravel's `App\Events\OrderShipped`, names with
 //! `:` or longer than 64) travels as the Tidings event `pusher.named` whose JSON data is
 //! `{"event": NAME, "data": DATA}`: Pusher clients get the event unchanged, Tidings' own
-//! transports see the wrapper.
+//! transports see the wrapper. Events that must skip one Pusher connection (a trigger with
+//! `socket_id`, every client event: never echoed to its sender) are wrapped too, with
+//! `"socket_id"`: the exclusion travels in the message, so whichever node holds that
+//! connection leaves it out.
 
 use std::borrow::Cow;
 
@@ -181,12 +184,15 @@ pub fn tidings_event(name: &str) -> Result<TidingsEvent, NameError> {
     })
 }
 
-/// The wrapper's JSON for a Pusher event Tidings cannot name, or a client event on a
-/// presence channel (which carries its sender's `user_id`).
-pub fn wrap(event: &str, data: &str, user_id: Option<&str>) -> String {
+/// The wrapper's JSON for a Pusher event Tidings cannot name, a client event on a presence
+/// channel (which carries its sender's `user_id`), or an event not for `socket_id`.
+pub fn wrap(event: &str, data: &str, user_id: Option<&str>, socket_id: Option<&str>) -> String {
     let mut v = serde_json::json!({"event": event, "data": data});
     if let Some(u) = user_id {
         v["user_id"] = serde_json::json!(u);
+    }
+    if let Some(s) = socket_id {
+        v["socket_id"] = serde_json::json!(s);
     }
     v.to_string()
 }
@@ -198,6 +204,9 @@ pub struct Wrapped {
     pub data: String,
     #[serde(default)]
     pub user_id: Option<String>,
+    /// The Pusher connection the event is not for.
+    #[serde(default)]
+    pub socket_id: Option<String>,
 }
 
 /// The Pusher event of a wrapped message.
@@ -271,7 +280,7 @@ mod tests {
         assert_eq!(tidings_event(WRAPPED_EVENT), Ok(TidingsEvent::Wrapped));
         assert_eq!(tidings_event("client:x"), Ok(TidingsEvent::Wrapped));
         assert!(tidings_event(&"e".repeat(201)).is_err());
-        let w = wrap("App\\E", "{\"a\":1}", Some("u"));
+        let w = wrap("App\\E", "{\"a\":1}", Some("u"), None);
         let back = unwrap(w.as_bytes()).unwrap();
         assert_eq!(back.event, "App\\E");
         assert_eq!(back.data, "{\"a\":1}");

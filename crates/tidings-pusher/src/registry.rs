@@ -1,23 +1,31 @@
-//! The apps this node serves and what it knows of each: its open sockets, the channels they
-//! follow, presence members (one per `user_id`, however many sockets it has), signed-in
-//! users, per-app counters, and its webhook queue.
+//! The apps this node serves and what the cluster knows of each: open sockets (this node's),
+//! occupied channels and presence members (cluster-wide, in the roster), signed-in users
+//! (this node's; terminating one is broadcast), per-app counters, and the webhook queue.
 //!
-//! Concurrency: one `std::sync::Mutex` per app around its `Local` state, held only for map
-//! updates and never across an `.await`; the counters are relaxed atomics. Sessions call in
-//! on subscribe, unsubscribe and close; the HTTP API reads. A socket's own exclusion list has
-//! its own small lock, so the delivery path never takes the app's.
+//! Cluster-wide state lives in a `tidings_core::Roster` (the Redis broker's spans nodes; the
+//! memory broker's is local). Two roster sets per app:
+//! - `pusher:ID:subs`: member = channel, one hold per subscribed socket. The first hold
+//!   anywhere is `channel_occupied`, the last release `channel_vacated`, decided atomically
+//!   by the roster, so exactly one node queues each webhook.
+//! - `pusher:ID:p:CHANNEL`: member = `user_id`, value = its `user_info`, one hold per
+//!   socket of that user on the channel. First hold → `member_added`, last release →
+//!   `member_removed`: the node that sees it queues the webhook and broadcasts the change;
+//!   every node (the sender too) hands it to its local subscribers (`Bus`, `Apps::on_bus`).
+//! - A node that dies stops renewing its liveness; any node's `reap` then takes its holds
+//!   back and gets the members that went with them, once (`Apps::reaped`).
 //!
-//! What is local: this state is the node's own. With several nodes on one Redis, channel
-//! counts, presence members and user connections are per node (docs/pusher.md, "Limits").
+//! Concurrency: one `std::sync::Mutex` per app around its `Local` state (sockets, signed-in
+//! users, the member-info cache the delivery path reads), held only for map updates and
+//! never across an `.await`; the counters are relaxed atomics. Roster calls are awaited by
+//! the session or the HTTP handler that needs their answer.
 
-use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
-use std::hash::{Hash, Hasher};
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
 
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
-use tokio::time::Instant;
+use tidings_core::{BrokerError, Released, Roster};
 
 use crate::config::{AppConfig, PusherConfig};
 use crate::webhooks::{WebhookEvent, WebhookQueue};
@@ -36,10 +44,10 @@ pub struct Apps {
 }
 
 impl Apps {
-    pub fn new(config: &PusherConfig) -> Self {
+    pub fn new(config: &PusherConfig, roster: Arc<dyn Roster>) -> Self {
         let mut apps = Self::default();
         for c in &config.apps {
-            let app = Arc::new(App::new(c.clone()));
+            let app = Arc::new(App::new(c.clone(), roster.clone()));
             apps.by_key.insert(c.key.clone(), app.clone());
             apps.by_id.insert(c.id.clone(), app.clone());
             apps.list.push(app);
@@ -157,22 +165,21 @@ pub struct App {
     /// `Some` when the app has a `webhook_url`.
     pub webhooks: Option<Arc<WebhookQueue>>,
     connections: AtomicUsize,
+    roster: Arc<dyn Roster>,
     local: Mutex<Local>,
 }
 
 #[derive(Default)]
 struct Local {
     sockets: HashMap<String, Arc<Socket>>,
-    channels: HashMap<String, ChannelState>,
     users: HashMap<String, HashSet<String>>,
+    /// `(channel, user_id)` → `user_info` of members announced to this node, for the
+    /// `member_added` frames its sessions write (filled before the join reaches the hub).
+    infos: HashMap<(String, String), Value>,
 }
 
-#[derive(Default)]
-struct ChannelState {
-    subscriptions: usize,
-    /// `user_id` → (user_info, sockets of that user on the channel).
-    members: BTreeMap<String, (Value, usize)>,
-}
+/// Member infos one node caches per app; past this, `member_added` carries no info.
+const MAX_CACHED_INFOS: usize = 100_000;
 
 /// Why a connection is refused.
 #[derive(Debug, PartialEq, Eq)]
@@ -183,26 +190,6 @@ pub struct Socket {
     pub id: String,
     terminate: Box<dyn Fn() + Send + Sync>,
     user: Mutex<Option<String>>,
-    excludes: Mutex<VecDeque<(u64, Instant)>>,
-    pending_excludes: AtomicUsize,
-}
-
-/// How long an exclusion waits for its message before it is forgotten (the publish it was
-/// made for failed, or the socket was not following the channel).
-const EXCLUDE_TTL: Duration = Duration::from_secs(10);
-/// Exclusions one socket may have waiting; the oldest goes first past this.
-const MAX_EXCLUDES: usize = 64;
-
-/// What identifies a published event for `socket_id` exclusion: channel, event and data.
-/// Content, not offset, because the offset is known only after the publish, by when the
-/// message may already be in the excluded socket's queue. Two identical events in flight at
-/// once are indistinguishable to the client, so skipping either one is skipping "the" one.
-pub fn fingerprint(channel: &str, event: Option<&str>, data: &[u8]) -> u64 {
-    let mut h = std::collections::hash_map::DefaultHasher::new();
-    channel.hash(&mut h);
-    event.hash(&mut h);
-    data.hash(&mut h);
-    h.finish()
 }
 
 impl Socket {
@@ -214,43 +201,29 @@ impl Socket {
     pub fn user(&self) -> Option<String> {
         relock(&self.user).clone()
     }
+}
 
-    /// Marks the next message with `print` as not for this socket.
-    pub fn exclude(&self, print: u64) {
-        let mut q = relock(&self.excludes);
-        let now = Instant::now();
-        while q.len() >= MAX_EXCLUDES || q.front().is_some_and(|(_, t)| now - *t > EXCLUDE_TTL) {
-            q.pop_front();
-        }
-        q.push_back((print, now));
-        self.pending_excludes.store(q.len(), Relaxed);
-    }
-
-    /// Forgets one exclusion of `print` (its publish failed).
-    pub fn unexclude(&self, print: u64) {
-        let mut q = relock(&self.excludes);
-        if let Some(i) = q.iter().position(|(p, _)| *p == print) {
-            q.remove(i);
-        }
-        self.pending_excludes.store(q.len(), Relaxed);
-    }
-
-    /// Whether any exclusion waits (one relaxed load: the delivery path asks per message).
-    pub fn has_exclusions(&self) -> bool {
-        self.pending_excludes.load(Relaxed) > 0
-    }
-
-    /// Takes the exclusion matching `print`, if one waits: the message is skipped.
-    pub fn take_exclusion(&self, print: u64) -> bool {
-        let mut q = relock(&self.excludes);
-        let now = Instant::now();
-        while q.front().is_some_and(|(_, t)| now - *t > EXCLUDE_TTL) {
-            q.pop_front();
-        }
-        let hit = q.iter().position(|(p, _)| *p == print).map(|i| q.remove(i));
-        self.pending_excludes.store(q.len(), Relaxed);
-        hit.is_some()
-    }
+/// A change every node acts on, sent through the roster's broadcast (JSON).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "t", rename_all = "snake_case")]
+pub enum Bus {
+    /// `user` joined presence `channel` (its first socket there, cluster-wide) by `socket`.
+    Added {
+        app: String,
+        channel: String,
+        user: String,
+        info: Value,
+        socket: String,
+    },
+    /// `user` left (its last socket; `socket` is empty when a dead node's members went).
+    Removed {
+        app: String,
+        channel: String,
+        user: String,
+        socket: String,
+    },
+    /// End every connection signed in as `user`.
+    Terminate { app: String, user: String },
 }
 
 /// A channel as the HTTP API reports it.
@@ -261,8 +234,89 @@ pub struct ChannelInfo {
     pub user_count: usize,
 }
 
+/// What a roster reap meant for the apps: the webhooks are queued; the member removals are
+/// to be broadcast by the caller (`Bus::Removed`), so every node's subscribers hear of them.
+pub fn parse_set(set: &str) -> Option<(&str, Option<&str>)> {
+    let rest = set.strip_prefix("pusher:")?;
+    let (id, kind) = rest.split_once(':')?;
+    if kind == "subs" {
+        return Some((id, None));
+    }
+    Some((id, Some(kind.strip_prefix("p:")?)))
+}
+
+impl Apps {
+    /// Acts on one broadcast: a member change is cached for the local sessions and returned
+    /// (with its app) for the caller to hand to the hub; a terminate ends local sockets.
+    pub fn on_bus(&self, payload: &str) -> Option<(Arc<App>, Bus)> {
+        let bus: Bus = match serde_json::from_str(payload) {
+            Ok(b) => b,
+            Err(e) => {
+                tracing::debug!(error = %e, "ignoring a roster broadcast that is not the Pusher protocol's");
+                return None;
+            }
+        };
+        let id = match &bus {
+            Bus::Added { app, .. } | Bus::Removed { app, .. } | Bus::Terminate { app, .. } => app,
+        };
+        let app = self.by_id(id)?.clone();
+        match &bus {
+            Bus::Added {
+                channel,
+                user,
+                info,
+                ..
+            } => {
+                let mut local = relock(&app.local);
+                if local.infos.len() < MAX_CACHED_INFOS {
+                    local
+                        .infos
+                        .insert((channel.clone(), user.clone()), info.clone());
+                }
+            }
+            Bus::Removed { .. } => {}
+            Bus::Terminate { user, .. } => {
+                app.terminate_local(user);
+            }
+        }
+        Some((app, bus))
+    }
+
+    /// Queues the webhooks for what a reap took back and returns the member removals to
+    /// broadcast. Removals come before vacated channels, as when sockets leave.
+    pub fn reaped(&self, released: Vec<Released>) -> Vec<Bus> {
+        let mut removals = Vec::new();
+        let mut vacated = Vec::new();
+        for r in released {
+            let Some((id, presence)) = parse_set(&r.set) else {
+                continue;
+            };
+            let Some(app) = self.by_id(id) else { continue };
+            match presence {
+                Some(channel) => {
+                    app.hook(WebhookEvent::MemberRemoved {
+                        channel: channel.to_owned(),
+                        user_id: r.member.clone(),
+                    });
+                    removals.push(Bus::Removed {
+                        app: id.to_owned(),
+                        channel: channel.to_owned(),
+                        user: r.member,
+                        socket: String::new(),
+                    });
+                }
+                None => vacated.push((app.clone(), r.member)),
+            }
+        }
+        for (app, channel) in vacated {
+            app.hook(WebhookEvent::ChannelVacated { channel });
+        }
+        removals
+    }
+}
+
 impl App {
-    pub fn new(config: AppConfig) -> Self {
+    pub fn new(config: AppConfig, roster: Arc<dyn Roster>) -> Self {
         let webhooks = config
             .webhook_url
             .as_ref()
@@ -272,6 +326,7 @@ impl App {
             counters: Counters::default(),
             webhooks,
             connections: AtomicUsize::new(0),
+            roster,
             local: Mutex::new(Local::default()),
         }
     }
@@ -282,11 +337,24 @@ impl App {
         }
     }
 
+    fn subs_set(&self) -> String {
+        format!("pusher:{}:subs", self.config.id)
+    }
+
+    fn presence_set(&self, channel: &str) -> String {
+        format!("pusher:{}:p:{channel}", self.config.id)
+    }
+
+    pub fn roster(&self) -> &Arc<dyn Roster> {
+        &self.roster
+    }
+
     pub fn connections(&self) -> usize {
         self.connections.load(Relaxed)
     }
 
     /// Registers a new connection, or refuses it over `max_connections` (close 4004).
+    /// The limit is per node.
     pub fn connect(
         &self,
         socket_id: String,
@@ -304,8 +372,6 @@ impl App {
             id: socket_id.clone(),
             terminate: Box::new(terminate),
             user: Mutex::new(None),
-            excludes: Mutex::new(VecDeque::new()),
-            pending_excludes: AtomicUsize::new(0),
         });
         relock(&self.local)
             .sockets
@@ -329,170 +395,189 @@ impl App {
         }
     }
 
+    /// This node's open sockets (the admin console).
+    pub fn sockets(&self) -> Vec<(String, Option<String>)> {
+        let local = relock(&self.local);
+        let mut out: Vec<_> = local
+            .sockets
+            .values()
+            .map(|s| (s.id.clone(), s.user()))
+            .collect();
+        out.sort();
+        out
+    }
+
     pub fn socket(&self, socket_id: &str) -> Option<Arc<Socket>> {
         relock(&self.local).sockets.get(socket_id).cloned()
     }
 
-    /// A socket now follows `channel` (counted for the HTTP API and webhooks).
-    pub fn subscribed(&self, channel: &str) {
-        let first = {
-            let mut local = relock(&self.local);
-            let state = local.channels.entry(channel.to_owned()).or_default();
-            state.subscriptions += 1;
-            state.subscriptions == 1
-        };
-        if first {
+    /// A socket now follows `channel` (counted cluster-wide for the HTTP API and webhooks).
+    pub async fn subscribed(&self, channel: &str) -> Result<(), BrokerError> {
+        if self.roster.hold(&self.subs_set(), channel, "").await? {
             self.hook(WebhookEvent::ChannelOccupied {
                 channel: channel.to_owned(),
             });
         }
+        Ok(())
     }
 
     /// A socket stopped following `channel`.
-    pub fn unsubscribed(&self, channel: &str) {
-        let vacated = {
-            let mut local = relock(&self.local);
-            let Some(state) = local.channels.get_mut(channel) else {
-                return;
-            };
-            state.subscriptions = state.subscriptions.saturating_sub(1);
-            let empty = state.subscriptions == 0;
-            if empty {
-                local.channels.remove(channel);
-            }
-            empty
-        };
-        if vacated {
-            self.hook(WebhookEvent::ChannelVacated {
+    pub async fn unsubscribed(&self, channel: &str) {
+        match self.roster.release(&self.subs_set(), channel).await {
+            Ok(true) => self.hook(WebhookEvent::ChannelVacated {
                 channel: channel.to_owned(),
-            });
+            }),
+            Ok(false) => {}
+            Err(e) => {
+                tracing::warn!(app = %self.config.id, channel, error = %e, "could not count a socket out of its channel")
+            }
         }
     }
 
-    /// Adds one socket of `user_id` to a presence channel's members. Returns whether the
-    /// user is new there (then the others get `member_added`) and the members after.
-    pub fn presence_join(
+    /// Adds one socket of `user_id` to a presence channel's members. When the user is new
+    /// there (cluster-wide) the webhook is queued and the join broadcast; returns whether.
+    pub async fn presence_join(
         &self,
         channel: &str,
         user_id: &str,
         user_info: &Value,
-    ) -> (bool, Vec<(String, Value)>) {
-        let (added, members) = {
-            let mut local = relock(&self.local);
-            let state = local.channels.entry(channel.to_owned()).or_default();
-            let entry = state
-                .members
-                .entry(user_id.to_owned())
-                .or_insert_with(|| (user_info.clone(), 0));
-            entry.1 += 1;
-            let added = entry.1 == 1;
-            let members = state
-                .members
-                .iter()
-                .map(|(id, (info, _))| (id.clone(), info.clone()))
-                .collect();
-            (added, members)
-        };
+        socket_id: &str,
+    ) -> Result<bool, BrokerError> {
+        let set = self.presence_set(channel);
+        let added = self
+            .roster
+            .hold(&set, user_id, &user_info.to_string())
+            .await?;
         if added {
             self.hook(WebhookEvent::MemberAdded {
                 channel: channel.to_owned(),
                 user_id: user_id.to_owned(),
             });
+            self.broadcast(&Bus::Added {
+                app: self.config.id.clone(),
+                channel: channel.to_owned(),
+                user: user_id.to_owned(),
+                info: user_info.clone(),
+                socket: socket_id.to_owned(),
+            })
+            .await;
         }
-        (added, members)
+        Ok(added)
     }
 
-    /// Removes one socket of `user_id`; true when it was the user's last (`member_removed`).
-    pub fn presence_leave(&self, channel: &str, user_id: &str) -> bool {
-        let removed = {
-            let mut local = relock(&self.local);
-            let Some(state) = local.channels.get_mut(channel) else {
-                return false;
-            };
-            let Some(entry) = state.members.get_mut(user_id) else {
-                return false;
-            };
-            entry.1 -= 1;
-            let last = entry.1 == 0;
-            if last {
-                state.members.remove(user_id);
+    /// Removes one socket of `user_id`; on the user's last (cluster-wide) the webhook is
+    /// queued and the leave broadcast.
+    pub async fn presence_leave(&self, channel: &str, user_id: &str, socket_id: &str) {
+        match self
+            .roster
+            .release(&self.presence_set(channel), user_id)
+            .await
+        {
+            Ok(true) => {
+                self.hook(WebhookEvent::MemberRemoved {
+                    channel: channel.to_owned(),
+                    user_id: user_id.to_owned(),
+                });
+                self.broadcast(&Bus::Removed {
+                    app: self.config.id.clone(),
+                    channel: channel.to_owned(),
+                    user: user_id.to_owned(),
+                    socket: socket_id.to_owned(),
+                })
+                .await;
             }
-            last
-        };
-        if removed {
-            self.hook(WebhookEvent::MemberRemoved {
-                channel: channel.to_owned(),
-                user_id: user_id.to_owned(),
+            Ok(false) => {}
+            Err(e) => {
+                tracing::warn!(app = %self.config.id, channel, error = %e, "could not count a member out")
+            }
+        }
+    }
+
+    async fn broadcast(&self, bus: &Bus) {
+        let payload = serde_json::to_string(bus).unwrap_or_default();
+        if let Err(e) = self.roster.broadcast(&payload).await {
+            tracing::warn!(app = %self.config.id, error = %e, "could not broadcast a member change");
+        }
+    }
+
+    /// After the hub has the leave: the member's cached info is no longer needed.
+    pub fn forget_member(&self, channel: &str, user_id: &str) {
+        relock(&self.local)
+            .infos
+            .remove(&(channel.to_owned(), user_id.to_owned()));
+    }
+
+    /// A presence channel's members, cluster-wide: `(user_id, user_info)`, sorted by id.
+    pub async fn members(&self, channel: &str) -> Result<Vec<(String, Value)>, BrokerError> {
+        Ok(self
+            .roster
+            .members(&self.presence_set(channel))
+            .await?
+            .into_iter()
+            .map(|h| {
+                let info = serde_json::from_str(&h.value).unwrap_or(Value::Null);
+                (h.member, info)
+            })
+            .collect())
+    }
+
+    /// A member's `user_info` as announced to this node (the delivery path's read).
+    pub fn member_info(&self, channel: &str, user_id: &str) -> Option<Value> {
+        relock(&self.local)
+            .infos
+            .get(&(channel.to_owned(), user_id.to_owned()))
+            .cloned()
+    }
+
+    /// Occupied channels whose name starts with `prefix`, sorted by name, cluster-wide.
+    pub async fn channels(&self, prefix: &str) -> Result<Vec<ChannelInfo>, BrokerError> {
+        let mut out = Vec::new();
+        for h in self.roster.members(&self.subs_set()).await? {
+            if !h.member.starts_with(prefix) || h.holds == 0 {
+                continue;
+            }
+            let user_count = if h.member.starts_with("presence-") {
+                self.roster.size(&self.presence_set(&h.member)).await? as usize
+            } else {
+                0
+            };
+            out.push(ChannelInfo {
+                name: h.member,
+                subscription_count: h.holds as usize,
+                user_count,
             });
         }
-        removed
+        Ok(out)
     }
 
-    /// A presence channel's members: `(user_id, user_info)`, sorted by id.
-    pub fn members(&self, channel: &str) -> Vec<(String, Value)> {
-        let local = relock(&self.local);
-        local
-            .channels
-            .get(channel)
-            .map(|s| {
-                s.members
-                    .iter()
-                    .map(|(id, (info, _))| (id.clone(), info.clone()))
-                    .collect()
-            })
-            .unwrap_or_default()
-    }
-
-    /// A present member's `user_info`.
-    pub fn member_info(&self, channel: &str, user_id: &str) -> Option<Value> {
-        let local = relock(&self.local);
-        local
-            .channels
-            .get(channel)?
-            .members
-            .get(user_id)
-            .map(|(info, _)| info.clone())
-    }
-
-    /// Occupied channels whose name starts with `prefix`, sorted by name.
-    pub fn channels(&self, prefix: &str) -> Vec<ChannelInfo> {
-        let local = relock(&self.local);
-        let mut out: Vec<ChannelInfo> = local
-            .channels
-            .iter()
-            .filter(|(name, s)| name.starts_with(prefix) && s.subscriptions > 0)
-            .map(|(name, s)| ChannelInfo {
-                name: name.clone(),
-                subscription_count: s.subscriptions,
-                user_count: s.members.len(),
-            })
-            .collect();
-        out.sort_by(|a, b| a.name.cmp(&b.name));
-        out
-    }
-
-    /// One channel (zero counts when nobody follows it).
-    pub fn channel(&self, name: &str) -> ChannelInfo {
-        let local = relock(&self.local);
-        let (subscription_count, user_count) = local
-            .channels
-            .get(name)
-            .map_or((0, 0), |s| (s.subscriptions, s.members.len()));
-        ChannelInfo {
+    /// One channel, cluster-wide (zero counts when nobody follows it).
+    pub async fn channel(&self, name: &str) -> Result<ChannelInfo, BrokerError> {
+        let subscription_count = self
+            .roster
+            .member(&self.subs_set(), name)
+            .await?
+            .map_or(0, |h| h.holds as usize);
+        let user_count = if name.starts_with("presence-") && subscription_count > 0 {
+            self.roster.size(&self.presence_set(name)).await? as usize
+        } else {
+            0
+        };
+        Ok(ChannelInfo {
             name: name.to_owned(),
             subscription_count,
             user_count,
-        }
+        })
     }
 
-    /// A presence channel's user ids.
-    pub fn users(&self, channel: &str) -> Vec<String> {
-        let local = relock(&self.local);
-        local
-            .channels
-            .get(channel)
-            .map(|s| s.members.keys().cloned().collect())
-            .unwrap_or_default()
+    /// A presence channel's user ids, cluster-wide.
+    pub async fn users(&self, channel: &str) -> Result<Vec<String>, BrokerError> {
+        Ok(self
+            .roster
+            .members(&self.presence_set(channel))
+            .await?
+            .into_iter()
+            .map(|h| h.member)
+            .collect())
     }
 
     /// Records `socket` as signed in as `user_id`.
@@ -511,8 +596,19 @@ impl App {
             .insert(socket.id.clone());
     }
 
-    /// Ends every connection signed in as `user_id`; returns how many.
-    pub fn terminate_user(&self, user_id: &str) -> usize {
+    /// Ends every connection signed in as `user_id` on every node (a broadcast each node
+    /// acts on, this one included).
+    pub async fn terminate_user(&self, user_id: &str) -> Result<(), BrokerError> {
+        let bus = Bus::Terminate {
+            app: self.config.id.clone(),
+            user: user_id.to_owned(),
+        };
+        let payload = serde_json::to_string(&bus).unwrap_or_default();
+        self.roster.broadcast(&payload).await
+    }
+
+    /// Ends this node's connections signed in as `user_id`; returns how many.
+    pub fn terminate_local(&self, user_id: &str) -> usize {
         let sockets: Vec<Arc<Socket>> = {
             let local = relock(&self.local);
             local
@@ -531,7 +627,7 @@ impl App {
         sockets.len()
     }
 
-    /// Queues a `client_event` webhook.
+    /// Queues a `client_event` webhook (the sender's node queues it: once per cluster).
     pub fn client_event_hook(
         &self,
         channel: &str,
@@ -554,33 +650,54 @@ impl App {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+    use tidings_core::LocalRoster;
 
     fn app(max_connections: usize) -> App {
-        App::new(AppConfig {
-            id: "1".into(),
-            key: "k".into(),
-            secret: crate::config::AppSecret("s".into()),
-            client_events: true,
-            max_connections,
-            max_event_bytes: 10_240,
-            webhook_url: None,
-        })
+        App::new(
+            AppConfig {
+                id: "1".into(),
+                key: "k".into(),
+                secret: crate::config::AppSecret("s".into()),
+                client_events: true,
+                max_connections,
+                max_event_bytes: 10_240,
+                webhook_url: None,
+            },
+            Arc::new(LocalRoster::default()),
+        )
     }
 
-    #[test]
-    fn a_user_with_two_sockets_is_one_member_added_once_and_removed_once() {
+    #[tokio::test]
+    async fn a_user_with_two_sockets_is_one_member_added_once_and_removed_once() {
         let app = app(0);
+        let mut bus = app.roster().listen();
         let info = serde_json::json!({"name": "ann"});
-        assert!(app.presence_join("presence-a", "u1", &info).0);
-        let (added, members) = app.presence_join("presence-a", "u1", &info);
-        assert!(!added);
-        assert_eq!(members.len(), 1);
-        app.subscribed("presence-a");
-        app.subscribed("presence-a");
-        assert_eq!(app.channel("presence-a").user_count, 1);
-        assert!(!app.presence_leave("presence-a", "u1"));
-        assert!(app.presence_leave("presence-a", "u1"));
-        assert_eq!(app.users("presence-a"), Vec::<String>::new());
+        assert!(
+            app.presence_join("presence-a", "u1", &info, "1.1")
+                .await
+                .unwrap()
+        );
+        assert!(
+            !app.presence_join("presence-a", "u1", &info, "1.2")
+                .await
+                .unwrap()
+        );
+        assert_eq!(app.members("presence-a").await.unwrap().len(), 1);
+        app.subscribed("presence-a").await.unwrap();
+        app.subscribed("presence-a").await.unwrap();
+        assert_eq!(app.channel("presence-a").await.unwrap().user_count, 1);
+        assert_eq!(
+            app.channel("presence-a").await.unwrap().subscription_count,
+            2
+        );
+        app.presence_leave("presence-a", "u1", "1.1").await;
+        app.presence_leave("presence-a", "u1", "1.2").await;
+        assert_eq!(app.users("presence-a").await.unwrap(), Vec::<String>::new());
+        let added: Bus = serde_json::from_str(&bus.recv().await.unwrap()).unwrap();
+        assert!(matches!(added, Bus::Added { ref user, .. } if user == "u1"));
+        let removed: Bus = serde_json::from_str(&bus.recv().await.unwrap()).unwrap();
+        assert!(matches!(removed, Bus::Removed { ref socket, .. } if socket == "1.2"));
+        assert!(bus.try_recv().is_err());
     }
 
     #[test]
@@ -590,20 +707,6 @@ mod tests {
         assert!(app.connect("1.2".into(), || {}).is_err());
         app.disconnect(&a);
         assert!(app.connect("1.3".into(), || {}).is_ok());
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn an_exclusion_skips_one_matching_message_and_expires() {
-        let app = app(0);
-        let s = app.connect("1.1".into(), || {}).unwrap();
-        let p = fingerprint("c", Some("e"), b"d");
-        s.exclude(p);
-        assert!(s.has_exclusions());
-        assert!(s.take_exclusion(p));
-        assert!(!s.take_exclusion(p));
-        s.exclude(p);
-        tokio::time::advance(EXCLUDE_TTL + Duration::from_secs(1)).await;
-        assert!(!s.take_exclusion(p));
     }
 
     #[test]
@@ -617,9 +720,19 @@ mod tests {
             })
             .unwrap();
         app.signin(&a, "u");
-        assert_eq!(app.terminate_user("u"), 1);
+        assert_eq!(app.terminate_local("u"), 1);
         assert_eq!(hits.load(Relaxed), 1);
         app.disconnect(&a);
-        assert_eq!(app.terminate_user("u"), 0);
+        assert_eq!(app.terminate_local("u"), 0);
+    }
+
+    #[test]
+    fn roster_set_names_say_which_app_and_channel_they_count() {
+        assert_eq!(parse_set("pusher:1001:subs"), Some(("1001", None)));
+        assert_eq!(
+            parse_set("pusher:1001:p:presence-a:b"),
+            Some(("1001", Some("presence-a:b")))
+        );
+        assert_eq!(parse_set("other"), None);
     }
 }

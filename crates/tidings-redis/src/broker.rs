@@ -97,6 +97,9 @@ pub struct Shared {
 pub struct RedisBroker {
     shared: Arc<Shared>,
     stop: CancellationToken,
+    /// Started on the first `roster()` call: a node with no use for it opens no second
+    /// pub/sub connection.
+    roster: std::sync::OnceLock<Arc<crate::roster::RedisRoster>>,
 }
 
 impl Drop for RedisBroker {
@@ -280,7 +283,11 @@ impl RedisBroker {
         if let Some(sentinel) = shared.endpoint.sentinel() {
             tokio::spawn(crate::sentinel::run_watcher(sentinel.clone(), stop.clone()));
         }
-        let broker = Arc::new(Self { shared, stop });
+        let broker = Arc::new(Self {
+            shared,
+            stop,
+            roster: std::sync::OnceLock::new(),
+        });
         // The command connection is up; a node is only useful once pub/sub is too.
         let deadline = tokio::time::Instant::now() + 2 * RESPONSE_TIMEOUT;
         let up = loop {
@@ -515,6 +522,13 @@ impl Shared {
 
 #[async_trait]
 impl Broker for RedisBroker {
+    fn roster(&self) -> Option<Arc<dyn tidings_core::Roster>> {
+        let r = self.roster.get_or_init(|| {
+            crate::roster::RedisRoster::start(self.shared.clone(), self.stop.clone())
+        });
+        Some(r.clone())
+    }
+
     fn kind(&self) -> &'static str {
         "redis"
     }

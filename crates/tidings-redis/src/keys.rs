@@ -71,6 +71,11 @@ impl Keys {
         self.key(channel, "c")
     }
 
+    /// The first part of every roster key (`roster.rs`): one hash tag for them all.
+    pub fn roster_base(&self) -> String {
+        format!("{}:{{roster}}:", self.prefix)
+    }
+
     /// The SCAN pattern matching every channel's meta hash.
     pub fn meta_pattern(&self) -> String {
         format!("{}:{{*}}:m", self.prefix)

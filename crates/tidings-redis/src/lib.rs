@@ -15,6 +15,8 @@
 //! - `connection`: URLs, TLS, cluster detection; the command and pub/sub connections.
 //! - `doctor`: `tidings doctor`'s read-only look at Redis' settings.
 //! - `sentinel`: Redis Sentinel URLs, asking for the primary, following `+switch-master`.
+//! - `roster`: `RedisRoster`, the cluster-wide `Roster` (counted membership, node liveness,
+//!   a broadcast bus) the Pusher protocol keeps its channels and members in.
 //! - `keys`: key and pub/sub names (hash-tagged per channel, under the configured prefix).
 //! - `codec`: pub/sub payloads and stream entries, to and from `Message`.
 //! - `scripts` + `lua/`: the Lua scripts, one `.lua` file each.
@@ -27,6 +29,7 @@ mod connection;
 mod doctor;
 mod keys;
 mod pubsub;
+mod roster;
 mod scripts;
 mod sentinel;
 
@@ -36,6 +39,7 @@ pub use broker::{PRESENCE_TTL, RedisBroker};
 pub use connection::masked as masked_url;
 pub use doctor::{Diagnosis, diagnose};
 pub use keys::MAX_PREFIX_LEN;
+pub use roster::ALIVE_TTL;
 
 /// Checks a `[broker] prefix` the way the broker will use it, so a bad one is refused by
 /// `config check` and at startup whatever the broker (it matters once the config moves to

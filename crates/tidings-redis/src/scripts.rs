@@ -21,3 +21,8 @@ script!(PRESENCE_JOIN, "lua/presence_join.lua");
 script!(PRESENCE_LEAVE, "lua/presence_leave.lua");
 script!(PRESENCE_REFRESH, "lua/presence_refresh.lua");
 script!(PRESENCE_LIST, "lua/presence_list.lua");
+script!(ROSTER_HOLD, "lua/roster_hold.lua");
+script!(ROSTER_RELEASE, "lua/roster_release.lua");
+script!(ROSTER_MEMBERS, "lua/roster_members.lua");
+script!(ROSTER_ALIVE, "lua/roster_alive.lua");
+script!(ROSTER_REAP, "lua/roster_reap.lua");

@@ -198,7 +198,12 @@ impl AppState {
     pub fn with_node(config: Config, node: Arc<Node>) -> Result<Self, crate::config::ConfigError> {
         let auth = Auth::from_config(&config.auth)?;
         let config_rate = config.server.client_publish_rate;
-        let pusher = Arc::new(tidings_pusher::Apps::new(&config.pusher));
+        // Only a node with Pusher apps asks for the roster (the Redis one opens a connection).
+        let roster: Arc<dyn tidings_core::Roster> = match node.broker.roster() {
+            Some(r) if !config.pusher.apps.is_empty() => r,
+            _ => Arc::new(tidings_core::LocalRoster::default()),
+        };
+        let pusher = Arc::new(tidings_pusher::Apps::new(&config.pusher, roster));
         let limits = ConnectionLimits::new(
             config.server.max_connections,
             config.server.max_connections_per_ip,

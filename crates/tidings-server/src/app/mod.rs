@@ -48,6 +48,8 @@ pub async fn serve_all(
     // The admin console's feed; ends with `state.shutdown`.
     // Pusher webhooks: one sender per app with a webhook_url; they end with `state.shutdown`.
     crate::pusher::webhook::spawn_all(&state);
+    // Pusher across nodes: member broadcasts and the dead-node reaper (`state.shutdown`).
+    crate::pusher::cluster::spawn(&state);
     tokio::spawn(crate::stats::run(state));
     crate::net::listener::serve(app, listener, tls, shutdown).await
 }

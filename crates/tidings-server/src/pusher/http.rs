@@ -19,7 +19,7 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Limited};
 use tidings_pusher::api::{self, Refusal, Trigger};
 use tidings_pusher::sign::{self, SignError, SignedRequest};
-use tidings_pusher::{App, bridge, registry};
+use tidings_pusher::{App, bridge};
 
 use crate::app::error::ApiError;
 use crate::state::AppState;
@@ -119,26 +119,20 @@ fn json(v: serde_json::Value) -> Response {
     axum::Json(v).into_response()
 }
 
-/// Publishes one trigger on each of its channels, skipping the `socket_id` it names.
+/// Publishes one trigger on each of its channels. A `socket_id` travels in the message
+/// (`bridge::to_tidings_from`), so the node holding that socket, whichever it is, skips it.
 async fn publish(state: &AppState, app: &App, t: &Trigger) -> Result<(), ApiError> {
-    let skip = t.socket_id.as_deref().and_then(|s| app.socket(s));
     for channel in &t.channels {
-        let p = bridge::to_tidings(&app.config.id, channel, &t.name, &t.data)
-            .map_err(|e| ApiError::bad_request("invalid_channel", e.to_string()))?;
-        let print = registry::fingerprint(
-            p.channel.as_str(),
-            p.event.as_ref().map(|e| e.as_str()),
-            p.data.raw(),
-        );
-        if let Some(s) = &skip {
-            s.exclude(print);
-        }
-        if let Err(e) = crate::app::publish::publish(state, &p.channel, p.event, p.data).await {
-            if let Some(s) = &skip {
-                s.unexclude(print);
-            }
-            return Err(e);
-        }
+        let p = bridge::to_tidings_from(
+            &app.config.id,
+            channel,
+            &t.name,
+            &t.data,
+            None,
+            t.socket_id.as_deref(),
+        )
+        .map_err(|e| ApiError::bad_request("invalid_channel", e.to_string()))?;
+        crate::app::publish::publish(state, &p.channel, p.event, p.data).await?;
     }
     Ok(())
 }
@@ -152,7 +146,10 @@ pub async fn events(
     let v = verify(&state, &id, req).await?;
     let t = api::parse_trigger(&v.app, &v.body).map_err(refusal)?;
     publish(&state, &v.app, &t).await?;
-    Ok(json(api::trigger_answer(&v.app, &t)))
+    api::trigger_answer(&v.app, &t)
+        .await
+        .map(json)
+        .map_err(refusal)
 }
 
 /// `POST /apps/{id}/batch_events`: the whole batch is checked before the first publish.
@@ -166,7 +163,10 @@ pub async fn batch_events(
     for t in &batch {
         publish(&state, &v.app, t).await?;
     }
-    Ok(json(api::batch_answer(&v.app, &batch)))
+    api::batch_answer(&v.app, &batch)
+        .await
+        .map(json)
+        .map_err(refusal)
 }
 
 /// `GET /apps/{id}/channels?filter_by_prefix=&info=`.
@@ -177,6 +177,7 @@ pub async fn channels(
 ) -> Result<Response, ApiError> {
     let v = verify(&state, &id, req).await?;
     api::channels_answer(&v.app, v.param("filter_by_prefix"), v.param("info"))
+        .await
         .map(json)
         .map_err(refusal)
 }
@@ -189,6 +190,7 @@ pub async fn channel(
 ) -> Result<Response, ApiError> {
     let v = verify(&state, &id, req).await?;
     api::channel_answer(&v.app, &name, v.param("info"))
+        .await
         .map(json)
         .map_err(refusal)
 }
@@ -200,17 +202,23 @@ pub async fn users(
     req: Request,
 ) -> Result<Response, ApiError> {
     let v = verify(&state, &id, req).await?;
-    api::users_answer(&v.app, &name).map(json).map_err(refusal)
+    api::users_answer(&v.app, &name)
+        .await
+        .map(json)
+        .map_err(refusal)
 }
 
 /// `POST /apps/{id}/users/{user}/terminate_connections`: ends every connection signed in
-/// (`pusher:signin`) as that user on this node.
+/// (`pusher:signin`) as that user, on every node (a roster broadcast).
 pub async fn terminate_connections(
     State(state): State<AppState>,
     Path((id, user)): Path<(String, String)>,
     req: Request,
 ) -> Result<Response, ApiError> {
     let v = verify(&state, &id, req).await?;
-    v.app.terminate_user(&user);
+    v.app
+        .terminate_user(&user)
+        .await
+        .map_err(|e| refusal(api::Refusal::unavailable(e)))?;
     Ok(json(serde_json::json!({})))
 }

@@ -13,15 +13,19 @@
 //! `Subscription` and waits on everything at once (socket, queue, timer, kill, shutdown,
 //! termination). Frames in are handled in order; a client event awaits its publish before
 //! the next frame is read. Frames out go to one buffer written with as few calls as the kernel
-//! takes. The app's registry (`tidings_pusher::registry`) is touched on subscribe,
-//! unsubscribe and close only, never per delivered message; the per-message path reads one
-//! atomic (`Socket::has_exclusions`) and copies one cached frame.
+//! takes. The app's registry (`tidings_pusher::registry`, cluster-wide through its roster) is
+//! touched on subscribe, unsubscribe and close only, never per delivered message; the
+//! per-message path copies one cached frame and compares the socket id it names, if any
+//! (the `socket_id` a trigger excludes, a client event's sender: carried in the message, so
+//! it works whichever node took the trigger).
 //!
-//! Presence: members live in the app's registry, one per `user_id`. The first socket of a
-//! user on a channel announces `member_added` through the hub (`Hub::deliver_presence`, a
-//! `PresenceEvent` whose client is the socket id and whose user is the `user_id`), so every
-//! local subscriber of the channel, Tidings' own included, sees it in order with the
-//! channel's messages; the last one's leave announces `member_removed`.
+//! Presence: members live in the roster, one per `user_id` across the cluster. The first
+//! socket of a user on a channel anywhere makes its node broadcast the join; every node
+//! (`pusher/cluster.rs`) hands it to its hub (`Hub::deliver_presence`, a `PresenceEvent`
+//! whose client is the socket id and whose user is the `user_id`), so every subscriber of the
+//! channel, Tidings' own included, sees `member_added`; the last one's leave, or a dead
+//! node's reap, `member_removed`. A session that ends without its goodbye (its future
+//! dropped) leaves its channels from a spawned task.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
@@ -31,12 +35,10 @@ use axum::extract::{Path, RawQuery, State};
 use axum::response::Response;
 use bytes::Bytes;
 use serde_json::Value;
-use tidings_core::{
-    ChannelName, ClientInfo, Event, PresenceEvent, PresenceKind, Since, Subscription,
-};
+use tidings_core::{ChannelName, Event, PresenceKind, Since, Subscription};
 use tidings_pusher::names::{ChannelKind, PusherChannel};
 use tidings_pusher::protocol::{self, ClientMessage, code};
-use tidings_pusher::{App, Socket, bridge, registry, sign};
+use tidings_pusher::{App, Socket, bridge, sign};
 use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 
@@ -185,9 +187,42 @@ fn setup(
 /// leaves its channels (presence included) and the app forgets the socket.
 impl Drop for Session {
     fn drop(&mut self) {
-        self.leave_all();
+        let left: Vec<Followed> = self.detach_all();
+        if !left.is_empty()
+            && let Ok(rt) = tokio::runtime::Handle::try_current()
+        {
+            let (app, socket) = (self.app.clone(), self.socket.id.clone());
+            rt.spawn(async move {
+                for f in left {
+                    release(&app, &socket, f).await;
+                }
+            });
+        }
         self.app.disconnect(&self.socket);
     }
+}
+
+/// `{}`, or a presence channel's members, cluster-wide. (A free function: a `&Session`
+/// held across the await would make the session's future need `Session: Sync`.)
+async fn succeeded_data(
+    app: &App,
+    channel: &PusherChannel,
+) -> Result<String, tidings_core::BrokerError> {
+    if channel.kind != ChannelKind::Presence {
+        return Ok("{}".into());
+    }
+    let members = app.members(&channel.name).await?;
+    Ok(protocol::presence_data(
+        members.iter().map(|(id, info)| (id.as_str(), info)),
+    ))
+}
+
+/// Counts a socket out of a channel it followed: presence first, then the channel.
+async fn release(app: &App, socket_id: &str, f: Followed) {
+    if let Some(user) = &f.member {
+        app.presence_leave(&f.pusher.name, user, socket_id).await;
+    }
+    app.unsubscribed(&f.pusher.name).await;
 }
 
 /// Says why the connection is refused and closes it with `code`; returns the bytes written.
@@ -279,7 +314,7 @@ impl Session {
             self.ws.drop_backlog();
         }
         wsframe::encode_close(&mut self.ws.out, code, why);
-        self.leave_all();
+        self.leave_all().await;
         let wait = if code == code::OVER_CAPACITY {
             self.state.config().server.write_timeout
         } else {
@@ -293,7 +328,7 @@ impl Session {
             Some(code) => wsframe::encode_close(&mut self.ws.out, code, ""),
             None => wsframe::encode(&mut self.ws.out, wsframe::OP_CLOSE, b""),
         }
-        self.leave_all();
+        self.leave_all().await;
         self.ws.send_and_shut().await;
     }
 
@@ -364,7 +399,7 @@ impl Session {
                 if let Ok(c) = PusherChannel::parse(&self.app.config.id, &channel)
                     && let Ok(t) = c.tidings(&self.app.config.id)
                 {
-                    self.leave(&t);
+                    self.leave(&t).await;
                 }
             }
             ClientMessage::Signin { auth, user_data } => self.signin(&auth, &user_data).await,
@@ -396,8 +431,10 @@ impl Session {
         };
         if self.followed.iter().any(|(c, _)| *c == tidings) {
             // pusher-js resubscribes after a reconnect only; answer as the first time.
-            let data = self.succeeded_data(&channel);
-            return self.text(&protocol::subscription_succeeded(name, &data));
+            return match succeeded_data(&self.app, &channel).await {
+                Ok(data) => self.text(&protocol::subscription_succeeded(name, &data)),
+                Err(e) => self.sub_error(name, "ServerError", &e.to_string(), 503),
+            };
         }
         if self.followed.len() >= MAX_CHANNELS {
             let why = format!("at most {MAX_CHANNELS} channels per connection");
@@ -459,68 +496,62 @@ impl Session {
                 return self.sub_error(name, "ServerError", &e.message, 503);
             }
         }
-        app.subscribed(name);
-        let user_id = member.as_ref().map(|m| m.user_id.clone());
-        if let Some(m) = &member {
-            let (added, _) = app.presence_join(name, &m.user_id, &m.user_info);
-            if added {
-                self.announce(&tidings, PresenceKind::Join, &m.user_id);
-            }
+        if let Err(e) = app.subscribed(name).await {
+            self.sub.remove(&tidings);
+            return self.sub_error(name, "ServerError", &e.to_string(), 503);
+        }
+        if let Some(m) = &member
+            && let Err(e) = app
+                .presence_join(name, &m.user_id, &m.user_info, &self.socket.id)
+                .await
+        {
+            self.sub.remove(&tidings);
+            app.unsubscribed(name).await;
+            return self.sub_error(name, "ServerError", &e.to_string(), 503);
         }
         self.followed.push((
-            tidings,
+            tidings.clone(),
             Followed {
                 pusher: channel.clone(),
-                member: user_id,
+                member: member.map(|m| m.user_id),
             },
         ));
-        let data = self.succeeded_data(&channel);
+        let data = match succeeded_data(&self.app, &channel).await {
+            Ok(data) => data,
+            Err(e) => {
+                self.leave(&tidings).await;
+                return self.sub_error(name, "ServerError", &e.to_string(), 503);
+            }
+        };
         self.text(&protocol::subscription_succeeded(name, &data));
         if cache_miss {
             self.text(&protocol::cache_miss(name));
         }
     }
 
-    fn succeeded_data(&self, channel: &PusherChannel) -> String {
-        if channel.kind != ChannelKind::Presence {
-            return "{}".into();
-        }
-        let members = self.app.members(&channel.name);
-        protocol::presence_data(members.iter().map(|(id, info)| (id.as_str(), info)))
+    /// Stops following a channel here (the hub); what the app counts is `release`'s.
+    fn detach(&mut self, tidings: &ChannelName) -> Option<Followed> {
+        let i = self.followed.iter().position(|(c, _)| c == tidings)?;
+        let (_, f) = self.followed.swap_remove(i);
+        self.sub.remove(tidings);
+        Some(f)
     }
 
-    /// Tells the channel's local subscribers that `user_id` joined or left.
-    fn announce(&self, channel: &ChannelName, kind: PresenceKind, user_id: &str) {
-        let event = Arc::new(PresenceEvent {
-            kind,
-            channel: channel.clone(),
-            info: ClientInfo {
-                client: self.socket.id.clone(),
-                user: Some(user_id.to_owned()),
-            },
-        });
-        self.state.node.hub.deliver_presence(&event);
+    fn detach_all(&mut self) -> Vec<Followed> {
+        let all: Vec<ChannelName> = self.followed.iter().map(|(c, _)| c.clone()).collect();
+        all.iter().filter_map(|c| self.detach(c)).collect()
     }
 
     /// Stops following a channel: the hub, the app's counts, presence.
-    fn leave(&mut self, tidings: &ChannelName) {
-        let Some(i) = self.followed.iter().position(|(c, _)| c == tidings) else {
-            return;
-        };
-        let (_, f) = self.followed.swap_remove(i);
-        self.sub.remove(tidings);
-        if let Some(user) = &f.member
-            && self.app.presence_leave(&f.pusher.name, user)
-        {
-            self.announce(tidings, PresenceKind::Leave, user);
+    async fn leave(&mut self, tidings: &ChannelName) {
+        if let Some(f) = self.detach(tidings) {
+            release(&self.app, &self.socket.id, f).await;
         }
-        self.app.unsubscribed(&f.pusher.name);
     }
 
-    fn leave_all(&mut self) {
-        let all: Vec<ChannelName> = self.followed.iter().map(|(c, _)| c.clone()).collect();
-        for c in &all {
-            self.leave(c);
+    async fn leave_all(&mut self) {
+        for f in self.detach_all() {
+            release(&self.app, &self.socket.id, f).await;
         }
     }
 
@@ -587,32 +618,24 @@ impl Session {
             ));
         }
         self.window.1 += 1;
+        // Never echoed to the sender: the message names the socket it is not for.
         let p = match bridge::to_tidings_from(
             &app.config.id,
             &channel,
             event,
             &data,
             user.as_deref(),
+            Some(&self.socket.id),
         ) {
             Ok(p) => p,
             Err(e) => return refuse(self, &e.to_string()),
         };
-        // Never echoed to the sender: the socket skips its own event when it comes back.
-        let print = registry::fingerprint(
-            p.channel.as_str(),
-            p.event.as_ref().map(|e| e.as_str()),
-            p.data.raw(),
-        );
-        self.socket.exclude(print);
         match crate::app::publish::publish(&self.state, &p.channel, p.event, p.data).await {
             Ok(_) => {
                 app.counters.client_events.fetch_add(1, Relaxed);
                 app.client_event_hook(name, event, &data, &self.socket.id, user.as_deref());
             }
-            Err(e) => {
-                self.socket.unexclude(print);
-                refuse(self, &e.message);
-            }
+            Err(e) => refuse(self, &e.message),
         }
     }
 
@@ -624,25 +647,19 @@ impl Session {
         let mut delivered = 0u64;
         let drained = self.sub.drain(|event, _| match event {
             Event::Message(m) => {
-                if socket.has_exclusions() {
-                    let print = registry::fingerprint(
-                        m.channel.as_str(),
-                        m.event.as_ref().map(|e| e.as_str()),
-                        m.data.raw(),
-                    );
-                    if socket.take_exclusion(print) {
-                        return;
-                    }
-                }
-                let frame = m.cached_frame(frame_slot::PUSHER, |m| {
-                    bridge::to_pusher(app_id, m)
-                        .map(|text| wsframe::encode_bytes(OP_TEXT, text.as_bytes()))
+                let cached = m.cached_frame(frame_slot::PUSHER, |m| {
+                    bridge::to_pusher_except(app_id, m)
+                        .map(|(text, except)| except_frame(except.as_deref(), text.as_bytes()))
                         .unwrap_or_default()
                 });
-                if !frame.is_empty() {
-                    delivered += 1;
-                    out.extend_from_slice(frame);
+                let Some((except, frame)) = split_except(cached) else {
+                    return;
+                };
+                if except == socket.id.as_bytes() {
+                    return;
                 }
+                delivered += 1;
+                out.extend_from_slice(frame);
             }
             Event::Presence(e) => {
                 let Some(user) = &e.info.user else { return };
@@ -676,6 +693,30 @@ impl Session {
             Err(_) => Next::Goodbye(code::OVER_CAPACITY, "Client too slow: queue overflowed"),
         }
     }
+}
+
+/// The cached form of a Pusher frame: the length of the socket id it is not for (one byte,
+/// 0 for none), that id, then the WebSocket frame. One cache entry serves every socket; each
+/// compares a few bytes.
+fn except_frame(except: Option<&str>, text: &[u8]) -> Bytes {
+    let except = except
+        .filter(|e| e.len() <= usize::from(u8::MAX))
+        .unwrap_or("")
+        .as_bytes();
+    let frame = wsframe::encode_bytes(OP_TEXT, text);
+    let mut out = Vec::with_capacity(1 + except.len() + frame.len());
+    out.push(except.len() as u8);
+    out.extend_from_slice(except);
+    out.extend_from_slice(&frame);
+    Bytes::from(out)
+}
+
+/// `(excluded socket id, frame)` of a cached entry; `None` for a message that is not the
+/// app's (cached empty).
+fn split_except(cached: &[u8]) -> Option<(&[u8], &[u8])> {
+    let (&n, rest) = cached.split_first()?;
+    let n = usize::from(n);
+    (rest.len() > n).then(|| rest.split_at(n))
 }
 
 fn wsframe_policy() -> u16 {

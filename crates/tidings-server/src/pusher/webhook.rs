@@ -6,7 +6,8 @@
 //! is read. Every step is bounded in time; a batch out of retries is dropped and counted
 //! (`tidings_pusher_webhooks_dropped_total`), so a dead endpoint never grows memory.
 //!
-//! Per node: with several nodes, each sends the webhooks of what happened on it.
+//! Once per cluster: the node whose roster call saw a change (first subscriber, last member,
+//! a dead node's reap) queues its webhook, and only that node (`tidings_pusher::registry`).
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
