@@ -19,10 +19,11 @@ if (!scenario) {
 }
 const { hostname, port } = new URL(url);
 const TIMEOUT = Number(process.env.TIDINGS_CLIENT_TIMEOUT || 20) * 1000;
-setTimeout(() => {
+const deadline = setTimeout(() => {
   console.error('timed out');
   process.exit(3);
-}, TIMEOUT).unref();
+}, TIMEOUT);
+deadline.unref();
 
 const out = (o) => console.log(JSON.stringify(o));
 const fail = (why) => {
@@ -190,6 +191,28 @@ async function tidingsSse(channel, ready, pred) {
 }
 
 const scenarios = {
+  // A long-lived presence member (the cluster tests): joins presence-room as the user named
+  // by the argument after the scenario, prints the members it was given, then every
+  // member_added / member_removed, and stays until it is killed (the test bounds each wait).
+  async member() {
+    clearTimeout(deadline);
+    const userId = process.argv[7];
+    check(userId, 'member needs a user id argument');
+    const c = client({ user_id: userId });
+    await connected(c);
+    const ch = c.subscribe('presence-room');
+    ch.bind('pusher:member_added', (m) => out({ step: 'member_added', id: m.id, info: m.info }));
+    ch.bind('pusher:member_removed', (m) => out({ step: 'member_removed', id: m.id }));
+    const members = await new Promise((resolve, reject) => {
+      ch.bind('pusher:subscription_succeeded', resolve);
+      ch.bind('pusher:subscription_error', (e) => reject(new Error(JSON.stringify(e))));
+    });
+    const ids = [];
+    members.each((m) => ids.push(m.id));
+    out({ step: 'subscribed', me: members.me.id, members: ids.sort(), count: members.count, socket_id: c.connection.socket_id });
+    await new Promise(() => {});
+  },
+
   // Public channels both ways, and the HTTP API's channel queries.
   async basic() {
     const a = client();
