@@ -621,7 +621,7 @@ async fn signed_post(server: &TestServer, path: &str, body: &str) -> u16 {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn on_two_nodes_sharing_redis_a_trigger_and_a_client_event_on_one_reach_a_pusher_client_on_the_other()
+async fn on_two_nodes_sharing_redis_triggers_client_events_socket_id_exclusion_and_terminations_cross_nodes()
  {
     let redis = redis_support::shared();
     let prefix = redis_support::unique_prefix("pusher");
@@ -651,6 +651,32 @@ async fn on_two_nodes_sharing_redis_a_trigger_and_a_client_event_on_one_reach_a_
         .await;
     let hi = on_b.next_event("client-hi").await;
     assert_eq!(hi["data"], "{\"from\":\"a\"}");
+    // A trigger on a excluding the socket on b: b skips it (the exclusion travels in the
+    // message), and the next event b gets is the one after.
+    let skip = json!({"name": "skipped", "channels": ["private-x"], "data": "1", "socket_id": on_b.socket_id}).to_string();
+    assert_eq!(signed_post(&a, "/apps/1001/events", &skip).await, 200);
+    let after = json!({"name": "after", "channels": ["private-x"], "data": "2"}).to_string();
+    assert_eq!(signed_post(&a, "/apps/1001/events", &after).await, 200);
+    assert_eq!(on_a.next_event("skipped").await["data"], "1");
+    let next = on_b.next().await;
+    assert_eq!(next["event"], "after", "{next}");
+    // terminate_connections asked on a ends the user's connection on b.
+    let user_data = r#"{"id":"u7"}"#;
+    let sig = tidings_pusher::sign::sign(SECRET, &format!("{}::user::{user_data}", on_b.socket_id));
+    on_b.send(json!({"event": "pusher:signin", "data": {"auth": format!("{KEY}:{sig}"), "user_data": user_data}}))
+        .await;
+    on_b.next_event("pusher:signin_success").await;
+    assert_eq!(
+        signed_post(&a, "/apps/1001/users/u7/terminate_connections", "{}").await,
+        200
+    );
+    loop {
+        let v = on_b.next().await;
+        if v.get("close").is_some() {
+            assert_eq!(v["close"], 4009, "{v}");
+            break;
+        }
+    }
     a.shutdown().await;
     b.shutdown().await;
 }
