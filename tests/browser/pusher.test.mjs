@@ -127,3 +127,56 @@ test('Laravel Echo receives public, private and presence events triggered by the
   assert.deepEqual((await page.evaluate(() => window.got))[2], ['refund', { order: 8 }]);
   assert.deepEqual(page.problems, []);
 });
+
+test('the admin console lists the Pusher app and shows a pusher-js connection and its user appear', async () => {
+  const admin = await newPage(browser.context);
+  await admin.goto(`${server.url}/admin`);
+  await admin.waitForSelector('#pusher:not([hidden])', WAIT);
+  await admin.waitForSelector(`#pusher-apps td:has-text("${APP.key}")`, WAIT);
+  const before = Number(await admin.textContent(`#pusher-conn-${APP.appId}`));
+  // pusher-js's browser build in another page, signed in as a user.
+  const page = await newPage(browser.context);
+  await page.goto(`${server.url}/healthz`);
+  await page.addScriptTag({ path: join(MODULES, 'pusher-js/dist/web/pusher.min.js') });
+  const { hostname, port } = new URL(server.url);
+  const userAuth = http.createServer((req, res) => {
+    let body = '';
+    req.on('data', (c) => (body += c));
+    req.on('end', () => {
+      const p = new URLSearchParams(body);
+      res.writeHead(200, { 'content-type': 'application/json', 'access-control-allow-origin': '*' });
+      res.end(JSON.stringify(sdk.authenticateUser(p.get('socket_id'), { id: 'admin-seen' })));
+    });
+  });
+  await new Promise((r) => userAuth.listen(0, '127.0.0.1', r));
+  const socketId = await page.evaluate(
+    ({ key, host, port, endpoint }) =>
+      new Promise((resolve) => {
+        const p = new window.Pusher(key, {
+          wsHost: host,
+          wsPort: port,
+          forceTLS: false,
+          enabledTransports: ['ws'],
+          cluster: 'mt1',
+          disableStats: true,
+          userAuthentication: { endpoint, transport: 'ajax' },
+        });
+        p.bind('pusher:signin_success', () => resolve(p.connection.socket_id));
+        p.signin();
+      }),
+    { key: APP.key, host: hostname, port: Number(port), endpoint: `http://127.0.0.1:${userAuth.address().port}/user-auth` },
+  );
+  await admin.waitForFunction(
+    ({ id, n }) => document.getElementById(`pusher-conn-${id}`)?.textContent === String(n),
+    { id: APP.appId, n: before + 1 },
+    WAIT,
+  );
+  const item = await admin.waitForSelector(`#pusher-sockets li[data-socket="${socketId}"]`, WAIT);
+  await admin.waitForFunction((el) => el.textContent.includes('user admin-seen'), item, WAIT);
+  // It goes away when the connection closes.
+  await page.close();
+  await admin.waitForSelector(`#pusher-sockets li[data-socket="${socketId}"]`, { state: 'detached', ...WAIT });
+  userAuth.close();
+  assert.deepEqual(admin.problems, []);
+  await admin.close();
+});

@@ -52,6 +52,7 @@ function render(s) {
     rssChart.push([s.rss_bytes / 1024 / 1024]);
   } else $('rss').textContent = 'n/a';
   $('tcp').textContent = `${s.tcp_connections ?? 0} TCP connections · broker ${s.broker || '?'} · ${formatTime(s.time || Date.now())}`;
+  renderPusher(Array.isArray(s.pusher) ? s.pusher : []);
   const ch = s.channels || {};
   $('channel-total').textContent = `${ch.total ?? 0} in all`;
   const top = Array.isArray(ch.top) ? ch.top : [];
@@ -61,6 +62,20 @@ function render(s) {
       return tr;
     }),
   );
+}
+
+// Pusher apps ([[pusher.apps]]): counters and this node's connections (socket id, the user
+// it signed in as). The panel stays hidden on a server with no apps.
+function renderPusher(apps) {
+  $('pusher').hidden = apps.length === 0;
+  const num = (v) => el('td', { class: 'num' }, String(v ?? 0));
+  $('pusher-apps').tBodies[0].replaceChildren(
+    ...apps.map((a) =>
+      el('tr', {}, el('td', { class: 'mono' }, a.id), el('td', { class: 'mono' }, a.key), el('td', { class: 'num', id: `pusher-conn-${a.id}` }, String(a.connections ?? 0)), num(a.messages_sent), num(a.events_triggered), num(a.webhooks_sent), num(a.webhooks_failed)),
+    ),
+  );
+  const items = apps.flatMap((a) => (a.sockets || []).map((c) => el('li', { class: 'mono', 'data-socket': c.socket_id }, `app ${a.id} · socket ${c.socket_id}${c.user ? ` · user ${c.user}` : ''}`)));
+  $('pusher-sockets').replaceChildren(...(items.length ? items : [el('li', { class: 'muted' }, 'no Pusher connections on this node')]));
 }
 
 async function inspect(name) {

@@ -139,6 +139,20 @@ impl Apps {
         );
         metric(
             &mut out,
+            "tidings_pusher_webhooks_failed_total",
+            "counter",
+            "Webhook POSTs that failed or were answered non-2xx (each attempt; retried).",
+            &|a| a.counters.webhooks_failed.load(Relaxed),
+        );
+        metric(
+            &mut out,
+            "tidings_pusher_events_triggered_total",
+            "counter",
+            "Events published through the HTTP API (one per channel of a trigger).",
+            &|a| a.counters.events_triggered.load(Relaxed),
+        );
+        metric(
+            &mut out,
             "tidings_pusher_webhooks_dropped_total",
             "counter",
             "Webhook events dropped (queue full or retries exhausted).",
@@ -157,6 +171,10 @@ pub struct Counters {
     pub api_requests: AtomicU64,
     pub api_refused: AtomicU64,
     pub webhooks_sent: AtomicU64,
+    /// Webhook POSTs that failed or were answered non-2xx (each attempt).
+    pub webhooks_failed: AtomicU64,
+    /// Events published through the HTTP API (one per channel of a trigger).
+    pub events_triggered: AtomicU64,
 }
 
 pub struct App {
@@ -395,16 +413,36 @@ impl App {
         }
     }
 
-    /// This node's open sockets (the admin console).
-    pub fn sockets(&self) -> Vec<(String, Option<String>)> {
-        let local = relock(&self.local);
-        let mut out: Vec<_> = local
-            .sockets
-            .values()
-            .map(|s| (s.id.clone(), s.user()))
-            .collect();
+    /// This node's open sockets, at most `max`, sorted by id: `(socket_id, signed-in user)`.
+    pub fn sockets(&self, max: usize) -> Vec<(String, Option<String>)> {
+        let sockets: Vec<Arc<Socket>> = relock(&self.local).sockets.values().cloned().collect();
+        let mut out: Vec<_> = sockets.iter().map(|s| (s.id.clone(), s.user())).collect();
         out.sort();
+        out.truncate(max);
         out
+    }
+
+    /// The app as the admin console shows it (this node's view; no secret): id, key,
+    /// counters and up to `max_sockets` of its connections.
+    pub fn summary(&self, max_sockets: usize) -> Value {
+        let c = &self.counters;
+        let sockets: Vec<Value> = self
+            .sockets(max_sockets)
+            .into_iter()
+            .map(|(id, user)| serde_json::json!({"socket_id": id, "user": user}))
+            .collect();
+        serde_json::json!({
+            "id": self.config.id,
+            "key": self.config.key,
+            "connections": self.connections(),
+            "connections_total": c.connections_total.load(Relaxed),
+            "messages_sent": c.messages_sent.load(Relaxed),
+            "events_triggered": c.events_triggered.load(Relaxed),
+            "client_events": c.client_events.load(Relaxed),
+            "webhooks_sent": c.webhooks_sent.load(Relaxed),
+            "webhooks_failed": c.webhooks_failed.load(Relaxed),
+            "sockets": sockets,
+        })
     }
 
     pub fn socket(&self, socket_id: &str) -> Option<Arc<Socket>> {

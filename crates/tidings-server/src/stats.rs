@@ -27,6 +27,9 @@ use tokio::time::MissedTickBehavior;
 use crate::state::AppState;
 use crate::transport::TransportKind;
 
+/// Connections listed per Pusher app in a sample (the console shows the first ones).
+const PUSHER_SOCKETS: usize = 50;
+
 /// Where the stats go.
 pub const STATS_CHANNEL: &str = "admin:stats";
 /// How often.
@@ -174,6 +177,7 @@ impl Sampler {
             "channels": channels,
             "rss_bytes": rss_bytes(),
             "broker": state.node.broker.kind(),
+            "pusher": state.pusher.iter().map(|a| a.summary(PUSHER_SOCKETS)).collect::<Vec<_>>(),
         })
     }
 }

@@ -549,6 +549,9 @@ async fn webhooks_are_signed_batched_and_retried_until_the_endpoint_accepts_them
     server
         .await_metric("tidings_pusher_webhooks_sent_total{app_id=\"1001\"}", 2.0)
         .await;
+    server
+        .await_metric("tidings_pusher_webhooks_failed_total{app_id=\"1001\"}", 1.0)
+        .await;
     server.shutdown().await;
 }
 
@@ -660,6 +663,11 @@ async fn on_two_nodes_sharing_redis_triggers_client_events_socket_id_exclusion_a
     assert_eq!(on_a.next_event("skipped").await["data"], "1");
     let next = on_b.next().await;
     assert_eq!(next["event"], "after", "{next}");
+    a.await_metric(
+        "tidings_pusher_events_triggered_total{app_id=\"1001\"}",
+        3.0,
+    )
+    .await;
     // terminate_connections asked on a ends the user's connection on b.
     let user_data = r#"{"id":"u7"}"#;
     let sig = tidings_pusher::sign::sign(SECRET, &format!("{}::user::{user_data}", on_b.socket_id));

@@ -133,6 +133,7 @@ async fn publish(state: &AppState, app: &App, t: &Trigger) -> Result<(), ApiErro
         )
         .map_err(|e| ApiError::bad_request("invalid_channel", e.to_string()))?;
         crate::app::publish::publish(state, &p.channel, p.event, p.data).await?;
+        app.counters.events_triggered.fetch_add(1, Relaxed);
     }
     Ok(())
 }

@@ -68,6 +68,7 @@ async fn run(app: Arc<App>, queue: Arc<WebhookQueue>, url: String, shutdown: Can
                 }
                 outcome => {
                     attempt += 1;
+                    app.counters.webhooks_failed.fetch_add(1, Relaxed);
                     tracing::debug!(app = %app.config.id, attempt, ?outcome, "webhook not accepted");
                     if attempt > webhooks::RETRIES {
                         tracing::warn!(app = %app.config.id, events = batch.len(), "webhook batch dropped after retries");
