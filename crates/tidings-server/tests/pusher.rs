@@ -688,3 +688,94 @@ async fn on_two_nodes_sharing_redis_triggers_client_events_socket_id_exclusion_a
     a.shutdown().await;
     b.shutdown().await;
 }
+
+// ---------------------------------------------------------------------------------------------
+// Pusher's private and presence channels on Tidings' own transports
+// ---------------------------------------------------------------------------------------------
+
+/// The status and error code of a request that is answered at once (a refusal), or the
+/// status of one that starts streaming.
+async fn status_of(req: reqwest::RequestBuilder) -> (u16, String) {
+    let res = req.send().await.unwrap();
+    let status = res.status().as_u16();
+    if status == 200 {
+        return (status, String::new());
+    }
+    let body: Value = serde_json::from_str(&res.text().await.unwrap()).unwrap();
+    (
+        status,
+        body["error"]["code"].as_str().unwrap_or("").to_owned(),
+    )
+}
+
+#[tokio::test]
+async fn pusher_private_and_presence_channels_refuse_tidings_transports_without_an_api_key_or_a_grant()
+ {
+    let protected = [
+        "pusher:1001:private-x",
+        "pusher:1001:presence-room",
+        "pusher:1001:private-encrypted-y",
+    ];
+    // Open mode: nobody can show a grant, so nobody reads or writes them.
+    let open = pusher_server().await;
+    for c in protected {
+        for path in [
+            format!("/sse/{c}"),
+            format!("/poll/{c}"),
+            format!("/stream/{c}"),
+        ] {
+            let got = status_of(open.http.get(format!("{}{path}", open.url))).await;
+            assert_eq!(got, (403, "pusher_channel_protected".into()), "{path}");
+        }
+    }
+    let public = status_of(open.http.get(format!("{}/sse/pusher:1001:news", open.url))).await;
+    assert_eq!(public.0, 200, "public Pusher channels stay open");
+    open.shutdown().await;
+
+    // With [auth]: an API key, or a token whose grants name the channel.
+    let jwt = "jwt-secret-for-the-pusher-test-0123456789";
+    let secured = TestServer::with(|c| {
+        app(c, |_| {});
+        c.auth.api_keys = vec![tidings_server::config::Secret("api-key-for-the-pusher-test".into())];
+        c.auth.jwt_secret = Some(tidings_server::config::Secret(jwt.into()));
+    })
+    .await;
+    let token = |grants: &[&str]| {
+        tidings_server::auth::jwt::mint_hs256(
+            jwt,
+            &tidings_server::auth::jwt::Claims {
+                sub: Some("ann".into()),
+                exp: Some(
+                    std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .unwrap()
+                        .as_secs()
+                        + 600,
+                ),
+                nbf: None,
+                iat: None,
+                tidings: tidings_server::auth::jwt::Grants {
+                    subscribe: grants.iter().map(|g| (*g).to_owned()).collect(),
+                    publish: Vec::new(),
+                },
+            },
+        )
+        .unwrap()
+    };
+    let sse = |bearer: String| {
+        secured
+            .http
+            .get(format!("{}/poll/pusher:1001:private-x", secured.url))
+            .bearer_auth(bearer)
+    };
+    assert_eq!(status_of(sse("api-key-for-the-pusher-test".into())).await.0, 200);
+    assert_eq!(
+        status_of(sse(token(&["pusher:1001:private-*"]))).await.0,
+        200
+    );
+    assert_eq!(
+        status_of(sse(token(&["pusher:1001:news"]))).await,
+        (403, "pusher_channel_protected".into())
+    );
+    secured.shutdown().await;
+}

@@ -15,6 +15,14 @@
 //!
 //! In open mode (no `[auth]`) nothing is read: every request is `Anonymous`, and the default
 //! namespace policies let anyone subscribe and publish.
+//!
+//! Pusher's `private-` and `presence-` channels (`pusher:ID:private-…`, `pusher:ID:presence-…`)
+//! are protected on Tidings' own transports whatever the namespace policy, open mode
+//! included: subscribing or publishing needs an API key or a token whose grants name the
+//! channel, else **403** `pusher_channel_protected`. Pusher clients get in with Pusher's own
+//! channel auth; without this, open mode would hand anyone a private channel through `/sse`.
+//! (Open mode's HTTP publish API counts as the backend, an API key, for every channel, so it
+//! can still publish to them, as the Pusher HTTP API can.)
 
 pub mod grants;
 pub mod jwt;
@@ -72,6 +80,38 @@ pub struct Auth {
 
 fn unauthorized(code: &'static str, message: &str) -> ApiError {
     ApiError::new(StatusCode::UNAUTHORIZED, code, message)
+}
+
+/// A Pusher `private-` or `presence-` channel (`private-encrypted-` and the `-cache-` forms
+/// included): Pusher guards them with per-connection channel auth, which Tidings' own
+/// transports do not speak.
+pub fn pusher_protected(channel: &ChannelName) -> bool {
+    let Some(rest) = channel.as_str().strip_prefix("pusher:") else {
+        return false;
+    };
+    let name = rest.split_once(':').map_or("", |(_, n)| n);
+    name.starts_with("private-") || name.starts_with("presence-")
+}
+
+/// A Pusher private or presence channel on Tidings' own transports: an API key, or a token
+/// whose `grants` name it; never anonymous, not even in open mode.
+fn check_pusher(
+    who: &Principal,
+    channel: &ChannelName,
+    grants: impl Fn(&Claims) -> &Vec<String>,
+    doing: &str,
+) -> Result<(), ApiError> {
+    match who {
+        Principal::ApiKey => Ok(()),
+        Principal::User(c) if grants::any_matches(grants(c), channel.as_str()) => Ok(()),
+        _ => Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "pusher_channel_protected",
+            format!(
+                "{doing} {channel} needs Pusher channel auth (/app/KEY) or, on Tidings' own transports, an API key or a token that grants it ([auth])"
+            ),
+        )),
+    }
 }
 
 fn forbidden(message: String) -> ApiError {
@@ -176,6 +216,9 @@ impl Auth {
         channel: &ChannelName,
         policy: &ChannelPolicy,
     ) -> Result<(), ApiError> {
+        if pusher_protected(channel) {
+            return check_pusher(who, channel, |c| &c.tidings.subscribe, "subscribing to");
+        }
         // The server's own stats (`admin:stats`, the admin console's feed) are the API's
         // business: once auth is on, API keys only, whatever a token grants.
         if self.enabled && channel.namespace() == Some(ADMIN_NAMESPACE) {
@@ -208,6 +251,9 @@ impl Auth {
         channel: &ChannelName,
         policy: &ChannelPolicy,
     ) -> Result<(), ApiError> {
+        if pusher_protected(channel) {
+            return check_pusher(who, channel, |c| &c.tidings.publish, "publishing to");
+        }
         // Nobody but the server itself may feed the admin console.
         if self.enabled && channel.namespace() == Some(ADMIN_NAMESPACE) {
             return self.check_admin(who);
