@@ -407,6 +407,28 @@ const scenarios = {
     out({ step: 'unknown key closed 4001', error: data4001 });
   },
 
+  // pusher:signin, then the app sends to the user (the SDK's sendToUser): pusher-js follows
+  // #server-to-user-ID by itself and hands the event to pusher.user.bind.
+  async send_to_user() {
+    const a = client({ user_id: 'carol' });
+    await connected(a);
+    const subscribed = new Promise((resolve, reject) => {
+      const t = setTimeout(() => reject(new Error('no #server-to-user subscription')), TIMEOUT - 1000);
+      a.connection.bind('message', (m) => {
+        if (m.event === 'pusher_internal:subscription_succeeded' && m.channel === '#server-to-user-carol') {
+          clearTimeout(t);
+          resolve();
+        }
+      });
+    });
+    a.signin();
+    await subscribed;
+    out({ step: 'user channel followed' });
+    const got = once(a.user, 'note', 'the event sent to the user');
+    await server.sendToUser('carol', 'note', { text: 'just for carol' });
+    out({ step: 'sent to the user', data: await got });
+  },
+
   // pusher:signin, then the app terminates the user's connections.
   async terminate() {
     const a = client({ user_id: 'alice' });

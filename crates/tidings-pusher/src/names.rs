@@ -34,12 +34,18 @@ pub enum ChannelKind {
     /// `private-encrypted-`: the payload is end-to-end encrypted; relayed as is.
     PrivateEncrypted,
     Presence,
+    /// `#server-to-user-ID`: a signed-in user's own channel (`sendToUser`); only a socket
+    /// signed in as that user may follow it.
+    ServerToUser,
 }
+
+/// The prefix of a user's own channel (Pusher's `sendToUser`).
+pub const SERVER_TO_USER: &str = "#server-to-user-";
 
 impl ChannelKind {
     /// Whether subscribing needs an auth signature.
     pub fn needs_auth(self) -> bool {
-        !matches!(self, ChannelKind::Public)
+        !matches!(self, ChannelKind::Public | ChannelKind::ServerToUser)
     }
 }
 
@@ -70,14 +76,19 @@ fn pusher_char(b: u8) -> bool {
 impl PusherChannel {
     /// Checks `name` as Pusher does, and that its Tidings form fits (`tidings` needs that).
     pub fn parse(app_id: &str, name: &str) -> Result<Self, NameError> {
-        let ok = !name.is_empty()
+        // `#` only as the user channel's prefix, whose rest is a user id (Pusher's SDKs
+        // allow the channel-name characters in it).
+        let plain = name.strip_prefix(SERVER_TO_USER).unwrap_or(name);
+        let ok = !plain.is_empty()
             && name.len() <= MAX_PUSHER_CHANNEL
-            && name.bytes().all(pusher_char)
+            && plain.bytes().all(pusher_char)
             && tidings_len(app_id, name) <= tidings_core::channel::MAX_CHANNEL_LEN;
         if !ok {
             return Err(NameError::Channel(name.chars().take(170).collect()));
         }
-        let (kind, rest) = if let Some(rest) = name.strip_prefix("private-encrypted-") {
+        let (kind, rest) = if plain.len() < name.len() {
+            (ChannelKind::ServerToUser, "")
+        } else if let Some(rest) = name.strip_prefix("private-encrypted-") {
             (ChannelKind::PrivateEncrypted, rest)
         } else if let Some(rest) = name.strip_prefix("private-") {
             (ChannelKind::Private, rest)
@@ -234,6 +245,13 @@ mod tests {
         assert_eq!(k("private-a").kind, ChannelKind::Private);
         assert_eq!(k("private-encrypted-a").kind, ChannelKind::PrivateEncrypted);
         assert_eq!(k("presence-a").kind, ChannelKind::Presence);
+        assert_eq!(k("#server-to-user-u1").kind, ChannelKind::ServerToUser);
+        assert_eq!(
+            k("#server-to-user-u1").tidings("1").unwrap().as_str(),
+            "pusher:1:=23server-to-user-u1"
+        );
+        assert!(PusherChannel::parse("1", "#other").is_err());
+        assert!(PusherChannel::parse("1", "#server-to-user-").is_err());
         assert!(k("presence-cache-a").cache);
         assert!(k("cache-a").cache);
         assert!(!k("cachex").cache);

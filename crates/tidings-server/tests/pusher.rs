@@ -186,6 +186,34 @@ async fn terminate_connections_closes_a_signed_in_user_with_4009() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn send_to_user_reaches_the_signed_in_pusher_js_and_only_the_user_may_follow_its_channel() {
+    let server = pusher_server().await;
+    let all = steps(node_scenario(&server, "send_to_user")).await;
+    assert_eq!(
+        step(&all, "sent to the user")["data"]["text"],
+        "just for carol"
+    );
+    // A connection not signed in as carol cannot follow her channel, signed or not.
+    let mut raw = Raw::connect(&server, "/app/app-key?protocol=7").await;
+    raw.send(json!({"event": "pusher:subscribe", "data": {"channel": "#server-to-user-carol"}}))
+        .await;
+    let refused = raw.next_event("pusher:subscription_error").await;
+    assert_eq!(refused["channel"], "#server-to-user-carol");
+    // Nor can Tidings' own transports.
+    let sse = server
+        .http
+        .get(format!(
+            "{}/poll/pusher:1001:=23server-to-user-carol",
+            server.url
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(sse.status(), 403);
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pusher_js_reconnects_and_resubscribes_after_the_server_restarts() {
     let first = pusher_server().await;
     let addr = first.addr;
@@ -736,7 +764,9 @@ async fn pusher_private_and_presence_channels_refuse_tidings_transports_without_
     let jwt = "jwt-secret-for-the-pusher-test-0123456789";
     let secured = TestServer::with(|c| {
         app(c, |_| {});
-        c.auth.api_keys = vec![tidings_server::config::Secret("api-key-for-the-pusher-test".into())];
+        c.auth.api_keys = vec![tidings_server::config::Secret(
+            "api-key-for-the-pusher-test".into(),
+        )];
         c.auth.jwt_secret = Some(tidings_server::config::Secret(jwt.into()));
     })
     .await;
@@ -768,7 +798,10 @@ async fn pusher_private_and_presence_channels_refuse_tidings_transports_without_
             .get(format!("{}/poll/pusher:1001:private-x", secured.url))
             .bearer_auth(bearer)
     };
-    assert_eq!(status_of(sse("api-key-for-the-pusher-test".into())).await.0, 200);
+    assert_eq!(
+        status_of(sse("api-key-for-the-pusher-test".into())).await.0,
+        200
+    );
     assert_eq!(
         status_of(sse(token(&["pusher:1001:private-*"]))).await.0,
         200

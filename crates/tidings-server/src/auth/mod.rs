@@ -83,14 +83,16 @@ fn unauthorized(code: &'static str, message: &str) -> ApiError {
 }
 
 /// A Pusher `private-` or `presence-` channel (`private-encrypted-` and the `-cache-` forms
-/// included): Pusher guards them with per-connection channel auth, which Tidings' own
-/// transports do not speak.
+/// included) or a user's `#server-to-user-` channel: Pusher guards them with per-connection
+/// channel auth or sign-in, which Tidings' own transports do not speak.
 pub fn pusher_protected(channel: &ChannelName) -> bool {
     let Some(rest) = channel.as_str().strip_prefix("pusher:") else {
         return false;
     };
     let name = rest.split_once(':').map_or("", |(_, n)| n);
-    name.starts_with("private-") || name.starts_with("presence-")
+    name.starts_with("private-")
+        || name.starts_with("presence-")
+        || name.starts_with("=23server-to-user-")
 }
 
 /// A Pusher private or presence channel on Tidings' own transports: an API key, or a token

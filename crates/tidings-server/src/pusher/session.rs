@@ -441,6 +441,18 @@ impl Session {
             return self.sub_error(name, "LimitReached", &why, 400);
         }
         let mut member = None;
+        if channel.kind == ChannelKind::ServerToUser {
+            // `sendToUser`: pusher-js follows it after `pusher:signin`, without a signature;
+            // the sign-in is the proof.
+            let mine = self.socket.user().is_some_and(|u| {
+                name.strip_prefix(tidings_pusher::names::SERVER_TO_USER) == Some(u.as_str())
+            });
+            if !mine {
+                let why =
+                    format!("{name} is the channel of a user this connection is not signed in as");
+                return self.sub_error(name, "AuthError", &why, 401);
+            }
+        }
         if channel.kind.needs_auth() {
             let Some(auth) = auth else {
                 let why = format!("Auth info required to subscribe to {name}");
