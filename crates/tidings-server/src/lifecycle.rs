@@ -122,6 +122,12 @@ pub fn reload(state: &AppState, mut new: Config) -> Result<Reloaded, ConfigError
         needs_restart.push("broker");
         new.broker = old.config.broker.clone();
     }
+    // Pusher apps are built at start (their sockets, counters and webhook senders hold
+    // them): a changed `[[pusher.apps]]` needs a restart, and says so.
+    if new.pusher != old.config.pusher {
+        needs_restart.push("pusher.apps");
+        new.pusher = old.config.pusher.clone();
+    }
     // The start-up refusal of open mode on an exposed address holds for a reload too.
     let exposed = parse_listen(&new.server.listen).is_some_and(|a| !a.ip().is_loopback())
         || new
@@ -214,5 +220,24 @@ mod tests {
         tx.send(()).await.unwrap();
         drain(state, rx).await;
         assert_eq!(started.elapsed(), Duration::ZERO);
+    }
+
+    #[tokio::test]
+    async fn a_changed_pusher_app_is_named_as_needing_a_restart_and_the_running_apps_stay() {
+        let state = AppState::new(Config::default()).unwrap();
+        let mut new = Config::default();
+        new.pusher.apps.push(tidings_pusher::AppConfig {
+            id: "7".into(),
+            key: "k".into(),
+            secret: tidings_pusher::config::AppSecret("s".into()),
+            client_events: false,
+            max_connections: 0,
+            max_event_bytes: tidings_pusher::config::DEFAULT_MAX_EVENT_BYTES,
+            webhook_url: None,
+        });
+        let done = reload(&state, new).unwrap();
+        assert_eq!(done.needs_restart, ["pusher.apps"]);
+        assert!(state.config().pusher.apps.is_empty());
+        assert!(state.pusher.is_empty());
     }
 }
