@@ -18,18 +18,26 @@
 //!   killed or cut off stops; after its deadline the next `reap` (`roster_reap.lua`, any node
 //!   may run it) takes its holds back and returns the members that went with them, once.
 //!   So a dead node's members are gone within `ALIVE_TTL` plus the caller's reap interval.
-//! - A node that was taken for dead and comes back (a long pause) holds nothing in Redis
-//!   any more; its releases are no-ops, and what its sockets hold is under-counted until they
-//!   leave. Documented in docs/pusher.md.
+//! - Each node also keeps its own record of what it holds (`mine`). Its heartbeat
+//!   (`roster_alive.lua`) returns what Redis holds for it; when that differs from the record
+//!   — Redis lost its data, the node was taken for dead during a long pause and reaped, a
+//!   release's answer was lost — `roster_restore.lua` makes Redis hold exactly the record,
+//!   fixing the totals by the difference. Members whose last hold that takes away are
+//!   reported by the next `reap`, like a dead node's. So the counts heal within one
+//!   heartbeat (`ALIVE_EVERY`); members restored after a loss are not announced again.
 //! - Broadcasts go over a pub/sub connection of the roster's own (not the broker's channel
 //!   connection, whose reader delivers to the hub): PUBLISH to one name every node
 //!   SUBSCRIBEs to. Broadcasts sent while a node's connection is down are lost to it.
 //!
-//! Concurrency: two tasks, started on the first `Broker::roster` call and stopped with the
-//! broker: `run_alive` (the heartbeat) and `run_bus` (connect, subscribe, forward messages
+//! Concurrency: `gate` is an async RwLock: `hold` and `release` take it shared for their
+//! script and their update of `mine`; the heartbeat takes it exclusively, so its comparison
+//! never sees a hold Redis has and the record does not yet (or the reverse). `mine` and
+//! `pending` are std mutexes held for map updates only. Two tasks, started on the first
+//! `Broker::roster` call and stopped with the broker: `run_alive` (the heartbeat) and `run_bus` (connect, subscribe, forward messages
 //! into the bounded local broadcast, reconnect with backoff). The push callback only
 //! `try_send`s into a bounded queue; a full queue drops the broadcast and logs it.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -65,6 +73,16 @@ pub struct RedisRoster {
     node: String,
     base: String,
     bus: broadcast::Sender<Arc<str>>,
+    gate: tokio::sync::RwLock<()>,
+    /// What this node holds: `set\nmember` → (value, holds).
+    mine: std::sync::Mutex<HashMap<String, (String, u64)>>,
+    /// Members a restore took the last hold of, for the next `reap`.
+    pending: std::sync::Mutex<Vec<Released>>,
+}
+
+fn relock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // Map updates only: a poisoned lock still holds valid data.
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 fn millis(d: Duration) -> u64 {
@@ -80,6 +98,9 @@ impl RedisRoster {
             node: format!("{:016x}", rand::random::<u64>()),
             base,
             bus: broadcast::Sender::new(BROADCAST_CAPACITY),
+            gate: tokio::sync::RwLock::new(()),
+            mine: std::sync::Mutex::new(HashMap::new()),
+            pending: std::sync::Mutex::new(Vec::new()),
         });
         tokio::spawn(run_alive(roster.clone(), stop.clone()));
         tokio::spawn(run_bus(roster.clone(), stop));
@@ -130,6 +151,8 @@ fn triples(reply: Value, what: &str) -> Result<Vec<[String; 3]>, BrokerError> {
 #[async_trait]
 impl Roster for RedisRoster {
     async fn hold(&self, set: &str, member: &str, value: &str) -> Result<bool, BrokerError> {
+        let _shared = self.gate.read().await;
+        let field = format!("{set}\n{member}");
         let mut inv = scripts::ROSTER_HOLD.prepare_invoke();
         inv.key(self.set_key("h", set))
             .key(self.set_key("v", set))
@@ -137,14 +160,31 @@ impl Roster for RedisRoster {
             .key(self.alive_key())
             .arg(member)
             .arg(value)
-            .arg(format!("{set}\n{member}"))
+            .arg(&field)
             .arg(&self.node)
             .arg(millis(ALIVE_TTL));
         let reply = timed("roster hold", self.shared.commands.invoke(&inv)).await?;
+        relock(&self.mine)
+            .entry(field)
+            .or_insert_with(|| (value.to_owned(), 0))
+            .1 += 1;
         Ok(codec::integer(&reply) == Some(1))
     }
 
     async fn release(&self, set: &str, member: &str) -> Result<bool, BrokerError> {
+        let _shared = self.gate.read().await;
+        // The record drops the hold whatever Redis answers: the socket is gone either way,
+        // and a release Redis did not take is put right by the next heartbeat.
+        {
+            let mut mine = relock(&self.mine);
+            let field = format!("{set}\n{member}");
+            if let Some(e) = mine.get_mut(&field) {
+                e.1 = e.1.saturating_sub(1);
+                if e.1 == 0 {
+                    mine.remove(&field);
+                }
+            }
+        }
         let mut inv = scripts::ROSTER_RELEASE.prepare_invoke();
         inv.key(self.set_key("h", set))
             .key(self.set_key("v", set))
@@ -218,14 +258,18 @@ impl Roster for RedisRoster {
         let mut inv = scripts::ROSTER_REAP.prepare_invoke();
         inv.key(self.alive_key()).arg(&self.base).arg(REAP_NODES);
         let reply = timed("roster reap", self.shared.commands.invoke(&inv)).await?;
-        Ok(triples(reply, "roster reap")?
-            .into_iter()
-            .map(|[set, member, value]| Released { set, member, value })
-            .collect())
+        let mut out = std::mem::take(&mut *relock(&self.pending));
+        out.extend(
+            triples(reply, "roster reap")?
+                .into_iter()
+                .map(|[set, member, value]| Released { set, member, value }),
+        );
+        Ok(out)
     }
 }
 
-/// The heartbeat: this node's liveness deadline, pushed forward every `ALIVE_EVERY`.
+/// The heartbeat: this node's liveness deadline, pushed forward every `ALIVE_EVERY`, and
+/// what Redis holds for it put right when it differs from the node's record.
 async fn run_alive(roster: Arc<RedisRoster>, stop: CancellationToken) {
     let mut tick = tokio::time::interval(ALIVE_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -234,14 +278,51 @@ async fn run_alive(roster: Arc<RedisRoster>, stop: CancellationToken) {
             _ = stop.cancelled() => return,
             _ = tick.tick() => {}
         }
-        let mut inv = scripts::ROSTER_ALIVE.prepare_invoke();
-        inv.key(roster.alive_key())
-            .arg(&roster.node)
-            .arg(millis(ALIVE_TTL));
-        if let Err(e) = timed("roster heartbeat", roster.shared.commands.invoke(&inv)).await {
+        if let Err(e) = heartbeat(&roster).await {
             tracing::debug!(error = %e, "roster heartbeat failed");
         }
     }
+}
+
+async fn heartbeat(roster: &RedisRoster) -> Result<(), BrokerError> {
+    let _exclusive = roster.gate.write().await;
+    let mut inv = scripts::ROSTER_ALIVE.prepare_invoke();
+    inv.key(roster.alive_key())
+        .key(roster.node_key())
+        .arg(&roster.node)
+        .arg(millis(ALIVE_TTL));
+    let reply = timed("roster heartbeat", roster.shared.commands.invoke(&inv)).await?;
+    let counts = codec::array(reply).ok_or_else(|| malformed("roster heartbeat"))?;
+    let has: Vec<u64> = counts.iter().filter_map(codec::integer).collect();
+    let record: Vec<(String, String, u64)> = relock(&roster.mine)
+        .iter()
+        .map(|(f, (v, n))| (f.clone(), v.clone(), *n))
+        .collect();
+    let want = [
+        record.len() as u64,
+        record.iter().map(|(_, _, n)| n).sum::<u64>(),
+    ];
+    if has == want {
+        return Ok(());
+    }
+    tracing::warn!(
+        redis = ?has,
+        node = ?want,
+        "Redis' record of this node's Pusher holds differs from the node's (lost data, or the node was taken for dead); restoring it"
+    );
+    let mut inv = scripts::ROSTER_RESTORE.prepare_invoke();
+    inv.key(roster.node_key()).arg(&roster.base);
+    for (field, value, n) in &record {
+        inv.arg(field).arg(n).arg(value);
+    }
+    let reply = timed("roster restore", roster.shared.commands.invoke(&inv)).await?;
+    let released = triples(reply, "roster restore")?;
+    relock(&roster.pending).extend(released.into_iter().map(|[set, member, value]| Released {
+        set,
+        member,
+        value,
+    }));
+    Ok(())
 }
 
 /// The bus: one pub/sub connection subscribed to the broadcast name, rebuilt when it fails.

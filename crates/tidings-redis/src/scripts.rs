@@ -26,3 +26,4 @@ script!(ROSTER_RELEASE, "lua/roster_release.lua");
 script!(ROSTER_MEMBERS, "lua/roster_members.lua");
 script!(ROSTER_ALIVE, "lua/roster_alive.lua");
 script!(ROSTER_REAP, "lua/roster_reap.lua");
+script!(ROSTER_RESTORE, "lua/roster_restore.lua");

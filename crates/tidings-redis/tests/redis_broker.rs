@@ -749,3 +749,47 @@ async fn a_publish_redis_refuses_with_an_error_code_of_its_own_answers_unavailab
         );
     }
 }
+
+/// The roster (Pusher's cluster-wide counts): two nodes see one count and one transition each
+/// way, and a node's holds come back by themselves after Redis lost them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_roster_counts_across_nodes_and_a_node_restores_its_holds_after_redis_loses_them() {
+    let redis = RedisServer::start();
+    let prefix = unique_prefix("roster");
+    let a = broker(vec![redis.url()], &prefix, Arc::new(Hub::new()), false).await;
+    let b = broker(vec![redis.url()], &prefix, Arc::new(Hub::new()), false).await;
+    let (ra, rb) = (a.roster().unwrap(), b.roster().unwrap());
+    let mut heard = rb.listen();
+    assert!(ra.hold("s", "ann", "{\"n\":1}").await.unwrap());
+    assert!(!rb.hold("s", "ann", "other").await.unwrap());
+    assert!(rb.hold("s", "bob", "{}").await.unwrap());
+    let ann = rb.member("s", "ann").await.unwrap().unwrap();
+    assert_eq!((ann.holds, ann.value.as_str()), (2, "{\"n\":1}"));
+    assert_eq!(ra.size("s").await.unwrap(), 2);
+    ra.broadcast("hello").await.unwrap();
+    let got = tokio::time::timeout(WAIT, heard.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(&*got, "hello");
+
+    // Redis loses everything (a restart without persistence): each node's heartbeat puts
+    // back exactly what it holds.
+    assert!(redis.command("FLUSHALL").contains("OK"));
+    tidings_testkit::eventually(
+        "the holds restored after FLUSHALL",
+        WAIT,
+        Duration::from_millis(100),
+        async || {
+            let members = ra.members("s").await.unwrap_or_default();
+            let counts: Vec<(String, u64)> =
+                members.into_iter().map(|h| (h.member, h.holds)).collect();
+            counts == [("ann".to_owned(), 2), ("bob".to_owned(), 1)]
+        },
+    )
+    .await;
+    assert!(!ra.release("s", "ann").await.unwrap());
+    assert!(rb.release("s", "ann").await.unwrap(), "the last hold, once");
+    assert!(rb.release("s", "bob").await.unwrap());
+    assert_eq!(ra.size("s").await.unwrap(), 0);
+}
