@@ -222,7 +222,9 @@ async fn release(app: &App, socket_id: &str, f: Followed) {
     if let Some(user) = &f.member {
         app.presence_leave(&f.pusher.name, user, socket_id).await;
     }
-    app.unsubscribed(&f.pusher.name).await;
+    if f.pusher.kind != ChannelKind::ServerToUser {
+        app.unsubscribed(&f.pusher.name).await;
+    }
 }
 
 /// Says why the connection is refused and closes it with `code`; returns the bytes written.
@@ -508,7 +510,9 @@ impl Session {
                 return self.sub_error(name, "ServerError", &e.message, 503);
             }
         }
-        if let Err(e) = app.subscribed(name).await {
+        // A user's own channel is not an app channel: not counted, listed or webhooked.
+        let counted = channel.kind != ChannelKind::ServerToUser;
+        if counted && let Err(e) = app.subscribed(name).await {
             self.sub.remove(&tidings);
             return self.sub_error(name, "ServerError", &e.to_string(), 503);
         }
