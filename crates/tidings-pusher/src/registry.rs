@@ -35,52 +35,116 @@ fn relock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// Every configured app, by key (WebSocket) and by id (HTTP API).
-#[derive(Default)]
+/// Every configured app, by key (WebSocket) and by id (HTTP API). A reload (`reload`)
+/// swaps the whole set; readers take a snapshot (an `Arc` clone under a read lock held for
+/// that clone only), so a session or a request keeps the app it started with.
 pub struct Apps {
+    current: std::sync::RwLock<Arc<AppSet>>,
+    roster: Arc<dyn Roster>,
+}
+
+#[derive(Default)]
+struct AppSet {
     by_key: HashMap<String, Arc<App>>,
     by_id: HashMap<String, Arc<App>>,
     list: Vec<Arc<App>>,
 }
 
+impl AppSet {
+    fn of(list: Vec<Arc<App>>) -> Self {
+        let mut set = Self::default();
+        for app in list {
+            set.by_key.insert(app.config.key.clone(), app.clone());
+            set.by_id.insert(app.config.id.clone(), app.clone());
+            set.list.push(app);
+        }
+        set
+    }
+}
+
+/// What a reload changed: apps to start (webhook senders), apps to retire (their sockets
+/// closed, their senders stopped), and whether each retired one is gone (else replaced).
+pub struct Reloaded {
+    pub added: Vec<Arc<App>>,
+    pub retired: Vec<(Arc<App>, bool)>,
+}
+
 impl Apps {
     pub fn new(config: &PusherConfig, roster: Arc<dyn Roster>) -> Self {
-        let mut apps = Self::default();
-        for c in &config.apps {
-            let app = Arc::new(App::new(c.clone(), roster.clone()));
-            apps.by_key.insert(c.key.clone(), app.clone());
-            apps.by_id.insert(c.id.clone(), app.clone());
-            apps.list.push(app);
+        let list = config
+            .apps
+            .iter()
+            .map(|c| Arc::new(App::new(c.clone(), roster.clone())))
+            .collect();
+        Self {
+            current: std::sync::RwLock::new(Arc::new(AppSet::of(list))),
+            roster,
         }
-        apps
+    }
+
+    fn set(&self) -> Arc<AppSet> {
+        self.current
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Puts `config` in force: an app whose table is unchanged stays as it is (sockets,
+    /// counters, webhook queue); a new or changed one is a new `App`; the old ones are
+    /// returned to retire.
+    pub fn reload(&self, config: &PusherConfig) -> Reloaded {
+        let old = self.set();
+        let mut added = Vec::new();
+        let mut list = Vec::new();
+        for c in &config.apps {
+            match old.by_id.get(&c.id) {
+                Some(app) if app.config == *c => list.push(app.clone()),
+                _ => {
+                    let app = Arc::new(App::new(c.clone(), self.roster.clone()));
+                    added.push(app.clone());
+                    list.push(app);
+                }
+            }
+        }
+        let new = AppSet::of(list);
+        let retired = old
+            .list
+            .iter()
+            .filter(|a| !new.list.iter().any(|n| Arc::ptr_eq(n, a)))
+            .map(|a| (a.clone(), !new.by_id.contains_key(&a.config.id)))
+            .collect();
+        *self.current.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(new);
+        Reloaded { added, retired }
     }
 
     pub fn is_empty(&self) -> bool {
-        self.list.is_empty()
+        self.set().list.is_empty()
     }
 
-    pub fn by_key(&self, key: &str) -> Option<&Arc<App>> {
-        self.by_key.get(key)
+    pub fn by_key(&self, key: &str) -> Option<Arc<App>> {
+        self.set().by_key.get(key).cloned()
     }
 
-    pub fn by_id(&self, id: &str) -> Option<&Arc<App>> {
-        self.by_id.get(id)
+    pub fn by_id(&self, id: &str) -> Option<Arc<App>> {
+        self.set().by_id.get(id).cloned()
     }
 
-    pub fn iter(&self) -> impl Iterator<Item = &Arc<App>> {
-        self.list.iter()
+    /// The apps now configured.
+    pub fn iter(&self) -> std::vec::IntoIter<Arc<App>> {
+        self.set().list.clone().into_iter()
     }
 
     /// Prometheus text for every app (appended to `/metrics`).
     pub fn render_metrics(&self) -> String {
-        if self.list.is_empty() {
+        let set = self.set();
+        if set.list.is_empty() {
             return String::new();
         }
         let mut out = String::new();
         let metric =
             |out: &mut String, name: &str, kind: &str, help: &str, get: &dyn Fn(&App) -> u64| {
                 out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} {kind}\n"));
-                for app in &self.list {
+                for app in &set.list {
                     out.push_str(&format!(
                         "{name}{{app_id=\"{}\"}} {}\n",
                         app.config.id,
@@ -185,6 +249,9 @@ pub struct App {
     connections: AtomicUsize,
     roster: Arc<dyn Roster>,
     local: Mutex<Local>,
+    retired: std::sync::atomic::AtomicBool,
+    /// Wakes the app's webhook sender when the app is retired.
+    pub retire_notify: tokio::sync::Notify,
 }
 
 #[derive(Default)]
@@ -207,13 +274,26 @@ pub struct OverQuota;
 pub struct Socket {
     pub id: String,
     terminate: Box<dyn Fn() + Send + Sync>,
+    /// The close code `terminate` asks for (4009 unless a reload retired the app).
+    close_code: std::sync::atomic::AtomicU16,
     user: Mutex<Option<String>>,
 }
 
 impl Socket {
     /// Ends the connection (HTTP API `terminate_connections`).
     pub fn terminate(&self) {
+        self.terminate_with(crate::protocol::code::UNAUTHORIZED);
+    }
+
+    /// Ends the connection with `code`.
+    pub fn terminate_with(&self, code: u16) {
+        self.close_code.store(code, Relaxed);
         (self.terminate)();
+    }
+
+    /// The close code the connection was ended with.
+    pub fn close_code(&self) -> u16 {
+        self.close_code.load(Relaxed)
     }
 
     pub fn user(&self) -> Option<String> {
@@ -277,7 +357,7 @@ impl Apps {
         let id = match &bus {
             Bus::Added { app, .. } | Bus::Removed { app, .. } | Bus::Terminate { app, .. } => app,
         };
-        let app = self.by_id(id)?.clone();
+        let app = self.by_id(id)?;
         match &bus {
             Bus::Added {
                 channel,
@@ -323,7 +403,7 @@ impl Apps {
                         socket: String::new(),
                     });
                 }
-                None => vacated.push((app.clone(), r.member)),
+                None => vacated.push((app, r.member)),
             }
         }
         for (app, channel) in vacated {
@@ -346,7 +426,25 @@ impl App {
             connections: AtomicUsize::new(0),
             roster,
             local: Mutex::new(Local::default()),
+            retired: std::sync::atomic::AtomicBool::new(false),
+            retire_notify: tokio::sync::Notify::new(),
         }
+    }
+
+    /// Takes the app out of service after a reload: its sockets are closed with `code`
+    /// (4001 when the app is gone, 4200 "reconnect now" when its table changed) and its
+    /// webhook sender stops.
+    pub fn retire(&self, code: u16) {
+        self.retired.store(true, Relaxed);
+        self.retire_notify.notify_waiters();
+        let sockets: Vec<Arc<Socket>> = relock(&self.local).sockets.values().cloned().collect();
+        for s in sockets {
+            s.terminate_with(code);
+        }
+    }
+
+    pub fn is_retired(&self) -> bool {
+        self.retired.load(Relaxed)
     }
 
     fn hook(&self, event: WebhookEvent) {
@@ -389,6 +487,7 @@ impl App {
         let socket = Arc::new(Socket {
             id: socket_id.clone(),
             terminate: Box::new(terminate),
+            close_code: std::sync::atomic::AtomicU16::new(crate::protocol::code::UNAUTHORIZED),
             user: Mutex::new(None),
         });
         relock(&self.local)
@@ -762,6 +861,41 @@ mod tests {
         assert_eq!(hits.load(Relaxed), 1);
         app.disconnect(&a);
         assert_eq!(app.terminate_local("u"), 0);
+    }
+
+    #[test]
+    fn a_reload_keeps_unchanged_apps_replaces_changed_ones_and_retires_removed_ones() {
+        let roster: Arc<dyn Roster> = Arc::new(LocalRoster::default());
+        let cfg = |id: &str, secret: &str| AppConfig {
+            id: id.into(),
+            key: format!("key-{id}"),
+            secret: crate::config::AppSecret(secret.into()),
+            client_events: false,
+            max_connections: 0,
+            max_event_bytes: 10_240,
+            webhook_url: None,
+        };
+        let apps = Apps::new(
+            &PusherConfig {
+                apps: vec![cfg("1", "s"), cfg("2", "s"), cfg("3", "s")],
+            },
+            roster,
+        );
+        let (one, two) = (apps.by_id("1").unwrap(), apps.by_id("2").unwrap());
+        let done = apps.reload(&PusherConfig {
+            apps: vec![cfg("1", "s"), cfg("2", "rotated"), cfg("4", "s")],
+        });
+        assert!(Arc::ptr_eq(&one, &apps.by_id("1").unwrap()));
+        assert!(!Arc::ptr_eq(&two, &apps.by_id("2").unwrap()));
+        let added: Vec<&str> = done.added.iter().map(|a| a.config.id.as_str()).collect();
+        assert_eq!(added, ["2", "4"]);
+        let retired: Vec<(&str, bool)> = done
+            .retired
+            .iter()
+            .map(|(a, gone)| (a.config.id.as_str(), *gone))
+            .collect();
+        assert_eq!(retired, [("2", false), ("3", true)]);
+        assert!(apps.by_key("key-3").is_none());
     }
 
     #[test]

@@ -71,6 +71,25 @@ pub fn shutdown_notice(state: &AppState) -> Disconnect {
     Disconnect::after(DisconnectReason::Shutdown, rand::random_range(0..=spread))
 }
 
+/// Puts new `[[pusher.apps]]` in force: unchanged apps keep their connections; a changed
+/// app's connections close with 4200 (pusher-js reconnects at once, under the new settings),
+/// a removed app's with 4001 (pusher-js does not reconnect); new apps' webhook senders start.
+fn reload_pusher(state: &AppState, apps: &tidings_pusher::PusherConfig) {
+    use tidings_pusher::protocol::code;
+    let done = state.pusher.reload(apps);
+    for app in &done.added {
+        crate::pusher::webhook::spawn_for(state, app);
+    }
+    for (app, gone) in &done.retired {
+        tracing::info!(app = %app.config.id, removed = gone, "Pusher app reloaded: closing its connections");
+        app.retire(if *gone {
+            code::APP_NOT_FOUND
+        } else {
+            code::RECONNECT
+        });
+    }
+}
+
 /// What a reload did.
 #[derive(Debug, Default)]
 pub struct Reloaded {
@@ -122,12 +141,14 @@ pub fn reload(state: &AppState, mut new: Config) -> Result<Reloaded, ConfigError
         needs_restart.push("broker");
         new.broker = old.config.broker.clone();
     }
-    // Pusher apps are built at start (their sockets, counters and webhook senders hold
-    // them): a changed `[[pusher.apps]]` needs a restart, and says so.
-    if new.pusher != old.config.pusher {
+    // Pusher apps: a node that started with none chose no cluster-wide roster and runs no
+    // Pusher tasks, so its first apps need a restart; otherwise they are put in force below.
+    let pusher_changed = new.pusher != old.config.pusher;
+    if pusher_changed && old.config.pusher.apps.is_empty() {
         needs_restart.push("pusher.apps");
         new.pusher = old.config.pusher.clone();
     }
+    let pusher_reload = pusher_changed && !old.config.pusher.apps.is_empty();
     // The start-up refusal of open mode on an exposed address holds for a reload too.
     let exposed = parse_listen(&new.server.listen).is_some_and(|a| !a.ip().is_loopback())
         || new
@@ -148,6 +169,9 @@ pub fn reload(state: &AppState, mut new: Config) -> Result<Reloaded, ConfigError
         new.server.max_connections_per_ip,
     );
     state.node.policies.replace(new.policies());
+    if pusher_reload {
+        reload_pusher(state, &new.pusher);
+    }
     state.swap_live(Live { config: new, auth });
     state.reloads.send_modify(|n| *n += 1);
     for key in &needs_restart {
@@ -223,7 +247,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_changed_pusher_app_is_named_as_needing_a_restart_and_the_running_apps_stay() {
+    async fn the_first_pusher_app_of_a_node_started_without_any_is_named_as_needing_a_restart() {
         let state = AppState::new(Config::default()).unwrap();
         let mut new = Config::default();
         new.pusher.apps.push(tidings_pusher::AppConfig {

@@ -812,3 +812,66 @@ async fn pusher_private_and_presence_channels_refuse_tidings_transports_without_
     );
     secured.shutdown().await;
 }
+
+// ---------------------------------------------------------------------------------------------
+// Reloading apps (SIGHUP)
+// ---------------------------------------------------------------------------------------------
+
+/// Waits for the connection's close frame and returns its code.
+async fn close_code(raw: &mut Raw) -> Value {
+    loop {
+        let v = raw.next().await;
+        if let Some(code) = v.get("close") {
+            return code.clone();
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_reload_keeps_unchanged_apps_closes_changed_ones_4200_removed_ones_4001_and_serves_new_ones()
+ {
+    let with = |c: &mut Config, id: &str, key: &str| {
+        app(c, |a| {
+            a.id = id.into();
+            a.key = key.into();
+        })
+    };
+    let server = TestServer::with(|c| {
+        app(c, |_| {});
+        with(c, "1002", "changed-key");
+        with(c, "1003", "gone-key");
+    })
+    .await;
+    let mut kept = Raw::connect(&server, "/app/app-key?protocol=7").await;
+    let mut changed = Raw::connect(&server, "/app/changed-key?protocol=7").await;
+    let mut gone = Raw::connect(&server, "/app/gone-key?protocol=7").await;
+    let mut config = (*server.state.config()).clone();
+    config.pusher.apps.retain(|a| a.id != "1003");
+    config.pusher.apps[1].client_events = false;
+    with(&mut config, "1004", "new-key");
+    let done = tidings_server::lifecycle::reload(&server.state, config).unwrap();
+    assert!(done.needs_restart.is_empty(), "{:?}", done.needs_restart);
+    assert_eq!(close_code(&mut changed).await, 4200);
+    assert_eq!(close_code(&mut gone).await, 4001);
+    kept.send(json!({"event": "pusher:ping", "data": {}})).await;
+    assert_eq!(kept.next().await["event"], "pusher:pong");
+    let fresh = Raw::connect(&server, "/app/new-key?protocol=7").await;
+    assert!(!fresh.socket_id.contains("close"), "{}", fresh.socket_id);
+    let mut refused = Raw::connect(&server, "/app/gone-key?protocol=7").await;
+    assert_eq!(close_code(&mut refused).await, 4001);
+    // The changed app runs with its new settings: client events are refused now.
+    let mut again = Raw::connect(&server, "/app/changed-key?protocol=7").await;
+    let sig = tidings_pusher::sign::sign(SECRET, &format!("{}:private-r", again.socket_id));
+    again
+        .send(json!({"event": "pusher:subscribe", "data": {"channel": "private-r", "auth": format!("changed-key:{sig}")}}))
+        .await;
+    again
+        .next_event("pusher_internal:subscription_succeeded")
+        .await;
+    again
+        .send(json!({"event": "client-x", "channel": "private-r", "data": {}}))
+        .await;
+    let err = again.next_event("pusher:error").await;
+    assert!(err.to_string().contains("disabled"), "{err}");
+    server.shutdown().await;
+}

@@ -65,7 +65,7 @@ impl Verified {
 
 /// Finds the app, reads the body (bounded in size and time) and checks the signature.
 async fn verify(state: &AppState, id: &str, req: Request) -> Result<Verified, ApiError> {
-    let Some(app) = state.pusher.by_id(id).cloned() else {
+    let Some(app) = state.pusher.by_id(id) else {
         return Err(ApiError::new(
             StatusCode::NOT_FOUND,
             "unknown_app",

@@ -67,7 +67,7 @@ pub async fn connect(
     ws: Result<WsUpgrade, ApiError>,
 ) -> Result<Response, ApiError> {
     let ws = ws?;
-    let app = state.pusher.by_key(&key).cloned();
+    let app = state.pusher.by_key(&key);
     let protocol = protocol::check_protocol(query.as_deref());
     Ok(ws.accept(move |io, pre| run(state, app, protocol, io, pre)))
 }
@@ -268,7 +268,11 @@ impl Session {
             next = tokio::select! {
                 biased;
                 _ = kill.cancelled() => Next::Goodbye(code::OVER_CAPACITY, "Client too slow: queue overflowed"),
-                _ = terminated.cancelled() => Next::Goodbye(code::UNAUTHORIZED, "Connection terminated by the app"),
+                _ = terminated.cancelled() => match self.socket.close_code() {
+                    code::APP_NOT_FOUND => Next::Goodbye(code::APP_NOT_FOUND, "App removed from this server"),
+                    code::RECONNECT => Next::Goodbye(code::RECONNECT, "App settings changed: reconnect"),
+                    _ => Next::Goodbye(code::UNAUTHORIZED, "Connection terminated by the app"),
+                },
                 _ = shutdown.cancelled() => Next::Goodbye(code::OVER_CAPACITY, "Server is restarting"),
                 r = self.ws.io.read_more(&mut self.ws.rbuf) => match r {
                     Ok(0) | Err(_) => Next::Gone,

@@ -26,14 +26,35 @@ const RESPONSE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Starts a sender for every app that has a webhook URL.
 pub fn spawn_all(state: &AppState) {
     for app in state.pusher.iter() {
-        if let (Some(queue), Some(url)) = (&app.webhooks, &app.config.webhook_url) {
-            tokio::spawn(run(
-                app.clone(),
-                queue.clone(),
-                url.clone(),
-                state.shutdown.clone(),
-            ));
-        }
+        spawn_for(state, &app);
+    }
+}
+
+/// Starts `app`'s sender if it has a webhook URL (at start, and for apps a reload adds).
+/// It ends with the server, or when a reload retires the app.
+pub fn spawn_for(state: &AppState, app: &Arc<App>) {
+    if let (Some(queue), Some(url)) = (&app.webhooks, &app.config.webhook_url) {
+        let (app, queue, url, shutdown) = (
+            app.clone(),
+            queue.clone(),
+            url.clone(),
+            state.shutdown.clone(),
+        );
+        tokio::spawn(async move {
+            let retired = app.clone();
+            let retired = async {
+                let wait = retired.retire_notify.notified();
+                tokio::pin!(wait);
+                wait.as_mut().enable();
+                if !retired.is_retired() {
+                    wait.await;
+                }
+            };
+            tokio::select! {
+                _ = run(app.clone(), queue, url, shutdown) => {}
+                _ = retired => {}
+            }
+        });
     }
 }
 
