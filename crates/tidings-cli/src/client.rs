@@ -1,12 +1,13 @@
 //! What every client command (`publish`, `subscribe`) needs to talk to a Tidings server: the base
 //! URL, the bearer token, and the server's JSON errors turned into readable ones.
 //!
-//! This build speaks plain HTTP only (no TLS stack is compiled in), so `https://` and `wss://` URLs
-//! are refused up front with a clear message instead of failing obscurely at connect time. A
-//! `ws://` URL names the same server as `http://` and is accepted as such.
+//! `https://` and `wss://` are spoken with the trust `--ca-file`/`--insecure` set up (`tls.rs`). A
+//! `ws://` URL names the same server as `http://` (and `wss://` as `https://`) and is accepted
+//! as such.
 
 use std::borrow::Cow;
 use std::fmt;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
@@ -14,19 +15,25 @@ use reqwest::{RequestBuilder, Response, StatusCode};
 use serde::Deserialize;
 use url::Url;
 
+use crate::tls::{self, TlsArgs};
+
 /// The server a client command talks to, and the credentials it presents.
 #[derive(Clone)]
 pub struct Client {
     http: reqwest::Client,
     base: Url,
     token: Option<String>,
+    /// For `wss://` (HTTP/1.1 only: the upgrade), the same trust as `http`'s.
+    tls: Arc<rustls::ClientConfig>,
 }
 
 impl Client {
     /// `url` is what the user typed for `--url`; `token` is `--token` (or `TIDINGS_TOKEN`).
-    pub fn new(url: &str, token: Option<String>) -> anyhow::Result<Self> {
+    /// `tls` is `--ca-file`/`--insecure`.
+    pub fn new(url: &str, token: Option<String>, tls: &TlsArgs) -> anyhow::Result<Self> {
         let base = base_url(url)?;
         let http = reqwest::Client::builder()
+            .use_preconfigured_tls(tls.client_config(tls::HTTP1_AND_H2)?)
             .user_agent(concat!("tidings-cli/", env!("CARGO_PKG_VERSION")))
             // Only the connect step is bounded here: streams stay open for hours, so each
             // request sets its own overall timeout where one makes sense.
@@ -35,7 +42,13 @@ impl Client {
             .context("building the HTTP client")?;
         // An empty token (e.g. `TIDINGS_TOKEN=`) means "no token", not "Bearer " with nothing.
         let token = token.filter(|t| !t.is_empty());
-        Ok(Self { http, base, token })
+        let tls = Arc::new(tls.client_config(tls::HTTP1)?);
+        Ok(Self {
+            http,
+            base,
+            token,
+            tls,
+        })
     }
 
     /// The server's base URL, as shown to the user in messages.
@@ -45,11 +58,17 @@ impl Client {
             http: self.http.clone(),
             base: base_url(url)?,
             token: self.token.clone(),
+            tls: self.tls.clone(),
         })
     }
 
     pub fn base(&self) -> &Url {
         &self.base
+    }
+
+    /// The TLS configuration for a `wss://` handshake.
+    pub fn tls(&self) -> &Arc<rustls::ClientConfig> {
+        &self.tls
     }
 
     /// The bearer token, if one was given (never empty).
@@ -86,6 +105,8 @@ impl Client {
             self.no_server()
         } else if err.is_timeout() {
             anyhow::anyhow!("{base} did not answer in time")
+        } else if let Some(why) = tls::explain(err) {
+            anyhow::anyhow!("could not connect to {base}: {why}")
         } else if err.is_connect() {
             anyhow::anyhow!("could not connect to {base}: {}", error_chain(err))
         } else {
@@ -232,19 +253,16 @@ fn base_url(input: &str) -> anyhow::Result<Url> {
     };
     let mut url = Url::parse(&with_scheme).with_context(|| format!("invalid --url {input:?}"))?;
     match url.scheme() {
-        "http" => {}
+        "http" | "https" => {}
         // The WebSocket endpoint lives on the same server; `--transport ws` turns it back.
+        // All four schemes are "special" in the URL standard, so the switch cannot fail.
         "ws" => {
-            // Both schemes are "special" in the URL standard, so the switch cannot fail.
             let _ = url.set_scheme("http");
         }
-        "https" => {
-            bail!("--url {input}: this build of tidings speaks plain HTTP only; use an http:// URL")
+        "wss" => {
+            let _ = url.set_scheme("https");
         }
-        "wss" => bail!(
-            "--url {input}: this build of tidings has no TLS, so wss:// is not supported; use a ws:// or http:// URL"
-        ),
-        other => bail!("--url {input}: unsupported scheme {other:?}; use http://"),
+        other => bail!("--url {input}: unsupported scheme {other:?}; use http:// or https://"),
     }
     if url.cannot_be_a_base() || url.host().is_none() {
         bail!("--url {input}: expected something like http://127.0.0.1:8080");
@@ -331,19 +349,19 @@ mod tests {
     }
 
     #[test]
-    fn https_and_other_schemes_are_refused_with_a_clear_message() {
-        let err = base_url("https://example.com").unwrap_err().to_string();
-        assert!(err.contains("plain HTTP only"), "{err}");
-        assert!(base_url("ftp://example.com").is_err());
+    fn other_schemes_are_refused_with_a_clear_message() {
+        let err = base_url("ftp://example.com").unwrap_err().to_string();
+        assert!(err.contains("unsupported scheme"), "{err}");
         assert!(base_url("http://example.com/?a=b").is_err());
     }
 
     #[test]
-    fn a_ws_url_names_the_same_server_and_wss_is_refused_for_want_of_tls() {
+    fn a_ws_url_names_the_http_server_and_wss_the_https_one() {
         let url = base_url("ws://127.0.0.1:9000/prefix").unwrap();
         assert_eq!(url.as_str(), "http://127.0.0.1:9000/prefix");
-        let err = base_url("wss://example.com").unwrap_err().to_string();
-        assert!(err.contains("no TLS") && err.contains("wss://"), "{err}");
+        let url = base_url("wss://example.com:8443").unwrap();
+        assert_eq!(url.as_str(), "https://example.com:8443/");
+        assert_eq!(base_url("https://h/").unwrap().as_str(), "https://h/");
     }
 
     #[test]

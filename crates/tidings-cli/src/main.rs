@@ -4,6 +4,7 @@ mod client;
 mod cmd;
 mod logging;
 mod notify;
+mod tls;
 mod ws;
 
 use std::path::PathBuf;

@@ -4,7 +4,7 @@
 //!
 //! Frames are edited as text, never re-serialised, so what is printed is byte for byte what the
 //! server wrote (field order, number formatting, escapes), minus the protocol's own members.
-//! This build has no TLS, like the HTTP side: `wss://` is refused when `--url` is parsed.
+//! Over `https://` the handshake is `wss://`, with the trust `--ca-file`/`--insecure` set up.
 
 use std::ops::Range;
 use std::time::Duration;
@@ -52,12 +52,13 @@ impl ConnectError {
     }
 }
 
-/// `ws://{host}{prefix}/ws` for the server behind `--url`.
+/// `ws://{host}{prefix}/ws` (`wss://` over https) for the server behind `--url`.
 pub fn endpoint(client: &Client) -> Url {
     let mut url = client.endpoint(&["ws"]);
-    // `--url` is always http:// by now, and http and ws are both "special" schemes, so the
-    // switch cannot fail.
-    let _ = url.set_scheme("ws");
+    // `--url` is always http:// or https:// by now, and all four are "special" schemes, so
+    // the switch cannot fail.
+    let scheme = if url.scheme() == "https" { "wss" } else { "ws" };
+    let _ = url.set_scheme(scheme);
     url
 }
 
@@ -82,7 +83,9 @@ pub async fn connect(client: &Client) -> Result<Socket, ConnectError> {
         headers.insert(AUTHORIZATION, value);
     }
     // Nagle off: frames are small and each one is worth sending at once.
-    let handshake = tokio_tungstenite::connect_async_with_config(request, None, true);
+    let connector = tokio_tungstenite::Connector::Rustls(client.tls().clone());
+    let handshake =
+        tokio_tungstenite::connect_async_tls_with_config(request, None, true, Some(connector));
     match tokio::time::timeout(CONNECT_TIMEOUT, handshake).await {
         Err(_) => Err(ConnectError::Transient {
             why: format!(
@@ -130,9 +133,13 @@ fn classify(client: &Client, url: &Url, err: tungstenite::Error) -> ConnectError
                 after: None,
             }
         }
-        tungstenite::Error::Io(io) => ConnectError::Transient {
-            why: format!("could not connect to {url}: {}", error_chain(&io)),
-            after: None,
+        tungstenite::Error::Io(io) => match crate::tls::explain(&io) {
+            // A refused certificate stays refused: say why, and do not retry.
+            Some(why) => ConnectError::Refused(anyhow!("could not connect to {url}: {why}")),
+            None => ConnectError::Transient {
+                why: format!("could not connect to {url}: {}", error_chain(&io)),
+                after: None,
+            },
         },
         tungstenite::Error::Protocol(err) => ConnectError::Refused(anyhow!(
             "{url} did not answer with a WebSocket handshake ({err}); is --url a Tidings server?"
@@ -451,9 +458,14 @@ mod tests {
 
     #[test]
     fn the_endpoint_is_the_ws_path_on_the_same_server_with_the_ws_scheme() {
-        let client = Client::new("http://127.0.0.1:9/prefix/", None).unwrap();
+        let tls = crate::tls::TlsArgs::default();
+        let client = Client::new("http://127.0.0.1:9/prefix/", None, &tls).unwrap();
         assert_eq!(endpoint(&client).as_str(), "ws://127.0.0.1:9/prefix/ws");
-        let client = Client::new("ws://localhost:8080", None).unwrap();
+        let client = Client::new("ws://localhost:8080", None, &tls).unwrap();
         assert_eq!(endpoint(&client).as_str(), "ws://localhost:8080/ws");
+        let client = Client::new("https://localhost:8443/p", None, &tls).unwrap();
+        assert_eq!(endpoint(&client).as_str(), "wss://localhost:8443/p/ws");
+        let client = Client::new("wss://localhost:8443", None, &tls).unwrap();
+        assert_eq!(endpoint(&client).as_str(), "wss://localhost:8443/ws");
     }
 }

@@ -12,8 +12,9 @@
 //! that is most of a delivery) and RSS (/proc/PID/status), and it reports its own CPU
 //! the same way, so a run where the load generator saturates shows it.
 //!
-//! Everything is hand-written HTTP/1.1 over plain sockets: no per-message allocation on the
-//! receive side, one reused buffer per connection.
+//! Everything is hand-written HTTP/1.1 over plain sockets (or rustls over them for `https://`,
+//! with the trust `--ca-file`/`--insecure` set up): no per-message allocation on the receive
+//! side, one reused buffer per connection.
 
 use std::collections::HashMap;
 use std::io;
@@ -31,6 +32,10 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
 use tokio::sync::Semaphore;
 use tokio::time::Instant;
+use tokio_rustls::TlsConnector;
+use tokio_tungstenite::MaybeTlsStream;
+
+use crate::tls::{self, TlsArgs};
 
 /// Which server is measured: it decides the subscribe paths and how to publish.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -107,6 +112,8 @@ pub struct BenchArgs {
     pusher_key: String,
     #[arg(long, default_value = "1001")]
     pusher_app_id: String,
+    #[command(flatten)]
+    tls: TlsArgs,
     /// Free text copied into the JSON result (scenario name).
     #[arg(long)]
     label: Option<String>,
@@ -155,6 +162,9 @@ struct Ctx {
     args: BenchArgs,
     sub_addr: SocketAddr,
     pub_addr: SocketAddr,
+    /// Set for `https://` URLs: how to wrap a subscriber's or a publisher's socket.
+    sub_tls: Option<Tls>,
+    pub_tls: Option<Tls>,
     host: String,
     pub_host: String,
     prefix: String,
@@ -208,12 +218,28 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     if args.subscribers == 0 || args.channels == 0 || args.publishers == 0 {
         bail!("--subscribers, --channels and --publishers must be at least 1");
     }
-    let (sub_addr, host) = resolve(&args.url).await?;
+    let (sub_addr, host, sub_https) = resolve(&args.url).await?;
     let default_pub = match args.target {
         Target::Pushpin => "http://127.0.0.1:5561",
         _ => args.url.as_str(),
     };
-    let (pub_addr, pub_host) = resolve(args.publish_url.as_deref().unwrap_or(default_pub)).await?;
+    let (pub_addr, pub_host, pub_https) =
+        resolve(args.publish_url.as_deref().unwrap_or(default_pub)).await?;
+    let connector = if sub_https || pub_https {
+        Some(TlsConnector::from(Arc::new(
+            args.tls.client_config(tls::HTTP1)?,
+        )))
+    } else {
+        None
+    };
+    let tls_for = |https: bool, host: &str| -> anyhow::Result<Option<Tls>> {
+        match (&connector, https) {
+            (Some(connector), true) => Ok(Some(Tls::new(connector.clone(), host)?)),
+            _ => Ok(None),
+        }
+    };
+    let sub_tls = tls_for(sub_https, &host)?;
+    let pub_tls = tls_for(pub_https, &pub_host)?;
     let prefix = args.channel_prefix.clone().unwrap_or_else(|| {
         let t = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -228,6 +254,8 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     let ctx = Arc::new(Ctx {
         sub_addr,
         pub_addr,
+        sub_tls,
+        pub_tls,
         host,
         pub_host,
         prefix,
@@ -550,21 +578,49 @@ impl ServerSample {
 
 // ---- connections ----
 
-async fn resolve(url: &str) -> anyhow::Result<(SocketAddr, String)> {
+/// The address, `host:port` and whether it is `https://` (`ws`/`wss` name the same servers).
+async fn resolve(url: &str) -> anyhow::Result<(SocketAddr, String, bool)> {
     let u = url::Url::parse(url).with_context(|| format!("bad URL {url}"))?;
-    if u.scheme() != "http" {
-        bail!("only http:// URLs are supported by the bench ({url})");
-    }
+    let https = match u.scheme() {
+        "http" | "ws" => false,
+        "https" | "wss" => true,
+        _ => bail!("only http:// and https:// URLs are supported by the bench ({url})"),
+    };
     let host = u.host_str().context("URL without a host")?.to_owned();
     let port = u.port_or_known_default().unwrap_or(80);
     let addr = tokio::net::lookup_host((host.as_str(), port))
         .await?
         .next()
         .with_context(|| format!("cannot resolve {host}"))?;
-    Ok((addr, format!("{host}:{port}")))
+    Ok((addr, format!("{host}:{port}"), https))
 }
 
-async fn connect(addr: SocketAddr, source: Option<Ipv4Addr>) -> io::Result<TcpStream> {
+/// How to start TLS on a socket to one server.
+struct Tls {
+    connector: TlsConnector,
+    name: rustls::pki_types::ServerName<'static>,
+}
+
+impl Tls {
+    fn new(connector: TlsConnector, host_port: &str) -> anyhow::Result<Self> {
+        let host = host_port
+            .rsplit_once(':')
+            .map_or(host_port, |(host, _)| host)
+            .trim_start_matches('[')
+            .trim_end_matches(']');
+        let name = rustls::pki_types::ServerName::try_from(host.to_owned())
+            .with_context(|| format!("{host} is not a valid TLS server name"))?;
+        Ok(Self { connector, name })
+    }
+}
+
+type Stream = MaybeTlsStream<TcpStream>;
+
+async fn connect(
+    addr: SocketAddr,
+    source: Option<Ipv4Addr>,
+    tls: Option<&Tls>,
+) -> io::Result<Stream> {
     let stream = match (source, addr) {
         (Some(src), SocketAddr::V4(_)) => {
             let sock = TcpSocket::new_v4()?;
@@ -574,12 +630,22 @@ async fn connect(addr: SocketAddr, source: Option<Ipv4Addr>) -> io::Result<TcpSt
         _ => TcpStream::connect(addr).await?,
     };
     stream.set_nodelay(true)?;
-    Ok(stream)
+    match tls {
+        None => Ok(MaybeTlsStream::Plain(stream)),
+        Some(tls) => match tls.connector.connect(tls.name.clone(), stream).await {
+            Ok(stream) => Ok(MaybeTlsStream::Rustls(stream)),
+            // Keep the reason readable in the run's `first_error`.
+            Err(err) => Err(match tls::explain(&err) {
+                Some(why) => io::Error::other(why),
+                None => err,
+            }),
+        },
+    }
 }
 
 /// A connection with one reused read buffer.
 struct Conn {
-    stream: TcpStream,
+    stream: Stream,
     buf: Vec<u8>,
     /// Bytes held in `buf`.
     len: usize,
@@ -599,7 +665,7 @@ struct Head {
 }
 
 impl Conn {
-    fn new(stream: TcpStream) -> Self {
+    fn new(stream: Stream) -> Self {
         Self {
             stream,
             buf: vec![0; READ_BUFFER],
@@ -884,7 +950,7 @@ async fn open(
     path: &str,
     pusher: Option<&str>,
 ) -> io::Result<Conn> {
-    let stream = connect(ctx.sub_addr, source).await?;
+    let stream = connect(ctx.sub_addr, source, ctx.sub_tls.as_ref()).await?;
     let mut conn = Conn::new(stream);
     if ctx.args.transport == BenchTransport::LongPoll {
         return Ok(conn);
@@ -1113,7 +1179,9 @@ async fn publish_once(ctx: &Ctx, conn: &mut Option<Conn>, req: &[u8]) -> io::Res
 
 async fn publish_on(ctx: &Ctx, conn: &mut Option<Conn>, req: &[u8]) -> io::Result<u16> {
     if conn.is_none() {
-        *conn = Some(Conn::new(connect(ctx.pub_addr, None).await?));
+        *conn = Some(Conn::new(
+            connect(ctx.pub_addr, None, ctx.pub_tls.as_ref()).await?,
+        ));
     }
     let Some(c) = conn.as_mut() else {
         return Err(io::ErrorKind::NotConnected.into());

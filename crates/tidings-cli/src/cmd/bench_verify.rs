@@ -403,7 +403,7 @@ pub(super) async fn run(args: BenchArgs) -> anyhow::Result<()> {
     if args.transports.is_empty() {
         bail!("--transports: name at least one");
     }
-    let clients = subscribe::clients_for(&args.url, None)?;
+    let clients = subscribe::clients_for(&args.url, None, &args.tls)?;
     let events = args
         .event
         .iter()
@@ -441,6 +441,7 @@ pub(super) async fn run(args: BenchArgs) -> anyhow::Result<()> {
             history: None,
             url: args.url.clone(),
             token: None,
+            tls: args.tls.clone(),
             count: None,
             interval: Duration::from_secs_f64(args.poll_interval),
             wait: 20,

@@ -39,6 +39,9 @@ pub struct PublishArgs {
     #[arg(long, env = "TIDINGS_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
 
+    #[command(flatten)]
+    pub tls: crate::tls::TlsArgs,
+
     /// Content type to send instead of the guessed one, e.g. `application/octet-stream`.
     #[arg(long, value_name = "CT")]
     pub content_type: Option<String>,
@@ -73,7 +76,7 @@ pub enum PublishTransport {
 }
 
 pub async fn run(args: PublishArgs) -> anyhow::Result<()> {
-    let client = Client::new(&args.url, args.token.clone())?;
+    let client = Client::new(&args.url, args.token.clone(), &args.tls)?;
     let body = match args.data.as_deref() {
         None | Some("-") => Body::Stdin(read_stdin().await?),
         Some(data) => Body::Argument(data.to_owned()),

@@ -33,6 +33,7 @@ use serde_json::value::RawValue;
 use url::Url;
 
 use crate::client::{Client, error_chain, one_line};
+use crate::tls::TlsArgs;
 
 #[path = "subscribe_ws.rs"]
 mod websocket;
@@ -76,6 +77,9 @@ pub struct SubscribeArgs {
     #[arg(long, env = "TIDINGS_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
 
+    #[command(flatten)]
+    pub tls: TlsArgs,
+
     /// Exit after printing N messages (gap notices do not count).
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
     pub count: Option<u64>,
@@ -106,16 +110,20 @@ pub enum Transport {
 }
 
 pub async fn run(args: SubscribeArgs) -> anyhow::Result<()> {
-    let clients = clients_for(&args.url, args.token.clone())?;
+    let clients = clients_for(&args.url, args.token.clone(), &args.tls)?;
     let backoff = Backoff::new(BACKOFF_INITIAL, BACKOFF_CAP);
     let mut session = Session::new(clients, &args, backoff, std::io::stdout());
     session.run(args.transport, args.interval).await
 }
 
 /// One client per comma-separated URL, sharing one connection pool.
-pub(crate) fn clients_for(urls: &str, token: Option<String>) -> anyhow::Result<Vec<Client>> {
+pub(crate) fn clients_for(
+    urls: &str,
+    token: Option<String>,
+    tls: &TlsArgs,
+) -> anyhow::Result<Vec<Client>> {
     let mut urls = urls.split(',').map(str::trim).filter(|u| !u.is_empty());
-    let first = Client::new(urls.next().unwrap_or_default(), token)?;
+    let first = Client::new(urls.next().unwrap_or_default(), token, tls)?;
     let mut clients = vec![first];
     for url in urls {
         clients.push(clients[0].with_base(url)?);
@@ -379,10 +387,15 @@ impl<W: Write> Session<W> {
         request: RequestBuilder,
         expected: &str,
     ) -> Result<Response, Ended> {
-        let response = request
-            .send()
-            .await
-            .map_err(|err| Ended::retry(format!("{:#}", self.client().unreachable(&err))))?;
+        let response = request.send().await.map_err(|err| {
+            let why = self.client().unreachable(&err);
+            // A certificate that was refused will be refused again: stop and say why.
+            if crate::tls::explain(&err).is_some() {
+                Ended::Fatal(why)
+            } else {
+                Ended::retry(format!("{why:#}"))
+            }
+        })?;
         let status = response.status();
         if status.is_success() {
             check_content_type(&response, expected)?;
@@ -1202,7 +1215,7 @@ mod tests {
     }
 
     async fn subscribe(args: SubscribeArgs) -> (anyhow::Result<()>, String) {
-        let client = Client::new(&args.url, None).unwrap();
+        let client = Client::new(&args.url, None, &args.tls).unwrap();
         let backoff = Backoff::new(Duration::from_millis(1), Duration::from_millis(5));
         let mut session = Session::new(vec![client], &args, backoff, Vec::new());
         let result = tokio::time::timeout(

@@ -400,7 +400,7 @@ mod tests {
         let mut argv = vec!["tidings", "a", "b", "--transport", "ws", "--url", url];
         argv.extend_from_slice(extra);
         let args = Cli::try_parse_from(argv).unwrap().args;
-        let client = Client::new(&args.url, args.token.clone()).unwrap();
+        let client = Client::new(&args.url, args.token.clone(), &args.tls).unwrap();
         let backoff = Backoff::new(Duration::from_millis(1), Duration::from_millis(5));
         Session::new(vec![client], &args, backoff, Vec::new())
     }
