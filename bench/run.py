@@ -4,6 +4,10 @@
     python3 bench/run.py setup                 # apt-get install nginx libnginx-mod-nchan pushpin
     python3 bench/run.py run [--repeat 3] [--targets tidings,nchan,pushpin] [--only fanout-1k-sse,...]
     python3 bench/run.py report                # docs/benchmarks.md + docs/images/bench-*.svg
+    python3 bench/run.py compare               # Tidings vs Nchan on the request/fan-out cells,
+                                               #   3 runs each, ratios into docs/benchmarks.md
+    python3 bench/run.py sweep                 # saturation: highest rate with p99 <= 100 ms and
+                                               #   no loss, per transport x subscribers x server
 
 Every run starts the server fresh, pinned to core 0 (taskset), and drives it with
 `tidings bench` pinned to core 1; results are appended to bench/results/results.jsonl (one JSON
@@ -178,15 +182,37 @@ def run_one(target, name, server):
     return r
 
 
-def run(args):
+def loadavg():
+    """The 1-minute load average, written beside every row: the cores are shared."""
+    try:
+        return round(os.getloadavg()[0], 2)
+    except OSError:
+        return None
+
+
+def ensure_release():
     if not os.path.exists(TIDINGS):
         sh(["cargo", "build", "--release", "-p", "tidings-cli"], cwd=ROOT)
+
+
+def git_commit():
+    out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                         text=True)
+    return out.stdout.strip() or None
+
+
+def run(args):
+    ensure_release()
+    global RESULTS
+    if getattr(args, "results", None):
+        RESULTS = args.results
     os.makedirs(os.path.dirname(RESULTS), exist_ok=True)
     names = args.only.split(",") if args.only else list(SCENARIOS)
     for target in args.targets.split(","):
         for name in names:
             reps = args.repeat if name in REPEATED else 1
             for _ in range(reps):
+                load_before = loadavg()
                 server = Server(target).start()
                 try:
                     r = run_one(target, name, server)
@@ -194,6 +220,10 @@ def run(args):
                     server.stop()
                 if r is None:
                     continue
+                r["load"] = load_before
+                r["commit"] = git_commit()
+                if SITTING:
+                    r["sitting"] = SITTING
                 if args.variant:
                     r["variant"] = args.variant
                 s = r.get("server") or {}
@@ -418,6 +448,271 @@ def report(_args):
     print(table)
 
 
+# ---- compare: the issue's cells, Tidings beside Nchan, as ratios ----
+
+# The cells the request-path targets are stated on (issue #17), and what each is judged by.
+COMPARE = ["long-poll-1k", "publish-throughput", "channels-5k-sse", "fanout-1k-sse",
+           "fanout-1k-ws", "fanout-10k-sse", "fanout-10k-ws"]
+COMPARE_RESULTS = os.path.join(BENCH, "results", "compare.jsonl")
+
+
+def compare(args):
+    """One command for the lead to re-run: fresh rows into their own file (tagged with the
+    sitting), then the ratio table into docs/benchmarks.md."""
+    args.results = args.results or COMPARE_RESULTS
+    args.targets = args.targets or "tidings,nchan"
+    args.only = args.only or ",".join(COMPARE)
+    args.variant = ""
+    sitting = time.strftime("%Y-%m-%dT%H:%M")
+    global SITTING
+    SITTING = sitting
+    run(args)
+    compare_report(argparse.Namespace(results=args.results, sitting=sitting))
+
+
+SITTING = None
+
+
+def compare_report(args):
+    path = args.results or COMPARE_RESULTS
+    rows = [json.loads(line) for line in open(path) if line.strip()]
+    sittings = sorted({r.get("sitting") for r in rows if r.get("sitting")})
+    sitting = args.sitting or (sittings[-1] if sittings else None)
+    rows = [r for r in rows if r.get("sitting") == sitting]
+    by = {}
+    for r in rows:
+        by.setdefault((r["scenario"], r["target"]), []).append(r)
+    lines = [f"Sitting `{sitting}` (commit `{rows[0].get('commit') if rows else '?'}`), "
+             f"{len(rows)} runs; medians of the runs, range in brackets; load = 1-minute load "
+             "average before each run (min–max).", "",
+             "| cell | metric | Tidings | Nchan | Tidings/Nchan | target | load (Tidings / Nchan) |",
+             "|---|---|---|---|---|---|---|"]
+    targets = {"long-poll-1k": {"cpu": "≤ 0.5×", "p99": "≤ 0.5×"},
+               "publish-throughput": {"pubrate": "≥ 1.5×", "cpu": "≤ 0.6×"},
+               "channels-5k-sse": {"cpu": "≤ 0.6×"}}
+    for n in COMPARE:
+        if not by.get((n, "tidings")) and not by.get((n, "nchan")):
+            continue
+        keys = [("cpu", "server CPU µs/delivery"), ("p99", "p99 latency µs"),
+                ("lost", "lost"), ("dups", "duplicates")]
+        if n == "publish-throughput":
+            keys = [("pubrate", "publishes/s"), ("cpu", "server CPU µs/publish"),
+                    ("lost", "lost"), ("dups", "duplicates")]
+        for key, label in keys:
+            cells = []
+            for t in ("tidings", "nchan"):
+                v, spread = med(by.get((n, t), []), key)
+                txt = fmt(v)
+                if spread and spread[0] != spread[1]:
+                    txt += f" ({fmt(spread[0])}–{fmt(spread[1])})"
+                cells.append((v, txt))
+            r = ratio(cells[0][0], cells[1][0]) if key not in ("lost", "dups") else ""
+            tgt = targets.get(n, {}).get(key, "≤ 1× (keep)" if key == "cpu" else "")
+            loads = []
+            for t in ("tidings", "nchan"):
+                ls = [x.get("load") for x in by.get((n, t), []) if x.get("load") is not None]
+                loads.append(f"{min(ls):.1f}–{max(ls):.1f}" if ls else "—")
+            lines.append(f"| {n} | {label} | {cells[0][1]} | {cells[1][1]} | {r} | {tgt} | "
+                         f"{' / '.join(loads) if key in ('cpu', 'pubrate') else ''} |")
+    table = "\n".join(lines)
+    write_section("compare", table)
+    print(table)
+
+
+def write_section(name, text):
+    """Replaces what is between `<!-- NAME:start -->` and `<!-- NAME:end -->` in the doc."""
+    path = os.path.join(ROOT, "docs", "benchmarks.md")
+    doc = open(path).read()
+    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+    if start in doc and end in doc:
+        doc = doc[:doc.index(start) + len(start)] + "\n" + text + "\n" + doc[doc.index(end):]
+    else:
+        doc += f"\n{start}\n{text}\n{end}\n"
+    open(path, "w").write(doc)
+
+
+# ---- sweep: the highest publish rate each server sustains ----
+
+SWEEP_RESULTS = os.path.join(BENCH, "results", "sweep.jsonl")
+P99_LIMIT_US = 100_000
+# Where each series starts, in messages/s on one channel (deliveries/s = rate × subscribers):
+# about 20,000 deliveries/s, well inside what either server does, so the first cell passes.
+SWEEP_START = {"sse": 20_000, "ws": 20_000, "long-poll": 5_000}
+SWEEP_MAX_RATE = 20_000
+
+
+def sweep_cell(target, transport, n, rate, seconds, server):
+    cmd = ["taskset", "-c", "1", TIDINGS, "bench", "--quiet", "--target", target,
+           "--url", URLS[target], "--transport", transport, "-n", str(n), "-c", "1",
+           "-p", "1", "--rate", str(rate), "--duration", str(seconds), "--payload", "100",
+           "--settle", "0.5", "--drain", "3", "--label", f"sweep-{transport}-{n}",
+           "--server-pid", ",".join(str(p) for p in server.pids)]
+    print("+", " ".join(cmd), file=sys.stderr)
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    except subprocess.TimeoutExpired:
+        return None
+    if out.returncode != 0:
+        print(out.stderr, file=sys.stderr)
+        return None
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def verdict(r, rate, seconds):
+    """(passed, why): zero loss and duplicates, every subscriber connected, p99 within the
+    limit, and the publisher kept its rate (a server that answers publishes slowly holds the
+    rate down: that is saturation too)."""
+    if r is None:
+        return False, "run failed"
+    p99 = (r.get("latency_us") or {}).get("p99")
+    if r["connected"] < r["subscribers"]:
+        return False, f"{r['subscribers'] - r['connected']} not connected"
+    if lost(r):
+        return False, f"lost {lost(r)}"
+    if r.get("duplicates"):
+        return False, f"{r['duplicates']} duplicates"
+    if r.get("published", 0) < 0.95 * rate * seconds:
+        return False, f"published {r.get('published')} of {int(rate * seconds)}"
+    if p99 is None or p99 > P99_LIMIT_US:
+        return False, f"p99 {p99} µs"
+    return True, "ok"
+
+
+def sweep(args):
+    """Per target × transport × subscribers: double the rate until a cell fails, then bisect
+    between the last pass and the first failure (`--bisect` steps). One fresh server per
+    series; each cell a fresh `tidings bench` (fresh channel, fresh connections)."""
+    ensure_release()
+    results = args.results or SWEEP_RESULTS
+    os.makedirs(os.path.dirname(results), exist_ok=True)
+    sitting = time.strftime("%Y-%m-%dT%H:%M")
+    deadline = time.time() + args.budget
+    series = [(t, tr, int(n)) for n in args.subscribers.split(",")
+              for tr in args.transports.split(",") for t in args.targets.split(",")]
+    per_series = args.budget / max(1, len(series))
+    for target, transport, n in series:
+        started = time.time()
+        rate = max(1, SWEEP_START[transport] // n)
+        best, worst = None, None
+        server = Server(target).start()
+        try:
+            def cell(rate):
+                load = loadavg()
+                r = sweep_cell(target, transport, n, rate, args.seconds, server)
+                ok, why = verdict(r, rate, args.seconds)
+                row = dict(r or {}, target=target, transport=transport, subscribers=n)
+                row["sweep"] = {"sitting": sitting, "rate": rate, "passed": ok, "why": why,
+                                "load": load}
+                row["commit"] = git_commit()
+                with open(results, "a") as f:
+                    f.write(json.dumps(row) + "\n")
+                s = (r or {}).get("server") or {}
+                print(f"{target:8} {transport:9} n={n:<6} rate={rate:<6} {'PASS' if ok else 'FAIL'} "
+                      f"{why:28} p99={((r or {}).get('latency_us') or {}).get('p99')} "
+                      f"server={s.get('cpu_pct')}% bench={((r or {}).get('bench') or {}).get('cpu_pct')}% "
+                      f"load={load}", file=sys.stderr)
+                return ok
+
+            def in_time():
+                return time.time() - started < per_series and time.time() < deadline
+
+            # Up, doubling, until a failure or the cap.
+            while in_time() and rate <= SWEEP_MAX_RATE:
+                if cell(rate):
+                    best = rate
+                    rate *= 2
+                else:
+                    worst = rate
+                    break
+            # The first cell failed: come down, halving, to find any rate that passes.
+            if best is None and worst is not None:
+                rate = worst // 2
+                while in_time() and rate >= 1:
+                    if cell(rate):
+                        best = rate
+                        break
+                    worst = rate
+                    rate //= 2
+            # Bisect (geometric mean) between the last pass and the first failure.
+            for _ in range(args.bisect):
+                if best is None or worst is None or worst - best <= max(1, best // 8) \
+                        or not in_time():
+                    break
+                mid = int(round((best * worst) ** 0.5))
+                if mid in (best, worst):
+                    break
+                if cell(mid):
+                    best = mid
+                else:
+                    worst = mid
+        finally:
+            server.stop()
+    sweep_report(argparse.Namespace(results=results, sitting=sitting))
+
+
+def sweep_report(args):
+    path = args.results or SWEEP_RESULTS
+    rows = [json.loads(line) for line in open(path) if line.strip()]
+    sittings = sorted({r["sweep"]["sitting"] for r in rows if r.get("sweep")})
+    sitting = args.sitting or (sittings[-1] if sittings else None)
+    rows = [r for r in rows if (r.get("sweep") or {}).get("sitting") == sitting]
+    series = {}
+    for r in rows:
+        series.setdefault((r["transport"], r["subscribers"], r["target"]), []).append(r)
+    lines = [f"Sitting `{sitting}` (commit `{rows[0].get('commit') if rows else '?'}`): "
+             f"{len(rows)} cells of {rows[0].get('duration_s', '?') if rows else '?'} s. "
+             "Highest rate = the highest publish rate (messages/s, one channel) that passed; "
+             "first failure = the lowest that failed, and why. Server and generator CPU are "
+             "their cores' shares in the highest passing cell; µs/delivery is the server's.",
+             "",
+             "| transport | subscribers | server | highest rate (msg/s) | deliveries/s | p99 ms "
+             "| server CPU % | µs/delivery | generator CPU % | first failure | load | "
+             "Tidings/Nchan |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    best_of = {}
+    for (tr, n, t), rs in sorted(series.items(), key=lambda kv: (kv[0][1], kv[0][0], kv[0][2] != "tidings")):
+        passed = [r for r in rs if r["sweep"]["passed"]]
+        failed = [r for r in rs if not r["sweep"]["passed"]]
+        best = max(passed, key=lambda r: r["sweep"]["rate"]) if passed else None
+        above = [r for r in failed if not best or r["sweep"]["rate"] > best["sweep"]["rate"]]
+        first_fail = min(above, key=lambda r: r["sweep"]["rate"]) if above else None
+        best_of[(tr, n, t)] = best["sweep"]["rate"] if best else None
+        loads = [r["sweep"]["load"] for r in rs if r["sweep"].get("load") is not None]
+        if best:
+            s = best.get("server") or {}
+            lat = (best.get("latency_us") or {}).get("p99")
+            bench_pct = (best.get("bench") or {}).get("cpu_pct")
+            cols = [f"{best['sweep']['rate']:,}", fmt(best.get("deliveries_per_s")),
+                    f"{lat / 1000:.1f}" if lat else "—", fmt(s.get("cpu_pct")),
+                    fmt(s.get("cpu_us_per_delivery")), fmt(bench_pct)]
+        else:
+            cols = ["none passed", "—", "—", "—", "—", "—"]
+        ff = (f"{first_fail['sweep']['rate']:,}: {first_fail['sweep']['why']}"
+              + (f" (generator {fmt((first_fail.get('bench') or {}).get('cpu_pct'))} %)"
+                 if (first_fail.get("bench") or {}).get("cpu_pct") else "")) if first_fail \
+            else "none (cap or time)"
+        rat = ""
+        if t == "nchan":
+            a, b = best_of.get((tr, n, "tidings")), best_of.get((tr, n, "nchan"))
+            rat = ratio(a, b) if a and b else "—"
+        lines.append(f"| {tr} | {n:,} | {t} | " + " | ".join(cols) + f" | {ff} | "
+                     f"{(f'{min(loads):.1f}–{max(loads):.1f}') if loads else '—'} | {rat} |")
+    table = "\n".join(lines)
+    write_section("sweep", table)
+    # The plot: highest passing rate per series, Tidings beside Nchan.
+    groups = sorted({(tr, n) for tr, n, _ in series}, key=lambda g: (g[1], g[0]))
+    names = [f"{tr}-{n // 1000}k" for tr, n in groups]
+    vals = {}
+    for (tr, n), name in zip(groups, names):
+        for t in ("tidings", "nchan", "pushpin"):
+            vals[(name, t)] = best_of.get((tr, n, t))
+    svg_bars(os.path.join(ROOT, "docs", "images", "bench-saturation.svg"),
+             "Highest publish rate with p99 ≤ 100 ms and zero loss", "messages/s", names,
+             [t for t in ("tidings", "nchan", "pushpin") if any(v for (g, tt), v in vals.items() if tt == t)],
+             vals)
+    print(table)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -430,8 +725,28 @@ def main():
     r.add_argument("--variant", default="",
                    help="tag the rows (e.g. 'baseline'); report compares tagged Tidings rows")
     sub.add_parser("report")
+    c = sub.add_parser("compare", help="Tidings vs Nchan on the issue's cells, as ratios")
+    c.add_argument("--repeat", type=int, default=3)
+    c.add_argument("--targets", default="")
+    c.add_argument("--only", default="")
+    c.add_argument("--results", default="", help=f"default {COMPARE_RESULTS}")
+    c = sub.add_parser("compare-report", help="the ratio table from a compare sitting")
+    c.add_argument("--results", default="")
+    c.add_argument("--sitting", default="", help="default: the last one in the file")
+    w = sub.add_parser("sweep", help="saturation: the highest rate with p99 <= 100 ms, no loss")
+    w.add_argument("--targets", default="tidings,nchan")
+    w.add_argument("--transports", default="sse,ws,long-poll")
+    w.add_argument("--subscribers", default="1000,10000")
+    w.add_argument("--seconds", type=float, default=3.0, help="publishing time per cell")
+    w.add_argument("--bisect", type=int, default=2, help="bisection steps after doubling")
+    w.add_argument("--budget", type=float, default=900, help="seconds for the whole sweep")
+    w.add_argument("--results", default="", help=f"default {SWEEP_RESULTS}")
+    w = sub.add_parser("sweep-report", help="the table and plot from a sweep sitting")
+    w.add_argument("--results", default="")
+    w.add_argument("--sitting", default="", help="default: the last one in the file")
     a = ap.parse_args()
-    {"setup": setup, "run": run, "report": report}[a.cmd](a)
+    {"setup": setup, "run": run, "report": report, "compare": compare,
+     "compare-report": compare_report, "sweep": sweep, "sweep-report": sweep_report}[a.cmd](a)
 
 
 if __name__ == "__main__":

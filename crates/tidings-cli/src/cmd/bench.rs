@@ -298,6 +298,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     bar.set_message("settling");
     tokio::time::sleep(Duration::from_secs_f64(ctx.args.settle)).await;
     let idle = ServerSample::take(&ctx.args.server_pid);
+    let own_idle = cpu_ticks(std::process::id()).unwrap_or(0);
     let connected = ctx.connected.load(Relaxed);
 
     // Publish.
@@ -356,6 +357,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
             idle,
             end,
             own: own1.saturating_sub(own0),
+            own_load: own1.saturating_sub(own_idle),
         },
         connected,
         connect_s,
@@ -396,7 +398,9 @@ struct Samples {
     server: Option<ServerSample>,
     idle: Option<ServerSample>,
     end: Option<ServerSample>,
+    /// The generator's own CPU ticks: the whole run, and from the end of connecting on.
     own: u64,
+    own_load: u64,
 }
 
 fn report(
@@ -510,6 +514,9 @@ fn report(
         "bench": {
             "cpu_s": round2(s.own as f64 * tick_us() / 1e6),
             "cpu_us_per_delivery": per_delivery(s.own),
+            // Its core's share while publishing, on the server's clock: near 100 means the
+            // generator, not the server, set the pace (one core when pinned with taskset).
+            "cpu_pct": (publish_s > 0.0).then(|| round2(s.own_load as f64 * tick_us() / 1e4 / deliver_s.max(publish_s))),
         },
         "first_error": ctx.first_error.lock().unwrap_or_else(|e| e.into_inner()).clone(),
     })
