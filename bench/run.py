@@ -29,7 +29,8 @@ BENCH = os.path.join(ROOT, "bench")
 # Where rows are appended (and `report` reads); another file keeps a trial run out of the report.
 RESULTS = os.environ.get("TIDINGS_BENCH_RESULTS", os.path.join(BENCH, "results", "results.jsonl"))
 RUNDIR = "/tmp/tidings-bench"
-TIDINGS = os.path.join(ROOT, "target", "release", "tidings")
+# The load generator (and, unless TIDINGS_SERVER_BIN says otherwise, the server under test).
+TIDINGS = os.environ.get("TIDINGS_BENCH_BIN", os.path.join(ROOT, "target", "release", "tidings"))
 # The server under test; the load generator is always TIDINGS. Set it to compare two builds
 # in one sitting (with --variant to tell their rows apart).
 TIDINGS_SERVER = os.environ.get("TIDINGS_SERVER_BIN", TIDINGS)
