@@ -559,7 +559,7 @@ def sweep_cell(target, transport, n, rate, seconds, server):
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def verdict(r, rate, seconds):
+def verdict(r, rate, seconds, p99_limit_us=P99_LIMIT_US):
     """(passed, why): zero loss and duplicates, every subscriber connected, p99 within the
     limit, and the publisher kept its rate (a server that answers publishes slowly holds the
     rate down: that is saturation too)."""
@@ -574,7 +574,7 @@ def verdict(r, rate, seconds):
         return False, f"{r['duplicates']} duplicates"
     if r.get("published", 0) < 0.95 * rate * seconds:
         return False, f"published {r.get('published')} of {int(rate * seconds)}"
-    if p99 is None or p99 > P99_LIMIT_US:
+    if p99 is None or p99 > p99_limit_us:
         return False, f"p99 {p99} µs"
     return True, "ok"
 
@@ -591,6 +591,8 @@ def sweep(args):
     series = [(t, tr, int(n)) for n in args.subscribers.split(",")
               for tr in args.transports.split(",") for t in args.targets.split(",")]
     per_series = args.budget / max(1, len(series))
+    # 0 = no latency limit: the highest rate with zero loss alone.
+    limit_us = args.p99_ms * 1000 if args.p99_ms > 0 else float("inf")
     for target, transport, n in series:
         started = time.time()
         rate = max(1, SWEEP_START[transport] // n)
@@ -600,10 +602,10 @@ def sweep(args):
             def cell(rate):
                 load = loadavg()
                 r = sweep_cell(target, transport, n, rate, args.seconds, server)
-                ok, why = verdict(r, rate, args.seconds)
+                ok, why = verdict(r, rate, args.seconds, limit_us)
                 row = dict(r or {}, target=target, transport=transport, subscribers=n)
                 row["sweep"] = {"sitting": sitting, "rate": rate, "passed": ok, "why": why,
-                                "load": load}
+                                "load": load, "p99_limit_ms": args.p99_ms}
                 row["commit"] = git_commit()
                 with open(results, "a") as f:
                     f.write(json.dumps(row) + "\n")
@@ -659,25 +661,27 @@ def sweep_report(args):
     rows = [r for r in rows if (r.get("sweep") or {}).get("sitting") == sitting]
     series = {}
     for r in rows:
-        series.setdefault((r["transport"], r["subscribers"], r["target"]), []).append(r)
+        limit = r["sweep"].get("p99_limit_ms", 100)
+        series.setdefault((r["transport"], r["subscribers"], limit, r["target"]), []).append(r)
     lines = [f"Sitting `{sitting}` (commit `{rows[0].get('commit') if rows else '?'}`): "
              f"{len(rows)} cells of {rows[0].get('duration_s', '?') if rows else '?'} s. "
              "Highest rate = the highest publish rate (messages/s, one channel) that passed; "
              "first failure = the lowest that failed, and why. Server and generator CPU are "
              "their cores' shares in the highest passing cell; µs/delivery is the server's.",
              "",
-             "| transport | subscribers | server | highest rate (msg/s) | deliveries/s | p99 ms "
-             "| server CPU % | µs/delivery | generator CPU % | first failure | load | "
+             "| transport | subscribers | p99 limit | server | highest rate (msg/s) | deliveries/s "
+             "| p99 ms | server CPU % | µs/delivery | generator CPU % | first failure | load | "
              "Tidings/Nchan |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     best_of = {}
-    for (tr, n, t), rs in sorted(series.items(), key=lambda kv: (kv[0][1], kv[0][0], kv[0][2] != "tidings")):
+    for (tr, n, lim, t), rs in sorted(series.items(), key=lambda kv: (
+            -kv[0][2] if kv[0][2] else float("-inf"), kv[0][1], kv[0][0], kv[0][3] != "tidings")):
         passed = [r for r in rs if r["sweep"]["passed"]]
         failed = [r for r in rs if not r["sweep"]["passed"]]
         best = max(passed, key=lambda r: r["sweep"]["rate"]) if passed else None
         above = [r for r in failed if not best or r["sweep"]["rate"] > best["sweep"]["rate"]]
         first_fail = min(above, key=lambda r: r["sweep"]["rate"]) if above else None
-        best_of[(tr, n, t)] = best["sweep"]["rate"] if best else None
+        best_of[(tr, n, lim, t)] = best["sweep"]["rate"] if best else None
         loads = [r["sweep"]["load"] for r in rs if r["sweep"].get("load") is not None]
         if best:
             s = best.get("server") or {}
@@ -694,19 +698,22 @@ def sweep_report(args):
             else "none (cap or time)"
         rat = ""
         if t == "nchan":
-            a, b = best_of.get((tr, n, "tidings")), best_of.get((tr, n, "nchan"))
+            a, b = best_of.get((tr, n, lim, "tidings")), best_of.get((tr, n, lim, "nchan"))
             rat = ratio(a, b) if a and b else "—"
-        lines.append(f"| {tr} | {n:,} | {t} | " + " | ".join(cols) + f" | {ff} | "
+        lim_txt = f"{lim:g} ms" if lim else "none"
+        lines.append(f"| {tr} | {n:,} | {lim_txt} | {t} | " + " | ".join(cols) + f" | {ff} | "
                      f"{(f'{min(loads):.1f}–{max(loads):.1f}') if loads else '—'} | {rat} |")
     table = "\n".join(lines)
     write_section("sweep", table)
     # The plot: highest passing rate per series, Tidings beside Nchan.
-    groups = sorted({(tr, n) for tr, n, _ in series}, key=lambda g: (g[1], g[0]))
-    names = [f"{tr}-{n // 1000}k" for tr, n in groups]
+    groups = sorted({(tr, n, lim) for tr, n, lim, _ in series},
+                    key=lambda g: (-g[2] if g[2] else float("-inf"), g[1], g[0]))
+    names = [f"{tr}-{n // 1000}k" + ("" if lim == 100 else f" (p99 {lim:g} ms)" if lim
+                                      else " (no p99 limit)") for tr, n, lim in groups]
     vals = {}
-    for (tr, n), name in zip(groups, names):
+    for (tr, n, lim), name in zip(groups, names):
         for t in ("tidings", "nchan", "pushpin"):
-            vals[(name, t)] = best_of.get((tr, n, t))
+            vals[(name, t)] = best_of.get((tr, n, lim, t))
     svg_bars(os.path.join(ROOT, "docs", "images", "bench-saturation.svg"),
              "Highest publish rate with p99 ≤ 100 ms and zero loss", "messages/s", names,
              [t for t in ("tidings", "nchan", "pushpin") if any(v for (g, tt), v in vals.items() if tt == t)],
@@ -740,6 +747,8 @@ def main():
     w.add_argument("--subscribers", default="1000,10000")
     w.add_argument("--seconds", type=float, default=3.0, help="publishing time per cell")
     w.add_argument("--bisect", type=int, default=2, help="bisection steps after doubling")
+    w.add_argument("--p99-ms", type=float, default=100,
+                   help="latency limit of a passing cell; 0 = none (zero loss alone)")
     w.add_argument("--budget", type=float, default=900, help="seconds for the whole sweep")
     w.add_argument("--results", default="", help=f"default {SWEEP_RESULTS}")
     w = sub.add_parser("sweep-report", help="the table and plot from a sweep sitting")
