@@ -464,7 +464,8 @@ def compare(args):
     args.targets = args.targets or "tidings,nchan"
     args.only = args.only or ",".join(COMPARE)
     args.variant = ""
-    sitting = time.strftime("%Y-%m-%dT%H:%M")
+    # --sitting adds runs to an earlier sitting (to replace runs that went wrong).
+    sitting = args.sitting or time.strftime("%Y-%m-%dT%H:%M")
     global SITTING
     SITTING = sitting
     run(args)
@@ -480,12 +481,19 @@ def compare_report(args):
     sittings = sorted({r.get("sitting") for r in rows if r.get("sitting")})
     sitting = args.sitting or (sittings[-1] if sittings else None)
     rows = [r for r in rows if r.get("sitting") == sitting]
+    # A run whose server was gone by the end (no CPU sample: its process had exited, every
+    # connection closed by it) measured nothing about the server; it is counted, not used.
+    gone = [r for r in rows if not r.get("server")]
+    rows = [r for r in rows if r.get("server")]
     by = {}
     for r in rows:
         by.setdefault((r["scenario"], r["target"]), []).append(r)
     lines = [f"Sitting `{sitting}` (commit `{rows[0].get('commit') if rows else '?'}`), "
              f"{len(rows)} runs; medians of the runs, range in brackets; load = 1-minute load "
-             "average before each run (min–max).", "",
+             "average before each run (min–max)."
+             + (f" Left out: {len(gone)} runs whose server process had exited before the end "
+                f"({', '.join(sorted({r['target'] + ' ' + r['scenario'] for r in gone}))})."
+                if gone else ""), "",
              "| cell | metric | Tidings | Nchan | Tidings/Nchan | target | load (Tidings / Nchan) |",
              "|---|---|---|---|---|---|---|"]
     targets = {"long-poll-1k": {"cpu": "≤ 0.5×", "p99": "≤ 0.5×"},
@@ -738,6 +746,7 @@ def main():
     c.add_argument("--targets", default="")
     c.add_argument("--only", default="")
     c.add_argument("--results", default="", help=f"default {COMPARE_RESULTS}")
+    c.add_argument("--sitting", default="", help="add to this sitting (default: a new one)")
     c = sub.add_parser("compare-report", help="the ratio table from a compare sitting")
     c.add_argument("--results", default="")
     c.add_argument("--sitting", default="", help="default: the last one in the file")
