@@ -664,14 +664,23 @@ def sweep(args):
 def sweep_report(args):
     path = args.results or SWEEP_RESULTS
     rows = [json.loads(line) for line in open(path) if line.strip()]
-    sittings = sorted({r["sweep"]["sitting"] for r in rows if r.get("sweep")})
-    sitting = args.sitting or (sittings[-1] if sittings else None)
-    rows = [r for r in rows if (r.get("sweep") or {}).get("sitting") == sitting]
+    rows = [r for r in rows if r.get("sweep")]
+    if args.sitting:
+        rows = [r for r in rows if r["sweep"]["sitting"] in args.sitting.split(",")]
+    # Each series (transport, subscribers, limit, server) from the last sitting that ran it,
+    # so a later sitting that ran only some series adds to the table instead of replacing it.
+    latest = {}
+    for r in rows:
+        key = (r["transport"], r["subscribers"], r["sweep"].get("p99_limit_ms", 100), r["target"])
+        latest[key] = max(latest.get(key, ""), r["sweep"]["sitting"])
     series = {}
     for r in rows:
-        limit = r["sweep"].get("p99_limit_ms", 100)
-        series.setdefault((r["transport"], r["subscribers"], limit, r["target"]), []).append(r)
-    lines = [f"Sitting `{sitting}` (commit `{rows[0].get('commit') if rows else '?'}`): "
+        key = (r["transport"], r["subscribers"], r["sweep"].get("p99_limit_ms", 100), r["target"])
+        if r["sweep"]["sitting"] == latest[key]:
+            series.setdefault(key, []).append(r)
+    rows = [r for rs in series.values() for r in rs]
+    sitting = ", ".join(sorted(set(latest.values())))
+    lines = [f"Sittings `{sitting}` (commit `{rows[0].get('commit') if rows else '?'}`): "
              f"{len(rows)} cells of {rows[0].get('duration_s', '?') if rows else '?'} s. "
              "Highest rate = the highest publish rate (messages/s, one channel) that passed; "
              "first failure = the lowest that failed, and why. Server and generator CPU are "
