@@ -692,7 +692,7 @@ def sweep_report(args):
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     best_of = {}
     for (tr, n, lim, t), rs in sorted(series.items(), key=lambda kv: (
-            -kv[0][2] if kv[0][2] else float("-inf"), kv[0][1], kv[0][0], kv[0][3] != "tidings")):
+            0 if kv[0][2] else 1, kv[0][1], kv[0][0], kv[0][3] != "tidings")):
         passed = [r for r in rs if r["sweep"]["passed"]]
         failed = [r for r in rs if not r["sweep"]["passed"]]
         best = max(passed, key=lambda r: r["sweep"]["rate"]) if passed else None
@@ -724,7 +724,7 @@ def sweep_report(args):
     write_section("sweep", table)
     # The plot: highest passing rate per series, Tidings beside Nchan.
     groups = sorted({(tr, n, lim) for tr, n, lim, _ in series},
-                    key=lambda g: (-g[2] if g[2] else float("-inf"), g[1], g[0]))
+                    key=lambda g: (0 if g[2] else 1, g[1], g[0]))
     names = [f"{tr}-{n // 1000}k" + ("" if lim == 100 else f" (p99 {lim:g} ms)" if lim
                                       else " (no p99 limit)") for tr, n, lim in groups]
     vals = {}
