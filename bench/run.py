@@ -19,6 +19,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -108,6 +109,15 @@ class Server:
         self.pids = []
 
     def start(self):
+        # Another run's server on the same port would answer in this one's place, and its
+        # stop would look like this server going away mid-run (seen when two engineers ran
+        # the harness at once): refuse instead.
+        for port in {"tidings": [8080], "nchan": [8090], "pushpin": [7999, 8092]}[self.target]:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            except OSError:
+                continue
+            raise RuntimeError(f"port {port} is already in use: is another benchmark running?")
         shutil.rmtree(os.path.join(RUNDIR, self.target), ignore_errors=True)
         d = os.path.join(RUNDIR, self.target)
         os.makedirs(d)
@@ -146,6 +156,10 @@ class Server:
             time.sleep(1.0)
             # The runner and the services it started (condure, proxy, handler); not the origin.
             self.pids = [p.pid] + descendants(p.pid)
+        for p in self.procs:
+            if p.poll() is not None:
+                raise RuntimeError(f"{self.target} exited at start (code {p.returncode}); "
+                                   f"see {os.path.join(d, 'server.log')}")
         return self
 
     def stop(self):
