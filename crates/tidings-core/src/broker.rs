@@ -92,6 +92,14 @@ pub trait Broker: Send + Sync + 'static {
         limit: Option<usize>,
     ) -> Result<HistoryRead, BrokerError>;
 
+    /// Whether `subscribe`/`unsubscribe` do anything. A broker in this process (the memory
+    /// broker) feeds the hub on every publish already, so a subscription need not tell it:
+    /// skipping the calls saves a boxed future per join and, per last leave, a spawned task
+    /// (issue 17: a long poll joins and leaves its channel on every round trip).
+    fn tracks_subscriptions(&self) -> bool {
+        true
+    }
+
     /// This node wants the channel's messages delivered to its hub.
     async fn subscribe(&self, channel: &ChannelName) -> Result<(), BrokerError>;
 

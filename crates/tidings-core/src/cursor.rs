@@ -50,6 +50,49 @@ pub struct Cursor {
     entries: Vec<(u64, Position)>,
 }
 
+/// A cursor's text from its entries. Written at its exact length, on the stack for the
+/// common one-channel cursor: the base64 text is then the only allocation (this runs for
+/// every publish reply and every poll answer).
+fn encode_entries(entries: &[(u64, Position)]) -> String {
+    let len = 1 + entries
+        .iter()
+        .map(|(_, pos)| 8 + 1 + pos.epoch.as_str().len() + varint_len(pos.offset))
+        .sum::<usize>();
+    let mut stack = [0u8; 64];
+    let mut heap = Vec::new();
+    let raw: &mut [u8] = if len <= stack.len() {
+        &mut stack[..len]
+    } else {
+        heap.resize(len, 0);
+        &mut heap
+    };
+    raw[0] = VERSION;
+    let mut at = 1;
+    for (hash, pos) in entries {
+        raw[at..at + 8].copy_from_slice(&hash.to_be_bytes());
+        at += 8;
+        let epoch = pos.epoch.as_str().as_bytes();
+        // Epochs are at most 32 bytes by construction (Epoch::new).
+        raw[at] = epoch.len() as u8;
+        at += 1;
+        raw[at..at + epoch.len()].copy_from_slice(epoch);
+        at += epoch.len();
+        let mut v = pos.offset;
+        loop {
+            let byte = (v & 0x7f) as u8;
+            v >>= 7;
+            if v == 0 {
+                raw[at] = byte;
+                at += 1;
+                break;
+            }
+            raw[at] = byte | 0x80;
+            at += 1;
+        }
+    }
+    URL_SAFE_NO_PAD.encode(&raw[..at])
+}
+
 /// Bytes `offset` takes as a LEB128 varint (as `Cursor::encode` writes it).
 fn varint_len(offset: u64) -> usize {
     (u64::BITS - offset.leading_zeros()).max(1).div_ceil(7) as usize
@@ -104,47 +147,12 @@ impl Cursor {
     }
 
     pub fn encode(&self) -> String {
-        // Written at its exact length, on the stack for the common one-channel cursor: the
-        // base64 text is then the only allocation (this runs for every publish reply and
-        // every poll answer).
-        let len = 1 + self
-            .entries
-            .iter()
-            .map(|(_, pos)| 8 + 1 + pos.epoch.as_str().len() + varint_len(pos.offset))
-            .sum::<usize>();
-        let mut stack = [0u8; 64];
-        let mut heap = Vec::new();
-        let raw: &mut [u8] = if len <= stack.len() {
-            &mut stack[..len]
-        } else {
-            heap.resize(len, 0);
-            &mut heap
-        };
-        raw[0] = VERSION;
-        let mut at = 1;
-        for (hash, pos) in &self.entries {
-            raw[at..at + 8].copy_from_slice(&hash.to_be_bytes());
-            at += 8;
-            let epoch = pos.epoch.as_str().as_bytes();
-            // Epochs are at most 32 bytes by construction (Epoch::new).
-            raw[at] = epoch.len() as u8;
-            at += 1;
-            raw[at..at + epoch.len()].copy_from_slice(epoch);
-            at += epoch.len();
-            let mut v = pos.offset;
-            loop {
-                let byte = (v & 0x7f) as u8;
-                v >>= 7;
-                if v == 0 {
-                    raw[at] = byte;
-                    at += 1;
-                    break;
-                }
-                raw[at] = byte | 0x80;
-                at += 1;
-            }
-        }
-        URL_SAFE_NO_PAD.encode(&raw[..at])
+        encode_entries(&self.entries)
+    }
+
+    /// `Cursor::single(channel, position).encode()` without the cursor's list.
+    pub fn encode_single(channel: &ChannelName, position: &Position) -> String {
+        encode_entries(&[(channel.hash64(), position.clone())])
     }
 
     pub fn decode(text: &str) -> Result<Self, CursorError> {

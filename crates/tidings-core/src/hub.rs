@@ -17,27 +17,52 @@ use crate::shards::Shards;
 
 type Subscribers = Mutex<Local>;
 
-/// A channel's local subscribers: a list to fan out over, and where each one sits in it,
-/// so a session leaves in O(1). (A scan made every long poll's re-registration cost O(n):
-/// a message to 10,000 pollers then cost 10,000 × 5,000 comparisons.)
+/// A channel's local subscribers: a list to fan out over, and — once the list is long —
+/// where each one sits in it, so a session leaves in O(1). (A scan made every long poll's
+/// re-registration cost O(n): a message to 10,000 pollers then cost 10,000 × 5,000
+/// comparisons.) A short list is scanned: most channels have a few subscribers, and a
+/// channel a long poll joins alone is created and dropped on every round trip, where the
+/// index map was one more allocation each time (issue 17).
 #[derive(Default)]
 struct Local {
     list: Vec<(u64, Arc<SessionQueue>)>,
+    /// Empty while the list is at most `SCAN` long.
     at: foldhash::HashMap<u64, usize>,
 }
 
+/// Lists up to this long are scanned instead of indexed.
+const SCAN: usize = 16;
+
 impl Local {
     fn push(&mut self, id: u64, queue: Arc<SessionQueue>) {
-        self.at.insert(id, self.list.len());
         self.list.push((id, queue));
+        if self.list.len() > SCAN {
+            if self.at.is_empty() {
+                self.at
+                    .extend(self.list.iter().enumerate().map(|(i, (id, _))| (*id, i)));
+            } else {
+                self.at.insert(id, self.list.len() - 1);
+            }
+        }
     }
 
     fn remove(&mut self, id: u64) {
-        let Some(i) = self.at.remove(&id) else {
+        let found = if self.at.is_empty() {
+            self.list.iter().position(|(i, _)| *i == id)
+        } else {
+            self.at.remove(&id)
+        };
+        let Some(i) = found else {
             return;
         };
         self.list.swap_remove(i);
-        if let Some((moved, _)) = self.list.get(i) {
+        if self.at.is_empty() {
+            return;
+        }
+        if self.list.len() <= SCAN {
+            // Back to scanning; the map's memory goes with it.
+            self.at = foldhash::HashMap::default();
+        } else if let Some((moved, _)) = self.list.get(i) {
             self.at.insert(*moved, i);
         }
     }
@@ -215,5 +240,28 @@ mod tests {
         assert!(hub.remove(&c, 4), "the last one out empties the channel");
         assert_eq!(hub.subscriber_count(&c), 0);
         assert_eq!(hub.deliver(&message(&c)), 0);
+    }
+
+    #[test]
+    fn a_long_list_indexed_and_shrunk_back_to_a_scan_keeps_every_session() {
+        let hub = Hub::new();
+        let c = ChannelName::new("c").unwrap();
+        let n = SCAN as u64 * 3;
+        let queues: Vec<_> = (0..n).map(|_| SessionQueue::new(1 << 20)).collect();
+        for (id, q) in queues.iter().enumerate() {
+            hub.add(&c, id as u64, q.clone());
+        }
+        // Every other one leaves (indexed removals), then all but three (down into scanning).
+        for id in (0..n).step_by(2) {
+            assert!(!hub.remove(&c, id));
+        }
+        assert_eq!(hub.subscriber_count(&c), (n / 2) as usize);
+        for id in (1..n).step_by(2).skip(3) {
+            assert!(!hub.remove(&c, id));
+        }
+        assert_eq!(hub.deliver(&message(&c)), 3);
+        assert!(!hub.remove(&c, 1));
+        assert!(!hub.remove(&c, 3));
+        assert!(hub.remove(&c, 5));
     }
 }

@@ -167,9 +167,11 @@ pub struct Message {
     frames: [OnceLock<Bytes>; FRAME_SLOTS],
 }
 
+/// The envelope with the message's own cursor; `all[head..tail]` is that cursor.
 struct EnvelopeParts {
-    head: Bytes,
-    tail: Bytes,
+    all: Bytes,
+    head: usize,
+    tail: usize,
 }
 
 impl fmt::Debug for Message {
@@ -217,34 +219,45 @@ impl Message {
         self.data.len() + 160
     }
 
+    /// The envelope with this message's own cursor, written once into one buffer whose
+    /// slices are the parts (two allocations: the buffer and its sharing; issue 17).
     fn parts(&self) -> &EnvelopeParts {
         self.envelope.get_or_init(|| {
-            let mut head = BytesMut::with_capacity(96);
-            head.put_slice(b"{\"channel\":\"");
-            head.put_slice(self.channel.as_str().as_bytes());
-            head.put_slice(b"\",\"offset\":");
-            head.put_slice(self.offset.to_string().as_bytes());
-            head.put_slice(b",\"epoch\":\"");
-            head.put_slice(self.epoch.as_str().as_bytes());
-            head.put_slice(b"\",\"cursor\":\"");
-            let mut tail = BytesMut::with_capacity(self.data.len() + 64);
-            tail.put_u8(b'"');
+            let cursor = self.cursor();
+            let (channel, epoch) = (self.channel.as_str(), self.epoch.as_str());
+            let event = self.event.as_ref().map_or(0, |e| e.as_str().len() + 11);
+            let mut out = BytesMut::with_capacity(
+                128 + channel.len() + epoch.len() + cursor.len() + event + self.data.len(),
+            );
+            let mut number = itoa::Buffer::new();
+            out.put_slice(b"{\"channel\":\"");
+            out.put_slice(channel.as_bytes());
+            out.put_slice(b"\",\"offset\":");
+            out.put_slice(number.format(self.offset).as_bytes());
+            out.put_slice(b",\"epoch\":\"");
+            out.put_slice(epoch.as_bytes());
+            out.put_slice(b"\",\"cursor\":\"");
+            let head = out.len();
+            out.put_slice(cursor);
+            let tail = out.len();
+            out.put_u8(b'"');
             if let Some(event) = &self.event {
-                tail.put_slice(b",\"event\":\"");
-                tail.put_slice(event.as_str().as_bytes());
-                tail.put_u8(b'"');
+                out.put_slice(b",\"event\":\"");
+                out.put_slice(event.as_str().as_bytes());
+                out.put_u8(b'"');
             }
-            tail.put_slice(b",\"data\":");
-            self.data.write_json(&mut tail);
+            out.put_slice(b",\"data\":");
+            self.data.write_json(&mut out);
             if matches!(self.data, Data::Binary(_)) {
-                tail.put_slice(b",\"encoding\":\"base64\"");
+                out.put_slice(b",\"encoding\":\"base64\"");
             }
-            tail.put_slice(b",\"time\":");
-            tail.put_slice(self.time.to_string().as_bytes());
-            tail.put_u8(b'}');
+            out.put_slice(b",\"time\":");
+            out.put_slice(number.format(self.time).as_bytes());
+            out.put_u8(b'}');
             EnvelopeParts {
-                head: head.freeze(),
-                tail: tail.freeze(),
+                all: out.freeze(),
+                head,
+                tail,
             }
         })
     }
@@ -252,24 +265,22 @@ impl Message {
     /// The cursor of this message's own channel at this message (valid as `since`).
     pub fn cursor(&self) -> &Bytes {
         self.cursor
-            .get_or_init(|| Bytes::from(Cursor::single(&self.channel, self.position()).encode()))
+            .get_or_init(|| Bytes::from(Cursor::encode_single(&self.channel, &self.position())))
     }
 
     /// Appends the envelope with the given cursor text (a subscription's cursor).
     pub fn write_envelope(&self, out: &mut BytesMut, cursor: &[u8]) {
         let p = self.parts();
-        out.reserve(p.head.len() + cursor.len() + p.tail.len());
-        out.put_slice(&p.head);
+        let (head, tail) = (&p.all[..p.head], &p.all[p.tail..]);
+        out.reserve(head.len() + cursor.len() + tail.len());
+        out.put_slice(head);
         out.put_slice(cursor);
-        out.put_slice(&p.tail);
+        out.put_slice(tail);
     }
 
     /// The envelope with this message's own cursor, encoded once and shared.
     pub fn envelope(&self) -> Bytes {
-        let (p, cursor) = (self.parts(), self.cursor());
-        let mut out = BytesMut::with_capacity(p.head.len() + cursor.len() + p.tail.len());
-        self.write_envelope(&mut out, cursor);
-        out.freeze()
+        self.parts().all.clone()
     }
 
     /// A per-message frame cache for transports: `slot` must be one the caller owns

@@ -269,7 +269,9 @@ impl Subscription {
         }
         // Pushed before registering so Drop undoes exactly what was done if we fail later.
         self.channels.push(channel.clone());
-        if self.node.hub.add(channel, self.id, self.queue.clone()) {
+        if self.node.hub.add(channel, self.id, self.queue.clone())
+            && self.node.broker.tracks_subscriptions()
+        {
             self.node.broker.subscribe(channel).await?;
         }
         // Never more than the namespace keeps, whatever `history=N` asked for.
@@ -326,18 +328,24 @@ impl Subscription {
 
     /// Undoes a channel's registrations: hub, broker subscription, presence.
     fn leave(&self, channel: &ChannelName) {
-        let last = self.node.hub.remove(channel, self.id);
-        let policy = self.node.policies.for_channel(channel);
-        let presence = self.client.clone().filter(|_| policy.presence);
+        let last =
+            self.node.hub.remove(channel, self.id) && self.node.broker.tracks_subscriptions();
+        // A poll has no client (it is never present): no policy lookup, no task.
+        let presence = match &self.client {
+            None => None,
+            Some(client) => {
+                let policy = self.node.policies.for_channel(channel);
+                policy.presence.then(|| (client.clone(), policy.join_leave))
+            }
+        };
         if !last && presence.is_none() {
             return;
         }
         let broker = self.node.broker.clone();
         let channel = channel.clone();
-        let announce = policy.join_leave;
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
             rt.spawn(async move {
-                if let Some(client) = presence
+                if let Some((client, announce)) = presence
                     && let Err(e) = broker.presence_leave(&channel, &client, announce).await
                 {
                     tracing::warn!(%channel, error = %e, "presence leave failed");

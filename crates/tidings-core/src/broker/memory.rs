@@ -1037,6 +1037,10 @@ impl Broker for MemoryBroker {
         self.read_through(channel, since, limit).await
     }
 
+    fn tracks_subscriptions(&self) -> bool {
+        false
+    }
+
     async fn subscribe(&self, _channel: &ChannelName) -> Result<(), BrokerError> {
         // One process: every publish already goes through this node's hub.
         Ok(())
