@@ -151,7 +151,7 @@ pub fn write_json_str(out: &mut BytesMut, s: &str) {
 }
 
 /// Slots a transport may use to cache its own per-message frame (see `Message::cached_frame`).
-pub const FRAME_SLOTS: usize = 6;
+pub const FRAME_SLOTS: usize = 7;
 
 pub struct Message {
     pub channel: ChannelName,

@@ -21,6 +21,7 @@ use tidings_core::{
 use crate::app::error::ApiError;
 use crate::auth::Principal;
 use crate::net::ConnectionCtx;
+use crate::net::reply::{Reply, ReplyBody, Text};
 use crate::state::AppState;
 
 /// A batch body may hold this many messages' worth of `max_message_bytes`.
@@ -266,6 +267,7 @@ pub async fn to_channel(
         body,
     )
     .await
+    .map(Reply::into_response)
 }
 
 /// Publishes the request body to `channel` and answers with its position.
@@ -276,7 +278,7 @@ pub async fn publish_body(
     query: Option<&str>,
     headers: &HeaderMap,
     body: Body,
-) -> Result<Response, ApiError> {
+) -> Result<Reply, ApiError> {
     let channel = ChannelName::new(channel)?;
     let who = gate(state, conn, headers, query)?;
     let policy = state.node.policies.for_channel(&channel);
@@ -291,43 +293,36 @@ pub async fn publish_body(
 
 /// The reply to one publish; a replayed key says so in a header (the body is the first
 /// publish's answer, unchanged).
-fn single_reply(p: &Published) -> Response {
-    let mut res = position_reply(&p.message);
+fn single_reply(p: &Published) -> Reply {
+    let reply = position_reply(&p.message);
     if p.replayed {
-        res.headers_mut().insert(
-            IDEMPOTENT_REPLAYED,
-            axum::http::HeaderValue::from_static("true"),
-        );
+        return reply.header(IDEMPOTENT_REPLAYED, Text::Static("true"));
     }
-    res
+    reply
 }
 
 /// `position_json` written straight to bytes (same fields, same order) for the hot
 /// single-message publish: no `Value` tree, no map. Every field is already JSON-safe: channel
-/// names, epochs and cursors are drawn from URL-safe ASCII.
-fn position_reply(m: &Message) -> Response {
+/// names, epochs and cursors are drawn from URL-safe ASCII. A lean reply (`net::reply`):
+/// the text is the one allocation besides the answer's head.
+fn position_reply(m: &Message) -> Reply {
     let cursor = m.cursor();
-    let mut out = String::with_capacity(96 + m.channel.as_str().len() + cursor.len());
+    let mut out = BytesMut::with_capacity(
+        96 + m.channel.as_str().len() + m.epoch.as_str().len() + cursor.len(),
+    );
     let mut number = itoa::Buffer::new();
-    out.push_str("{\"channel\":\"");
-    out.push_str(m.channel.as_str());
-    out.push_str("\",\"offset\":");
-    out.push_str(number.format(m.offset));
-    out.push_str(",\"epoch\":\"");
-    out.push_str(m.epoch.as_str());
-    out.push_str("\",\"cursor\":\"");
-    out.push_str(std::str::from_utf8(cursor).unwrap_or(""));
-    out.push_str("\",\"time\":");
-    out.push_str(number.format(m.time));
-    out.push('}');
-    (
-        [(
-            header::CONTENT_TYPE,
-            axum::http::HeaderValue::from_static("application/json"),
-        )],
-        out,
-    )
-        .into_response()
+    out.extend_from_slice(b"{\"channel\":\"");
+    out.extend_from_slice(m.channel.as_str().as_bytes());
+    out.extend_from_slice(b"\",\"offset\":");
+    out.extend_from_slice(number.format(m.offset).as_bytes());
+    out.extend_from_slice(b",\"epoch\":\"");
+    out.extend_from_slice(m.epoch.as_str().as_bytes());
+    out.extend_from_slice(b"\",\"cursor\":\"");
+    out.extend_from_slice(cursor);
+    out.extend_from_slice(b"\",\"time\":");
+    out.extend_from_slice(number.format(m.time).as_bytes());
+    out.extend_from_slice(b"}");
+    Reply::new(StatusCode::OK, "application/json", ReplyBody::Owned(out))
 }
 
 pub(crate) async fn publish(
@@ -530,7 +525,7 @@ pub async fn document(
             )?;
             allowed(&state, &who, std::slice::from_ref(&v), "channel")?;
             let p = publish_keyed(&state, &v.channel, v.event, v.data, doc_key).await?;
-            Ok(single_reply(&p))
+            Ok(single_reply(&p).into_response())
         }
         (None, Some(channels), None) => {
             let data = doc.data.ok_or_else(shape_error)?;
@@ -721,7 +716,7 @@ mod tests {
             Data::Text(Bytes::from_static(b"hi")),
             1_732_200_000_123,
         );
-        let res = position_reply(&m);
+        let res = position_reply(&m).into_response();
         assert_eq!(res.headers()[header::CONTENT_TYPE], "application/json");
         let body = res.into_body().collect().await.unwrap().to_bytes();
         assert_eq!(body, serde_json::to_string(&position_json(&m)).unwrap());

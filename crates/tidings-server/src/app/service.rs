@@ -24,7 +24,7 @@ use crate::app::error::ApiError;
 use crate::app::routes::{self, Direct, DirectRoutes};
 use crate::app::{cors, publish};
 use crate::net::limits::ConnectionLimits;
-use crate::net::{ConnectionCtx, Handled, Settings};
+use crate::net::{Answer, ConnectionCtx, Handled, Settings};
 use crate::state::AppState;
 use crate::transport::short_poll::Polled;
 use crate::transport::{http_stream, long_poll, short_poll, sse};
@@ -56,7 +56,9 @@ impl App {
         let claim = Claim::new(log.open(req.method(), req.uri(), req.version(), Some(conn.peer)));
         req.extensions_mut().insert(claim.clone());
         match self.answer(req, conn).await {
-            Handled::Ready(res) => Handled::Ready(logged(res, &claim, None)),
+            Handled::Ready(answer) => {
+                Handled::Ready(logged(answer.into_response(), &claim, None).into())
+            }
             Handled::Later(mut finish) => {
                 finish.access = Some(claim);
                 Handled::Later(finish)
@@ -67,15 +69,15 @@ impl App {
     async fn answer(&self, req: Request, conn: &ConnectionCtx) -> Handled<Finish> {
         let origin = match cors::check(&self.state, &req) {
             cors::Verdict::Route(origin) => origin,
-            cors::Verdict::Answer(answer) => return Handled::Ready(answer),
+            cors::Verdict::Answer(answer) => return Handled::Ready(answer.into()),
         };
         let (parts, body) = req.into_parts();
         let answered = match self.direct.find(&parts.method, parts.uri.path()) {
             Some((to, param)) => self.call_direct(to, param, &parts, body, conn).await,
             None => Ok(self.route(Request::from_parts(parts, body), conn).await),
         };
-        let mut res = match answered {
-            Ok(Polled::Now(res)) => res,
+        let answer = match answered {
+            Ok(Polled::Now(answer)) => answer,
             Ok(Polled::Later(wait)) => {
                 return Handled::Later(Finish {
                     wait,
@@ -83,10 +85,9 @@ impl App {
                     access: None,
                 });
             }
-            Err(e) => e.into_response(),
+            Err(e) => e.into_response().into(),
         };
-        cors::decorate(origin, &mut res);
-        Handled::Ready(res)
+        Handled::Ready(decorated(origin, answer))
     }
 
     /// A direct row: its handler's core, with the request's parts by reference.
@@ -103,12 +104,18 @@ impl App {
         let now = match (to, channel) {
             (Direct::Poll, c) => return short_poll::poll(state, c, query, headers).await,
             (Direct::Publish, Some(c)) => {
-                publish::publish_body(state, conn, c, query, headers, body).await
+                publish::publish_body(state, conn, c, query, headers, body)
+                    .await
+                    .map(Answer::from)
             }
             // The table marks only `/publish/{channel}` for `Publish`.
             (Direct::Publish, None) => Err(ApiError::not_found()),
-            (Direct::Sse, c) => sse::subscribe(state, conn, c, query, headers).await,
-            (Direct::Stream, c) => http_stream::subscribe(state, conn, c, query, headers).await,
+            (Direct::Sse, c) => sse::subscribe(state, conn, c, query, headers)
+                .await
+                .map(Answer::from),
+            (Direct::Stream, c) => http_stream::subscribe(state, conn, c, query, headers)
+                .await
+                .map(Answer::from),
         };
         now.map(Polled::Now)
     }
@@ -123,7 +130,7 @@ impl App {
         };
         match long_poll::take_deferred(&res) {
             Some(wait) => Polled::Later(wait),
-            None => Polled::Now(res),
+            None => Polled::Now(res.into()),
         }
     }
 }
@@ -136,16 +143,26 @@ pub struct Finish {
 }
 
 impl Future for Finish {
-    type Output = Response;
+    type Output = Answer;
 
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Response> {
-        let mut res = std::task::ready!(self.wait.as_mut().poll(cx));
-        cors::decorate(self.cors.take(), &mut res);
-        if let Some(claim) = self.access.take() {
-            res = logged(res, &claim, Some("long-poll"));
-        }
-        Poll::Ready(res)
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Answer> {
+        let answer = std::task::ready!(self.wait.as_mut().poll(cx));
+        let answer = decorated(self.cors.take(), answer);
+        Poll::Ready(match self.access.take() {
+            Some(claim) => logged(answer.into_response(), &claim, Some("long-poll")).into(),
+            None => answer,
+        })
     }
+}
+
+/// `answer` with the CORS headers for `origin`: a lean reply stays lean without one.
+fn decorated(origin: Option<HeaderValue>, answer: Answer) -> Answer {
+    if origin.is_none() {
+        return answer;
+    }
+    let mut res = answer.into_response();
+    cors::decorate(origin, &mut res);
+    res.into()
 }
 
 /// `res` with the request's access-log entry tied to its body: the line is written when the

@@ -45,8 +45,9 @@ use tokio::time::Instant;
 use tokio_rustls::server::TlsStream;
 use tokio_util::sync::CancellationToken;
 
+use crate::net::reply::Reply;
 use crate::net::upgrade::{Pending, Upgradable};
-use crate::net::{ConnectionCtx, Handled, Service};
+use crate::net::{Answer, ConnectionCtx, Handled, Service};
 
 /// The largest request head read here (request line and headers); over it: 431.
 pub const MAX_HEAD: usize = 64 * 1024;
@@ -104,6 +105,19 @@ struct Exchange {
 }
 
 impl Exchange {
+    fn of(answer: Answer, keep_alive: bool, head_only: bool) -> Self {
+        match answer {
+            Answer::Response(res) => Self::new(res, keep_alive, head_only),
+            Answer::Reply(reply) => Self {
+                head: reply_head(&reply, keep_alive, head_only),
+                framing: Framing::None,
+                body: Body::empty(),
+                keep_alive,
+                upgrade: None,
+            },
+        }
+    }
+
     fn new(res: Response<Body>, keep_alive: bool, head_only: bool) -> Self {
         let (mut parts, body) = res.into_parts();
         let upgrade = if parts.status == StatusCode::SWITCHING_PROTOCOLS {
@@ -131,8 +145,8 @@ impl Exchange {
 }
 
 /// What the service answered: a response, or a long poll still waiting for its answer.
-enum Answer<L> {
-    Ready(Exchange),
+enum Ready<L> {
+    Now(Exchange),
     Later {
         later: L,
         keep_alive: bool,
@@ -154,8 +168,8 @@ impl<Svc: Service> Lean<'_, Svc> {
                 Err(outcome) => return outcome,
             };
             let exchange = match answer {
-                Answer::Ready(exchange) => exchange,
-                Answer::Later {
+                Ready::Now(exchange) => exchange,
+                Ready::Later {
                     later,
                     keep_alive,
                     head_only,
@@ -165,7 +179,7 @@ impl<Svc: Service> Lean<'_, Svc> {
                         res = later => res,
                         _ = hung_up(stream, &mut watch) => return Outcome::Done,
                     };
-                    Exchange::new(res, keep_alive, head_only)
+                    Exchange::of(res, keep_alive, head_only)
                 }
             };
             let keep_alive = exchange.keep_alive;
@@ -194,7 +208,7 @@ impl<Svc: Service> Lean<'_, Svc> {
         &self,
         stream: &mut S,
         buf: &mut BytesMut,
-    ) -> Result<Answer<Svc::Later>, Outcome> {
+    ) -> Result<Ready<Svc::Later>, Outcome> {
         let (mut req, keep_alive, head_only, body) = match self.read_head(stream, buf).await {
             Head::Request {
                 req,
@@ -213,8 +227,8 @@ impl<Svc: Service> Lean<'_, Svc> {
             *req.body_mut() = Body::from(self.read_body(stream, buf, body).await?);
         }
         match self.service.call(req, self.ctx).await {
-            Handled::Ready(res) => Ok(Answer::Ready(Exchange::new(res, keep_alive, head_only))),
-            Handled::Later(later) => Ok(Answer::Later {
+            Handled::Ready(res) => Ok(Ready::Now(Exchange::of(res, keep_alive, head_only))),
+            Handled::Later(later) => Ok(Ready::Later {
                 later,
                 keep_alive,
                 head_only,
@@ -695,6 +709,40 @@ fn response_head(
     }
     out.extend_from_slice(b"\r\n");
     (out, framing, keep_alive)
+}
+
+/// A lean reply's head with its body, in one buffer (one write, one allocation).
+fn reply_head(reply: &Reply, keep_alive: bool, head_only: bool) -> Vec<u8> {
+    let status = reply.status;
+    let bodyless = status.is_informational()
+        || status == StatusCode::NO_CONTENT
+        || status == StatusCode::NOT_MODIFIED;
+    let body = if bodyless || head_only {
+        &[][..]
+    } else {
+        &reply.body[..]
+    };
+    let mut out = Vec::with_capacity(128 + reply.headers_len() + body.len());
+    out.extend_from_slice(b"HTTP/1.1 ");
+    out.extend_from_slice(status.as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
+    out.extend_from_slice(b"\r\n");
+    reply.write_headers(&mut out);
+    out.extend_from_slice(b"date: ");
+    out.extend_from_slice(&http_date());
+    out.extend_from_slice(b"\r\n");
+    if !keep_alive {
+        out.extend_from_slice(b"connection: close\r\n");
+    }
+    if !bodyless {
+        out.extend_from_slice(b"content-length: ");
+        out.extend_from_slice(itoa::Buffer::new().format(reply.body.len()).as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+    out.extend_from_slice(body);
+    out
 }
 
 /// The `date:` value for now. It changes once a second, so each thread keeps the last one:

@@ -262,8 +262,8 @@ async fn stream<S: Service>(
 /// The service's answer, a long poll's included.
 async fn call<S: Service>(service: &S, req: Request<Body>, ctx: &ConnectionCtx) -> Response<Body> {
     match service.call(req, ctx).await {
-        Handled::Ready(res) => res,
-        Handled::Later(later) => later.await,
+        Handled::Ready(answer) => answer.into_response(),
+        Handled::Later(later) => later.await.into_response(),
     }
 }
 

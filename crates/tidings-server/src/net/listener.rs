@@ -307,8 +307,8 @@ impl<Svc: Service> Edge<Svc> {
                 futures_util::future::Either::Right(async move {
                     let req = req.map(axum::body::Body::new);
                     let mut res = match service.call(req, &ctx).await {
-                        Handled::Ready(res) => res,
-                        Handled::Later(later) => later.await,
+                        Handled::Ready(answer) => answer.into_response(),
+                        Handled::Later(later) => later.await.into_response(),
                     };
                     let held = (guard, permit);
                     let session = res.extensions_mut().remove::<Pending>();

@@ -19,7 +19,8 @@
 //! ## What the layer gives the service, and takes from it
 //! - in: a `Request<Body>` whose extensions may carry [`upgrade::Upgradable`] (this
 //!   connection can hand its socket to a session), plus the connection's [`ConnectionCtx`];
-//! - out: a response, or [`Handled::Later`] (answered when its future resolves, while the
+//! - out: a response or a lean [`Reply`] (`reply.rs`: the hot routes' answers, written by
+//!   `h1` without a `Response`), or [`Handled::Later`] (answered when its future resolves, while the
 //!   lean path watches the socket for the client hanging up); an answer whose extensions
 //!   carry an [`upgrade::Pending`] session hands it the socket once it is written;
 //! - settings, limits, the shutdown signal and the connection gauges come from the service
@@ -31,6 +32,7 @@ pub mod http2;
 pub mod limits;
 pub mod listener;
 pub mod push;
+pub mod reply;
 pub mod upgrade;
 pub mod wsframe;
 
@@ -44,11 +46,12 @@ use http::{Request, Response};
 use tokio_util::sync::CancellationToken;
 
 pub use listener::{SHUTDOWN_GRACE, serve};
+pub use reply::{Answer, Reply};
 
 /// The one interface the protocol layer calls; the application implements it.
 pub trait Service: Send + Sync + 'static {
-    /// An answer still to come (a long poll): resolves to the finished response.
-    type Later: Future<Output = Response<Body>> + Send + 'static;
+    /// An answer still to come (a long poll): resolves to the finished answer.
+    type Later: Future<Output = Answer> + Send + 'static;
 
     /// Answers `req`, which came over `conn`.
     fn call(
@@ -73,7 +76,7 @@ pub trait Service: Send + Sync + 'static {
 
 /// What `Service::call` answers.
 pub enum Handled<L> {
-    Ready(Response<Body>),
+    Ready(Answer),
     /// Answered when the future resolves; the caller waits on it beside the socket.
     Later(L),
 }

@@ -21,6 +21,7 @@ use tidings_core::Subscription;
 use tokio_util::sync::CancellationToken;
 
 use crate::metrics::SessionGauge;
+use crate::net::Answer;
 use crate::transport::short_poll::PollReply;
 
 pub async fn wait(
@@ -47,7 +48,7 @@ pub async fn wait(
 }
 
 /// A long poll's answer, still to come.
-pub type Wait = Pin<Box<dyn Future<Output = Response> + Send>>;
+pub type Wait = Pin<Box<dyn Future<Output = Answer> + Send>>;
 
 /// A response still to come (the extension on a placeholder response).
 #[derive(Clone)]

@@ -51,4 +51,6 @@ pub mod frame_slot {
     pub const WS_RAW: usize = 4;
     /// A Pusher protocol event (`crate::pusher`).
     pub const PUSHER: usize = 5;
+    /// A long poll's whole reply to this one message (`short_poll::shared_body`).
+    pub const POLL_REPLY: usize = 6;
 }

@@ -10,23 +10,36 @@
 //! A poll is a subscription that lives for one request: the same race-free join as the
 //! streams, so a message published between two polls is in the next reply exactly once.
 
+use std::sync::Arc;
+
 use axum::extract::{Path, RawQuery, State};
-use axum::http::{HeaderMap, HeaderName, HeaderValue, header};
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use bytes::{BufMut, Bytes, BytesMut};
-use tidings_core::{BrokerError, Disconnect, DisconnectReason, Event, Subscription};
+use tidings_core::{BrokerError, Disconnect, DisconnectReason, Event, Message, Subscription};
 
 use crate::app::error::ApiError;
 use crate::metrics::SessionGauge;
+use crate::net::Answer;
+use crate::net::reply::{Reply, ReplyBody, Text};
 use crate::state::AppState;
-use crate::transport::{TransportKind, long_poll, params};
+use crate::transport::{TransportKind, frame_slot, long_poll, params};
 
 /// The JSON reply being assembled: envelopes are written straight into the buffer that
 /// becomes the body (no copy of a replay on its way out). A reply holds at most one page of
 /// replay (`Subscription::drain`, about `queue_max_bytes`); its cursor resumes after it.
+///
+/// One pass for many pollers (issue 17): when a message reaches a channel with N held
+/// one-channel polls, each of them answers with exactly the same bytes — the message, its
+/// own cursor, no gaps. That body is encoded once per message (`shared_body`, cached on the
+/// message) and every poller's answer shares it; a poller only writes its response head.
+/// So the first message is held back (`only`) until the reply turns out to need more.
 pub struct PollReply {
     messages: BytesMut,
     count: usize,
+    /// The reply's first message, not written yet: it came with its own cursor, so the
+    /// whole reply may be its shared body.
+    only: Option<Arc<Message>>,
     gaps: Vec<serde_json::Value>,
     ended: Option<DisconnectReason>,
 }
@@ -47,6 +60,7 @@ impl PollReply {
             // Empty until the first message: a long poll waits with no buffer at all.
             messages: BytesMut::new(),
             count: 0,
+            only: None,
             gaps: Vec::new(),
             ended: None,
         }
@@ -59,15 +73,25 @@ impl PollReply {
     /// Takes what the subscription has ready. An overflow just ends the collection: the
     /// cursor covers exactly what was added, so the next poll reads the rest from history.
     pub fn collect(&mut self, sub: &mut Subscription, gauge: &SessionGauge) {
-        let (messages, count, gaps) = (&mut self.messages, &mut self.count, &mut self.gaps);
+        let (messages, count, only, gaps) = (
+            &mut self.messages,
+            &mut self.count,
+            &mut self.only,
+            &mut self.gaps,
+        );
         let drained = sub.drain(|event, cursor| match event {
             Event::Message(m) => {
-                if *count > 0 {
-                    messages.put_u8(b',');
+                if *count == 0 && cursor == &m.cursor()[..] {
+                    *only = Some(m.clone());
                 } else {
-                    start(messages);
+                    write_only(messages, only);
+                    if messages.is_empty() {
+                        start(messages);
+                    } else {
+                        messages.put_u8(b',');
+                    }
+                    m.write_envelope(messages, cursor);
                 }
-                m.write_envelope(messages, cursor);
                 *count += 1;
             }
             Event::Gap(g) => {
@@ -92,16 +116,24 @@ impl PollReply {
         self.ended.is_some()
     }
 
+    /// The message whose shared body is this whole reply, if it is one (see the type).
+    fn shared(&self) -> Option<&Arc<Message>> {
+        self.only
+            .as_ref()
+            .filter(|_| self.count == 1 && self.gaps.is_empty())
+    }
+
     /// `goodbye`: the server is shutting down, and says when to poll again (the reply's
     /// `disconnect`, as a stream would have it).
-    fn into_response(self, cursor: &str, goodbye: Option<Disconnect>) -> Response {
+    fn into_body(mut self, cursor: &[u8], goodbye: Option<Disconnect>) -> BytesMut {
+        write_only(&mut self.messages, &mut self.only);
         let mut body = self.messages;
         if body.is_empty() {
             start(&mut body);
         }
         body.reserve(cursor.len() + 64);
         body.put_slice(b"],\"cursor\":\"");
-        body.put_slice(cursor.as_bytes());
+        body.put_slice(cursor);
         body.put_slice(b"\",\"gaps\":");
         let _ = serde_json::to_writer((&mut body).writer(), &self.gaps);
         if let Some(goodbye) = goodbye {
@@ -109,30 +141,35 @@ impl PollReply {
             let _ = serde_json::to_writer((&mut body).writer(), &goodbye);
         }
         body.put_u8(b'}');
-        let mut res = (
-            [(
-                header::CONTENT_TYPE,
-                HeaderValue::from_static("application/json"),
-            )],
-            body.freeze(),
-        )
-            .into_response();
-        let h = res.headers_mut();
-        h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
-        let mut etag = Vec::with_capacity(cursor.len() + 2);
-        etag.push(b'"');
-        etag.extend_from_slice(cursor.as_bytes());
-        etag.push(b'"');
-        if let Ok(etag) = HeaderValue::from_maybe_shared(Bytes::from(etag)) {
-            h.insert(header::ETAG, etag);
-        }
-        res
+        body
     }
+}
+
+/// Writes the held-back first message (`PollReply::only`), with its own cursor.
+fn write_only(messages: &mut BytesMut, only: &mut Option<Arc<Message>>) {
+    if let Some(first) = only.take() {
+        start(messages);
+        first.write_envelope(messages, first.cursor());
+    }
+}
+
+/// A one-message poll reply with the message's own cursor and no gaps: what every held
+/// one-channel poll of the channel answers when it arrives (encoded once, cached on the
+/// message; byte for byte what `PollReply::into_body` writes for it).
+fn shared_body(m: &Message) -> Bytes {
+    let cursor = m.cursor();
+    let mut body = BytesMut::with_capacity(REPLY_ROOM + 2 * cursor.len() + m.data.len());
+    body.put_slice(REPLY_START);
+    m.write_envelope(&mut body, cursor);
+    body.put_slice(b"],\"cursor\":\"");
+    body.put_slice(cursor);
+    body.put_slice(b"\",\"gaps\":[]}");
+    body.freeze()
 }
 
 /// What a poll answers: now, or (a long poll with nothing yet) when its wait ends.
 pub enum Polled {
-    Now(Response),
+    Now(Answer),
     Later(long_poll::Wait),
 }
 
@@ -140,7 +177,7 @@ impl Polled {
     /// As the router needs it: a long poll becomes a placeholder (`long_poll::deferred`).
     fn into_response(self) -> Response {
         match self {
-            Polled::Now(res) => res,
+            Polled::Now(answer) => answer.into_response(),
             Polled::Later(wait) => long_poll::deferred(wait),
         }
     }
@@ -185,46 +222,56 @@ pub async fn poll(
                     .shutdown
                     .is_cancelled()
                     .then(|| crate::lifecycle::shutdown_notice(&state));
-                finish(&sub, reply, Some(wait), goodbye).unwrap_or_else(IntoResponse::into_response)
+                finish(&sub, reply, Some(wait), goodbye)
+                    .unwrap_or_else(|e| e.into_response().into())
             })))
         }
         _ => finish(&sub, reply, wait, None).map(Polled::Now),
     }
 }
 
-/// The poll's answer from what was collected.
+/// The poll's answer from what was collected: a lean reply (`net::reply`), its body shared
+/// with the channel's other pollers when it is one message with its own cursor.
 fn finish(
     sub: &Subscription,
     reply: PollReply,
     wait: Option<std::time::Duration>,
     goodbye: Option<Disconnect>,
-) -> Result<Response, ApiError> {
+) -> Result<Answer, ApiError> {
     if reply.is_empty() && reply.ended == Some(DisconnectReason::BrokerUnavailable) {
         return Err(BrokerError::Unavailable("the broker went away during the poll".into()).into());
     }
-    let cursor = sub.cursor().encode();
-    let mut res = reply.into_response(&cursor, goodbye);
-    if let Some(wait) = wait
-        && let Ok(v) = wait_preference(wait)
-    {
-        res.headers_mut()
-            .insert(HeaderName::from_static("preference-applied"), v);
+    let (body, cursor) = match reply.shared().filter(|_| goodbye.is_none()) {
+        Some(m) => (
+            ReplyBody::Shared(m.cached_frame(frame_slot::POLL_REPLY, shared_body).clone()),
+            m.cursor().clone(),
+        ),
+        None => {
+            let cursor = Bytes::from(sub.cursor().encode());
+            (ReplyBody::Owned(reply.into_body(&cursor, goodbye)), cursor)
+        }
+    };
+    let mut out = Reply::new(StatusCode::OK, "application/json", body)
+        .header("cache-control", Text::Static("no-cache"))
+        .header("etag", Text::Quoted(cursor));
+    if let Some(wait) = wait.and_then(wait_preference) {
+        out = out.header("preference-applied", wait);
     }
-    Ok(res)
+    Ok(out.into())
 }
 
 /// `wait=30`, or `wait=2.5` for a fractional wait (no `fmt` for whole seconds: it cost
-/// more than the rest of the header; and built on the stack, so the value is the one copy).
-fn wait_preference(wait: std::time::Duration) -> Result<HeaderValue, header::InvalidHeaderValue> {
+/// more than the rest of the header; built on the stack).
+fn wait_preference(wait: std::time::Duration) -> Option<Text> {
     if wait.subsec_nanos() == 0 {
         let mut v = [0u8; 32];
         let mut digits = itoa::Buffer::new();
         let secs = digits.format(wait.as_secs()).as_bytes();
         v[..5].copy_from_slice(b"wait=");
         v[5..5 + secs.len()].copy_from_slice(secs);
-        HeaderValue::from_bytes(&v[..5 + secs.len()])
+        Text::inline(&v[..5 + secs.len()])
     } else {
-        HeaderValue::from_str(&format!("wait={}", wait.as_secs_f64()))
+        Text::inline(format!("wait={}", wait.as_secs_f64()).as_bytes())
     }
 }
 
@@ -249,4 +296,37 @@ pub async fn many(
     poll(&state, None, query.as_deref(), &headers)
         .await
         .map(Polled::into_response)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tidings_core::{ChannelName, Data, Epoch, Position};
+
+    #[test]
+    fn the_shared_body_is_byte_for_byte_the_reply_it_stands_for() {
+        let m = Arc::new(Message::new(
+            ChannelName::new("chat:lobby").unwrap_or_else(|e| panic!("{e}")),
+            Position {
+                epoch: Epoch::new("h3k9").unwrap_or_else(|| panic!("an epoch")),
+                offset: 42,
+            },
+            None,
+            Data::Text(Bytes::from_static(b"he said \"hi\"")),
+            1_732_200_000_123,
+        ));
+        let mut reply = PollReply::new();
+        reply.only = Some(m.clone());
+        reply.count = 1;
+        assert!(reply.shared().is_some());
+        let written = reply.into_body(m.cursor(), None);
+        assert_eq!(&written[..], &shared_body(&m)[..]);
+        let v: serde_json::Value =
+            serde_json::from_slice(&written).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            v["cursor"].as_str().map(str::as_bytes),
+            Some(&m.cursor()[..])
+        );
+        assert_eq!(v["messages"][0]["data"], "he said \"hi\"");
+    }
 }

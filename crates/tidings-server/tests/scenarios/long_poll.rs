@@ -126,3 +126,118 @@ async fn a_wait_above_long_poll_max_wait_is_held_for_the_maximum_and_preference_
         assert_eq!(reply["error"]["code"], "invalid_wait");
     }
 }
+
+/// Holds a raw poll (`path`) and returns its task: the answer's `etag` and body text.
+fn hold(server: &TestServer, path: &str) -> tokio::task::JoinHandle<(String, String)> {
+    let (http, url) = (server.http.clone(), format!("{}{path}", server.url));
+    tokio::spawn(async move {
+        let res = http.get(url).send().await.unwrap();
+        assert_eq!(res.status(), 200);
+        let etag = res.headers()["etag"].to_str().unwrap().to_owned();
+        (etag, res.text().await.unwrap())
+    })
+}
+
+async fn answered(held: tokio::task::JoinHandle<(String, String)>) -> (String, Value) {
+    let (etag, text) = tokio::time::timeout(Duration::from_secs(5), held)
+        .await
+        .unwrap()
+        .unwrap();
+    (etag, serde_json::from_str(&text).unwrap())
+}
+
+#[tokio::test]
+async fn held_polls_answered_by_one_publish_all_get_the_same_body() {
+    let server = TestServer::spawn().await;
+    let cursor = cursor_now(&server, "news").await;
+    // Some resume from the cursor, some start from now: the same position either way.
+    let held: Vec<_> = (0..8)
+        .map(|i| {
+            let since = if i % 2 == 0 {
+                format!("&since={cursor}")
+            } else {
+                String::new()
+            };
+            hold(&server, &format!("/poll/news?wait=30{since}"))
+        })
+        .collect();
+    server
+        .await_metric("tidings_connections{transport=\"long_poll\"}", 8.0)
+        .await;
+    let position = server.publish("news", json!({"n": 1})).await;
+    let mut bodies = Vec::new();
+    for h in held {
+        let (etag, text) = tokio::time::timeout(Duration::from_secs(5), h)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            etag,
+            format!("\"{}\"", position["cursor"].as_str().unwrap())
+        );
+        bodies.push(text);
+    }
+    assert!(bodies.iter().all(|b| *b == bodies[0]), "{bodies:?}");
+    let reply: Value = serde_json::from_str(&bodies[0]).unwrap();
+    assert_eq!(reply["messages"].as_array().unwrap().len(), 1);
+    assert_eq!(reply["messages"][0]["data"], json!({"n": 1}));
+    assert_eq!(reply["messages"][0]["cursor"], position["cursor"]);
+    assert_eq!(reply["cursor"], position["cursor"]);
+    assert_eq!(reply["gaps"], json!([]));
+}
+
+#[tokio::test]
+async fn one_publish_answers_polls_at_mixed_positions_each_with_its_own_cursor() {
+    let server = TestServer::spawn().await;
+    server.publish("other", json!("before")).await;
+    let news = cursor_now(&server, "news").await;
+    // One channel, from now; two channels (a cursor covering both); one channel behind by
+    // a message (answered at once, not held).
+    let one = hold(&server, "/poll/news?wait=30");
+    let both = hold(&server, "/poll?channel=news&channel=other&wait=30");
+    server
+        .await_metric("tidings_connections{transport=\"long_poll\"}", 2.0)
+        .await;
+    let first = server.publish("news", json!(1)).await;
+    let (etag, one) = answered(one).await;
+    let (_, both) = answered(both).await;
+    assert_eq!(one["cursor"], first["cursor"]);
+    assert_eq!(etag, format!("\"{}\"", first["cursor"].as_str().unwrap()));
+    assert_eq!(both["messages"][0]["data"], json!(1));
+    assert_ne!(both["cursor"], first["cursor"], "a two-channel cursor");
+    assert_eq!(both["messages"][0]["cursor"], both["cursor"]);
+    // Each cursor resumes exactly after what it answered.
+    server.publish("news", json!(2)).await;
+    server.publish("other", json!("after")).await;
+    let (_, behind) = server
+        .get_json(&format!("/poll/news?wait=30&since={news}"))
+        .await;
+    let data: Vec<_> = behind["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["data"].clone())
+        .collect();
+    assert_eq!(data, [json!(1), json!(2)]);
+    let (_, resumed) = server
+        .get_json(&format!(
+            "/poll?channel=news&channel=other&since={}",
+            both["cursor"].as_str().unwrap()
+        ))
+        .await;
+    let data: Vec<_> = resumed["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["data"].clone())
+        .collect();
+    assert_eq!(data, [json!(2), json!("after")]);
+    let (_, resumed) = server
+        .get_json(&format!(
+            "/poll/news?since={}",
+            one["cursor"].as_str().unwrap()
+        ))
+        .await;
+    assert_eq!(resumed["messages"][0]["data"], json!(2));
+    assert_eq!(resumed["messages"].as_array().unwrap().len(), 1);
+}

@@ -1,0 +1,228 @@
+//! A lean answer: what the hot routes (a publish, a poll) reply with, written by the lean
+//! HTTP/1.1 path without building a `Response` (issue 17: a response's `HeaderMap` was two
+//! allocations, its boxed body one, and a reply's text turned into `Bytes` one more).
+//!
+//! A `Reply` is a status, a content type, a few header lines and a body that is already
+//! whole: `h1` writes its head and body into one buffer, one allocation per answer. A body
+//! may be shared (`ReplyBody::Shared`): a long poll's answer to one message is encoded once
+//! and the same bytes go to every poller of the channel (`transport::short_poll`). Every
+//! other path (HTTP/2, hyper, an answer that must carry CORS headers or an access-log entry)
+//! turns it into a `Response` with the same headers, in the same order.
+
+use axum::body::Body;
+use bytes::{Bytes, BytesMut};
+use http::{HeaderName, HeaderValue, Response, StatusCode, header};
+
+/// What the service answers with: a full response, or a lean reply.
+pub enum Answer {
+    Response(Response<Body>),
+    Reply(Reply),
+}
+
+impl From<Response<Body>> for Answer {
+    fn from(res: Response<Body>) -> Self {
+        Answer::Response(res)
+    }
+}
+
+impl From<Reply> for Answer {
+    fn from(reply: Reply) -> Self {
+        Answer::Reply(reply)
+    }
+}
+
+impl Answer {
+    pub fn into_response(self) -> Response<Body> {
+        match self {
+            Answer::Response(res) => res,
+            Answer::Reply(reply) => reply.into_response(),
+        }
+    }
+
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Answer::Response(res) => res.status(),
+            Answer::Reply(reply) => reply.status,
+        }
+    }
+}
+
+/// A header value a reply carries without a `HeaderValue`.
+pub enum Text {
+    Static(&'static str),
+    /// Written between double quotes (an `ETag`).
+    Quoted(Bytes),
+    /// Short text built on the stack (`wait=30`).
+    Inline([u8; 32], u8),
+}
+
+impl Text {
+    /// `s` on the stack when it fits, else as shared bytes.
+    pub fn inline(s: &[u8]) -> Option<Self> {
+        let mut text = [0u8; 32];
+        let len = u8::try_from(s.len())
+            .ok()
+            .filter(|&n| usize::from(n) <= 32)?;
+        text[..s.len()].copy_from_slice(s);
+        Some(Text::Inline(text, len))
+    }
+
+    fn write(&self, out: &mut Vec<u8>) {
+        match self {
+            Text::Static(s) => out.extend_from_slice(s.as_bytes()),
+            Text::Quoted(b) => {
+                out.push(b'"');
+                out.extend_from_slice(b);
+                out.push(b'"');
+            }
+            Text::Inline(text, len) => out.extend_from_slice(&text[..usize::from(*len)]),
+        }
+    }
+
+    fn len(&self) -> usize {
+        match self {
+            Text::Static(s) => s.len(),
+            Text::Quoted(b) => b.len() + 2,
+            Text::Inline(_, len) => usize::from(*len),
+        }
+    }
+
+    fn value(&self) -> Option<HeaderValue> {
+        match self {
+            Text::Static(s) => Some(HeaderValue::from_static(s)),
+            _ => {
+                let mut v = Vec::with_capacity(self.len());
+                self.write(&mut v);
+                HeaderValue::from_maybe_shared(Bytes::from(v)).ok()
+            }
+        }
+    }
+}
+
+pub enum ReplyBody {
+    /// Shared with other answers (a long poll's reply to one message).
+    Shared(Bytes),
+    /// This answer's own.
+    Owned(BytesMut),
+}
+
+impl std::ops::Deref for ReplyBody {
+    type Target = [u8];
+
+    fn deref(&self) -> &[u8] {
+        match self {
+            ReplyBody::Shared(b) => b,
+            ReplyBody::Owned(b) => b,
+        }
+    }
+}
+
+/// At most this many header lines besides `content-type` (a poll answer has three).
+const MAX_HEADERS: usize = 4;
+
+/// See the module comment. Header names are lowercase, as `HeaderName` would write them.
+pub struct Reply {
+    pub status: StatusCode,
+    pub content_type: &'static str,
+    headers: [Option<(&'static str, Text)>; MAX_HEADERS],
+    pub body: ReplyBody,
+}
+
+impl Reply {
+    pub fn new(status: StatusCode, content_type: &'static str, body: ReplyBody) -> Self {
+        Self {
+            status,
+            content_type,
+            headers: Default::default(),
+            body,
+        }
+    }
+
+    /// Adds a header line (`name` in lowercase). Callers are this crate's handlers, which
+    /// add at most `MAX_HEADERS` (checked in debug builds and by the tests of each reply).
+    pub fn header(mut self, name: &'static str, value: Text) -> Self {
+        let slot = self.headers.iter_mut().find(|h| h.is_none());
+        debug_assert!(slot.is_some(), "a Reply holds {MAX_HEADERS} headers");
+        if let Some(slot) = slot {
+            *slot = Some((name, value));
+        }
+        self
+    }
+
+    /// `content-type` and the header lines, each ending in CRLF.
+    pub fn write_headers(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(b"content-type: ");
+        out.extend_from_slice(self.content_type.as_bytes());
+        out.extend_from_slice(b"\r\n");
+        for (name, value) in self.headers.iter().flatten() {
+            out.extend_from_slice(name.as_bytes());
+            out.extend_from_slice(b": ");
+            value.write(out);
+            out.extend_from_slice(b"\r\n");
+        }
+    }
+
+    /// Bytes `write_headers` writes.
+    pub fn headers_len(&self) -> usize {
+        16 + self.content_type.len()
+            + self
+                .headers
+                .iter()
+                .flatten()
+                .map(|(name, value)| name.len() + value.len() + 4)
+                .sum::<usize>()
+    }
+
+    pub fn into_response(self) -> Response<Body> {
+        let body = match self.body {
+            ReplyBody::Shared(b) => b,
+            ReplyBody::Owned(b) => b.freeze(),
+        };
+        let mut res = Response::new(Body::from(body));
+        *res.status_mut() = self.status;
+        let h = res.headers_mut();
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static(self.content_type),
+        );
+        for (name, value) in self.headers.into_iter().flatten() {
+            if let Some(value) = value.value() {
+                h.append(HeaderName::from_static(name), value);
+            }
+        }
+        res
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_reply_writes_the_headers_it_would_have_as_a_response() {
+        let reply = Reply::new(
+            StatusCode::OK,
+            "application/json",
+            ReplyBody::Owned(BytesMut::from(&b"{}"[..])),
+        )
+        .header("cache-control", Text::Static("no-cache"))
+        .header("etag", Text::Quoted(Bytes::from_static(b"abc")))
+        .header(
+            "preference-applied",
+            Text::inline(b"wait=30").unwrap_or(Text::Static("")),
+        );
+        let mut head = Vec::new();
+        reply.write_headers(&mut head);
+        assert_eq!(head.len(), reply.headers_len());
+        assert_eq!(
+            String::from_utf8_lossy(&head),
+            "content-type: application/json\r\ncache-control: no-cache\r\netag: \"abc\"\r\npreference-applied: wait=30\r\n"
+        );
+        let res = reply.into_response();
+        let h = res.headers();
+        assert_eq!(h[header::CONTENT_TYPE], "application/json");
+        assert_eq!(h[header::CACHE_CONTROL], "no-cache");
+        assert_eq!(h[header::ETAG], "\"abc\"");
+        assert_eq!(h["preference-applied"], "wait=30");
+    }
+}
