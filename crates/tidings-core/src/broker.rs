@@ -72,6 +72,35 @@ pub trait Broker: Send + Sync + 'static {
         options: &PublishOptions,
     ) -> Result<Published, BrokerError>;
 
+    /// Whether `publish_at_once` works: the broker can publish without waiting (the memory
+    /// broker without a data dir). Calling it directly saves the boxed future of
+    /// `publish_with` (issue 17: an allocation per publish).
+    fn publishes_at_once(&self) -> bool {
+        false
+    }
+
+    /// `publish_with` without a future, for a broker whose `publishes_at_once` says so.
+    fn publish_at_once(
+        &self,
+        _channel: &ChannelName,
+        _event: Option<EventName>,
+        _data: Data,
+        _options: &PublishOptions,
+    ) -> Result<Published, BrokerError> {
+        Err(BrokerError::Unsupported("publishing without waiting"))
+    }
+
+    /// `read` without a future when the broker has the answer at hand (the memory broker,
+    /// unless part of it is on disk); `None`: call `read`. Saves a boxed future per join.
+    fn read_at_once(
+        &self,
+        _channel: &ChannelName,
+        _since: &Since,
+        _limit: Option<usize>,
+    ) -> Option<Result<HistoryRead, BrokerError>> {
+        None
+    }
+
     /// `publish_with` without options.
     async fn publish(
         &self,

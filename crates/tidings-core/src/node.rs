@@ -57,6 +57,9 @@ impl Node {
         data: Data,
         options: &PublishOptions,
     ) -> Result<Published, BrokerError> {
+        if self.broker.publishes_at_once() {
+            return self.broker.publish_at_once(channel, event, data, options);
+        }
         self.broker
             .publish_with(channel, event, data, options)
             .await

@@ -284,7 +284,10 @@ impl Subscription {
             }
             other => other,
         };
-        let read = self.node.broker.read(channel, since, None).await?;
+        let read = match self.node.broker.read_at_once(channel, since, None) {
+            Some(read) => read?,
+            None => self.node.broker.read(channel, since, None).await?,
+        };
         let begin = match &read.replay {
             Replay::Gap { gap, .. } => Position {
                 epoch: gap.epoch.clone(),

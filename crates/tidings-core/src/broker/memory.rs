@@ -1001,6 +1001,25 @@ impl Broker for MemoryBroker {
             d.jobs.send(job).await.map_err(|_| stopped())?;
             return answer.await.map_err(|_| stopped())?;
         }
+        self.publish_at_once(channel, event, data, options)
+    }
+
+    fn publishes_at_once(&self) -> bool {
+        self.durable.is_none()
+    }
+
+    fn publish_at_once(
+        &self,
+        channel: &ChannelName,
+        event: Option<EventName>,
+        data: Data,
+        options: &PublishOptions,
+    ) -> Result<Published, BrokerError> {
+        if self.durable.is_some() {
+            return Err(BrokerError::Unsupported(
+                "publishing without waiting to a data dir",
+            ));
+        }
         let found = self.channel(channel)?;
         self.locked(channel, found, |_, h| {
             let now = Instant::now();
@@ -1035,6 +1054,17 @@ impl Broker for MemoryBroker {
         limit: Option<usize>,
     ) -> Result<HistoryRead, BrokerError> {
         self.read_through(channel, since, limit).await
+    }
+
+    fn read_at_once(
+        &self,
+        channel: &ChannelName,
+        since: &Since,
+        limit: Option<usize>,
+    ) -> Option<Result<HistoryRead, BrokerError>> {
+        self.durable
+            .is_none()
+            .then(|| Ok(self.read_existing(channel, since, limit).read))
     }
 
     fn tracks_subscriptions(&self) -> bool {
