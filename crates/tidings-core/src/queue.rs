@@ -115,6 +115,23 @@ impl SessionQueue {
         Ok(())
     }
 
+    /// `drain_into` for a caller that keeps a `VecDeque`: an empty `out` trades places with
+    /// the queue's items, so nothing is copied or allocated (a long poll's one-shot
+    /// subscription allocated a batch list per poll for the one message it drains; issue 17).
+    pub fn swap_into(&self, out: &mut VecDeque<QueueItem>) -> Result<(), DisconnectReason> {
+        let mut s = self.lock();
+        if let Some(reason) = s.ended {
+            return Err(reason);
+        }
+        if out.is_empty() {
+            std::mem::swap(out, &mut s.items);
+        } else {
+            out.extend(s.items.drain(..));
+        }
+        s.bytes = 0;
+        Ok(())
+    }
+
     /// Ends the session for `reason` (the first reason wins): what is queued is dropped, the
     /// writer wakes and says goodbye. Subscribers resume from their cursors.
     pub fn close(&self, reason: DisconnectReason) {
@@ -187,6 +204,27 @@ mod tests {
             .collect();
         assert_eq!(offsets, vec![1, 2]);
         assert_eq!(q.queued_bytes(), 0);
+    }
+
+    #[tokio::test]
+    async fn swapping_takes_everything_in_order_and_leaves_the_queue_working() {
+        let q = SessionQueue::new(1 << 20);
+        let mut out = VecDeque::new();
+        for round in 0..3u64 {
+            assert!(q.push(&msg(2 * round + 1, 10)));
+            assert!(q.push(&msg(2 * round + 2, 10)));
+            q.ready().await;
+            assert!(q.swap_into(&mut out).is_ok());
+            let offsets: Vec<u64> = out
+                .drain(..)
+                .map(|i| match i {
+                    QueueItem::Message(m) => m.offset,
+                    QueueItem::Presence(_) => 0,
+                })
+                .collect();
+            assert_eq!(offsets, vec![2 * round + 1, 2 * round + 2]);
+            assert_eq!(q.queued_bytes(), 0);
+        }
     }
 
     #[test]

@@ -77,7 +77,7 @@ pub struct Subscription {
     cursor: Cursor,
     /// The replay not handed out yet, oldest first.
     pending: VecDeque<Pending>,
-    batch: Vec<QueueItem>,
+    batch: VecDeque<QueueItem>,
     cursor_text: String,
     per_channel: bool,
     /// Recorded in presence on channels whose namespace keeps it.
@@ -149,7 +149,7 @@ impl Subscription {
             self.pending = VecDeque::new();
         }
         let mut batch = std::mem::take(&mut self.batch);
-        self.queue.drain_into(&mut batch)?;
+        self.queue.swap_into(&mut batch)?;
         for item in batch.drain(..) {
             let m = match item {
                 QueueItem::Message(m) => m,
@@ -396,7 +396,7 @@ impl Node {
             channels: Vec::new(),
             cursor: Cursor::default(),
             pending: VecDeque::new(),
-            batch: Vec::new(),
+            batch: VecDeque::new(),
             cursor_text: String::new(),
             per_channel: per_channel_cursors,
             client,
