@@ -75,6 +75,9 @@ pub trait Service: Send + Sync + 'static {
 }
 
 /// What `Service::call` answers.
+// A `Reply` (about 300 bytes) lives briefly, on its way to being written; boxing it would
+// be the allocation per answer that it exists to save.
+#[allow(clippy::large_enum_variant)]
 pub enum Handled<L> {
     Ready(Answer),
     /// Answered when the future resolves; the caller waits on it beside the socket.

@@ -168,6 +168,9 @@ fn shared_body(m: &Message) -> Bytes {
 }
 
 /// What a poll answers: now, or (a long poll with nothing yet) when its wait ends.
+// A `Reply` (about 300 bytes) lives briefly, on its way to being written; boxing it would
+// be the allocation per answer that it exists to save.
+#[allow(clippy::large_enum_variant)]
 pub enum Polled {
     Now(Answer),
     Later(long_poll::Wait),
