@@ -74,7 +74,14 @@ impl Local {
 
 pub struct Hub {
     shards: Shards<Arc<Subscribers>>,
+    /// Emptied channel entries kept for the next channel to get its first subscriber: a
+    /// long poll alone on its channel empties and re-creates the entry on every round trip,
+    /// two allocations each time (issue 17). At most `SPARES`, each with a short list only.
+    /// Lock order: a shard, then this.
+    spare: Mutex<Vec<Arc<Subscribers>>>,
 }
+
+const SPARES: usize = 32;
 
 impl Default for Hub {
     fn default() -> Self {
@@ -91,6 +98,7 @@ impl Hub {
     pub fn new() -> Self {
         Self {
             shards: Shards::new(),
+            spare: Mutex::new(Vec::with_capacity(SPARES)),
         }
     }
 
@@ -104,9 +112,9 @@ impl Hub {
                 false
             }
             Entry::Vacant(e) => {
-                let mut local = Local::default();
-                local.push(id, queue);
-                e.insert(Arc::new(Mutex::new(local)));
+                let subs = relock(&self.spare).pop().unwrap_or_default();
+                relock(&subs).push(id, queue);
+                e.insert(subs);
                 true
             }
         }
@@ -123,10 +131,22 @@ impl Hub {
             local.remove(id);
             local.list.is_empty()
         };
-        if now_empty {
-            shard.remove(channel);
+        if now_empty && let Some(subs) = shard.remove(channel) {
+            self.keep_spare(subs);
         }
         now_empty
+    }
+
+    /// Keeps an emptied entry for reuse if nobody else holds it (a delivery clones it under
+    /// the shard lock, which the caller holds) and its list is short.
+    fn keep_spare(&self, subs: Arc<Subscribers>) {
+        if Arc::strong_count(&subs) != 1 || relock(&subs).list.capacity() > SCAN {
+            return;
+        }
+        let mut spare = relock(&self.spare);
+        if spare.len() < SPARES {
+            spare.push(subs);
+        }
     }
 
     /// Pushes a message to every local subscriber of its channel; returns how many took it.
@@ -240,6 +260,27 @@ mod tests {
         assert!(hub.remove(&c, 4), "the last one out empties the channel");
         assert_eq!(hub.subscriber_count(&c), 0);
         assert_eq!(hub.deliver(&message(&c)), 0);
+    }
+
+    #[test]
+    fn a_channel_emptied_and_joined_again_starts_fresh() {
+        let hub = Hub::new();
+        let (a, b) = (
+            ChannelName::new("a").unwrap(),
+            ChannelName::new("b").unwrap(),
+        );
+        let q = SessionQueue::new(1 << 20);
+        for round in 0..3 {
+            // The entry `a` leaves behind may be the one `b` gets: it must come empty.
+            assert!(hub.add(&a, round, q.clone()), "first subscriber of a");
+            assert!(hub.remove(&a, round));
+            assert!(hub.add(&b, 100 + round, q.clone()), "first subscriber of b");
+            assert_eq!(hub.subscriber_count(&b), 1);
+            assert_eq!(hub.subscriber_count(&a), 0);
+            assert_eq!(hub.deliver(&message(&b)), 1);
+            assert_eq!(hub.deliver(&message(&a)), 0);
+            assert!(hub.remove(&b, 100 + round));
+        }
     }
 
     #[test]
