@@ -701,6 +701,36 @@ async fn an_https_webhook_endpoint_with_an_untrusted_certificate_is_refused_coun
 }
 
 #[tokio::test]
+async fn an_https_webhook_endpoint_whose_certificate_names_another_host_is_refused_even_with_its_ca()
+ {
+    let hooks = TlsHooks::start().await;
+    // The certificate is for localhost; the URL names 127.0.0.1.
+    let url = hooks.url().replace("localhost", "127.0.0.1");
+    let ca = hooks.ca_file.clone();
+    let server = TestServer::with(|c| {
+        app(c, |a| {
+            a.webhook_url = Some(url);
+            a.webhook_ca_file = Some(ca);
+        })
+    })
+    .await;
+    let _raw = occupy(&server, "secure-news").await;
+    let Err(refused) = hooks.accept().await else {
+        panic!("the sender went on with a certificate for another name");
+    };
+    assert!(refused.contains("BadCertificate"), "{refused}");
+    let failed = "tidings_pusher_webhooks_failed_total{app_id=\"1001\"}";
+    tidings_testkit::eventually(
+        "the failed attempt counted",
+        TIMEOUT,
+        std::time::Duration::from_millis(20),
+        async || server.metric(failed).await >= 1.0,
+    )
+    .await;
+    server.shutdown().await;
+}
+
+#[tokio::test]
 async fn a_webhook_ca_file_that_cannot_be_read_refuses_the_server_with_the_key_named() {
     let mut config = Config::default();
     app(&mut config, |a| {
