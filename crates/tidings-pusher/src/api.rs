@@ -314,6 +314,7 @@ mod tests {
                 max_connections: 0,
                 max_event_bytes: 16,
                 webhook_url: None,
+                webhook_ca_file: None,
             },
             std::sync::Arc::new(tidings_core::LocalRoster::default()),
         )

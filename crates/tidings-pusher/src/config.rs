@@ -2,6 +2,7 @@
 //! embeds `PusherConfig` as its `pusher` table; validation lives here beside what it protects.
 
 use std::fmt;
+use std::path::PathBuf;
 
 use serde::{Deserialize, Deserializer};
 
@@ -34,9 +35,13 @@ pub struct AppConfig {
     /// The largest event `data` accepted, from the HTTP API and from clients.
     #[serde(default = "default_max_event_bytes")]
     pub max_event_bytes: usize,
-    /// Where webhooks are POSTed (`http://` only in this version).
+    /// Where webhooks are POSTed: `http://` or `https://`.
     #[serde(default)]
     pub webhook_url: Option<String>,
+    /// A PEM file of CA certificates trusted for an `https://` `webhook_url` besides the
+    /// system's roots (a private endpoint's own CA or a self-signed certificate).
+    #[serde(default)]
+    pub webhook_ca_file: Option<PathBuf>,
 }
 
 fn default_max_event_bytes() -> usize {
@@ -111,11 +116,27 @@ impl PusherConfig {
             if app.max_event_bytes == 0 {
                 return Err(format!("{at}.max_event_bytes must be at least 1"));
             }
-            if let Some(url) = &app.webhook_url
-                && !url.starts_with("http://")
+            if let Some(url) = &app.webhook_url {
+                let authority = url
+                    .strip_prefix("http://")
+                    .or_else(|| url.strip_prefix("https://"))
+                    .map(|rest| rest.split('/').next().unwrap_or_default());
+                if authority.is_none_or(str::is_empty) {
+                    return Err(format!(
+                        "{at}.webhook_url = {url:?}: use an http:// or https:// URL with a host"
+                    ));
+                }
+            }
+            // A CA file beside an http:// URL would be read and never used: say so now.
+            if let Some(ca) = &app.webhook_ca_file
+                && !app
+                    .webhook_url
+                    .as_deref()
+                    .is_some_and(|u| u.starts_with("https://"))
             {
                 return Err(format!(
-                    "{at}.webhook_url = {url:?}: only http:// URLs are supported in this version"
+                    "{at}.webhook_ca_file = {:?}: only used with an https:// webhook_url",
+                    ca.display()
                 ));
             }
         }
@@ -163,5 +184,26 @@ mod tests {
             r#"{"pusher":{"apps":[{"id":"1","key":"k","secret":"s","webhook_url":"ftp://x"}]}}"#,
         );
         assert!(c.validate().unwrap_err().contains("webhook_url"));
+        let c = parse(
+            r#"{"pusher":{"apps":[{"id":"1","key":"k","secret":"s","webhook_url":"https:///h"}]}}"#,
+        );
+        assert!(c.validate().unwrap_err().contains("webhook_url"));
+        let c = parse(
+            r#"{"pusher":{"apps":[{"id":"1","key":"k","secret":"s","webhook_url":"http://x/","webhook_ca_file":"ca.pem"}]}}"#,
+        );
+        assert!(c.validate().unwrap_err().contains("webhook_ca_file"));
+    }
+
+    #[test]
+    fn https_webhook_urls_are_accepted_with_or_without_a_ca_file() {
+        let c = parse(
+            r#"{"pusher":{"apps":[{"id":"1","key":"k","secret":"s","webhook_url":"https://hooks.example/p"}]}}"#,
+        );
+        assert!(c.validate().is_ok());
+        let c = parse(
+            r#"{"pusher":{"apps":[{"id":"1","key":"k","secret":"s","webhook_url":"https://hooks.example/p","webhook_ca_file":"ca.pem"}]}}"#,
+        );
+        assert!(c.validate().is_ok());
+        assert_eq!(c.apps[0].webhook_ca_file, Some(PathBuf::from("ca.pem")));
     }
 }

@@ -799,6 +799,7 @@ mod tests {
                 max_connections,
                 max_event_bytes: 10_240,
                 webhook_url: None,
+                webhook_ca_file: None,
             },
             Arc::new(LocalRoster::default()),
         )
@@ -874,6 +875,7 @@ mod tests {
             max_connections: 0,
             max_event_bytes: 10_240,
             webhook_url: None,
+            webhook_ca_file: None,
         };
         let apps = Apps::new(
             &PusherConfig {

@@ -685,7 +685,8 @@ join_leave = false
 # client_events = false            # relay client-* events on private and presence channels
 # max_connections = 0              # open Pusher connections for this app; 0 = no own limit
 # max_event_bytes = 10240          # largest event data (HTTP API and client events)
-# webhook_url = "http://127.0.0.1:9000/pusher/webhook"
+# webhook_url = "http://127.0.0.1:9000/pusher/webhook"   # or https://
+# webhook_ca_file = "hooks-ca.pem" # trusted for an https:// webhook_url besides the system's CAs
 
 # [namespaces.chat]                # overrides for channels named chat:…
 # history_size = 500

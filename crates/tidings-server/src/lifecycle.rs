@@ -107,6 +107,7 @@ pub fn reload(state: &AppState, mut new: Config) -> Result<Reloaded, ConfigError
     }
     new.validate()?;
     let auth = Auth::from_config(&new.auth)?;
+    crate::pusher::webhook::check(&new.pusher)?;
     let old = state.live();
     let (o, n) = (&old.config.server, &mut new.server);
     let mut needs_restart = Vec::new();
@@ -258,6 +259,7 @@ mod tests {
             max_connections: 0,
             max_event_bytes: tidings_pusher::config::DEFAULT_MAX_EVENT_BYTES,
             webhook_url: None,
+            webhook_ca_file: None,
         });
         let done = reload(&state, new).unwrap();
         assert_eq!(done.needs_restart, ["pusher.apps"]);

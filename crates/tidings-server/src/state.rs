@@ -197,6 +197,7 @@ impl AppState {
     /// A state on a node built elsewhere (another broker).
     pub fn with_node(config: Config, node: Arc<Node>) -> Result<Self, crate::config::ConfigError> {
         let auth = Auth::from_config(&config.auth)?;
+        crate::pusher::webhook::check(&config.pusher)?;
         let config_rate = config.server.client_publish_rate;
         // Only a node with Pusher apps asks for the roster (the Redis one opens a connection).
         let roster: Arc<dyn tidings_core::Roster> = match node.broker.roster() {

@@ -49,6 +49,7 @@ fn app(config: &mut Config, edit: impl FnOnce(&mut tidings_pusher::AppConfig)) {
         max_connections: 0,
         max_event_bytes: tidings_pusher::config::DEFAULT_MAX_EVENT_BYTES,
         webhook_url: None,
+        webhook_ca_file: None,
     };
     edit(&mut app);
     config.pusher.apps.push(app);
@@ -491,11 +492,19 @@ struct Hook {
 
 /// Accepts one request on `listener`, answers `status`, returns what came.
 async fn receive_hook(listener: &tokio::net::TcpListener, status: u16) -> Hook {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let (mut s, _) = tokio::time::timeout(TIMEOUT, listener.accept())
+    let (s, _) = tokio::time::timeout(TIMEOUT, listener.accept())
         .await
         .expect("no webhook within the timeout")
         .unwrap();
+    read_hook(s, status).await
+}
+
+/// Reads one webhook request from `s` and answers `status`.
+async fn read_hook<S>(mut s: S, status: u16) -> Hook
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut buf = Vec::new();
     let mut chunk = [0u8; 4096];
     let (head_end, length) = loop {
@@ -529,7 +538,213 @@ async fn receive_hook(listener: &tokio::net::TcpListener, status: u16) -> Hook {
     let body = String::from_utf8_lossy(&buf[head_end..head_end + length]).into_owned();
     let answer = format!("HTTP/1.1 {status} X\r\ncontent-length: 0\r\nconnection: close\r\n\r\n");
     s.write_all(answer.as_bytes()).await.unwrap();
+    s.flush().await.unwrap();
     Hook { headers, body }
+}
+
+/// A webhook endpoint speaking TLS with a certificate for `localhost` made for this test:
+/// its listener, its acceptor, and the certificate's PEM file (the CA a test may trust).
+struct TlsHooks {
+    listener: tokio::net::TcpListener,
+    acceptor: tokio_rustls::TlsAcceptor,
+    ca_file: PathBuf,
+    dir: PathBuf,
+}
+
+impl TlsHooks {
+    async fn start() -> Self {
+        let cert = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+        let dir = std::env::temp_dir().join(format!(
+            "tidings-tls-hooks-{}-{}",
+            std::process::id(),
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        let ca_file = dir.join("ca.pem");
+        std::fs::write(&ca_file, cert.cert.pem()).unwrap();
+        let key =
+            rustls::pki_types::PrivateKeyDer::try_from(cert.signing_key.serialize_der()).unwrap();
+        let provider = std::sync::Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        let config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(vec![cert.cert.der().clone()], key)
+            .unwrap();
+        Self {
+            listener: tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
+            acceptor: tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config)),
+            ca_file,
+            dir,
+        }
+    }
+
+    /// The URL names `localhost`, the name in the certificate (and the SNI expected).
+    fn url(&self) -> String {
+        format!(
+            "https://localhost:{}/pusher/webhook",
+            self.listener.local_addr().unwrap().port()
+        )
+    }
+
+    /// The next connection's TLS handshake: the stream and the SNI the client sent, or the
+    /// handshake's error.
+    async fn accept(
+        &self,
+    ) -> Result<
+        (
+            tokio_rustls::server::TlsStream<tokio::net::TcpStream>,
+            String,
+        ),
+        String,
+    > {
+        let (tcp, _) = tokio::time::timeout(TIMEOUT, self.listener.accept())
+            .await
+            .expect("no webhook connection within the timeout")
+            .unwrap();
+        let tls = tokio::time::timeout(TIMEOUT, self.acceptor.accept(tcp))
+            .await
+            .expect("no TLS handshake within the timeout")
+            .map_err(|e| e.to_string())?;
+        let sni = tls.get_ref().1.server_name().unwrap_or_default().to_owned();
+        Ok((tls, sni))
+    }
+}
+
+impl Drop for TlsHooks {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Subscribes a fresh connection to the public channel `channel` (a `channel_occupied`).
+async fn occupy(server: &TestServer, channel: &str) -> Raw {
+    let mut raw = Raw::connect(server, "/app/app-key?protocol=7").await;
+    raw.send(json!({"event": "pusher:subscribe", "data": {"channel": channel}}))
+        .await;
+    raw.next_event("pusher_internal:subscription_succeeded")
+        .await;
+    raw
+}
+
+#[tokio::test]
+async fn https_webhooks_reach_an_endpoint_whose_ca_is_configured_signed_and_with_its_name_as_sni() {
+    let hooks = TlsHooks::start().await;
+    let (url, ca) = (hooks.url(), hooks.ca_file.clone());
+    let server = TestServer::with(|c| {
+        app(c, |a| {
+            a.webhook_url = Some(url);
+            a.webhook_ca_file = Some(ca);
+        })
+    })
+    .await;
+    let _raw = occupy(&server, "secure-news").await;
+    let (tls, sni) = hooks.accept().await.expect("the handshake succeeds");
+    assert_eq!(sni, "localhost");
+    let hook = read_hook(tls, 200).await;
+    assert_eq!(hook.headers["x-pusher-key"], KEY);
+    assert_eq!(
+        hook.headers["x-pusher-signature"],
+        tidings_pusher::sign::sign(SECRET, &hook.body)
+    );
+    let body: Value = serde_json::from_str(&hook.body).unwrap();
+    assert_eq!(body["events"][0]["name"], "channel_occupied", "{body}");
+    assert_eq!(body["events"][0]["channel"], "secure-news", "{body}");
+    server
+        .await_metric("tidings_pusher_webhooks_sent_total{app_id=\"1001\"}", 1.0)
+        .await;
+    assert_eq!(
+        server
+            .metric("tidings_pusher_webhooks_failed_total{app_id=\"1001\"}")
+            .await,
+        0.0
+    );
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn an_https_webhook_endpoint_with_an_untrusted_certificate_is_refused_counted_as_failed_and_retried()
+ {
+    let hooks = TlsHooks::start().await;
+    let url = hooks.url();
+    // No webhook_ca_file: the system's roots do not know this certificate.
+    let server = TestServer::with(|c| app(c, |a| a.webhook_url = Some(url))).await;
+    let _raw = occupy(&server, "secure-news").await;
+    for attempt in 1..=2 {
+        let refused = hooks.accept().await.err().unwrap_or_else(|| {
+            panic!("attempt {attempt}: the sender went on with an untrusted certificate")
+        });
+        // The sender's alert: it did not trust the certificate.
+        assert!(
+            refused.contains("UnknownCA") || refused.contains("BadCertificate"),
+            "attempt {attempt}: {refused}"
+        );
+    }
+    let failed = "tidings_pusher_webhooks_failed_total{app_id=\"1001\"}";
+    tidings_testkit::eventually(
+        "two failed webhook attempts counted",
+        TIMEOUT,
+        std::time::Duration::from_millis(20),
+        async || server.metric(failed).await >= 2.0,
+    )
+    .await;
+    assert_eq!(
+        server
+            .metric("tidings_pusher_webhooks_sent_total{app_id=\"1001\"}")
+            .await,
+        0.0
+    );
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn an_https_webhook_endpoint_whose_certificate_names_another_host_is_refused_even_with_its_ca()
+ {
+    let hooks = TlsHooks::start().await;
+    // The certificate is for localhost; the URL names 127.0.0.1.
+    let url = hooks.url().replace("localhost", "127.0.0.1");
+    let ca = hooks.ca_file.clone();
+    let server = TestServer::with(|c| {
+        app(c, |a| {
+            a.webhook_url = Some(url);
+            a.webhook_ca_file = Some(ca);
+        })
+    })
+    .await;
+    let _raw = occupy(&server, "secure-news").await;
+    let Err(refused) = hooks.accept().await else {
+        panic!("the sender went on with a certificate for another name");
+    };
+    assert!(refused.contains("BadCertificate"), "{refused}");
+    let failed = "tidings_pusher_webhooks_failed_total{app_id=\"1001\"}";
+    tidings_testkit::eventually(
+        "the failed attempt counted",
+        TIMEOUT,
+        std::time::Duration::from_millis(20),
+        async || server.metric(failed).await >= 1.0,
+    )
+    .await;
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_webhook_ca_file_that_cannot_be_read_refuses_the_server_with_the_key_named() {
+    let mut config = Config::default();
+    app(&mut config, |a| {
+        a.webhook_url = Some("https://hooks.example/h".into());
+        a.webhook_ca_file = Some("/nonexistent/tidings-ca.pem".into());
+    });
+    let e = tidings_server::AppState::new(config)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        e.contains("pusher.apps[0]") && e.contains("webhook_ca_file"),
+        "{e}"
+    );
 }
 
 #[tokio::test]
@@ -608,8 +823,12 @@ fn pusher_apps_parse_from_toml_and_bad_ones_are_refused_with_the_key_named() {
             "bogus",
         ),
         (
-            "[[pusher.apps]]\nid = \"1\"\nkey = \"k\"\nsecret = \"s\"\nwebhook_url = \"https://x/\"\n",
+            "[[pusher.apps]]\nid = \"1\"\nkey = \"k\"\nsecret = \"s\"\nwebhook_url = \"ftp://x/\"\n",
             "webhook_url",
+        ),
+        (
+            "[[pusher.apps]]\nid = \"1\"\nkey = \"k\"\nsecret = \"s\"\nwebhook_url = \"http://x/\"\nwebhook_ca_file = \"ca.pem\"\n",
+            "webhook_ca_file",
         ),
     ] {
         let e = Config::from_toml(toml).unwrap_err().to_string();
