@@ -33,6 +33,12 @@ mod roster;
 mod scripts;
 mod sentinel;
 
+/// What the fuzz targets (`fuzz/`) drive: the decoders of what Redis sends. Not an API.
+#[doc(hidden)]
+pub mod fuzzing {
+    pub use crate::codec::{Push, decode_push, entry_message};
+}
+
 use std::path::PathBuf;
 
 pub use broker::{PRESENCE_TTL, RedisBroker};

@@ -55,6 +55,7 @@
 //! - `pusher/`: the Pusher Channels protocol (a protocol beside the transports, under the
 //!   application): `/app/{key}` sessions, the `/apps/{id}` HTTP API, the webhook sender,
 //!   over the `tidings-pusher` crate.
+//! - `fuzzing` (hidden): the entry points the fuzz targets in `fuzz/` call.
 
 pub mod app;
 pub mod assets;
@@ -62,6 +63,8 @@ pub mod auth;
 pub mod config;
 pub mod config_keys;
 pub mod demo;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod lifecycle;
 pub mod metrics;
 pub mod net;

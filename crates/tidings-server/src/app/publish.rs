@@ -158,7 +158,7 @@ fn json_data(body: Bytes) -> Result<Data, ApiError> {
 }
 
 /// SPEC §10: the content type decides what kind of data the body is.
-fn data_from(headers: &HeaderMap, body: Bytes) -> Result<Data, ApiError> {
+pub(crate) fn data_from(headers: &HeaderMap, body: Bytes) -> Result<Data, ApiError> {
     let ct = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
@@ -200,7 +200,7 @@ fn text_data(body: Bytes) -> Result<Data, ApiError> {
     }
 }
 
-fn event_from_query(query: Option<&str>) -> Result<Option<EventName>, ApiError> {
+pub(crate) fn event_from_query(query: Option<&str>) -> Result<Option<EventName>, ApiError> {
     for (k, v) in crate::query::pairs(query) {
         if k == "event" {
             return Ok(Some(EventName::new(&v)?));
@@ -395,23 +395,7 @@ pub(crate) struct Validated {
     pub idempotency_key: Option<IdempotencyKey>,
 }
 
-pub(crate) fn validate(
-    state: &AppState,
-    channel: &str,
-    data: &RawValue,
-    event: Option<&str>,
-    encoding: Option<&str>,
-) -> Result<Validated, ApiError> {
-    validate_within(
-        state.config().server.max_message_bytes,
-        channel,
-        data,
-        event,
-        encoding,
-    )
-}
-
-/// `validate` without the server state: `max_message_bytes` is `server.max_message_bytes`.
+/// Validates one message of a document; `max_message_bytes` is `server.max_message_bytes`.
 pub(crate) fn validate_within(
     max_message_bytes: usize,
     channel: &str,
@@ -486,7 +470,39 @@ pub async fn document(
         .max_message_bytes
         .saturating_mul(BATCH_BODY_FACTOR);
     let body = read_body(&state, body, limit).await?;
-    let doc: Document = serde_json::from_slice(&body).map_err(|e| {
+    let max = state.config().server.max_message_bytes;
+    match parse_document(max, header_key(&headers)?, &body)? {
+        Parsed::One(v) => {
+            allowed(&state, &who, std::slice::from_ref(&v), "channel")?;
+            let p = publish_keyed(&state, &v.channel, v.event, v.data, v.idempotency_key).await?;
+            Ok(single_reply(&p).into_response())
+        }
+        Parsed::Batch(batch, what) => {
+            allowed(&state, &who, &batch, what)?;
+            publish_batch(&state, batch).await
+        }
+    }
+}
+
+/// A `POST /publish` document, validated whole: nothing of it is published yet.
+pub(crate) enum Parsed {
+    /// `{"channel","data"}`.
+    One(Validated),
+    /// `{"channels":[…],"data"}` or `{"messages":[…]}` (the field named, for errors).
+    Batch(Vec<Validated>, &'static str),
+}
+
+/// Parses and validates a `POST /publish` body (`header_key`: the `Idempotency-Key` header).
+/// Synchronous, and all of it: a refusal here means nothing of the document is published.
+pub(crate) fn parse_document(
+    max_message_bytes: usize,
+    header_key: Option<IdempotencyKey>,
+    body: &[u8],
+) -> Result<Parsed, ApiError> {
+    let validate = |c: &str, d: &RawValue, e: Option<&str>, enc: Option<&str>| {
+        validate_within(max_message_bytes, c, d, e, enc)
+    };
+    let doc: Document = serde_json::from_slice(body).map_err(|e| {
         ApiError::bad_request(
             "invalid_json",
             format!(
@@ -496,7 +512,7 @@ pub async fn document(
     })?;
     // One key for the request: the header, or "idempotency_key" in the document (with
     // "channels", the key applies per channel: keys are remembered per channel).
-    let doc_key = match (header_key(&headers)?, doc.idempotency_key.as_deref()) {
+    let doc_key = match (header_key, doc.idempotency_key.as_deref()) {
         (Some(h), Some(b)) if h.as_str() != b => {
             return Err(ApiError::bad_request(
                 "invalid_idempotency_key",
@@ -517,15 +533,15 @@ pub async fn document(
         (Some(channel), None, None) => {
             let data = doc.data.ok_or_else(shape_error)?;
             let v = validate(
-                &state,
                 &channel,
                 &data,
                 doc.event.as_deref(),
                 doc.encoding.as_deref(),
             )?;
-            allowed(&state, &who, std::slice::from_ref(&v), "channel")?;
-            let p = publish_keyed(&state, &v.channel, v.event, v.data, doc_key).await?;
-            Ok(single_reply(&p).into_response())
+            Ok(Parsed::One(Validated {
+                idempotency_key: doc_key,
+                ..v
+            }))
         }
         (None, Some(channels), None) => {
             let data = doc.data.ok_or_else(shape_error)?;
@@ -534,22 +550,15 @@ pub async fn document(
                 .iter()
                 .enumerate()
                 .map(|(i, c)| {
-                    validate(
-                        &state,
-                        c,
-                        &data,
-                        doc.event.as_deref(),
-                        doc.encoding.as_deref(),
-                    )
-                    .map(|v| Validated {
-                        idempotency_key: doc_key.clone(),
-                        ..v
-                    })
-                    .map_err(|e| e.context(&format!("channels[{i}]")))
+                    validate(c, &data, doc.event.as_deref(), doc.encoding.as_deref())
+                        .map(|v| Validated {
+                            idempotency_key: doc_key.clone(),
+                            ..v
+                        })
+                        .map_err(|e| e.context(&format!("channels[{i}]")))
                 })
                 .collect::<Result<Vec<_>, _>>()?;
-            allowed(&state, &who, &batch, "channels")?;
-            publish_batch(&state, batch).await
+            Ok(Parsed::Batch(batch, "channels"))
         }
         (None, None, Some(messages)) => {
             if doc.data.is_some() || doc.event.is_some() || doc.encoding.is_some() {
@@ -567,7 +576,6 @@ pub async fn document(
                 .enumerate()
                 .map(|(i, m)| {
                     validate(
-                        &state,
                         &m.channel,
                         &m.data,
                         m.event.as_deref(),
@@ -587,8 +595,7 @@ pub async fn document(
                     .map_err(|e| e.context(&format!("messages[{i}]")))
                 })
                 .collect::<Result<Vec<_>, _>>()?;
-            allowed(&state, &who, &batch, "messages")?;
-            publish_batch(&state, batch).await
+            Ok(Parsed::Batch(batch, "messages"))
         }
         _ => Err(shape_error()),
     }
