@@ -12,6 +12,15 @@
 //! answer 503 `broker_unavailable` (nothing is stored, nothing is lost silently), exactly as
 //! when a single Redis is down.
 //!
+//! Which sentinel to believe: all are asked at once (`SENTINEL MASTER`), and the answer with
+//! the highest configuration epoch wins, once a majority of the listed sentinels answered
+//! (or all that could). Sentinel raises the epoch with every failover a majority of them
+//! authorizes, so a sentinel that missed one (it was down, partitioned, or cannot hear the
+//! others) names the old primary with an older epoch and is outvoted; asking them in order
+//! and taking the first answer would follow it back to a demoted primary. A sentinel that
+//! is down fails at connect; one that accepts connections and never answers is not waited
+//! for once the majority is in.
+//!
 //! # Concurrency rules
 //! - `primary` (the command connection to the current primary) is a std mutex held only for a
 //!   clone or a swap, never across an `.await`. Only the supervisor swaps it, and it does so
@@ -137,14 +146,73 @@ fn no_primary(detail: String) -> redis::RedisError {
         .into()
 }
 
+/// One sentinel's answer: where the primary is, and the configuration epoch that placed it
+/// there (each failover a majority of sentinels authorizes raises it).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Answer {
+    pub addr: (String, u16),
+    pub epoch: u64,
+}
+
+/// Reads `SENTINEL MASTER`'s reply: field/value pairs (a flat array in RESP2, a map in RESP3).
+fn answer_of(reply: redis::Value) -> Option<Answer> {
+    let pairs: Vec<(redis::Value, redis::Value)> = match reply {
+        redis::Value::Map(m) => m,
+        redis::Value::Array(a) => {
+            let mut it = a.into_iter();
+            std::iter::from_fn(|| Some((it.next()?, it.next()?))).collect()
+        }
+        _ => return None,
+    };
+    let text = |v: &redis::Value| match v {
+        redis::Value::BulkString(b) => std::str::from_utf8(b).ok().map(str::to_owned),
+        redis::Value::SimpleString(s) => Some(s.clone()),
+        redis::Value::Int(i) => Some(i.to_string()),
+        _ => None,
+    };
+    let (mut ip, mut port, mut epoch) = (None, None, 0);
+    for (k, v) in &pairs {
+        match text(k).as_deref() {
+            Some("ip") => ip = text(v),
+            Some("port") => port = text(v).and_then(|p| p.parse().ok()),
+            Some("config-epoch") => epoch = text(v).and_then(|e| e.parse().ok()).unwrap_or(0),
+            _ => {}
+        }
+    }
+    Some(Answer {
+        addr: (ip?, port?),
+        epoch,
+    })
+}
+
 impl Sentinel {
-    /// Asks the sentinels, one after another, where the primary is.
-    pub async fn ask(&self) -> RedisResult<(String, u16)> {
-        let mut last = None;
-        for info in &self.sentinels {
-            match tokio::time::timeout(CONNECT_TIMEOUT + RESPONSE_TIMEOUT, self.ask_one(info)).await
-            {
-                Ok(Ok(Some(addr))) => return Ok(addr),
+    /// Asks every sentinel at once where the primary is, and believes the answer with the
+    /// highest configuration epoch: a sentinel that was down, partitioned or deaf to the
+    /// others during a failover still names the old primary, with the old epoch. It stops
+    /// waiting once a majority of the listed sentinels answered, so a sentinel that accepts
+    /// connections but never answers (stopped, or behind a black hole) costs nothing while
+    /// the others are up; a dead one fails at connect.
+    pub async fn ask(&self) -> RedisResult<Answer> {
+        let mut pending: futures_util::stream::FuturesUnordered<_> = self
+            .sentinels
+            .iter()
+            .map(|info| {
+                tokio::time::timeout(CONNECT_TIMEOUT + RESPONSE_TIMEOUT, self.ask_one(info))
+            })
+            .collect();
+        let majority = self.sentinels.len() / 2 + 1;
+        let (mut best, mut answers, mut last) = (None::<Answer>, 0, None);
+        while let Some(r) = pending.next().await {
+            match r {
+                Ok(Ok(Some(a))) => {
+                    answers += 1;
+                    if best.as_ref().is_none_or(|b| a.epoch > b.epoch) {
+                        best = Some(a);
+                    }
+                    if answers >= majority {
+                        break;
+                    }
+                }
                 Ok(Ok(None)) => {
                     last = Some(format!(
                         "a sentinel does not know the master {:?}",
@@ -155,17 +223,23 @@ impl Sentinel {
                 Err(_) => last = Some("a sentinel did not answer".into()),
             }
         }
-        Err(no_primary(last.unwrap_or_default()))
+        best.ok_or_else(|| no_primary(last.unwrap_or_default()))
     }
 
-    async fn ask_one(&self, info: &ConnectionInfo) -> RedisResult<Option<(String, u16)>> {
+    async fn ask_one(&self, info: &ConnectionInfo) -> RedisResult<Option<Answer>> {
         let client = Client::open(info.clone())?;
         let mut conn = client.get_multiplexed_async_connection().await?;
-        redis::cmd("SENTINEL")
-            .arg("get-master-addr-by-name")
+        let reply: RedisResult<redis::Value> = redis::cmd("SENTINEL")
+            .arg("MASTER")
             .arg(&self.master)
-            .query_async::<Option<(String, u16)>>(&mut conn)
-            .await
+            .query_async(&mut conn)
+            .await;
+        match reply {
+            Ok(v) => Ok(answer_of(v)),
+            // "ERR No such master with that name".
+            Err(e) if matches!(e.kind(), ErrorKind::Server(_)) => Ok(None),
+            Err(e) => Err(e),
+        }
     }
 
     /// The primary's connection info at `addr`, with the URL's auth and db.
@@ -180,7 +254,7 @@ impl Sentinel {
     /// a replica; the sentinels no longer name it by then). Returns its address.
     pub async fn connect_primary(&self) -> RedisResult<(String, u16)> {
         self.switched.store(false, Release);
-        let addr = self.ask().await?;
+        let addr = self.ask().await?.addr;
         let client = Client::open(self.primary_at(&addr))?;
         let manager = crate::connection::command_manager(client)
             .await
@@ -217,7 +291,7 @@ impl Sentinel {
         }
         let current = relock(&self.current).clone();
         match self.ask().await {
-            Ok(addr) => current.as_ref() != Some(&addr),
+            Ok(answer) => current.as_ref() != Some(&answer.addr),
             // The sentinels being unreachable says nothing about the primary.
             Err(_) => false,
         }
@@ -245,7 +319,11 @@ pub async fn run_watcher(sentinel: std::sync::Arc<Sentinel>, stop: CancellationT
             let mut pubsub = tokio::time::timeout(CONNECT_TIMEOUT, client.get_async_pubsub())
                 .await
                 .map_err(|_| no_primary("a sentinel did not answer".into()))??;
-            pubsub.subscribe("+switch-master").await?;
+            // Bounded too: a sentinel that accepts connections but never answers (stopped,
+            // or behind a black hole) would hold the watcher forever.
+            tokio::time::timeout(RESPONSE_TIMEOUT, pubsub.subscribe("+switch-master"))
+                .await
+                .map_err(|_| no_primary("a sentinel did not answer".into()))??;
             let mut messages = pubsub.on_message();
             while let Some(msg) = messages.next().await {
                 if let Ok(payload) = msg.get_payload::<String>() {
@@ -272,6 +350,31 @@ pub async fn run_watcher(sentinel: std::sync::Arc<Sentinel>, stop: CancellationT
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_sentinel_master_reply_gives_the_address_and_epoch_in_resp2_and_resp3() {
+        let b = |s: &str| redis::Value::BulkString(s.as_bytes().to_vec());
+        let fields = [
+            ("name", "m"),
+            ("ip", "10.0.0.7"),
+            ("port", "6380"),
+            ("flags", "master"),
+            ("config-epoch", "4"),
+        ];
+        let flat = redis::Value::Array(fields.iter().flat_map(|(k, v)| [b(k), b(v)]).collect());
+        let map = redis::Value::Map(fields.iter().map(|(k, v)| (b(k), b(v))).collect());
+        let expected = Answer {
+            addr: ("10.0.0.7".into(), 6380),
+            epoch: 4,
+        };
+        assert_eq!(answer_of(flat), Some(expected.clone()));
+        assert_eq!(answer_of(map), Some(expected));
+        // Without an epoch (an old sentinel) the answer still counts, as the oldest.
+        let old = redis::Value::Array(vec![b("ip"), b("h"), b("port"), b("1")]);
+        assert_eq!(answer_of(old).map(|a| a.epoch), Some(0));
+        assert_eq!(answer_of(redis::Value::Array(vec![b("ip"), b("h")])), None);
+        assert_eq!(answer_of(redis::Value::Nil), None);
+    }
 
     #[test]
     fn a_sentinel_url_names_its_sentinels_the_master_and_the_primarys_auth_and_db() {

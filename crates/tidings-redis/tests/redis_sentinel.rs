@@ -119,6 +119,26 @@ async fn next_offset(sub: &mut Subscription) -> u64 {
     }
 }
 
+/// Waits for the next `n` messages, failing on a gap; returns their offsets.
+async fn next_offsets(sub: &mut Subscription, n: usize) -> Vec<u64> {
+    let deadline = Instant::now() + WAIT;
+    let mut got = Vec::new();
+    loop {
+        sub.drain(|e, _| match e {
+            Event::Message(m) => got.push(m.offset),
+            Event::Gap(g) => panic!("unexpected gap {g:?}"),
+            _ => {}
+        })
+        .expect("the session stays up");
+        if got.len() >= n {
+            return got;
+        }
+        tokio::time::timeout_at(deadline, sub.ready())
+            .await
+            .expect("the messages arrive");
+    }
+}
+
 /// Publishes until a publish succeeds (they answer 503 while no primary is reachable).
 async fn published_once_up(a: &Node, c: &ChannelName) -> Arc<tidings_core::Message> {
     let mut done = None;
@@ -269,4 +289,209 @@ fn a_sentinel_url_that_names_no_reachable_sentinel_fails_at_connect_with_a_clear
         "{e}"
     );
     assert!(!e.contains("pw@"), "{e}");
+}
+
+/// A primary, one replica and three sentinels with quorum 2 (the deployment the docs
+/// recommend), plus, when asked, a fourth sentinel that never hears the others.
+struct Quorum {
+    primary: RedisServer,
+    replica: RedisServer,
+    sentinels: Vec<RedisServer>,
+    /// Logs in as a user without pub/sub rights, so it never hears the other sentinels'
+    /// hellos: after a failover it still names the old primary, with the old epoch.
+    deaf: Option<RedisServer>,
+}
+
+const DEAF_USER: [&str; 6] = ["--user", "deaf", "on", ">deafpw", "~*", "+@all"];
+
+impl Quorum {
+    async fn start(with_deaf: bool) -> Self {
+        let primary = RedisServer::start_on(free_port(), &DEAF_USER);
+        let mut replica_args = vec!["--replicaof", "127.0.0.1"];
+        let primary_port = primary.port.to_string();
+        replica_args.push(&primary_port);
+        replica_args.extend(DEAF_USER);
+        let replica = RedisServer::start_on(free_port(), &replica_args);
+        let sentinels: Vec<RedisServer> = (0..3)
+            .map(|_| RedisServer::start_sentinel_with("mymaster", primary.port, 2, 500, ""))
+            .collect();
+        let deaf = with_deaf.then(|| {
+            RedisServer::start_sentinel_with(
+                "mymaster",
+                primary.port,
+                2,
+                500,
+                "sentinel auth-user mymaster deaf\nsentinel auth-pass mymaster deafpw\n",
+            )
+        });
+        let q = Self {
+            primary,
+            replica,
+            sentinels,
+            deaf,
+        };
+        tidings_testkit::eventually(
+            "the replica is in sync and every sentinel knows it and the two others",
+            WAIT * 3,
+            Duration::from_millis(50),
+            async || {
+                q.replica
+                    .command("INFO replication")
+                    .contains("master_link_status:up")
+                    && q.sentinels.iter().all(|s| {
+                        let others = s.command("SENTINEL sentinels mymaster");
+                        s.command("SENTINEL replicas mymaster")
+                            .contains(&q.replica.port.to_string())
+                            && q.sentinels
+                                .iter()
+                                .filter(|o| o.port != s.port)
+                                .all(|o| others.contains(&o.port.to_string()))
+                    })
+                    && q.deaf.as_ref().is_none_or(|d| {
+                        d.command("SENTINEL replicas mymaster")
+                            .contains(&q.replica.port.to_string())
+                    })
+            },
+        )
+        .await;
+        q
+    }
+
+    /// The sentinels in the URL: the deaf one first, where it does the most harm.
+    fn url(&self) -> String {
+        let hosts: Vec<String> = self
+            .deaf
+            .iter()
+            .chain(&self.sentinels)
+            .map(|s| format!("127.0.0.1:{}", s.port))
+            .collect();
+        format!("redis+sentinel://{}/mymaster", hosts.join(","))
+    }
+
+    fn named_by(s: &RedisServer) -> u16 {
+        support::bulk_lines(&s.command("SENTINEL get-master-addr-by-name mymaster"))
+            .nth(1)
+            .and_then(|p| p.parse().ok())
+            .unwrap_or(0)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_three_sentinels_one_killed_then_the_primary_killed_the_node_follows_the_failover_and_loses_nothing_acknowledged()
+ {
+    let mut q = Quorum::start(false).await;
+    let prefix = unique_prefix("quorum");
+    let (a, _broker) = node(&q.url(), &prefix).await;
+    let c = ChannelName::new("news").unwrap();
+    let mut sub = a
+        .subscribe(std::slice::from_ref(&c), &Start::Now, 1 << 20, None)
+        .await
+        .unwrap();
+    let first = a.publish(&c, None, text("one")).await.unwrap();
+    assert_eq!(next_offset(&mut sub).await, 1);
+
+    // The first sentinel of the URL dies: the node keeps working, and asks the others.
+    q.sentinels[0].kill();
+    let second = a.publish(&c, None, text("two")).await.unwrap();
+    assert_eq!(next_offset(&mut sub).await, 2);
+    assert!(q.primary.command("WAIT 1 2000").starts_with(":1"));
+
+    // Then the primary: the two sentinels left are a quorum and a majority of three.
+    q.primary.kill();
+    assert_eq!(ended(&mut sub).await, DisconnectReason::BrokerUnavailable);
+    let third = published_once_up(&a, &c).await;
+    assert_eq!(Quorum::named_by(&q.sentinels[1]), q.replica.port);
+    assert_eq!(
+        (&third.epoch, third.offset),
+        (&first.epoch, 3),
+        "the promoted replica continues the channel"
+    );
+    // A subscriber that saw offset 1 resumes and gets every acknowledged message after it.
+    let mut sub = a
+        .subscribe(
+            std::slice::from_ref(&c),
+            &Start::Cursor(tidings_core::Cursor::single(&c, first.position())),
+            1 << 20,
+            None,
+        )
+        .await
+        .unwrap();
+    assert_eq!(next_offsets(&mut sub, 2).await, [second.offset, 3]);
+    a.publish(&c, None, text("four")).await.unwrap();
+    assert_eq!(next_offsets(&mut sub, 1).await, [4]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sentinel_still_naming_the_old_primary_is_outvoted_by_the_newer_epoch_and_a_stopped_one_costs_nothing()
+ {
+    let q = Quorum::start(true).await;
+    let deaf = q.deaf.as_ref().unwrap();
+    let prefix = unique_prefix("stale");
+    let (a, _broker) = node(&q.url(), &prefix).await;
+    let c = ChannelName::new("news").unwrap();
+    let first = a.publish(&c, None, text("one")).await.unwrap();
+    assert!(q.primary.command("WAIT 1 2000").starts_with(":1"));
+    let mut sub = a
+        .subscribe(std::slice::from_ref(&c), &Start::Now, 1 << 20, None)
+        .await
+        .unwrap();
+
+    // One sentinel stops answering (it still accepts connections), and a failover is
+    // ordered; the old primary lives on and becomes a replica.
+    q.sentinels[0].pause(true);
+    assert!(
+        q.sentinels[1]
+            .command("SENTINEL FAILOVER mymaster")
+            .starts_with("+OK")
+    );
+    assert_eq!(ended(&mut sub).await, DisconnectReason::BrokerUnavailable);
+    tidings_testkit::eventually(
+        "sentinel completes the failover",
+        FAILOVER_WITHIN,
+        Duration::from_millis(100),
+        async || {
+            q.replica.command("ROLE").contains("master")
+                && q.primary.command("ROLE").contains("slave")
+        },
+    )
+    .await;
+    let second = published_once_up(&a, &c).await;
+    assert_eq!((&second.epoch, second.offset), (&first.epoch, 2));
+    let key = format!("{prefix}:{{news}}:m");
+    assert!(
+        q.replica
+            .command(&format!("HGET {key} o"))
+            .contains("\r\n2\r\n"),
+        "the write went to the new primary"
+    );
+    // The premise: the first sentinel of the URL still names the old primary.
+    assert_eq!(
+        Quorum::named_by(deaf),
+        q.primary.port,
+        "the deaf sentinel is stale"
+    );
+
+    // And the node stays on the new primary: a session opened now is not ended by the
+    // health checks (every second) for three seconds of publishes.
+    let since = tidings_core::Cursor::single(&c, second.position());
+    let mut sub = a
+        .subscribe(
+            std::slice::from_ref(&c),
+            &Start::Cursor(since),
+            1 << 20,
+            None,
+        )
+        .await
+        .unwrap();
+    let until = Instant::now() + Duration::from_secs(3);
+    let mut offset = 2;
+    let mut pace = tokio::time::interval(Duration::from_millis(100));
+    while Instant::now() < until {
+        pace.tick().await;
+        let p = a.publish(&c, None, text("more")).await.unwrap();
+        offset += 1;
+        assert_eq!(p.offset, offset);
+        assert_eq!(next_offset(&mut sub).await, offset);
+    }
+    q.sentinels[0].pause(false);
 }

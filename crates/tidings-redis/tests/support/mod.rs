@@ -89,15 +89,26 @@ impl RedisServer {
     /// A Redis Sentinel on a free port watching the primary on `primary_port` as `master`,
     /// quick to declare it down (`down_after_ms`).
     pub fn start_sentinel(master: &str, primary_port: u16, down_after_ms: u64) -> Self {
+        Self::start_sentinel_with(master, primary_port, 1, down_after_ms, "")
+    }
+
+    /// A Redis Sentinel with a `quorum` and more lines of configuration (`extra`).
+    pub fn start_sentinel_with(
+        master: &str,
+        primary_port: u16,
+        quorum: u32,
+        down_after_ms: u64,
+        extra: &str,
+    ) -> Self {
         let port = free_port();
         let dir = Self::new_dir(port);
         let conf = dir.join("sentinel.conf");
         std::fs::write(
             &conf,
             format!(
-                "sentinel monitor {master} 127.0.0.1 {primary_port} 1\n\
+                "sentinel monitor {master} 127.0.0.1 {primary_port} {quorum}\n\
                  sentinel down-after-milliseconds {master} {down_after_ms}\n\
-                 sentinel failover-timeout {master} 5000\n"
+                 sentinel failover-timeout {master} 5000\n{extra}"
             ),
         )
         .unwrap();
@@ -197,6 +208,18 @@ impl RedisServer {
 
     pub fn command(&self, line: &str) -> String {
         command(self.port, line).unwrap()
+    }
+
+    /// SIGSTOPs (`true`) or SIGCONTs the server: stopped, it still accepts connections (the
+    /// kernel does) but answers nothing, like a host behind a black hole.
+    pub fn pause(&self, stopped: bool) {
+        let signal = if stopped { "-STOP" } else { "-CONT" };
+        let status = Command::new("kill")
+            .arg(signal)
+            .arg(self.pid.to_string())
+            .status()
+            .unwrap();
+        assert!(status.success(), "kill {signal} {}", self.pid);
     }
 }
 
