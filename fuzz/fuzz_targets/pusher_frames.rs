@@ -86,7 +86,10 @@ fuzz_target!(|data: &[u8]| {
         Err(refused) => assert!(!refused.message.is_empty(), "a refusal says nothing"),
     }
     if let Ok(member) = parse_member(text) {
-        assert!(!member.user_id.is_empty() && member.user_id.len() <= 128 || member.user_id.parse::<f64>().is_ok());
+        assert!(
+            !member.user_id.is_empty() && member.user_id.len() <= 128
+                || member.user_id.parse::<f64>().is_ok()
+        );
     }
     round_trip(text);
     let (path, body) = text.split_once('\n').unwrap_or((text, ""));

@@ -79,3 +79,4 @@ pub fn publish_raw(
     let data = publish::data_from(&headers, body)?;
     Ok((event, data))
 }
+
