@@ -79,4 +79,3 @@ pub fn publish_raw(
     let data = publish::data_from(&headers, body)?;
     Ok((event, data))
 }
-

@@ -122,6 +122,44 @@ fn surrogates_paired(json: &[u8]) -> bool {
     !has_surrogate_escape || serde_json::from_slice::<serde_json::Value>(json).is_ok()
 }
 
+/// Whether every number fits a double. `RawValue` checks syntax only and lets `1e400` (or an
+/// integer of 309 digits) through; strict parsers (serde_json among them) refuse the whole
+/// message, others read infinity. The full parse runs only when a number has an exponent or
+/// 300 digits in a row, which is rare.
+fn numbers_in_range(json: &[u8]) -> bool {
+    let (mut in_string, mut escaped, mut digits, mut prev) = (false, false, 0usize, 0u8);
+    let mut suspect = false;
+    for &b in json {
+        if in_string {
+            match (escaped, b) {
+                (true, _) => escaped = false,
+                (false, b'\\') => escaped = true,
+                (false, b'"') => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'0'..=b'9' => digits += 1,
+            b'e' | b'E' if prev.is_ascii_digit() => suspect = true,
+            _ => digits = 0,
+        }
+        if suspect || digits >= 300 {
+            return serde_json::from_slice::<serde_json::Value>(json).is_ok();
+        }
+        prev = b;
+    }
+    true
+}
+
+fn number_out_of_range() -> ApiError {
+    ApiError::bad_request(
+        "invalid_json",
+        "a number is beyond the range of a double (about 1.8e308); many JSON parsers refuse it",
+    )
+}
+
 fn lone_surrogate() -> ApiError {
     ApiError::bad_request(
         "invalid_json",
@@ -133,6 +171,9 @@ fn lone_surrogate() -> ApiError {
 fn json_data(body: Bytes) -> Result<Data, ApiError> {
     if !surrogates_paired(&body) {
         return Err(lone_surrogate());
+    }
+    if !numbers_in_range(&body) {
+        return Err(number_out_of_range());
     }
     if !depth_within(&body, MAX_JSON_DEPTH) {
         return Err(ApiError::bad_request(
@@ -407,6 +448,7 @@ pub(crate) fn validate_within(
     let event = event.map(EventName::new).transpose()?;
     let data = match encoding {
         None if !surrogates_paired(data.get().as_bytes()) => return Err(lone_surrogate()),
+        None if !numbers_in_range(data.get().as_bytes()) => return Err(number_out_of_range()),
         None if !depth_within(data.get().as_bytes(), MAX_JSON_DEPTH) => {
             return Err(ApiError::bad_request(
                 "invalid_json",
@@ -709,6 +751,22 @@ mod tests {
         assert!(!surrogates_paired(br#"{"a":"\uDC00x"}"#));
         assert!(surrogates_paired(br#""\ud83d\ude00""#));
         assert!(surrogates_paired(br#""\u00e9 plain""#));
+    }
+
+    #[test]
+    fn numbers_beyond_a_double_are_refused_and_large_ones_within_it_pass() {
+        // Found by the publish_body fuzzer: `1e400` is valid JSON syntax.
+        assert!(!numbers_in_range(b"22222.22E2222222"));
+        assert!(!numbers_in_range(br#"{"a":[1e400]}"#));
+        assert!(!numbers_in_range(
+            format!("[{}]", "9".repeat(400)).as_bytes()
+        ));
+        assert!(numbers_in_range(b"[1e308, -2.5E-300, 0.1e1, true, false]"));
+        assert!(numbers_in_range(
+            format!("0.{}", "1".repeat(400)).as_bytes()
+        ));
+        // Inside strings nothing is a number.
+        assert!(numbers_in_range(br#"{"1e400":"9e999 \" 1e400"}"#));
     }
 
     #[tokio::test]
