@@ -81,13 +81,22 @@ fn strict() -> bool {
     *STRICT.get_or_init(|| std::env::var_os("TIDINGS_FUZZ_STRICT").is_some_and(|v| v == "1"))
 }
 
-/// Aggregate headers (array, map, set, push, attribute) with a positive count: combine,
-/// which redis-rs parses with, reserves room for at most 4,096 elements of each as soon as
-/// its first element arrives, whatever length it declares.
+/// Aggregate headers (array, map, set, push, attribute) that may declare a positive count:
+/// combine, which redis-rs parses with, reserves room for at most 4,096 elements of each as
+/// soon as its first element arrives, whatever length it declares. redis-rs reads the count
+/// with `trim().parse::<i64>()` (spaces, even Unicode ones, and a `+` may surround it), so
+/// any header line with a digit and no `-` counts.
 fn aggregates(input: &[u8]) -> usize {
-    input
-        .windows(2)
-        .filter(|w| matches!(w[0], b'*' | b'%' | b'~' | b'>' | b'|') && w[1].is_ascii_digit())
+    (0..input.len())
+        .filter(|&i| {
+            let line = input[i + 1..]
+                .split(|&b| b == b'\n')
+                .next()
+                .unwrap_or_default();
+            matches!(input[i], b'*' | b'%' | b'~' | b'>' | b'|')
+                && line.iter().any(u8::is_ascii_digit)
+                && !line.contains(&b'-')
+        })
         .count()
 }
 
