@@ -84,15 +84,17 @@ fn strict() -> bool {
 /// Aggregate headers (array, map, set, push, attribute) that may declare a positive count:
 /// combine, which redis-rs parses with, reserves room for at most 4,096 elements of each as
 /// soon as its first element arrives, whatever length it declares. redis-rs reads the count
-/// with `trim().parse::<i64>()` (spaces, even Unicode ones, and a `+` may surround it), so
+/// with `trim().parse::<i64>()` (whitespace, even Unicode or a `\n`, and a `+` may surround it), so
 /// any header line with a digit and no `-` counts.
 fn aggregates(input: &[u8]) -> usize {
     (0..input.len())
         .filter(|&i| {
-            let line = input[i + 1..]
-                .split(|&b| b == b'\n')
-                .next()
-                .unwrap_or_default();
+            // The line redis-rs reads: up to `\r\n` (a lone `\n` is inside it).
+            let rest = &input[i + 1..];
+            let line = rest
+                .windows(2)
+                .position(|w| w == b"\r\n")
+                .map_or(rest, |end| &rest[..end]);
             matches!(input[i], b'*' | b'%' | b'~' | b'>' | b'|')
                 && line.iter().any(u8::is_ascii_digit)
                 && !line.contains(&b'-')
