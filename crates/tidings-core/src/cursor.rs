@@ -121,7 +121,14 @@ impl Cursor {
         let h = channel.hash64();
         match self.entries.binary_search_by_key(&h, |(k, _)| *k) {
             Ok(i) => self.entries[i].1 = position,
-            Err(i) => self.entries.insert(i, (h, position)),
+            Err(i) => {
+                // Most sessions follow one channel, for hours: room for one, not the four a
+                // first push makes.
+                if self.entries.is_empty() {
+                    self.entries.reserve_exact(1);
+                }
+                self.entries.insert(i, (h, position))
+            }
         }
     }
 

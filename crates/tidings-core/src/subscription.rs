@@ -268,6 +268,10 @@ impl Subscription {
             return Ok(None);
         }
         // Pushed before registering so Drop undoes exactly what was done if we fail later.
+        // Most sessions follow one channel, for hours: room for one, not four.
+        if self.channels.is_empty() {
+            self.channels.reserve_exact(1);
+        }
         self.channels.push(channel.clone());
         if self.node.hub.add(channel, self.id, self.queue.clone())
             && self.node.broker.tracks_subscriptions()

@@ -15,6 +15,8 @@ pub mod cors;
 pub mod error;
 pub mod health;
 pub mod pages;
+#[cfg(test)]
+mod parked;
 pub mod publish;
 pub mod routes;
 pub mod service;

@@ -38,7 +38,6 @@ use axum::body::Body;
 use bytes::{Buf, Bytes, BytesMut};
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, header};
 use http_body::Body as _;
-use http_body_util::BodyExt;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
@@ -637,7 +636,7 @@ async fn refuse<S: Socket>(
         .unwrap_or(Ok(()))
 }
 
-enum Framing {
+pub(crate) enum Framing {
     None,
     Length(u64),
     Chunked,
@@ -771,13 +770,17 @@ fn http_date() -> [u8; 29] {
     })
 }
 
-async fn write_body<S: Socket>(
+/// Writes a response. Memory: a streaming response is what a parked connection is doing,
+/// so this future is most of what one costs: its waits are `poll` functions
+/// (`next_data`, `Chunk::poll_write`) that keep no future stack of their own.
+pub(crate) async fn write_body<S: Socket>(
     stream: &mut S,
     mut out: Vec<u8>,
     framing: Framing,
     mut body: Body,
     pending: &mut BytesMut,
 ) -> io::Result<()> {
+    let mut watch = Watch::new(pending);
     match framing {
         Framing::None => {
             stream.write_all(&out).await?;
@@ -786,7 +789,6 @@ async fn write_body<S: Socket>(
         Framing::Length(n) => {
             // Small bodies (pages, poll replies, errors) go out with the head in one write.
             let mut left = n;
-            let mut watch = Watch::new(pending);
             while let Some(data) = next_data(&mut body, stream, &mut watch).await? {
                 let Some(rest) = left.checked_sub(data.len() as u64) else {
                     return Err(io::Error::other("body longer than its content-length"));
@@ -816,24 +818,28 @@ async fn write_body<S: Socket>(
             stream.write_all(&out).await?;
             stream.flush().await?;
             drop(out);
-            let mut watch = Watch::new(pending);
-            while let Some(data) = next_data(&mut body, stream, &mut watch).await? {
-                write_chunk(stream, data).await?;
+            loop {
+                let data = next_data(&mut body, stream, &mut watch).await?;
+                // The last chunk is the empty one: `0\r\n\r\n`.
+                let last = data.is_none();
+                let mut chunk = Chunk::new(data.unwrap_or_default());
+                std::future::poll_fn(|cx| chunk.poll_write(cx, stream)).await?;
+                if last {
+                    return Ok(());
+                }
             }
-            stream.write_all(b"0\r\n\r\n").await?;
-            stream.flush().await
         }
     }
 }
 
 /// The read side of a connection while its response is being written.
-struct Watch<'a> {
+pub(crate) struct Watch<'a> {
     pending: &'a mut BytesMut,
     reading: bool,
 }
 
 impl<'a> Watch<'a> {
-    fn new(pending: &'a mut BytesMut) -> Self {
+    pub(crate) fn new(pending: &'a mut BytesMut) -> Self {
         let reading = pending.len() < MAX_HEAD;
         Self { pending, reading }
     }
@@ -843,53 +849,112 @@ impl<'a> Watch<'a> {
 /// hanging up. `Ok(None)` at the end of the body; an error when the client is gone or the
 /// body failed (the connection is then closed without the final chunk, so the client can
 /// tell the response was cut).
-async fn next_data<S: Socket>(
-    body: &mut Body,
-    stream: &mut S,
-    watch: &mut Watch<'_>,
-) -> io::Result<Option<Bytes>> {
-    loop {
-        tokio::select! {
-            biased;
-            frame = body.frame() => match frame {
-                None => return Ok(None),
-                Some(Err(e)) => return Err(io::Error::other(e)),
-                Some(Ok(frame)) => {
+pub(crate) fn next_data<'a, S: Socket>(
+    body: &'a mut Body,
+    stream: &'a mut S,
+    watch: &'a mut Watch<'_>,
+) -> impl Future<Output = io::Result<Option<Bytes>>> + 'a {
+    std::future::poll_fn(move |cx| {
+        loop {
+            // The body first: what it has goes out before a hang-up is noticed.
+            match Pin::new(&mut *body).poll_frame(cx) {
+                Poll::Ready(None) => return Poll::Ready(Ok(None)),
+                Poll::Ready(Some(Err(e))) => return Poll::Ready(Err(io::Error::other(e))),
+                Poll::Ready(Some(Ok(frame))) => {
                     if let Ok(data) = frame.into_data()
                         && !data.is_empty()
                     {
-                        return Ok(Some(data));
+                        return Poll::Ready(Ok(Some(data)));
                     }
                 }
-            },
-            e = hung_up(stream, watch) => return Err(e),
+                Poll::Pending => return poll_hung_up(cx, stream, watch).map(Err),
+            }
         }
-    }
+    })
 }
 
-/// Resolves when the client hangs up or the socket fails. Bytes the client sends meanwhile
+/// Resolves when the client hangs up or the socket fails.
+pub(crate) fn hung_up<'a, S: Socket>(
+    stream: &'a mut S,
+    watch: &'a mut Watch<'_>,
+) -> impl Future<Output = io::Error> + 'a {
+    std::future::poll_fn(move |cx| poll_hung_up(cx, stream, watch))
+}
+
+/// `Ready` when the client hangs up or the socket fails. Bytes the client sends meanwhile
 /// (a pipelined request) are kept in `watch.pending`, up to `MAX_HEAD`; past that the
 /// socket is no longer watched.
-async fn hung_up<S: Socket>(stream: &mut S, watch: &mut Watch<'_>) -> io::Error {
+fn poll_hung_up<S: Socket>(
+    cx: &mut Context<'_>,
+    stream: &mut S,
+    watch: &mut Watch<'_>,
+) -> Poll<io::Error> {
     loop {
         if !watch.reading {
-            return std::future::pending().await;
+            return Poll::Pending;
         }
-        match read_more(stream, watch.pending, 512).await {
-            Ok(0) => return io::ErrorKind::UnexpectedEof.into(),
+        match std::task::ready!(stream.poll_read_more(cx, watch.pending, 512)) {
+            Ok(0) => return Poll::Ready(io::ErrorKind::UnexpectedEof.into()),
             Ok(_) => watch.reading = watch.pending.len() < MAX_HEAD,
-            Err(e) => return e,
+            Err(e) => return Poll::Ready(e),
         }
     }
 }
 
-/// One chunk: size line, data, CRLF, in one vectored write.
-async fn write_chunk<S: Socket>(stream: &mut S, data: Bytes) -> io::Result<()> {
-    let (line, n) = chunk_size_line(data.len());
-    let mut chunk = (&line[..n]).chain(data).chain(&b"\r\n"[..]);
-    stream.write_all_buf(&mut chunk).await?;
-    // A no-op on TCP; TLS writes the records out here.
-    stream.flush().await
+/// One chunk being written: size line, data, CRLF, in vectored writes.
+struct Chunk {
+    line: [u8; 18],
+    line_len: u8,
+    flushing: bool,
+    data: Bytes,
+    /// Bytes of the whole chunk written so far.
+    sent: usize,
+}
+
+impl Chunk {
+    fn new(data: Bytes) -> Self {
+        let (line, n) = chunk_size_line(data.len());
+        Self {
+            line,
+            line_len: n as u8,
+            flushing: false,
+            data,
+            sent: 0,
+        }
+    }
+
+    /// Writes the rest of the chunk, then flushes (a no-op on TCP; TLS writes the records
+    /// out here).
+    fn poll_write<S: Socket>(
+        &mut self,
+        cx: &mut Context<'_>,
+        stream: &mut S,
+    ) -> Poll<io::Result<()>> {
+        let line = usize::from(self.line_len);
+        let total = line + self.data.len() + 2;
+        while !self.flushing && self.sent < total {
+            let mut parts = [io::IoSlice::new(&[]); 3];
+            let mut k = 0;
+            let mut at = self.sent;
+            for part in [&self.line[..line], &self.data[..], b"\r\n"] {
+                if at < part.len() {
+                    parts[k] = io::IoSlice::new(&part[at..]);
+                    k += 1;
+                    at = 0;
+                } else {
+                    at -= part.len();
+                }
+            }
+            let n =
+                std::task::ready!(Pin::new(&mut *stream).poll_write_vectored(cx, &parts[..k]))?;
+            if n == 0 {
+                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+            }
+            self.sent += n;
+        }
+        self.flushing = true;
+        Pin::new(&mut *stream).poll_flush(cx)
+    }
 }
 
 /// A chunk's size line (hex digits, CRLF) and its length. By hand: `fmt` cost more than

@@ -33,7 +33,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::net::h1;
-use crate::net::limits::Refused;
+use crate::net::limits::{ConnectionPermit, Refused};
 use crate::net::upgrade::{Pending, SessionIo, Upgradable};
 use crate::net::{ConnectionCtx, Handled, Service};
 
@@ -55,27 +55,7 @@ pub async fn serve<S: Service>(
     // Every connection task, so shutdown can wait for lean ones too (hyper's are also
     // watched by `graceful`, which tells them to finish).
     let tasks = TaskTracker::new();
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(service.settings().request_header_timeout);
-    let server = service.settings();
-    builder
-        .http2()
-        // Lets WebSockets ride HTTP/2 streams (RFC 8441).
-        .enable_connect_protocol()
-        .timer(TokioTimer::new())
-        .max_concurrent_streams(server.max_streams_per_connection)
-        // A peer that stops answering pings (a preface, SETTINGS, then silence) is closed;
-        // one that answers them but opens no stream is closed by `hyper`'s idle watch.
-        .keep_alive_interval(server.ping_interval)
-        .keep_alive_timeout(server.ping_interval);
-    let edge = Arc::new(Edge {
-        service: service.clone(),
-        builder,
-        tasks: tasks.clone(),
-    });
+    let edge = Arc::new(Edge::new(service.clone(), tasks.clone()));
     tokio::pin!(shutdown);
     loop {
         let (accepted, secure) = tokio::select! {
@@ -111,18 +91,7 @@ pub async fn serve<S: Service>(
         let watcher = graceful.watcher();
         let edge = edge.clone();
         let acceptor = tls.as_ref().filter(|_| secure).map(|(_, a)| a.clone());
-        tasks.spawn(async move {
-            let _permit = permit;
-            edge.service.connection(true);
-            match acceptor {
-                // A plaintext connection: the lean HTTP/1.1 path first, hyper if it hands off.
-                None => edge.lean(stream, ctx, watcher, SessionIo::Tcp).await,
-                // Boxed: a TLS session and its handshake are large, and without the box every
-                // plain connection's task would be sized for them too (idle memory).
-                Some(acceptor) => Box::pin(edge.tls(stream, acceptor, ctx, watcher)).await,
-            }
-            edge.service.connection(false);
-        });
+        tasks.spawn(connection(edge, stream, ctx, watcher, acceptor, permit));
     }
     drop(listener);
     drop(tls);
@@ -138,8 +107,56 @@ pub async fn serve<S: Service>(
     Ok(())
 }
 
+/// One connection's task, from accept to close. What a parked connection costs is mostly
+/// this future's size (the task is allocated at it), so it is a function of its own, whose
+/// size `app::parked` checks.
+///
+/// Memory: an `async` block keeps a slot for each value it captured for its whole life,
+/// even after moving it into a callee's future, which then holds its own copy. So the
+/// socket and the context stay here and the lean path borrows them (`Edge::lean_phase`);
+/// only what follows it (hyper, a WebSocket session) takes them by value.
+pub(crate) fn connection<Svc: Service>(
+    edge: Arc<Edge<Svc>>,
+    mut stream: super::deadline::Conn,
+    ctx: ConnectionCtx,
+    watcher: Watcher,
+    acceptor: Option<TlsAcceptor>,
+    permit: ConnectionPermit,
+) -> impl Future<Output = ()> + Send + 'static {
+    async move {
+        edge.service.connection(true);
+        match acceptor {
+            // A plaintext connection: the lean HTTP/1.1 path first, hyper if it hands off.
+            None => {
+                match edge.lean_phase(&mut stream, &ctx).await {
+                    // A WebSocket session, in this task (its future is boxed already).
+                    Some(h1::Outcome::Upgrade(pending, pre)) => {
+                        let session = pending.start(SessionIo::Tcp(stream), pre);
+                        // Its box is empty now: not kept for the session's life.
+                        drop(pending);
+                        if let Some(session) = session {
+                            session.await;
+                        }
+                    }
+                    // Boxed: hyper runs once the lean path is done, and inline its future
+                    // would be a second copy of the socket and the context in every task.
+                    outcome => {
+                        Box::pin(edge.after_lean(outcome, stream, ctx, watcher, SessionIo::Tcp))
+                            .await
+                    }
+                }
+            }
+            // Boxed: a TLS session and its handshake are large, and without the box every
+            // plain connection's task would be sized for them too (idle memory).
+            Some(acceptor) => Box::pin(edge.tls(stream, acceptor, ctx, watcher)).await,
+        }
+        edge.service.connection(false);
+        drop(permit);
+    }
+}
+
 /// What every connection task shares.
-struct Edge<Svc> {
+pub(crate) struct Edge<Svc> {
     service: Arc<Svc>,
     builder: auto::Builder<TokioExecutor>,
     /// Every connection task, and the sessions HTTP/2 streams hand their sockets to.
@@ -147,28 +164,69 @@ struct Edge<Svc> {
 }
 
 impl<Svc: Service> Edge<Svc> {
+    pub(crate) fn new(service: Arc<Svc>, tasks: TaskTracker) -> Self {
+        let server = service.settings();
+        let mut builder = auto::Builder::new(TokioExecutor::new());
+        builder
+            .http1()
+            .timer(TokioTimer::new())
+            .header_read_timeout(server.request_header_timeout);
+        builder
+            .http2()
+            // Lets WebSockets ride HTTP/2 streams (RFC 8441).
+            .enable_connect_protocol()
+            .timer(TokioTimer::new())
+            .max_concurrent_streams(server.max_streams_per_connection)
+            // A peer that stops answering pings (a preface, SETTINGS, then silence) is closed;
+            // one that answers them but opens no stream is closed by `hyper`'s idle watch.
+            .keep_alive_interval(server.ping_interval)
+            .keep_alive_timeout(server.ping_interval);
+        Self {
+            service,
+            builder,
+            tasks,
+        }
+    }
+
     /// Serves `stream` on the lean path; hyper takes over if it hands off, a WebSocket
     /// session if it upgrades (`ws` makes the socket the session's).
-    async fn lean<S>(
+    async fn lean<S>(&self, mut stream: S, ctx: ConnectionCtx, watcher: Watcher, ws: fn(S) -> SessionIo)
+    where
+        S: h1::Socket + 'static,
+    {
+        let outcome = self.lean_phase(&mut stream, &ctx).await;
+        self.after_lean(outcome, stream, ctx, watcher, ws).await
+    }
+
+    /// The lean HTTP/1.1 path on a borrowed socket, until it ends or the socket goes on
+    /// (`None`: killed).
+    async fn lean_phase<S: h1::Socket>(
         &self,
-        mut stream: S,
+        stream: &mut S,
+        ctx: &ConnectionCtx,
+    ) -> Option<h1::Outcome> {
+        let settings = self.service.settings();
+        let lean = h1::Lean {
+            service: &*self.service,
+            ctx,
+            header_timeout: settings.request_header_timeout,
+            body_timeout: settings.request_body_timeout,
+            shutdown: self.service.shutdown(),
+        };
+        drive(std::pin::pin!(lean.serve(stream)), &ctx.kill).await
+    }
+
+    /// Where a connection goes after the lean path: hyper, or a WebSocket session.
+    async fn after_lean<S>(
+        &self,
+        outcome: Option<h1::Outcome>,
+        stream: S,
         ctx: ConnectionCtx,
         watcher: Watcher,
         ws: fn(S) -> SessionIo,
     ) where
         S: h1::Socket + 'static,
     {
-        let outcome = {
-            let settings = self.service.settings();
-            let lean = h1::Lean {
-                service: &*self.service,
-                ctx: &ctx,
-                header_timeout: settings.request_header_timeout,
-                body_timeout: settings.request_body_timeout,
-                shutdown: self.service.shutdown(),
-            };
-            drive(std::pin::pin!(lean.serve(&mut stream)), &ctx.kill).await
-        };
         match outcome {
             Some(h1::Outcome::Handoff(read)) => {
                 // Boxed: hyper's connection state is large, and without the box every lean
@@ -184,7 +242,9 @@ impl<Svc: Service> Edge<Svc> {
             }
             Some(h1::Outcome::Upgrade(pending, pre)) => {
                 // The WebSocket session runs in this task (its future is boxed already).
-                if let Some(session) = pending.start(ws(stream), pre) {
+                let session = pending.start(ws(stream), pre);
+                drop(pending);
+                if let Some(session) = session {
                     session.await;
                 }
             }
@@ -469,7 +529,7 @@ impl<T: Send + Unpin + 'static> http_body::Body for Held<T> {
 ///
 /// Takes the connection pinned by the caller: moved in, it would be stored twice in this
 /// future (once as the argument, once pinned), doubling every parked connection's task.
-async fn drive<F: Future>(mut conn: Pin<&mut F>, kill: &CancellationToken) -> Option<F::Output> {
+pub(crate) async fn drive<F: Future>(mut conn: Pin<&mut F>, kill: &CancellationToken) -> Option<F::Output> {
     tokio::select! {
         out = &mut conn => return Some(out),
         _ = kill.cancelled() => {}

@@ -117,8 +117,8 @@ pub async fn open<F: Framing>(
         started: false,
         done: false,
         buf: BytesMut::new(),
-        expires,
-        who: Box::new(who),
+        expires: expires.map(|at| Box::pin(tokio::time::sleep_until(at))),
+        who: Subscriber::new(who),
         reloads,
     };
     let body = Body::from_stream(futures_util::stream::unfold(writer, Writer::next_chunk));
@@ -152,12 +152,50 @@ struct Writer<F> {
     started: bool,
     done: bool,
     buf: BytesMut,
-    /// When the subscriber's token expires: the stream ends then, saying why.
-    expires: Option<Instant>,
-    /// Who subscribed (boxed: claims are large and only a reload reads them), re-checked when
-    /// `reloads` moves: a reload that revokes its access ends the stream like an expiry.
-    who: Box<Principal>,
+    /// When the subscriber's token expires: the stream ends then, saying why. Boxed, and
+    /// only for a token that expires: a timer inline would be in every parked stream.
+    expires: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+    /// Who subscribed, re-checked when `reloads` moves: a reload that revokes its access
+    /// ends the stream like an expiry.
+    who: Subscriber,
     reloads: tokio::sync::watch::Receiver<u64>,
+}
+
+/// Resolves when `timer` fires; never without one.
+pub async fn expiry(timer: &mut Option<std::pin::Pin<Box<tokio::time::Sleep>>>) {
+    match timer {
+        Some(timer) => timer.as_mut().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Who a session stands for, kept for a reload to re-check: a token's claims in a box
+/// (they are large, and only a reload reads them), the others in no allocation at all.
+pub enum Subscriber {
+    Anonymous,
+    ApiKey,
+    User(Box<Principal>),
+}
+
+static ANONYMOUS: Principal = Principal::Anonymous;
+static API_KEY: Principal = Principal::ApiKey;
+
+impl Subscriber {
+    pub fn new(who: Principal) -> Self {
+        match who {
+            Principal::Anonymous => Self::Anonymous,
+            Principal::ApiKey => Self::ApiKey,
+            user => Self::User(Box::new(user)),
+        }
+    }
+
+    pub fn get(&self) -> &Principal {
+        match self {
+            Self::Anonymous => &ANONYMOUS,
+            Self::ApiKey => &API_KEY,
+            Self::User(who) => who,
+        }
+    }
 }
 
 /// The tokio instant of a Unix time in seconds (now when it has passed).
@@ -190,10 +228,15 @@ impl<F: Framing> Writer<F> {
             return Some((Ok(self.buf.split().freeze()), self));
         }
         while self.buf.is_empty() && !self.done {
+            if self.buf.capacity() > 0 {
+                // Freed, not kept: a parked stream holds no output buffer (the next batch
+                // allocates one).
+                self.buf = BytesMut::new();
+            }
             let wake = tokio::select! {
                 biased;
                 _ = self.state.shutdown.cancelled() => Wake::Shutdown,
-                _ = sleep_until_opt(self.expires) => Wake::Expired,
+                _ = expiry(&mut self.expires) => Wake::Expired,
                 Ok(()) = self.reloads.changed() => Wake::Reloaded,
                 _ = self.sub.ready() => Wake::Ready,
                 _ = self.heartbeat.tick() => Wake::Heartbeat,
@@ -210,7 +253,7 @@ impl<F: Framing> Writer<F> {
                     self.done = true;
                 }
                 Wake::Reloaded => {
-                    if !crate::lifecycle::still_allowed(&self.state, &self.who, self.sub.channels())
+                    if !crate::lifecycle::still_allowed(&self.state, self.who.get(), self.sub.channels())
                     {
                         self.framing
                             .disconnect(DisconnectReason::TokenExpired.into(), &mut self.buf);

@@ -53,6 +53,7 @@ use crate::net::ConnectionCtx;
 use crate::net::upgrade::{Pending, SessionIo, StartFn, Upgradable};
 use crate::net::wsframe::{self, Decoder, Incoming, OP_BINARY, OP_PING, OP_PONG, OP_TEXT};
 use crate::state::AppState;
+use crate::transport::stream::{Subscriber, expiry};
 use crate::transport::ws_socket::{Flushed, GOODBYE_TIMEOUT, WsSocket};
 use crate::transport::{TransportKind, frame_slot, params};
 
@@ -283,7 +284,8 @@ pub async fn json(
 
 /// Who is on the other end, and how fast they may publish.
 struct Peer {
-    who: Principal,
+    /// Boxed only for a token's claims (`stream::Subscriber`): most sessions have none.
+    who: Subscriber,
     state: AppState,
     /// The client's address; `None` when the session has no connection (tests).
     ip: Option<std::net::IpAddr>,
@@ -294,7 +296,7 @@ impl Peer {
     fn new(state: &AppState, who: Principal, conn: Option<&ConnectionCtx>) -> Self {
         Self {
             limited: state.auth().enabled() && who != Principal::ApiKey,
-            who,
+            who: Subscriber::new(who),
             state: state.clone(),
             ip: conn.map(|c| c.peer.ip()),
         }
@@ -305,7 +307,7 @@ impl Peer {
     /// address), shared with their other connections.
     fn may_publish_now(&self) -> bool {
         match self.ip {
-            Some(ip) if self.limited => self.state.may_publish(&self.who, ip),
+            Some(ip) if self.limited => self.state.may_publish(self.who.get(), ip),
             _ => true,
         }
     }
@@ -354,7 +356,8 @@ struct Session {
     peer: Peer,
     kill: CancellationToken,
     /// The token's expiry: the session ends then (disconnect `token_expired`, close 1008).
-    expires: Option<Instant>,
+    /// Boxed, and only for a token that expires: inline, a timer would be in every session.
+    expires: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
     /// When the client was last heard from (any frame, pongs included: it is alive) and
     /// last active (a data frame: it is using the socket).
     heard: Instant,
@@ -387,6 +390,7 @@ fn run(
     }
     let expires = peer
         .who
+        .get()
         .expires_at()
         .map(crate::transport::stream::deadline_for);
     let now = Instant::now();
@@ -400,7 +404,7 @@ fn run(
         raw_channel,
         peer,
         kill,
-        expires,
+        expires: expires.map(|at| Box::pin(tokio::time::sleep_until(at))),
         heard: now,
         active: now,
         malformed: 0,
@@ -428,21 +432,27 @@ impl Session {
             Next::Continue => self.queue_ready(),
             other => other,
         };
+        // The writes and the goodbyes are boxed: inline, their futures (timers, a select of
+        // their own) would be in this one for every parked session.
         loop {
-            if let Next::Continue = next {
-                next = self.flush().await;
+            if let Next::Continue = next
+                && !self.ws.out.is_empty()
+            {
+                next = Box::pin(self.flush()).await;
             }
             match next {
                 Next::Continue => {}
                 Next::Gone => return,
-                Next::Echo(code) => return self.echo_close(code).await,
-                Next::Goodbye(reason, code, why) => return self.goodbye(reason, code, why).await,
+                Next::Echo(code) => return Box::pin(self.echo_close(code)).await,
+                Next::Goodbye(reason, code, why) => {
+                    return Box::pin(self.goodbye(reason, code, why)).await;
+                }
             }
             let wake = tokio::select! {
                 biased;
                 _ = kill.cancelled() => Wake::Kill,
                 _ = shutdown.cancelled() => Wake::Shutdown,
-                _ = crate::transport::stream::sleep_until_opt(self.expires) => Wake::Expired,
+                _ = expiry(&mut self.expires) => Wake::Expired,
                 Ok(()) = reloads.changed() => Wake::Reloaded,
                 r = self.ws.io.read_more(&mut self.ws.rbuf) => Wake::Read(r),
                 _ = self.sub.ready() => Wake::Ready,
@@ -458,7 +468,7 @@ impl Session {
                     Next::Goodbye(Some(DisconnectReason::TokenExpired), code, why)
                 }
                 Wake::Reloaded => {
-                    let (state, who) = (&self.state, &self.peer.who);
+                    let (state, who) = (&self.state, self.peer.who.get());
                     if crate::lifecycle::still_allowed(state, who, self.sub.channels()) {
                         Next::Continue
                     } else {
@@ -485,7 +495,7 @@ impl Session {
     async fn flush(&mut self) -> Next {
         let timeout = self.state.config().server.write_timeout;
         let (kill, shutdown) = (self.kill.clone(), self.state.shutdown.clone());
-        let expires = self.expires;
+        let expires = self.expires.as_ref().map(|timer| timer.deadline());
         let stop = async {
             tokio::select! {
                 _ = kill.cancelled() => DisconnectReason::Slow,
@@ -868,7 +878,7 @@ async fn raw_publish(
     let policy = state.node.policies.for_channel(channel);
     if state
         .auth()
-        .check_publish(&peer.who, channel, &policy)
+        .check_publish(peer.who.get(), channel, &policy)
         .is_err()
     {
         return Err((close::POLICY, "publishing to this channel is not allowed"));
@@ -1051,7 +1061,7 @@ impl Session {
                 let policy = state.node.policies.for_channel(&channel);
                 match state
                     .auth()
-                    .check_subscribe(&self.peer.who, &channel, &policy)
+                    .check_subscribe(self.peer.who.get(), &channel, &policy)
                 {
                     Ok(()) => return Ok(self.subscribe(id, channel, since).await),
                     Err(e) => error_reply(&id, e.code, &e.message),
@@ -1078,7 +1088,7 @@ impl Session {
                 let policy = state.node.policies.for_channel(&channel);
                 if let Err(e) = state
                     .auth()
-                    .check_publish(&self.peer.who, &channel, &policy)
+                    .check_publish(self.peer.who.get(), &channel, &policy)
                 {
                     error_reply(&id, e.code, &e.message)
                 } else if !self.peer.may_publish_now() {
@@ -1112,7 +1122,7 @@ impl Session {
                 let policy = state.node.policies.for_channel(&channel);
                 if let Err(e) = state
                     .auth()
-                    .check_subscribe(&self.peer.who, &channel, &policy)
+                    .check_subscribe(self.peer.who.get(), &channel, &policy)
                 {
                     error_reply(&id, e.code, &e.message)
                 } else {
@@ -1152,11 +1162,11 @@ impl Session {
                 let policy = state.node.policies.for_channel(&channel);
                 if let Err(e) = state
                     .auth()
-                    .check_subscribe(&self.peer.who, &channel, &policy)
+                    .check_subscribe(self.peer.who.get(), &channel, &policy)
                 {
                     error_reply(&id, e.code, &e.message)
                 } else if let Some(ip) = self.peer.ip
-                    && !state.may_read_presence(&self.peer.who, ip)
+                    && !state.may_read_presence(self.peer.who.get(), ip)
                 {
                     let e = crate::app::channels::presence_rate_limited();
                     error_reply(&id, e.code, &e.message)
