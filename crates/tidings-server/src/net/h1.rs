@@ -166,7 +166,7 @@ impl<Svc: Service> Lean<'_, Svc> {
                 Ok(answer) => answer,
                 Err(outcome) => return outcome,
             };
-            let exchange = match answer {
+            let mut exchange = match answer {
                 Ready::Now(exchange) => exchange,
                 Ready::Later {
                     later,
@@ -182,15 +182,16 @@ impl<Svc: Service> Lean<'_, Svc> {
                 }
             };
             let keep_alive = exchange.keep_alive;
-            let upgrade = exchange.upgrade;
+            let upgrade = exchange.upgrade.take();
             let written = write_body(
                 stream,
-                exchange.head,
+                &mut exchange.head,
                 exchange.framing,
-                exchange.body,
+                &mut exchange.body,
                 &mut buf,
             )
             .await;
+            drop(exchange);
             if written.is_err() || !keep_alive || self.shutdown.is_cancelled() {
                 let _ = stream.shutdown().await;
                 return Outcome::Done;
@@ -636,6 +637,7 @@ async fn refuse<S: Socket>(
         .unwrap_or(Ok(()))
 }
 
+#[derive(Clone, Copy)]
 pub(crate) enum Framing {
     None,
     Length(u64),
@@ -773,23 +775,26 @@ fn http_date() -> [u8; 29] {
 /// Writes a response. Memory: a streaming response is what a parked connection is doing,
 /// so this future is most of what one costs: its waits are `poll` functions
 /// (`next_data`, `Chunk::poll_write`) that keep no future stack of their own.
+///
+/// Takes the head and the body by reference: an `async fn`'s arguments taken by value are
+/// kept twice in its future.
 pub(crate) async fn write_body<S: Socket>(
     stream: &mut S,
-    mut out: Vec<u8>,
+    out: &mut Vec<u8>,
     framing: Framing,
-    mut body: Body,
+    body: &mut Body,
     pending: &mut BytesMut,
 ) -> io::Result<()> {
     let mut watch = Watch::new(pending);
     match framing {
         Framing::None => {
-            stream.write_all(&out).await?;
+            stream.write_all(out).await?;
             stream.flush().await
         }
         Framing::Length(n) => {
             // Small bodies (pages, poll replies, errors) go out with the head in one write.
             let mut left = n;
-            while let Some(data) = next_data(&mut body, stream, &mut watch).await? {
+            while let Some(data) = next_data(body, stream, &mut watch).await? {
                 let Some(rest) = left.checked_sub(data.len() as u64) else {
                     return Err(io::Error::other("body longer than its content-length"));
                 };
@@ -799,13 +804,13 @@ pub(crate) async fn write_body<S: Socket>(
                 } else {
                     // A large body (a page of replay) goes out as it is, not copied.
                     if !out.is_empty() {
-                        stream.write_all(&out).await?;
-                        out = Vec::new();
+                        stream.write_all(out).await?;
+                        *out = Vec::new();
                     }
                     stream.write_all(&data).await?;
                 }
             }
-            stream.write_all(&out).await?;
+            stream.write_all(out).await?;
             stream.flush().await?;
             if left != 0 {
                 return Err(io::Error::other("body shorter than its content-length"));
@@ -815,11 +820,11 @@ pub(crate) async fn write_body<S: Socket>(
         Framing::Chunked => {
             // Streams: the head goes now, so the client sees the response start before
             // the first event; its buffer is freed before the stream parks.
-            stream.write_all(&out).await?;
+            stream.write_all(out).await?;
             stream.flush().await?;
-            drop(out);
+            *out = Vec::new();
             loop {
-                let data = next_data(&mut body, stream, &mut watch).await?;
+                let data = next_data(body, stream, &mut watch).await?;
                 // The last chunk is the empty one: `0\r\n\r\n`.
                 let last = data.is_none();
                 let mut chunk = Chunk::new(data.unwrap_or_default());

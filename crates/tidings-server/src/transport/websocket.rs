@@ -1239,3 +1239,50 @@ impl Session {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+    use crate::config::Config;
+
+    /// What a parked WebSocket holds beside its connection's task: its session's future
+    /// (boxed, `net::upgrade`). Measured with `size_of_val`, not RSS, so it is exact; the
+    /// bound has a little room over today's size (docs/benchmarks.md, *Idle memory*).
+    #[tokio::test]
+    async fn a_parked_websocket_session_stays_small() {
+        let state = AppState::new(Config::default()).unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let _client = tokio::net::TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (socket, _) = listener.accept().await.unwrap();
+        let io = SessionIo::Tcp(crate::net::deadline::Deadline::new(
+            socket,
+            std::time::Duration::from_secs(1),
+        ));
+        let sub = state.node.session(1 << 20, true, None);
+        let peer = Peer::new(&state, Principal::Anonymous, None);
+        let session = run(
+            state,
+            (io, Bytes::new()),
+            sub,
+            Mode::Json,
+            None,
+            peer,
+            Next::Continue,
+        );
+        let size = std::mem::size_of_val(&session);
+        let bound = if cfg!(debug_assertions) {
+            SESSION_DEBUG
+        } else {
+            SESSION_RELEASE
+        };
+        eprintln!("a parked WebSocket session: {size} bytes");
+        assert!(size <= bound, "a parked WebSocket session is {size} bytes (bound {bound})");
+    }
+
+    const SESSION_DEBUG: usize = 4096;
+    const SESSION_RELEASE: usize = 4096;
+}
