@@ -342,8 +342,7 @@ impl Socket for TcpStream {
     }
 }
 
-/// TLS: whether plaintext is waiting is only known by reading, so the room is made first.
-/// Boxed: the connection's task then holds a pointer, not rustls' state inline (kept twice,
+/// TLS: whether plaintext is waiting is only known by reading. Boxed: the connection's task then holds a pointer, not rustls' state inline (kept twice,
 /// were it moved into a WebSocket session later).
 impl Socket for Box<TlsStream<crate::net::deadline::Conn>> {
     fn poll_read_more(
@@ -352,6 +351,15 @@ impl Socket for Box<TlsStream<crate::net::deadline::Conn>> {
         buf: &mut BytesMut,
         room: usize,
     ) -> Poll<io::Result<usize>> {
+        if buf.capacity() - buf.len() < room {
+            // Through the stack, as on a bare socket: a wakeup that yields no plaintext (a
+            // record not complete yet) must not leave a buffer with a parked connection.
+            let mut chunk = [std::mem::MaybeUninit::<u8>::uninit(); 4096];
+            let mut read = ReadBuf::uninit(&mut chunk[..room.min(4096)]);
+            std::task::ready!(Pin::new(&mut **self).poll_read(cx, &mut read))?;
+            buf.extend_from_slice(read.filled());
+            return Poll::Ready(Ok(read.filled().len()));
+        }
         let start = buf.len();
         buf.resize(start + room, 0);
         let mut read = ReadBuf::new(&mut buf[start..]);

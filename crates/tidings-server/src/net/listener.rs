@@ -146,14 +146,37 @@ pub(crate) fn connection<Svc: Service>(
                     }
                 }
             }
-            // Boxed: a TLS session and its handshake are large, and without the box every
-            // plain connection's task would be sized for them too (idle memory).
-            Some(acceptor) => Box::pin(edge.tls(stream, acceptor, ctx, watcher)).await,
+            // TLS: the handshake (and, for h2, the HTTP/2 driver) in a box freed once it is
+            // done; HTTP/1.1 then takes the lean path here as on plaintext, on the boxed
+            // TLS stream: in a box of its own too, a second lean path would be paid for
+            // beside the one this task already has room for.
+            Some(acceptor) => {
+                let accepted = Box::pin(edge.tls(stream, acceptor, &ctx, watcher)).await;
+                if let Some((mut tls, watcher)) = accepted {
+                    match edge.lean_phase(&mut tls, &ctx).await {
+                        Some(h1::Outcome::Upgrade(pending, pre)) => {
+                            let session = pending.start(SessionIo::Tls(tls), pre);
+                            drop(pending);
+                            if let Some(session) = session {
+                                session.await;
+                            }
+                        }
+                        outcome => {
+                            Box::pin(edge.after_lean(outcome, tls, ctx, watcher, SessionIo::Tls))
+                                .await
+                        }
+                    }
+                }
+            }
         }
         edge.service.connection(false);
         drop(permit);
     }
 }
+
+/// A TLS connection after its handshake (boxed: rustls' state is large, and the plaintext
+/// connections are the many).
+type TlsConn = Box<tokio_rustls::server::TlsStream<super::deadline::Conn>>;
 
 /// What every connection task shares.
 pub(crate) struct Edge<Svc> {
@@ -186,16 +209,6 @@ impl<Svc: Service> Edge<Svc> {
             builder,
             tasks,
         }
-    }
-
-    /// Serves `stream` on the lean path; hyper takes over if it hands off, a WebSocket
-    /// session if it upgrades (`ws` makes the socket the session's).
-    async fn lean<S>(&self, mut stream: S, ctx: ConnectionCtx, watcher: Watcher, ws: fn(S) -> SessionIo)
-    where
-        S: h1::Socket + 'static,
-    {
-        let outcome = self.lean_phase(&mut stream, &ctx).await;
-        self.after_lean(outcome, stream, ctx, watcher, ws).await
     }
 
     /// The lean HTTP/1.1 path on a borrowed socket, until it ends or the socket goes on
@@ -252,19 +265,20 @@ impl<Svc: Service> Edge<Svc> {
         }
     }
 
-    /// A TLS connection: HTTP/1.1 goes the lean path as on plaintext (a parked stream then
-    /// holds rustls' state but not hyper's too); h2 goes to hyper.
+    /// A TLS connection's handshake. HTTP/1.1 comes back (with the watcher) to take the lean
+    /// path as on plaintext (a parked stream then holds rustls' state but not hyper's too);
+    /// h2 is served here, by our HTTP/2 driver.
     async fn tls(
         &self,
         stream: super::deadline::Conn,
         acceptor: TlsAcceptor,
-        ctx: ConnectionCtx,
+        ctx: &ConnectionCtx,
         watcher: Watcher,
-    ) {
+    ) -> Option<(TlsConn, Watcher)> {
         let peer = ctx.peer;
-        // Boxed, like hyper's state below: the handshake lives only until it is done, and
-        // inline every TLS connection's task would keep room for it. The stream comes out
-        // boxed for the same reason: held inline it would be a slot of its own.
+        // Boxed, like hyper's state below: the handshake lives only until it is done. The
+        // stream comes out boxed for the same reason: held inline it would be a slot of
+        // its own in every task.
         let accepted = Box::pin(async move {
             match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
                 Ok(Ok(tls)) => Some(Box::new(tls)),
@@ -279,31 +293,26 @@ impl<Svc: Service> Edge<Svc> {
             }
         })
         .await;
-        let Some(tls) = accepted else {
-            return;
-        };
-        if tls.get_ref().1.alpn_protocol() == Some(b"h2") {
-            // The preface comes within the request-head deadline, as on the plain port
-            // (hyper has no timer for it).
-            let mut tls = tls;
-            let mut read = bytes::BytesMut::new();
-            let deadline =
-                tokio::time::Instant::now() + self.service.settings().request_header_timeout;
-            while read.len() < h1::HTTP2_PREFACE.len() {
-                let want = h1::HTTP2_PREFACE.len() - read.len();
-                let got =
-                    tokio::time::timeout_at(deadline, h1::read_more(&mut tls, &mut read, want))
-                        .await;
-                if !matches!(got, Ok(Ok(n)) if n > 0) {
-                    return;
-                }
-            }
-            let io = h1::Rewind::new(tls, read.freeze());
-            drop(watcher);
-            Box::pin(self.http2(io, ctx)).await
-        } else {
-            self.lean(tls, ctx, watcher, SessionIo::Tls).await
+        let mut tls = accepted?;
+        if tls.get_ref().1.alpn_protocol() != Some(b"h2") {
+            return Some((tls, watcher));
         }
+        // The preface comes within the request-head deadline, as on the plain port
+        // (hyper has no timer for it).
+        let mut read = bytes::BytesMut::new();
+        let deadline = tokio::time::Instant::now() + self.service.settings().request_header_timeout;
+        while read.len() < h1::HTTP2_PREFACE.len() {
+            let want = h1::HTTP2_PREFACE.len() - read.len();
+            let got =
+                tokio::time::timeout_at(deadline, h1::read_more(&mut tls, &mut read, want)).await;
+            if !matches!(got, Ok(Ok(n)) if n > 0) {
+                return None;
+            }
+        }
+        let io = h1::Rewind::new(tls, read.freeze());
+        drop(watcher);
+        Box::pin(self.http2(io, ctx.clone())).await;
+        None
     }
 
     /// An HTTP/2 connection (`http2`): drained by `Service::shutdown` rather than hyper's
