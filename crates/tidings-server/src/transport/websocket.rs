@@ -180,10 +180,16 @@ impl WsUpgrade {
         // request it then is.
         let entry = self.access.as_ref().and_then(Claim::take);
         let status = if self.key.is_some() { 101 } else { 200 };
-        let start = move |io, pre| async move {
-            let written = start(io, pre).await;
-            if let Some(entry) = entry {
-                entry.finish(status, written, "websocket");
+        // The session's future is made before the block that awaits it: called inside, its
+        // socket and first bytes would be kept twice for the session's life (the block's
+        // captures, and the session they moved into).
+        let start = move |io, pre| {
+            let session = start(io, pre);
+            async move {
+                let written = session.await;
+                if let Some(entry) = entry {
+                    entry.finish(status, written, "websocket");
+                }
             }
         };
         let mut res = match &self.key {
