@@ -17,10 +17,10 @@ use crate::net::ConnectionCtx;
 use crate::net::listener::{Edge, connection};
 use crate::state::AppState;
 
-/// Today: 1,008 bytes in a debug build; the release build's task is 1,152 bytes with
-/// tokio's header and trailer (massif).
-const TASK_DEBUG: usize = 1100;
-const TASK_RELEASE: usize = 1100;
+/// Today: 1,136 bytes in a debug build; the release build's task is 1,280 bytes with
+/// tokio's header and trailer (massif; tokio rounds it up to a multiple of 128).
+const TASK_DEBUG: usize = 1200;
+const TASK_RELEASE: usize = 1200;
 
 #[tokio::test]
 async fn a_parked_connection_s_task_stays_small() {

@@ -342,8 +342,9 @@ impl Socket for TcpStream {
     }
 }
 
-/// TLS: whether plaintext is waiting is only known by reading. Boxed: the connection's task then holds a pointer, not rustls' state inline (kept twice,
-/// were it moved into a WebSocket session later).
+/// TLS: whether plaintext is waiting is only known by reading. Boxed: the connection's task
+/// then holds a pointer, not rustls' state inline (kept twice, were it moved into a
+/// WebSocket session later).
 impl Socket for Box<TlsStream<crate::net::deadline::Conn>> {
     fn poll_read_more(
         &mut self,
@@ -958,8 +959,7 @@ impl Chunk {
                     at -= part.len();
                 }
             }
-            let n =
-                std::task::ready!(Pin::new(&mut *stream).poll_write_vectored(cx, &parts[..k]))?;
+            let n = std::task::ready!(Pin::new(&mut *stream).poll_write_vectored(cx, &parts[..k]))?;
             if n == 0 {
                 return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
             }

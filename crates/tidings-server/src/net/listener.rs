@@ -538,7 +538,10 @@ impl<T: Send + Unpin + 'static> http_body::Body for Held<T> {
 ///
 /// Takes the connection pinned by the caller: moved in, it would be stored twice in this
 /// future (once as the argument, once pinned), doubling every parked connection's task.
-pub(crate) async fn drive<F: Future>(mut conn: Pin<&mut F>, kill: &CancellationToken) -> Option<F::Output> {
+pub(crate) async fn drive<F: Future>(
+    mut conn: Pin<&mut F>,
+    kill: &CancellationToken,
+) -> Option<F::Output> {
     tokio::select! {
         out = &mut conn => return Some(out),
         _ = kill.cancelled() => {}
