@@ -22,7 +22,7 @@ for _ in $(seq 1 120); do (exec 3<>/dev/tcp/127.0.0.1/$TLS_PORT) 2>/dev/null && 
 READY="$OUT.ready"
 rm -f "$READY"
 hold() { # N connections over TLS to PATH, then a marker file, then wait to be killed
-  python3 - "$1" "$2" "$TLS_PORT" "$READY" <<'PY'
+  exec python3 - "$1" "$2" "$TLS_PORT" "$READY" <<'PY'
 import socket, ssl, sys, time
 n, path, port, ready = int(sys.argv[1]), sys.argv[2], int(sys.argv[3]), sys.argv[4]
 ctx = ssl.create_default_context()
