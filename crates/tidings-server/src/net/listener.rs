@@ -115,6 +115,8 @@ pub async fn serve<S: Service>(
 /// even after moving it into a callee's future, which then holds its own copy. So the
 /// socket and the context stay here and the lean path borrows them (`Edge::lean_phase`);
 /// only what follows it (hyper, a WebSocket session) takes them by value.
+// Not an `async fn`: its arguments would be moved into bindings of their own, a second copy.
+#[allow(clippy::manual_async_fn)]
 pub(crate) fn connection<Svc: Service>(
     edge: Arc<Edge<Svc>>,
     mut stream: super::deadline::Conn,

@@ -228,6 +228,7 @@ impl<F: Framing> Writer<F> {
     /// The body's next chunk, for `unfold`. Not `async` itself: an `async fn` taking the
     /// writer by value would keep it twice (the argument, and the binding it moves into);
     /// the block below keeps the one it captured and lends it to `next_chunk`.
+    #[allow(clippy::manual_async_fn)]
     fn next(mut self) -> impl Future<Output = Option<(Result<Bytes, Infallible>, Self)>> {
         async move {
             let chunk = self.next_chunk().await?;
