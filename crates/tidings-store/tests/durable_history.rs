@@ -217,10 +217,13 @@ async fn compaction_moves_records_and_reads_from_disk_still_find_them() {
         }
     }
     // The last compaction's copy may still be running on its own thread: wait for it.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while broker.bytes_on_disk().unwrap() >= 200 * 8 * 60 && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    tidings_testkit::eventually(
+        "the last compaction is installed",
+        Duration::from_secs(10),
+        Duration::from_millis(10),
+        async || broker.bytes_on_disk().unwrap() < 200 * 8 * 60,
+    )
+    .await;
     let on_disk = broker.bytes_on_disk().unwrap();
     assert!(on_disk < 200 * 8 * 60, "compacted: {on_disk} bytes");
     let since = Since::After(Position {

@@ -114,7 +114,8 @@ struct Durable {
     /// Why the data dir can take no more publishes (the writer thread panicked, or the store
     /// is broken until a restart); `ready` reports it, so a load balancer stops sending
     /// publishes to a node that can only refuse them.
-    failed: Arc<Mutex<Option<String>>>,
+    /// A `watch` so a test (or anything else) can await the moment it is set.
+    failed: Arc<tokio::sync::watch::Sender<Option<String>>>,
 }
 
 type Reply = oneshot::Sender<Result<Published, BrokerError>>;
@@ -316,7 +317,7 @@ impl MemoryBroker {
             }
         };
         let bytes_on_disk = Arc::new(AtomicU64::new(store.bytes_on_disk()));
-        let failed = Arc::new(Mutex::new(None));
+        let failed = Arc::new(tokio::sync::watch::Sender::new(None));
         let keys = Shards::new();
         for (name, window) in restore.keys {
             relock(keys.of(&name)).insert(name, window);
@@ -366,7 +367,7 @@ impl MemoryBroker {
                         .or_else(|| panic.downcast_ref::<String>().cloned())
                         .unwrap_or_else(|| "a panic".into());
                     tracing::error!(panic = %what, "the data dir's writer thread panicked; publishing stops until a restart");
-                    *relock(&failed) = Some(format!("the data dir's writer panicked: {what}"));
+                    failed.send_replace(Some(format!("the data dir's writer panicked: {what}")));
                 }
             })?;
         spawn_sweeper(&broker);
@@ -740,7 +741,7 @@ impl MemoryBroker {
         if let Err(e) = &written {
             tracing::error!(error = %e, publishes = staged.len(), "a write to the data dir failed; those publishes were refused");
             if let (StoreError::Broken(_), Some(d)) = (e, &self.durable) {
-                *relock(&d.failed) = Some(e.to_string());
+                d.failed.send_replace(Some(e.to_string()));
             }
         }
         for (i, (history, message, options, reply)) in staged.into_iter().enumerate() {
@@ -993,7 +994,8 @@ impl Broker for MemoryBroker {
             };
             let stopped = || {
                 BrokerError::Storage(
-                    relock(&d.failed)
+                    d.failed
+                        .borrow()
                         .clone()
                         .unwrap_or_else(|| "the data dir's writer stopped".into()),
                 )
@@ -1104,7 +1106,7 @@ impl Broker for MemoryBroker {
         match self
             .durable
             .as_ref()
-            .and_then(|d| relock(&d.failed).clone())
+            .and_then(|d| d.failed.borrow().clone())
         {
             Some(why) => Err(BrokerError::Storage(why)),
             None => Ok(()),
@@ -1419,17 +1421,13 @@ mod tests {
             .await
             .expect("the publish is answered, not left waiting");
         assert!(matches!(first, Err(BrokerError::Storage(_))), "{first:?}");
-        // The panic is recorded as the thread unwinds, just after the reply dropped.
-        let why = tokio::time::timeout(Duration::from_secs(10), async {
-            loop {
-                if let Err(e) = b.ready().await {
-                    return e.to_string();
-                }
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-        })
-        .await
-        .expect("readiness reports the panic");
+        // The panic is recorded as the thread unwinds, just after the reply dropped: await it.
+        let mut failed = b.durable.as_ref().unwrap().failed.subscribe();
+        tokio::time::timeout(Duration::from_secs(10), failed.wait_for(Option::is_some))
+            .await
+            .expect("the panic is recorded")
+            .unwrap();
+        let why = b.ready().await.unwrap_err().to_string();
         assert!(why.contains("panicked: a bug in the store"), "{why}");
         let later = b.publish(&c, None, text()).await;
         assert!(
