@@ -14,8 +14,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde_json::{Value, json};
-use tidings_testkit::{Proc, Served};
-use tokio::io::AsyncWriteExt;
+use tidings_testkit::{Proc, Served, cli};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::process::Command;
 use tokio::sync::watch;
@@ -31,51 +30,27 @@ fn tidings() -> Command {
 
 /// Runs `tidings ARGS` to completion (stdin from `input` when given), within `WAIT`.
 async fn run(args: &[&str], input: Option<&str>) -> Output {
-    let mut cmd = tidings();
-    cmd.args(args);
-    if input.is_some() {
-        cmd.stdin(Stdio::piped());
-    }
-    let mut child = cmd.spawn().expect("spawning tidings");
-    if let Some(input) = input {
-        let mut stdin = child.stdin.take().unwrap();
-        stdin.write_all(input.as_bytes()).await.unwrap();
-        drop(stdin);
-    }
-    // On timeout the future is dropped with the child, which kills it.
-    tokio::time::timeout(WAIT, child.wait_with_output())
-        .await
-        .unwrap_or_else(|_| panic!("tidings {args:?} did not exit within {WAIT:?}"))
-        .unwrap()
+    cli::run(
+        env!("CARGO_BIN_EXE_tidings"),
+        args,
+        input.map(str::as_bytes),
+        WAIT,
+    )
+    .await
 }
 
 fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
+    cli::text(bytes)
 }
 
 /// Runs `tidings ARGS`, expecting success; returns stdout.
 async fn run_ok(args: &[&str], input: Option<&str>) -> String {
-    let out = run(args, input).await;
-    assert!(
-        out.status.success(),
-        "tidings {args:?} failed ({})\nstdout: {}\nstderr: {}",
-        out.status,
-        text(&out.stdout),
-        text(&out.stderr)
-    );
-    text(&out.stdout)
+    cli::succeeded(args, &run(args, input).await)
 }
 
 /// Runs `tidings ARGS`, expecting failure; returns stderr.
 async fn run_err(args: &[&str]) -> String {
-    let out = run(args, None).await;
-    assert!(
-        !out.status.success(),
-        "tidings {args:?} should have failed\nstdout: {}\nstderr: {}",
-        text(&out.stdout),
-        text(&out.stderr)
-    );
-    text(&out.stderr)
+    cli::failed(args, &run(args, None).await, false)
 }
 
 // ---------------------------------------------------------------------------------------------

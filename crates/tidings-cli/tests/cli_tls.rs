@@ -13,7 +13,7 @@ use std::process::{Output, Stdio};
 use std::time::Duration;
 
 use serde_json::Value;
-use tidings_testkit::{Served, TempDir};
+use tidings_testkit::{Served, TempDir, cli};
 use tokio::process::Command;
 
 const WAIT: Duration = Duration::from_secs(20);
@@ -23,38 +23,15 @@ fn tidings() -> Command {
 }
 
 async fn run(args: &[&str]) -> Output {
-    let child = tidings().args(args).spawn().expect("spawning tidings");
-    tokio::time::timeout(WAIT, child.wait_with_output())
-        .await
-        .unwrap_or_else(|_| panic!("tidings {args:?} did not exit within {WAIT:?}"))
-        .unwrap()
-}
-
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
+    cli::run(env!("CARGO_BIN_EXE_tidings"), args, None, WAIT).await
 }
 
 async fn run_ok(args: &[&str]) -> String {
-    let out = run(args).await;
-    assert!(
-        out.status.success(),
-        "tidings {args:?} failed ({})\nstdout: {}\nstderr: {}",
-        out.status,
-        text(&out.stdout),
-        text(&out.stderr)
-    );
-    text(&out.stdout)
+    cli::succeeded(args, &run(args).await)
 }
 
 async fn run_err(args: &[&str]) -> String {
-    let out = run(args).await;
-    assert!(
-        !out.status.success() && out.stdout.is_empty(),
-        "tidings {args:?} should have failed\nstdout: {}\nstderr: {}",
-        text(&out.stdout),
-        text(&out.stderr)
-    );
-    text(&out.stderr)
+    cli::failed(args, &run(args).await, true)
 }
 
 /// `tidings serve` with a plain port and a TLS port, both port 0, serving a self-signed

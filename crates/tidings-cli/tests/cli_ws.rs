@@ -11,8 +11,7 @@ use std::process::{Output, Stdio};
 use std::time::Duration;
 
 use serde_json::{Value, json};
-use tidings_testkit::{Proc, Served};
-use tokio::io::AsyncWriteExt;
+use tidings_testkit::{Proc, Served, cli};
 use tokio::process::Command;
 
 /// The longest any single wait (a line, an exit) may take before the test fails.
@@ -25,51 +24,17 @@ fn tidings() -> Command {
 
 /// Runs `tidings ARGS` to completion (stdin from `input` when given), within `WAIT`.
 async fn run(args: &[&str], input: Option<&[u8]>) -> Output {
-    let mut cmd = tidings();
-    cmd.args(args);
-    if input.is_some() {
-        cmd.stdin(Stdio::piped());
-    }
-    let mut child = cmd.spawn().expect("spawning tidings");
-    if let Some(input) = input {
-        let mut stdin = child.stdin.take().unwrap();
-        stdin.write_all(input).await.unwrap();
-        drop(stdin);
-    }
-    // On timeout the future is dropped with the child, which kills it.
-    tokio::time::timeout(WAIT, child.wait_with_output())
-        .await
-        .unwrap_or_else(|_| panic!("tidings {args:?} did not exit within {WAIT:?}"))
-        .unwrap()
-}
-
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
+    cli::run(env!("CARGO_BIN_EXE_tidings"), args, input, WAIT).await
 }
 
 /// Runs `tidings ARGS`, expecting success; returns stdout.
 async fn run_ok(args: &[&str], input: Option<&[u8]>) -> String {
-    let out = run(args, input).await;
-    assert!(
-        out.status.success(),
-        "tidings {args:?} failed ({})\nstdout: {}\nstderr: {}",
-        out.status,
-        text(&out.stdout),
-        text(&out.stderr)
-    );
-    text(&out.stdout)
+    cli::succeeded(args, &run(args, input).await)
 }
 
 /// Runs `tidings ARGS`, expecting failure with nothing on stdout; returns stderr.
 async fn run_err(args: &[&str]) -> String {
-    let out = run(args, None).await;
-    assert!(
-        !out.status.success() && out.stdout.is_empty(),
-        "tidings {args:?} should have failed quietly\nstdout: {}\nstderr: {}",
-        text(&out.stdout),
-        text(&out.stderr)
-    );
-    text(&out.stderr)
+    cli::failed(args, &run(args, None).await, true)
 }
 
 /// A running `tidings serve --listen 127.0.0.1:0` (`tidings_testkit::Served`: killed when

@@ -1,5 +1,6 @@
 //! Helpers the workspace's integration tests share: a spawned process read line by line
-//! (`Proc`: third-party clients, `tidings subscribe`), a running `tidings serve` (`Served`)
+//! (`Proc`: third-party clients, `tidings subscribe`), a running `tidings serve` (`Served`),
+//! one `tidings` command run to completion (`cli`)
 //! and `eventually` for state that announces no event. A dev-dependency only; nothing here ships.
 //!
 //! Tests fail by panicking, so helpers here panic too, with the context a reader of the
@@ -9,6 +10,7 @@
 
 use std::time::Duration;
 
+pub mod cli;
 pub mod proc;
 pub mod served;
 pub mod temp_dir;
