@@ -164,6 +164,16 @@ async fn an_invalid_idempotency_key_is_a_clear_400_and_publishes_nothing() {
     let batch = json!({"messages": [{"channel": "news", "data": 1}]});
     let (status, _, _) = post(&server, "/publish", Some("whole"), batch).await;
     assert_eq!(status, 400);
+    // Wrong in both channel and key: a single document and a batch entry name the same fault.
+    let single = json!({"channel": "bad channel", "data": 1, "idempotency_key": "a b"});
+    let (status, _, one) = post(&server, "/publish", None, single).await;
+    assert_eq!(status, 400);
+    let batch =
+        json!({"messages": [{"channel": "bad channel", "data": 1, "idempotency_key": "a b"}]});
+    let (status, _, entry) = post(&server, "/publish", None, batch).await;
+    assert_eq!(status, 400);
+    assert_eq!(one["error"]["code"], "invalid_idempotency_key", "{one}");
+    assert_eq!(entry["error"]["code"], one["error"]["code"], "{entry}");
     let mismatch = json!({"channel": "news", "data": 1, "idempotency_key": "a"});
     let (status, _, _) = post(&server, "/publish", Some("b"), mismatch).await;
     assert_eq!(status, 400);

@@ -617,18 +617,20 @@ pub(crate) fn parse_document(
                 .iter()
                 .enumerate()
                 .map(|(i, m)| {
-                    validate(
-                        &m.channel,
-                        &m.data,
-                        m.event.as_deref(),
-                        m.encoding.as_deref(),
-                    )
-                    .and_then(|v| {
-                        let key = m
-                            .idempotency_key
-                            .as_deref()
-                            .map(idempotency_key)
-                            .transpose()?;
+                    // The key before the channel, as for a single document: an entry wrong
+                    // in both is refused with the same code either way.
+                    let key = m
+                        .idempotency_key
+                        .as_deref()
+                        .map(idempotency_key)
+                        .transpose();
+                    key.and_then(|key| {
+                        let v = validate(
+                            &m.channel,
+                            &m.data,
+                            m.event.as_deref(),
+                            m.encoding.as_deref(),
+                        )?;
                         Ok(Validated {
                             idempotency_key: key,
                             ..v
