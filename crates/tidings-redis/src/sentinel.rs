@@ -38,7 +38,7 @@ use std::sync::atomic::{AtomicBool, Ordering::AcqRel, Ordering::Release};
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use redis::aio::ConnectionManager;
+use redis::aio::{ConnectionManager, MultiplexedConnection};
 use redis::{Client, ConnectionAddr, ConnectionInfo, ErrorKind, IntoConnectionInfo, RedisResult};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
@@ -62,6 +62,11 @@ pub struct Sentinel {
     /// The primary the current connections go to.
     current: Mutex<Option<(String, u16)>>,
     primary: Mutex<Option<ConnectionManager>>,
+    /// One open connection per sentinel (same order as `sentinels`), kept between questions:
+    /// the health check asks every second, and a connection per question would cost each
+    /// sentinel a connect and a client slot per node per second. A connection that fails
+    /// or does not answer in time is dropped and made again at the next question.
+    asking: Vec<Mutex<Option<MultiplexedConnection>>>,
     /// Set by the watcher when a `+switch-master` for our master arrived.
     switched: AtomicBool,
     pub wake: Notify,
@@ -127,6 +132,7 @@ pub fn parse(url: &str) -> Result<Sentinel, ConnectError> {
         .into_connection_info()
         .map_err(|e| bad(&e.to_string()))?;
     Ok(Sentinel {
+        asking: sentinels.iter().map(|_| Mutex::new(None)).collect(),
         sentinels,
         master: master.to_owned(),
         primary_info,
@@ -196,8 +202,16 @@ impl Sentinel {
         let mut pending: futures_util::stream::FuturesUnordered<_> = self
             .sentinels
             .iter()
-            .map(|info| {
-                tokio::time::timeout(CONNECT_TIMEOUT + RESPONSE_TIMEOUT, self.ask_one(info))
+            .enumerate()
+            .map(|(i, info)| async move {
+                let r =
+                    tokio::time::timeout(CONNECT_TIMEOUT + RESPONSE_TIMEOUT, self.ask_one(i, info))
+                        .await;
+                if !matches!(r, Ok(Ok(_))) {
+                    // Whatever went wrong, the next question starts on a new connection.
+                    *relock(&self.asking[i]) = None;
+                }
+                r
             })
             .collect();
         let majority = self.sentinels.len() / 2 + 1;
@@ -226,9 +240,17 @@ impl Sentinel {
         best.ok_or_else(|| no_primary(last.unwrap_or_default()))
     }
 
-    async fn ask_one(&self, info: &ConnectionInfo) -> RedisResult<Option<Answer>> {
-        let client = Client::open(info.clone())?;
-        let mut conn = client.get_multiplexed_async_connection().await?;
+    async fn ask_one(&self, i: usize, info: &ConnectionInfo) -> RedisResult<Option<Answer>> {
+        let kept = relock(&self.asking[i]).clone();
+        let mut conn = match kept {
+            Some(conn) => conn,
+            None => {
+                let client = Client::open(info.clone())?;
+                let conn = client.get_multiplexed_async_connection().await?;
+                *relock(&self.asking[i]) = Some(conn.clone());
+                conn
+            }
+        };
         let reply: RedisResult<redis::Value> = redis::cmd("SENTINEL")
             .arg("MASTER")
             .arg(&self.master)

@@ -265,6 +265,35 @@ async fn a_failover_ordered_by_hand_moves_the_node_to_the_new_primary_while_the_
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_health_check_asks_each_sentinel_over_one_kept_connection_not_a_new_one_per_second() {
+    let d = Deployment::start().await;
+    let (_a, _broker) = node(&d.url(), &unique_prefix("asking")).await;
+    // Every second the node asks where the primary is. On one kept connection, that
+    // connection's last command is `SENTINEL MASTER` and it grows old; a connection per
+    // question would be closed after its answer, so none would reach three seconds.
+    let asking = || {
+        d.sentinel
+            .command("CLIENT LIST")
+            .lines()
+            .filter(|l| l.contains("cmd=sentinel|master"))
+            .filter_map(|l| {
+                l.split(' ')
+                    .find_map(|f| f.strip_prefix("age="))
+                    .and_then(|a| a.parse::<u64>().ok())
+            })
+            .collect::<Vec<_>>()
+    };
+    tidings_testkit::eventually(
+        "a connection that asked about the master is three seconds old",
+        WAIT,
+        Duration::from_millis(100),
+        async || asking().iter().any(|&age| age >= 3),
+    )
+    .await;
+    assert_eq!(asking().len(), 1, "one asking connection per sentinel");
+}
+
 #[test]
 fn a_sentinel_url_that_names_no_reachable_sentinel_fails_at_connect_with_a_clear_error() {
     let rt = tokio::runtime::Builder::new_current_thread()
