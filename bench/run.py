@@ -4,8 +4,9 @@
     python3 bench/run.py setup                 # apt-get install nginx libnginx-mod-nchan pushpin
     python3 bench/run.py run [--repeat 3] [--targets tidings,nchan,pushpin] [--only fanout-1k-sse,...]
     python3 bench/run.py report                # docs/benchmarks.md + docs/images/bench-*.svg
-    python3 bench/run.py compare               # Tidings vs Nchan on the request/fan-out cells,
-                                               #   3 runs each, ratios into docs/benchmarks.md
+    python3 bench/run.py compare               # Tidings vs Nchan (and the floor server) on the
+                                               #   request/fan-out cells, 3 runs each, servers
+                                               #   alternating, ratios into docs/benchmarks.md
     python3 bench/run.py sweep                 # saturation: highest rate with p99 <= 100 ms and
                                                #   no loss, per transport x subscribers x server
 
@@ -13,6 +14,11 @@ Every run starts the server fresh, pinned to core 0 (taskset), and drives it wit
 `tidings bench` pinned to core 1; results are appended to bench/results/results.jsonl (one JSON
 line per run, as `tidings bench` prints it, plus the scenario name). `report` takes medians over
 repeated runs. Nothing here needs the network beyond loopback.
+
+`floor` is a server kind too: bench/floor, the least work a user-space server can do for the
+SSE, long-poll and publish cells (what the kernel leaves; docs/benchmarks.md, "What the kernel
+leaves: the floor server"). It speaks Tidings' paths and wire format, so the generator drives
+it as `--target tidings`; it is skipped in cells of other transports.
 """
 import argparse
 import json
@@ -35,11 +41,18 @@ TIDINGS = os.environ.get("TIDINGS_BENCH_BIN", os.path.join(ROOT, "target", "rele
 # The server under test; the load generator is always TIDINGS. Set it to compare two builds
 # in one sitting (with --variant to tell their rows apart).
 TIDINGS_SERVER = os.environ.get("TIDINGS_SERVER_BIN", TIDINGS)
+# The floor server (bench/floor, its own workspace), built into a target dir of its own under
+# target/ (two crates: nothing to share with the main build, and no wait on its lock).
+FLOOR_TARGET = os.path.join(ROOT, "target", "floor")
+FLOOR = os.environ.get("TIDINGS_FLOOR_BIN", os.path.join(FLOOR_TARGET, "release", "tidings-floor"))
+FLOOR_TRANSPORTS = {"sse", "long-poll"}
 URLS = {
     "tidings": "http://127.0.0.1:8080",
     "nchan": "http://127.0.0.1:8090",
     "pushpin": "http://127.0.0.1:7999",
+    "floor": "http://127.0.0.1:8070",
 }
+PORTS = {"tidings": [8080], "nchan": [8090], "pushpin": [7999, 8092], "floor": [8070]}
 
 # name: (transport, subscribers, channels, publishers, rate msgs/s, seconds of publishing)
 SCENARIOS = {
@@ -112,7 +125,7 @@ class Server:
         # Another run's server on the same port would answer in this one's place, and its
         # stop would look like this server going away mid-run (seen when two engineers ran
         # the harness at once): refuse instead.
-        for port in {"tidings": [8080], "nchan": [8090], "pushpin": [7999, 8092]}[self.target]:
+        for port in PORTS[self.target]:
             try:
                 socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
             except OSError:
@@ -138,6 +151,12 @@ class Server:
             wait_port(8090)
             time.sleep(0.3)
             self.pids = [p.pid] + descendants(p.pid)
+        elif self.target == "floor":
+            p = subprocess.Popen(["taskset", "-c", "0", FLOOR, "127.0.0.1:8070"], stdout=log,
+                                 stderr=log)
+            self.procs = [p]
+            wait_port(8070)
+            self.pids = [p.pid]
         else:
             conf = open(os.path.join(BENCH, "pushpin", "pushpin.conf.in")).read()
             conf = conf.replace("RUNDIR", d).replace(
@@ -181,7 +200,9 @@ class Server:
 
 def run_one(target, name, server):
     transport, n, channels, publishers, rate, duration = SCENARIOS[name]
-    cmd = ["taskset", "-c", "1", TIDINGS, "bench", "--quiet", "--target", target,
+    # The floor answers Tidings' paths with Tidings' bytes: driven as Tidings.
+    wire = "tidings" if target == "floor" else target
+    cmd = ["taskset", "-c", "1", TIDINGS, "bench", "--quiet", "--target", wire,
            "--url", URLS[target], "--transport", transport, "-n", str(n), "-c", str(channels),
            "-p", str(publishers), "--rate", str(rate), "--duration", str(duration),
            "--payload", "100", "--settle", "2", "--label", name,
@@ -192,6 +213,7 @@ def run_one(target, name, server):
         print(out.stderr, file=sys.stderr)
         return None
     r = json.loads(out.stdout.strip().splitlines()[-1])
+    r["target"] = target
     r["scenario"] = name
     r["time"] = time.strftime("%Y-%m-%dT%H:%M:%S")
     return r
@@ -205,9 +227,13 @@ def loadavg():
         return None
 
 
-def ensure_release():
+def ensure_release(targets=()):
     if not os.path.exists(TIDINGS):
         sh(["cargo", "build", "--release", "-p", "tidings-cli"], cwd=ROOT)
+    if "floor" in targets and not os.path.exists(FLOOR):
+        sh(["cargo", "build", "--release", "--manifest-path",
+            os.path.join(BENCH, "floor", "Cargo.toml")], cwd=ROOT,
+           env={**os.environ, "CARGO_TARGET_DIR": FLOOR_TARGET})
 
 
 def git_commit():
@@ -217,16 +243,21 @@ def git_commit():
 
 
 def run(args):
-    ensure_release()
+    targets = args.targets.split(",")
+    ensure_release(targets)
     global RESULTS
     if getattr(args, "results", None):
         RESULTS = args.results
     os.makedirs(os.path.dirname(RESULTS), exist_ok=True)
     names = args.only.split(",") if args.only else list(SCENARIOS)
-    for target in args.targets.split(","):
-        for name in names:
-            reps = args.repeat if name in REPEATED else 1
-            for _ in range(reps):
+    # Servers alternate run by run (T N F T N F …), so a change in the machine's load lands
+    # on all of them rather than on whichever ran last.
+    for name in names:
+        reps = args.repeat if name in REPEATED else 1
+        for _ in range(reps):
+            for target in targets:
+                if target == "floor" and SCENARIOS[name][0] not in FLOOR_TRANSPORTS:
+                    continue
                 load_before = loadavg()
                 server = Server(target).start()
                 try:
@@ -244,6 +275,8 @@ def run(args):
                 s = r.get("server") or {}
                 print(f"{target:8} {name:20} deliveries/s={r.get('deliveries_per_s')} "
                       f"cpu/deliv={s.get('cpu_us_per_delivery')}us "
+                      f"(sys {s.get('sys_us_per_delivery')}) "
+                      f"gen={(r.get('bench') or {}).get('cpu_pct')}% load={load_before} "
                       f"p99={(r.get('latency_us') or {}).get('p99')}us "
                       f"rss/conn={s.get('rss_per_conn_bytes')} lost={r['lost']} "
                       f"dups={r['duplicates']} connected={r['connected']}/{r['subscribers']}",
@@ -286,6 +319,12 @@ def metric(r, key):
         "lost": lost(r),
         "dups": r.get("duplicates"),
         "benchcpu": (r.get("bench") or {}).get("cpu_us_per_delivery"),
+        "benchpct": (r.get("bench") or {}).get("cpu_pct"),
+        "serverpct": s.get("cpu_pct"),
+        "sys": s.get("sys_us_per_delivery"),
+        "user": (round(s["cpu_us_per_delivery"] - s["sys_us_per_delivery"], 2)
+                 if s.get("cpu_us_per_delivery") is not None
+                 and s.get("sys_us_per_delivery") is not None else None),
         "connected": r.get("connected"),
         "failed": r.get("connect_failed"),
     }[key]
@@ -475,7 +514,9 @@ def compare(args):
     """One command for the lead to re-run: fresh rows into their own file (tagged with the
     sitting), then the ratio table into docs/benchmarks.md."""
     args.results = args.results or COMPARE_RESULTS
-    args.targets = args.targets or "tidings,nchan"
+    # The floor runs only the SSE and long-poll cells (about 5 of the 14 minutes, see
+    # docs/benchmarks.md); `--targets tidings,nchan` leaves it out.
+    args.targets = args.targets or "tidings,nchan,floor"
     args.only = args.only or ",".join(COMPARE)
     args.variant = ""
     # --sitting adds runs to an earlier sitting (to replace runs that went wrong).
@@ -502,41 +543,57 @@ def compare_report(args):
     by = {}
     for r in rows:
         by.setdefault((r["scenario"], r["target"]), []).append(r)
+    servers = [t for t in ("tidings", "nchan", "floor") if any(k[1] == t for k in by)]
+    names = {"tidings": "Tidings", "nchan": "Nchan", "floor": "floor"}
     lines = [f"Sitting `{sitting}` (commit `{rows[0].get('commit') if rows else '?'}`), "
              f"{len(rows)} runs; medians of the runs, range in brackets; load = 1-minute load "
-             "average before each run (min–max)."
+             "average before each run (min–max). CPU is the server's over the publishing window "
+             "(utime + stime from /proc/PID/stat), split into user and kernel (sys); generator "
+             "CPU % is the load generator's share of its one core (100 = saturated)."
              + (f" Left out: {len(gone)} runs whose server process had exited before the end "
                 f"({', '.join(sorted({r['target'] + ' ' + r['scenario'] for r in gone}))})."
-                if gone else ""), "",
-             "| cell | metric | Tidings | Nchan | Tidings/Nchan | target | load (Tidings / Nchan) |",
-             "|---|---|---|---|---|---|---|"]
+                if gone else ""), ""]
+    ratio_cols = [("tidings", "nchan")] + ([("floor", "nchan"), ("tidings", "floor")]
+                                           if "floor" in servers else [])
+    lines.append("| cell | metric | " + " | ".join(names[t] for t in servers) + " | "
+                 + " | ".join(f"{names[a]}/{names[b]}" for a, b in ratio_cols)
+                 + " | target | load (" + " / ".join(names[t] for t in servers) + ") |")
+    lines.append("|---|---|" + "---|" * (len(servers) + len(ratio_cols) + 2))
     targets = {"long-poll-1k": {"cpu": "≤ 0.5×", "p99": "≤ 0.5×"},
                "publish-throughput": {"pubrate": "≥ 1.5×", "cpu": "≤ 0.6×"},
                "channels-5k-sse": {"cpu": "≤ 0.6×"}}
     for n in COMPARE:
-        if not by.get((n, "tidings")) and not by.get((n, "nchan")):
+        if not any(by.get((n, t)) for t in servers):
             continue
-        keys = [("cpu", "server CPU µs/delivery"), ("p99", "p99 latency µs"),
+        keys = [("cpu", "server CPU µs/delivery"), ("user", "… user µs/delivery"),
+                ("sys", "… kernel µs/delivery"), ("rate", "deliveries/s"),
+                ("p50", "p50 latency µs"), ("p99", "p99 latency µs"),
+                ("serverpct", "server CPU %"), ("benchpct", "generator CPU %"),
                 ("lost", "lost"), ("dups", "duplicates")]
         if n == "publish-throughput":
             keys = [("pubrate", "publishes/s"), ("cpu", "server CPU µs/publish"),
-                    ("lost", "lost"), ("dups", "duplicates")]
+                    ("user", "… user µs/publish"), ("sys", "… kernel µs/publish"),
+                    ("p99", "p99 latency µs"), ("serverpct", "server CPU %"),
+                    ("benchpct", "generator CPU %"), ("lost", "lost"), ("dups", "duplicates")]
         for key, label in keys:
-            cells = []
-            for t in ("tidings", "nchan"):
+            cells = {}
+            for t in servers:
                 v, spread = med(by.get((n, t), []), key)
                 txt = fmt(v)
                 if spread and spread[0] != spread[1]:
                     txt += f" ({fmt(spread[0])}–{fmt(spread[1])})"
-                cells.append((v, txt))
-            r = ratio(cells[0][0], cells[1][0]) if key not in ("lost", "dups") else ""
+                cells[t] = (v, txt)
+            rs = [ratio(cells[a][0], cells[b][0])
+                  if key not in ("lost", "dups", "serverpct", "benchpct") else ""
+                  for a, b in ratio_cols]
             tgt = targets.get(n, {}).get(key, "≤ 1× (keep)" if key == "cpu" else "")
             loads = []
-            for t in ("tidings", "nchan"):
+            for t in servers:
                 ls = [x.get("load") for x in by.get((n, t), []) if x.get("load") is not None]
                 loads.append(f"{min(ls):.1f}–{max(ls):.1f}" if ls else "—")
-            lines.append(f"| {n} | {label} | {cells[0][1]} | {cells[1][1]} | {r} | {tgt} | "
-                         f"{' / '.join(loads) if key in ('cpu', 'pubrate') else ''} |")
+            lines.append(f"| {n} | {label} | " + " | ".join(cells[t][1] for t in servers)
+                         + " | " + " | ".join(rs) + f" | {tgt} | "
+                         + (" / ".join(loads) if key in ("cpu", "pubrate") else "") + " |")
     table = "\n".join(lines)
     write_section("compare", table)
     print(table)
@@ -759,14 +816,15 @@ def main():
     sub.add_parser("setup")
     r = sub.add_parser("run")
     r.add_argument("--repeat", type=int, default=3)
-    r.add_argument("--targets", default="tidings,nchan,pushpin")
+    r.add_argument("--targets", default="tidings,nchan,pushpin",
+                   help="any of tidings, nchan, pushpin, floor (SSE and long-poll cells only)")
     r.add_argument("--only", default="")
     r.add_argument("--variant", default="",
                    help="tag the rows (e.g. 'baseline'); report compares tagged Tidings rows")
     sub.add_parser("report")
-    c = sub.add_parser("compare", help="Tidings vs Nchan on the issue's cells, as ratios")
+    c = sub.add_parser("compare", help="Tidings vs Nchan (and the floor) on the issue's cells")
     c.add_argument("--repeat", type=int, default=3)
-    c.add_argument("--targets", default="")
+    c.add_argument("--targets", default="", help="default tidings,nchan,floor")
     c.add_argument("--only", default="")
     c.add_argument("--results", default="", help=f"default {COMPARE_RESULTS}")
     c.add_argument("--sitting", default="", help="add to this sitting (default: a new one)")

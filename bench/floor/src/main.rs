@@ -6,8 +6,8 @@
 //! the receiver's TCP path run on the sender's CPU).
 //!
 //! ```text
-//! CARGO_TARGET_DIR=target cargo build --release --manifest-path bench/floor/Cargo.toml
-//! target/release/tidings-floor [127.0.0.1:8070]
+//! CARGO_TARGET_DIR=target/floor cargo build --release --manifest-path bench/floor/Cargo.toml
+//! target/floor/release/tidings-floor [127.0.0.1:8070]
 //! ```
 //!
 //! What it does, and no more:
@@ -756,4 +756,38 @@ fn content_length(headers: &[u8]) -> Option<usize> {
         }
     }
     None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The chunk size and `content-length` the floor writes are computed, not measured: a
+    /// wrong one would make the generator misread every reply after it.
+    #[test]
+    fn a_message_encodes_to_a_well_framed_chunk_and_poll_reply() {
+        let mut slot = Slot::default();
+        encode(&mut slot, b"ch", 7, b"#0:7:123#xx\"y", 1);
+        let sse = &slot.sse;
+        let crlf = find(sse, b"\r\n").unwrap();
+        let size = usize::from_str_radix(std::str::from_utf8(&sse[..crlf]).unwrap(), 16).unwrap();
+        assert_eq!(&sse[crlf + 2 + size..], b"\r\n");
+        assert!(sse[crlf + 2..].starts_with(b"id: floor-00000000000000000007\ndata: #0:7:"));
+
+        let p = &slot.poll;
+        let end = find(p, b"\r\n\r\n").unwrap() + 4;
+        assert_eq!(content_length(&p[..end]), Some(p.len() - end));
+        assert!(p[end..].ends_with(b"],\"cursor\":\"floor-00000000000000000007\",\"gaps\":[]}"));
+        assert!(find(p, b"\"data\":\"#0:7:123#xx\\\"y\"").is_some());
+    }
+
+    #[test]
+    fn a_cursor_reads_back_as_its_sequence_number() {
+        let mut c = Vec::new();
+        cursor(&mut c, 1234);
+        assert_eq!(c.len(), 26);
+        assert_eq!(parse_cursor(&c), Some(1234));
+        assert_eq!(parse_cursor(b"floor-x"), None);
+        assert_eq!(parse_cursor(b"floor-99999999999999999999999"), None);
+    }
 }
