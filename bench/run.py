@@ -524,7 +524,8 @@ def compare(args):
     global SITTING
     SITTING = sitting
     run(args)
-    compare_report(argparse.Namespace(results=args.results, sitting=sitting))
+    compare_report(argparse.Namespace(results=args.results, sitting=sitting,
+                                      section=args.section))
 
 
 SITTING = None
@@ -595,7 +596,7 @@ def compare_report(args):
                          + " | " + " | ".join(rs) + f" | {tgt} | "
                          + (" / ".join(loads) if key in ("cpu", "pubrate") else "") + " |")
     table = "\n".join(lines)
-    write_section("compare", table)
+    write_section(getattr(args, "section", None) or "compare", table)
     print(table)
 
 
@@ -809,6 +810,53 @@ def sweep_report(args):
     print(table)
 
 
+# ---- perf: where a cell's server CPU goes (kernel vs user space, top symbols) ----
+
+def perf_cell(args):
+    """One cell per target with `perf record -g` on the server's processes over the middle
+    of the publishing window; the reports (`--sort dso` and `--sort dso,sym`, no children)
+    go to bench/results/perf-<target>-<cell>.txt. Needs root (or perf_event_paranoid <= 1)."""
+    targets = args.targets.split(",")
+    ensure_release(targets)
+    for target in targets:
+        server = Server(target).start()
+        data = os.path.join(RUNDIR, f"perf-{target}.data")
+        try:
+            transport, n, channels, publishers, rate, duration = SCENARIOS[args.cell]
+            wire = "tidings" if target == "floor" else target
+            cmd = ["taskset", "-c", "1", TIDINGS, "bench", "--quiet", "--target", wire,
+                   "--url", URLS[target], "--transport", transport, "-n", str(n),
+                   "-c", str(channels), "-p", str(publishers), "--rate", str(rate),
+                   "--duration", str(duration), "--payload", "100", "--settle", "2",
+                   "--label", args.cell, "--server-pid", ",".join(str(p) for p in server.pids)]
+            bench = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+            # Connecting and the settle time, then the middle of the publishing window.
+            time.sleep(args.delay)
+            sh(["perf", "record", "-q", "-g", "-o", data, "-p",
+                ",".join(str(p) for p in server.pids), "--", "sleep", str(args.seconds)],
+               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            out, _ = bench.communicate(timeout=300)
+        finally:
+            server.stop()
+        r = json.loads(out.strip().splitlines()[-1]) if out.strip() else {}
+        path = os.path.join(BENCH, "results", f"perf-{target}-{args.cell}.txt")
+        with open(path, "w") as f:
+            s = r.get("server") or {}
+            f.write(f"# {target} {args.cell}: perf record -g -p {server.pids} for "
+                    f"{args.seconds} s from {args.delay} s into the run; load {loadavg()}; "
+                    f"commit {git_commit()}\n# run: cpu {s.get('cpu_us_per_delivery')} µs/delivery "
+                    f"(sys {s.get('sys_us_per_delivery')}), lost {r.get('lost')}, "
+                    f"dups {r.get('duplicates')}, p99 {(r.get('latency_us') or {}).get('p99')} µs\n")
+            for sort, limit in (("dso", 15), ("dso,sym", args.top)):
+                rep = subprocess.run(["perf", "report", "-i", data, "--stdio", "--no-children",
+                                      "-g", "none", "--percent-limit", "0.3", "--sort", sort],
+                                     capture_output=True, text=True).stdout
+                lines = [x for x in rep.splitlines() if x.strip() and not x.startswith("#")]
+                f.write(f"\n## perf report --sort {sort} (top {limit})\n")
+                f.write("\n".join(lines[:limit]) + "\n")
+        print(open(path).read())
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -828,9 +876,12 @@ def main():
     c.add_argument("--only", default="")
     c.add_argument("--results", default="", help=f"default {COMPARE_RESULTS}")
     c.add_argument("--sitting", default="", help="add to this sitting (default: a new one)")
+    c.add_argument("--section", default="compare",
+                   help="the <!-- NAME:start/end --> section of docs/benchmarks.md to write")
     c = sub.add_parser("compare-report", help="the ratio table from a compare sitting")
     c.add_argument("--results", default="")
     c.add_argument("--sitting", default="", help="default: the last one in the file")
+    c.add_argument("--section", default="compare")
     w = sub.add_parser("sweep", help="saturation: the highest rate with p99 <= 100 ms, no loss")
     w.add_argument("--targets", default="tidings,nchan")
     w.add_argument("--transports", default="sse,ws,long-poll")
@@ -844,9 +895,16 @@ def main():
     w = sub.add_parser("sweep-report", help="the table and plot from a sweep sitting")
     w.add_argument("--results", default="")
     w.add_argument("--sitting", default="", help="default: the last one in the file")
+    w = sub.add_parser("perf", help="perf record one cell's server: kernel vs user, top symbols")
+    w.add_argument("--cell", default="long-poll-1k")
+    w.add_argument("--targets", default="tidings,nchan,floor")
+    w.add_argument("--delay", type=float, default=5.0, help="seconds into the run to start")
+    w.add_argument("--seconds", type=float, default=5.0)
+    w.add_argument("--top", type=int, default=40)
     a = ap.parse_args()
     {"setup": setup, "run": run, "report": report, "compare": compare,
-     "compare-report": compare_report, "sweep": sweep, "sweep-report": sweep_report}[a.cmd](a)
+     "compare-report": compare_report, "sweep": sweep, "sweep-report": sweep_report,
+     "perf": perf_cell}[a.cmd](a)
 
 
 if __name__ == "__main__":
