@@ -75,7 +75,7 @@ fn main() -> io::Result<()> {
             }
             let t = ev.token().0;
             if ev.is_writable() {
-                server.flush(t);
+                server.flush(t, &poll);
             }
             if ev.is_readable() || ev.is_read_closed() || ev.is_error() {
                 server.readable(t);
@@ -137,12 +137,21 @@ struct Conn {
     dead: bool,
 }
 
+/// Connections to close, and connections whose socket did not take a whole reply: only
+/// those are registered for writability (every socket registered for it would raise an
+/// event each time its peer's ACKs free send space: one more wake-up per reply).
+#[derive(Default)]
+struct Queues {
+    dead: Vec<usize>,
+    stalled: Vec<usize>,
+}
+
 struct Server {
     conns: Vec<Option<Conn>>,
     free: Vec<usize>,
     channels: Vec<Channel>,
     by_name: HashMap<Box<[u8]>, usize>,
-    dead: Vec<usize>,
+    q: Queues,
     /// Scratch for the replies that are not shared (publish answers, catch-up polls).
     scratch: Vec<u8>,
     /// A whole reply (head and body) that is not shared.
@@ -158,7 +167,7 @@ impl Server {
             free: Vec::new(),
             channels: Vec::new(),
             by_name: HashMap::new(),
-            dead: Vec::new(),
+            q: Queues::default(),
             scratch: Vec::with_capacity(64 * 1024),
             reply: Vec::with_capacity(64 * 1024),
             taken: Vec::new(),
@@ -181,7 +190,7 @@ impl Server {
             });
             if poll
                 .registry()
-                .register(&mut sock, Token(t), Interest::READABLE | Interest::WRITABLE)
+                .register(&mut sock, Token(t), Interest::READABLE)
                 .is_err()
             {
                 self.free.push(t);
@@ -325,7 +334,7 @@ impl Server {
             r.extend_from_slice(b"\r\nretry: 2000\n\nid: ");
             cursor(r, chan.seq);
             r.extend_from_slice(b"\n\n\r\n");
-            send(c, r, &mut self.dead, t);
+            send(c, r, &mut self.q, t);
         }
     }
 
@@ -357,7 +366,7 @@ impl Server {
         }
         if since + 1 == chan.seq {
             let slot = &chan.ring[(chan.seq as usize) % RING];
-            send(c, &slot.poll, &mut self.dead, t);
+            send(c, &slot.poll, &mut self.q, t);
             return;
         }
         // Several messages (or some no longer in the ring: reported as a gap, as Tidings
@@ -390,7 +399,7 @@ impl Server {
         r.clear();
         poll_head(r, chan.seq, body_len);
         r.extend_from_slice(&self.scratch);
-        send(c, r, &mut self.dead, t);
+        send(c, r, &mut self.q, t);
     }
 
     fn publish(&mut self, t: usize, ch: usize, body_at: usize, body_len: usize) {
@@ -416,12 +425,12 @@ impl Server {
         number(r, self.scratch.len() as u64);
         r.extend_from_slice(b"\r\n\r\n");
         r.extend_from_slice(&self.scratch);
-        send(c, r, &mut self.dead, t);
+        send(c, r, &mut self.q, t);
         // Every SSE stream of the channel, the same bytes.
         let slot = &chan.ring[(seq as usize) % RING];
         for &s in &chan.streams {
             if let Some(c) = self.conns[s].as_mut() {
-                send(c, &slot.sse, &mut self.dead, s);
+                send(c, &slot.sse, &mut self.q, s);
             }
         }
         // Every held poll, the same reply; each goes back to reading requests.
@@ -429,7 +438,7 @@ impl Server {
         for &w in &self.taken {
             if let Some(c) = self.conns[w].as_mut() {
                 c.state = State::Request;
-                send(c, &slot.poll, &mut self.dead, w);
+                send(c, &slot.poll, &mut self.q, w);
             }
         }
         std::mem::swap(&mut self.taken, &mut chan.waiters);
@@ -455,7 +464,7 @@ impl Server {
         r.extend_from_slice(b"HTTP/1.1 ");
         r.extend_from_slice(status);
         r.extend_from_slice(b"\r\ncontent-length: 0\r\n\r\n");
-        send(c, r, &mut self.dead, t);
+        send(c, r, &mut self.q, t);
     }
 
     /// Answers the held polls whose wait ran out, with no messages.
@@ -484,7 +493,7 @@ impl Server {
             r.extend_from_slice(&self.scratch);
             if let Some(c) = self.conns[t].as_mut() {
                 c.state = State::Request;
-                send(c, r, &mut self.dead, t);
+                send(c, r, &mut self.q, t);
             }
             self.requests(t);
         }
@@ -520,7 +529,8 @@ impl Server {
         }
     }
 
-    fn flush(&mut self, t: usize) {
+    /// Writes what a stalled connection queued; once it is all out, back to reads only.
+    fn flush(&mut self, t: usize, poll: &Poll) {
         let Some(c) = self.conns.get_mut(t).and_then(Option::as_mut) else {
             return;
         };
@@ -533,9 +543,19 @@ impl Server {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(_) => {
                     c.dead = true;
-                    self.dead.push(t);
+                    self.q.dead.push(t);
+                    return;
                 }
             }
+        }
+        if !c.dead
+            && poll
+                .registry()
+                .reregister(&mut c.sock, Token(t), Interest::READABLE)
+                .is_err()
+        {
+            c.dead = true;
+            self.q.dead.push(t);
         }
     }
 
@@ -544,12 +564,29 @@ impl Server {
             && !c.dead
         {
             c.dead = true;
-            self.dead.push(t);
+            self.q.dead.push(t);
         }
     }
 
     fn close_dead(&mut self, poll: &Poll) {
-        while let Some(t) = self.dead.pop() {
+        while let Some(t) = self.q.stalled.pop() {
+            if let Some(c) = self.conns[t].as_mut()
+                && !c.dead
+                && !c.out.is_empty()
+                && poll
+                    .registry()
+                    .reregister(
+                        &mut c.sock,
+                        Token(t),
+                        Interest::READABLE | Interest::WRITABLE,
+                    )
+                    .is_err()
+            {
+                c.dead = true;
+                self.q.dead.push(t);
+            }
+        }
+        while let Some(t) = self.q.dead.pop() {
             self.unlist(t);
             if let Some(mut c) = self.conns[t].take() {
                 let _ = poll.registry().deregister(&mut c.sock);
@@ -560,7 +597,7 @@ impl Server {
 }
 
 /// Writes `bytes` now if nothing is queued, and queues what the socket does not take.
-fn send(c: &mut Conn, bytes: &[u8], dead: &mut Vec<usize>, t: usize) {
+fn send(c: &mut Conn, bytes: &[u8], q: &mut Queues, t: usize) {
     if c.dead {
         return;
     }
@@ -576,12 +613,15 @@ fn send(c: &mut Conn, bytes: &[u8], dead: &mut Vec<usize>, t: usize) {
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(_) => {
                 c.dead = true;
-                dead.push(t);
+                q.dead.push(t);
                 return;
             }
         }
     }
-    c.out.extend_from_slice(&bytes[at..]);
+    if at < bytes.len() {
+        c.out.extend_from_slice(&bytes[at..]);
+        q.stalled.push(t);
+    }
 }
 
 // ---- the wire format: Tidings' bytes (`date` left out), cursors of Tidings' length ----
