@@ -812,6 +812,10 @@ def sweep_report(args):
 
 # ---- perf: where a cell's server CPU goes (kernel vs user space, top symbols) ----
 
+SYSCALLS = ["sendto", "recvfrom", "read", "write", "writev", "readv", "epoll_wait",
+            "epoll_pwait", "epoll_ctl", "futex", "sched_yield", "accept4", "close"]
+
+
 def perf_cell(args):
     """One cell per target with `perf record -g` on the server's processes over the middle
     of the publishing window; the reports (`--sort dso` and `--sort dso,sym`, no children)
@@ -832,9 +836,19 @@ def perf_cell(args):
             bench = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
             # Connecting and the settle time, then the middle of the publishing window.
             time.sleep(args.delay)
-            sh(["perf", "record", "-q", "-g", "-o", data, "-p",
-                ",".join(str(p) for p in server.pids), "--", "sleep", str(args.seconds)],
-               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            # Syscalls counted over the same window (tracepoints, beside the sampling).
+            pids = ",".join(str(p) for p in server.pids)
+            stat = subprocess.Popen(["perf", "stat", "-x", ",", "-e", ",".join(
+                ["raw_syscalls:sys_enter"] + [f"syscalls:sys_enter_{c}" for c in SYSCALLS]),
+                "-p", pids, "--", "sleep", str(args.seconds)],
+                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+            sh(["perf", "record", "-q", "-g", "-o", data, "-p", pids, "--", "sleep",
+                str(args.seconds)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            counts = {}
+            for line in stat.communicate(timeout=60)[1].splitlines():
+                f = line.split(",")
+                if len(f) > 2 and f[0].strip().isdigit():
+                    counts[f[2].split(":")[-1].replace("sys_enter_", "")] = int(f[0])
             out, _ = bench.communicate(timeout=300)
         finally:
             server.stop()
@@ -847,6 +861,14 @@ def perf_cell(args):
                     f"commit {git_commit()}\n# run: cpu {s.get('cpu_us_per_delivery')} µs/delivery "
                     f"(sys {s.get('sys_us_per_delivery')}), lost {r.get('lost')}, "
                     f"dups {r.get('duplicates')}, p99 {(r.get('latency_us') or {}).get('p99')} µs\n")
+            # Per delivery: the window's deliveries at the run's average rate.
+            per = (r.get("deliveries_per_s") or 0) * args.seconds
+            if counts and per:
+                f.write("\n## syscalls per delivery (perf stat, same window; "
+                        f"{per:,.0f} deliveries at the run's average rate)\n")
+                for name, c in sorted(counts.items(), key=lambda kv: -kv[1]):
+                    if c:
+                        f.write(f"{c / per:8.2f}  {name if name != 'sys_enter' else 'all'}\n")
             for sort, limit in (("dso", 15), ("dso,sym", args.top)):
                 rep = subprocess.run(["perf", "report", "-i", data, "--stdio", "--no-children",
                                       "-g", "none", "--percent-limit", "0.3", "--sort", sort],
