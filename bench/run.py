@@ -623,7 +623,8 @@ SWEEP_MAX_RATE = 20_000
 
 
 def sweep_cell(target, transport, n, rate, seconds, server):
-    cmd = ["taskset", "-c", "1", TIDINGS, "bench", "--quiet", "--target", target,
+    wire = "tidings" if target == "floor" else target
+    cmd = ["taskset", "-c", "1", TIDINGS, "bench", "--quiet", "--target", wire,
            "--url", URLS[target], "--transport", transport, "-n", str(n), "-c", "1",
            "-p", "1", "--rate", str(rate), "--duration", str(seconds), "--payload", "100",
            "--settle", "0.5", "--drain", "3", "--label", f"sweep-{transport}-{n}",
@@ -669,7 +670,9 @@ def sweep(args):
     sitting = time.strftime("%Y-%m-%dT%H:%M")
     deadline = time.time() + args.budget
     series = [(t, tr, int(n)) for n in args.subscribers.split(",")
-              for tr in args.transports.split(",") for t in args.targets.split(",")]
+              for tr in args.transports.split(",") for t in args.targets.split(",")
+              if t != "floor" or tr in FLOOR_TRANSPORTS]
+    ensure_release(args.targets.split(","))
     per_series = args.budget / max(1, len(series))
     # 0 = no latency limit: the highest rate with zero loss alone.
     limit_us = args.p99_ms * 1000 if args.p99_ms > 0 else float("inf")
