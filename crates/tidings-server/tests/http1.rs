@@ -64,6 +64,49 @@ async fn a_publish_with_a_small_body_is_served_on_the_lean_path_with_requests_pi
 }
 
 #[tokio::test]
+async fn one_kept_alive_connection_s_requests_never_see_each_other_s_bytes() {
+    let server = TestServer::spawn().await;
+    let mut s = kept_alive(&server).await;
+    // Long, then shorter and shorter: a buffer kept between requests must not lend a body
+    // or a header the bytes of the request before it.
+    let bodies = [
+        "a".repeat(3000),
+        "bb".repeat(40),
+        "c".to_string(),
+        "d".to_string(),
+    ];
+    for (i, body) in bodies.iter().enumerate() {
+        let extra = if i == 0 {
+            "x-long: ".to_string() + &"z".repeat(900) + "\r\n"
+        } else {
+            String::new()
+        };
+        let request = format!(
+            "POST /publish/kept HTTP/1.1\r\nhost: x\r\n{extra}content-type: text/plain\r\ncontent-length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        s.write_all(request.as_bytes()).await.unwrap();
+        let out = read_until(&mut s, "}", 1).await;
+        assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+        assert!(out.contains(&format!("\"offset\":{}", i + 1)), "{out}");
+    }
+    // A GET with a query after the publishes: its own path and query, nothing of theirs.
+    s.write_all(b"GET /poll/kept HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let out = read_until(&mut s, "\"cursor\"", 1).await;
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+    let (_, history) = server.get_json("/api/channels/kept/history").await;
+    let got: Vec<&str> = history["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["data"].as_str().unwrap())
+        .collect();
+    assert_eq!(got, bodies.iter().map(String::as_str).collect::<Vec<_>>());
+}
+
+#[tokio::test]
 async fn a_body_sent_in_pieces_is_read_whole_before_the_publish() {
     let server = TestServer::spawn().await;
     let mut s = TcpStream::connect(server.addr).await.unwrap();

@@ -420,18 +420,17 @@ fn parse(buf: &mut BytesMut) -> Option<Head> {
     let mut keep_alive = true;
     let mut websocket = false;
     let mut body = None;
-    // One copy of the head; the header values and the URI are slices of it, not a copy
-    // (and an allocation) each.
-    let head = Bytes::copy_from_slice(&buf[..len]);
+    // Where each header's name and value lie in the head: httparse's slices borrow `buf`,
+    // which must be split (below) before the values can be slices of it.
+    let mut spans = [(0u32, 0u32, 0u32, 0u32); MAX_HEADERS];
+    let base = buf.as_ptr() as usize;
     // httparse's slices all lie in the head; checked anyway, so no input can panic here.
-    let within = |part: &[u8]| {
-        let start = (part.as_ptr() as usize).checked_sub(buf.as_ptr() as usize)?;
-        let end = start
-            .checked_add(part.len())
-            .filter(|&end| end <= head.len())?;
-        Some(head.slice(start..end))
+    let span = |part: &[u8]| {
+        let start = (part.as_ptr() as usize).checked_sub(base)?;
+        let end = start.checked_add(part.len()).filter(|&end| end <= len)?;
+        Some((u32::try_from(start).ok()?, u32::try_from(end).ok()?))
     };
-    let mut map = HeaderMap::with_capacity(parsed.headers.len());
+    let mut n = 0;
     for h in parsed.headers.iter() {
         let name = h.name.as_bytes();
         if name.eq_ignore_ascii_case(b"upgrade") {
@@ -455,16 +454,34 @@ fn parse(buf: &mut BytesMut) -> Option<Head> {
         if name.eq_ignore_ascii_case(b"connection") && has_token(h.value, b"close") {
             keep_alive = false;
         }
-        let (Ok(name), Some(Ok(value))) = (
-            HeaderName::from_bytes(name),
-            within(h.value).map(HeaderValue::from_maybe_shared),
-        ) else {
+        let (Some((ns, ne)), Some((vs, ve)), Some(slot)) =
+            (span(name), span(h.value), spans.get_mut(n))
+        else {
             return Some(bad_request());
+        };
+        *slot = (ns, ne, vs, ve);
+        n += 1;
+    }
+    let Some((ps, pe)) = span(path.as_bytes()) else {
+        return Some(bad_request());
+    };
+    // One shared buffer for the head and what follows it (a body): the header values, the
+    // URI and the body are slices of it, with no copy of the head (an allocation) and one
+    // promotion to shared for all of them.
+    let head = buf.split_to(len).freeze();
+    let slice = |(s, e): (u32, u32)| head.slice(s as usize..e as usize);
+    let mut map = HeaderMap::with_capacity(n);
+    for &(ns, ne, vs, ve) in &spans[..n] {
+        let (Ok(name), Ok(value)) = (
+            HeaderName::from_bytes(&head[ns as usize..ne as usize]),
+            HeaderValue::from_maybe_shared(slice((vs, ve))),
+        ) else {
+            return Some(unsplit(buf, &head, bad_request()));
         };
         map.append(name, value);
     }
-    let Some(Ok(uri)) = within(path.as_bytes()).map(http::Uri::from_maybe_shared) else {
-        return Some(bad_request());
+    let Ok(uri) = http::Uri::from_maybe_shared(slice((ps, pe))) else {
+        return Some(unsplit(buf, &head, bad_request()));
     };
     let head_only = method == Method::HEAD;
     let mut req = Request::new(Body::empty());
@@ -474,7 +491,6 @@ fn parse(buf: &mut BytesMut) -> Option<Head> {
     if websocket {
         req.extensions_mut().insert(Upgradable);
     }
-    buf.advance(len);
     // A body is read next and `read_body` compacts after it: copying it here would be twice.
     let body = body.unwrap_or(0);
     if body == 0 {
@@ -486,6 +502,16 @@ fn parse(buf: &mut BytesMut) -> Option<Head> {
         head_only,
         body,
     })
+}
+
+/// Puts a head split off `buf` back in front of it, for an answer that consumes nothing.
+/// Only on a head httparse took but `http` refuses: rare enough for a copy.
+fn unsplit(buf: &mut BytesMut, head: &Bytes, answer: Head) -> Head {
+    let mut whole = BytesMut::with_capacity(head.len() + buf.len());
+    whole.extend_from_slice(head);
+    whole.extend_from_slice(buf);
+    *buf = whole;
+    answer
 }
 
 /// Keeps only what is left in `buf` (a body or a pipelined request), in a buffer of its own
