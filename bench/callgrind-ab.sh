@@ -6,19 +6,21 @@
 # The counters are zeroed after the subscribers connected (7 s in; --settle 9), so the count
 # covers publishing and delivery only. Use a fixed --rate: with --rate 0 a slower build
 # batches differently and the counts are not comparable.
+# PORT picks the server's port (default: a free one, so it never meets bench/run.py's servers).
 set -euo pipefail
 BIN=$1; NAME=$2; shift 2
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 BENCH=$ROOT/target/release/tidings
 OUT=${OUT:-/tmp/tidings-bench/callgrind}
+PORT=${PORT:-$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')}
 mkdir -p "$OUT"
 rm -f "$OUT/$NAME".out*
 taskset -c 0 valgrind --tool=callgrind --callgrind-out-file="$OUT/$NAME.out" "$BIN" serve \
-    --listen 127.0.0.1:8080 > "$OUT/$NAME.log" 2>&1 &
+    --listen 127.0.0.1:$PORT > "$OUT/$NAME.log" 2>&1 &
 VP=$!
 sleep 5
 ( sleep 7; callgrind_control -z "$VP" > /dev/null 2>&1 ) &
-taskset -c 1 "$BENCH" bench --quiet --settle 9 "$@" > "$OUT/$NAME.json"
+taskset -c 1 "$BENCH" bench --quiet --settle 9 --url "http://127.0.0.1:$PORT" "$@" > "$OUT/$NAME.json"
 kill -INT "$VP"
 wait "$VP" || true
 python3 - "$OUT" "$NAME" <<'PY'
