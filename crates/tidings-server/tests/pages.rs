@@ -372,8 +372,25 @@ async fn h2_get(
     cookie: Option<&str>,
     reset_pushes: bool,
 ) -> Fetched {
+    h2_get_with(server, path, push, cookie, reset_pushes, None).await
+}
+
+/// `h2_get`, with the client's SETTINGS_MAX_CONCURRENT_STREAMS (what it lets the server push
+/// at once) when given.
+async fn h2_get_with(
+    server: &TestServer,
+    path: &str,
+    push: bool,
+    cookie: Option<&str>,
+    reset_pushes: bool,
+    max_pushed: Option<u32>,
+) -> Fetched {
     let tcp = TcpStream::connect(server.addr).await.unwrap();
-    let (mut client, conn) = h2::client::Builder::new()
+    let mut builder = h2::client::Builder::new();
+    if let Some(max) = max_pushed {
+        builder.max_concurrent_streams(max);
+    }
+    let (mut client, conn) = builder
         .enable_push(push)
         .handshake::<_, Bytes>(tcp)
         .await
@@ -559,6 +576,36 @@ async fn a_client_that_resets_pushed_streams_still_gets_the_page_and_nothing_lea
         assert_eq!(got.pushed.len(), 3);
     }
     // Every stream and connection gave its place back.
+    eventually("connections and streams closed", async || {
+        server.state.limits.open() == 0
+    })
+    .await;
+}
+
+/// The same client, allowing one pushed stream at a time. The server used to push all three
+/// assets anyway; `h2` held the two over the limit as "pending open", took the client's
+/// reset of them for a frame on an idle stream and closed the connection with a
+/// PROTOCOL_ERROR, cutting the page short — the same failure the test above hit now and
+/// then when its reset arrived just after a pushed head was queued (see `net/http2.rs`
+/// `push`).
+#[tokio::test]
+async fn a_client_that_allows_one_pushed_stream_and_resets_it_still_gets_the_whole_page() {
+    let dir = demo_site();
+    let server = serve(&dir, PushMode::Auto).await;
+    for _ in 0..5 {
+        let got = h2_get_with(&server, "/", true, None, true, Some(1)).await;
+        assert_eq!(got.status, 200);
+        assert_eq!(got.body, PAGE);
+        assert_eq!(got.pushed.len(), 1, "no more pushed than the client allows");
+    }
+    // Nothing pushed over the limit is recorded as pushed either.
+    let got = h2_get_with(&server, "/", true, None, false, Some(1)).await;
+    assert_eq!(got.pushed.len(), 1);
+    let cookie = got.headers["set-cookie"].to_str().unwrap();
+    let cookie = cookie.split(';').next().unwrap().to_owned();
+    let again = h2_get_with(&server, "/", true, Some(&cookie), false, Some(1)).await;
+    assert_eq!(again.pushed.len(), 1, "the next view pushes the next asset");
+    assert_ne!(again.pushed[0].0, got.pushed[0].0);
     eventually("connections and streams closed", async || {
         server.state.limits.open() == 0
     })

@@ -24,8 +24,10 @@
 //! are polled by that task (a `FuturesUnordered`), so dropping the task — the kill token's
 //! grace, or the end of the connection — drops every stream with it: nothing a client opened
 //! or a push started can outlive its connection. A pushed stream the client resets ends at
-//! once (its reset is watched like a request's). WebSockets over extended CONNECT run as one
-//! of these stream futures, on a `Tunnel` over the stream's two halves.
+//! once (its reset is watched like a request's). The pushed streams a connection has open
+//! are counted in one atomic its streams share (`PushRoom`; one task, so `Relaxed`).
+//! WebSockets over extended CONNECT run as one of these stream futures, on a `Tunnel` over
+//! the stream's two halves.
 //!
 //! Push (`push::Preload`): only to a client whose SETTINGS allowed it (`push_request` fails
 //! otherwise and nothing is pushed), only the candidates the application chose (within the
@@ -36,6 +38,7 @@ use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime};
 
@@ -93,13 +96,18 @@ where
     let idle_sleep = tokio::time::sleep(idle);
     tokio::pin!(idle_sleep);
     let mut draining = false;
+    let pushes_open = Arc::new(AtomicUsize::new(0));
     loop {
         tokio::select! {
             accepted = conn.accept() => match accepted {
                 Some(Ok((req, respond))) => {
                     let mut ctx = ctx.clone();
                     ctx.http2 = true;
-                    streams.push(Box::pin(stream(service.clone(), ctx, req, respond)));
+                    let room = PushRoom {
+                        max: conn.max_concurrent_send_streams(),
+                        open: pushes_open.clone(),
+                    };
+                    streams.push(Box::pin(stream(service.clone(), ctx, req, respond, room)));
                 }
                 Some(Err(e)) => {
                     tracing::debug!(peer = %ctx.peer, error = %e, "HTTP/2 connection error");
@@ -147,6 +155,7 @@ async fn stream<S: Service>(
     ctx: ConnectionCtx,
     req: Request<RecvStream>,
     mut respond: SendResponse<Bytes>,
+    room: PushRoom,
 ) {
     // An HTTP/2 stream costs what a connection does: it counts against the same limits
     // while it is open (the connection itself holds one place already).
@@ -209,15 +218,31 @@ async fn stream<S: Service>(
             hints.headers_mut().append(header::LINK, l.clone());
         }
         let _ = respond.send_informational(hints);
+        // Every pushed response is produced *before* its PUSH_PROMISE is queued, and its
+        // head is queued right after the promise, with no await between: see `push`.
+        let promised: Vec<(u32, Request<()>)> = preload
+            .push
+            .iter()
+            .filter_map(|p| Some((p.mark, promise(&uri, &request_headers, &p.path)?)))
+            .take(room.left())
+            .collect();
+        let answers = futures_util::future::join_all(promised.iter().map(|(_, promised)| {
+            let (service, ctx) = (service.clone(), ctx.clone());
+            let req = Request::from_parts(promised.clone().into_parts().0, Body::empty());
+            async move { call(&*service, req, &ctx).await }
+        }))
+        .await;
         let mut pushed = Vec::new();
-        for p in &preload.push {
-            let Some(promised) = promise(&uri, &request_headers, &p.path) else {
-                continue;
-            };
-            match respond.push_request(promised.clone()) {
-                Ok(pushed_respond) => {
-                    pushed.push(p.mark);
-                    pushes.push((promised, pushed_respond));
+        for ((mark, promised), answer) in promised.into_iter().zip(answers) {
+            // Another page on this connection may have pushed meanwhile.
+            if room.left() == 0 {
+                break;
+            }
+            match push(&mut respond, promised, answer) {
+                Ok(out) => {
+                    pushed.push(mark);
+                    let open = room.take();
+                    pushes.extend(out.map(|(out, body)| (out, body, open)));
                 }
                 // The client disabled push, or allows no more streams: nothing more goes.
                 Err(e) => {
@@ -239,24 +264,71 @@ async fn stream<S: Service>(
     let Ok(mut out) = respond.send_response(head(parts), false) else {
         return;
     };
-    let pushed = pushes.into_iter().map(|(promised, mut pushed_respond)| {
-        let service = service.clone();
-        let ctx = ctx.clone();
-        async move {
-            let (parts, ()) = promised.into_parts();
-            let req = Request::from_parts(parts, Body::empty());
-            let res = call(&*service, req, &ctx).await;
-            let (parts, body) = res.into_parts();
-            let empty = body.is_end_stream();
-            if let Ok(mut out) = pushed_respond.send_response(head(parts), empty)
-                && !empty
-            {
-                send_body(&mut out, body).await;
-            }
-        }
-    });
-    futures_util::future::join_all(pushed).await;
+    futures_util::future::join_all(
+        pushes
+            .into_iter()
+            .map(|(mut out, body, _open)| async move { send_body(&mut out, body).await }),
+    )
+    .await;
     send_body(&mut out, body).await;
+}
+
+/// How many more streams this connection may push: the client's
+/// `SETTINGS_MAX_CONCURRENT_STREAMS` less the pushed streams still sending. Over it, `h2`
+/// would queue a pushed stream as "pending open", where the client's reset of it is taken
+/// for a connection error (see `push`); so nothing is pushed over it.
+struct PushRoom {
+    max: usize,
+    open: Arc<AtomicUsize>,
+}
+
+impl PushRoom {
+    fn left(&self) -> usize {
+        self.max.saturating_sub(self.open.load(Ordering::Relaxed))
+    }
+
+    /// One more pushed stream open until the returned guard is dropped.
+    fn take(&self) -> PushOpen {
+        self.open.fetch_add(1, Ordering::Relaxed);
+        PushOpen(self.open.clone())
+    }
+}
+
+struct PushOpen(Arc<AtomicUsize>);
+
+impl Drop for PushOpen {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Promises `promised` on the page's stream and queues `answer`'s head on the pushed stream
+/// at once; the body (if any) is the caller's to send.
+///
+/// Why at once, with the answer ready beforehand: the `h2` crate (0.4.20) puts a pushed
+/// stream whose head is queued *after* its PUSH_PROMISE went out on its "pending open"
+/// queue until the connection's next flush, and a RST_STREAM the client sends for it in
+/// that window (a client that refuses pushes sends one as soon as it reads the promise)
+/// is taken for a frame on an idle stream: a connection error (GOAWAY PROTOCOL_ERROR)
+/// that killed the page's stream too, mid-body. Queued while the promise is still
+/// unsent, the head makes `h2` open the stream as it writes the promise, so a reset for
+/// it is an ordinary stream reset. The connection is polled by this same task, so nothing
+/// is written between the two calls.
+fn push(
+    respond: &mut SendResponse<Bytes>,
+    promised: Request<()>,
+    answer: Response<Body>,
+) -> Result<Option<(SendStream<Bytes>, Body)>, h2::Error> {
+    let mut pushed = respond.push_request(promised)?;
+    let (parts, body) = answer.into_parts();
+    let empty = body.is_end_stream();
+    // A failure here is the client's reset of this pushed stream (or of the page's):
+    // the promise stands, nothing more goes on it.
+    Ok(pushed
+        .send_response(head(parts), empty)
+        .ok()
+        .filter(|_| !empty)
+        .map(|out| (out, body)))
 }
 
 /// The service's answer, a long poll's included.
