@@ -582,12 +582,10 @@ async fn a_client_that_resets_pushed_streams_still_gets_the_page_and_nothing_lea
     .await;
 }
 
-/// The same client, allowing one pushed stream at a time. The server used to push all three
-/// assets anyway; `h2` held the two over the limit as "pending open", took the client's
-/// reset of them for a frame on an idle stream and closed the connection with a
-/// PROTOCOL_ERROR, cutting the page short — the same failure the test above hit now and
-/// then when its reset arrived just after a pushed head was queued (see `net/http2.rs`
-/// `push`).
+/// The same client, allowing one pushed stream at a time. The server used to promise all
+/// three assets anyway: the client refused the two over its limit, their refusal could race
+/// into the connection error the test above hit now and then (see `net/http2.rs` `push`),
+/// and the push cookie listed all three, so the two refused were never pushed again.
 #[tokio::test]
 async fn a_client_that_allows_one_pushed_stream_and_resets_it_still_gets_the_whole_page() {
     let dir = demo_site();
