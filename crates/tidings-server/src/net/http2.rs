@@ -20,6 +20,18 @@
 //! callers do it), `write_timeout` on the socket (`deadline.rs`), and a drain: on shutdown a
 //! GOAWAY, then the open streams end (they say goodbye on `Service::shutdown`).
 //!
+//! The idle close is that same drain, never a drop. A stream's future ends when its last
+//! bytes are *queued* in `h2` (as much as the peer's window and `MAX_SEND_BUFFER` allow),
+//! not when the socket took them; "no stream open" can mean hundreds of KB still to send to
+//! a client that paused reading. So the idle timer sends a GOAWAY and the connection is
+//! polled on until `h2` has sent what it holds and closes: a client that reads on gets every
+//! byte, and one that does not is closed by the existing bounds — no write progress for
+//! `write_timeout`, or a keepalive ping unanswered for `ping_interval` (`h2` itself waits
+//! for the ack of the ping it sends with the GOAWAY without a limit) — so a peer that asked
+//! something and then went silent now costs up to 2 × `ping_interval` after the idle close
+//! rather than none. One that never opened a stream has nothing queued and is closed at the
+//! idle timer, as before (a bare preface stays bounded by `request_header_timeout`).
+//!
 //! Concurrency: one task per connection, as before. The connection and all of its streams
 //! are polled by that task (a `FuturesUnordered`), so dropping the task — the kill token's
 //! grace, or the end of the connection — drops every stream with it: nothing a client opened
@@ -96,11 +108,15 @@ where
     let idle_sleep = tokio::time::sleep(idle);
     tokio::pin!(idle_sleep);
     let mut draining = false;
+    // Whether a stream was ever opened: until then nothing but SETTINGS and acks can be
+    // queued, and an idle close needs no drain.
+    let mut served = false;
     let pushes_open = Arc::new(AtomicUsize::new(0));
     loop {
         tokio::select! {
             accepted = conn.accept() => match accepted {
                 Some(Ok((req, respond))) => {
+                    served = true;
                     let mut ctx = ctx.clone();
                     ctx.http2 = true;
                     let room = PushRoom {
@@ -121,18 +137,34 @@ where
                 }
             }
             // A connection with no stream open is waiting for a request: it gets what an
-            // HTTP/1.1 connection gets between requests, then it is closed.
-            () = &mut idle_sleep, if streams.is_empty() => break,
+            // HTTP/1.1 connection gets between requests, then it is closed the way a drain
+            // closes it, not dropped with its streams' last bytes still queued in `h2`
+            // (see the module's notes). One that never opened a stream (a preface, then
+            // silence) has nothing to lose and is dropped at once.
+            () = &mut idle_sleep, if streams.is_empty() && !draining => {
+                if !served {
+                    break;
+                }
+                go_away(&mut conn, &mut draining);
+            }
             () = &mut keepalive => {
                 tracing::debug!(peer = %ctx.peer, "HTTP/2 peer stopped answering pings");
                 break;
             }
-            () = service.shutdown().cancelled(), if !draining => {
-                draining = true;
-                conn.graceful_shutdown();
-            }
+            () = service.shutdown().cancelled(), if !draining => go_away(&mut conn, &mut draining),
         }
     }
+}
+
+/// Starts the graceful close (GOAWAY, then the connection ends once its open streams have
+/// ended and what they queued is sent): on shutdown and when the connection goes idle.
+fn go_away<IO, B>(conn: &mut h2::server::Connection<IO, B>, draining: &mut bool)
+where
+    IO: AsyncRead + AsyncWrite + Unpin,
+    B: Buf,
+{
+    *draining = true;
+    conn.graceful_shutdown();
 }
 
 /// Resolves when a ping goes unanswered for `interval` (never when pings are unavailable).
