@@ -80,10 +80,34 @@ where
 /// does), and a message some subscribers cannot parse is as good as lost.
 pub const MAX_JSON_DEPTH: usize = 128;
 
-/// Whether brackets nest at most `max` deep (strings skipped). Runs on validated JSON.
-fn depth_within(json: &[u8], max: usize) -> bool {
-    let (mut depth, mut in_string, mut escaped) = (0usize, false, false);
-    for &b in json {
+/// What one pass over JSON text finds for the checks below: every publish's data goes through
+/// all three, so they share one scan (strings skipped, escapes followed) and at most one full
+/// parse, which only the rare suspect inputs need.
+struct Scan {
+    /// The deepest nesting of brackets outside strings.
+    depth: usize,
+    /// A `\u` escape of a UTF-16 surrogate (`\uD800`–`\uDFFF`) somewhere.
+    surrogate_escape: bool,
+    /// A number with an exponent, or 300 digits in a row: it may be beyond a double.
+    suspect_number: bool,
+}
+
+fn scan(json: &[u8]) -> Scan {
+    let mut out = Scan {
+        depth: 0,
+        surrogate_escape: false,
+        suspect_number: false,
+    };
+    let (mut depth, mut in_string, mut escaped, mut digits, mut prev) =
+        (0usize, false, false, 0usize, 0u8);
+    for (i, &b) in json.iter().enumerate() {
+        if b == b'\\'
+            && !out.surrogate_escape
+            && let [b'u', d, n, ..] = json[i + 1..]
+        {
+            out.surrogate_escape =
+                matches!(d, b'd' | b'D') && matches!(n, b'8'..=b'9' | b'a'..=b'f' | b'A'..=b'F');
+        }
         if in_string {
             match (escaped, b) {
                 (true, _) => escaped = false,
@@ -97,60 +121,70 @@ fn depth_within(json: &[u8], max: usize) -> bool {
             b'"' => in_string = true,
             b'[' | b'{' => {
                 depth += 1;
-                if depth > max {
-                    return false;
-                }
+                out.depth = out.depth.max(depth);
             }
             b']' | b'}' => depth = depth.saturating_sub(1),
             _ => {}
         }
+        match b {
+            b'0'..=b'9' => digits += 1,
+            b'e' | b'E' if prev.is_ascii_digit() => out.suspect_number = true,
+            b'"' => {}
+            _ => digits = 0,
+        }
+        if digits >= 300 {
+            out.suspect_number = true;
+        }
+        prev = b;
     }
-    true
+    out
+}
+
+/// Whether strict parsers read the text: the one full parse the suspect cases need.
+fn strictly_parses(json: &[u8]) -> bool {
+    serde_json::from_slice::<serde_json::Value>(json).is_ok()
+}
+
+/// Why JSON `what` ("the body", "data") is refused, checked in this order: a lone surrogate
+/// escape, a number beyond a double, nesting deeper than `MAX_JSON_DEPTH`. `None` if none.
+fn json_fault(json: &[u8], what: &str) -> Option<ApiError> {
+    let found = scan(json);
+    let parses = (found.surrogate_escape || found.suspect_number).then(|| strictly_parses(json));
+    if found.surrogate_escape && parses == Some(false) {
+        return Some(lone_surrogate());
+    }
+    if found.suspect_number && parses == Some(false) {
+        return Some(number_out_of_range());
+    }
+    if found.depth > MAX_JSON_DEPTH {
+        return Some(ApiError::bad_request(
+            "invalid_json",
+            format!("{what} nested deeper than {MAX_JSON_DEPTH} levels is refused"),
+        ));
+    }
+    None
+}
+
+/// Whether brackets nest at most `max` deep (strings skipped).
+#[cfg(test)]
+fn depth_within(json: &[u8], max: usize) -> bool {
+    scan(json).depth <= max
 }
 
 /// Whether the JSON's `\u` escapes are well paired. `RawValue` checks syntax only and lets a
 /// lone surrogate (`"\ud800"`) through; strict parsers (serde_json among them) then refuse the
-/// whole message, so it would reach some subscribers and not others. The full parse runs only
-/// when a surrogate escape is present at all, which is rare.
+/// whole message, so it would reach some subscribers and not others.
+#[cfg(test)]
 fn surrogates_paired(json: &[u8]) -> bool {
-    let has_surrogate_escape = json.windows(4).any(|w| {
-        w[0] == b'\\'
-            && w[1] == b'u'
-            && (w[2] == b'd' || w[2] == b'D')
-            && matches!(w[3], b'8'..=b'9' | b'a'..=b'f' | b'A'..=b'F')
-    });
-    !has_surrogate_escape || serde_json::from_slice::<serde_json::Value>(json).is_ok()
+    !scan(json).surrogate_escape || strictly_parses(json)
 }
 
 /// Whether every number fits a double. `RawValue` checks syntax only and lets `1e400` (or an
 /// integer of 309 digits) through; strict parsers (serde_json among them) refuse the whole
-/// message, others read infinity. The full parse runs only when a number has an exponent or
-/// 300 digits in a row, which is rare.
+/// message, others read infinity.
+#[cfg(test)]
 fn numbers_in_range(json: &[u8]) -> bool {
-    let (mut in_string, mut escaped, mut digits, mut prev) = (false, false, 0usize, 0u8);
-    let mut suspect = false;
-    for &b in json {
-        if in_string {
-            match (escaped, b) {
-                (true, _) => escaped = false,
-                (false, b'\\') => escaped = true,
-                (false, b'"') => in_string = false,
-                _ => {}
-            }
-            continue;
-        }
-        match b {
-            b'"' => in_string = true,
-            b'0'..=b'9' => digits += 1,
-            b'e' | b'E' if prev.is_ascii_digit() => suspect = true,
-            _ => digits = 0,
-        }
-        if suspect || digits >= 300 {
-            return serde_json::from_slice::<serde_json::Value>(json).is_ok();
-        }
-        prev = b;
-    }
-    true
+    !scan(json).suspect_number || strictly_parses(json)
 }
 
 fn number_out_of_range() -> ApiError {
@@ -169,17 +203,8 @@ fn lone_surrogate() -> ApiError {
 
 /// Validates JSON text and returns the value without surrounding whitespace.
 fn json_data(body: Bytes) -> Result<Data, ApiError> {
-    if !surrogates_paired(&body) {
-        return Err(lone_surrogate());
-    }
-    if !numbers_in_range(&body) {
-        return Err(number_out_of_range());
-    }
-    if !depth_within(&body, MAX_JSON_DEPTH) {
-        return Err(ApiError::bad_request(
-            "invalid_json",
-            format!("JSON nested deeper than {MAX_JSON_DEPTH} levels is refused"),
-        ));
+    if let Some(fault) = json_fault(&body, "JSON") {
+        return Err(fault);
     }
     if let Err(e) = serde_json::from_slice::<&RawValue>(&body) {
         return Err(ApiError::bad_request(
@@ -447,15 +472,12 @@ pub(crate) fn validate_within(
     let channel = ChannelName::new(channel)?;
     let event = event.map(EventName::new).transpose()?;
     let data = match encoding {
-        None if !surrogates_paired(data.get().as_bytes()) => return Err(lone_surrogate()),
-        None if !numbers_in_range(data.get().as_bytes()) => return Err(number_out_of_range()),
-        None if !depth_within(data.get().as_bytes(), MAX_JSON_DEPTH) => {
-            return Err(ApiError::bad_request(
-                "invalid_json",
-                format!("data nested deeper than {MAX_JSON_DEPTH} levels is refused"),
-            ));
+        None => {
+            if let Some(fault) = json_fault(data.get().as_bytes(), "data") {
+                return Err(fault);
+            }
+            Data::Json(Bytes::copy_from_slice(data.get().as_bytes()))
         }
-        None => Data::Json(Bytes::copy_from_slice(data.get().as_bytes())),
         Some("base64") => {
             let s: String = serde_json::from_str(data.get()).map_err(|_| {
                 ApiError::bad_request(
