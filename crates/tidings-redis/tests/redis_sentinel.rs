@@ -91,6 +91,28 @@ impl Deployment {
     }
 }
 
+/// Waits until Sentinel has swapped the two roles.
+async fn failover_completed(old_primary: &RedisServer, replica: &RedisServer) {
+    tidings_testkit::eventually(
+        "sentinel completes the failover",
+        FAILOVER_WITHIN,
+        Duration::from_millis(100),
+        async || {
+            replica.command("ROLE").contains("master")
+                && old_primary.command("ROLE").contains("slave")
+        },
+    )
+    .await;
+}
+
+/// Whether `server` holds offset 2 of channel `news` under `prefix` (where a write landed).
+fn holds_offset_2(server: &RedisServer, prefix: &str) -> bool {
+    let key = format!("{prefix}:{{news}}:m");
+    server
+        .command(&format!("HGET {key} o"))
+        .contains("\r\n2\r\n")
+}
+
 async fn node(url: &str, prefix: &str) -> (Arc<Node>, Arc<RedisBroker>) {
     let hub = Arc::new(Hub::new());
     let broker = RedisBroker::connect(RedisOptions::from_url(url, prefix), hub.clone(), policies())
@@ -243,24 +265,12 @@ async fn a_failover_ordered_by_hand_moves_the_node_to_the_new_primary_while_the_
     );
     // The node drops its sessions (they resume from their cursors) and moves over.
     assert_eq!(ended(&mut sub).await, DisconnectReason::BrokerUnavailable);
-    tidings_testkit::eventually(
-        "sentinel completes the failover",
-        FAILOVER_WITHIN,
-        Duration::from_millis(100),
-        async || {
-            d.replica.command("ROLE").contains("master")
-                && d.primary.command("ROLE").contains("slave")
-        },
-    )
-    .await;
+    failover_completed(&d.primary, &d.replica).await;
     let second = published_once_up(&a, &c).await;
     assert_eq!((&second.epoch, second.offset), (&first.epoch, 2));
     // The write went to the new primary (the old one, now a replica, would refuse it).
-    let key = format!("{prefix}:{{news}}:m");
     assert!(
-        d.replica
-            .command(&format!("HGET {key} o"))
-            .contains("\r\n2\r\n"),
+        holds_offset_2(&d.replica, &prefix),
         "the new primary holds offset 2"
     );
 }
@@ -474,23 +484,11 @@ async fn a_sentinel_still_naming_the_old_primary_is_outvoted_by_the_newer_epoch_
             .starts_with("+OK")
     );
     assert_eq!(ended(&mut sub).await, DisconnectReason::BrokerUnavailable);
-    tidings_testkit::eventually(
-        "sentinel completes the failover",
-        FAILOVER_WITHIN,
-        Duration::from_millis(100),
-        async || {
-            q.replica.command("ROLE").contains("master")
-                && q.primary.command("ROLE").contains("slave")
-        },
-    )
-    .await;
+    failover_completed(&q.primary, &q.replica).await;
     let second = published_once_up(&a, &c).await;
     assert_eq!((&second.epoch, second.offset), (&first.epoch, 2));
-    let key = format!("{prefix}:{{news}}:m");
     assert!(
-        q.replica
-            .command(&format!("HGET {key} o"))
-            .contains("\r\n2\r\n"),
+        holds_offset_2(&q.replica, &prefix),
         "the write went to the new primary"
     );
     // The premise: the first sentinel of the URL still names the old primary.
