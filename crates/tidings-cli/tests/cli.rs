@@ -398,7 +398,7 @@ async fn subscribe_moves_to_the_next_node_url_and_resumes_from_its_cursor(transp
     args.extend(transport_args(transport));
     let mut sub = subscriber(&args);
     sub.wait_for_lines(3).await;
-    first.cut();
+    first.stop();
     published.extend(publish_numbered(&server, 4..=6).await);
     let lines = sub.finish_ok().await;
     assert_envelopes(&lines, &published);
@@ -476,6 +476,8 @@ struct ProxyShared {
     generation: Mutex<CancellationToken>,
     /// `false` while cut: new connections are accepted but held, unforwarded, until `restore`.
     up: watch::Sender<bool>,
+    /// Set by `stop`: every connection is closed as soon as it is accepted.
+    gone: std::sync::atomic::AtomicBool,
     connections: AtomicUsize,
 }
 
@@ -487,12 +489,17 @@ impl Proxy {
             upstream: server_url.strip_prefix("http://").unwrap().to_owned(),
             generation: Mutex::new(CancellationToken::new()),
             up: watch::channel(true).0,
+            gone: std::sync::atomic::AtomicBool::new(false),
             connections: AtomicUsize::new(0),
         });
         let task = tokio::spawn({
             let shared = shared.clone();
             async move {
                 while let Ok((client, _)) = listener.accept().await {
+                    if shared.gone.load(Ordering::SeqCst) {
+                        drop(client);
+                        continue;
+                    }
                     let cut = shared.generation.lock().unwrap().clone();
                     tokio::spawn(forward(client, shared.clone(), cut));
                 }
@@ -505,6 +512,16 @@ impl Proxy {
     fn cut(&self) {
         self.shared.up.send_replace(false);
         std::mem::take(&mut *self.shared.generation.lock().unwrap()).cancel();
+    }
+
+    /// The node goes away for good: every open connection is closed and every new one is closed
+    /// as soon as it is accepted, as a stopped server's would be refused. (`cut` holds new
+    /// connections instead, which is a hung node: a client's retry on the same URL, such as
+    /// hyper's replay of a request on a pooled connection that was closed under it, would then
+    /// wait for its whole request timeout.)
+    fn stop(&self) {
+        self.shared.gone.store(true, Ordering::SeqCst);
+        self.cut();
     }
 
     fn restore(&self) {
