@@ -402,3 +402,164 @@ async fn a_websocket_upgraded_through_hyper_is_counted_as_an_open_connection_unt
     })
     .await;
 }
+
+/// Sends `request` on `s` and reads exactly one answer with a `content-length`.
+async fn one_answer(s: &mut TcpStream, request: &[u8]) -> String {
+    s.write_all(request).await.unwrap();
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    tokio::time::timeout(TIMEOUT, async {
+        loop {
+            if let Some(end) = out.windows(4).position(|w| w == b"\r\n\r\n") {
+                let head = String::from_utf8_lossy(&out[..end]).to_ascii_lowercase();
+                let len: usize = head
+                    .lines()
+                    .find_map(|l| l.strip_prefix("content-length:"))
+                    .and_then(|v| v.trim().parse().ok())
+                    .unwrap_or(0);
+                if out.len() >= end + 4 + len {
+                    assert_eq!(out.len(), end + 4 + len, "one answer, nothing after it");
+                    return;
+                }
+            }
+            let n = s.read(&mut buf).await.unwrap();
+            assert!(
+                n > 0,
+                "closed early after:\n{}",
+                String::from_utf8_lossy(&out)
+            );
+            out.extend_from_slice(&buf[..n]);
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("timed out:\n{}", String::from_utf8_lossy(&out)));
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn publish_request(channel: &str, headers: &[u8], body: &str) -> Vec<u8> {
+    let mut out = format!("POST /publish/{channel} HTTP/1.1\r\nhost: x\r\n").into_bytes();
+    out.extend_from_slice(headers);
+    out.extend_from_slice(format!("content-length: {}\r\n\r\n{body}", body.len()).as_bytes());
+    out
+}
+
+#[tokio::test]
+async fn a_publish_reads_its_headers_from_the_head_in_any_case_and_nothing_carries_over_to_the_next_request()
+ {
+    let server = TestServer::spawn().await;
+    let mut s = kept_alive(&server).await;
+    // The content type in capitals still makes the body JSON.
+    let out = one_answer(
+        &mut s,
+        &publish_request("heads", b"CONTENT-TYPE: Application/JSON\r\n", "{\"a\":1}"),
+    )
+    .await;
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+    // A key, then no key: the second publish is a new message, not the first one replayed.
+    let keyed = publish_request("heads", b"Idempotency-Key: k-1\r\n", "one");
+    let out = one_answer(&mut s, &keyed).await;
+    assert!(out.contains("\"offset\":2"), "{out}");
+    let out = one_answer(&mut s, &publish_request("heads", b"", "two")).await;
+    assert!(out.contains("\"offset\":3"), "{out}");
+    assert!(!out.contains("idempotent-replayed"), "{out}");
+    let out = one_answer(&mut s, &keyed).await;
+    assert!(out.contains("\"offset\":2"), "{out}");
+    assert!(out.contains("idempotent-replayed: true"), "{out}");
+    // Two keys in two cases are a repeat; a key with a byte that is not ASCII is refused.
+    let out = one_answer(
+        &mut s,
+        &publish_request(
+            "heads",
+            b"idempotency-key: a\r\nIDEMPOTENCY-KEY: b\r\n",
+            "x",
+        ),
+    )
+    .await;
+    assert!(out.starts_with("HTTP/1.1 400"), "{out}");
+    assert!(out.contains("give one Idempotency-Key header"), "{out}");
+    let out = one_answer(
+        &mut s,
+        &publish_request("heads", b"idempotency-key: caf\xc3\xa9\r\n", "x"),
+    )
+    .await;
+    assert!(out.starts_with("HTTP/1.1 400"), "{out}");
+    assert!(out.contains("the Idempotency-Key is not ASCII"), "{out}");
+    // A content type that is not text is no content type at all, as `HeaderValue::to_str`
+    // has it: the body is text.
+    let out = one_answer(
+        &mut s,
+        &publish_request("heads", b"content-type: application/j\xc3\xa9son\r\n", "{"),
+    )
+    .await;
+    assert!(out.contains("\"offset\":4"), "{out}");
+    let (_, history) = server.get_json("/api/channels/heads/history").await;
+    let data: Vec<&serde_json::Value> = history["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| &m["data"])
+        .collect();
+    assert_eq!(
+        data,
+        [
+            &serde_json::json!({"a": 1}),
+            &serde_json::json!("one"),
+            &serde_json::json!("two"),
+            &serde_json::json!("{"),
+        ]
+    );
+}
+
+#[tokio::test]
+async fn a_poll_reads_its_cursor_and_wait_from_the_head_and_the_next_poll_on_the_socket_does_not() {
+    let server = TestServer::spawn().await;
+    let first = server.publish("heads", serde_json::json!(1)).await;
+    server.publish("heads", serde_json::json!(2)).await;
+    let cursor = first["cursor"].as_str().unwrap().to_string();
+    let mut s = kept_alive(&server).await;
+    // `Last-Event-ID` in capitals, and `Prefer` given twice: the wait is in the second line.
+    let request = format!(
+        "GET /poll/heads HTTP/1.1\r\nhost: x\r\nLAST-EVENT-ID: {cursor}\r\nprefer: respond-async\r\nPrefer: wait=5\r\n\r\n"
+    );
+    let out = one_answer(&mut s, request.as_bytes()).await;
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+    assert!(out.contains("preference-applied: wait=5"), "{out}");
+    let body: serde_json::Value =
+        serde_json::from_str(&out[out.find("\r\n\r\n").unwrap() + 4..]).unwrap();
+    assert_eq!(body["messages"].as_array().unwrap().len(), 1, "{body}");
+    assert_eq!(body["messages"][0]["data"], 2, "{body}");
+    // The same socket, no cursor and no wait: a short poll from now, empty and at once.
+    let out = one_answer(&mut s, b"GET /poll/heads HTTP/1.1\r\nhost: x\r\n\r\n").await;
+    assert!(!out.contains("preference-applied"), "{out}");
+    assert!(out.contains("\"messages\":[]"), "{out}");
+    // A cursor that is not text is no cursor (as before): the history parameter decides.
+    let out = one_answer(
+        &mut s,
+        b"GET /poll/heads?history=1 HTTP/1.1\r\nhost: x\r\nlast-event-id: \xff\xfe\r\n\r\n",
+    )
+    .await;
+    assert!(out.contains("\"data\":2"), "{out}");
+    assert!(!out.contains("\"data\":1"), "{out}");
+}
+
+#[tokio::test]
+async fn requests_the_lean_request_does_not_hold_are_answered_as_before() {
+    let server = TestServer::spawn().await;
+    let mut s = kept_alive(&server).await;
+    // Over 32 header lines: a full request, published all the same.
+    let many: String = (0..40).map(|i| format!("x-h{i}: {i}\r\n")).collect();
+    let request = publish_request("full", many.as_bytes(), "many headers");
+    let out = one_answer(&mut s, &request).await;
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+    // A target with characters the lean request leaves to `http`: the same answers as ever.
+    let out = one_answer(&mut s, b"GET /poll/full?x={} HTTP/1.1\r\nhost: x\r\n\r\n").await;
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+    let out = one_answer(&mut s, b"GET /poll/a%20b HTTP/1.1\r\nhost: x\r\n\r\n").await;
+    assert!(out.starts_with("HTTP/1.1 400"), "{out}");
+    assert!(out.contains("invalid_channel"), "{out}");
+    // A fragment is dropped, as `http` drops it.
+    let out = one_answer(&mut s, b"GET /poll/full#frag HTTP/1.1\r\nhost: x\r\n\r\n").await;
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+    let (_, history) = server.get_json("/api/channels/full/history").await;
+    assert_eq!(history["messages"][0]["data"], "many headers", "{history}");
+}

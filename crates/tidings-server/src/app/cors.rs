@@ -19,6 +19,7 @@ use axum::http::{HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 
 use crate::app::error::ApiError;
+use crate::net::Headers;
 use crate::state::AppState;
 
 const ALLOW_METHODS: &str = "GET, POST, OPTIONS";
@@ -44,17 +45,17 @@ pub fn allowed(state: &AppState, origin: &str, host: Option<&str>) -> bool {
 /// are set by the browser alone — a page cannot forge them — so a request with neither is not
 /// from a browser page, and a cookie-authenticated state change then is refused
 /// (`app::publish`). An unparseable `Origin`, or `null`, is not allowed.
-pub fn same_site_request(state: &AppState, headers: &axum::http::HeaderMap) -> bool {
-    let origin_ok = headers.get(header::ORIGIN).is_some_and(|origin| {
-        origin.to_str().is_ok_and(|origin| {
-            let host = headers.get(header::HOST).and_then(|h| h.to_str().ok());
+pub fn same_site_request<H: Headers + ?Sized>(state: &AppState, headers: &H) -> bool {
+    let origin_ok = headers.text("origin").is_some_and(|origin| {
+        origin.is_ok_and(|origin| {
+            let host = headers.text("host").and_then(Result::ok);
             origin != "null" && allowed_origin(state, origin, host)
         })
     });
     origin_ok
         || headers
-            .get("sec-fetch-site")
-            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"same-origin"))
+            .first("sec-fetch-site")
+            .is_some_and(|v| v.eq_ignore_ascii_case(b"same-origin"))
 }
 
 /// An allowed origin for a state change: the list (`"*"` included) or the server's own;

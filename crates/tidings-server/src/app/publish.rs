@@ -20,8 +20,8 @@ use tidings_core::{
 
 use crate::app::error::ApiError;
 use crate::auth::Principal;
-use crate::net::ConnectionCtx;
 use crate::net::reply::{Reply, ReplyBody, Text};
+use crate::net::{ConnectionCtx, Headers};
 use crate::state::AppState;
 
 /// A batch body may hold this many messages' worth of `max_message_bytes`.
@@ -224,19 +224,16 @@ fn json_data(body: Bytes) -> Result<Data, ApiError> {
 }
 
 /// SPEC §10: the content type decides what kind of data the body is.
-pub(crate) fn data_from(headers: &HeaderMap, body: Bytes) -> Result<Data, ApiError> {
-    let ct = headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .map(|v| {
-            let t = v.split(';').next().unwrap_or("").trim();
-            // Lowercased only when it must be: a copy per publish otherwise.
-            if t.bytes().any(|b| b.is_ascii_uppercase()) {
-                std::borrow::Cow::Owned(t.to_ascii_lowercase())
-            } else {
-                std::borrow::Cow::Borrowed(t)
-            }
-        });
+pub(crate) fn data_from<H: Headers + ?Sized>(headers: &H, body: Bytes) -> Result<Data, ApiError> {
+    let ct = headers.text("content-type").and_then(Result::ok).map(|v| {
+        let t = v.split(';').next().unwrap_or("").trim();
+        // Lowercased only when it must be: a copy per publish otherwise.
+        if t.bytes().any(|b| b.is_ascii_uppercase()) {
+            std::borrow::Cow::Owned(t.to_ascii_lowercase())
+        } else {
+            std::borrow::Cow::Borrowed(t)
+        }
+    });
     match ct.as_deref() {
         Some("application/json") => json_data(body),
         Some(t) if t.ends_with("+json") => json_data(body),
@@ -285,8 +282,8 @@ pub(crate) fn idempotency_key(key: &str) -> Result<IdempotencyKey, ApiError> {
         .map_err(|e| ApiError::bad_request("invalid_idempotency_key", e.to_string()))
 }
 
-fn header_key(headers: &HeaderMap) -> Result<Option<IdempotencyKey>, ApiError> {
-    let mut values = headers.get_all(IDEMPOTENCY_KEY).iter();
+fn header_key<H: Headers + ?Sized>(headers: &H) -> Result<Option<IdempotencyKey>, ApiError> {
+    let mut values = headers.all(IDEMPOTENCY_KEY);
     let Some(value) = values.next() else {
         return Ok(None);
     };
@@ -296,7 +293,7 @@ fn header_key(headers: &HeaderMap) -> Result<Option<IdempotencyKey>, ApiError> {
             "give one Idempotency-Key header, not several",
         ));
     }
-    let text = value.to_str().map_err(|_| {
+    let text = crate::net::request::text(value).map_err(|_| {
         ApiError::bad_request(
             "invalid_idempotency_key",
             "the Idempotency-Key is not ASCII",
@@ -345,16 +342,50 @@ pub async fn publish_body(
     headers: &HeaderMap,
     body: Body,
 ) -> Result<Reply, ApiError> {
+    let (channel, event, key) = checked(state, conn, channel, query, headers)?;
+    let body = read_body(state, body, state.config().server.max_message_bytes).await?;
+    let data = data_from(headers, body)?;
+    let published = publish_keyed(state, &channel, event, data, key).await?;
+    Ok(single_reply(&published))
+}
+
+/// `publish_body` for a body already read whole (the lean path's, `net::request`): the same
+/// checks in the same order, and the same 413 past `max_message_bytes`. The data is a copy,
+/// so history keeps none of the request's buffer.
+pub async fn publish_bytes<H: Headers + Sync + ?Sized>(
+    state: &AppState,
+    conn: Option<&ConnectionCtx>,
+    channel: &str,
+    query: Option<&str>,
+    headers: &H,
+    body: &[u8],
+) -> Result<Reply, ApiError> {
+    let (channel, event, key) = checked(state, conn, channel, query, headers)?;
+    let limit = state.config().server.max_message_bytes;
+    if body.len() > limit {
+        return Err(ApiError::too_large(limit));
+    }
+    let data = data_from(headers, Bytes::copy_from_slice(body))?;
+    let published = publish_keyed(state, &channel, event, data, key).await?;
+    Ok(single_reply(&published))
+}
+
+/// What a publish checks before its body: the channel's name, who asks and whether they
+/// may, the `event` parameter and the `Idempotency-Key`.
+fn checked<H: Headers + ?Sized>(
+    state: &AppState,
+    conn: Option<&ConnectionCtx>,
+    channel: &str,
+    query: Option<&str>,
+    headers: &H,
+) -> Result<(ChannelName, Option<EventName>, Option<IdempotencyKey>), ApiError> {
     let channel = ChannelName::new(channel)?;
     let who = gate(state, conn, headers, query)?;
     let policy = state.node.policies.for_channel(&channel);
     state.auth().check_publish(&who, &channel, &policy)?;
     let event = event_from_query(query)?;
     let key = header_key(headers)?;
-    let body = read_body(state, body, state.config().server.max_message_bytes).await?;
-    let data = data_from(headers, body)?;
-    let published = publish_keyed(state, &channel, event, data, key).await?;
-    Ok(single_reply(&published))
+    Ok((channel, event, key))
 }
 
 /// The reply to one publish; a replayed key says so in a header (the body is the first
@@ -369,26 +400,24 @@ fn single_reply(p: &Published) -> Reply {
 
 /// `position_json` written straight to bytes (same fields, same order) for the hot
 /// single-message publish: no `Value` tree, no map. Every field is already JSON-safe: channel
-/// names, epochs and cursors are drawn from URL-safe ASCII. A lean reply (`net::reply`):
-/// the text is the one allocation besides the answer's head.
+/// names, epochs and cursors are drawn from URL-safe ASCII. A lean reply (`net::reply`): the
+/// text is kept in the reply when it is short (most are), so it costs no allocation.
 fn position_reply(m: &Message) -> Reply {
-    let cursor = m.cursor();
-    let mut out = BytesMut::with_capacity(
-        96 + m.channel.as_str().len() + m.epoch.as_str().len() + cursor.len(),
-    );
-    let mut number = itoa::Buffer::new();
-    out.extend_from_slice(b"{\"channel\":\"");
-    out.extend_from_slice(m.channel.as_str().as_bytes());
-    out.extend_from_slice(b"\",\"offset\":");
-    out.extend_from_slice(number.format(m.offset).as_bytes());
-    out.extend_from_slice(b",\"epoch\":\"");
-    out.extend_from_slice(m.epoch.as_str().as_bytes());
-    out.extend_from_slice(b"\",\"cursor\":\"");
-    out.extend_from_slice(cursor);
-    out.extend_from_slice(b"\",\"time\":");
-    out.extend_from_slice(number.format(m.time).as_bytes());
-    out.extend_from_slice(b"}");
-    Reply::new(StatusCode::OK, "application/json", ReplyBody::Owned(out))
+    let (mut offset, mut time) = (itoa::Buffer::new(), itoa::Buffer::new());
+    let body = ReplyBody::joined(&[
+        b"{\"channel\":\"",
+        m.channel.as_str().as_bytes(),
+        b"\",\"offset\":",
+        offset.format(m.offset).as_bytes(),
+        b",\"epoch\":\"",
+        m.epoch.as_str().as_bytes(),
+        b"\",\"cursor\":\"",
+        m.cursor(),
+        b"\",\"time\":",
+        time.format(m.time).as_bytes(),
+        b"}",
+    ]);
+    Reply::new(StatusCode::OK, "application/json", body)
 }
 
 pub(crate) async fn publish(
@@ -670,10 +699,10 @@ pub(crate) fn parse_document(
 /// Authenticates a publishing request and spends one unit of the client's publish rate (per
 /// token subject, else per IP address; API keys, being backends, are exempt): 401/400 for
 /// credentials, 429 for the rate.
-fn gate(
+fn gate<H: Headers + ?Sized>(
     state: &AppState,
     conn: Option<&ConnectionCtx>,
-    headers: &HeaderMap,
+    headers: &H,
     query: Option<&str>,
 ) -> Result<Principal, ApiError> {
     // Open mode has no credentials to tell a backend by, so the HTTP publish API is taken to

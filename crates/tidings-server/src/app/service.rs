@@ -24,7 +24,7 @@ use crate::app::error::ApiError;
 use crate::app::routes::{self, Direct, DirectRoutes};
 use crate::app::{cors, publish};
 use crate::net::limits::ConnectionLimits;
-use crate::net::{Answer, ConnectionCtx, Handled, Settings};
+use crate::net::{Answer, ConnectionCtx, Handled, Headers, LeanRequest, Settings};
 use crate::state::AppState;
 use crate::transport::short_poll::Polled;
 use crate::transport::{http_stream, long_poll, short_poll, sse};
@@ -63,6 +63,49 @@ impl App {
                 finish.access = Some(claim);
                 Handled::Later(finish)
             }
+        }
+    }
+
+    /// A request the lean HTTP/1.1 path parsed (`net::request`). A publish or a poll with
+    /// no `Origin` and no access log to write is answered from the request's slices: no
+    /// `Request`, no `HeaderMap`, no boxed body. Everything else — CORS, the access log, any
+    /// other route — goes the full way, as it did before.
+    pub async fn handle_lean(&self, req: LeanRequest<'_>, conn: &ConnectionCtx) -> Handled<Finish> {
+        if self.state.access_log.is_none()
+            && !req.has("origin")
+            && let Some((to, channel)) = self.direct.find(req.method(), req.path())
+            && matches!(
+                (to, channel),
+                (Direct::Publish, Some(_)) | (Direct::Poll, _)
+            )
+        {
+            let (state, query) = (&self.state, req.query());
+            let answered = match (to, channel) {
+                (Direct::Publish, Some(c)) => {
+                    publish::publish_bytes(state, Some(conn), c, query, &req, req.body())
+                        .await
+                        .map(|reply| Polled::Now(reply.into()))
+                }
+                (_, c) => short_poll::poll(state, c, query, &req).await,
+            };
+            return match answered {
+                Ok(Polled::Now(answer)) => Handled::Ready(answer),
+                Ok(Polled::Later(wait)) => Handled::Later(Finish {
+                    wait,
+                    cors: None,
+                    access: None,
+                }),
+                Err(e) => Handled::Ready(e.into_response().into()),
+            };
+        }
+        match req.to_full() {
+            Some(full) => self.handle(full, conn).await,
+            // `h1` keeps lean only what `http` takes; answered as `h1` refuses anything else.
+            None => Handled::Ready(
+                ApiError::bad_request("bad_request", "the request is not valid HTTP/1.1")
+                    .into_response()
+                    .into(),
+            ),
         }
     }
 
@@ -251,6 +294,14 @@ impl crate::net::Service for App {
         conn: &ConnectionCtx,
     ) -> impl Future<Output = Handled<Finish>> + Send {
         self.handle(req, conn)
+    }
+
+    fn call_lean<'a>(
+        &'a self,
+        req: LeanRequest<'a>,
+        conn: &'a ConnectionCtx,
+    ) -> impl Future<Output = Handled<Finish>> + Send + 'a {
+        self.handle_lean(req, conn)
     }
 
     fn settings(&self) -> Settings {

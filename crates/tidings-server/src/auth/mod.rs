@@ -27,12 +27,13 @@
 pub mod grants;
 pub mod jwt;
 
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::http::StatusCode;
 use subtle::ConstantTimeEq;
 use tidings_core::{ChannelName, ChannelPolicy, ClientInfo, PublishPolicy, SubscribePolicy};
 
 use crate::app::error::ApiError;
 use crate::config::{AuthConfig, ConfigError};
+use crate::net::Headers;
 use jwt::{Claims, JwtVerifier};
 
 /// Channels of this namespace carry the server's own stats; with auth, API keys only.
@@ -184,9 +185,9 @@ impl Auth {
     }
 
     /// Reads and verifies the request's credentials, if any.
-    pub fn authenticate(
+    pub fn authenticate<H: Headers + ?Sized>(
         &self,
-        headers: &HeaderMap,
+        headers: &H,
         query: Option<&str>,
     ) -> Result<Principal, ApiError> {
         if !self.enabled {
@@ -299,14 +300,12 @@ impl Auth {
 /// Whether the request's credentials are the `tidings_token` cookie (no `Authorization`
 /// header, no `token` query parameter): the one form a browser sends on its own, so the
 /// one a cross-site page can borrow.
-pub fn cookie_only(headers: &HeaderMap, query: Option<&str>) -> bool {
-    if headers.contains_key(header::AUTHORIZATION)
-        || crate::query::pairs(query).any(|(k, _)| k == "token")
-    {
+pub fn cookie_only<H: Headers + ?Sized>(headers: &H, query: Option<&str>) -> bool {
+    if headers.has("authorization") || crate::query::pairs(query).any(|(k, _)| k == "token") {
         return false;
     }
-    headers.get_all(header::COOKIE).iter().any(|cookies| {
-        cookies.to_str().is_ok_and(|c| {
+    headers.all("cookie").any(|cookies| {
+        crate::net::request::text(cookies).is_ok_and(|c| {
             c.split(';').any(|pair| {
                 pair.trim()
                     .split_once('=')
@@ -318,7 +317,10 @@ pub fn cookie_only(headers: &HeaderMap, query: Option<&str>) -> bool {
 
 /// The bearer token from the header, the `token` query parameter or the cookie, in that
 /// order. `Err` (400) when something is there but not in a form we read.
-fn credentials(headers: &HeaderMap, query: Option<&str>) -> Result<Option<String>, ApiError> {
+fn credentials<H: Headers + ?Sized>(
+    headers: &H,
+    query: Option<&str>,
+) -> Result<Option<String>, ApiError> {
     let malformed = |what: &str| {
         ApiError::bad_request(
             "invalid_credentials",
@@ -327,10 +329,8 @@ fn credentials(headers: &HeaderMap, query: Option<&str>) -> Result<Option<String
     };
     let valid =
         |t: &str| !t.is_empty() && t.len() <= 8192 && t.bytes().all(|b| b.is_ascii_graphic());
-    if let Some(value) = headers.get(header::AUTHORIZATION) {
-        let value = value
-            .to_str()
-            .map_err(|_| malformed("the Authorization header is not ASCII"))?;
+    if let Some(value) = headers.text("authorization") {
+        let value = value.map_err(|_| malformed("the Authorization header is not ASCII"))?;
         let token = value
             .strip_prefix("Bearer ")
             .or_else(|| value.strip_prefix("bearer "))
@@ -353,8 +353,8 @@ fn credentials(headers: &HeaderMap, query: Option<&str>) -> Result<Option<String
             return Ok(Some(v.into_owned()));
         }
     }
-    for cookies in headers.get_all(header::COOKIE) {
-        let Ok(cookies) = cookies.to_str() else {
+    for cookies in headers.all("cookie") {
+        let Ok(cookies) = crate::net::request::text(cookies) else {
             continue;
         };
         for pair in cookies.split(';') {
@@ -376,6 +376,7 @@ fn credentials(headers: &HeaderMap, query: Option<&str>) -> Result<Option<String
 mod tests {
     use super::*;
     use crate::config::Secret;
+    use axum::http::HeaderMap;
 
     fn auth() -> Auth {
         Auth::from_config(&AuthConfig {

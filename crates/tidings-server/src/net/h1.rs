@@ -44,7 +44,9 @@ use tokio::time::Instant;
 use tokio_rustls::server::TlsStream;
 use tokio_util::sync::CancellationToken;
 
+use crate::net::pool;
 use crate::net::reply::Reply;
+use crate::net::request::{self, LeanHead, LeanRequest, MAX_LEAN, Span};
 use crate::net::upgrade::{Pending, Upgradable};
 use crate::net::{Answer, ConnectionCtx, Handled, Service};
 
@@ -88,6 +90,12 @@ enum Head {
         head_only: bool,
         /// The declared body length; the body follows the head in the buffer.
         body: usize,
+    },
+    /// A plain request (`net::request`): parsed, nothing consumed; its body follows the head.
+    Lean {
+        head: LeanHead,
+        keep_alive: bool,
+        head_only: bool,
     },
     Handoff,
     Refuse(StatusCode, &'static str, &'static str),
@@ -166,6 +174,8 @@ impl<Svc: Service> Lean<'_, Svc> {
                 Ok(answer) => answer,
                 Err(outcome) => return outcome,
             };
+            // The request is consumed: an empty read buffer goes back before anything waits.
+            pool::give_read(&mut buf);
             let mut exchange = match answer {
                 Ready::Now(exchange) => exchange,
                 Ready::Later {
@@ -191,6 +201,7 @@ impl<Svc: Service> Lean<'_, Svc> {
                 &mut buf,
             )
             .await;
+            pool::give_write(&mut exchange.head);
             drop(exchange);
             if written.is_err() || !keep_alive || self.shutdown.is_cancelled() {
                 let _ = stream.shutdown().await;
@@ -216,6 +227,27 @@ impl<Svc: Service> Lean<'_, Svc> {
                 head_only,
                 body,
             } => (req, keep_alive, head_only, body),
+            Head::Lean {
+                head,
+                keep_alive,
+                head_only,
+            } => {
+                // The request borrows the read buffer until the service is done with it; only
+                // then are its bytes consumed (the buffer is the connection's, `net::pool`).
+                let total = head.len + head.body;
+                self.read_until(stream, buf, total).await?;
+                let req = LeanRequest::new(&buf[..], &head);
+                let handled = self.service.call_lean(req, self.ctx).await;
+                buf.advance(total);
+                return Ok(match handled {
+                    Handled::Ready(res) => Ready::Now(Exchange::of(res, keep_alive, head_only)),
+                    Handled::Later(later) => Ready::Later {
+                        later,
+                        keep_alive,
+                        head_only,
+                    },
+                });
+            }
             Head::Handoff => return Err(Outcome::Handoff(buf.split().freeze())),
             Head::Refuse(status, code, message) => {
                 let _ = refuse(stream, status, code, message).await;
@@ -245,6 +277,19 @@ impl<Svc: Service> Lean<'_, Svc> {
         buf: &mut BytesMut,
         len: usize,
     ) -> Result<Bytes, Outcome> {
+        self.read_until(stream, buf, len).await?;
+        let body = buf.split_to(len).freeze();
+        compact(buf);
+        Ok(body)
+    }
+
+    /// Reads until `buf` holds `len` bytes (a head and its body), under the body deadline.
+    async fn read_until<S: Socket>(
+        &self,
+        stream: &mut S,
+        buf: &mut BytesMut,
+        len: usize,
+    ) -> Result<(), Outcome> {
         let deadline = Instant::now() + self.body_timeout;
         while buf.len() < len {
             match tokio::time::timeout_at(deadline, read_more(stream, buf, len - buf.len())).await {
@@ -263,9 +308,7 @@ impl<Svc: Service> Lean<'_, Svc> {
                 }
             }
         }
-        let body = buf.split_to(len).freeze();
-        compact(buf);
-        Ok(body)
+        Ok(())
     }
 
     /// One deadline, from the moment the server starts waiting (after the accept, or after
@@ -329,7 +372,7 @@ impl Socket for TcpStream {
             let mut chunk = [std::mem::MaybeUninit::<u8>::uninit(); 4096];
             let mut read = ReadBuf::uninit(&mut chunk[..room.min(4096)]);
             std::task::ready!(Pin::new(self).poll_read(cx, &mut read))?;
-            buf.extend_from_slice(read.filled());
+            keep(buf, read.filled());
             return Poll::Ready(Ok(read.filled().len()));
         }
         loop {
@@ -358,7 +401,7 @@ impl Socket for Box<TlsStream<crate::net::deadline::Conn>> {
             let mut chunk = [std::mem::MaybeUninit::<u8>::uninit(); 4096];
             let mut read = ReadBuf::uninit(&mut chunk[..room.min(4096)]);
             std::task::ready!(Pin::new(&mut **self).poll_read(cx, &mut read))?;
-            buf.extend_from_slice(read.filled());
+            keep(buf, read.filled());
             return Poll::Ready(Ok(read.filled().len()));
         }
         let start = buf.len();
@@ -369,6 +412,14 @@ impl Socket for Box<TlsStream<crate::net::deadline::Conn>> {
         buf.truncate(start + n);
         polled.map_ok(|()| n)
     }
+}
+
+/// Appends bytes read through the stack to `buf`, which takes a pooled buffer if it has none.
+fn keep(buf: &mut BytesMut, data: &[u8]) {
+    if buf.capacity() == 0 && !data.is_empty() {
+        *buf = pool::read_buffer();
+    }
+    buf.extend_from_slice(data);
 }
 
 pub async fn read_more<S: Socket>(
@@ -465,6 +516,23 @@ fn parse(buf: &mut BytesMut) -> Option<Head> {
     let Some((ps, pe)) = span(path.as_bytes()) else {
         return Some(bad_request());
     };
+    let head_only = method == Method::HEAD;
+    let body = body.unwrap_or(0);
+    if let Some(head) = lean(
+        buf,
+        method.clone(),
+        (ps, pe),
+        &spans[..n],
+        len,
+        body,
+        websocket,
+    ) {
+        return Some(Head::Lean {
+            head,
+            keep_alive,
+            head_only,
+        });
+    }
     // One shared buffer for the head and what follows it (a body): the header values, the
     // URI and the body are slices of it, with no copy of the head (an allocation) and one
     // promotion to shared for all of them.
@@ -483,7 +551,6 @@ fn parse(buf: &mut BytesMut) -> Option<Head> {
     let Ok(uri) = http::Uri::from_maybe_shared(slice((ps, pe))) else {
         return Some(unsplit(buf, &head, bad_request()));
     };
-    let head_only = method == Method::HEAD;
     let mut req = Request::new(Body::empty());
     *req.method_mut() = method;
     *req.uri_mut() = uri;
@@ -492,7 +559,6 @@ fn parse(buf: &mut BytesMut) -> Option<Head> {
         req.extensions_mut().insert(Upgradable);
     }
     // A body is read next and `read_body` compacts after it: copying it here would be twice.
-    let body = body.unwrap_or(0);
     if body == 0 {
         compact(buf);
     }
@@ -501,6 +567,46 @@ fn parse(buf: &mut BytesMut) -> Option<Head> {
         keep_alive,
         head_only,
         body,
+    })
+}
+
+/// A plain head (`net::request`) as a `LeanHead`, or `None` for one that must be a full
+/// `Request`: a target, a header name or value `http` might refuse or rewrite, or more
+/// header lines than a lean request holds.
+fn lean(
+    buf: &[u8],
+    method: Method,
+    target: (u32, u32),
+    spans: &[(u32, u32, u32, u32)],
+    len: usize,
+    body: usize,
+    upgradable: bool,
+) -> Option<LeanHead> {
+    if spans.len() > MAX_LEAN {
+        return None;
+    }
+    let at = |(s, e): (u32, u32)| buf.get(s as usize..e as usize).unwrap_or_default();
+    let query_at = request::plain_target(at(target)).ok()?;
+    let mut headers = [Span::default(); MAX_LEAN];
+    let short = |n: u32| u16::try_from(n).ok();
+    for (slot, &(ns, ne, vs, ve)) in headers.iter_mut().zip(spans) {
+        if !request::plain_name(at((ns, ne))) || !request::plain_value(at((vs, ve))) {
+            return None;
+        }
+        *slot = Span {
+            name: (short(ns)?, short(ne)?),
+            value: (short(vs)?, short(ve)?),
+        };
+    }
+    Some(LeanHead {
+        method,
+        target,
+        query_at: query_at.map(|q| target.0 + q as u32),
+        headers,
+        count: spans.len(),
+        len,
+        body,
+        upgradable,
     })
 }
 
@@ -566,6 +672,33 @@ pub fn fuzz_parse(input: &[u8]) -> (FuzzHead, Vec<u8>) {
         Some(Head::Handoff) => FuzzHead::Handoff,
         Some(Head::Refuse(status, _, _)) => FuzzHead::Refuse(status.as_u16()),
         Some(Head::Closed) => FuzzHead::Refuse(0),
+        Some(Head::Lean {
+            head,
+            keep_alive,
+            head_only,
+        }) => {
+            let req = LeanRequest::new(&buf[..], &head).to_full();
+            // What the lean path consumes once the request is answered: its head (the body
+            // is counted in `body`, as a full request's is).
+            buf.advance(head.len);
+            match req {
+                Some(req) => FuzzHead::Request {
+                    rest: buf.to_vec(),
+                    body: head.body,
+                    method: req.method().to_string(),
+                    uri: req.uri().to_string(),
+                    headers: req
+                        .headers()
+                        .iter()
+                        .map(|(k, v)| (k.to_string(), v.as_bytes().to_vec()))
+                        .collect(),
+                    keep_alive,
+                    head_only,
+                },
+                // A lean head is one `http` takes: the fuzz target says otherwise if not.
+                None => FuzzHead::Refuse(0),
+            }
+        }
         Some(Head::Request {
             req,
             keep_alive,
@@ -711,7 +844,7 @@ fn response_head(
         Framing::Length(n) => usize::try_from(n).unwrap_or(COALESCE).min(COALESCE),
         _ => 0,
     };
-    let mut out = Vec::with_capacity(512 + body_room);
+    let mut out = pool::write_buffer(512 + body_room);
     out.extend_from_slice(b"HTTP/1.1 ");
     out.extend_from_slice(status.as_str().as_bytes());
     out.push(b' ');
@@ -758,7 +891,7 @@ fn reply_head(reply: &Reply, keep_alive: bool, head_only: bool) -> Vec<u8> {
     } else {
         &reply.body[..]
     };
-    let mut out = Vec::with_capacity(128 + reply.headers_len() + body.len());
+    let mut out = pool::write_buffer(128 + reply.headers_len() + body.len());
     out.extend_from_slice(b"HTTP/1.1 ");
     out.extend_from_slice(status.as_str().as_bytes());
     out.push(b' ');
@@ -840,7 +973,7 @@ pub(crate) async fn write_body<S: Socket>(
                     // A large body (a page of replay) goes out as it is, not copied.
                     if !out.is_empty() {
                         stream.write_all(out).await?;
-                        *out = Vec::new();
+                        pool::give_write(out);
                     }
                     stream.write_all(&data).await?;
                 }
@@ -857,7 +990,7 @@ pub(crate) async fn write_body<S: Socket>(
             // the first event; its buffer is freed before the stream parks.
             stream.write_all(out).await?;
             stream.flush().await?;
-            *out = Vec::new();
+            pool::give_write(out);
             loop {
                 let data = next_data(body, stream, &mut watch).await?;
                 // The last chunk is the empty one: `0\r\n\r\n`.

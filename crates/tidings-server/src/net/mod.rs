@@ -19,6 +19,9 @@
 //! ## What the layer gives the service, and takes from it
 //! - in: a `Request<Body>` whose extensions may carry [`upgrade::Upgradable`] (this
 //!   connection can hand its socket to a session), plus the connection's [`ConnectionCtx`];
+//!   or, from the lean HTTP/1.1 path, a [`LeanRequest`] (`request.rs`: slices of the read
+//!   buffer, no `HeaderMap`), which the service reads through [`Headers`] or turns into the
+//!   same `Request<Body>`;
 //! - out: a response or a lean [`Reply`] (`reply.rs`: the hot routes' answers, written by
 //!   `h1` without a `Response`), or [`Handled::Later`] (answered when its future resolves, while the
 //!   lean path watches the socket for the client hanging up); an answer whose extensions
@@ -31,8 +34,10 @@ pub mod h1;
 pub mod http2;
 pub mod limits;
 pub mod listener;
+pub mod pool;
 pub mod push;
 pub mod reply;
+pub mod request;
 pub mod upgrade;
 pub mod wsframe;
 
@@ -47,6 +52,7 @@ use tokio_util::sync::CancellationToken;
 
 pub use listener::{SHUTDOWN_GRACE, serve};
 pub use reply::{Answer, Reply};
+pub use request::{Headers, LeanRequest};
 
 /// The one interface the protocol layer calls; the application implements it.
 pub trait Service: Send + Sync + 'static {
@@ -59,6 +65,14 @@ pub trait Service: Send + Sync + 'static {
         req: Request<Body>,
         conn: &ConnectionCtx,
     ) -> impl Future<Output = Handled<Self::Later>> + Send;
+
+    /// Answers a plain request the lean HTTP/1.1 path parsed, which borrows the
+    /// connection's read buffer until the answer (or its `Later`) is returned.
+    fn call_lean<'a>(
+        &'a self,
+        req: LeanRequest<'a>,
+        conn: &'a ConnectionCtx,
+    ) -> impl Future<Output = Handled<Self::Later>> + Send + 'a;
 
     /// The connection settings in force (read once per connection).
     fn settings(&self) -> Settings;
@@ -75,7 +89,7 @@ pub trait Service: Send + Sync + 'static {
 }
 
 /// What `Service::call` answers.
-// A `Reply` (about 300 bytes) lives briefly, on its way to being written; boxing it would
+// A `Reply` (about 560 bytes) lives briefly, on its way to being written; boxing it would
 // be the allocation per answer that it exists to save.
 #[allow(clippy::large_enum_variant)]
 pub enum Handled<L> {

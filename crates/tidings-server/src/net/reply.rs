@@ -14,6 +14,9 @@ use bytes::{Bytes, BytesMut};
 use http::{HeaderName, HeaderValue, Response, StatusCode, header};
 
 /// What the service answers with: a full response, or a lean reply.
+// A `Reply` (about 560 bytes with an inline body) lives briefly, on its way to being
+// written; boxing it would be the allocation per answer that it exists to save.
+#[allow(clippy::large_enum_variant)]
 pub enum Answer {
     Response(Response<Body>),
     Reply(Reply),
@@ -99,11 +102,41 @@ impl Text {
     }
 }
 
+// `Inline` is the point: a short body kept in the reply, which lives briefly on its way out.
+#[allow(clippy::large_enum_variant)]
 pub enum ReplyBody {
     /// Shared with other answers (a long poll's reply to one message).
     Shared(Bytes),
     /// This answer's own.
     Owned(BytesMut),
+    /// Short text kept in the reply itself (a publish's answer): written with the head, it
+    /// needs no allocation of its own.
+    Inline([u8; INLINE], u16),
+}
+
+/// The longest body a reply keeps inline.
+pub const INLINE: usize = 256;
+
+impl ReplyBody {
+    /// `parts` one after another: inline when they fit, else in a buffer of their own.
+    pub fn joined(parts: &[&[u8]]) -> Self {
+        let len: usize = parts.iter().map(|p| p.len()).sum();
+        if len <= INLINE {
+            let mut text = [0u8; INLINE];
+            let mut at = 0;
+            for part in parts {
+                text[at..at + part.len()].copy_from_slice(part);
+                at += part.len();
+            }
+            // `len` fits: it is at most `INLINE`.
+            return ReplyBody::Inline(text, len as u16);
+        }
+        let mut out = BytesMut::with_capacity(len);
+        for part in parts {
+            out.extend_from_slice(part);
+        }
+        ReplyBody::Owned(out)
+    }
 }
 
 impl std::ops::Deref for ReplyBody {
@@ -113,6 +146,7 @@ impl std::ops::Deref for ReplyBody {
         match self {
             ReplyBody::Shared(b) => b,
             ReplyBody::Owned(b) => b,
+            ReplyBody::Inline(text, len) => &text[..usize::from(*len)],
         }
     }
 }
@@ -177,6 +211,7 @@ impl Reply {
         let body = match self.body {
             ReplyBody::Shared(b) => b,
             ReplyBody::Owned(b) => b.freeze(),
+            ReplyBody::Inline(text, len) => Bytes::copy_from_slice(&text[..usize::from(len)]),
         };
         let mut res = Response::new(Body::from(body));
         *res.status_mut() = self.status;
@@ -224,5 +259,19 @@ mod tests {
         assert_eq!(h[header::CACHE_CONTROL], "no-cache");
         assert_eq!(h[header::ETAG], "\"abc\"");
         assert_eq!(h["preference-applied"], "wait=30");
+    }
+
+    #[test]
+    fn a_joined_body_is_its_parts_inline_or_not() {
+        let small = ReplyBody::joined(&[b"{\"a\":", b"1", b"}"]);
+        assert!(matches!(small, ReplyBody::Inline(..)));
+        assert_eq!(&small[..], b"{\"a\":1}");
+        let long = vec![b'x'; INLINE];
+        let large = ReplyBody::joined(&[b"\"", &long, b"\""]);
+        assert!(matches!(large, ReplyBody::Owned(_)));
+        assert_eq!(large.len(), INLINE + 2);
+        let exact = ReplyBody::joined(&[&long]);
+        assert!(matches!(exact, ReplyBody::Inline(..)));
+        assert_eq!(&exact[..], &long[..]);
     }
 }

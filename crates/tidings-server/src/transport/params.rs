@@ -4,21 +4,21 @@
 
 use std::time::Duration;
 
-use axum::http::{HeaderMap, header};
 use tidings_core::{ChannelName, Cursor, Start};
 
 use crate::app::error::ApiError;
 use crate::auth::Principal;
 use crate::config::ServerConfig;
+use crate::net::Headers;
 use crate::state::AppState;
 
 /// Authenticates the request and checks every channel's subscribe policy (401/403, see
 /// `auth`). Returns who is subscribing: its token's expiry ends the session, its `sub` is
 /// the presence user.
-pub fn authorize(
+pub fn authorize<H: Headers + ?Sized>(
     state: &AppState,
     p: &SubscribeParams,
-    headers: &HeaderMap,
+    headers: &H,
     query: Option<&str>,
 ) -> Result<Principal, ApiError> {
     // One load of the credentials in force for the whole request (a reload may swap them).
@@ -39,10 +39,10 @@ pub struct SubscribeParams {
 }
 
 /// Parses channels and start position; `wait` only when `allow_wait`.
-pub fn parse(
+pub fn parse<H: Headers + ?Sized>(
     path_channel: Option<&str>,
     query: Option<&str>,
-    headers: &HeaderMap,
+    headers: &H,
     config: &ServerConfig,
     allow_wait: bool,
 ) -> Result<SubscribeParams, ApiError> {
@@ -95,20 +95,20 @@ pub fn parse(
             "name at least one channel: /…/{channel} or ?channel=NAME (repeatable)",
         ));
     }
-    let header_text = |name: &header::HeaderName| {
+    let header_text = |name: &str| {
         headers
-            .get(name)
-            .and_then(|v| v.to_str().ok())
+            .text(name)
+            .and_then(Result::ok)
             .map(str::trim)
             .filter(|v| !v.is_empty())
             .map(str::to_owned)
     };
     let cursor_text = since
         .or(last_event_id)
-        .or_else(|| header_text(&header::HeaderName::from_static("last-event-id")))
+        .or_else(|| header_text("last-event-id"))
         .or_else(|| {
             allow_wait
-                .then(|| header_text(&header::IF_NONE_MATCH))
+                .then(|| header_text("if-none-match"))
                 .flatten()
                 .map(|v| v.trim_start_matches("W/").trim_matches('"').to_owned())
         });
@@ -161,9 +161,14 @@ fn parse_wait(value: &str, config: &ServerConfig) -> Result<Duration, ApiError> 
 }
 
 /// RFC 7240 `Prefer: wait=N`; other preferences are ignored.
-fn prefer_wait(headers: &HeaderMap, config: &ServerConfig) -> Result<Option<Duration>, ApiError> {
-    for value in headers.get_all("prefer") {
-        let Ok(value) = value.to_str() else { continue };
+fn prefer_wait<H: Headers + ?Sized>(
+    headers: &H,
+    config: &ServerConfig,
+) -> Result<Option<Duration>, ApiError> {
+    for value in headers.all("prefer") {
+        let Ok(value) = crate::net::request::text(value) else {
+            continue;
+        };
         for pref in value.split([',', ';']) {
             if let Some((k, v)) = pref.split_once('=')
                 && k.trim().eq_ignore_ascii_case("wait")
@@ -178,6 +183,7 @@ fn prefer_wait(headers: &HeaderMap, config: &ServerConfig) -> Result<Option<Dura
 #[cfg(test)]
 mod tests {
     use super::*;
+    use axum::http::HeaderMap;
 
     fn cfg() -> ServerConfig {
         ServerConfig {

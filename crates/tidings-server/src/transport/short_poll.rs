@@ -20,8 +20,8 @@ use tidings_core::{BrokerError, Disconnect, DisconnectReason, Event, Message, Su
 
 use crate::app::error::ApiError;
 use crate::metrics::SessionGauge;
-use crate::net::Answer;
 use crate::net::reply::{Reply, ReplyBody, Text};
+use crate::net::{Answer, Headers};
 use crate::state::AppState;
 use crate::transport::{TransportKind, frame_slot, long_poll, params};
 
@@ -168,7 +168,7 @@ fn shared_body(m: &Message) -> Bytes {
 }
 
 /// What a poll answers: now, or (a long poll with nothing yet) when its wait ends.
-// A `Reply` (about 300 bytes) lives briefly, on its way to being written; boxing it would
+// A `Reply` (about 560 bytes) lives briefly, on its way to being written; boxing it would
 // be the allocation per answer that it exists to save.
 #[allow(clippy::large_enum_variant)]
 pub enum Polled {
@@ -188,11 +188,11 @@ impl Polled {
 
 /// `GET /poll/{channel}` (`channel`) or `GET /poll?channel=…`, for callers that take a
 /// long poll's wait directly (`app::service`).
-pub async fn poll(
+pub async fn poll<H: Headers + Sync + ?Sized>(
     state: &AppState,
     channel: Option<&str>,
     query: Option<&str>,
-    headers: &HeaderMap,
+    headers: &H,
 ) -> Result<Polled, ApiError> {
     let p = params::parse(channel, query, headers, &state.config().server, true)?;
     params::authorize(state, &p, headers, query)?;
