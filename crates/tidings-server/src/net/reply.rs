@@ -55,19 +55,37 @@ pub enum Text {
     Static(&'static str),
     /// Written between double quotes (an `ETag`).
     Quoted(Bytes),
-    /// Short text built on the stack (`wait=30`).
-    Inline([u8; 32], u8),
+    /// Short text kept in the reply (`wait=30`, a quoted cursor).
+    Inline([u8; INLINE_TEXT], u8),
 }
 
+/// The longest header value a reply keeps inline: a one-channel cursor between quotes fits.
+const INLINE_TEXT: usize = 48;
+
 impl Text {
-    /// `s` on the stack when it fits, else as shared bytes.
+    /// `s` kept in the reply when it fits.
     pub fn inline(s: &[u8]) -> Option<Self> {
-        let mut text = [0u8; 32];
-        let len = u8::try_from(s.len())
-            .ok()
-            .filter(|&n| usize::from(n) <= 32)?;
-        text[..s.len()].copy_from_slice(s);
-        Some(Text::Inline(text, len))
+        Self::inline_parts(&[s])
+    }
+
+    /// `s` between double quotes (an `ETag`), kept in the reply when it fits: a cursor
+    /// shared with a message would otherwise be promoted to shared bytes (an allocation).
+    pub fn quoted_inline(s: &[u8]) -> Option<Self> {
+        Self::inline_parts(&[b"\"", s, b"\""])
+    }
+
+    fn inline_parts(parts: &[&[u8]]) -> Option<Self> {
+        let len: usize = parts.iter().map(|p| p.len()).sum();
+        if len > INLINE_TEXT {
+            return None;
+        }
+        let mut text = [0u8; INLINE_TEXT];
+        let mut at = 0;
+        for part in parts {
+            text[at..at + part.len()].copy_from_slice(part);
+            at += part.len();
+        }
+        Some(Text::Inline(text, u8::try_from(len).ok()?))
     }
 
     fn write(&self, out: &mut Vec<u8>) {
@@ -241,7 +259,10 @@ mod tests {
             ReplyBody::Owned(BytesMut::from(&b"{}"[..])),
         )
         .header("cache-control", Text::Static("no-cache"))
-        .header("etag", Text::Quoted(Bytes::from_static(b"abc")))
+        .header(
+            "etag",
+            Text::quoted_inline(b"abc").unwrap_or(Text::Static("")),
+        )
         .header(
             "preference-applied",
             Text::inline(b"wait=30").unwrap_or(Text::Static("")),

@@ -24,7 +24,7 @@ pub fn authorize<H: Headers + ?Sized>(
     // One load of the credentials in force for the whole request (a reload may swap them).
     let auth = state.auth();
     let who = auth.authenticate(headers, query)?;
-    for channel in &p.channels {
+    for channel in p.channels.iter() {
         let policy = state.node.policies.for_channel(channel);
         auth.check_subscribe(&who, channel, &policy)?;
     }
@@ -32,10 +32,28 @@ pub fn authorize<H: Headers + ?Sized>(
 }
 
 pub struct SubscribeParams {
-    pub channels: Vec<ChannelName>,
+    pub channels: Channels,
     pub start: Start,
     /// Long-poll wait, when asked for (polls only).
     pub wait: Option<Duration>,
+}
+
+/// The channels of a subscription: the one in the path is kept as it is, without a list
+/// (issue 17: a list per poll was an allocation for one name).
+pub enum Channels {
+    One(ChannelName),
+    Many(Vec<ChannelName>),
+}
+
+impl std::ops::Deref for Channels {
+    type Target = [ChannelName];
+
+    fn deref(&self) -> &[ChannelName] {
+        match self {
+            Channels::One(channel) => std::slice::from_ref(channel),
+            Channels::Many(channels) => channels,
+        }
+    }
 }
 
 /// Parses channels and start position; `wait` only when `allow_wait`.
@@ -86,15 +104,17 @@ pub fn parse<H: Headers + ?Sized>(
             _ => {}
         }
     }
-    if let Some(name) = path_channel {
-        channels.push(ChannelName::new(name)?);
-    }
-    if channels.is_empty() {
-        return Err(ApiError::bad_request(
-            "missing_channel",
-            "name at least one channel: /…/{channel} or ?channel=NAME (repeatable)",
-        ));
-    }
+    // A path channel never comes with query channels (refused above).
+    let channels = match path_channel {
+        Some(name) => Channels::One(ChannelName::new(name)?),
+        None if channels.is_empty() => {
+            return Err(ApiError::bad_request(
+                "missing_channel",
+                "name at least one channel: /…/{channel} or ?channel=NAME (repeatable)",
+            ));
+        }
+        None => Channels::Many(channels),
+    };
     let header_text = |name: &str| {
         headers
             .text(name)

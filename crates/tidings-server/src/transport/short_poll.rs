@@ -244,19 +244,24 @@ fn finish(
     if reply.is_empty() && reply.ended == Some(DisconnectReason::BrokerUnavailable) {
         return Err(BrokerError::Unavailable("the broker went away during the poll".into()).into());
     }
-    let (body, cursor) = match reply.shared().filter(|_| goodbye.is_none()) {
+    // The cursor as the ETag: kept in the reply when short (a message's own would otherwise
+    // be promoted to shared bytes for it, an allocation per message).
+    let (body, etag) = match reply.shared().filter(|_| goodbye.is_none()) {
         Some(m) => (
             ReplyBody::Shared(m.cached_frame(frame_slot::POLL_REPLY, shared_body).clone()),
-            m.cursor().clone(),
+            Text::quoted_inline(m.cursor()).unwrap_or_else(|| Text::Quoted(m.cursor().clone())),
         ),
         None => {
-            let cursor = Bytes::from(sub.cursor().encode());
-            (ReplyBody::Owned(reply.into_body(&cursor, goodbye)), cursor)
+            let cursor = sub.cursor().encode();
+            let body = ReplyBody::Owned(reply.into_body(cursor.as_bytes(), goodbye));
+            let etag = Text::quoted_inline(cursor.as_bytes())
+                .unwrap_or_else(|| Text::Quoted(Bytes::from(cursor)));
+            (body, etag)
         }
     };
     let mut out = Reply::new(StatusCode::OK, "application/json", body)
         .header("cache-control", Text::Static("no-cache"))
-        .header("etag", Text::Quoted(cursor));
+        .header("etag", etag);
     if let Some(wait) = wait.and_then(wait_preference) {
         out = out.header("preference-applied", wait);
     }

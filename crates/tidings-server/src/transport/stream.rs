@@ -330,7 +330,7 @@ mod tests {
 
     fn params() -> SubscribeParams {
         SubscribeParams {
-            channels: vec![ChannelName::new("quiet").unwrap()],
+            channels: crate::transport::params::Channels::One(ChannelName::new("quiet").unwrap()),
             start: Start::Now,
             wait: None,
         }
