@@ -74,6 +74,18 @@ impl<S> Deadline<S> {
     }
 }
 
+impl Deadline<tokio::net::TcpStream> {
+    /// A write that never waits: what the kernel takes now, `WouldBlock` when it takes
+    /// nothing. Progress disarms the deadline, as through `poll_write`.
+    pub fn try_write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let wrote = self.inner.try_write(buf);
+        if wrote.is_ok() {
+            self.stalled = None;
+        }
+        wrote
+    }
+}
+
 impl<S: AsyncRead + Unpin> AsyncRead for Deadline<S> {
     fn poll_read(
         mut self: Pin<&mut Self>,

@@ -67,6 +67,15 @@ impl SessionIo {
         }
     }
 
+    /// A write that never waits, where the socket has one (a bare TCP socket); `None`
+    /// elsewhere (TLS, hyper's or HTTP/2's streams): write through `write` there.
+    pub fn try_write(&mut self, data: &[u8]) -> Option<io::Result<usize>> {
+        match self {
+            SessionIo::Tcp(s) => Some(s.try_write(data)),
+            _ => None,
+        }
+    }
+
     pub async fn flush(&mut self) -> io::Result<()> {
         match self {
             SessionIo::Tcp(_) => Ok(()),

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use axum::extract::{Path, RawQuery, State};
 use axum::http::HeaderMap;
 use axum::response::Response;
-use bytes::{BufMut, BytesMut};
+use bytes::{BufMut, Bytes, BytesMut};
 use serde::Serialize;
 use tidings_core::{Disconnect, Gap, Message, PresenceEvent};
 
@@ -45,18 +45,20 @@ impl Framing for NdjsonFraming {
     const KIND: TransportKind = TransportKind::HttpStream;
     const CONTENT_TYPE: &'static str = "application/x-ndjson";
 
-    fn message(&mut self, m: &Arc<Message>, cursor: &[u8], single: bool, out: &mut BytesMut) {
-        if single {
-            out.put_slice(m.cached_frame(frame_slot::NDJSON, |m| {
+    fn shared_frame<'m>(&self, m: &'m Arc<Message>, single: bool) -> Option<&'m Bytes> {
+        single.then(|| {
+            m.cached_frame(frame_slot::NDJSON, |m| {
                 let mut b = BytesMut::new();
                 m.write_envelope(&mut b, m.cursor());
                 b.put_u8(b'\n');
                 b.freeze()
-            }));
-        } else {
-            m.write_envelope(out, cursor);
-            out.put_u8(b'\n');
-        }
+            })
+        })
+    }
+
+    fn own_frame(&mut self, m: &Arc<Message>, cursor: &[u8], out: &mut BytesMut) {
+        m.write_envelope(out, cursor);
+        out.put_u8(b'\n');
     }
 
     fn gap(&mut self, gap: &Gap, cursor: &[u8], out: &mut BytesMut) {

@@ -48,18 +48,22 @@ impl Framing for SseFraming {
         out.put_slice(b"\n\n");
     }
 
-    fn message(&mut self, m: &Arc<Message>, cursor: &[u8], single: bool, out: &mut BytesMut) {
+    fn shared_frame<'m>(&self, m: &'m Arc<Message>, single: bool) -> Option<&'m Bytes> {
         if self.raw {
-            out.put_slice(m.cached_frame(frame_slot::SSE_RAW, raw_frame));
+            Some(m.cached_frame(frame_slot::SSE_RAW, raw_frame))
         } else if single {
-            out.put_slice(m.cached_frame(frame_slot::SSE_ENVELOPE, |m| {
+            Some(m.cached_frame(frame_slot::SSE_ENVELOPE, |m| {
                 let mut b = BytesMut::new();
                 envelope_frame(m, m.cursor(), &mut b);
                 b.freeze()
-            }));
+            }))
         } else {
-            envelope_frame(m, cursor, out);
+            None
         }
+    }
+
+    fn own_frame(&mut self, m: &Arc<Message>, cursor: &[u8], out: &mut BytesMut) {
+        envelope_frame(m, cursor, out);
     }
 
     fn gap(&mut self, gap: &Gap, cursor: &[u8], out: &mut BytesMut) {

@@ -15,7 +15,7 @@ use std::sync::Arc;
 use axum::body::Body;
 use axum::http::{HeaderValue, header};
 use axum::response::Response;
-use bytes::{Bytes, BytesMut};
+use bytes::{BufMut, Bytes, BytesMut};
 use tidings_core::{
     Disconnect, DisconnectReason, Event, Gap, Message, PresenceEvent, Subscription,
 };
@@ -37,7 +37,16 @@ pub trait Framing: Send + 'static {
     fn preamble(&mut self, _out: &mut BytesMut) {}
     /// `single`: the subscription has one channel, so `cursor` is the message's own and a
     /// frame cached on the message can be shared with every other subscriber.
-    fn message(&mut self, m: &Arc<Message>, cursor: &[u8], single: bool, out: &mut BytesMut);
+    fn message(&mut self, m: &Arc<Message>, cursor: &[u8], single: bool, out: &mut BytesMut) {
+        match self.shared_frame(m, single) {
+            Some(frame) => out.put_slice(frame),
+            None => self.own_frame(m, cursor, out),
+        }
+    }
+    /// The message's frame cached on it for every subscriber, where `single` allows one.
+    fn shared_frame<'m>(&self, m: &'m Arc<Message>, single: bool) -> Option<&'m Bytes>;
+    /// The message's frame with this subscription's own `cursor` (several channels).
+    fn own_frame(&mut self, m: &Arc<Message>, cursor: &[u8], out: &mut BytesMut);
     fn gap(&mut self, gap: &Gap, cursor: &[u8], out: &mut BytesMut);
     /// A join or leave; framings without a place for it (raw payloads) write nothing.
     fn presence(&mut self, event: &PresenceEvent, out: &mut BytesMut);
@@ -243,7 +252,9 @@ impl<F: Framing> Writer<F> {
         if !self.started {
             self.started = true;
             self.framing.preamble(&mut self.buf);
-            self.write_ready();
+            if let Some(lone) = self.write_ready() {
+                self.buf.put_slice(&lone);
+            }
             if !self.done {
                 let cursor = self.sub.cursor().encode();
                 self.framing.opened(cursor.as_bytes(), &mut self.buf);
@@ -286,7 +297,11 @@ impl<F: Framing> Writer<F> {
                         self.done = true;
                     }
                 }
-                Wake::Ready => self.write_ready(),
+                Wake::Ready => {
+                    if let Some(lone) = self.write_ready() {
+                        return Some(lone);
+                    }
+                }
                 Wake::Heartbeat => self.framing.heartbeat(&mut self.buf),
             }
         }
@@ -294,23 +309,45 @@ impl<F: Framing> Writer<F> {
     }
 
     /// Frames everything that is ready into `buf`; on overflow, the goodbye and the end.
-    fn write_ready(&mut self) {
+    /// A lone message whose frame is shared by every subscriber comes back as that frame,
+    /// not copied into `buf`: the common case of a fan-out (one message per wake-up) then
+    /// writes the frame every subscriber shares, with no buffer of its own to allocate,
+    /// fill and free per delivery (docs/benchmarks.md, *Saturation*).
+    fn write_ready(&mut self) -> Option<Bytes> {
         let (framing, buf, single, gauge) =
             (&mut self.framing, &mut self.buf, self.single, &self.gauge);
-        let drained = self.sub.drain(|event, cursor| match event {
-            Event::Message(m) => framing.message(m, cursor, single, buf),
-            Event::Gap(g) => {
-                gauge.gap();
-                framing.gap(g, cursor, buf);
+        let mut lone: Option<Bytes> = None;
+        let drained = self.sub.drain(|event, cursor| {
+            // Whatever follows a lone frame goes behind it, in `buf`.
+            if let Some(frame) = lone.take() {
+                buf.put_slice(&frame);
             }
-            Event::Presence(e) => framing.presence(e, buf),
+            match event {
+                Event::Message(m) => match framing.shared_frame(m, single) {
+                    Some(frame) if buf.is_empty() => lone = Some(frame.clone()),
+                    Some(frame) => buf.put_slice(frame),
+                    None => framing.own_frame(m, cursor, buf),
+                },
+                Event::Gap(g) => {
+                    gauge.gap();
+                    framing.gap(g, cursor, buf);
+                }
+                Event::Presence(e) => framing.presence(e, buf),
+            }
         });
         match drained {
-            Ok(n) => self.gauge.delivered(n as u64),
+            Ok(n) => {
+                self.gauge.delivered(n as u64);
+                lone
+            }
             // Slow (counted by the overflow hook), or ended from outside (broker down).
             Err(reason) => {
+                if let Some(frame) = lone {
+                    self.buf.put_slice(&frame);
+                }
                 self.framing.disconnect(reason.into(), &mut self.buf);
                 self.done = true;
+                None
             }
         }
     }

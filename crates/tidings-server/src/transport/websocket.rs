@@ -438,8 +438,10 @@ impl Session {
         // The writes and the goodbyes are boxed: inline, their futures (timers, a select of
         // their own) would be in this one for every parked session.
         loop {
+            // What the socket takes at once goes without `flush`'s machinery.
             if let Next::Continue = next
                 && !self.ws.out.is_empty()
+                && !self.ws.write_now()
             {
                 next = Box::pin(self.flush()).await;
             }
