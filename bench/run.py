@@ -702,14 +702,29 @@ def sweep(args):
             def in_time():
                 return time.time() - started < per_series and time.time() < deadline
 
-            # Up, doubling, until a failure or the cap.
+            # Up, doubling, until a failure or the cap. A server that coalesces (several
+            # queued messages per write) can fail a low rate and pass a higher one: each
+            # message is then a whole fan-out of its own, one write per subscriber. So past
+            # a failure, `--past` more doublings are tried before the series settles; the
+            # report names the failures below the highest pass.
             while in_time() and rate <= SWEEP_MAX_RATE:
                 if cell(rate):
                     best = rate
                     rate *= 2
-                else:
-                    worst = rate
+                    continue
+                worst = rate
+                ahead, passed_ahead = rate * 2, None
+                for _ in range(args.past):
+                    if not in_time() or ahead > SWEEP_MAX_RATE:
+                        break
+                    if cell(ahead):
+                        passed_ahead = ahead
+                        break
+                    ahead *= 2
+                if passed_ahead is None:
                     break
+                # A higher rate passed: go on doubling from there.
+                best, worst, rate = passed_ahead, None, passed_ahead * 2
             # The first cell failed: come down, halving, to find any rate that passes.
             if best is None and worst is not None:
                 rate = worst // 2
@@ -773,6 +788,8 @@ def sweep_report(args):
         best = max(passed, key=lambda r: r["sweep"]["rate"]) if passed else None
         above = [r for r in failed if not best or r["sweep"]["rate"] > best["sweep"]["rate"]]
         first_fail = min(above, key=lambda r: r["sweep"]["rate"]) if above else None
+        below = sorted({r["sweep"]["rate"] for r in failed
+                        if best and r["sweep"]["rate"] < best["sweep"]["rate"]})
         best_of[(tr, n, lim, t)] = best["sweep"]["rate"] if best else None
         loads = [r["sweep"]["load"] for r in rs if r["sweep"].get("load") is not None]
         if best:
@@ -788,6 +805,8 @@ def sweep_report(args):
               + (f" (generator {fmt((first_fail.get('bench') or {}).get('cpu_pct'))} %)"
                  if (first_fail.get("bench") or {}).get("cpu_pct") else "")) if first_fail \
             else "none (cap or time)"
+        if below:
+            ff += f"; failed below it at {', '.join(f'{b:,}' for b in below)}"
         rat = ""
         if t == "nchan":
             a, b = best_of.get((tr, n, lim, "tidings")), best_of.get((tr, n, lim, "nchan"))
@@ -916,6 +935,8 @@ def main():
     w.add_argument("--p99-ms", type=float, default=100,
                    help="latency limit of a passing cell; 0 = none (zero loss alone)")
     w.add_argument("--budget", type=float, default=900, help="seconds for the whole sweep")
+    w.add_argument("--past", type=int, default=2,
+                   help="doublings tried past a failure before a series settles")
     w.add_argument("--results", default="", help=f"default {SWEEP_RESULTS}")
     w = sub.add_parser("sweep-report", help="the table and plot from a sweep sitting")
     w.add_argument("--results", default="")
