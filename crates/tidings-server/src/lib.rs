@@ -47,7 +47,7 @@
 //! - `auth/`: API keys, JWTs, grants; the 400/401/403 mapping.
 //! - `lifecycle`: drain for rolling deploys (SIGTERM) and live reload (SIGHUP).
 //! - `metrics`: Prometheus counters and gauges. `rates`: client rates per identity.
-//! - `tls`: the TLS acceptor built from the config (the handshake is `net::listener`'s).
+//! - `tls`: the TLS settings built from the config (connections run on them in `net::tls`).
 //! - `assets`: the embedded web side (pages, demos, admin console, `/tidings.js`).
 //! - `stats`: the server's own stats, published each second to `admin:stats` for `/admin`.
 //! - `demo`: what `tidings serve --demo` publishes to `demo:` channels.

@@ -10,15 +10,17 @@ use std::sync::Arc;
 use rustls::ServerConfig as RustlsConfig;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-use tokio_rustls::TlsAcceptor;
 
 use crate::config::{Config, ConfigError, parse_listen};
 
 /// Where TLS is served when configured without `tls_listen` (SPEC §12).
 pub const DEFAULT_TLS_LISTEN: &str = "127.0.0.1:8443";
 
-/// The TLS listener's address and acceptor, when the config asks for TLS.
-pub fn from_config(config: &Config) -> Result<Option<(SocketAddr, TlsAcceptor)>, ConfigError> {
+/// The TLS settings the listener is given (`net::tls` runs the connections on them).
+pub use crate::net::tls::Acceptor;
+
+/// The TLS listener's address and settings, when the config asks for TLS.
+pub fn from_config(config: &Config) -> Result<Option<(SocketAddr, Acceptor)>, ConfigError> {
     let s = &config.server;
     let chain = match (&s.tls_cert, &s.tls_key, s.tls_self_signed) {
         (None, None, false) => {
@@ -57,7 +59,7 @@ pub fn from_config(config: &Config) -> Result<Option<(SocketAddr, TlsAcceptor)>,
             ConfigError::Invalid(format!("the TLS certificate and key do not fit: {e}"))
         })?;
     tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-    Ok(Some((addr, TlsAcceptor::from(Arc::new(tls)))))
+    Ok(Some((addr, Arc::new(tls))))
 }
 
 type Chain = (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>);

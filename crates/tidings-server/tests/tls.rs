@@ -276,3 +276,143 @@ fn tls_settings_that_do_not_fit_together_are_refused() {
     let (addr, _) = tidings_server::tls::from_config(&c).unwrap().unwrap();
     assert_eq!(addr.to_string(), "127.0.0.1:8443", "SPEC §12 default");
 }
+
+#[tokio::test]
+async fn a_websocket_over_tls_carries_messages_larger_than_a_tls_record_whole_both_ways() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    let server = tls_server().await;
+    let tls = connect(&server, &[b"http/1.1"]).await;
+    let (mut ws, _) = tokio_tungstenite::client_async("wss://localhost/ws/tls-big", tls)
+        .await
+        .unwrap();
+    // A small message first: the connection has read, answered and gone back to waiting.
+    ws.send(Message::text("small")).await.unwrap();
+    type Wss =
+        tokio_tungstenite::WebSocketStream<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>;
+    async fn next(ws: &mut Wss) -> Message {
+        tokio::time::timeout(common::TIMEOUT, ws.next())
+            .await
+            .expect("a message in time")
+            .expect("the stream is open")
+            .expect("a frame")
+    }
+    assert_eq!(next(&mut ws).await, Message::text("small"));
+    // Published from the backend: ~60 KB, four TLS records' worth.
+    let big: String = (0..60_000)
+        .map(|i| (b'a' + (i % 26) as u8) as char)
+        .collect();
+    let res = reqwest::Client::new()
+        .post(format!("{}/publish/tls-big", server.http_url))
+        .header("content-type", "application/json")
+        .body(serde_json::json!({ "big": big }).to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    let got = next(&mut ws).await;
+    let got: serde_json::Value = serde_json::from_str(got.to_text().unwrap()).unwrap();
+    assert_eq!(got["big"].as_str().map(str::len), Some(big.len()));
+    assert_eq!(got["big"], big.as_str());
+    // From the client: one frame over several records, echoed back whole (one subscriber).
+    let upstream = big.chars().rev().collect::<String>();
+    ws.send(Message::text(upstream.clone())).await.unwrap();
+    assert_eq!(next(&mut ws).await, Message::text(upstream));
+}
+
+/// A socket that hands the kernel one byte per write and lets the runtime run between two,
+/// so the server sees records (the handshake's too) arrive a piece at a time.
+struct Trickle {
+    inner: tokio::net::TcpStream,
+    paused: bool,
+}
+
+impl tokio::io::AsyncRead for Trickle {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for Trickle {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        if !self.paused && !buf.is_empty() {
+            self.paused = true;
+            cx.waker().wake_by_ref();
+            return std::task::Poll::Pending;
+        }
+        self.paused = false;
+        let one = &buf[..buf.len().min(1)];
+        std::pin::Pin::new(&mut self.inner).poll_write(cx, one)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+// Two workers: the server reads on one while the client trickles on the other.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_sending_its_records_one_byte_at_a_time_is_served_and_closed_with_close_notify() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let server = tls_server().await;
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(server.root.clone()).unwrap();
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let tcp = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    tcp.set_nodelay(true).unwrap();
+    let trickle = Trickle {
+        inner: tcp,
+        paused: false,
+    };
+    let mut tls = tokio::time::timeout(
+        common::TIMEOUT,
+        tokio_rustls::TlsConnector::from(Arc::new(config))
+            .connect(ServerName::try_from("localhost").unwrap(), trickle),
+    )
+    .await
+    .expect("the handshake in time")
+    .unwrap();
+    tls.write_all(b"POST /publish/tls-trickle HTTP/1.1\r\nhost: localhost\r\ncontent-type: text/plain\r\ncontent-length: 11\r\n\r\none by one!")
+        .await
+        .unwrap();
+    tls.flush().await.unwrap();
+    let out = read_until(&mut tls, "\"offset\":1", 1).await;
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+    tls.write_all(b"GET /healthz HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    tls.flush().await.unwrap();
+    // The server ends the connection with a close_notify: a clean end of stream, which
+    // rustls tells from a truncation (that would be an `UnexpectedEof` error).
+    let mut rest = Vec::new();
+    tokio::time::timeout(common::TIMEOUT, tls.read_to_end(&mut rest))
+        .await
+        .expect("the server closes in time")
+        .expect("a clean TLS close");
+    let rest = String::from_utf8_lossy(&rest);
+    assert!(rest.starts_with("HTTP/1.1 200"), "{rest}");
+}

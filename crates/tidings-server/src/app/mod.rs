@@ -25,7 +25,6 @@ use std::future::Future;
 use std::sync::Arc;
 
 use tokio::net::TcpListener;
-use tokio_rustls::TlsAcceptor;
 
 use crate::state::AppState;
 
@@ -43,7 +42,7 @@ pub async fn serve(
 pub async fn serve_all(
     state: AppState,
     listener: TcpListener,
-    tls: Option<(TcpListener, TlsAcceptor)>,
+    tls: Option<(TcpListener, crate::net::tls::Acceptor)>,
     shutdown: impl Future<Output = ()>,
 ) -> std::io::Result<()> {
     let app = Arc::new(service::App::new(state.clone()));

@@ -41,7 +41,6 @@ use http_body::Body as _;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
-use tokio_rustls::server::TlsStream;
 use tokio_util::sync::CancellationToken;
 
 use crate::net::pool;
@@ -382,35 +381,6 @@ impl Socket for TcpStream {
                 r => return Poll::Ready(r),
             }
         }
-    }
-}
-
-/// TLS: whether plaintext is waiting is only known by reading. Boxed: the connection's task
-/// then holds a pointer, not rustls' state inline (kept twice, were it moved into a
-/// WebSocket session later).
-impl Socket for Box<TlsStream<crate::net::deadline::Conn>> {
-    fn poll_read_more(
-        &mut self,
-        cx: &mut Context<'_>,
-        buf: &mut BytesMut,
-        room: usize,
-    ) -> Poll<io::Result<usize>> {
-        if buf.capacity() - buf.len() < room {
-            // Through the stack, as on a bare socket: a wakeup that yields no plaintext (a
-            // record not complete yet) must not leave a buffer with a parked connection.
-            let mut chunk = [std::mem::MaybeUninit::<u8>::uninit(); 4096];
-            let mut read = ReadBuf::uninit(&mut chunk[..room.min(4096)]);
-            std::task::ready!(Pin::new(&mut **self).poll_read(cx, &mut read))?;
-            keep(buf, read.filled());
-            return Poll::Ready(Ok(read.filled().len()));
-        }
-        let start = buf.len();
-        buf.resize(start + room, 0);
-        let mut read = ReadBuf::new(&mut buf[start..]);
-        let polled = Pin::new(&mut **self).poll_read(cx, &mut read);
-        let n = read.filled().len();
-        buf.truncate(start + n);
-        polled.map_ok(|()| n)
     }
 }
 

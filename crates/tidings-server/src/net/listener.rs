@@ -28,12 +28,12 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use tokio::net::TcpListener;
-use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::net::h1;
 use crate::net::limits::{ConnectionPermit, Refused};
+use crate::net::tls::Acceptor as TlsAcceptor;
 use crate::net::upgrade::{Pending, SessionIo, Upgradable};
 use crate::net::{ConnectionCtx, Handled, Service};
 
@@ -177,8 +177,8 @@ pub(crate) fn connection<Svc: Service>(
 }
 
 /// A TLS connection after its handshake (boxed: rustls' state is large, and the plaintext
-/// connections are the many).
-type TlsConn = Box<tokio_rustls::server::TlsStream<super::deadline::Conn>>;
+/// connections are the many). Its buffers exist only while bytes are in flight (`tls.rs`).
+type TlsConn = Box<super::tls::TlsStream>;
 
 /// What every connection task shares.
 pub(crate) struct Edge<Svc> {
@@ -282,7 +282,8 @@ impl<Svc: Service> Edge<Svc> {
         // stream comes out boxed for the same reason: held inline it would be a slot of
         // its own in every task.
         let accepted = Box::pin(async move {
-            match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+            let handshake = super::tls::accept(stream, acceptor);
+            match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, handshake).await {
                 Ok(Ok(tls)) => Some(Box::new(tls)),
                 Ok(Err(e)) => {
                     tracing::debug!(%peer, error = %e, "TLS handshake failed");
@@ -296,7 +297,7 @@ impl<Svc: Service> Edge<Svc> {
         })
         .await;
         let mut tls = accepted?;
-        if tls.get_ref().1.alpn_protocol() != Some(b"h2") {
+        if tls.alpn_protocol() != Some(b"h2") {
             return Some((tls, watcher));
         }
         // The preface comes within the request-head deadline, as on the plain port

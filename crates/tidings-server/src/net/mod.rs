@@ -38,6 +38,7 @@ pub mod pool;
 pub mod push;
 pub mod reply;
 pub mod request;
+pub mod tls;
 pub mod upgrade;
 pub mod wsframe;
 

@@ -33,7 +33,7 @@ pub enum SessionIo {
     /// A plaintext connection upgraded by the lean path.
     Tcp(crate::net::deadline::Conn),
     /// A TLS connection upgraded by the lean path (boxed: plaintext sessions are the many).
-    Tls(Box<tokio_rustls::server::TlsStream<crate::net::deadline::Conn>>),
+    Tls(Box<crate::net::tls::TlsStream>),
     /// An upgrade through hyper: a connection hyper owned (HTTP/1.1 handed off).
     Upgraded(TokioIo<hyper::upgrade::Upgraded>),
     /// HTTP/2 extended CONNECT (RFC 8441): a stream of our HTTP/2 driver (`http2`).
