@@ -416,3 +416,43 @@ async fn a_client_sending_its_records_one_byte_at_a_time_is_served_and_closed_wi
     let rest = String::from_utf8_lossy(&rest);
     assert!(rest.starts_with("HTTP/1.1 200"), "{rest}");
 }
+
+#[tokio::test]
+async fn a_client_that_updates_its_keys_mid_connection_keeps_being_answered_under_the_new_ones() {
+    use tokio::io::AsyncWriteExt;
+    let server = tls_server().await;
+    let mut tls = connect(&server, &[b"http/1.1"]).await;
+    tls.write_all(b"GET /healthz HTTP/1.1\r\nhost: localhost\r\n\r\n")
+        .await
+        .unwrap();
+    let out = read_until(&mut tls, "\r\n\r\n", 1).await;
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+    // TLS 1.3 KeyUpdate, asking the server to update its keys too: it has to answer with
+    // its own before anything it encrypts next, or this client cannot read it.
+    tls.get_mut().1.refresh_traffic_keys().unwrap();
+    let body = "k".repeat(40_000);
+    tls.write_all(
+        format!(
+            "POST /publish/tls-rekey HTTP/1.1\r\nhost: localhost\r\ncontent-type: text/plain\r\ncontent-length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    let out = read_until(&mut tls, "\"offset\":1", 1).await;
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+    let client = reqwest::Client::new();
+    let history = client
+        .get(format!(
+            "{}/api/channels/tls-rekey/history",
+            server.http_url
+        ))
+        .send()
+        .await
+        .unwrap()
+        .json::<serde_json::Value>()
+        .await
+        .unwrap();
+    assert_eq!(history["messages"][0]["data"], body.as_str());
+}
