@@ -456,3 +456,62 @@ async fn a_client_that_updates_its_keys_mid_connection_keeps_being_answered_unde
         .unwrap();
     assert_eq!(history["messages"][0]["data"], body.as_str());
 }
+
+/// Reads until the server ends the connection (an end of stream, a reset, or a TLS alert
+/// read as an error); panics if it is still open after `common::TIMEOUT`.
+async fn ends<S: tokio::io::AsyncRead + Unpin>(stream: &mut S, what: &str) {
+    use tokio::io::AsyncReadExt;
+    let mut buf = [0u8; 4096];
+    tokio::time::timeout(common::TIMEOUT, async {
+        loop {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("{what}: the server kept the connection open"));
+}
+
+/// The TLS stream is ours (rustls' unbuffered API under buffers of our own), so what a
+/// hostile peer sends must end its own connection, promptly and with nothing held for it,
+/// and never the server: plaintext on the TLS port, a record header that claims more than
+/// TLS allows (the server must not wait for, or reserve, 64 KiB), and a forged record after
+/// a good handshake (it fails to decrypt).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bytes_that_are_not_tls_an_oversized_record_and_a_forged_one_end_only_their_own_connection()
+{
+    use tokio::io::AsyncWriteExt;
+    let server = tls_server().await;
+
+    let mut plain = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    plain
+        .write_all(b"GET /healthz HTTP/1.1\r\nhost: localhost\r\n\r\n")
+        .await
+        .unwrap();
+    ends(&mut plain, "plaintext on the TLS port").await;
+
+    // A handshake record whose length is 0xFFFF (TLS allows 16 KiB plus expansion), then a
+    // few of its "bytes" and silence.
+    let mut huge = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    huge.write_all(&[0x16, 0x03, 0x01, 0xff, 0xff, 1, 2, 3, 4])
+        .await
+        .unwrap();
+    ends(&mut huge, "an oversized record").await;
+
+    // A good handshake, then an application-data record that no key made.
+    let mut forged = connect(&server, &[b"http/1.1"]).await;
+    let mut record = vec![0x17, 0x03, 0x03, 0x00, 0x40];
+    record.extend((0..0x40u8).map(|i| i.wrapping_mul(37)));
+    forged.get_mut().0.write_all(&record).await.unwrap();
+    ends(&mut forged, "a forged record").await;
+
+    // The server goes on serving, over TLS as before.
+    let mut good = connect(&server, &[b"http/1.1"]).await;
+    good.write_all(b"GET /healthz HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let out = read_until(&mut good, "HTTP/1.1 200", 1).await;
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+}
