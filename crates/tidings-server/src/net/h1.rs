@@ -150,10 +150,17 @@ impl Exchange {
     }
 }
 
-/// What the service answered: a response, or a long poll still waiting for its answer.
-enum Ready<L> {
-    Now(Exchange),
-    Later {
+/// Where a connection goes after a request's boxed part: its next request, a stream to
+/// write, or a long poll to wait for.
+enum Next<L> {
+    Again,
+    /// Shut the socket down and end.
+    Close,
+    Stream {
+        body: Body,
+        keep_alive: bool,
+    },
+    Wait {
         later: L,
         keep_alive: bool,
         head_only: bool,
@@ -163,62 +170,182 @@ enum Ready<L> {
 impl<Svc: Service> Lean<'_, Svc> {
     /// Serves requests on `stream` until it closes or hyper must take over.
     ///
-    /// Memory: this future is what a parked stream costs, so everything that lives only
-    /// until the response head exists (reading and parsing the request, the app's
-    /// future) runs in a boxed future of its own, and what stays is the body and a few words.
+    /// Memory: this future is most of what a parked connection's task costs (the task is
+    /// allocated at its largest state, for the connection's whole life), so it keeps only
+    /// the two states a connection parks in: a stream being written (`Streaming`, a
+    /// hand-made future of a few words) and a long poll's wait. Everything else — reading
+    /// and parsing the request, the service's future, writing an answer that is not a
+    /// stream, a stream's head — runs in one boxed future per request (`exchange`), freed
+    /// before the connection parks.
     pub async fn serve<S: Socket>(&self, stream: &mut S) -> Outcome {
         let mut buf = BytesMut::new();
         loop {
-            let answer = match Box::pin(self.exchange(stream, &mut buf)).await {
-                Ok(answer) => answer,
+            let mut next = match Box::pin(self.exchange(stream, &mut buf)).await {
+                Ok(next) => next,
                 Err(outcome) => return outcome,
             };
             // The request is consumed: an empty read buffer goes back before anything waits.
             pool::give_read(&mut buf);
-            let mut exchange = match answer {
-                Ready::Now(exchange) => exchange,
-                Ready::Later {
-                    later,
-                    keep_alive,
-                    head_only,
-                } => {
-                    let mut watch = Watch::new(&mut buf);
-                    let res = tokio::select! {
-                        res = later => res,
-                        _ = hung_up(stream, &mut watch) => return Outcome::Done,
-                    };
-                    Exchange::of(res, keep_alive, head_only)
-                }
-            };
-            let keep_alive = exchange.keep_alive;
-            let upgrade = exchange.upgrade.take();
-            let written = write_body(
-                stream,
-                &mut exchange.head,
-                exchange.framing,
-                &mut exchange.body,
-                &mut buf,
-            )
-            .await;
-            pool::give_write(&mut exchange.head);
-            drop(exchange);
-            if written.is_err() || !keep_alive || self.shutdown.is_cancelled() {
-                let _ = stream.shutdown().await;
-                return Outcome::Done;
-            }
-            if let Some(session) = upgrade {
-                return Outcome::Upgrade(session, buf.split().freeze());
+            loop {
+                // Each parked state is a future of its own (`stream_out`, `wait_out`), so
+                // what one keeps is not laid out beside what the other does.
+                next = match next {
+                    Next::Again => break,
+                    Next::Close => {
+                        let _ = stream.shutdown().await;
+                        return Outcome::Done;
+                    }
+                    Next::Stream { body, keep_alive } => {
+                        self.stream_out(stream, &mut buf, body, keep_alive).await
+                    }
+                    Next::Wait {
+                        later,
+                        keep_alive,
+                        head_only,
+                    } => {
+                        let later = std::pin::pin!(later);
+                        match self
+                            .wait_out(stream, &mut buf, later, keep_alive, head_only)
+                            .await
+                        {
+                            Ok(next) => next,
+                            Err(outcome) => return outcome,
+                        }
+                    }
+                };
             }
         }
     }
 
-    /// Reads the next request and has the service answer it; `Err` when the connection ends
-    /// here or goes to hyper.
+    /// Writes a stream (its head is out) while the connection parks.
+    async fn stream_out<S: Socket>(
+        &self,
+        stream: &mut S,
+        buf: &mut BytesMut,
+        body: Body,
+        keep_alive: bool,
+    ) -> Next<Svc::Later> {
+        let mut streaming = Streaming::new(body);
+        let mut watch = Watch::new(buf);
+        let written = std::future::poll_fn(|cx| streaming.poll(cx, stream, &mut watch)).await;
+        self.then(written, keep_alive)
+    }
+
+    /// Waits for a long poll's answer, watching for the client hanging up, and writes it.
+    async fn wait_out<S: Socket>(
+        &self,
+        stream: &mut S,
+        buf: &mut BytesMut,
+        mut later: Pin<&mut Svc::Later>,
+        keep_alive: bool,
+        head_only: bool,
+    ) -> Result<Next<Svc::Later>, Outcome> {
+        // In a block of its own: the answer (a `Reply`, ~300 bytes) is not kept while its
+        // bytes are written.
+        let answer = {
+            let mut watch = Watch::new(buf);
+            // Not `select!`: it would keep the wait a second time in its future.
+            let answered = std::future::poll_fn(|cx| {
+                if let Poll::Ready(answer) = later.as_mut().poll(cx) {
+                    return Poll::Ready(Some(answer));
+                }
+                poll_hung_up(cx, stream, &mut watch).map(|_| None)
+            })
+            .await;
+            let Some(answer) = answered else {
+                return Err(Outcome::Done);
+            };
+            let exchange = Exchange::of(answer, keep_alive, head_only);
+            if matches!(exchange.framing, Framing::None) && exchange.upgrade.is_none() {
+                Ok((exchange.head, exchange.keep_alive))
+            } else {
+                Err(exchange)
+            }
+        };
+        match answer {
+            // A lean reply (a long poll's usual answer): head and body are one buffer,
+            // written here without a second box per poll.
+            Ok((mut head, keep_alive)) => {
+                let written = write_all_flush(stream, &head).await;
+                pool::give_write(&mut head);
+                Ok(self.then(written, keep_alive))
+            }
+            Err(exchange) => Box::pin(self.respond(stream, exchange, buf)).await,
+        }
+    }
+
+    /// After an answer written in full: the next request, or close on an error, a `close`
+    /// or shutdown.
+    fn then(&self, written: io::Result<()>, keep_alive: bool) -> Next<Svc::Later> {
+        if written.is_err() || !keep_alive || self.shutdown.is_cancelled() {
+            Next::Close
+        } else {
+            Next::Again
+        }
+    }
+
+    /// What follows a written answer: the connection closes (`Err(Done)`) on an error, a
+    /// `close` or shutdown, or goes to its WebSocket session; `Ok` reads the next request.
+    async fn after<S: Socket>(
+        &self,
+        stream: &mut S,
+        written: io::Result<()>,
+        keep_alive: bool,
+        buf: &mut BytesMut,
+        upgrade: Option<Pending>,
+    ) -> Result<(), Outcome> {
+        if written.is_err() || !keep_alive || self.shutdown.is_cancelled() {
+            let _ = stream.shutdown().await;
+            return Err(Outcome::Done);
+        }
+        if let Some(session) = upgrade {
+            return Err(Outcome::Upgrade(session, buf.split().freeze()));
+        }
+        Ok(())
+    }
+
+    /// Writes an answer, whole unless it is a stream: then only its head, and the stream is
+    /// handed back to be written as the connection parks (`Next::Stream`).
+    async fn respond<S: Socket>(
+        &self,
+        stream: &mut S,
+        mut exchange: Exchange,
+        buf: &mut BytesMut,
+    ) -> Result<Next<Svc::Later>, Outcome> {
+        let keep_alive = exchange.keep_alive;
+        let upgrade = exchange.upgrade.take();
+        if matches!(exchange.framing, Framing::Chunked) {
+            // Streams: the head goes now, so the client sees the response start before the
+            // first event; its buffer is freed before the stream parks.
+            let written = write_all_flush(stream, &exchange.head).await;
+            pool::give_write(&mut exchange.head);
+            let Exchange { body, .. } = exchange;
+            if written.is_ok() && upgrade.is_none() {
+                return Ok(Next::Stream { body, keep_alive });
+            }
+            self.after(stream, written, keep_alive, buf, upgrade)
+                .await?;
+            return Ok(Next::Again);
+        }
+        let length = match exchange.framing {
+            Framing::Length(n) => Some(n),
+            _ => None,
+        };
+        let written = write_body(stream, &mut exchange.head, length, &mut exchange.body, buf).await;
+        pool::give_write(&mut exchange.head);
+        drop(exchange);
+        self.after(stream, written, keep_alive, buf, upgrade)
+            .await?;
+        Ok(Next::Again)
+    }
+
+    /// Reads the next request, has the service answer it and writes the answer unless it
+    /// is to come later; `Err` when the connection ends here or goes on elsewhere.
     async fn exchange<S: Socket>(
         &self,
         stream: &mut S,
         buf: &mut BytesMut,
-    ) -> Result<Ready<Svc::Later>, Outcome> {
+    ) -> Result<Next<Svc::Later>, Outcome> {
         let (mut req, keep_alive, head_only, body) = match self.read_head(stream, buf).await {
             Head::Request {
                 req,
@@ -238,14 +365,17 @@ impl<Svc: Service> Lean<'_, Svc> {
                 let req = LeanRequest::new(&buf[..], &head);
                 let handled = self.service.call_lean(req, self.ctx).await;
                 buf.advance(total);
-                return Ok(match handled {
-                    Handled::Ready(res) => Ready::Now(Exchange::of(res, keep_alive, head_only)),
-                    Handled::Later(later) => Ready::Later {
+                return match handled {
+                    Handled::Ready(res) => {
+                        let exchange = Exchange::of(res, keep_alive, head_only);
+                        self.respond(stream, exchange, buf).await
+                    }
+                    Handled::Later(later) => Ok(Next::Wait {
                         later,
                         keep_alive,
                         head_only,
-                    },
-                });
+                    }),
+                };
             }
             Head::Handoff => return Err(Outcome::Handoff(buf.split().freeze())),
             Head::Refuse(status, code, message) => {
@@ -258,8 +388,11 @@ impl<Svc: Service> Lean<'_, Svc> {
             *req.body_mut() = Body::from(self.read_body(stream, buf, body).await?);
         }
         match self.service.call(req, self.ctx).await {
-            Handled::Ready(res) => Ok(Ready::Now(Exchange::of(res, keep_alive, head_only))),
-            Handled::Later(later) => Ok(Ready::Later {
+            Handled::Ready(res) => {
+                let exchange = Exchange::of(res, keep_alive, head_only);
+                self.respond(stream, exchange, buf).await
+            }
+            Handled::Later(later) => Ok(Next::Wait {
                 later,
                 keep_alive,
                 head_only,
@@ -910,67 +1043,92 @@ fn http_date() -> [u8; 29] {
     })
 }
 
-/// Writes a response. Memory: a streaming response is what a parked connection is doing,
-/// so this future is most of what one costs: its waits are `poll` functions
-/// (`next_data`, `Chunk::poll_write`) that keep no future stack of their own.
+/// Writes a whole answer: its head and a body of known length (`None`: no body). Runs in
+/// the per-request box; a stream is written by `Streaming` instead.
 ///
 /// Takes the head and the body by reference: an `async fn`'s arguments taken by value are
 /// kept twice in its future.
-pub(crate) async fn write_body<S: Socket>(
+async fn write_body<S: Socket>(
     stream: &mut S,
     out: &mut Vec<u8>,
-    framing: Framing,
+    length: Option<u64>,
     body: &mut Body,
     pending: &mut BytesMut,
 ) -> io::Result<()> {
+    let Some(n) = length else {
+        return write_all_flush(stream, out).await;
+    };
     let mut watch = Watch::new(pending);
-    match framing {
-        Framing::None => {
-            stream.write_all(out).await?;
-            stream.flush().await
+    // Small bodies (pages, poll replies, errors) go out with the head in one write.
+    let mut left = n;
+    while let Some(data) = next_data(body, stream, &mut watch).await? {
+        let Some(rest) = left.checked_sub(data.len() as u64) else {
+            return Err(io::Error::other("body longer than its content-length"));
+        };
+        left = rest;
+        if out.len() + data.len() <= COALESCE {
+            out.extend_from_slice(&data);
+        } else {
+            // A large body (a page of replay) goes out as it is, not copied.
+            if !out.is_empty() {
+                stream.write_all(out).await?;
+                pool::give_write(out);
+            }
+            stream.write_all(&data).await?;
         }
-        Framing::Length(n) => {
-            // Small bodies (pages, poll replies, errors) go out with the head in one write.
-            let mut left = n;
-            while let Some(data) = next_data(body, stream, &mut watch).await? {
-                let Some(rest) = left.checked_sub(data.len() as u64) else {
-                    return Err(io::Error::other("body longer than its content-length"));
-                };
-                left = rest;
-                if out.len() + data.len() <= COALESCE {
-                    out.extend_from_slice(&data);
-                } else {
-                    // A large body (a page of replay) goes out as it is, not copied.
-                    if !out.is_empty() {
-                        stream.write_all(out).await?;
-                        pool::give_write(out);
-                    }
-                    stream.write_all(&data).await?;
+    }
+    write_all_flush(stream, out).await?;
+    if left != 0 {
+        return Err(io::Error::other("body shorter than its content-length"));
+    }
+    Ok(())
+}
+
+async fn write_all_flush<S: Socket>(stream: &mut S, bytes: &[u8]) -> io::Result<()> {
+    stream.write_all(bytes).await?;
+    stream.flush().await
+}
+
+/// A chunked response body being written while the connection parks: the state a parked
+/// SSE or NDJSON stream's task keeps, so it is a hand-made future of a few words (the
+/// body, the chunk being written) rather than an `async fn` with its own stack of futures.
+struct Streaming {
+    body: Body,
+    chunk: Option<Chunk>,
+    /// The empty last chunk (`0\r\n\r\n`) is the one being written.
+    last: bool,
+}
+
+impl Streaming {
+    fn new(body: Body) -> Self {
+        Self {
+            body,
+            chunk: None,
+            last: false,
+        }
+    }
+
+    /// `Ready(Ok)` once the last chunk is out; an error when the client is gone or the
+    /// body failed (the connection is then closed without the last chunk, so the client
+    /// can tell the response was cut).
+    fn poll<S: Socket>(
+        &mut self,
+        cx: &mut Context<'_>,
+        stream: &mut S,
+        watch: &mut Watch<'_>,
+    ) -> Poll<io::Result<()>> {
+        loop {
+            if let Some(chunk) = &mut self.chunk {
+                std::task::ready!(chunk.poll_write(cx, stream))?;
+                // Its bytes are freed before the stream parks again.
+                self.chunk = None;
+                if self.last {
+                    return Poll::Ready(Ok(()));
                 }
             }
-            stream.write_all(out).await?;
-            stream.flush().await?;
-            if left != 0 {
-                return Err(io::Error::other("body shorter than its content-length"));
-            }
-            Ok(())
-        }
-        Framing::Chunked => {
-            // Streams: the head goes now, so the client sees the response start before
-            // the first event; its buffer is freed before the stream parks.
-            stream.write_all(out).await?;
-            stream.flush().await?;
-            pool::give_write(out);
-            loop {
-                let data = next_data(body, stream, &mut watch).await?;
-                // The last chunk is the empty one: `0\r\n\r\n`.
-                let last = data.is_none();
-                let mut chunk = Chunk::new(data.unwrap_or_default());
-                std::future::poll_fn(|cx| chunk.poll_write(cx, stream)).await?;
-                if last {
-                    return Ok(());
-                }
-            }
+            let data = std::task::ready!(poll_next_data(cx, &mut self.body, stream, watch))?;
+            self.last = data.is_none();
+            self.chunk = Some(Chunk::new(data.unwrap_or_default()));
         }
     }
 }
@@ -992,36 +1150,35 @@ impl<'a> Watch<'a> {
 /// hanging up. `Ok(None)` at the end of the body; an error when the client is gone or the
 /// body failed (the connection is then closed without the final chunk, so the client can
 /// tell the response was cut).
-pub(crate) fn next_data<'a, S: Socket>(
+fn next_data<'a, S: Socket>(
     body: &'a mut Body,
     stream: &'a mut S,
     watch: &'a mut Watch<'_>,
 ) -> impl Future<Output = io::Result<Option<Bytes>>> + 'a {
-    std::future::poll_fn(move |cx| {
-        loop {
-            // The body first: what it has goes out before a hang-up is noticed.
-            match Pin::new(&mut *body).poll_frame(cx) {
-                Poll::Ready(None) => return Poll::Ready(Ok(None)),
-                Poll::Ready(Some(Err(e))) => return Poll::Ready(Err(io::Error::other(e))),
-                Poll::Ready(Some(Ok(frame))) => {
-                    if let Ok(data) = frame.into_data()
-                        && !data.is_empty()
-                    {
-                        return Poll::Ready(Ok(Some(data)));
-                    }
-                }
-                Poll::Pending => return poll_hung_up(cx, stream, watch).map(Err),
-            }
-        }
-    })
+    std::future::poll_fn(move |cx| poll_next_data(cx, body, stream, watch))
 }
 
-/// Resolves when the client hangs up or the socket fails.
-pub(crate) fn hung_up<'a, S: Socket>(
-    stream: &'a mut S,
-    watch: &'a mut Watch<'_>,
-) -> impl Future<Output = io::Error> + 'a {
-    std::future::poll_fn(move |cx| poll_hung_up(cx, stream, watch))
+fn poll_next_data<S: Socket>(
+    cx: &mut Context<'_>,
+    body: &mut Body,
+    stream: &mut S,
+    watch: &mut Watch<'_>,
+) -> Poll<io::Result<Option<Bytes>>> {
+    loop {
+        // The body first: what it has goes out before a hang-up is noticed.
+        match Pin::new(&mut *body).poll_frame(cx) {
+            Poll::Ready(None) => return Poll::Ready(Ok(None)),
+            Poll::Ready(Some(Err(e))) => return Poll::Ready(Err(io::Error::other(e))),
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Ok(data) = frame.into_data()
+                    && !data.is_empty()
+                {
+                    return Poll::Ready(Ok(Some(data)));
+                }
+            }
+            Poll::Pending => return poll_hung_up(cx, stream, watch).map(Err),
+        }
+    }
 }
 
 /// `Ready` when the client hangs up or the socket fails. Bytes the client sends meanwhile
