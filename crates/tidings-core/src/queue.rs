@@ -6,11 +6,16 @@
 //! for the consumer: a push that would exceed `max_bytes` marks the queue overflowed, drops
 //! what it held and wakes the writer, which ends the session with `slow` — the subscriber
 //! resumes from its cursor, so nothing is lost, and the publisher is never blocked.
+//!
+//! The writer is woken through one waker slot in the locked state, not a `Notify`: a
+//! parked session waits on its queue for hours, and `Notify`'s waiter (~70 bytes in every
+//! session's future, beside the `Notify` itself in the queue) was more than the slot and a
+//! flag. One consumer means one waker; a wake is a flag that stays set until `poll_ready`
+//! sees it, so a wakeup is never lost between polls.
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
-
-use tokio::sync::Notify;
+use std::task::{Context, Poll, Waker};
 
 use crate::disconnect::DisconnectReason;
 use crate::message::Message;
@@ -37,7 +42,6 @@ impl QueueItem {
 
 pub struct SessionQueue {
     state: Mutex<QueueState>,
-    notify: Notify,
     max_bytes: usize,
     /// Runs once, on the publisher's thread, when the queue overflows: the edge uses it to
     /// close a connection whose writer is not even being polled (a client that stopped reading).
@@ -50,13 +54,24 @@ struct QueueState {
     bytes: usize,
     /// Set once: the session must end, and why (`Slow` after an overflow).
     ended: Option<DisconnectReason>,
+    /// Something was pushed (or the queue ended) since the writer last saw `poll_ready`.
+    woken: bool,
+    /// The writer's, while it waits.
+    waker: Option<Waker>,
+}
+
+impl QueueState {
+    /// Marks the queue ready; the waker to wake once the lock is released.
+    fn wake(&mut self) -> Option<Waker> {
+        self.woken = true;
+        self.waker.take()
+    }
 }
 
 impl SessionQueue {
     pub fn new(max_bytes: usize) -> Arc<Self> {
         Arc::new(Self {
             state: Mutex::new(QueueState::default()),
-            notify: Notify::new(),
             max_bytes,
             on_overflow: OnceLock::new(),
         })
@@ -86,8 +101,11 @@ impl SessionQueue {
             s.ended = Some(DisconnectReason::Slow);
             s.items = VecDeque::new();
             s.bytes = 0;
+            let waker = s.wake();
             drop(s);
-            self.notify.notify_one();
+            if let Some(waker) = waker {
+                waker.wake();
+            }
             if let Some(hook) = self.on_overflow.get() {
                 hook();
             }
@@ -95,11 +113,11 @@ impl SessionQueue {
         }
         s.items.push_back(item);
         s.bytes += weight;
-        let was_empty = s.items.len() == 1;
-        drop(s);
         // The writer takes everything at once, so only the empty → non-empty edge wakes it.
-        if was_empty {
-            self.notify.notify_one();
+        let waker = if s.items.len() == 1 { s.wake() } else { None };
+        drop(s);
+        if let Some(waker) = waker {
+            waker.wake();
         }
         true
     }
@@ -142,13 +160,33 @@ impl SessionQueue {
         s.ended = Some(reason);
         s.items = VecDeque::new();
         s.bytes = 0;
+        let waker = s.wake();
         drop(s);
-        self.notify.notify_one();
+        if let Some(waker) = waker {
+            waker.wake();
+        }
+    }
+
+    /// `Ready` once something was pushed (or the queue ended) since the last time it was;
+    /// otherwise the waker is kept for the next push. One consumer: a second task polling
+    /// takes the slot from the first.
+    pub fn poll_ready(&self, cx: &mut Context<'_>) -> Poll<()> {
+        let mut s = self.lock();
+        if s.woken {
+            s.woken = false;
+            s.waker = None;
+            return Poll::Ready(());
+        }
+        match &mut s.waker {
+            Some(w) if w.will_wake(cx.waker()) => {}
+            slot => *slot = Some(cx.waker().clone()),
+        }
+        Poll::Pending
     }
 
     /// Resolves when something was pushed (or overflow happened) since the last drain.
-    pub async fn ready(&self) {
-        self.notify.notified().await;
+    pub fn ready(&self) -> impl Future<Output = ()> + Send + '_ {
+        std::future::poll_fn(|cx| self.poll_ready(cx))
     }
 
     /// Sets the overflow hook (first call wins).
@@ -225,6 +263,40 @@ mod tests {
             assert_eq!(offsets, vec![2 * round + 1, 2 * round + 2]);
             assert_eq!(q.queued_bytes(), 0);
         }
+    }
+
+    #[tokio::test]
+    async fn a_push_while_nobody_waits_is_kept_for_the_next_wait() {
+        let q = SessionQueue::new(1 << 20);
+        // A wait that gave up (another branch of a `select!` won) before the push.
+        let waker = std::task::Waker::noop();
+        let mut cx = Context::from_waker(waker);
+        assert!(q.poll_ready(&mut cx).is_pending());
+        assert!(q.push(&msg(1, 10)));
+        // The next wait sees it at once, and only once.
+        q.ready().await;
+        assert!(q.poll_ready(&mut cx).is_pending());
+        assert!(q.push(&msg(2, 10)), "not the empty edge: no second wake");
+        assert!(q.poll_ready(&mut cx).is_pending());
+        let mut out = Vec::new();
+        assert!(q.drain_into(&mut out).is_ok());
+        assert_eq!(out.len(), 2);
+    }
+
+    #[tokio::test]
+    async fn a_waiting_writer_is_woken_by_a_push_from_another_task() {
+        let q = SessionQueue::new(1 << 20);
+        let waiting = tokio::spawn({
+            let q = q.clone();
+            async move { q.ready().await }
+        });
+        // Yield until the waiter has registered its waker; the push then wakes it.
+        tokio::task::yield_now().await;
+        assert!(q.push(&msg(1, 10)));
+        tokio::time::timeout(std::time::Duration::from_secs(5), waiting)
+            .await
+            .expect("the writer was woken")
+            .expect("the writer's task ran");
     }
 
     #[test]

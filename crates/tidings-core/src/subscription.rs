@@ -101,9 +101,17 @@ impl Subscription {
 
     /// Resolves when live messages (or an overflow) are waiting, and at once while part of
     /// the replay is still to be handed out.
-    pub async fn ready(&self) {
+    pub fn ready(&self) -> impl Future<Output = ()> + Send + '_ {
+        std::future::poll_fn(|cx| self.poll_ready(cx))
+    }
+
+    /// `ready` as a poll: a session's hand-made future waits on it without a future of its
+    /// own.
+    pub fn poll_ready(&self, cx: &mut std::task::Context<'_>) -> std::task::Poll<()> {
         if self.pending.is_empty() {
-            self.queue.ready().await;
+            self.queue.poll_ready(cx)
+        } else {
+            std::task::Poll::Ready(())
         }
     }
 

@@ -403,9 +403,10 @@ mod tests {
         );
     }
 
-    /// Today: 736 bytes in a debug build; the release build's whole body box is 744.
+    /// Today: 656 bytes in a debug build (736 before the queue woke its writer through a
+    /// waker slot instead of a `Notify`).
     // One bound for debug and release builds: the sizes differ by a few bytes.
-    const WRITER_BOUND: usize = 800;
+    const WRITER_BOUND: usize = 700;
 
     #[tokio::test(start_paused = true)]
     async fn heartbeats_come_every_interval_and_only_then() {
