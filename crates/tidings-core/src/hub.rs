@@ -5,6 +5,13 @@
 //! memory broker while holding its channel lock, a remote broker from its single reader), so
 //! each queue sees a channel's messages in order. `deliver` only pushes an `Arc` per
 //! subscriber into bounded queues: it never waits for a subscriber.
+//!
+//! The hub also reaches every persistent session at once (`Hub::watch`): a shutdown closes
+//! each one's queue with `Shutdown`, a reload sets a flag in each and wakes it, in one pass.
+//! A parked session then waits on its queue alone, not on a shutdown token and a reload
+//! watch of its own (~160 bytes of waiters in every session's future). Race-free with a
+//! session registering during the pass: `closing` is set before the pass takes any shard
+//! lock, and a registration checks it under the shard lock after inserting.
 
 use std::collections::hash_map::Entry;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -74,6 +81,10 @@ impl Local {
 
 pub struct Hub {
     shards: Shards<Arc<Subscribers>>,
+    /// The sessions that follow shutdown and reloads (`watch`), by id, sharded by id.
+    sessions: Vec<Mutex<foldhash::HashMap<u64, Arc<SessionQueue>>>>,
+    /// Set once by `close_sessions`: a session registering later is closed at once.
+    closing: std::sync::atomic::AtomicBool,
     /// Emptied channel entries kept for the next channel to get its first subscriber: a
     /// long poll alone on its channel empties and re-creates the entry on every round trip,
     /// two allocations each time (issue 17). At most `SPARES`, each with a short list only.
@@ -98,6 +109,10 @@ impl Hub {
     pub fn new() -> Self {
         Self {
             shards: Shards::new(),
+            sessions: (0..crate::shards::SHARDS)
+                .map(|_| Mutex::default())
+                .collect(),
+            closing: std::sync::atomic::AtomicBool::new(false),
             spare: Mutex::new(Vec::with_capacity(SPARES)),
         }
     }
@@ -181,6 +196,50 @@ impl Hub {
                 }
             }
         }
+    }
+
+    fn sessions_of(&self, id: u64) -> &Mutex<foldhash::HashMap<u64, Arc<SessionQueue>>> {
+        &self.sessions[(id as usize) % self.sessions.len()]
+    }
+
+    /// Registers a session for `close_sessions` and `reload_sessions`; one that registers
+    /// after `close_sessions` is closed at once.
+    pub fn watch(&self, id: u64, queue: &Arc<SessionQueue>) {
+        let mut sessions = relock(self.sessions_of(id));
+        sessions.insert(id, queue.clone());
+        if self.closing.load(std::sync::atomic::Ordering::SeqCst) {
+            queue.close(crate::disconnect::DisconnectReason::Shutdown);
+        }
+    }
+
+    pub fn unwatch(&self, id: u64) {
+        relock(self.sessions_of(id)).remove(&id);
+    }
+
+    /// Shutdown: every watched session (and every one that registers from now on) ends
+    /// with `Shutdown`, saying goodbye; its clients resume from their cursors.
+    pub fn close_sessions(&self) {
+        self.closing
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        for shard in &self.sessions {
+            for q in relock(shard).values() {
+                q.close(crate::disconnect::DisconnectReason::Shutdown);
+            }
+        }
+    }
+
+    /// A reload took effect: every watched session wakes and re-checks what it follows.
+    pub fn reload_sessions(&self) {
+        for shard in &self.sessions {
+            for q in relock(shard).values() {
+                q.signal_reload();
+            }
+        }
+    }
+
+    /// How many sessions are watched.
+    pub fn watched(&self) -> usize {
+        self.sessions.iter().map(|s| relock(s).len()).sum()
     }
 
     pub fn subscriber_count(&self, channel: &ChannelName) -> usize {
@@ -281,6 +340,33 @@ mod tests {
             assert_eq!(hub.deliver(&message(&a)), 0);
             assert!(hub.remove(&b, 100 + round));
         }
+    }
+
+    #[test]
+    fn a_shutdown_closes_every_watched_session_and_every_one_that_comes_later() {
+        let hub = Hub::new();
+        let early: Vec<_> = (0..40).map(|_| SessionQueue::new(1 << 20)).collect();
+        for (id, q) in early.iter().enumerate() {
+            hub.watch(id as u64, q);
+        }
+        let unwatched = SessionQueue::new(1 << 20);
+        hub.watch(1000, &unwatched);
+        hub.unwatch(1000);
+        assert_eq!(hub.watched(), 40);
+        hub.reload_sessions();
+        assert!(early.iter().all(|q| q.take_reload() && !q.take_reload()));
+        assert!(!unwatched.take_reload());
+        hub.close_sessions();
+        let late = SessionQueue::new(1 << 20);
+        hub.watch(99, &late);
+        let mut out = Vec::new();
+        for q in early.iter().chain([&late]) {
+            assert_eq!(
+                q.drain_into(&mut out),
+                Err(crate::disconnect::DisconnectReason::Shutdown)
+            );
+        }
+        assert_eq!(unwatched.drain_into(&mut out), Ok(()));
     }
 
     #[test]

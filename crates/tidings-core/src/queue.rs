@@ -56,6 +56,8 @@ struct QueueState {
     ended: Option<DisconnectReason>,
     /// Something was pushed (or the queue ended) since the writer last saw `poll_ready`.
     woken: bool,
+    /// A reload took effect since the writer last looked (`take_reload`).
+    reloaded: bool,
     /// The writer's, while it waits.
     waker: Option<Waker>,
 }
@@ -165,6 +167,37 @@ impl SessionQueue {
         if let Some(waker) = waker {
             waker.wake();
         }
+    }
+
+    /// Tells the writer that a reload took effect: it wakes, and `take_reload` says so once.
+    pub fn signal_reload(&self) {
+        let mut s = self.lock();
+        s.reloaded = true;
+        let waker = s.wake();
+        drop(s);
+        if let Some(waker) = waker {
+            waker.wake();
+        }
+    }
+
+    /// Whether a reload took effect since the last call.
+    pub fn take_reload(&self) -> bool {
+        std::mem::take(&mut self.lock().reloaded)
+    }
+
+    /// `Ready` once the session is cut short (`Slow` or `Shutdown`: what is queued goes
+    /// unsent); otherwise the waker is kept, as by `poll_ready` (the same one: one consumer).
+    /// Unlike `poll_ready`, it takes no wake: a writer checks this first and drains after.
+    pub fn poll_cut(&self, cx: &mut Context<'_>) -> Poll<DisconnectReason> {
+        let mut s = self.lock();
+        if let Some(reason @ (DisconnectReason::Slow | DisconnectReason::Shutdown)) = s.ended {
+            return Poll::Ready(reason);
+        }
+        match &mut s.waker {
+            Some(w) if w.will_wake(cx.waker()) => {}
+            slot => *slot = Some(cx.waker().clone()),
+        }
+        Poll::Pending
     }
 
     /// `Ready` once something was pushed (or the queue ended) since the last time it was;
@@ -297,6 +330,30 @@ mod tests {
             .await
             .expect("the writer was woken")
             .expect("the writer's task ran");
+    }
+
+    #[tokio::test]
+    async fn an_overflow_or_a_shutdown_cuts_the_session_and_other_ends_do_not() {
+        let waker = std::task::Waker::noop();
+        let mut cx = Context::from_waker(waker);
+        let slow = SessionQueue::new(100);
+        assert!(slow.poll_cut(&mut cx).is_pending());
+        assert!(slow.push(&msg(1, 10)));
+        assert!(slow.poll_cut(&mut cx).is_pending(), "a push is not a cut");
+        assert!(!slow.push(&msg(2, 1000)));
+        assert_eq!(slow.poll_cut(&mut cx), Poll::Ready(DisconnectReason::Slow));
+        // The cut took no wake: the writer's drain still runs and says why.
+        slow.ready().await;
+        let shut = SessionQueue::new(100);
+        shut.close(DisconnectReason::Shutdown);
+        assert_eq!(
+            shut.poll_cut(&mut cx),
+            Poll::Ready(DisconnectReason::Shutdown)
+        );
+        let broker = SessionQueue::new(100);
+        broker.close(DisconnectReason::BrokerUnavailable);
+        assert!(broker.poll_cut(&mut cx).is_pending(), "drained, then ended");
+        broker.ready().await;
     }
 
     #[test]

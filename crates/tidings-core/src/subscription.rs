@@ -82,6 +82,8 @@ pub struct Subscription {
     per_channel: bool,
     /// Recorded in presence on channels whose namespace keeps it.
     client: Option<ClientInfo>,
+    /// Registered with the hub for shutdown and reloads (`follow_lifecycle`).
+    watched: bool,
 }
 
 impl Subscription {
@@ -92,6 +94,27 @@ impl Subscription {
     /// Positions of everything handed out so far; resuming from it loses nothing.
     pub fn cursor(&self) -> &Cursor {
         &self.cursor
+    }
+
+    /// Has shutdown and reloads reach this session through its queue (`Hub::watch`): a
+    /// shutdown ends it (`drain` and `cut` say `Shutdown`), a reload wakes it and
+    /// `take_reload` says so once. For sessions that live long; a poll needs neither.
+    pub fn follow_lifecycle(&mut self) {
+        if !self.watched {
+            self.watched = true;
+            self.node.hub.watch(self.id, &self.queue);
+        }
+    }
+
+    /// Whether a reload took effect since the last call (`follow_lifecycle`).
+    pub fn take_reload(&self) -> bool {
+        self.queue.take_reload()
+    }
+
+    /// Resolves when the session is cut short: its queue overflowed (`Slow`) or the server
+    /// is shutting down (`Shutdown`). What is still queued or pending goes unsent.
+    pub fn cut(&self) -> impl Future<Output = DisconnectReason> + Send + '_ {
+        std::future::poll_fn(|cx| self.queue.poll_cut(cx))
     }
 
     /// Runs `hook` once, from the publishing thread, if this subscription's queue overflows.
@@ -246,6 +269,9 @@ fn emit_gap(
 
 impl Drop for Subscription {
     fn drop(&mut self) {
+        if self.watched {
+            self.node.hub.unwatch(self.id);
+        }
         for channel in &self.channels {
             self.leave(channel);
         }
@@ -412,6 +438,7 @@ impl Node {
             cursor_text: String::new(),
             per_channel: per_channel_cursors,
             client,
+            watched: false,
         }
     }
 

@@ -30,8 +30,11 @@
 //! Concurrency: `draining` is one atomic flag, read by `/readyz`; the delay is drawn per
 //! session from the thread-local RNG when its goodbye is written. A reload swaps the live
 //! configuration and the node's policies (each one `ArcSwap` store: readers never wait),
-//! then bumps `AppState::reloads`, which every session watches. Reloads are serialised by
-//! their caller (one signal task).
+//! then tells every stream and WebSocket session in one pass over the hub (a flag in each
+//! one's queue, which wakes it: `follow`) and bumps `AppState::reloads` for the rest
+//! (Pusher sessions). A shutdown reaches them the same way: one task waits on
+//! `AppState::shutdown` and closes every one's queue with `Shutdown`. Reloads are
+//! serialised by their caller (one signal task).
 
 use std::sync::atomic::Ordering;
 
@@ -175,6 +178,8 @@ pub fn reload(state: &AppState, mut new: Config) -> Result<Reloaded, ConfigError
     }
     state.swap_live(Live { config: new, auth });
     state.reloads.send_modify(|n| *n += 1);
+    // Streams and WebSocket sessions learn of it through their queues, in one pass.
+    state.node.hub.reload_sessions();
     for key in &needs_restart {
         tracing::warn!(
             key,
@@ -182,6 +187,33 @@ pub fn reload(state: &AppState, mut new: Config) -> Result<Reloaded, ConfigError
         );
     }
     Ok(Reloaded { needs_restart })
+}
+
+/// Has shutdown and reloads reach a stream or WebSocket session through its queue, in one
+/// pass over the hub (`Hub::close_sessions`, `Hub::reload_sessions`), instead of a shutdown
+/// wait and a reload watch in every parked session's future. One task waits on the
+/// shutdown token for all of them; the first session starts it.
+pub fn follow(state: &AppState, sub: &mut tidings_core::Subscription) {
+    sub.follow_lifecycle();
+    if state
+        .shutdown_pass
+        .swap(true, std::sync::atomic::Ordering::AcqRel)
+    {
+        return;
+    }
+    let (shutdown, hub) = (state.shutdown.clone(), state.node.hub.clone());
+    match tokio::runtime::Handle::try_current() {
+        Ok(rt) => {
+            rt.spawn(async move {
+                shutdown.cancelled().await;
+                hub.close_sessions();
+            });
+        }
+        // No runtime (never in the server): the next session tries again.
+        Err(_) => state
+            .shutdown_pass
+            .store(false, std::sync::atomic::Ordering::Release),
+    }
 }
 
 /// Whether `who` may still follow every one of `channels` under the configuration in force

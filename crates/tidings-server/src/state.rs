@@ -42,8 +42,11 @@ pub struct Shared {
     /// Counts reloads that took effect: sessions watch it to re-check what they follow.
     pub reloads: tokio::sync::watch::Sender<u64>,
     pub metrics: Arc<Metrics>,
-    /// Cancelled when the server shuts down: open streams say goodbye and end.
+    /// Cancelled when the server shuts down: open streams say goodbye and end (they learn
+    /// of it through the hub: `lifecycle::follow`).
     pub shutdown: CancellationToken,
+    /// Whether the task that passes a shutdown on to the sessions was started.
+    pub shutdown_pass: std::sync::atomic::AtomicBool,
     /// Set when a stop signal starts the drain (`lifecycle::drain`): `/readyz` answers 503.
     pub draining: std::sync::atomic::AtomicBool,
     pub limits: Arc<ConnectionLimits>,
@@ -228,6 +231,7 @@ impl AppState {
             reloads: tokio::sync::watch::Sender::new(0),
             metrics: Arc::new(Metrics::default()),
             shutdown: CancellationToken::new(),
+            shutdown_pass: std::sync::atomic::AtomicBool::new(false),
             draining: std::sync::atomic::AtomicBool::new(false),
             limits,
             publish_rates: Rates::new(config_rate),

@@ -108,7 +108,7 @@ async fn writer<F: Framing>(
     who: Principal,
     framing: F,
 ) -> Result<Writer<F>, ApiError> {
-    let sub = state
+    let mut sub = state
         .node
         .subscribe(
             &params.channels,
@@ -133,7 +133,7 @@ async fn writer<F: Framing>(
         }
     });
     let expires = who.expires_at().map(deadline_for);
-    let reloads = state.reloads.subscribe();
+    crate::lifecycle::follow(state, &mut sub);
     let every = state.config().server.heartbeat_interval;
     let mut heartbeat = tokio::time::interval_at(Instant::now() + every, every);
     heartbeat.set_missed_tick_behavior(MissedTickBehavior::Delay);
@@ -149,7 +149,6 @@ async fn writer<F: Framing>(
         buf: BytesMut::new(),
         expires: expires.map(|at| Box::pin(tokio::time::sleep_until(at))),
         who: Subscriber::new(who),
-        reloads,
     };
     Ok(writer)
 }
@@ -168,7 +167,10 @@ struct Writer<F> {
     framing: F,
     gauge: SessionGauge,
     heartbeat: Interval,
-    /// Its shutdown token ends the stream; its config says how far to spread the reconnects.
+    /// Its config says how far to spread the reconnects after a shutdown, and who may still
+    /// subscribe after a reload. Both reach the writer through its queue
+    /// (`lifecycle::follow`): a parked stream waits on its queue, its heartbeat and, for a
+    /// token that expires, its expiry, and nothing else.
     state: AppState,
     started: bool,
     done: bool,
@@ -176,10 +178,9 @@ struct Writer<F> {
     /// When the subscriber's token expires: the stream ends then, saying why. Boxed, and
     /// only for a token that expires: a timer inline would be in every parked stream.
     expires: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
-    /// Who subscribed, re-checked when `reloads` moves: a reload that revokes its access
-    /// ends the stream like an expiry.
+    /// Who subscribed, re-checked after a reload: a reload that revokes its access ends the
+    /// stream like an expiry.
     who: Subscriber,
-    reloads: tokio::sync::watch::Receiver<u64>,
 }
 
 /// Resolves when `timer` fires; never without one.
@@ -226,9 +227,9 @@ pub fn deadline_for(unix_secs: u64) -> Instant {
 }
 
 enum Wake {
-    Shutdown,
+    /// Shutdown, or the queue overflowed: what is queued goes unsent.
+    Cut(DisconnectReason),
     Expired,
-    Reloaded,
     Ready,
     Heartbeat,
 }
@@ -269,33 +270,24 @@ impl<F: Framing> Writer<F> {
             }
             let wake = tokio::select! {
                 biased;
-                _ = self.state.shutdown.cancelled() => Wake::Shutdown,
+                reason = self.sub.cut() => Wake::Cut(reason),
                 _ = expiry(&mut self.expires) => Wake::Expired,
-                Ok(()) = self.reloads.changed() => Wake::Reloaded,
                 _ = self.sub.ready() => Wake::Ready,
                 _ = self.heartbeat.tick() => Wake::Heartbeat,
             };
             match wake {
-                Wake::Shutdown => {
-                    let notice = crate::lifecycle::shutdown_notice(&self.state);
-                    self.framing.disconnect(notice, &mut self.buf);
-                    self.done = true;
-                }
-                Wake::Expired => {
-                    self.framing
-                        .disconnect(DisconnectReason::TokenExpired.into(), &mut self.buf);
-                    self.done = true;
-                }
-                Wake::Reloaded => {
-                    if !crate::lifecycle::still_allowed(
-                        &self.state,
-                        self.who.get(),
-                        self.sub.channels(),
-                    ) {
-                        self.framing
-                            .disconnect(DisconnectReason::TokenExpired.into(), &mut self.buf);
-                        self.done = true;
-                    }
+                Wake::Cut(reason) => self.goodbye(reason),
+                Wake::Expired => self.goodbye(DisconnectReason::TokenExpired),
+                // A reload that revokes its access ends the stream like an expiry.
+                Wake::Ready
+                    if self.sub.take_reload()
+                        && !crate::lifecycle::still_allowed(
+                            &self.state,
+                            self.who.get(),
+                            self.sub.channels(),
+                        ) =>
+                {
+                    self.goodbye(DisconnectReason::TokenExpired)
                 }
                 Wake::Ready => {
                     if let Some(lone) = self.write_ready() {
@@ -340,16 +332,27 @@ impl<F: Framing> Writer<F> {
                 self.gauge.delivered(n as u64);
                 lone
             }
-            // Slow (counted by the overflow hook), or ended from outside (broker down).
+            // Slow (counted by the overflow hook), or ended from outside (broker down,
+            // shutdown).
             Err(reason) => {
                 if let Some(frame) = lone {
                     self.buf.put_slice(&frame);
                 }
-                self.framing.disconnect(reason.into(), &mut self.buf);
-                self.done = true;
+                self.goodbye(reason);
                 None
             }
         }
+    }
+
+    /// The last record, and the end. A shutdown tells each client its own delay
+    /// (`lifecycle::shutdown_notice`), spreading the reconnects.
+    fn goodbye(&mut self, reason: DisconnectReason) {
+        let notice = match reason {
+            DisconnectReason::Shutdown => crate::lifecycle::shutdown_notice(&self.state),
+            other => other.into(),
+        };
+        self.framing.disconnect(notice, &mut self.buf);
+        self.done = true;
     }
 }
 
@@ -403,10 +406,11 @@ mod tests {
         );
     }
 
-    /// Today: 656 bytes in a debug build (736 before the queue woke its writer through a
-    /// waker slot instead of a `Notify`).
+    /// Today: 456 bytes in a debug build (736 before the queue woke its writer through a
+    /// waker slot instead of a `Notify`, 656 before shutdown and reloads came through the
+    /// queue too).
     // One bound for debug and release builds: the sizes differ by a few bytes.
-    const WRITER_BOUND: usize = 700;
+    const WRITER_BOUND: usize = 480;
 
     #[tokio::test(start_paused = true)]
     async fn heartbeats_come_every_interval_and_only_then() {

@@ -8,18 +8,19 @@
 //! (the lean path, or a connection hyper owns), in a task of its own for an HTTP/2 stream.
 //!
 //! Concurrency: one task owns the socket and the `Subscription`, and waits on everything at
-//! once — the socket's read readiness, the subscription's queue, the ping timer, the kill,
-//! shutdown and token-expiry signals. Frames in are handled in order (a publish awaits the
+//! once — the socket's read readiness, the subscription's queue (which also carries the
+//! overflow, shutdown and reload signals: `lifecycle::follow`), the ping timer and the
+//! token's expiry. Frames in are handled in order (a publish awaits the
 //! broker before the next frame is read); frames out are appended to one buffer and
 //! written with as few calls as the kernel takes. While that buffer drains, the socket is not
 //! read: a client's flood is paced by its own TCP window. A client that stops reading
-//! overflows its queue; the overflow hook cancels the session's kill token, which the write
+//! overflows its queue; the overflow cuts the session (`Subscription::cut`), which the write
 //! loop also watches, so the session ends instead of hanging: what was queued and not yet
 //! sent is dropped (but a frame already half sent is finished, or the stream would be
 //! garbage), the `slow` disconnect frame and the 4008 close go behind what the kernel holds,
 //! and they get `write_timeout` to be taken before the socket is dropped. Every write has
 //! that deadline (`write_timeout`, no progress → the session ends), and while a write waits,
-//! shutdown, token expiry and the kill still end the session: the timers that live in the
+//! shutdown, token expiry and the overflow still end the session: the timers that live in the
 //! main loop are not needed then, since the deadline bounds the wait. Nothing is shared
 //! between sessions but the hub.
 //!
@@ -42,7 +43,6 @@ use tidings_core::{
     Message, Since, Start, Subscription,
 };
 use tokio::time::{Instant, MissedTickBehavior};
-use tokio_util::sync::CancellationToken;
 
 use crate::app::access_log::Claim;
 use crate::app::error::ApiError;
@@ -338,10 +338,9 @@ enum Next {
 }
 
 enum Wake {
-    Kill,
-    Shutdown,
+    /// The queue overflowed (`Slow`) or the server is shutting down.
+    Cut(DisconnectReason),
     Expired,
-    Reloaded,
     Read(io::Result<usize>),
     Ready,
     Ping,
@@ -357,7 +356,6 @@ struct Session {
     mode: Mode,
     raw_channel: Option<ChannelName>,
     peer: Peer,
-    kill: CancellationToken,
     /// The token's expiry: the session ends then (disconnect `token_expired`, close 1008).
     /// Boxed, and only for a token that expires: inline, a timer would be in every session.
     expires: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
@@ -381,16 +379,15 @@ fn run(
 ) -> impl Future<Output = u64> + Send {
     let mut gauge = state.metrics.session(TransportKind::WebSocket, 0);
     gauge.channels_changed(sub.channels().len() as i64);
-    let kill = CancellationToken::new();
-    {
-        let kill = kill.clone();
-        let metrics = state.metrics.clone();
-        sub.on_overflow(move || {
-            metrics.slow_disconnects[TransportKind::WebSocket as usize]
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            kill.cancel();
-        });
-    }
+    // The overflow itself reaches the session through its queue (`Subscription::cut`): no
+    // kill token of its own, which a session that owns its socket does not need.
+    let metrics = state.metrics.clone();
+    sub.on_overflow(move || {
+        metrics.slow_disconnects[TransportKind::WebSocket as usize]
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    });
+    let mut sub = sub;
+    crate::lifecycle::follow(&state, &mut sub);
     let expires = peer
         .who
         .get()
@@ -406,7 +403,6 @@ fn run(
         mode,
         raw_channel,
         peer,
-        kill,
         expires: expires.map(|at| Box::pin(tokio::time::sleep_until(at))),
         heard: now,
         active: now,
@@ -424,10 +420,6 @@ impl Session {
         let every = self.state.config().server.ping_interval;
         let mut ping = tokio::time::interval_at(Instant::now() + every, every);
         ping.set_missed_tick_behavior(MissedTickBehavior::Delay);
-        let shutdown = self.state.shutdown.clone();
-        let kill = self.kill.clone();
-        // A reload re-checks what this session follows (`lifecycle::still_allowed`).
-        let mut reloads = self.state.reloads.subscribe();
         // Whatever the join queued (raw mode's replay) goes out first.
         let mut next = match first {
             // Frames a client sent right behind its handshake are handled first.
@@ -455,32 +447,33 @@ impl Session {
             }
             let wake = tokio::select! {
                 biased;
-                _ = kill.cancelled() => Wake::Kill,
-                _ = shutdown.cancelled() => Wake::Shutdown,
+                reason = self.sub.cut() => Wake::Cut(reason),
                 _ = expiry(&mut self.expires) => Wake::Expired,
-                Ok(()) = reloads.changed() => Wake::Reloaded,
                 r = self.ws.io.read_more(&mut self.ws.rbuf) => Wake::Read(r),
                 _ = self.sub.ready() => Wake::Ready,
                 _ = ping.tick() => Wake::Ping,
             };
             next = match wake {
-                Wake::Kill => Next::Goodbye(Some(DisconnectReason::Slow), close::SLOW, "slow"),
-                Wake::Shutdown => {
-                    Next::Goodbye(Some(DisconnectReason::Shutdown), close::RESTART, "shutdown")
+                Wake::Cut(reason) => {
+                    let (code, why) = close_for(reason);
+                    Next::Goodbye(Some(reason), code, why)
                 }
                 Wake::Expired => {
                     let (code, why) = close_for(DisconnectReason::TokenExpired);
                     Next::Goodbye(Some(DisconnectReason::TokenExpired), code, why)
                 }
-                Wake::Reloaded => {
-                    let (state, who) = (&self.state, self.peer.who.get());
-                    if crate::lifecycle::still_allowed(state, who, self.sub.channels()) {
-                        Next::Continue
-                    } else {
-                        // Revoked by the reload: the same goodbye as an expired token.
-                        let (code, why) = close_for(DisconnectReason::TokenExpired);
-                        Next::Goodbye(Some(DisconnectReason::TokenExpired), code, why)
-                    }
+                // A reload re-checks what this session follows; revoked, it gets the same
+                // goodbye as an expired token.
+                Wake::Ready
+                    if self.sub.take_reload()
+                        && !crate::lifecycle::still_allowed(
+                            &self.state,
+                            self.peer.who.get(),
+                            self.sub.channels(),
+                        ) =>
+                {
+                    let (code, why) = close_for(DisconnectReason::TokenExpired);
+                    Next::Goodbye(Some(DisconnectReason::TokenExpired), code, why)
                 }
                 Wake::Read(Ok(0) | Err(_)) => Next::Gone,
                 // Boxed: publishes and joins make this future large, and it is rare next
@@ -492,19 +485,18 @@ impl Session {
         }
     }
 
-    /// Writes everything queued. The kill token cuts a write to a client that stopped
+    /// Writes everything queued. An overflow cuts a write to a client that stopped
     /// reading short, as do shutdown and token expiry; what was not sent stays in `out`, behind
     /// which a goodbye may still go. A write that makes no progress for `write_timeout`
     /// ends the session (the socket has the same deadline; this one also covers a WebSocket
     /// over an HTTP/2 stream, whose window the client may keep shut).
     async fn flush(&mut self) -> Next {
         let timeout = self.state.config().server.write_timeout;
-        let (kill, shutdown) = (self.kill.clone(), self.state.shutdown.clone());
         let expires = self.expires.as_ref().map(|timer| timer.deadline());
+        let sub = &self.sub;
         let stop = async {
             tokio::select! {
-                _ = kill.cancelled() => DisconnectReason::Slow,
-                _ = shutdown.cancelled() => DisconnectReason::Shutdown,
+                reason = sub.cut() => reason,
                 _ = crate::transport::stream::sleep_until_opt(expires) => DisconnectReason::TokenExpired,
             }
         };
@@ -1299,8 +1291,9 @@ mod tests {
         );
     }
 
-    /// Today: 1,320 bytes in a debug build (1,400 with the queue's `Notify`). Awaiting
+    /// Today: 1,024 bytes in a debug build (1,400 with the queue's `Notify`, a kill token,
+    /// a shutdown wait and a reload watch of its own). Awaiting
     /// the session from a capture (it is then kept twice) made it ~2,500.
     // One bound for debug and release builds: the sizes differ by a few bytes.
-    const SESSION_BOUND: usize = 1400;
+    const SESSION_BOUND: usize = 1060;
 }
