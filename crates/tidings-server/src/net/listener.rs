@@ -28,7 +28,6 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use tokio::net::TcpListener;
-use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::net::h1;
@@ -84,7 +83,7 @@ pub async fn serve<S: Service>(
         };
         let ctx = ConnectionCtx {
             peer,
-            kill: CancellationToken::new(),
+            kill: crate::net::kill::Kill::new(),
             http2: false,
         };
         let stream = super::deadline::Deadline::new(stream, service.settings().write_timeout);
@@ -543,7 +542,7 @@ impl<T: Send + Unpin + 'static> http_body::Body for Held<T> {
 /// future (once as the argument, once pinned), doubling every parked connection's task.
 pub(crate) async fn drive<F: Future>(
     mut conn: Pin<&mut F>,
-    kill: &CancellationToken,
+    kill: &crate::net::kill::Kill,
 ) -> Option<F::Output> {
     tokio::select! {
         out = &mut conn => return Some(out),

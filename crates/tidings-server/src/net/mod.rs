@@ -32,6 +32,7 @@
 pub mod deadline;
 pub mod h1;
 pub mod http2;
+pub mod kill;
 pub mod limits;
 pub mod listener;
 pub mod pool;
@@ -114,7 +115,7 @@ pub struct Settings {
 pub struct ConnectionCtx {
     pub peer: SocketAddr,
     /// Cancel to drop this connection (after a short grace).
-    pub kill: CancellationToken,
+    pub kill: kill::Kill,
     /// Whether this request came over HTTP/2 (set per request: one connection, one version).
     pub http2: bool,
 }
