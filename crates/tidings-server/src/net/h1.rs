@@ -188,14 +188,17 @@ impl<Svc: Service> Lean<'_, Svc> {
             pool::give_read(&mut buf);
             loop {
                 // Each parked state is a future of its own (`stream_out`, `wait_out`), so
-                // what one keeps is not laid out beside what the other does.
-                next = match next {
+                // what one keeps is not laid out beside what the other does. A long poll
+                // waits on its answer where it lies in `next` (it is `Unpin`): moved out and
+                // pinned, it would be kept a second time beside `next`'s slot.
+                let after = match &mut next {
                     Next::Again => break,
                     Next::Close => {
                         let _ = stream.shutdown().await;
                         return Outcome::Done;
                     }
                     Next::Stream { body, keep_alive } => {
+                        let (body, keep_alive) = (std::mem::take(body), *keep_alive);
                         self.stream_out(stream, &mut buf, body, keep_alive).await
                     }
                     Next::Wait {
@@ -203,9 +206,9 @@ impl<Svc: Service> Lean<'_, Svc> {
                         keep_alive,
                         head_only,
                     } => {
-                        let later = std::pin::pin!(later);
+                        let (keep_alive, head_only) = (*keep_alive, *head_only);
                         match self
-                            .wait_out(stream, &mut buf, later, keep_alive, head_only)
+                            .wait_out(stream, &mut buf, Pin::new(later), keep_alive, head_only)
                             .await
                         {
                             Ok(next) => next,
@@ -213,6 +216,7 @@ impl<Svc: Service> Lean<'_, Svc> {
                         }
                     }
                 };
+                next = after;
             }
         }
     }

@@ -58,8 +58,9 @@ pub use request::{Headers, LeanRequest};
 
 /// The one interface the protocol layer calls; the application implements it.
 pub trait Service: Send + Sync + 'static {
-    /// An answer still to come (a long poll): resolves to the finished answer.
-    type Later: Future<Output = Answer> + Send + 'static;
+    /// An answer still to come (a long poll): resolves to the finished answer. `Unpin`: the
+    /// lean path waits on it in place, where a parked connection's task keeps it once.
+    type Later: Future<Output = Answer> + Send + Unpin + 'static;
 
     /// Answers `req`, which came over `conn`.
     fn call(
