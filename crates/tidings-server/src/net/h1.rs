@@ -14,13 +14,13 @@
 //! publishes) are read whole here, under `request_body_timeout`, and handed to the handler
 //! as one buffer: a publisher's connection stays on this path too.
 //!
-//! Everything else — a chunked or larger body, another upgrade, `Expect`, HTTP/1.0,
-//! `CONNECT`, the HTTP/2 preface — is handed to hyper together with the bytes read so far
-//! (`Rewind`), and hyper keeps the connection from then on.
+//! Everything else is handed over together with the bytes read so far (`Rewind`), and
+//! kept there from then on: the HTTP/2 preface (h2c) to our HTTP/2 driver (`http2.rs`); a
+//! chunked or larger body, another upgrade, `Expect`, HTTP/1.0 and `CONNECT` to hyper.
 //!
 //! Plaintext and TLS connections alike (`Socket`): over TLS, a parked stream still holds
-//! rustls' state, but not hyper's as well. TLS connections that negotiate h2 go to hyper
-//! directly.
+//! rustls' state, but not hyper's as well. TLS connections that negotiate h2 go to the
+//! HTTP/2 driver directly.
 //!
 //! Concurrency: one task per connection (spawned by `listener.rs`, which also wraps it in the
 //! kill-token grace). While a response streams, the task waits on the body and on the
