@@ -11,7 +11,9 @@
 # is used); `tls:PATH` by a Python client over TLS (ALPN http/1.1), as bench/tls_idle.py.
 set -eu
 BIN=$1 WHAT=$2 N=${3:-1000} OUT=$4
-PORT=${PORT:-18181} TLS_PORT=${TLS_PORT:-18543}
+# Free ports unless given, so two people (or a benchmark on 8080) can run at once.
+free_port() { python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+PORT=${PORT:-$(free_port)} TLS_PORT=${TLS_PORT:-$(free_port)}
 mkdir -p "$(dirname "$OUT")"
 TIDINGS_LOG=warn valgrind --tool=massif --vgdb=yes --threshold=0.01 --depth=40 \
   --massif-out-file="$OUT.final" "$BIN" serve --listen 127.0.0.1:$PORT \
