@@ -273,16 +273,8 @@ fn encode_into(
         Err(e) => return Err(io::Error::other(e.to_string())),
     };
     out.resize(len + need, 0);
-    match encode.encode(&mut out[len..]) {
-        Ok(n) => {
-            out.truncate(len + n);
-            Ok(())
-        }
-        Err(e) => {
-            out.truncate(len);
-            Err(io::Error::other(e.to_string()))
-        }
-    }
+    let written = encode.encode(&mut out[len..]);
+    keep_written(out, len, written)
 }
 
 /// Encrypts `data` at the end of `out` (after anything rustls queued to go first).
@@ -303,6 +295,15 @@ fn encrypt_into(
         }
         Err(e) => Err(e),
     };
+    keep_written(out, len, written)
+}
+
+/// Keeps the `n` bytes rustls wrote after `out`'s first `len`, or none of them on an error.
+fn keep_written<E: std::fmt::Display>(
+    out: &mut Vec<u8>,
+    len: usize,
+    written: Result<usize, E>,
+) -> io::Result<()> {
     match written {
         Ok(n) => {
             out.truncate(len + n);
