@@ -789,19 +789,7 @@ pub fn fuzz_parse(input: &[u8]) -> (FuzzHead, Vec<u8>) {
             // is counted in `body`, as a full request's is).
             buf.advance(head.len);
             match req {
-                Some(req) => FuzzHead::Request {
-                    rest: buf.to_vec(),
-                    body: head.body,
-                    method: req.method().to_string(),
-                    uri: req.uri().to_string(),
-                    headers: req
-                        .headers()
-                        .iter()
-                        .map(|(k, v)| (k.to_string(), v.as_bytes().to_vec()))
-                        .collect(),
-                    keep_alive,
-                    head_only,
-                },
+                Some(req) => fuzz_request(&req, &buf, head.body, keep_alive, head_only),
                 // A lean head is one `http` takes: the fuzz target says otherwise if not.
                 None => FuzzHead::Refuse(0),
             }
@@ -811,21 +799,32 @@ pub fn fuzz_parse(input: &[u8]) -> (FuzzHead, Vec<u8>) {
             keep_alive,
             head_only,
             body,
-        }) => FuzzHead::Request {
-            rest: buf.to_vec(),
-            body,
-            method: req.method().to_string(),
-            uri: req.uri().to_string(),
-            headers: req
-                .headers()
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.as_bytes().to_vec()))
-                .collect(),
-            keep_alive,
-            head_only,
-        },
+        }) => fuzz_request(&req, &buf, body, keep_alive, head_only),
     };
     (head, buf.to_vec())
+}
+
+/// What the fuzz target compares of a parsed request, whichever way it was parsed.
+fn fuzz_request<B>(
+    req: &http::Request<B>,
+    rest: &[u8],
+    body: usize,
+    keep_alive: bool,
+    head_only: bool,
+) -> FuzzHead {
+    FuzzHead::Request {
+        rest: rest.to_vec(),
+        body,
+        method: req.method().to_string(),
+        uri: req.uri().to_string(),
+        headers: req
+            .headers()
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.as_bytes().to_vec()))
+            .collect(),
+        keep_alive,
+        head_only,
+    }
 }
 
 /// The 408's message, word for word what a handler's `ApiError::body_timeout` says.
