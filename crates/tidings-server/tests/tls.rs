@@ -69,10 +69,8 @@ fn rand_suffix() -> u64 {
         .as_nanos() as u64
 }
 
-async fn connect(
-    server: &TlsServer,
-    alpn: &[&[u8]],
-) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+/// A client that trusts only the test server's certificate and offers `alpn`.
+fn client_config(server: &TlsServer, alpn: &[&[u8]]) -> Arc<rustls::ClientConfig> {
     let mut roots = rustls::RootCertStore::empty();
     roots.add(server.root.clone()).unwrap();
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
@@ -82,8 +80,15 @@ async fn connect(
         .with_root_certificates(roots)
         .with_no_client_auth();
     config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    Arc::new(config)
+}
+
+async fn connect(
+    server: &TlsServer,
+    alpn: &[&[u8]],
+) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
     let tcp = tokio::net::TcpStream::connect(server.addr).await.unwrap();
-    tokio_rustls::TlsConnector::from(Arc::new(config))
+    tokio_rustls::TlsConnector::from(client_config(server, alpn))
         .connect(ServerName::try_from("localhost").unwrap(), tcp)
         .await
         .unwrap()
@@ -373,15 +378,7 @@ impl tokio::io::AsyncWrite for Trickle {
 async fn a_client_sending_its_records_one_byte_at_a_time_is_served_and_closed_with_close_notify() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let server = tls_server().await;
-    let mut roots = rustls::RootCertStore::empty();
-    roots.add(server.root.clone()).unwrap();
-    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-    let mut config = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let config = client_config(&server, &[b"http/1.1"]);
     let tcp = tokio::net::TcpStream::connect(server.addr).await.unwrap();
     tcp.set_nodelay(true).unwrap();
     let trickle = Trickle {
@@ -390,7 +387,7 @@ async fn a_client_sending_its_records_one_byte_at_a_time_is_served_and_closed_wi
     };
     let mut tls = tokio::time::timeout(
         common::TIMEOUT,
-        tokio_rustls::TlsConnector::from(Arc::new(config))
+        tokio_rustls::TlsConnector::from(config)
             .connect(ServerName::try_from("localhost").unwrap(), trickle),
     )
     .await
