@@ -48,9 +48,53 @@ pub struct SessionQueue {
     on_overflow: OnceLock<Box<dyn Fn() + Send + Sync>>,
 }
 
+/// What is queued, oldest first: a lone item inline, so a session that gets one message at a
+/// time (a long poll's one answer, a quiet stream) allocates no list for it — that list was
+/// an allocation per long-poll delivery (issue 17). The same size as the `VecDeque` alone
+/// (the enum's tag lives in the deque's niche). A list with room (one handed back by
+/// `swap_into`) is reused rather than traded for the inline slot.
+enum Items {
+    One(QueueItem),
+    Many(VecDeque<QueueItem>),
+}
+
+impl Default for Items {
+    fn default() -> Self {
+        Items::Many(VecDeque::new())
+    }
+}
+
+impl Items {
+    fn len(&self) -> usize {
+        match self {
+            Items::One(_) => 1,
+            Items::Many(v) => v.len(),
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn push(&mut self, item: QueueItem) {
+        match self {
+            Items::Many(v) if v.is_empty() && v.capacity() == 0 => *self = Items::One(item),
+            Items::Many(v) => v.push_back(item),
+            Items::One(_) => {
+                let mut v = VecDeque::with_capacity(4);
+                if let Items::One(first) = std::mem::take(self) {
+                    v.push_back(first);
+                }
+                v.push_back(item);
+                *self = Items::Many(v);
+            }
+        }
+    }
+}
+
 #[derive(Default)]
 struct QueueState {
-    items: VecDeque<QueueItem>,
+    items: Items,
     bytes: usize,
     /// Set once: the session must end, and why (`Slow` after an overflow).
     ended: Option<DisconnectReason>,
@@ -101,7 +145,7 @@ impl SessionQueue {
         // otherwise a small queue setting would make big messages undeliverable.
         if s.bytes + weight > self.max_bytes && !s.items.is_empty() {
             s.ended = Some(DisconnectReason::Slow);
-            s.items = VecDeque::new();
+            s.items = Items::default();
             s.bytes = 0;
             let waker = s.wake();
             drop(s);
@@ -113,7 +157,7 @@ impl SessionQueue {
             }
             return false;
         }
-        s.items.push_back(item);
+        s.items.push(item);
         s.bytes += weight;
         // The writer takes everything at once, so only the empty → non-empty edge wakes it.
         let waker = if s.items.len() == 1 { s.wake() } else { None };
@@ -130,26 +174,51 @@ impl SessionQueue {
         if let Some(reason) = s.ended {
             return Err(reason);
         }
-        out.extend(s.items.drain(..));
+        match std::mem::take(&mut s.items) {
+            Items::One(item) => out.push(item),
+            Items::Many(mut items) => {
+                out.extend(items.drain(..));
+                // The list's room stays with the queue.
+                s.items = Items::Many(items);
+            }
+        }
         s.bytes = 0;
         Ok(())
     }
 
     /// `drain_into` for a caller that keeps a `VecDeque`: an empty `out` trades places with
-    /// the queue's items, so nothing is copied or allocated (a long poll's one-shot
+    /// the queue's list, so nothing is copied or allocated (a long poll's one-shot
     /// subscription allocated a batch list per poll for the one message it drains; issue 17).
-    pub fn swap_into(&self, out: &mut VecDeque<QueueItem>) -> Result<(), DisconnectReason> {
+    /// A lone queued item is returned instead when `out` is empty (it goes first), so that
+    /// neither side allocates a list for it; otherwise everything is appended to `out`.
+    pub fn swap_into(
+        &self,
+        out: &mut VecDeque<QueueItem>,
+    ) -> Result<Option<QueueItem>, DisconnectReason> {
         let mut s = self.lock();
         if let Some(reason) = s.ended {
             return Err(reason);
         }
-        if out.is_empty() {
-            std::mem::swap(out, &mut s.items);
-        } else {
-            out.extend(s.items.drain(..));
-        }
         s.bytes = 0;
-        Ok(())
+        let lone = match &mut s.items {
+            Items::One(_) => match std::mem::take(&mut s.items) {
+                Items::One(item) if out.is_empty() => Some(item),
+                Items::One(item) => {
+                    out.push_back(item);
+                    None
+                }
+                Items::Many(_) => None,
+            },
+            Items::Many(items) if out.is_empty() => {
+                std::mem::swap(out, items);
+                None
+            }
+            Items::Many(items) => {
+                out.extend(items.drain(..));
+                None
+            }
+        };
+        Ok(lone)
     }
 
     /// Ends the session for `reason` (the first reason wins): what is queued is dropped, the
@@ -160,7 +229,7 @@ impl SessionQueue {
             return;
         }
         s.ended = Some(reason);
-        s.items = VecDeque::new();
+        s.items = Items::default();
         s.bytes = 0;
         let waker = s.wake();
         drop(s);
@@ -296,6 +365,53 @@ mod tests {
             assert_eq!(offsets, vec![2 * round + 1, 2 * round + 2]);
             assert_eq!(q.queued_bytes(), 0);
         }
+    }
+
+    fn offsets(items: impl IntoIterator<Item = QueueItem>) -> Vec<u64> {
+        items
+            .into_iter()
+            .map(|i| match i {
+                QueueItem::Message(m) => m.offset,
+                QueueItem::Presence(_) => 0,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_lone_item_comes_back_apart_and_a_second_one_joins_it_in_order() {
+        let q = SessionQueue::new(1 << 20);
+        let mut out = VecDeque::new();
+        // One at a time: handed back on its own, no list on either side.
+        for offset in 1..=3 {
+            assert!(q.push(&msg(offset, 10)));
+            let lone = q.swap_into(&mut out).unwrap();
+            assert_eq!(offsets(lone), vec![offset]);
+            assert!(out.is_empty() && out.capacity() == 0);
+            assert_eq!(q.queued_bytes(), 0);
+        }
+        // A second push moves the inline one into a list, first.
+        for offset in [4, 5, 6] {
+            assert!(q.push(&msg(offset, 10)));
+        }
+        assert!(q.swap_into(&mut out).unwrap().is_none());
+        assert_eq!(offsets(out.drain(..)), vec![4, 5, 6]);
+        // Into a list that already holds something, a lone item is appended after it.
+        out.push_back(QueueItem::Message(msg(7, 10)));
+        assert!(q.push(&msg(8, 10)));
+        assert!(q.swap_into(&mut out).unwrap().is_none());
+        assert_eq!(offsets(out.drain(..)), vec![7, 8]);
+        // `drain_into` takes a lone one too; an overflow drops it.
+        assert!(q.push(&msg(9, 10)));
+        let mut all = Vec::new();
+        assert!(q.drain_into(&mut all).is_ok());
+        assert_eq!(offsets(all), vec![9]);
+        let small = SessionQueue::new(100);
+        assert!(small.push(&msg(1, 90)));
+        assert!(!small.push(&msg(2, 90)));
+        assert!(matches!(
+            small.swap_into(&mut out),
+            Err(DisconnectReason::Slow)
+        ));
     }
 
     #[tokio::test]
