@@ -223,50 +223,68 @@ impl Subscription {
         let mut batch = std::mem::take(&mut self.batch);
         // A lone item comes apart from the list (`swap_into`): it is the oldest.
         let lone = self.queue.swap_into(&mut batch)?;
-        for item in lone.into_iter().chain(batch.drain(..)) {
-            let m = match item {
-                QueueItem::Message(m) => m,
-                QueueItem::Presence(e) => {
-                    if self.channels().contains(&e.channel) {
-                        f(Event::Presence(&e), &[]);
-                    }
-                    continue;
-                }
-            };
-            let Some(at) = self.cursor.get(&m.channel) else {
-                continue;
-            };
-            let gap_reason = if at.epoch != m.epoch {
-                Some(GapReason::EpochChanged)
-            } else if m.offset <= at.offset {
-                // Already replayed from history during the join.
-                continue;
-            } else if m.offset > at.offset + 1 {
-                Some(GapReason::Trimmed)
-            } else {
-                None
-            };
-            if let Some(reason) = gap_reason {
-                let gap = Gap {
-                    channel: m.channel.as_str().to_owned(),
-                    epoch: m.epoch.clone(),
-                    next_offset: m.offset,
-                    reason,
-                };
-                emit_gap(
-                    self.per_channel,
-                    &mut self.cursor,
-                    &mut self.cursor_text,
-                    &gap,
-                    &mut f,
-                );
-            }
-            self.cursor.advance(&m.channel, &m.position());
-            emit_message(single, &self.cursor, &mut self.cursor_text, &m, &mut f);
-            count += 1;
+        // Two loops, not a chain: the chained iterator's drop cost ~60 instructions per
+        // delivery on a fan-out.
+        if let Some(item) = lone {
+            count += usize::from(self.take_live(item, single, &mut f));
+        }
+        for item in batch.drain(..) {
+            count += usize::from(self.take_live(item, single, &mut f));
         }
         self.batch = batch;
         Ok(count)
+    }
+}
+
+impl Subscription {
+    /// Hands out one live item (skipping what the join already replayed, with a gap notice
+    /// before a message that does not follow); true when it was a message handed out.
+    fn take_live(
+        &mut self,
+        item: QueueItem,
+        single: bool,
+        f: &mut impl FnMut(Event<'_>, &[u8]),
+    ) -> bool {
+        let m = match item {
+            QueueItem::Message(m) => m,
+            QueueItem::Presence(e) => {
+                if self.channels().contains(&e.channel) {
+                    f(Event::Presence(&e), &[]);
+                }
+                return false;
+            }
+        };
+        let Some(at) = self.cursor.get(&m.channel) else {
+            return false;
+        };
+        let gap_reason = if at.epoch != m.epoch {
+            Some(GapReason::EpochChanged)
+        } else if m.offset <= at.offset {
+            // Already replayed from history during the join.
+            return false;
+        } else if m.offset > at.offset + 1 {
+            Some(GapReason::Trimmed)
+        } else {
+            None
+        };
+        if let Some(reason) = gap_reason {
+            let gap = Gap {
+                channel: m.channel.as_str().to_owned(),
+                epoch: m.epoch.clone(),
+                next_offset: m.offset,
+                reason,
+            };
+            emit_gap(
+                self.per_channel,
+                &mut self.cursor,
+                &mut self.cursor_text,
+                &gap,
+                f,
+            );
+        }
+        self.cursor.advance(&m.channel, &m.position());
+        emit_message(single, &self.cursor, &mut self.cursor_text, &m, f);
+        true
     }
 }
 
