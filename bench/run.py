@@ -815,6 +815,11 @@ def sweep_report(args):
         lines.append(f"| {tr} | {n:,} | {lim_txt} | {t} | " + " | ".join(cols) + f" | {ff} | "
                      f"{(f'{min(loads):.1f}–{max(loads):.1f}') if loads else '—'} | {rat} |")
     table = "\n".join(lines)
+    # Only the committed results file rewrites the docs' table and chart: a sitting kept
+    # elsewhere (a worktree's trial, a busy machine) prints its table and leaves them alone.
+    if not (getattr(args, "docs", False) or os.path.abspath(path) == os.path.abspath(SWEEP_RESULTS)):
+        print(table)
+        return
     write_section("sweep", table)
     # The plot: highest passing rate per series, Tidings beside Nchan.
     groups = sorted({(tr, n, lim) for tr, n, lim, _ in series},
@@ -941,6 +946,8 @@ def main():
     w = sub.add_parser("sweep-report", help="the table and plot from a sweep sitting")
     w.add_argument("--results", default="")
     w.add_argument("--sitting", default="", help="default: the last one in the file")
+    w.add_argument("--docs", action="store_true",
+                   help="rewrite the docs' table and chart even from another results file")
     w = sub.add_parser("perf", help="perf record one cell's server: kernel vs user, top symbols")
     w.add_argument("--cell", default="long-poll-1k")
     w.add_argument("--targets", default="tidings,nchan,floor")
