@@ -8,7 +8,7 @@
 # See docs/fuzzing.md for what each target checks and for long runs by hand.
 #
 # Environment:
-#   FUZZ_TARGETS    targets to run (default: all ten)
+#   FUZZ_TARGETS    targets to run (default: all eleven)
 #   FUZZ_BUILD      release (default; optimized, with debug assertions) or dev (unoptimized:
 #                   a cheaper build, ~2.5 CPU-minutes against ~4, fuzzes ~20x slower; CI's)
 #   FUZZ_SANITIZER  none (default: the project forbids unsafe code) or address
@@ -27,7 +27,7 @@ if ! [[ $budget =~ ^[0-9]+$ ]] || ((budget < 1)); then
     echo "usage: scripts/fuzz.sh [SECONDS]  (SECONDS per target, default 20)" >&2
     exit 2
 fi
-read -r -a targets <<<"${FUZZ_TARGETS:-cursor_decode ws_request config_parse h1_head ws_frames pusher_frames publish_body ws_session jwt redis_resp}"
+read -r -a targets <<<"${FUZZ_TARGETS:-cursor_decode ws_request config_parse h1_head ws_frames pusher_frames publish_body ws_session jwt redis_resp tls}"
 build=${FUZZ_BUILD:-release}
 sanitizer=${FUZZ_SANITIZER:-none}
 

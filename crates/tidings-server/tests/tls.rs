@@ -512,3 +512,85 @@ async fn bytes_that_are_not_tls_an_oversized_record_and_a_forged_one_end_only_th
     let out = read_until(&mut good, "HTTP/1.1 200", 1).await;
     assert!(out.starts_with("HTTP/1.1 200"), "{out}");
 }
+
+/// rustls does not remember a record that failed to decrypt: the sequence number did not
+/// move, so the client's next genuine record decrypts under the same keys. The stream must
+/// remember it instead (found by the `tls` fuzz target): after the error its reader gets
+/// errors, not the next record, its writer is refused, and the client gets the fatal alert.
+/// The server's stream runs here by itself over a real socket, because the server's own
+/// readers stop at the first error and could not show a read after it.
+#[tokio::test]
+async fn after_a_record_that_does_not_decrypt_the_stream_reads_and_writes_nothing_more_not_even_the_clients_next_genuine_record()
+ {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (chain, key) = tidings_server::tls::self_signed().unwrap();
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let config = rustls::ServerConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(chain.clone(), key)
+        .unwrap();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = tokio::spawn(async move {
+        let (tcp, _) = listener.accept().await.unwrap();
+        let mut tls = tidings_server::net::tls::accept(tcp, Arc::new(config))
+            .await
+            .unwrap();
+        let mut buf = [0u8; 64];
+        let mut got = Vec::new();
+        while got.len() < 5 {
+            let n = tls.read(&mut buf).await.unwrap();
+            assert!(n > 0, "the end before the first record");
+            got.extend_from_slice(&buf[..n]);
+        }
+        assert_eq!(got, b"first");
+        let err = tls.read(&mut buf).await.expect_err("the forged record");
+        assert_eq!(err.kind(), std::io::ErrorKind::InvalidData, "{err}");
+        let again = tls.read(&mut buf).await;
+        assert!(
+            again.is_err(),
+            "read after the error: {again:?} ({:?})",
+            again
+                .as_ref()
+                .map(|&n| String::from_utf8_lossy(&buf[..n]).into_owned())
+        );
+        let wrote = tls.write(b"reply").await;
+        assert!(wrote.is_err(), "written after the error: {wrote:?}");
+    });
+
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(chain[0].clone()).unwrap();
+    let client_config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut client = tokio_rustls::TlsConnector::from(Arc::new(client_config))
+        .connect(ServerName::try_from("localhost").unwrap(), tcp)
+        .await
+        .unwrap();
+    client.write_all(b"first").await.unwrap();
+    client.flush().await.unwrap();
+    let mut forged = vec![0x17, 0x03, 0x03, 0x00, 0x40];
+    forged.extend((0..0x40u8).map(|i| i.wrapping_mul(37)));
+    client.get_mut().0.write_all(&forged).await.unwrap();
+    client.write_all(b"second").await.unwrap();
+    client.flush().await.unwrap();
+
+    tokio::time::timeout(common::TIMEOUT, server)
+        .await
+        .expect("the server's stream answered within the timeout")
+        .unwrap();
+    let mut buf = [0u8; 64];
+    let read = tokio::time::timeout(common::TIMEOUT, client.read(&mut buf))
+        .await
+        .expect("the client heard back");
+    let err = read.expect_err("the server's alert, not data");
+    assert!(
+        err.to_string().contains("BadRecordMac"),
+        "the alert for a record that does not decrypt: {err}"
+    );
+}

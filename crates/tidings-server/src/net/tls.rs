@@ -19,8 +19,9 @@
 //!
 //! What stays as it was: the handshake (ALPN h2 / http/1.1, under the listener's timeout),
 //! close_notify on shutdown, a fatal alert on a bad record (sent best-effort before the error
-//! is returned), TLS 1.2 and 1.3 alike, an end of stream without close_notify read as
-//! `UnexpectedEof` (what `tokio_rustls` reports). Early data is not enabled, so none arrives.
+//! is returned; the stream ends there, both ways, which rustls alone would not do), TLS 1.2
+//! and 1.3 alike, an end of stream without close_notify read as `UnexpectedEof` (what
+//! `tokio_rustls` reports). Early data is not enabled, so none arrives.
 //!
 //! Back-pressure: a write is taken only once everything encrypted before it is out, so at
 //! most one write's records (`WRITE_MAX` of plaintext) wait here; the write deadline
@@ -51,19 +52,22 @@ pub type Acceptor = Arc<rustls::ServerConfig>;
 /// TLS bytes read from the socket at once: the largest record rustls accepts (16 KiB of
 /// plaintext, 2 KiB of expansion, the 5-byte header), so a whole record is decrypted from
 /// the stack.
-const READ_CHUNK: usize = 16 * 1024 + 2048 + 5;
+pub const READ_CHUNK: usize = 16 * 1024 + 2048 + 5;
 /// Plaintext encrypted per write: four full records.
-const WRITE_MAX: usize = 64 * 1024;
+pub const WRITE_MAX: usize = 64 * 1024;
 /// A vectored write up to this is encrypted as one record (an HTTP chunk's size line, its
 /// data and its CRLF), through a copy on the stack; larger ones record by slice.
 const JOIN_MAX: usize = 4096;
 /// What a record adds to its plaintext, at most (header, explicit nonce, content type, tag).
-const RECORD_OVERHEAD: usize = 5 + 8 + 1 + 16;
-const RECORD_PLAINTEXT: usize = 16 * 1024;
+pub const RECORD_OVERHEAD: usize = 5 + 8 + 1 + 16;
+pub const RECORD_PLAINTEXT: usize = 16 * 1024;
 
 /// Runs the TLS handshake on `io`; the stream is ready for HTTP once it returns. The caller
 /// bounds the time (`listener::TLS_HANDSHAKE_TIMEOUT`).
-pub async fn accept(io: Conn, config: Acceptor) -> io::Result<TlsStream> {
+pub async fn accept<S: AsyncRead + AsyncWrite + Unpin>(
+    io: S,
+    config: Acceptor,
+) -> io::Result<TlsStream<S>> {
     let conn = UnbufferedServerConnection::new(config).map_err(io::Error::other)?;
     let mut tls = TlsStream {
         io,
@@ -82,9 +86,21 @@ pub async fn accept(io: Conn, config: Acceptor) -> io::Result<TlsStream> {
     Ok(tls)
 }
 
-/// A TLS connection after its handshake.
-pub struct TlsStream {
-    io: Conn,
+/// What a stream holds between calls, in bytes (`TlsStream::held`).
+#[doc(hidden)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Held {
+    pub incoming: usize,
+    pub unprocessed: bool,
+    pub plain: usize,
+    /// Encrypted and not yet taken by the socket.
+    pub outgoing: usize,
+}
+
+/// A TLS connection after its handshake: over a socket (`Conn`), or over an in-memory pipe
+/// in the fuzz target (`fuzz/fuzz_targets/tls.rs`).
+pub struct TlsStream<S = Conn> {
+    io: S,
     /// TLS bytes received and not yet processed: a record still arriving, or records a reader
     /// had no room for (`unprocessed`). Empty, and unallocated, otherwise.
     incoming: Vec<u8>,
@@ -102,7 +118,10 @@ pub struct TlsStream {
 /// buffer that is not ours (the stack chunk) or from `incoming` alike.
 struct Core {
     conn: UnbufferedServerConnection,
-    /// Plaintext decrypted and not yet read (a record larger than the reader's room).
+    /// Plaintext decrypted and not yet read: the rest of a record larger than the reader's
+    /// room, or, when a write comes while whole records wait in `incoming` for a reader's
+    /// room, all of theirs (rustls processes every record it is given before it encrypts),
+    /// so less than `READ_CHUNK` and one record.
     plain: BytesMut,
     /// Records encrypted (or handshake messages, alerts) not yet all written.
     outgoing: Vec<u8>,
@@ -116,6 +135,9 @@ enum ReadEnd {
     Closed,
     /// The socket ended without one.
     Eof,
+    /// A TLS error (a record that does not decrypt, a message out of place): the stream is
+    /// over both ways, whoever reads or writes next.
+    Failed,
 }
 
 /// Where processing stopped.
@@ -183,8 +205,15 @@ fn keep(buf: &mut BytesMut, data: &[u8]) {
     buf.extend_from_slice(data);
 }
 
+/// Every TLS error is `InvalidData`, and no other error here is: `write_traffic` tells them
+/// apart by that.
 fn tls_error(e: rustls::Error) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, e)
+}
+
+/// What a read or write gets once the stream has failed.
+fn failed() -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, "TLS: the stream failed")
 }
 
 impl Core {
@@ -316,10 +345,22 @@ fn keep_written<E: std::fmt::Display>(
     }
 }
 
-impl TlsStream {
+impl<S: AsyncRead + AsyncWrite + Unpin> TlsStream<S> {
     /// The protocol ALPN chose (`h2`, `http/1.1`), if any.
     pub fn alpn_protocol(&self) -> Option<&[u8]> {
         self.core.conn.alpn_protocol()
+    }
+
+    /// What the stream holds between calls: the fuzz target (`fuzz/fuzz_targets/tls.rs`)
+    /// checks it against the bounds above.
+    #[doc(hidden)]
+    pub fn held(&self) -> Held {
+        Held {
+            incoming: self.incoming.len(),
+            unprocessed: self.unprocessed,
+            plain: self.core.plain.len(),
+            outgoing: self.core.outgoing.len() - self.sent,
+        }
     }
 
     fn poll_handshake(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -369,6 +410,9 @@ impl TlsStream {
         &mut self,
         f: impl FnOnce(&mut WriteTraffic<'_, ServerConnectionData>, &mut Vec<u8>) -> io::Result<R>,
     ) -> io::Result<R> {
+        if self.core.read_end == ReadEnd::Failed {
+            return Err(failed());
+        }
         let mut f = Some(f);
         loop {
             let UnbufferedStatus { mut discard, state } =
@@ -424,6 +468,13 @@ impl TlsStream {
                 if self.incoming.is_empty() {
                     self.incoming = Vec::new();
                 }
+                if let Err(e) = &done
+                    && e.kind() == io::ErrorKind::InvalidData
+                {
+                    // A bad record among those processed: the alert goes out with the next
+                    // send (the caller's), and the stream is over.
+                    self.broken();
+                }
                 return done;
             }
         }
@@ -438,13 +489,29 @@ impl TlsStream {
     }
 
     /// After a TLS error: the alert rustls has for the peer goes out if the socket takes it
-    /// now; the error is returned either way.
+    /// now; the error is returned either way, and the stream is over. rustls does not
+    /// remember a record that failed to decrypt (the next one may decrypt under the same
+    /// keys), so this stream does: nothing is read or written after the error and the alert,
+    /// and plaintext still waiting in `plain` is dropped (a read that met the error gives
+    /// what it decrypted before the bad record: `read_failed`).
     fn fail(&mut self, cx: &mut Context<'_>, e: io::Error) -> io::Error {
-        self.queue_alert();
+        self.broken();
         let _ = self.poll_send(cx);
+        e
+    }
+
+    /// The stream is over after a TLS error: the alert is queued, and nothing is processed
+    /// again (rustls would answer the same bad record with a second fatal alert).
+    fn broken(&mut self) {
+        if self.core.read_end == ReadEnd::Failed {
+            return;
+        }
+        self.queue_alert();
+        self.core.read_end = ReadEnd::Failed;
+        self.write_closed = true;
         self.incoming = Vec::new();
         self.unprocessed = false;
-        e
+        self.core.plain = BytesMut::new();
     }
 
     /// Writes what is encrypted until the socket has all of it, then frees the buffer.
@@ -484,7 +551,7 @@ impl TlsStream {
                 }
                 match result {
                     Ok(stop) => self.unprocessed = matches!(stop, Stop::Full),
-                    Err(e) => return Poll::Ready(Err(self.fail(cx, e))),
+                    Err(e) => return Poll::Ready(self.read_failed(cx, e, sink)),
                 }
                 if let Some(ready) = self.settled(cx, sink) {
                     return ready;
@@ -494,6 +561,7 @@ impl TlsStream {
                 ReadEnd::Open => {}
                 ReadEnd::Closed => return Poll::Ready(Ok(())),
                 ReadEnd::Eof => return Poll::Ready(Err(io::ErrorKind::UnexpectedEof.into())),
+                ReadEnd::Failed => return Poll::Ready(Err(failed())),
             }
             let mut chunk = [MaybeUninit::<u8>::uninit(); READ_CHUNK];
             let mut read = ReadBuf::uninit(&mut chunk);
@@ -527,12 +595,19 @@ impl TlsStream {
             let _ = done;
             match result {
                 Ok(stop) => self.unprocessed = matches!(stop, Stop::Full),
-                Err(e) => return Poll::Ready(Err(self.fail(cx, e))),
+                Err(e) => return Poll::Ready(self.read_failed(cx, e, sink)),
             }
             if let Some(ready) = self.settled(cx, sink) {
                 return ready;
             }
         }
+    }
+
+    /// A read met a TLS error. What decrypted before the bad record (in the same read) is the
+    /// peer's and is given now; the error comes with the next read (`ReadEnd::Failed`).
+    fn read_failed(&mut self, cx: &mut Context<'_>, e: io::Error, sink: &Sink) -> io::Result<()> {
+        let e = self.fail(cx, e);
+        if sink.given > 0 { Ok(()) } else { Err(e) }
     }
 
     /// After records were processed: sends what rustls queued (an answer to a key update),
@@ -569,6 +644,13 @@ impl TlsStream {
         Poll::Ready(Ok(sink.given))
     }
 
+    /// A write found a TLS error in the records it had to process first (`write_traffic`
+    /// ended the stream): the alert goes out if the socket takes it now.
+    fn write_failed(&mut self, cx: &mut Context<'_>, e: io::Error) -> io::Error {
+        let _ = self.poll_send(cx);
+        e
+    }
+
     /// Encrypts `data` (up to `WRITE_MAX` of it) once what was encrypted before is out.
     fn poll_encrypt(&mut self, cx: &mut Context<'_>, data: &[&[u8]]) -> Poll<io::Result<usize>> {
         if self.write_closed {
@@ -586,11 +668,13 @@ impl TlsStream {
                 joined[at..at + d.len()].copy_from_slice(d);
                 at += d.len();
             }
-            self.write_traffic(|t, out| encrypt_into(t, &joined[..at], out))?;
+            if let Err(e) = self.write_traffic(|t, out| encrypt_into(t, &joined[..at], out)) {
+                return Poll::Ready(Err(self.write_failed(cx, e)));
+            }
             total
         } else {
             let mut left = WRITE_MAX;
-            self.write_traffic(|t, out| {
+            let encrypted = self.write_traffic(|t, out| {
                 for d in data {
                     let d = &d[..d.len().min(left)];
                     if !d.is_empty() {
@@ -599,7 +683,10 @@ impl TlsStream {
                     }
                 }
                 Ok(())
-            })?;
+            });
+            if let Err(e) = encrypted {
+                return Poll::Ready(Err(self.write_failed(cx, e)));
+            }
             WRITE_MAX - left
         };
         // Started now; what the socket does not take yet goes out at the next write or flush.
@@ -610,7 +697,7 @@ impl TlsStream {
     }
 }
 
-impl AsyncRead for TlsStream {
+impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for TlsStream<S> {
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -627,7 +714,7 @@ impl AsyncRead for TlsStream {
     }
 }
 
-impl AsyncWrite for TlsStream {
+impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for TlsStream<S> {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -696,7 +783,7 @@ impl AsyncWrite for TlsStream {
 /// The lean path reads through the same buffers (`h1::Socket`). Boxed: the connection's
 /// task then holds a pointer, not rustls' state inline (kept twice, were it moved into a
 /// WebSocket session later).
-impl crate::net::h1::Socket for Box<TlsStream> {
+impl<S: AsyncRead + AsyncWrite + Unpin + Send> crate::net::h1::Socket for Box<TlsStream<S>> {
     fn poll_read_more(
         &mut self,
         cx: &mut Context<'_>,
