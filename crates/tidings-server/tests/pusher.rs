@@ -1094,3 +1094,35 @@ async fn a_reload_keeps_unchanged_apps_closes_changed_ones_4200_removed_ones_400
     assert!(err.to_string().contains("disabled"), "{err}");
     server.shutdown().await;
 }
+
+/// Shutdown reaches Pusher sockets the way it reaches `/ws` sessions: through their queues,
+/// in the hub's one pass (`lifecycle::follow`), not a shutdown wait of their own. Each one,
+/// idle or following a channel, is watched by the hub while it is open and closed with 4100
+/// ("Server is restarting": pusher-js retries after a second) when the server stops.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_shutdown_every_pusher_socket_is_closed_with_4100_through_the_hubs_one_pass() {
+    let server = pusher_server().await;
+    let mut idle = Raw::connect(&server, "/app/app-key?protocol=7").await;
+    let mut following = Raw::connect(&server, "/app/app-key?protocol=7").await;
+    following
+        .send(json!({"event": "pusher:subscribe", "data": {"channel": "news"}}))
+        .await;
+    following
+        .next_event("pusher_internal:subscription_succeeded")
+        .await;
+    let hub = server.state.node.hub.clone();
+    tidings_testkit::eventually(
+        "both sockets watched by the hub",
+        TIMEOUT,
+        std::time::Duration::from_millis(10),
+        async || hub.watched() == 2,
+    )
+    .await;
+    let stopping = tokio::spawn(server.shutdown());
+    assert_eq!(close_code(&mut idle).await, 4100);
+    assert_eq!(close_code(&mut following).await, 4100);
+    tokio::time::timeout(TIMEOUT, stopping)
+        .await
+        .expect("the server stopped")
+        .unwrap();
+}

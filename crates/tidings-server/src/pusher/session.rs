@@ -10,10 +10,11 @@
 //! closed port and leaves the client "unavailable" for pusher-js' 10 s timeout.
 //!
 //! Concurrency: as in `transport/websocket.rs`, one task owns the socket and the
-//! `Subscription` and waits on everything at once (socket, queue, timer, kill, shutdown,
-//! termination). Frames in are handled in order; a client event awaits its publish before
-//! the next frame is read. Frames out go to one buffer written with as few calls as the kernel
-//! takes. The app's registry (`tidings_pusher::registry`, cluster-wide through its roster) is
+//! `Subscription` and waits on everything at once (socket, queue, timer, kill, termination).
+//! Shutdown reaches it through its queue, in the hub's one pass over every session
+//! (`lifecycle::follow`), as it reaches `/ws` sessions: no shutdown wait of its own. Frames
+//! in are handled in order; a client event awaits its publish before the next frame is read.
+//! Frames out go to one buffer written with as few calls as the kernel takes. The app's registry (`tidings_pusher::registry`, cluster-wide through its roster) is
 //! touched on subscribe, unsubscribe and close only, never per delivered message; the
 //! per-message path copies one cached frame and compares the socket id it names, if any
 //! (the `socket_id` a trigger excludes, a client event's sender: carried in the message, so
@@ -151,9 +152,12 @@ fn setup(
         }
     };
     let kill = CancellationToken::new();
-    let sub = state
+    let mut sub = state
         .node
         .session(state.config().server.queue_max_bytes, true, None);
+    // Shutdown ends the queue (`drain` and `cut` say `Shutdown`); a reload only wakes it
+    // (what a reload changes for Pusher, its apps, comes through `terminated`).
+    crate::lifecycle::follow(&state, &mut sub);
     {
         let kill = kill.clone();
         sub.on_overflow(move || kill.cancel());
@@ -248,7 +252,6 @@ impl Session {
     async fn run(&mut self) {
         let mut check = tokio::time::interval_at(Instant::now() + CHECK_EVERY, CHECK_EVERY);
         check.set_missed_tick_behavior(MissedTickBehavior::Delay);
-        let shutdown = self.state.shutdown.clone();
         let (kill, terminated) = (self.kill.clone(), self.terminated.clone());
         let mut next = if self.ws.rbuf.is_empty() {
             Next::Continue
@@ -273,7 +276,6 @@ impl Session {
                     code::RECONNECT => Next::Goodbye(code::RECONNECT, "App settings changed: reconnect"),
                     _ => Next::Goodbye(code::UNAUTHORIZED, "Connection terminated by the app"),
                 },
-                _ = shutdown.cancelled() => Next::Goodbye(code::OVER_CAPACITY, "Server is restarting"),
                 r = self.ws.io.read_more(&mut self.ws.rbuf) => match r {
                     Ok(0) | Err(_) => Next::Gone,
                     Ok(_) => Box::pin(self.handle_input()).await,
@@ -299,11 +301,14 @@ impl Session {
 
     async fn flush(&mut self) -> Next {
         let timeout = self.state.config().server.write_timeout;
-        let (kill, shutdown) = (self.kill.clone(), self.state.shutdown.clone());
+        let (kill, sub) = (self.kill.clone(), &self.sub);
         let stop = async {
             tokio::select! {
                 _ = kill.cancelled() => (code::OVER_CAPACITY, "Client too slow: queue overflowed"),
-                _ = shutdown.cancelled() => (code::OVER_CAPACITY, "Server is restarting"),
+                reason = sub.cut() => match reason {
+                    tidings_core::DisconnectReason::Shutdown => (code::OVER_CAPACITY, "Server is restarting"),
+                    _ => (code::OVER_CAPACITY, "Client too slow: queue overflowed"),
+                },
             }
         };
         match self.ws.flush(timeout, stop).await {
