@@ -296,11 +296,15 @@ async fn stream<S: Service>(
     let Ok(mut out) = respond.send_response(head(parts), false) else {
         return;
     };
-    futures_util::future::join_all(
-        pushes
-            .into_iter()
-            .map(|(mut out, body, _open)| async move { send_body(&mut out, body).await }),
-    )
+    // Each pushed stream counts in `PushRoom` until its body is queued whole: the guard
+    // moves into the future that sends it (bound as `_open` in the closure alone, it was
+    // dropped as the future was made, before a byte was sent). Queued, not flushed: `h2`
+    // tells a sender nothing when END_STREAM has gone out, so for what is still in its send
+    // buffer the room is up to one page's pushes generous; `push` copes with a refusal.
+    futures_util::future::join_all(pushes.into_iter().map(|(mut out, body, open)| async move {
+        send_body(&mut out, body).await;
+        drop(open);
+    }))
     .await;
     send_body(&mut out, body).await;
 }
