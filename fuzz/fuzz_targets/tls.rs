@@ -5,7 +5,7 @@
 //!
 //! The first byte picks the start: arbitrary bytes from the first one (a forged ClientHello,
 //! or anything), or a real rustls client's handshake (TLS 1.3 or 1.2, its bytes cut into
-//! pieces of a size the input picks). Then operations follow, each an opcode and its
+//! pieces of a size the input picks). Then up to 128 operations, each an opcode and its
 //! arguments: arbitrary bytes, the real client's data, key update or close_notify, the end of
 //! the socket, server reads (through `AsyncRead` or the lean path's `h1::Socket`, with any
 //! room), server writes (plain or vectored), flush, shutdown, how much the socket takes, and
@@ -503,7 +503,7 @@ fuzz_target!(|data: &[u8]| {
     let mut ops = 0;
     while let Some(op) = input.u8() {
         ops += 1;
-        if ops > 256 {
+        if ops > 128 {
             break;
         }
         let what = match op % 13 {
