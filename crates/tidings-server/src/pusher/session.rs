@@ -747,3 +747,51 @@ fn split_except(cached: &[u8]) -> Option<(&[u8], &[u8])> {
 fn wsframe_policy() -> u16 {
     crate::transport::websocket::close::POLICY
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+    use crate::config::Config;
+
+    /// What a parked Pusher socket's session future holds (the `Session` and the wait in
+    /// `run`), measured with `size_of_val`, so exact (docs/benchmarks.md, *Idle memory*).
+    #[tokio::test]
+    async fn a_parked_pusher_session_stays_small() {
+        let mut config = Config::default();
+        config.pusher.apps.push(tidings_pusher::AppConfig {
+            id: "1001".into(),
+            key: "app-key".into(),
+            secret: tidings_pusher::config::AppSecret("secret".into()),
+            client_events: true,
+            max_connections: 0,
+            max_event_bytes: tidings_pusher::config::DEFAULT_MAX_EVENT_BYTES,
+            webhook_url: None,
+            webhook_ca_file: None,
+        });
+        let state = AppState::new(config).unwrap();
+        let app = state.pusher.by_key("app-key");
+        assert!(app.is_some());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let _client = tokio::net::TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (socket, _) = listener.accept().await.unwrap();
+        let io = WsIo::Tcp(crate::net::deadline::Deadline::new(
+            socket,
+            std::time::Duration::from_secs(1),
+        ));
+        let session = run(state, app, Ok(()), io, Bytes::new());
+        let size = std::mem::size_of_val(&session);
+        eprintln!("a parked Pusher session: {size} bytes");
+        assert!(
+            size <= SESSION_BOUND,
+            "a parked Pusher session is {size} bytes (bound {SESSION_BOUND})"
+        );
+    }
+
+    /// Today: 1,312 bytes in a debug build (1,320 with a shutdown wait of its own in the
+    /// session's select and its flush).
+    const SESSION_BOUND: usize = 1360;
+}
