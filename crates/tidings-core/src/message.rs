@@ -151,7 +151,7 @@ pub fn write_json_str(out: &mut BytesMut, s: &str) {
 }
 
 /// Slots a transport may use to cache its own per-message frame (see `Message::cached_frame`).
-pub const FRAME_SLOTS: usize = 7;
+pub const FRAME_SLOTS: usize = 6;
 
 pub struct Message {
     pub channel: ChannelName,
@@ -167,12 +167,18 @@ pub struct Message {
     frames: [OnceLock<Bytes>; FRAME_SLOTS],
 }
 
-/// The envelope with the message's own cursor; `all[head..tail]` is that cursor.
+/// The envelope with the message's own cursor, inside the one-message poll reply that holds
+/// it: `all` is `{"messages":[` envelope `],"cursor":"` cursor `","gaps":[]}`, the envelope
+/// is `all[POLL_START.len()..end]` and the cursor inside it is `all[head..tail]`. One buffer
+/// for both (issue 17): each was a buffer and its sharing, per message.
 struct EnvelopeParts {
     all: Bytes,
     head: usize,
     tail: usize,
+    end: usize,
 }
+
+const POLL_START: &[u8] = b"{\"messages\":[";
 
 impl fmt::Debug for Message {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -219,17 +225,19 @@ impl Message {
         self.data.len() + 160
     }
 
-    /// The envelope with this message's own cursor, written once into one buffer whose
-    /// slices are the parts (two allocations: the buffer and its sharing; issue 17).
+    /// The envelope with this message's own cursor and the poll reply around it, written
+    /// once into one buffer whose slices are the parts (two allocations: the buffer and its
+    /// sharing; issue 17).
     fn parts(&self) -> &EnvelopeParts {
         self.envelope.get_or_init(|| {
             let cursor = self.cursor();
             let (channel, epoch) = (self.channel.as_str(), self.epoch.as_str());
             let event = self.event.as_ref().map_or(0, |e| e.as_str().len() + 11);
             let mut out = BytesMut::with_capacity(
-                128 + channel.len() + epoch.len() + cursor.len() + event + self.data.len(),
+                160 + channel.len() + epoch.len() + 2 * cursor.len() + event + self.data.len(),
             );
             let mut number = itoa::Buffer::new();
+            out.put_slice(POLL_START);
             out.put_slice(b"{\"channel\":\"");
             out.put_slice(channel.as_bytes());
             out.put_slice(b"\",\"offset\":");
@@ -254,10 +262,15 @@ impl Message {
             out.put_slice(b",\"time\":");
             out.put_slice(number.format(self.time).as_bytes());
             out.put_u8(b'}');
+            let end = out.len();
+            out.put_slice(b"],\"cursor\":\"");
+            out.put_slice(cursor);
+            out.put_slice(b"\",\"gaps\":[]}");
             EnvelopeParts {
                 all: out.freeze(),
                 head,
                 tail,
+                end,
             }
         })
     }
@@ -271,7 +284,7 @@ impl Message {
     /// Appends the envelope with the given cursor text (a subscription's cursor).
     pub fn write_envelope(&self, out: &mut BytesMut, cursor: &[u8]) {
         let p = self.parts();
-        let (head, tail) = (&p.all[..p.head], &p.all[p.tail..]);
+        let (head, tail) = (&p.all[POLL_START.len()..p.head], &p.all[p.tail..p.end]);
         out.reserve(head.len() + cursor.len() + tail.len());
         out.put_slice(head);
         out.put_slice(cursor);
@@ -280,6 +293,14 @@ impl Message {
 
     /// The envelope with this message's own cursor, encoded once and shared.
     pub fn envelope(&self) -> Bytes {
+        let p = self.parts();
+        p.all.slice(POLL_START.len()..p.end)
+    }
+
+    /// A poll's whole reply when this message is all it answers, with its own cursor and no
+    /// gaps (SPEC §3: `{"messages":[envelope],"cursor":"…","gaps":[]}`): what every held
+    /// one-channel poll of the channel answers, shared, in the envelope's own buffer.
+    pub fn poll_reply(&self) -> Bytes {
         self.parts().all.clone()
     }
 
@@ -331,6 +352,22 @@ mod tests {
         let v: serde_json::Value = serde_json::from_slice(&m.envelope()).unwrap();
         assert_eq!(v["data"], "AP8=");
         assert_eq!(v["encoding"], "base64");
+    }
+
+    #[test]
+    fn the_poll_reply_holds_the_envelope_and_the_cursor() {
+        let m = msg(Data::Json(Bytes::from_static(b"[1]")), Some("msg"));
+        let mut expected = b"{\"messages\":[".to_vec();
+        expected.extend_from_slice(&m.envelope());
+        expected.extend_from_slice(b"],\"cursor\":\"");
+        expected.extend_from_slice(m.cursor());
+        expected.extend_from_slice(b"\",\"gaps\":[]}");
+        assert_eq!(&m.poll_reply()[..], &expected[..]);
+        let mut written = BytesMut::new();
+        m.write_envelope(&mut written, b"XYZ");
+        let v: serde_json::Value = serde_json::from_slice(&written).unwrap();
+        assert_eq!(v["cursor"], "XYZ");
+        assert_eq!(v["time"], 1_732_200_000_123u64);
     }
 
     #[test]

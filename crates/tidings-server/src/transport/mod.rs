@@ -42,7 +42,8 @@ impl TransportKind {
     }
 }
 
-/// `Message::cached_frame` slots, one per transport framing that can be shared.
+/// `Message::cached_frame` slots, one per transport framing that can be shared. (A poll's
+/// one-message reply has none: `Message::poll_reply` keeps it with the envelope.)
 pub mod frame_slot {
     pub const SSE_RAW: usize = 0;
     pub const SSE_ENVELOPE: usize = 1;
@@ -51,6 +52,4 @@ pub mod frame_slot {
     pub const WS_RAW: usize = 4;
     /// A Pusher protocol event (`crate::pusher`).
     pub const PUSHER: usize = 5;
-    /// A long poll's whole reply to this one message (`short_poll::shared_body`).
-    pub const POLL_REPLY: usize = 6;
 }

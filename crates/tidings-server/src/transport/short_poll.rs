@@ -23,7 +23,7 @@ use crate::metrics::SessionGauge;
 use crate::net::reply::{Reply, ReplyBody, Text};
 use crate::net::{Answer, Headers};
 use crate::state::AppState;
-use crate::transport::{TransportKind, frame_slot, long_poll, params};
+use crate::transport::{TransportKind, long_poll, params};
 
 /// The JSON reply being assembled: envelopes are written straight into the buffer that
 /// becomes the body (no copy of a replay on its way out). A reply holds at most one page of
@@ -31,9 +31,10 @@ use crate::transport::{TransportKind, frame_slot, long_poll, params};
 ///
 /// One pass for many pollers (issue 17): when a message reaches a channel with N held
 /// one-channel polls, each of them answers with exactly the same bytes — the message, its
-/// own cursor, no gaps. That body is encoded once per message (`shared_body`, cached on the
-/// message) and every poller's answer shares it; a poller only writes its response head.
-/// So the first message is held back (`only`) until the reply turns out to need more.
+/// own cursor, no gaps. That body is encoded once per message (`shared_body`, kept with the
+/// message's envelope) and every poller's answer shares it; a poller only writes its
+/// response head. So the first message is held back (`only`) until the reply turns out to
+/// need more.
 pub struct PollReply {
     messages: BytesMut,
     count: usize,
@@ -154,17 +155,11 @@ fn write_only(messages: &mut BytesMut, only: &mut Option<Arc<Message>>) {
 }
 
 /// A one-message poll reply with the message's own cursor and no gaps: what every held
-/// one-channel poll of the channel answers when it arrives (encoded once, cached on the
-/// message; byte for byte what `PollReply::into_body` writes for it).
+/// one-channel poll of the channel answers when it arrives (encoded once with the message's
+/// envelope, in its buffer: `Message::poll_reply`; byte for byte what
+/// `PollReply::into_body` writes for it, as a test checks).
 fn shared_body(m: &Message) -> Bytes {
-    let cursor = m.cursor();
-    let mut body = BytesMut::with_capacity(REPLY_ROOM + 2 * cursor.len() + m.data.len());
-    body.put_slice(REPLY_START);
-    m.write_envelope(&mut body, cursor);
-    body.put_slice(b"],\"cursor\":\"");
-    body.put_slice(cursor);
-    body.put_slice(b"\",\"gaps\":[]}");
-    body.freeze()
+    m.poll_reply()
 }
 
 /// What a poll answers: now, or (a long poll with nothing yet) when its wait ends.
@@ -248,7 +243,7 @@ fn finish(
     // be promoted to shared bytes for it, an allocation per message).
     let (body, etag) = match reply.shared().filter(|_| goodbye.is_none()) {
         Some(m) => (
-            ReplyBody::Shared(m.cached_frame(frame_slot::POLL_REPLY, shared_body).clone()),
+            ReplyBody::Shared(shared_body(m)),
             Text::quoted_inline(m.cursor()).unwrap_or_else(|| Text::Quoted(m.cursor().clone())),
         ),
         None => {
