@@ -13,7 +13,9 @@
 //! - `publish`: one `POST /publish/{channel}` with a 100-byte text body, no subscriber;
 //! - `long-poll round trip`: a held `GET /poll/{channel}?wait=10` answered by one publish
 //!   from a second connection — the counts are for both requests together, and the line
-//!   below subtracts a plain publish to give the poll's own share.
+//!   below subtracts a plain publish to give the poll's own share;
+//! - `… resuming from its cursor`: the same, each poll with `&since=` the cursor (`ETag`) of
+//!   the answer before it, as a long-poll client (`tidings bench`, the JS client) polls.
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
@@ -191,7 +193,11 @@ fn main() {
 
     // Long-poll round trip: the poll is held (its session counted), then a publish answers it.
     let held = || state.metrics.connections[TransportKind::LongPoll as usize].load(Relaxed);
-    let round = |poller: &mut TcpStream, publisher: &mut TcpStream, buf: &mut Vec<u8>| {
+    let round = |poller: &mut TcpStream,
+                 publisher: &mut TcpStream,
+                 buf: &mut Vec<u8>,
+                 poll: &str|
+     -> String {
         poller.write_all(poll.as_bytes()).expect("writing");
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
         while held() == 0 {
@@ -205,19 +211,20 @@ fn main() {
         while held() != 0 {
             std::thread::yield_now();
         }
+        res
     };
     for _ in 0..100 {
-        round(&mut poller, &mut publisher, &mut buf);
+        round(&mut poller, &mut publisher, &mut buf, poll);
     }
     let before = snapshot();
     for _ in 0..rounds {
-        round(&mut poller, &mut publisher, &mut buf);
+        round(&mut poller, &mut publisher, &mut buf, poll);
     }
     let after = snapshot();
     if std::env::var_os("ALLOC_TRACE").is_some() {
         eprintln!("--- one long-poll round trip");
         TRACING.store(true, Relaxed);
-        round(&mut poller, &mut publisher, &mut buf);
+        round(&mut poller, &mut publisher, &mut buf, poll);
         TRACING.store(false, Relaxed);
     }
     let trip_allocs = (after.0 - before.0) as f64 / rounds as f64;
@@ -227,5 +234,41 @@ fn main() {
         "  of which the poll     {:6.1} allocations  {:8.0} bytes",
         trip_allocs - publish_allocs,
         trip_bytes - publish_bytes
+    );
+
+    // The same, resuming: each poll names the cursor its last answer gave (the client
+    // builds the text, uncounted).
+    let resuming = |res: &str| {
+        let etag = res
+            .lines()
+            .find_map(|l| l.strip_prefix("etag: "))
+            .expect("a poll answer has an ETag");
+        format!(
+            "GET /poll/bench?wait=10&since={} HTTP/1.1\r\nhost: bench\r\n\r\n",
+            etag.trim().trim_matches('"')
+        )
+    };
+    let mut next = resuming(&round(&mut poller, &mut publisher, &mut buf, poll));
+    for _ in 0..100 {
+        next = resuming(&round(&mut poller, &mut publisher, &mut buf, &next));
+    }
+    let before = snapshot();
+    for _ in 0..rounds {
+        next = resuming(&round(&mut poller, &mut publisher, &mut buf, &next));
+    }
+    let after = snapshot();
+    if std::env::var_os("ALLOC_TRACE").is_some() {
+        eprintln!("--- one long-poll round trip resuming from its cursor");
+        TRACING.store(true, Relaxed);
+        round(&mut poller, &mut publisher, &mut buf, &next);
+        TRACING.store(false, Relaxed);
+    }
+    let allocs = (after.0 - before.0) as f64 / rounds as f64;
+    let bytes = (after.1 - before.1) as f64 / rounds as f64;
+    println!("long-poll, resuming     {allocs:6.1} allocations  {bytes:8.0} bytes (the same, since= the last answer's ETag)");
+    println!(
+        "  of which the poll     {:6.1} allocations  {:8.0} bytes",
+        allocs - publish_allocs,
+        bytes - publish_bytes
     );
 }

@@ -93,6 +93,67 @@ fn encode_entries(entries: &[(u64, Position)]) -> String {
     URL_SAFE_NO_PAD.encode(&raw[..at])
 }
 
+/// The value of one base64url character (RFC 4648 §5), or `None` for any other byte.
+fn sextet(b: u8) -> Option<u32> {
+    let v = match b {
+        b'A'..=b'Z' => b - b'A',
+        b'a'..=b'z' => b - b'a' + 26,
+        b'0'..=b'9' => b - b'0' + 52,
+        b'-' => 62,
+        b'_' => 63,
+        _ => return None,
+    };
+    Some(u32::from(v))
+}
+
+/// base64url without padding, decoded exactly as `URL_SAFE_NO_PAD.decode` decodes it (no
+/// `=`, no length of 4n+1, no set bits after the last byte; a test compares the two), into
+/// `stack` when it fits and `heap` otherwise. The engine's `decode` allocated its output and
+/// cost about as much again as the rest of a cursor's decoding.
+fn decode_base64url<'a>(
+    text: &[u8],
+    stack: &'a mut [u8; 64],
+    heap: &'a mut Vec<u8>,
+) -> Option<&'a [u8]> {
+    let len = match text.len() % 4 {
+        0 => text.len() / 4 * 3,
+        1 => return None,
+        r => text.len() / 4 * 3 + r - 1,
+    };
+    let out: &mut [u8] = if len <= stack.len() {
+        &mut stack[..len]
+    } else {
+        heap.resize(len, 0);
+        heap
+    };
+    let mut chunks = text.chunks_exact(4);
+    let mut at = 0;
+    for c in &mut chunks {
+        let n = sextet(c[0])? << 18 | sextet(c[1])? << 12 | sextet(c[2])? << 6 | sextet(c[3])?;
+        out[at..at + 3].copy_from_slice(&n.to_be_bytes()[1..]);
+        at += 3;
+    }
+    match *chunks.remainder() {
+        [] => {}
+        [a, b] => {
+            let n = sextet(a)? << 18 | sextet(b)? << 12;
+            if n & 0xffff != 0 {
+                return None;
+            }
+            out[at] = n.to_be_bytes()[1];
+        }
+        [a, b, c] => {
+            let n = sextet(a)? << 18 | sextet(b)? << 12 | sextet(c)? << 6;
+            if n & 0xff != 0 {
+                return None;
+            }
+            out[at..at + 2].copy_from_slice(&n.to_be_bytes()[1..3]);
+        }
+        _ => return None,
+    }
+    Some(out)
+}
+
 /// Bytes `offset` takes as a LEB128 varint (as `Cursor::encode` writes it).
 fn varint_len(offset: u64) -> usize {
     (u64::BITS - offset.leading_zeros()).max(1).div_ceil(7) as usize
@@ -169,9 +230,12 @@ impl Cursor {
         if text.len() > MAX_CURSOR_LEN {
             return Err(CursorError("too long"));
         }
-        let raw = URL_SAFE_NO_PAD
-            .decode(text.trim_matches('"'))
-            .map_err(|_| CursorError("not base64url"))?;
+        // Decoded on the stack for the common one-channel cursor: this runs for every poll
+        // that resumes (issue 17: the decoded bytes were an allocation per poll).
+        let mut stack = [0u8; 64];
+        let mut heap = Vec::new();
+        let raw = decode_base64url(text.trim_matches('"').as_bytes(), &mut stack, &mut heap)
+            .ok_or(CursorError("not base64url"))?;
         let (&version, mut rest) = raw.split_first().ok_or(CursorError("empty"))?;
         if version != VERSION {
             return Err(CursorError("unknown version"));
@@ -213,8 +277,14 @@ impl Cursor {
             {
                 return Err(CursorError("entries out of order"));
             }
-            entries.push((hash, Position { epoch, offset }));
             rest = r;
+            if entries.is_empty() && rest.is_empty() {
+                // A one-channel cursor: a list of exactly one (a push would make room for four).
+                return Ok(Self {
+                    entries: vec![(hash, Position { epoch, offset })],
+                });
+            }
+            entries.push((hash, Position { epoch, offset }));
         }
         if entries.is_empty() {
             return Err(CursorError("covers no channel"));
@@ -278,6 +348,43 @@ mod tests {
         y.set(&b, pos("e", 2));
         y.set(&a, pos("e", 1));
         assert_eq!(x.encode(), y.encode());
+    }
+
+    #[test]
+    fn base64url_is_decoded_exactly_as_the_base64_engine_decodes_it() {
+        // Every string of up to 5 characters over letters chosen for their low bits (the
+        // trailing-bit rule), both URL-safe extras, padding, the standard alphabet's extras,
+        // a quote and a space; then long ones (the heap path) with a bad byte at each place.
+        let alphabet = b"ABQgw-_9=+/\" ";
+        let mut text = Vec::new();
+        let mut check = |text: &[u8]| {
+            let (mut stack, mut heap) = ([0u8; 64], Vec::new());
+            let ours = decode_base64url(text, &mut stack, &mut heap).map(<[u8]>::to_vec);
+            assert_eq!(ours, URL_SAFE_NO_PAD.decode(text).ok(), "{text:?}");
+        };
+        fn all(len: usize, alphabet: &[u8], text: &mut Vec<u8>, check: &mut impl FnMut(&[u8])) {
+            check(text);
+            if len == 0 {
+                return;
+            }
+            for &b in alphabet {
+                text.push(b);
+                all(len - 1, alphabet, text, check);
+                text.pop();
+            }
+        }
+        all(5, alphabet, &mut text, &mut check);
+        for len in [84, 85, 86, 87, 88, 200, 301] {
+            let valid: Vec<u8> = (0..len).map(|i| alphabet[i % 7]).collect();
+            check(&valid);
+            for at in [0, len / 2, len - 1] {
+                for bad in [b'=', b'+', b'"', 0xff] {
+                    let mut text = valid.clone();
+                    text[at] = bad;
+                    check(&text);
+                }
+            }
+        }
     }
 
     #[test]

@@ -2,6 +2,7 @@
 //! repeated `channel=`, and where to start: `since` / `lastEventId` / `Last-Event-ID` /
 //! `If-None-Match` (polls), or `history=N`. Polls also take `wait` or `Prefer: wait=N`.
 
+use std::borrow::Cow;
 use std::time::Duration;
 
 use tidings_core::{ChannelName, Cursor, Start};
@@ -65,8 +66,9 @@ pub fn parse<H: Headers + ?Sized>(
     allow_wait: bool,
 ) -> Result<SubscribeParams, ApiError> {
     let mut channels = Vec::new();
-    let mut since: Option<String> = None;
-    let mut last_event_id: Option<String> = None;
+    // The cursor's text stays where it is, in the query or the header (a copy per poll).
+    let mut since: Option<Cow<'_, str>> = None;
+    let mut last_event_id: Option<Cow<'_, str>> = None;
     let mut history: Option<usize> = None;
     let mut wait: Option<Duration> = None;
     for (key, value) in crate::query::pairs(query) {
@@ -90,8 +92,8 @@ pub fn parse<H: Headers + ?Sized>(
                 }
                 channels.push(channel);
             }
-            "since" if !value.is_empty() => since = Some(value.into_owned()),
-            "lastEventId" if !value.is_empty() => last_event_id = Some(value.into_owned()),
+            "since" if !value.is_empty() => since = Some(value),
+            "lastEventId" if !value.is_empty() => last_event_id = Some(value),
             "history" => {
                 history = Some(value.parse().map_err(|_| {
                     ApiError::bad_request(
@@ -115,22 +117,21 @@ pub fn parse<H: Headers + ?Sized>(
         }
         None => Channels::Many(channels),
     };
-    let header_text = |name: &str| {
+    let header_text = |name: &'static str| {
         headers
             .text(name)
             .and_then(Result::ok)
             .map(str::trim)
             .filter(|v| !v.is_empty())
-            .map(str::to_owned)
     };
     let cursor_text = since
         .or(last_event_id)
-        .or_else(|| header_text("last-event-id"))
+        .or_else(|| header_text("last-event-id").map(Cow::Borrowed))
         .or_else(|| {
             allow_wait
                 .then(|| header_text("if-none-match"))
                 .flatten()
-                .map(|v| v.trim_start_matches("W/").trim_matches('"').to_owned())
+                .map(|v| Cow::Borrowed(v.trim_start_matches("W/").trim_matches('"')))
         });
     let start = match (cursor_text, history) {
         (Some(text), _) => Start::Cursor(Cursor::decode(&text)?),
@@ -161,6 +162,17 @@ fn too_many(config: &ServerConfig) -> ApiError {
 /// apply less than asked, and `Preference-Applied` says what it applied). Only a negative or
 /// non-numeric wait is refused: a client written against another server's maximum still works.
 fn parse_wait(value: &str, config: &ServerConfig) -> Result<Duration, ApiError> {
+    // Whole seconds, as clients send them: no float parsing (it was most of this function's
+    // cost), and the same duration `from_secs_f64` gives for a whole number.
+    if let Some(secs) = value
+        .trim()
+        .bytes()
+        .all(|b| b.is_ascii_digit())
+        .then(|| value.trim().parse::<u32>().ok())
+        .flatten()
+    {
+        return Ok(Duration::from_secs(u64::from(secs)).min(config.long_poll_max_wait));
+    }
     let secs: f64 = value.trim().parse().map_err(|_| {
         ApiError::bad_request(
             "invalid_wait",
