@@ -391,9 +391,9 @@ fn checked<H: Headers + ?Sized>(
 /// The reply to one publish; a replayed key says so in a header (the body is the first
 /// publish's answer, unchanged).
 fn single_reply(p: &Published) -> Reply {
-    let reply = position_reply(&p.message);
+    let mut reply = position_reply(&p.message);
     if p.replayed {
-        return reply.header(IDEMPOTENT_REPLAYED, Text::Static("true"));
+        reply.header(IDEMPOTENT_REPLAYED, Text::Static("true"));
     }
     reply
 }

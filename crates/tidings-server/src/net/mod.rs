@@ -92,7 +92,7 @@ pub trait Service: Send + Sync + 'static {
 }
 
 /// What `Service::call` answers.
-// A `Reply` (about 560 bytes) lives briefly, on its way to being written; boxing it would
+// A `Reply` (504 bytes) lives briefly, on its way to being written; boxing it would
 // be the allocation per answer that it exists to save.
 #[allow(clippy::large_enum_variant)]
 pub enum Handled<L> {
