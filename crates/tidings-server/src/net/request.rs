@@ -184,11 +184,29 @@ impl Headers for LeanRequest<'_> {
 
 /// Whether `name` is a token `HeaderName` takes as it is (RFC 9110 `tchar`).
 pub(crate) fn plain_name(name: &[u8]) -> bool {
-    !name.is_empty()
-        && name
-            .iter()
-            .all(|&b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
+    !name.is_empty() && name.iter().all(|&b| TCHAR[usize::from(b)])
 }
+
+/// `b` in `bytes`, for the tables below (`[u8]::contains` is a `memchr` call: per byte of
+/// every request's target and header names, it was a third of the plain-head checks).
+const fn table(alphanumeric: bool, bytes: &[u8]) -> [bool; 256] {
+    let mut t = [false; 256];
+    let mut i = 0;
+    while i < 256 {
+        t[i] = alphanumeric && (i as u8).is_ascii_alphanumeric();
+        i += 1;
+    }
+    let mut j = 0;
+    while j < bytes.len() {
+        t[bytes[j] as usize] = true;
+        j += 1;
+    }
+    t
+}
+
+const TCHAR: [bool; 256] = table(true, b"!#$%&'*+-.^_`|~");
+/// Printable bytes `http` refuses in a target or treats specially (`#` starts a fragment).
+const NOT_IN_TARGET: [bool; 256] = table(false, b"\"#<>`{}");
 
 /// Whether `HeaderValue` takes `value` (`HeaderValue::from_bytes`'s rule).
 pub(crate) fn plain_value(value: &[u8]) -> bool {
@@ -204,7 +222,7 @@ pub(crate) fn plain_target(target: &[u8]) -> Result<Option<usize>, ()> {
     if target.first() != Some(&b'/') || target.len() >= usize::from(u16::MAX) - 1 {
         return Err(());
     }
-    let plain = |b: &u8| (0x21..0x7f).contains(b) && !b"\"#<>`{}".contains(b);
+    let plain = |&b: &u8| (0x21..0x7f).contains(&b) && !NOT_IN_TARGET[usize::from(b)];
     if !target.iter().all(plain) {
         return Err(());
     }
@@ -260,6 +278,16 @@ mod tests {
             "",
         ] {
             assert!(plain_target(target.as_bytes()).is_err(), "{target}");
+        }
+    }
+
+    #[test]
+    fn the_byte_tables_are_the_lists_they_replace() {
+        for b in 0..=255u8 {
+            let tchar = b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b);
+            assert_eq!(plain_name(&[b]), tchar, "{b}");
+            let in_target = (0x21..0x7f).contains(&b) && !b"\"#<>`{}".contains(&b);
+            assert_eq!(plain_target(&[b'/', b]).is_ok(), in_target, "{b}");
         }
     }
 
