@@ -18,7 +18,13 @@ rm -f "$OUT/$NAME".out*
 taskset -c 0 valgrind --tool=callgrind --callgrind-out-file="$OUT/$NAME.out" "$BIN" serve \
     --listen 127.0.0.1:$PORT > "$OUT/$NAME.log" 2>&1 &
 VP=$!
-sleep 5
+# Wait for the port, not a fixed time: under valgrind on a loaded machine start-up took longer
+# than 5 s and the subscribers found nothing to connect to.
+for _ in $(seq 600); do
+    (exec 3<>/dev/tcp/127.0.0.1/$PORT) 2>/dev/null && break
+    kill -0 "$VP" 2>/dev/null || { echo "server exited; see $OUT/$NAME.log" >&2; exit 1; }
+    sleep 0.1
+done
 ( sleep 7; callgrind_control -z "$VP" > /dev/null 2>&1 ) &
 taskset -c 1 "$BENCH" bench --quiet --settle 9 --url "http://127.0.0.1:$PORT" "$@" > "$OUT/$NAME.json"
 kill -INT "$VP"
