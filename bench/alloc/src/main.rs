@@ -3,7 +3,7 @@
 //! numbers and asserts nothing.
 //!
 //! ```text
-//! CARGO_TARGET_DIR=target cargo run --release --manifest-path bench/alloc/Cargo.toml [-- ROUNDS]
+//! CARGO_TARGET_DIR=target/alloc cargo run --release --manifest-path bench/alloc/Cargo.toml [-- ROUNDS]
 //! ```
 //!
 //! The server runs in this process on a current-thread runtime of its own thread (the only
