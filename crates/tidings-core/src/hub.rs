@@ -12,6 +12,11 @@
 //! watch of its own (~160 bytes of waiters in every session's future). Race-free with a
 //! session registering during the pass: `closing` is set before the pass takes any shard
 //! lock, and a registration checks it under the shard lock after inserting.
+//!
+//! Heartbeats and pings reach them the same way (`Hub::tick`): the caller's one timer per
+//! node visits every watched session each interval, and only those listening to that tick
+//! wake (`SessionQueue::listen`). A session's beats thus share the node's phase: the first
+//! comes within one interval of its start, then one every interval.
 
 use std::collections::hash_map::Entry;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -19,7 +24,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use crate::channel::ChannelName;
 use crate::message::Message;
 use crate::presence::PresenceEvent;
-use crate::queue::{QueueItem, SessionQueue};
+use crate::queue::{QueueItem, SessionQueue, Tick};
 use crate::shards::Shards;
 
 type Subscribers = Mutex<Local>;
@@ -237,6 +242,16 @@ impl Hub {
         }
     }
 
+    /// A shared timer fired: every watched session listening to `tick` wakes (its
+    /// heartbeat or ping is due).
+    pub fn tick(&self, tick: Tick) {
+        for shard in &self.sessions {
+            for q in relock(shard).values() {
+                q.signal_tick(tick);
+            }
+        }
+    }
+
     /// How many sessions are watched.
     pub fn watched(&self) -> usize {
         self.sessions.iter().map(|s| relock(s).len()).sum()
@@ -367,6 +382,32 @@ mod tests {
             );
         }
         assert_eq!(unwatched.drain_into(&mut out), Ok(()));
+    }
+
+    #[test]
+    fn a_tick_reaches_every_watched_session_listening_to_it_and_no_other() {
+        let hub = Hub::new();
+        let beats: Vec<_> = (0..40).map(|_| SessionQueue::new(1 << 20)).collect();
+        let pings: Vec<_> = (0..3).map(|_| SessionQueue::new(1 << 20)).collect();
+        for (id, q) in beats.iter().enumerate() {
+            q.listen(Tick::Heartbeat);
+            hub.watch(id as u64, q);
+        }
+        for (id, q) in pings.iter().enumerate() {
+            q.listen(Tick::Ping);
+            hub.watch(100 + id as u64, q);
+        }
+        let gone = SessionQueue::new(1 << 20);
+        gone.listen(Tick::Heartbeat);
+        hub.watch(1000, &gone);
+        hub.unwatch(1000);
+        hub.tick(Tick::Heartbeat);
+        assert!(beats.iter().all(|q| q.take_tick() && !q.take_tick()));
+        assert!(pings.iter().all(|q| !q.take_tick()));
+        assert!(!gone.take_tick());
+        hub.tick(Tick::Ping);
+        assert!(pings.iter().all(|q| q.take_tick()));
+        assert!(beats.iter().all(|q| !q.take_tick()));
     }
 
     #[test]

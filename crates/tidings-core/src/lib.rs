@@ -53,7 +53,7 @@ pub use message::{Data, Epoch, Message, Position};
 pub use node::Node;
 pub use policy::{ChannelPolicy, LivePolicies, Policies, PublishPolicy, SubscribePolicy};
 pub use presence::{ClientInfo, PresenceEvent, PresenceKind};
-pub use queue::QueueItem;
+pub use queue::{QueueItem, Tick};
 pub use roster::{Held, LocalRoster, Released, Roster};
 pub use store::{Fsync, Store, StoreError};
 pub use subscription::{Event, Joined, Start, Subscription};

@@ -12,6 +12,11 @@
 //! session's future, beside the `Notify` itself in the queue) was more than the slot and a
 //! flag. One consumer means one waker; a wake is a flag that stays set until `poll_ready`
 //! sees it, so a wakeup is never lost between polls.
+//!
+//! Heartbeats and pings come the same way (`Tick`): one task per node ticks every watched
+//! session through the hub (`Hub::tick`) instead of a timer in each one (a boxed `Sleep`
+//! per session: 112 bytes and an allocation). A tick sets a flag and wakes the writer, and
+//! `take_tick` says so once, like a reload.
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
@@ -26,6 +31,16 @@ use crate::presence::PresenceEvent;
 pub enum QueueItem {
     Message(Arc<Message>),
     Presence(Arc<PresenceEvent>),
+}
+
+/// The shared timers a session can listen to (`Hub::tick`): what it does on a tick is the
+/// transport's (an SSE comment, an empty NDJSON line, a WebSocket ping and its timeout check).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Tick {
+    /// Every `heartbeat_interval`: streams.
+    Heartbeat,
+    /// Every `ping_interval`: WebSocket sessions.
+    Ping,
 }
 
 /// Queue weight of a presence event (it is small and fixed-size in every encoding).
@@ -102,6 +117,10 @@ struct QueueState {
     woken: bool,
     /// A reload took effect since the writer last looked (`take_reload`).
     reloaded: bool,
+    /// The shared tick this session listens to (`listen`), if any.
+    listens: Option<Tick>,
+    /// That tick came since the writer last looked (`take_tick`).
+    ticked: bool,
     /// The writer's, while it waits.
     waker: Option<Waker>,
 }
@@ -252,6 +271,30 @@ impl SessionQueue {
     /// Whether a reload took effect since the last call.
     pub fn take_reload(&self) -> bool {
         std::mem::take(&mut self.lock().reloaded)
+    }
+
+    /// From now on, `tick` (and no other) wakes the writer and `take_tick` says so.
+    pub fn listen(&self, tick: Tick) {
+        self.lock().listens = Some(tick);
+    }
+
+    /// A shared timer fired: a writer that listens to `tick` wakes; others are untouched.
+    pub fn signal_tick(&self, tick: Tick) {
+        let mut s = self.lock();
+        if s.listens != Some(tick) {
+            return;
+        }
+        s.ticked = true;
+        let waker = s.wake();
+        drop(s);
+        if let Some(waker) = waker {
+            waker.wake();
+        }
+    }
+
+    /// Whether the tick this session listens to came since the last call.
+    pub fn take_tick(&self) -> bool {
+        std::mem::take(&mut self.lock().ticked)
     }
 
     /// `Ready` once the session is cut short (`Slow` or `Shutdown`: what is queued goes
@@ -499,6 +542,26 @@ mod tests {
             Err(DisconnectReason::BrokerUnavailable)
         );
         assert!(!q.push(&msg(2, 10)));
+    }
+
+    #[tokio::test]
+    async fn a_tick_wakes_only_a_writer_that_listens_to_it_and_is_taken_once() {
+        let q = SessionQueue::new(1 << 20);
+        let waker = std::task::Waker::noop();
+        let mut cx = Context::from_waker(waker);
+        q.signal_tick(Tick::Heartbeat);
+        assert!(q.poll_ready(&mut cx).is_pending(), "not listening yet");
+        assert!(!q.take_tick());
+        q.listen(Tick::Heartbeat);
+        q.signal_tick(Tick::Ping);
+        assert!(q.poll_ready(&mut cx).is_pending(), "another tick");
+        q.signal_tick(Tick::Heartbeat);
+        q.ready().await;
+        assert!(q.take_tick());
+        assert!(!q.take_tick(), "once");
+        let mut out = Vec::new();
+        assert_eq!(q.drain_into(&mut out), Ok(()));
+        assert!(out.is_empty(), "a tick queues nothing");
     }
 
     #[test]

@@ -31,7 +31,7 @@ use crate::history::{Gap, GapReason, Replay, Since};
 use crate::message::{Message, Position};
 use crate::node::Node;
 use crate::presence::{ClientInfo, PresenceEvent};
-use crate::queue::{QueueItem, SessionQueue};
+use crate::queue::{QueueItem, SessionQueue, Tick};
 
 /// Where a new subscription starts.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -139,10 +139,12 @@ impl Subscription {
 
     /// Has shutdown and reloads reach this session through its queue (`Hub::watch`): a
     /// shutdown ends it (`drain` and `cut` say `Shutdown`), a reload wakes it and
-    /// `take_reload` says so once. For sessions that live long; a poll needs neither.
-    pub fn follow_lifecycle(&mut self) {
+    /// `take_reload` says so once; so does the node's shared `tick` (`Hub::tick`,
+    /// `take_tick`). For sessions that live long; a poll needs none of it.
+    pub fn follow_lifecycle(&mut self, tick: Tick) {
         if !self.watched {
             self.watched = true;
+            self.queue.listen(tick);
             self.node.hub.watch(self.id, &self.queue);
         }
     }
@@ -150,6 +152,12 @@ impl Subscription {
     /// Whether a reload took effect since the last call (`follow_lifecycle`).
     pub fn take_reload(&self) -> bool {
         self.queue.take_reload()
+    }
+
+    /// Whether the shared tick this session follows came since the last call: its
+    /// heartbeat or ping is due.
+    pub fn take_tick(&self) -> bool {
+        self.queue.take_tick()
     }
 
     /// Resolves when the session is cut short: its queue overflowed (`Slow`) or the server

@@ -38,7 +38,7 @@
 
 use std::sync::atomic::Ordering;
 
-use tidings_core::{ChannelName, Disconnect, DisconnectReason};
+use tidings_core::{ChannelName, Disconnect, DisconnectReason, Tick};
 use tokio::sync::mpsc;
 
 use crate::auth::{Auth, Principal};
@@ -191,10 +191,12 @@ pub fn reload(state: &AppState, mut new: Config) -> Result<Reloaded, ConfigError
 
 /// Has shutdown and reloads reach a stream or WebSocket session through its queue, in one
 /// pass over the hub (`Hub::close_sessions`, `Hub::reload_sessions`), instead of a shutdown
-/// wait and a reload watch in every parked session's future. One task waits on the
-/// shutdown token for all of them; the first session starts it.
-pub fn follow(state: &AppState, sub: &mut tidings_core::Subscription) {
-    sub.follow_lifecycle();
+/// wait and a reload watch in every parked session's future; and its heartbeats or pings
+/// (`tick`) too, from one timer per node (`Hub::tick`) instead of a timer in every session.
+/// One task waits on the shutdown token and the timers for all of them; the first session
+/// starts it.
+pub fn follow(state: &AppState, sub: &mut tidings_core::Subscription, tick: Tick) {
+    sub.follow_lifecycle(tick);
     if state
         .shutdown_pass
         .swap(true, std::sync::atomic::Ordering::AcqRel)
@@ -202,17 +204,61 @@ pub fn follow(state: &AppState, sub: &mut tidings_core::Subscription) {
         return;
     }
     let (shutdown, hub) = (state.shutdown.clone(), state.node.hub.clone());
+    // The timers start now (not when the task first runs): the first session's heartbeat
+    // is due one interval after it opened.
+    let (config, start) = (state.downgrade(), tokio::time::Instant::now());
     match tokio::runtime::Handle::try_current() {
         Ok(rt) => {
             rt.spawn(async move {
-                shutdown.cancelled().await;
-                hub.close_sessions();
+                tokio::select! {
+                    _ = shutdown.cancelled() => hub.close_sessions(),
+                    _ = ticks(config, start, &hub) => {}
+                }
             });
         }
         // No runtime (never in the server): the next session tries again.
         Err(_) => state
             .shutdown_pass
             .store(false, std::sync::atomic::Ordering::Release),
+    }
+}
+
+/// The node's heartbeat and ping timers: every `heartbeat_interval` the streams' tick,
+/// every `ping_interval` the WebSocket sessions'. Each interval is read again after its
+/// tick, so a reload's new one takes effect for every session from the next tick on. A
+/// late tick (a busy runtime) delays the next one rather than bunching them. Ends when the
+/// state is gone (a test's server dropped; a server's lives as long as the process).
+async fn ticks(
+    state: crate::state::WeakState,
+    start: tokio::time::Instant,
+    hub: &tidings_core::Hub,
+) {
+    let intervals = |state: &AppState| {
+        let s = &state.config().server;
+        (s.heartbeat_interval, s.ping_interval)
+    };
+    let Some((beat_every, ping_every)) = state.upgrade().as_ref().map(intervals) else {
+        return;
+    };
+    let (mut beat_at, mut ping_at) = (start + beat_every, start + ping_every);
+    loop {
+        tokio::time::sleep_until(beat_at.min(ping_at)).await;
+        let Some((beat_every, ping_every)) = state.upgrade().as_ref().map(intervals) else {
+            return;
+        };
+        let now = tokio::time::Instant::now();
+        let next = |at: tokio::time::Instant, every| {
+            let at = at + every;
+            if at <= now { now + every } else { at }
+        };
+        if beat_at <= now {
+            hub.tick(Tick::Heartbeat);
+            beat_at = next(beat_at, beat_every);
+        }
+        if ping_at <= now {
+            hub.tick(Tick::Ping);
+            ping_at = next(ping_at, ping_every);
+        }
     }
 }
 

@@ -111,7 +111,21 @@ impl Shared {
     }
 }
 
+/// A state that does not keep it alive (`AppState::downgrade`): for a task that outlives
+/// no server, such as the node's shared timers (`lifecycle::follow`).
+pub struct WeakState(std::sync::Weak<Shared>);
+
+impl WeakState {
+    pub fn upgrade(&self) -> Option<AppState> {
+        self.0.upgrade().map(AppState)
+    }
+}
+
 impl AppState {
+    pub fn downgrade(&self) -> WeakState {
+        WeakState(Arc::downgrade(&self.0))
+    }
+
     /// A state on the in-memory broker (`AppState::connect` also knows Redis).
     pub fn new(config: Config) -> Result<Self, crate::config::ConfigError> {
         if config.broker.url != "memory" {

@@ -9,8 +9,8 @@
 //!
 //! Concurrency: one task owns the socket and the `Subscription`, and waits on everything at
 //! once — the socket's read readiness, the subscription's queue (which also carries the
-//! overflow, shutdown and reload signals: `lifecycle::follow`), the ping timer and the
-//! token's expiry. Frames in are handled in order (a publish awaits the
+//! overflow, shutdown and reload signals, and the node's ping tick: `lifecycle::follow`)
+//! and the token's expiry. Frames in are handled in order (a publish awaits the
 //! broker before the next frame is read); frames out are appended to one buffer and
 //! written with as few calls as the kernel takes. While that buffer drains, the socket is not
 //! read: a client's flood is paced by its own TCP window. A client that stops reading
@@ -42,7 +42,7 @@ use tidings_core::{
     ChannelName, Cursor, Data, Disconnect, DisconnectReason, Event, EventName, IdempotencyKey,
     Message, Since, Start, Subscription,
 };
-use tokio::time::{Instant, MissedTickBehavior};
+use tokio::time::Instant;
 
 use crate::app::access_log::Claim;
 use crate::app::error::ApiError;
@@ -343,7 +343,6 @@ enum Wake {
     Expired,
     Read(io::Result<usize>),
     Ready,
-    Ping,
 }
 
 struct Session {
@@ -387,7 +386,7 @@ fn run(
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     });
     let mut sub = sub;
-    crate::lifecycle::follow(&state, &mut sub);
+    crate::lifecycle::follow(&state, &mut sub, tidings_core::Tick::Ping);
     let expires = peer
         .who
         .get()
@@ -417,9 +416,6 @@ fn run(
 
 impl Session {
     async fn run(&mut self, first: Next) {
-        let every = self.state.config().server.ping_interval;
-        let mut ping = tokio::time::interval_at(Instant::now() + every, every);
-        ping.set_missed_tick_behavior(MissedTickBehavior::Delay);
         // Whatever the join queued (raw mode's replay) goes out first.
         let mut next = match first {
             // Frames a client sent right behind its handshake are handled first.
@@ -451,7 +447,6 @@ impl Session {
                 _ = expiry(&mut self.expires) => Wake::Expired,
                 r = self.ws.io.read_more(&mut self.ws.rbuf) => Wake::Read(r),
                 _ = self.sub.ready() => Wake::Ready,
-                _ = ping.tick() => Wake::Ping,
             };
             next = match wake {
                 Wake::Cut(reason) => {
@@ -479,8 +474,13 @@ impl Session {
                 // Boxed: publishes and joins make this future large, and it is rare next
                 // to waiting.
                 Wake::Read(Ok(_)) => Box::pin(self.handle_input()).await,
+                // The node's ping tick (`lifecycle::follow`); what is queued goes behind
+                // the ping, in the same write.
+                Wake::Ready if self.sub.take_tick() => match self.ping() {
+                    Next::Continue => self.queue_ready(),
+                    other => other,
+                },
                 Wake::Ready => self.queue_ready(),
-                Wake::Ping => self.ping(),
             };
         }
     }
@@ -1291,9 +1291,10 @@ mod tests {
         );
     }
 
-    /// Today: 1,024 bytes in a debug build (1,400 with the queue's `Notify`, a kill token,
-    /// a shutdown wait and a reload watch of its own). Awaiting
-    /// the session from a capture (it is then kept twice) made it ~2,500.
+    /// Today: 968 bytes in a debug build (1,400 with the queue's `Notify`, a kill token,
+    /// a shutdown wait and a reload watch of its own; 1,024 with a ping timer of its own
+    /// instead of the node's shared tick). Awaiting the session from a capture (it is then
+    /// kept twice) made it ~2,500.
     // One bound for debug and release builds: the sizes differ by a few bytes.
-    const SESSION_BOUND: usize = 1060;
+    const SESSION_BOUND: usize = 990;
 }
