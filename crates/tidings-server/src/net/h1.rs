@@ -41,7 +41,6 @@ use http_body::Body as _;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
-use tokio_util::sync::CancellationToken;
 
 use crate::net::pool;
 use crate::net::reply::Reply;
@@ -72,12 +71,13 @@ pub enum Outcome {
     Upgrade(Pending, Bytes),
 }
 
+/// The lean path of one connection. Two references and nothing else: it lives in the
+/// connection's task for its whole life, so the timeouts and the shutdown token are read
+/// from the service when a request needs them (a reload's `request_body_timeout` then
+/// applies from the next request on, as for every other connection).
 pub struct Lean<'a, Svc> {
     pub service: &'a Svc,
     pub ctx: &'a ConnectionCtx,
-    pub header_timeout: Duration,
-    pub body_timeout: Duration,
-    pub shutdown: &'a CancellationToken,
 }
 
 // One lives briefly, inside the boxed `exchange` future: its size does not matter.
@@ -281,7 +281,7 @@ impl<Svc: Service> Lean<'_, Svc> {
     /// After an answer written in full: the next request, or close on an error, a `close`
     /// or shutdown.
     fn then(&self, written: io::Result<()>, keep_alive: bool) -> Next<Svc::Later> {
-        if written.is_err() || !keep_alive || self.shutdown.is_cancelled() {
+        if written.is_err() || !keep_alive || self.service.shutdown().is_cancelled() {
             Next::Close
         } else {
             Next::Again
@@ -298,7 +298,7 @@ impl<Svc: Service> Lean<'_, Svc> {
         buf: &mut BytesMut,
         upgrade: Option<Pending>,
     ) -> Result<(), Outcome> {
-        if written.is_err() || !keep_alive || self.shutdown.is_cancelled() {
+        if written.is_err() || !keep_alive || self.service.shutdown().is_cancelled() {
             let _ = stream.shutdown().await;
             return Err(Outcome::Done);
         }
@@ -426,13 +426,14 @@ impl<Svc: Service> Lean<'_, Svc> {
         buf: &mut BytesMut,
         len: usize,
     ) -> Result<(), Outcome> {
-        let deadline = Instant::now() + self.body_timeout;
+        let body_timeout = self.service.settings().request_body_timeout;
+        let deadline = Instant::now() + body_timeout;
         while buf.len() < len {
             match tokio::time::timeout_at(deadline, read_more(stream, buf, len - buf.len())).await {
                 Ok(Ok(n)) if n > 0 => {}
                 Ok(_) => return Err(Outcome::Done),
                 Err(_) => {
-                    let message = body_timeout_message(self.body_timeout);
+                    let message = body_timeout_message(body_timeout);
                     let _ = refuse(
                         stream,
                         StatusCode::REQUEST_TIMEOUT,
@@ -452,7 +453,7 @@ impl<Svc: Service> Lean<'_, Svc> {
     /// client trickling a byte just before it cannot start a second one. The HTTP/2
     /// preface is read whole under it too before hyper gets the connection.
     async fn read_head<S: Socket>(&self, stream: &mut S, buf: &mut BytesMut) -> Head {
-        let deadline = Instant::now() + self.header_timeout;
+        let deadline = Instant::now() + self.service.settings().request_header_timeout;
         loop {
             if let Some(head) = parse(buf) {
                 return head;
@@ -469,7 +470,7 @@ impl<Svc: Service> Lean<'_, Svc> {
                 r = tokio::time::timeout_at(deadline, read_more(stream, buf, room)) => {
                     r.ok().and_then(Result::ok)
                 }
-                _ = self.shutdown.cancelled(), if waiting => None,
+                _ = self.service.shutdown().cancelled(), if waiting => None,
             };
             if !matches!(read, Some(n) if n > 0) {
                 // EOF, a socket error, the deadline or shutdown: close.

@@ -26,7 +26,6 @@ use std::time::Duration;
 use bytes::Bytes;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use tokio::net::TcpListener;
 use tokio_util::task::TaskTracker;
 
@@ -50,9 +49,8 @@ pub async fn serve<S: Service>(
     tls: Option<(TcpListener, TlsAcceptor)>,
     shutdown: impl Future<Output = ()>,
 ) -> std::io::Result<()> {
-    let graceful = GracefulShutdown::new();
-    // Every connection task, so shutdown can wait for lean ones too (hyper's are also
-    // watched by `graceful`, which tells them to finish).
+    // Every connection task, so shutdown can wait for them all; hyper's learn of the
+    // shutdown from `Service::shutdown`, as the lean path and HTTP/2 do (`Edge::hyper`).
     let tasks = TaskTracker::new();
     let edge = Arc::new(Edge::new(service.clone(), tasks.clone()));
     tokio::pin!(shutdown);
@@ -87,20 +85,18 @@ pub async fn serve<S: Service>(
             http2: false,
         };
         let stream = super::deadline::Deadline::new(stream, service.settings().write_timeout);
-        let watcher = graceful.watcher();
         let edge = edge.clone();
         let acceptor = tls.as_ref().filter(|_| secure).map(|(_, a)| a.clone());
-        tasks.spawn(connection(edge, stream, ctx, watcher, acceptor, permit));
+        tasks.spawn(connection(edge, stream, ctx, acceptor, permit));
     }
     drop(listener);
     drop(tls);
     service.shutdown().cancel();
     tasks.close();
-    let drained = async {
-        graceful.shutdown().await;
-        tasks.wait().await;
-    };
-    if tokio::time::timeout(SHUTDOWN_GRACE, drained).await.is_err() {
+    if tokio::time::timeout(SHUTDOWN_GRACE, tasks.wait())
+        .await
+        .is_err()
+    {
         tracing::warn!("connections still open after the shutdown grace period; closing them");
     }
     Ok(())
@@ -120,7 +116,6 @@ pub(crate) fn connection<Svc: Service>(
     edge: Arc<Edge<Svc>>,
     mut stream: super::deadline::Conn,
     ctx: ConnectionCtx,
-    watcher: Watcher,
     acceptor: Option<TlsAcceptor>,
     permit: ConnectionPermit,
 ) -> impl Future<Output = ()> + Send + 'static {
@@ -142,8 +137,7 @@ pub(crate) fn connection<Svc: Service>(
                     // Boxed: hyper runs once the lean path is done, and inline its future
                     // would be a second copy of the socket and the context in every task.
                     outcome => {
-                        Box::pin(edge.after_lean(outcome, stream, ctx, watcher, SessionIo::Tcp))
-                            .await
+                        Box::pin(edge.after_lean(outcome, stream, ctx, SessionIo::Tcp)).await
                     }
                 }
             }
@@ -152,8 +146,8 @@ pub(crate) fn connection<Svc: Service>(
             // TLS stream: in a box of its own too, a second lean path would be paid for
             // beside the one this task already has room for.
             Some(acceptor) => {
-                let accepted = Box::pin(edge.tls(stream, acceptor, &ctx, watcher)).await;
-                if let Some((mut tls, watcher)) = accepted {
+                let accepted = Box::pin(edge.tls(stream, acceptor, &ctx)).await;
+                if let Some(mut tls) = accepted {
                     match edge.lean_phase(&mut tls, &ctx).await {
                         Some(h1::Outcome::Upgrade(pending, pre)) => {
                             let session = pending.start(SessionIo::Tls(tls), pre);
@@ -163,8 +157,7 @@ pub(crate) fn connection<Svc: Service>(
                             }
                         }
                         outcome => {
-                            Box::pin(edge.after_lean(outcome, tls, ctx, watcher, SessionIo::Tls))
-                                .await
+                            Box::pin(edge.after_lean(outcome, tls, ctx, SessionIo::Tls)).await
                         }
                     }
                 }
@@ -219,13 +212,9 @@ impl<Svc: Service> Edge<Svc> {
         stream: &mut S,
         ctx: &ConnectionCtx,
     ) -> Option<h1::Outcome> {
-        let settings = self.service.settings();
         let lean = h1::Lean {
             service: &*self.service,
             ctx,
-            header_timeout: settings.request_header_timeout,
-            body_timeout: settings.request_body_timeout,
-            shutdown: self.service.shutdown(),
         };
         drive(std::pin::pin!(lean.serve(stream)), &ctx.kill).await
     }
@@ -236,7 +225,6 @@ impl<Svc: Service> Edge<Svc> {
         outcome: Option<h1::Outcome>,
         stream: S,
         ctx: ConnectionCtx,
-        watcher: Watcher,
         ws: fn(S) -> SessionIo,
     ) where
         S: h1::Socket + 'static,
@@ -251,7 +239,7 @@ impl<Svc: Service> Edge<Svc> {
                     // h2c with prior knowledge: our HTTP/2 driver (push, 103).
                     Box::pin(self.http2(io, ctx)).await
                 } else {
-                    Box::pin(self.hyper(io, ctx, watcher)).await
+                    Box::pin(self.hyper(io, ctx)).await
                 }
             }
             Some(h1::Outcome::Upgrade(pending, pre)) => {
@@ -266,7 +254,7 @@ impl<Svc: Service> Edge<Svc> {
         }
     }
 
-    /// A TLS connection's handshake. HTTP/1.1 comes back (with the watcher) to take the lean
+    /// A TLS connection's handshake. HTTP/1.1 comes back to take the lean
     /// path as on plaintext (a parked stream then holds rustls' state but not hyper's too);
     /// h2 is served here, by our HTTP/2 driver.
     async fn tls(
@@ -274,8 +262,7 @@ impl<Svc: Service> Edge<Svc> {
         stream: super::deadline::Conn,
         acceptor: TlsAcceptor,
         ctx: &ConnectionCtx,
-        watcher: Watcher,
-    ) -> Option<(TlsConn, Watcher)> {
+    ) -> Option<TlsConn> {
         let peer = ctx.peer;
         // Boxed, like hyper's state below: the handshake lives only until it is done. The
         // stream comes out boxed for the same reason: held inline it would be a slot of
@@ -297,7 +284,7 @@ impl<Svc: Service> Edge<Svc> {
         .await;
         let mut tls = accepted?;
         if tls.alpn_protocol() != Some(b"h2") {
-            return Some((tls, watcher));
+            return Some(tls);
         }
         // The preface comes within the request-head deadline, as on the plain port
         // (hyper has no timer for it).
@@ -312,7 +299,6 @@ impl<Svc: Service> Edge<Svc> {
             }
         }
         let io = h1::Rewind::new(tls, read.freeze());
-        drop(watcher);
         Box::pin(self.http2(io, ctx.clone())).await;
         None
     }
@@ -328,7 +314,7 @@ impl<Svc: Service> Edge<Svc> {
         drive(std::pin::pin!(conn), &kill).await;
     }
 
-    async fn hyper<IO>(&self, io: IO, ctx: ConnectionCtx, watcher: Watcher)
+    async fn hyper<IO>(&self, io: IO, ctx: ConnectionCtx)
     where
         IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
     {
@@ -413,12 +399,24 @@ impl<Svc: Service> Edge<Svc> {
             .builder
             .serve_connection_with_upgrades(TokioIo::new(io), svc);
         let idle = self.service.settings().request_header_timeout;
+        let shutdown = self.service.shutdown().clone();
         let conn = async move {
-            let conn = std::pin::pin!(watcher.watch(conn.into_owned()));
+            let mut conn = std::pin::pin!(conn.into_owned());
+            // Shutdown has hyper finish what is in flight and close. (hyper_util's graceful
+            // watcher did this, at 16 bytes in every connection's task for the few that
+            // hyper takes.)
+            let served = async {
+                tokio::select! {
+                    _ = conn.as_mut() => return,
+                    _ = shutdown.cancelled() => {}
+                }
+                conn.as_mut().graceful_shutdown();
+                let _ = conn.await;
+            };
             // A connection with no stream open is waiting for a request: it gets what an
             // HTTP/1.1 connection gets between requests, then it is closed.
             tokio::select! {
-                _ = conn => {}
+                _ = served => {}
                 _ = idle_for(&mut streams, idle) => {}
             }
         };
