@@ -139,12 +139,14 @@ impl Subscription {
 
     /// Has shutdown and reloads reach this session through its queue (`Hub::watch`): a
     /// shutdown ends it (`drain` and `cut` say `Shutdown`), a reload wakes it and
-    /// `take_reload` says so once; so does the node's shared `tick` (`Hub::tick`,
-    /// `take_tick`). For sessions that live long; a poll needs none of it.
-    pub fn follow_lifecycle(&mut self, tick: Tick) {
+    /// `take_reload` says so once; so does the node's shared `tick`, if it follows one
+    /// (`Hub::tick`, `take_tick`). For sessions that live long; a poll needs none of it.
+    pub fn follow_lifecycle(&mut self, tick: Option<Tick>) {
         if !self.watched {
             self.watched = true;
-            self.queue.listen(tick);
+            if let Some(tick) = tick {
+                self.queue.listen(tick);
+            }
             self.node.hub.watch(self.id, &self.queue);
         }
     }

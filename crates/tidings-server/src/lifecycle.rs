@@ -192,10 +192,11 @@ pub fn reload(state: &AppState, mut new: Config) -> Result<Reloaded, ConfigError
 /// Has shutdown and reloads reach a stream or WebSocket session through its queue, in one
 /// pass over the hub (`Hub::close_sessions`, `Hub::reload_sessions`), instead of a shutdown
 /// wait and a reload watch in every parked session's future; and its heartbeats or pings
-/// (`tick`) too, from one timer per node (`Hub::tick`) instead of a timer in every session.
+/// (`tick`, where it has them) too, from one timer per node (`Hub::tick`) instead of a
+/// timer in every session.
 /// One task waits on the shutdown token and the timers for all of them; the first session
 /// starts it.
-pub fn follow(state: &AppState, sub: &mut tidings_core::Subscription, tick: Tick) {
+pub fn follow(state: &AppState, sub: &mut tidings_core::Subscription, tick: Option<Tick>) {
     sub.follow_lifecycle(tick);
     if state
         .shutdown_pass

@@ -156,8 +156,9 @@ fn setup(
         .node
         .session(state.config().server.queue_max_bytes, true, None);
     // Shutdown ends the queue (`drain` and `cut` say `Shutdown`); a reload only wakes it
-    // (what a reload changes for Pusher, its apps, comes through `terminated`).
-    crate::lifecycle::follow(&state, &mut sub);
+    // (what a reload changes for Pusher, its apps, comes through `terminated`). No shared
+    // tick: its liveness check keeps its own timer.
+    crate::lifecycle::follow(&state, &mut sub, None);
     {
         let kill = kill.clone();
         sub.on_overflow(move || kill.cancel());

@@ -386,7 +386,7 @@ fn run(
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     });
     let mut sub = sub;
-    crate::lifecycle::follow(&state, &mut sub, tidings_core::Tick::Ping);
+    crate::lifecycle::follow(&state, &mut sub, Some(tidings_core::Tick::Ping));
     let expires = peer
         .who
         .get()
@@ -1291,7 +1291,7 @@ mod tests {
         );
     }
 
-    /// Today: 968 bytes in a debug build (1,400 with the queue's `Notify`, a kill token,
+    /// Today: 976 bytes in a debug build (1,400 with the queue's `Notify`, a kill token,
     /// a shutdown wait and a reload watch of its own; 1,024 with a ping timer of its own
     /// instead of the node's shared tick). Awaiting the session from a capture (it is then
     /// kept twice) made it ~2,500.
