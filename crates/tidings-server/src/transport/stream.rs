@@ -379,6 +379,23 @@ mod tests {
         String::from_utf8(frame.into_data().unwrap().to_vec()).unwrap()
     }
 
+    /// An anonymous SSE stream on the quiet channel, past its opening `retry:` frame.
+    async fn open_sse(state: &AppState) -> Body {
+        let res = open(
+            state,
+            None,
+            params(),
+            Principal::Anonymous,
+            SseFraming::raw(),
+        )
+        .await
+        .unwrap();
+        let mut body = res.into_body();
+        let first = next_frame(&mut body).await;
+        assert!(first.starts_with("retry: "), "{first}");
+        body
+    }
+
     /// What a parked stream holds beside its connection's task: its writer's future (boxed
     /// as the response body). Measured with `size_of_val`, not RSS, so it is exact and
     /// repeatable; the bound has a little room over today's size (docs/benchmarks.md,
@@ -416,25 +433,10 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn heartbeats_come_every_interval_at_the_node_s_tick_and_only_then() {
         let state = AppState::new(Config::default()).unwrap();
-        let open_one = async || {
-            let res = open(
-                &state,
-                None,
-                params(),
-                Principal::Anonymous,
-                SseFraming::raw(),
-            )
-            .await
-            .unwrap();
-            let mut body = res.into_body();
-            let first = next_frame(&mut body).await;
-            assert!(first.starts_with("retry: "), "{first}");
-            body
-        };
         let started = Instant::now();
-        let mut early = open_one().await;
+        let mut early = open_sse(&state).await;
         tokio::time::advance(Duration::from_secs(5)).await;
-        let mut late = open_one().await;
+        let mut late = open_sse(&state).await;
         for at in [15, 30] {
             assert_eq!(next_frame(&mut early).await, ": ping\n\n");
             assert_eq!(started.elapsed(), Duration::from_secs(at));
@@ -466,17 +468,7 @@ mod tests {
         let mut config = Config::default();
         config.server.reconnect_spread = Duration::from_millis(5000);
         let state = AppState::new(config).unwrap();
-        let res = open(
-            &state,
-            None,
-            params(),
-            Principal::Anonymous,
-            SseFraming::raw(),
-        )
-        .await
-        .unwrap();
-        let mut body = res.into_body();
-        assert!(next_frame(&mut body).await.starts_with("retry: "));
+        let mut body = open_sse(&state).await;
         state.shutdown.cancel();
         let goodbye = next_frame(&mut body).await;
         let retry: u64 = goodbye
