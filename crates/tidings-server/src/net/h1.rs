@@ -350,13 +350,22 @@ impl<Svc: Service> Lean<'_, Svc> {
         stream: &mut S,
         buf: &mut BytesMut,
     ) -> Result<Next<Svc::Later>, Outcome> {
-        let (mut req, keep_alive, head_only, body) = match self.read_head(stream, buf).await {
+        let (handled, keep_alive, head_only) = match self.read_head(stream, buf).await {
             Head::Request {
-                req,
+                mut req,
                 keep_alive,
                 head_only,
                 body,
-            } => (req, keep_alive, head_only, body),
+            } => {
+                if body > 0 {
+                    *req.body_mut() = Body::from(self.read_body(stream, buf, body).await?);
+                }
+                (
+                    self.service.call(req, self.ctx).await,
+                    keep_alive,
+                    head_only,
+                )
+            }
             Head::Lean {
                 head,
                 keep_alive,
@@ -369,17 +378,7 @@ impl<Svc: Service> Lean<'_, Svc> {
                 let req = LeanRequest::new(&buf[..], &head);
                 let handled = self.service.call_lean(req, self.ctx).await;
                 buf.advance(total);
-                return match handled {
-                    Handled::Ready(res) => {
-                        let exchange = Exchange::of(res, keep_alive, head_only);
-                        self.respond(stream, exchange, buf).await
-                    }
-                    Handled::Later(later) => Ok(Next::Wait {
-                        later,
-                        keep_alive,
-                        head_only,
-                    }),
-                };
+                (handled, keep_alive, head_only)
             }
             Head::Handoff => return Err(Outcome::Handoff(buf.split().freeze())),
             Head::Refuse(status, code, message) => {
@@ -388,10 +387,7 @@ impl<Svc: Service> Lean<'_, Svc> {
             }
             Head::Closed => return Err(Outcome::Done),
         };
-        if body > 0 {
-            *req.body_mut() = Body::from(self.read_body(stream, buf, body).await?);
-        }
-        match self.service.call(req, self.ctx).await {
+        match handled {
             Handled::Ready(res) => {
                 let exchange = Exchange::of(res, keep_alive, head_only);
                 self.respond(stream, exchange, buf).await
