@@ -13,10 +13,13 @@
 //! session registering during the pass: `closing` is set before the pass takes any shard
 //! lock, and a registration checks it under the shard lock after inserting.
 //!
-//! Heartbeats and pings reach them the same way (`Hub::tick`): the caller's one timer per
-//! node visits every watched session each interval, and only those listening to that tick
-//! wake (`SessionQueue::listen`). A session's beats thus share the node's phase: the first
-//! comes within one interval of its start, then one every interval.
+//! Heartbeats and pings reach them the same way (`Hub::tick_part`): the caller's one timer
+//! per node visits one of the `TICK_PARTS` parts of the watched sessions every
+//! 1/`TICK_PARTS` of the interval, so each session is visited once per interval and only
+//! those listening to that tick wake (`SessionQueue::listen`). Its first beat comes within
+//! one interval of its start, then one every interval. Spread over parts, a node's beats
+//! are not one burst of a write per stream (a million at once, where each delivery due at
+//! that moment waited behind them), and a benchmark's window sees its share of them.
 
 use std::collections::hash_map::Entry;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -28,6 +31,10 @@ use crate::queue::{QueueItem, SessionQueue, Tick};
 use crate::shards::Shards;
 
 type Subscribers = Mutex<Local>;
+
+/// How many parts `Hub::tick_part` splits the watched sessions into (one per shard of the
+/// session registry).
+pub const TICK_PARTS: usize = crate::shards::SHARDS;
 
 /// A channel's local subscribers: a list to fan out over, and — once the list is long —
 /// where each one sits in it, so a session leaves in O(1). (A scan made every long poll's
@@ -245,10 +252,16 @@ impl Hub {
     /// A shared timer fired: every watched session listening to `tick` wakes (its
     /// heartbeat or ping is due).
     pub fn tick(&self, tick: Tick) {
-        for shard in &self.sessions {
-            for q in relock(shard).values() {
-                q.signal_tick(tick);
-            }
+        for part in 0..TICK_PARTS {
+            self.tick_part(tick, part);
+        }
+    }
+
+    /// The same for one part of the sessions (`part` modulo `TICK_PARTS`): a session is
+    /// always in the same part, so visiting the parts in turn reaches each once per round.
+    pub fn tick_part(&self, tick: Tick, part: usize) {
+        for q in relock(&self.sessions[part % self.sessions.len()]).values() {
+            q.signal_tick(tick);
         }
     }
 
@@ -408,6 +421,30 @@ mod tests {
         hub.tick(Tick::Ping);
         assert!(pings.iter().all(|q| q.take_tick()));
         assert!(beats.iter().all(|q| !q.take_tick()));
+    }
+
+    #[test]
+    fn ticking_the_parts_in_turn_reaches_each_session_once_and_a_part_only_its_own() {
+        let hub = Hub::new();
+        let beats: Vec<_> = (0..100).map(|_| SessionQueue::new(1 << 20)).collect();
+        for (id, q) in beats.iter().enumerate() {
+            q.listen(Tick::Heartbeat);
+            hub.watch(id as u64, q);
+        }
+        let mut reached = vec![0; beats.len()];
+        for part in 0..TICK_PARTS {
+            hub.tick_part(Tick::Heartbeat, part);
+            let now: Vec<usize> = (0..beats.len()).filter(|&i| beats[i].take_tick()).collect();
+            assert!(!now.is_empty(), "part {part} reached nobody");
+            assert!(
+                now.iter().all(|&i| i % TICK_PARTS == part),
+                "part {part}: {now:?}"
+            );
+            for i in now {
+                reached[i] += 1;
+            }
+        }
+        assert!(reached.iter().all(|&n| n == 1), "{reached:?}");
     }
 
     #[test]

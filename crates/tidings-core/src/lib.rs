@@ -47,7 +47,7 @@ pub use channel::{ChannelName, EventName, NameError};
 pub use cursor::{Cursor, CursorError};
 pub use disconnect::{Disconnect, DisconnectReason};
 pub use history::{Gap, GapReason, HistoryRead, Replay, Since};
-pub use hub::Hub;
+pub use hub::{Hub, TICK_PARTS};
 pub use idempotency::{IdempotencyKey, PublishOptions, Published};
 pub use message::{Data, Epoch, Message, Position};
 pub use node::Node;

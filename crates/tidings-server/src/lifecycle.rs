@@ -192,7 +192,7 @@ pub fn reload(state: &AppState, mut new: Config) -> Result<Reloaded, ConfigError
 /// Has shutdown and reloads reach a stream or WebSocket session through its queue, in one
 /// pass over the hub (`Hub::close_sessions`, `Hub::reload_sessions`), instead of a shutdown
 /// wait and a reload watch in every parked session's future; and its heartbeats or pings
-/// (`tick`, where it has them) too, from one timer per node (`Hub::tick`) instead of a
+/// (`tick`, where it has them) too, from one timer per node (`Hub::tick_part`) instead of a
 /// timer in every session.
 /// One task waits on the shutdown token and the timers for all of them; the first session
 /// starts it.
@@ -225,40 +225,47 @@ pub fn follow(state: &AppState, sub: &mut tidings_core::Subscription, tick: Opti
 }
 
 /// The node's heartbeat and ping timers: every `heartbeat_interval` the streams' tick,
-/// every `ping_interval` the WebSocket sessions'. Each interval is read again after its
-/// tick, so a reload's new one takes effect for every session from the next tick on. A
-/// late tick (a busy runtime) delays the next one rather than bunching them. Ends when the
+/// every `ping_interval` the WebSocket sessions', each spread over the hub's `TICK_PARTS`
+/// parts (one part every 1/`TICK_PARTS` of the interval), so every session is visited once
+/// per interval and a node's beats are not one burst. Each interval is read again at every
+/// step, so a reload's new one takes effect for every session within one old interval. A
+/// late step (a busy runtime) delays the next one rather than bunching them. Ends when the
 /// state is gone (a test's server dropped; a server's lives as long as the process).
 async fn ticks(
     state: crate::state::WeakState,
     start: tokio::time::Instant,
     hub: &tidings_core::Hub,
 ) {
-    let intervals = |state: &AppState| {
+    use tidings_core::TICK_PARTS;
+    let steps = |state: &AppState| {
         let s = &state.config().server;
-        (s.heartbeat_interval, s.ping_interval)
+        let parts = TICK_PARTS as u32;
+        (s.heartbeat_interval / parts, s.ping_interval / parts)
     };
-    let Some((beat_every, ping_every)) = state.upgrade().as_ref().map(intervals) else {
+    let Some((beat_step, ping_step)) = state.upgrade().as_ref().map(steps) else {
         return;
     };
-    let (mut beat_at, mut ping_at) = (start + beat_every, start + ping_every);
+    let (mut beat_at, mut ping_at) = (start + beat_step, start + ping_step);
+    let (mut beat_part, mut ping_part) = (0, 0);
     loop {
         tokio::time::sleep_until(beat_at.min(ping_at)).await;
-        let Some((beat_every, ping_every)) = state.upgrade().as_ref().map(intervals) else {
+        let Some((beat_step, ping_step)) = state.upgrade().as_ref().map(steps) else {
             return;
         };
         let now = tokio::time::Instant::now();
-        let next = |at: tokio::time::Instant, every| {
-            let at = at + every;
-            if at <= now { now + every } else { at }
+        let next = |at: tokio::time::Instant, step| {
+            let at = at + step;
+            if at <= now { now + step } else { at }
         };
         if beat_at <= now {
-            hub.tick(Tick::Heartbeat);
-            beat_at = next(beat_at, beat_every);
+            hub.tick_part(Tick::Heartbeat, beat_part);
+            beat_part = (beat_part + 1) % TICK_PARTS;
+            beat_at = next(beat_at, beat_step);
         }
         if ping_at <= now {
-            hub.tick(Tick::Ping);
-            ping_at = next(ping_at, ping_every);
+            hub.tick_part(Tick::Ping, ping_part);
+            ping_part = (ping_part + 1) % TICK_PARTS;
+            ping_at = next(ping_at, ping_step);
         }
     }
 }
