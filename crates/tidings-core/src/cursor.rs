@@ -12,6 +12,18 @@
 //! (`collision`, checked where channels are joined: the subscribe parameters, the `/ws`
 //! subscribe op, and `Subscription::add` as the last guard). The format is unchanged, so
 //! every cursor ever handed out still reads.
+//!
+//! Memory (issue 17): most cursors cover one channel, so a `Cursor` keeps one entry inline
+//! and a list only for two or more; and a decoded cursor's epoch is the `Arc` of the last
+//! epochs decoded on this thread (`EPOCHS`) when its text is one of them, so a poll that
+//! resumes allocates neither its list nor its epoch.
+//!
+//! Concurrency: `EPOCHS` is one small cache per thread (`thread_local!`), touched only inside
+//! `decode` with no lock and no await; bounded to `EPOCH_CACHE` epochs (a handful of bytes
+//! each), replaced in turn. Sharing an `Epoch` is safe however it was made: epochs compare
+//! by their text.
+
+use std::cell::RefCell;
 
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -45,18 +57,96 @@ pub fn collision_message(a: &ChannelName, b: &ChannelName) -> String {
 #[error("malformed cursor: {0}; pass back a cursor exactly as the server sent it")]
 pub struct CursorError(&'static str);
 
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Cursor {
-    entries: Vec<(u64, Position)>,
+/// Epochs kept per thread for `decode`: a node draws few (one for every channel created
+/// since it started or its last reclaim), and a broker's cursors carry those.
+const EPOCH_CACHE: usize = 4;
+
+thread_local! {
+    /// The last epochs decoded on this thread, and where the next one goes.
+    static EPOCHS: RefCell<([Option<Epoch>; EPOCH_CACHE], usize)> =
+        const { RefCell::new(([const { None }; EPOCH_CACHE], 0)) };
 }
+
+/// The epoch `bytes` spell: one decoded before on this thread, shared, or a new one (which
+/// is then kept in place of the oldest). `None` when it is not a valid epoch.
+fn shared_epoch(bytes: &[u8]) -> Option<Epoch> {
+    EPOCHS.with(|cache| {
+        let mut cache = cache.borrow_mut();
+        let (epochs, next) = &mut *cache;
+        if let Some(epoch) = epochs
+            .iter()
+            .flatten()
+            .find(|e| e.as_str().as_bytes() == bytes)
+        {
+            return Some(epoch.clone());
+        }
+        let epoch = std::str::from_utf8(bytes).ok().and_then(Epoch::new)?;
+        epochs[*next] = Some(epoch.clone());
+        *next = (*next + 1) % EPOCH_CACHE;
+        Some(epoch)
+    })
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct Cursor {
+    entries: Entries,
+}
+
+/// A cursor's entries, sorted by hash: the common one-channel cursor inline (no list to
+/// allocate when a poll's cursor is decoded or a one-channel subscription starts).
+#[derive(Clone, Debug)]
+enum Entries {
+    One(Entry),
+    /// No entry, or two and more (one, after a `remove`).
+    Many(Vec<Entry>),
+}
+
+/// One channel's position, under its name's hash. A struct, not a tuple: laid out with the
+/// epoch's pointer first, so `Entries` keeps its tag in that pointer's niche (32 bytes, not 40).
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Entry {
+    hash: u64,
+    position: Position,
+}
+
+impl Default for Entries {
+    fn default() -> Self {
+        Entries::Many(Vec::new())
+    }
+}
+
+impl Entries {
+    fn as_slice(&self) -> &[Entry] {
+        match self {
+            Entries::One(entry) => std::slice::from_ref(entry),
+            Entries::Many(entries) => entries,
+        }
+    }
+
+    fn as_mut_slice(&mut self) -> &mut [Entry] {
+        match self {
+            Entries::One(entry) => std::slice::from_mut(entry),
+            Entries::Many(entries) => entries,
+        }
+    }
+}
+
+/// Equal when they hold the same entries, however they are kept.
+impl PartialEq for Cursor {
+    fn eq(&self, other: &Self) -> bool {
+        self.entries.as_slice() == other.entries.as_slice()
+    }
+}
+
+impl Eq for Cursor {}
 
 /// A cursor's text from its entries. Written at its exact length, on the stack for the
 /// common one-channel cursor: the base64 text is then the only allocation (this runs for
 /// every publish reply and every poll answer).
-fn encode_entries(entries: &[(u64, Position)]) -> String {
+fn encode_entries(entries: &[Entry]) -> String {
     let len = 1 + entries
         .iter()
-        .map(|(_, pos)| 8 + 1 + pos.epoch.as_str().len() + varint_len(pos.offset))
+        .map(|e| 8 + 1 + e.position.epoch.as_str().len() + varint_len(e.position.offset))
         .sum::<usize>();
     let mut stack = [0u8; 64];
     let mut heap = Vec::new();
@@ -68,7 +158,11 @@ fn encode_entries(entries: &[(u64, Position)]) -> String {
     };
     raw[0] = VERSION;
     let mut at = 1;
-    for (hash, pos) in entries {
+    for Entry {
+        hash,
+        position: pos,
+    } in entries
+    {
         raw[at..at + 8].copy_from_slice(&hash.to_be_bytes());
         at += 8;
         let epoch = pos.epoch.as_str().as_bytes();
@@ -162,65 +256,90 @@ fn varint_len(offset: u64) -> usize {
 impl Cursor {
     pub fn single(channel: &ChannelName, position: Position) -> Self {
         Self {
-            entries: vec![(channel.hash64(), position)],
+            entries: Entries::One(Entry {
+                hash: channel.hash64(),
+                position,
+            }),
         }
     }
 
     pub fn is_empty(&self) -> bool {
-        self.entries.is_empty()
+        self.entries.as_slice().is_empty()
     }
 
     /// The position this cursor holds for `channel`, if it covers it.
     pub fn get(&self, channel: &ChannelName) -> Option<&Position> {
-        self.entries
-            .binary_search_by_key(&channel.hash64(), |(h, _)| *h)
+        let entries = self.entries.as_slice();
+        entries
+            .binary_search_by_key(&channel.hash64(), |e| e.hash)
             .ok()
-            .map(|i| &self.entries[i].1)
+            .map(|i| &entries[i].position)
     }
 
     pub fn set(&mut self, channel: &ChannelName, position: Position) {
         let h = channel.hash64();
-        match self.entries.binary_search_by_key(&h, |(k, _)| *k) {
-            Ok(i) => self.entries[i].1 = position,
-            Err(i) => {
-                // Most sessions follow one channel, for hours: room for one, not the four a
-                // first push makes.
-                if self.entries.is_empty() {
-                    self.entries.reserve_exact(1);
-                }
-                self.entries.insert(i, (h, position))
+        let entries = self.entries.as_mut_slice();
+        let at = match entries.binary_search_by_key(&h, |e| e.hash) {
+            Ok(i) => {
+                entries[i].position = position;
+                return;
+            }
+            Err(i) => i,
+        };
+        match &mut self.entries {
+            Entries::Many(entries) if entries.is_empty() => {
+                self.entries = Entries::One(Entry { hash: h, position });
+            }
+            Entries::Many(entries) => entries.insert(at, Entry { hash: h, position }),
+            Entries::One(_) => {
+                let Entries::One(first) = std::mem::take(&mut self.entries) else {
+                    return;
+                };
+                // A second channel: room for the two, not the four a first push makes.
+                let mut entries = Vec::with_capacity(2);
+                entries.push(first);
+                entries.insert(at, Entry { hash: h, position });
+                self.entries = Entries::Many(entries);
             }
         }
     }
 
     /// Forgets a channel (after an unsubscribe).
     pub fn remove(&mut self, channel: &ChannelName) {
-        if let Ok(i) = self
-            .entries
-            .binary_search_by_key(&channel.hash64(), |(h, _)| *h)
-        {
-            self.entries.remove(i);
+        let h = channel.hash64();
+        match &mut self.entries {
+            Entries::One(e) if e.hash == h => self.entries = Entries::default(),
+            Entries::One(_) => {}
+            Entries::Many(entries) => {
+                if let Ok(i) = entries.binary_search_by_key(&h, |e| e.hash) {
+                    entries.remove(i);
+                }
+            }
         }
     }
 
     /// Sets only the offset when the epoch is unchanged (the hot path: no epoch clone).
     pub fn advance(&mut self, channel: &ChannelName, position: &Position) {
         let h = channel.hash64();
-        match self.entries.binary_search_by_key(&h, |(k, _)| *k) {
-            Ok(i) if self.entries[i].1.epoch == position.epoch => {
-                self.entries[i].1.offset = position.offset;
+        let entries = self.entries.as_mut_slice();
+        match entries.binary_search_by_key(&h, |e| e.hash) {
+            Ok(i) if entries[i].position.epoch == position.epoch => {
+                entries[i].position.offset = position.offset;
             }
             _ => self.set(channel, position.clone()),
         }
     }
 
     pub fn encode(&self) -> String {
-        encode_entries(&self.entries)
+        encode_entries(self.entries.as_slice())
     }
 
     /// `Cursor::single(channel, position).encode()` without the cursor's list.
     pub fn encode_single(channel: &ChannelName, position: &Position) -> String {
-        encode_entries(&[(channel.hash64(), position.clone())])
+        encode_entries(&[Entry {
+            hash: channel.hash64(),
+            position: position.clone(),
+        }])
     }
 
     pub fn decode(text: &str) -> Result<Self, CursorError> {
@@ -240,7 +359,7 @@ impl Cursor {
         if version != VERSION {
             return Err(CursorError("unknown version"));
         }
-        let mut entries: Vec<(u64, Position)> = Vec::new();
+        let mut entries: Vec<Entry> = Vec::new();
         while !rest.is_empty() {
             let (hash, r) = rest.split_at_checked(8).ok_or(CursorError("truncated"))?;
             let mut be = [0u8; 8];
@@ -250,10 +369,7 @@ impl Cursor {
             let (epoch, r) = r
                 .split_at_checked(usize::from(elen))
                 .ok_or(CursorError("truncated"))?;
-            let epoch = std::str::from_utf8(epoch)
-                .ok()
-                .and_then(Epoch::new)
-                .ok_or(CursorError("bad epoch"))?;
+            let epoch = shared_epoch(epoch).ok_or(CursorError("bad epoch"))?;
             let mut offset: u64 = 0;
             let mut shift = 0u32;
             let mut r = r;
@@ -272,24 +388,32 @@ impl Cursor {
                     return Err(CursorError("offset overflows"));
                 }
             }
-            if let Some((last, _)) = entries.last()
-                && *last >= hash
+            if let Some(last) = entries.last()
+                && last.hash >= hash
             {
                 return Err(CursorError("entries out of order"));
             }
             rest = r;
             if entries.is_empty() && rest.is_empty() {
-                // A one-channel cursor: a list of exactly one (a push would make room for four).
+                // A one-channel cursor: kept inline, no list.
                 return Ok(Self {
-                    entries: vec![(hash, Position { epoch, offset })],
+                    entries: Entries::One(Entry {
+                        hash,
+                        position: Position { epoch, offset },
+                    }),
                 });
             }
-            entries.push((hash, Position { epoch, offset }));
+            entries.push(Entry {
+                hash,
+                position: Position { epoch, offset },
+            });
         }
         if entries.is_empty() {
             return Err(CursorError("covers no channel"));
         }
-        Ok(Self { entries })
+        Ok(Self {
+            entries: Entries::Many(entries),
+        })
     }
 }
 
@@ -335,6 +459,60 @@ mod tests {
             let back = Cursor::decode(&c.encode()).unwrap();
             assert_eq!(back, c, "{} entries", i + 1);
         }
+    }
+
+    #[test]
+    fn a_cursor_keeps_one_channel_inline_and_moves_between_one_and_many() {
+        let (a, b, c) = (
+            ChannelName::new("a").unwrap(),
+            ChannelName::new("b").unwrap(),
+            ChannelName::new("c").unwrap(),
+        );
+        let mut x = Cursor::default();
+        x.set(&a, pos("e", 1));
+        assert!(matches!(x.entries, Entries::One(_)));
+        x.advance(&a, &pos("e", 2));
+        x.set(&b, pos("f", 3));
+        x.set(&c, pos("e", 4));
+        assert!(matches!(&x.entries, Entries::Many(v) if v.len() == 3));
+        for (name, at) in [(&a, pos("e", 2)), (&b, pos("f", 3)), (&c, pos("e", 4))] {
+            assert_eq!(x.get(name), Some(&at));
+        }
+        x.remove(&b);
+        x.remove(&c);
+        // One entry kept in a list is the same cursor as one kept inline.
+        assert_eq!(x, Cursor::single(&a, pos("e", 2)));
+        assert_eq!(x.encode(), Cursor::single(&a, pos("e", 2)).encode());
+        x.remove(&a);
+        assert!(x.is_empty());
+        assert_eq!(x, Cursor::default());
+        x.set(&b, pos("e", 5));
+        assert!(matches!(x.entries, Entries::One(_)));
+        assert_eq!(Cursor::decode(&x.encode()).unwrap(), x);
+        // No larger than the list it replaces was with its one heap entry.
+        assert!(size_of::<Cursor>() <= 32, "{}", size_of::<Cursor>());
+    }
+
+    #[test]
+    fn decoded_cursors_share_the_epochs_decoded_before_them() {
+        let a = ChannelName::new("a").unwrap();
+        let text = Cursor::single(&a, pos("shared9", 7)).encode();
+        let first = Cursor::decode(&text).unwrap();
+        let again = Cursor::decode(&text).unwrap();
+        let (one, two) = (first.get(&a).unwrap(), again.get(&a).unwrap());
+        assert_eq!(one, two);
+        assert_eq!(one.epoch.as_str().as_ptr(), two.epoch.as_str().as_ptr());
+        // More epochs than the cache holds: each still decodes to its own text.
+        for i in 0..3 * EPOCH_CACHE {
+            let epoch = format!("ep{i}");
+            let back = Cursor::decode(&Cursor::single(&a, pos(&epoch, 1)).encode()).unwrap();
+            assert_eq!(back.get(&a).unwrap().epoch.as_str(), epoch);
+        }
+        // An invalid epoch is never cached, whatever came before.
+        let mut raw = vec![1, 0, 0, 0, 0, 0, 0, 0, 1, 1, b'!', 0];
+        assert!(Cursor::decode(&URL_SAFE_NO_PAD.encode(&raw)).is_err());
+        raw[10] = b'z';
+        assert!(Cursor::decode(&URL_SAFE_NO_PAD.encode(&raw)).is_ok());
     }
 
     #[test]
