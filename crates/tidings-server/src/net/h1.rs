@@ -177,13 +177,48 @@ impl<Svc: Service> Lean<'_, Svc> {
     /// and parsing the request, the service's future, writing an answer that is not a
     /// stream, a stream's head — runs in one boxed future per request (`exchange`), freed
     /// before the connection parks.
-    pub async fn serve<S: Socket>(&self, stream: &mut S) -> Outcome {
+    ///
+    /// That box is kept from one request to the next while a keep-alive connection is busy
+    /// (a publisher's): `Pin::set` writes the next exchange into it, in place, without an
+    /// allocation per request. The exchange takes the socket and the read buffer and gives
+    /// them back, so the box borrows nothing of this loop between requests. It is freed
+    /// before the connection parks in a stream or a long poll's wait, which keep only what
+    /// they kept before.
+    pub async fn serve<S: Socket>(&self, mut stream: &mut S) -> Outcome {
         let mut buf = BytesMut::new();
+        let mut boxed = None;
+        let mut next = Next::Again;
         loop {
-            let mut next = match Box::pin(self.exchange(stream, &mut buf)).await {
-                Ok(next) => next,
+            // The socket reference is moved in and given back: the box borrows nothing here.
+            let exchange = self.exchange(stream, std::mem::take(&mut buf));
+            let running = match &mut boxed {
+                Some(running) => {
+                    Pin::set(running, exchange);
+                    running
+                }
+                None => boxed.insert(Box::pin(exchange)),
+            };
+            // The answer is written where it is kept (`next`, `buf`) as the exchange ends, so
+            // no copy of it waits beside the box in this future, and what is handed back is
+            // a temporary of this statement (a `let` would be kept until the loop's end,
+            // beside the parked states: the parked task's size).
+            stream = match std::future::poll_fn(|cx| {
+                running.as_mut().poll(cx).map(|(given_back, read, result)| {
+                    buf = read;
+                    result.map(|answered| {
+                        next = answered;
+                        given_back
+                    })
+                })
+            })
+            .await
+            {
+                Ok(given_back) => given_back,
                 Err(outcome) => return outcome,
             };
+            if !matches!(next, Next::Again) {
+                boxed = None;
+            }
             // The request is consumed: an empty read buffer goes back before anything waits.
             pool::give_read(&mut buf);
             loop {
@@ -343,9 +378,19 @@ impl<Svc: Service> Lean<'_, Svc> {
         Ok(Next::Again)
     }
 
+    /// `request`, taking the socket and the read buffer and giving them back (`serve`).
+    async fn exchange<'s, S: Socket>(
+        &self,
+        stream: &'s mut S,
+        mut buf: BytesMut,
+    ) -> (&'s mut S, BytesMut, Result<Next<Svc::Later>, Outcome>) {
+        let result = self.request(stream, &mut buf).await;
+        (stream, buf, result)
+    }
+
     /// Reads the next request, has the service answer it and writes the answer unless it
     /// is to come later; `Err` when the connection ends here or goes on elsewhere.
-    async fn exchange<S: Socket>(
+    async fn request<S: Socket>(
         &self,
         stream: &mut S,
         buf: &mut BytesMut,
