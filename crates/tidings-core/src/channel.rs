@@ -4,6 +4,16 @@
 //! bytes, and the hash is stable across processes and builds (several nodes must agree on
 //! it). 32 bits were not enough: real names collide (`gwzx` and `16cd`), and two colliding
 //! channels in one subscription would share a cursor entry.
+//!
+//! Issue 17: every publish and every poll names its channel, and each made a new `Arc<str>`
+//! for a name the node already holds. `ChannelName::new` hands out a clone of the name made
+//! last in its slot (`NAMES`), so a busy channel's requests allocate no name.
+//!
+//! Concurrency: `NAMES` is one small cache per thread (`thread_local!`), touched only inside
+//! `ChannelName::new`, with no lock and no await. Bounded: `NAME_SLOTS` names per thread
+//! (each at most `MAX_CHANNEL_LEN` bytes), a slot chosen by the name's hash and replaced by
+//! the next name that falls in it. Names compare by their text, so a shared one is the same
+//! name in every way.
 
 use std::fmt;
 use std::sync::Arc;
@@ -22,6 +32,14 @@ pub enum NameError {
 }
 
 /// A channel name matching `^[A-Za-z0-9_.:@=-]{1,128}$`.
+/// Names kept per thread by `ChannelName::new`.
+const NAME_SLOTS: usize = 64;
+
+thread_local! {
+    static NAMES: std::cell::RefCell<[Option<ChannelName>; NAME_SLOTS]> =
+        const { std::cell::RefCell::new([const { None }; NAME_SLOTS]) };
+}
+
 #[derive(Clone)]
 pub struct ChannelName {
     name: Arc<str>,
@@ -38,10 +56,20 @@ impl ChannelName {
         if !valid {
             return Err(NameError::Channel(truncate_for_error(name)));
         }
-        Ok(Self {
-            name: Arc::from(name),
-            hash: fnv1a64(name.as_bytes()),
-        })
+        let hash = fnv1a64(name.as_bytes());
+        Ok(NAMES.with(|names| {
+            let mut names = names.borrow_mut();
+            let slot = &mut names[(hash % NAME_SLOTS as u64) as usize];
+            match slot {
+                Some(kept) if kept.hash == hash && &*kept.name == name => kept.clone(),
+                _ => slot
+                    .insert(Self {
+                        name: Arc::from(name),
+                        hash,
+                    })
+                    .clone(),
+            }
+        }))
     }
 
     pub fn as_str(&self) -> &str {
@@ -183,5 +211,22 @@ mod tests {
             ChannelName::new("16cd").unwrap(),
         );
         assert_ne!(a.hash64(), b.hash64());
+    }
+
+    #[test]
+    fn a_name_made_again_shares_the_text_of_the_one_made_before() {
+        let a = ChannelName::new("chat:lobby").unwrap();
+        let again = ChannelName::new("chat:lobby").unwrap();
+        assert_eq!(a, again);
+        assert_eq!(a.as_str().as_ptr(), again.as_str().as_ptr());
+        // Many names through the slots: each comes back as itself, with its own hash.
+        for i in 0..4 * NAME_SLOTS {
+            let text = format!("c{i}");
+            let name = ChannelName::new(&text).unwrap();
+            assert_eq!(name.as_str(), text);
+            assert_eq!(name.hash64(), fnv1a64(text.as_bytes()));
+        }
+        assert!(ChannelName::new("no spaces").is_err());
+        assert_eq!(ChannelName::new("chat:lobby").unwrap(), a);
     }
 }
