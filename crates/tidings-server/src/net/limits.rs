@@ -26,8 +26,25 @@ pub enum Refused {
 
 /// Holds one connection's place; dropping it gives the place back.
 pub struct ConnectionPermit {
-    limits: Arc<ConnectionLimits>,
+    /// `None` once the place went to a `Placed` (`keep_with`), which gives it back instead.
+    limits: Option<Arc<ConnectionLimits>>,
     ip: IpAddr,
+}
+
+/// What knows the address a place was taken for (a connection's context).
+pub trait PeerIp {
+    fn peer_ip(&self) -> IpAddr;
+}
+
+/// A connection's place kept together with what knows its address (its context), which
+/// gives the place back when dropped. The permit alone keeps its own copy of the address
+/// (32 bytes with the `Arc`); every connection's task holds its context anyway, so beside
+/// it the place costs 8 bytes — what took the task's future under tokio's 896-byte cell
+/// step (issue 17; `app/parked.rs`).
+pub struct Placed<T: PeerIp> {
+    held: T,
+    /// An `Option` only to take it from the permit; 8 bytes still (the `Arc`'s niche).
+    limits: Option<Arc<ConnectionLimits>>,
 }
 
 impl ConnectionLimits {
@@ -59,9 +76,21 @@ impl ConnectionLimits {
         }
         *n += 1;
         Ok(ConnectionPermit {
-            limits: self.clone(),
+            limits: Some(self.clone()),
             ip,
         })
+    }
+
+    fn release(&self, ip: IpAddr) {
+        let mut per_ip = self.per_ip.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = per_ip.get_mut(&ip) {
+            *n -= 1;
+            if *n == 0 {
+                per_ip.remove(&ip);
+            }
+        }
+        drop(per_ip);
+        self.total.fetch_sub(1, Ordering::AcqRel);
     }
 
     /// New limits (a reload): connections already open stay.
@@ -75,17 +104,39 @@ impl ConnectionLimits {
     }
 }
 
+impl ConnectionPermit {
+    /// Hands the place to `held`, which must know the same address (the connection's
+    /// context): it is given back when the `Placed` is dropped.
+    pub fn keep_with<T: PeerIp>(mut self, held: T) -> Placed<T> {
+        debug_assert_eq!(held.peer_ip(), self.ip, "a place kept with another address");
+        Placed {
+            held,
+            limits: self.limits.take(),
+        }
+    }
+}
+
 impl Drop for ConnectionPermit {
     fn drop(&mut self) {
-        let mut per_ip = self.limits.per_ip.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(n) = per_ip.get_mut(&self.ip) {
-            *n -= 1;
-            if *n == 0 {
-                per_ip.remove(&self.ip);
-            }
+        if let Some(limits) = self.limits.take() {
+            limits.release(self.ip);
         }
-        drop(per_ip);
-        self.limits.total.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+impl<T: PeerIp> std::ops::Deref for Placed<T> {
+    type Target = T;
+
+    fn deref(&self) -> &T {
+        &self.held
+    }
+}
+
+impl<T: PeerIp> Drop for Placed<T> {
+    fn drop(&mut self) {
+        if let Some(limits) = &self.limits {
+            limits.release(self.held.peer_ip());
+        }
     }
 }
 
@@ -104,6 +155,26 @@ mod tests {
         let _p3 = l.try_acquire(b).unwrap();
         assert_eq!(l.try_acquire(b).err(), Some(Refused::Total));
         drop(p1);
+        assert!(l.try_acquire(a).is_ok());
+    }
+
+    struct At(IpAddr);
+
+    impl PeerIp for At {
+        fn peer_ip(&self) -> IpAddr {
+            self.0
+        }
+    }
+
+    #[test]
+    fn a_place_kept_with_its_address_is_given_back_when_dropped() {
+        let l = ConnectionLimits::new(2, 1);
+        let a: IpAddr = "127.0.0.1".parse().unwrap();
+        let placed = l.try_acquire(a).unwrap().keep_with(At(a));
+        assert_eq!(l.try_acquire(a).err(), Some(Refused::PerIp));
+        assert_eq!(l.open(), 1);
+        drop(placed);
+        assert_eq!(l.open(), 0);
         assert!(l.try_acquire(a).is_ok());
     }
 }

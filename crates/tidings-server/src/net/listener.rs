@@ -30,7 +30,7 @@ use tokio::net::TcpListener;
 use tokio_util::task::TaskTracker;
 
 use crate::net::h1;
-use crate::net::limits::{ConnectionPermit, Refused};
+use crate::net::limits::{Placed, Refused};
 use crate::net::tls::Acceptor as TlsAcceptor;
 use crate::net::upgrade::{Pending, SessionIo, Upgradable};
 use crate::net::{ConnectionCtx, Handled, Service};
@@ -52,7 +52,8 @@ pub async fn serve<S: Service>(
     // Every connection task, so shutdown can wait for them all; hyper's learn of the
     // shutdown from `Service::shutdown`, as the lean path and HTTP/2 do (`Edge::hyper`).
     let tasks = TaskTracker::new();
-    let edge = Arc::new(Edge::new(service.clone(), tasks.clone()));
+    let acceptor = tls.as_ref().map(|(_, a)| a.clone());
+    let edge = Arc::new(Edge::new(service.clone(), tasks.clone(), acceptor));
     tokio::pin!(shutdown);
     loop {
         let (accepted, secure) = tokio::select! {
@@ -86,8 +87,7 @@ pub async fn serve<S: Service>(
         };
         let stream = super::deadline::Deadline::new(stream, service.settings().write_timeout);
         let edge = edge.clone();
-        let acceptor = tls.as_ref().filter(|_| secure).map(|(_, a)| a.clone());
-        tasks.spawn(connection(edge, stream, ctx, acceptor, permit));
+        tasks.spawn(connection(edge, stream, permit.keep_with(ctx), secure));
     }
     drop(listener);
     drop(tls);
@@ -109,21 +109,23 @@ pub async fn serve<S: Service>(
 /// Memory: an `async` block keeps a slot for each value it captured for its whole life,
 /// even after moving it into a callee's future, which then holds its own copy. So the
 /// socket and the context stay here and the lean path borrows them (`Edge::lean_phase`);
-/// only what follows it (hyper, a WebSocket session) takes them by value.
+/// only what follows it (hyper, a WebSocket session) takes them by value (the context
+/// cloned: it stays here with the connection's place, `Placed`, which gives the place
+/// back for the context's address). The TLS acceptor is the edge's: `secure` is a byte
+/// where an `Option<Arc>` was 8.
 // Not an `async fn`: its arguments would be moved into bindings of their own, a second copy.
 #[allow(clippy::manual_async_fn)]
 pub(crate) fn connection<Svc: Service>(
     edge: Arc<Edge<Svc>>,
     mut stream: super::deadline::Conn,
-    ctx: ConnectionCtx,
-    acceptor: Option<TlsAcceptor>,
-    permit: ConnectionPermit,
+    ctx: Placed<ConnectionCtx>,
+    secure: bool,
 ) -> impl Future<Output = ()> + Send + 'static {
     async move {
         edge.service.connection(true);
-        match acceptor {
+        match secure {
             // A plaintext connection: the lean HTTP/1.1 path first, hyper if it hands off.
-            None => {
+            false => {
                 match edge.lean_phase(&mut stream, &ctx).await {
                     // A WebSocket session, in this task (its future is boxed already).
                     Some(h1::Outcome::Upgrade(pending, pre)) => {
@@ -137,6 +139,7 @@ pub(crate) fn connection<Svc: Service>(
                     // Boxed: hyper runs once the lean path is done, and inline its future
                     // would be a second copy of the socket and the context in every task.
                     outcome => {
+                        let ctx = ConnectionCtx::clone(&ctx);
                         Box::pin(edge.after_lean(outcome, stream, ctx, SessionIo::Tcp)).await
                     }
                 }
@@ -145,8 +148,8 @@ pub(crate) fn connection<Svc: Service>(
             // done; HTTP/1.1 then takes the lean path here as on plaintext, on the boxed
             // TLS stream: in a box of its own too, a second lean path would be paid for
             // beside the one this task already has room for.
-            Some(acceptor) => {
-                let accepted = Box::pin(edge.tls(stream, acceptor, &ctx)).await;
+            true => {
+                let accepted = Box::pin(edge.tls(stream, &ctx)).await;
                 if let Some(mut tls) = accepted {
                     match edge.lean_phase(&mut tls, &ctx).await {
                         Some(h1::Outcome::Upgrade(pending, pre)) => {
@@ -157,6 +160,7 @@ pub(crate) fn connection<Svc: Service>(
                             }
                         }
                         outcome => {
+                            let ctx = ConnectionCtx::clone(&ctx);
                             Box::pin(edge.after_lean(outcome, tls, ctx, SessionIo::Tls)).await
                         }
                     }
@@ -164,7 +168,7 @@ pub(crate) fn connection<Svc: Service>(
             }
         }
         edge.service.connection(false);
-        drop(permit);
+        drop(ctx);
     }
 }
 
@@ -178,10 +182,16 @@ pub(crate) struct Edge<Svc> {
     builder: auto::Builder<TokioExecutor>,
     /// Every connection task, and the sessions HTTP/2 streams hand their sockets to.
     tasks: TaskTracker,
+    /// The TLS listener's (`None` without one).
+    acceptor: Option<TlsAcceptor>,
 }
 
 impl<Svc: Service> Edge<Svc> {
-    pub(crate) fn new(service: Arc<Svc>, tasks: TaskTracker) -> Self {
+    pub(crate) fn new(
+        service: Arc<Svc>,
+        tasks: TaskTracker,
+        acceptor: Option<TlsAcceptor>,
+    ) -> Self {
         let server = service.settings();
         let mut builder = auto::Builder::new(TokioExecutor::new());
         builder
@@ -202,6 +212,7 @@ impl<Svc: Service> Edge<Svc> {
             service,
             builder,
             tasks,
+            acceptor,
         }
     }
 
@@ -257,13 +268,9 @@ impl<Svc: Service> Edge<Svc> {
     /// A TLS connection's handshake. HTTP/1.1 comes back to take the lean
     /// path as on plaintext (a parked stream then holds rustls' state but not hyper's too);
     /// h2 is served here, by our HTTP/2 driver.
-    async fn tls(
-        &self,
-        stream: super::deadline::Conn,
-        acceptor: TlsAcceptor,
-        ctx: &ConnectionCtx,
-    ) -> Option<TlsConn> {
+    async fn tls(&self, stream: super::deadline::Conn, ctx: &ConnectionCtx) -> Option<TlsConn> {
         let peer = ctx.peer;
+        let acceptor = self.acceptor.clone()?;
         // Boxed, like hyper's state below: the handshake lives only until it is done. The
         // stream comes out boxed for the same reason: held inline it would be a slot of
         // its own in every task.

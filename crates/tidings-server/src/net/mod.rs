@@ -121,6 +121,12 @@ pub struct ConnectionCtx {
     pub http2: bool,
 }
 
+impl limits::PeerIp for ConnectionCtx {
+    fn peer_ip(&self) -> std::net::IpAddr {
+        self.peer.ip()
+    }
+}
+
 /// A JSON error answer in the application's format (`{"error":{"code","message"}}`), for the
 /// few answers this layer gives itself (a refused HTTP/2 stream). 503s carry `Retry-After`.
 pub fn error_response(status: http::StatusCode, code: &str, message: &str) -> Response<Body> {
