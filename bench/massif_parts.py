@@ -21,7 +21,7 @@ PARTS = [
     ("session: WebSocket session", r"upgrade::Pending::start"),
     ("session: long-poll wait", r"short_poll::poll"),
     ("timer (heartbeat / ping interval)", r"interval_at"),
-    ("kill token (per connection)", r"CancellationToken::new|net::kill::Kill::new"),
+    ("kill switch (per connection)", r"CancellationToken::new|net::kill::Kill::new|kill::Kill::new"),
     ("queue (session queue, hub entry)", r"subscription::.*::session|hub::"),
     ("subscription (cursor, channels, client id)", r"cursor::|subscription::|ChannelName|ClientInfo"),
     ("TLS: record keys (aws-lc)", r"aws_lc"),

@@ -5,7 +5,11 @@
 //! because it is held for a push or a swap, never across an `.await`. Producers never wait
 //! for the consumer: a push that would exceed `max_bytes` marks the queue overflowed, drops
 //! what it held and wakes the writer, which ends the session with `slow` — the subscriber
-//! resumes from its cursor, so nothing is lost, and the publisher is never blocked.
+//! resumes from its cursor, so nothing is lost, and the publisher is never blocked. If the
+//! writer's connection may not be polling it at all (an HTTP/1.1 stream stuck in a write),
+//! the overflow also fires the connection's kill switch, which the queue holds (`Kill`,
+//! 8 bytes; it was a boxed closure per session, an allocation each). The session counts
+//! its slow disconnect itself when it ends (`overflowed`).
 //!
 //! The writer is woken through one waker slot in the locked state, not a `Notify`: a
 //! parked session waits on its queue for hours, and `Notify`'s waiter (~70 bytes in every
@@ -23,6 +27,7 @@ use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::task::{Context, Poll, Waker};
 
 use crate::disconnect::DisconnectReason;
+use crate::kill::Kill;
 use crate::message::Message;
 use crate::presence::PresenceEvent;
 
@@ -58,9 +63,9 @@ impl QueueItem {
 pub struct SessionQueue {
     state: Mutex<QueueState>,
     max_bytes: usize,
-    /// Runs once, on the publisher's thread, when the queue overflows: the edge uses it to
+    /// Fired once, on the publisher's thread, when the queue overflows: the edge uses it to
     /// close a connection whose writer is not even being polled (a client that stopped reading).
-    on_overflow: OnceLock<Box<dyn Fn() + Send + Sync>>,
+    on_overflow: OnceLock<Kill>,
 }
 
 /// What is queued, oldest first: a lone item inline, so a session that gets one message at a
@@ -171,8 +176,8 @@ impl SessionQueue {
             if let Some(waker) = waker {
                 waker.wake();
             }
-            if let Some(hook) = self.on_overflow.get() {
-                hook();
+            if let Some(kill) = self.on_overflow.get() {
+                kill.cancel();
             }
             return false;
         }
@@ -334,9 +339,14 @@ impl SessionQueue {
         std::future::poll_fn(|cx| self.poll_ready(cx))
     }
 
-    /// Sets the overflow hook (first call wins).
-    pub fn set_on_overflow(&self, hook: Box<dyn Fn() + Send + Sync>) {
-        let _ = self.on_overflow.set(hook);
+    /// Has an overflow fire `kill` (first call wins).
+    pub fn set_on_overflow(&self, kill: Kill) {
+        let _ = self.on_overflow.set(kill);
+    }
+
+    /// Whether the queue ended by overflowing (`Slow`).
+    pub fn overflowed(&self) -> bool {
+        self.lock().ended == Some(DisconnectReason::Slow)
     }
 
     /// The budget: more than this queued ends the session (`Slow`).
@@ -368,6 +378,38 @@ mod tests {
             Data::Text(Bytes::from(vec![b'x'; size])),
             0,
         ))
+    }
+
+    #[test]
+    fn an_overflow_fires_the_kill_switch_the_queue_holds_and_says_so() {
+        let q = SessionQueue::new(1024);
+        let kill = Kill::new();
+        q.set_on_overflow(kill.clone());
+        assert!(q.push(&msg(1, 800)));
+        assert!(!kill.is_cancelled());
+        assert!(!q.overflowed());
+        assert!(!q.push(&msg(2, 800)));
+        assert!(kill.is_cancelled());
+        assert!(q.overflowed());
+    }
+
+    #[test]
+    fn a_queue_closed_for_another_reason_did_not_overflow() {
+        let q = SessionQueue::new(1024);
+        let kill = Kill::new();
+        q.set_on_overflow(kill.clone());
+        q.close(DisconnectReason::Shutdown);
+        assert!(!q.overflowed());
+        assert!(!kill.is_cancelled());
+    }
+
+    /// Every session allocates one: its overflow action is the kill switch it holds (8
+    /// bytes), not a boxed closure (16 here and an allocation of its own). Today 96 bytes.
+    #[test]
+    fn a_session_queue_stays_small() {
+        let size = std::mem::size_of::<SessionQueue>();
+        eprintln!("a session queue: {size} bytes");
+        assert!(size <= 96, "a session queue is {size} bytes (bound 96)");
     }
 
     #[tokio::test]

@@ -168,9 +168,16 @@ impl Subscription {
         std::future::poll_fn(|cx| self.queue.poll_cut(cx))
     }
 
-    /// Runs `hook` once, from the publishing thread, if this subscription's queue overflows.
-    pub fn on_overflow(&self, hook: impl Fn() + Send + Sync + 'static) {
-        self.queue.set_on_overflow(Box::new(hook));
+    /// Fires `kill` once, from the publishing thread, if this subscription's queue
+    /// overflows (the queue holds it: no allocation).
+    pub fn on_overflow(&self, kill: crate::kill::Kill) {
+        self.queue.set_on_overflow(kill);
+    }
+
+    /// Whether the session was cut for falling too far behind (its queue overflowed):
+    /// the session counts its slow disconnect from this when it ends.
+    pub fn overflowed(&self) -> bool {
+        self.queue.overflowed()
     }
 
     /// Resolves when live messages (or an overflow) are waiting, and at once while part of

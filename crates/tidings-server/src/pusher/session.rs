@@ -91,7 +91,7 @@ struct Session {
     /// A list, not a map: most connections follow a channel or two, and an idle socket's
     /// memory is what a map's buckets would add to.
     followed: Vec<(ChannelName, Followed)>,
-    kill: CancellationToken,
+    kill: tidings_core::Kill,
     terminated: CancellationToken,
     heard: Instant,
     pinged: bool,
@@ -151,7 +151,7 @@ fn setup(
             Err(_) => return Err((io, code::OVER_QUOTA, "Over connection quota")),
         }
     };
-    let kill = CancellationToken::new();
+    let kill = tidings_core::Kill::new();
     let mut sub = state
         .node
         .session(state.config().server.queue_max_bytes, true, None);
@@ -159,10 +159,7 @@ fn setup(
     // (what a reload changes for Pusher, its apps, comes through `terminated`). No shared
     // tick: its liveness check keeps its own timer.
     crate::lifecycle::follow(&state, &mut sub, None);
-    {
-        let kill = kill.clone();
-        sub.on_overflow(move || kill.cancel());
-    }
+    sub.on_overflow(kill.clone());
     let max_frame = state
         .config()
         .server

@@ -6,8 +6,10 @@
 //! can take more; each poll drains everything queued into one buffer and yields it as one
 //! chunk (one write, one flush per batch instead of per message). A client that stops
 //! reading stops the polling; its queue then overflows on the publisher's side, which
-//! counts the slow disconnect and fires the connection's kill token (see `net/listener.rs`), so
-//! the connection ends even though this writer never runs again.
+//! fires the connection's kill switch (see `net/listener.rs`), so the connection ends even
+//! though this writer never runs again. The writer counts its slow disconnect when it is
+//! dropped (its queue says it overflowed): at its goodbye, or when the killed connection
+//! drops it.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -123,15 +125,9 @@ async fn writer<F: Framing>(
     // control window is shut); killing the connection would take its other streams down, so
     // the session just stays overflowed (its queue empty and refusing pushes) until the
     // client reads or goes.
-    let kill = conn.filter(|c| !c.http2).map(|c| c.kill.clone());
-    let metrics = state.metrics.clone();
-    sub.on_overflow(move || {
-        metrics.slow_disconnects[F::KIND as usize]
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        if let Some(kill) = &kill {
-            kill.cancel();
-        }
-    });
+    if let Some(c) = conn.filter(|c| !c.http2) {
+        sub.on_overflow(c.kill.clone());
+    }
     let expires = who.expires_at().map(deadline_for);
     crate::lifecycle::follow(state, &mut sub, Some(tidings_core::Tick::Heartbeat));
     let writer = Writer {
@@ -177,6 +173,17 @@ struct Writer<F> {
     /// Who subscribed, re-checked after a reload: a reload that revokes its access ends the
     /// stream like an expiry.
     who: Subscriber,
+}
+
+impl<F> Drop for Writer<F> {
+    fn drop(&mut self) {
+        // Here rather than in an overflow hook on the publisher's thread (a boxed closure
+        // per session): a writer that overflowed ends either way, at its goodbye or when
+        // the killed connection drops it (`SLOW_CLOSE_GRACE`).
+        if self.sub.overflowed() {
+            self.gauge.slow();
+        }
+    }
 }
 
 /// Resolves when `timer` fires; never without one.
@@ -330,8 +337,8 @@ impl<F: Framing> Writer<F> {
                 self.gauge.delivered(n as u64);
                 lone
             }
-            // Slow (counted by the overflow hook), or ended from outside (broker down,
-            // shutdown).
+            // Slow (counted when the writer is dropped), or ended from outside (broker
+            // down, shutdown).
             Err(reason) => {
                 if let Some(frame) = lone {
                     self.buf.put_slice(&frame);

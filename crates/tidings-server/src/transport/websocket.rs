@@ -378,13 +378,9 @@ fn run(
 ) -> impl Future<Output = u64> + Send {
     let mut gauge = state.metrics.session(TransportKind::WebSocket, 0);
     gauge.channels_changed(sub.channels().len() as i64);
-    // The overflow itself reaches the session through its queue (`Subscription::cut`): no
-    // kill token of its own, which a session that owns its socket does not need.
-    let metrics = state.metrics.clone();
-    sub.on_overflow(move || {
-        metrics.slow_disconnects[TransportKind::WebSocket as usize]
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    });
+    // The overflow reaches the session through its queue (`Subscription::cut`), which
+    // counts it at its goodbye: no kill switch (a session that owns its socket needs none)
+    // and no overflow hook.
     let mut sub = sub;
     crate::lifecycle::follow(&state, &mut sub, Some(tidings_core::Tick::Ping));
     let expires = peer
@@ -665,6 +661,7 @@ impl Session {
     async fn goodbye(&mut self, reason: Option<DisconnectReason>, code: u16, why: &'static str) {
         let slow = reason == Some(DisconnectReason::Slow);
         if slow {
+            self.gauge.slow();
             self.ws.drop_backlog();
         }
         if let (Some(reason), Mode::Json) = (reason, self.mode) {
