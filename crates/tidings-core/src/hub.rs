@@ -13,6 +13,15 @@
 //! session registering during the pass: `closing` is set before the pass takes any shard
 //! lock, and a registration checks it under the shard lock after inserting.
 //!
+//! A held long poll can be answered from the publishing side instead (`Held`, issue 17):
+//! its entry in the channel's list carries a hook beside its queue, set under the channel's
+//! lock and only while the queue is empty (the queue's lock taken inside the channel's, the
+//! order `deliver` uses). `deliver` offers the message to the hook in place of the push, and
+//! takes the hook out as it does: answered or declined, a hook is used once. So each
+//! message is either answered by the hook or queued, never both and never neither, and
+//! `release` (under the same lock) tells the poll's own task for certain whether a message
+//! went to the hook.
+//!
 //! Heartbeats and pings reach them the same way (`Hub::tick_part`): the caller's one timer
 //! per node visits one of the `TICK_PARTS` parts of the watched sessions every
 //! 1/`TICK_PARTS` of the interval, so each session is visited once per interval and only
@@ -36,6 +45,23 @@ type Subscribers = Mutex<Local>;
 /// session registry).
 pub const TICK_PARTS: usize = crate::shards::SHARDS;
 
+/// A held poll that can answer a message itself, from the publishing side (`Hub::hold`):
+/// the core knows no socket; the transport's hook writes the answer where it can.
+pub trait Held: Send + Sync {
+    /// Answers the poll with `message` now if it can: `true` when it did (the message is
+    /// then not queued for the session), `false` to have it queued as without a hook.
+    /// Called at most once per hook, under the channel's lock: it must not wait (a socket
+    /// that takes nothing now is a `false`) nor call back into the hub.
+    fn answer(&self, message: &Arc<Message>) -> bool;
+}
+
+/// One local subscriber of a channel: its session's queue, and the hook of a held poll.
+struct Member {
+    id: u64,
+    queue: Arc<SessionQueue>,
+    held: Option<Arc<dyn Held>>,
+}
+
 /// A channel's local subscribers: a list to fan out over, and — once the list is long —
 /// where each one sits in it, so a session leaves in O(1). (A scan made every long poll's
 /// re-registration cost O(n): a message to 10,000 pollers then cost 10,000 × 5,000
@@ -44,7 +70,7 @@ pub const TICK_PARTS: usize = crate::shards::SHARDS;
 /// index map was one more allocation each time (issue 17).
 #[derive(Default)]
 struct Local {
-    list: Vec<(u64, Arc<SessionQueue>)>,
+    list: Vec<Member>,
     /// Empty while the list is at most `SCAN` long.
     at: foldhash::HashMap<u64, usize>,
 }
@@ -54,20 +80,32 @@ const SCAN: usize = 16;
 
 impl Local {
     fn push(&mut self, id: u64, queue: Arc<SessionQueue>) {
-        self.list.push((id, queue));
+        self.list.push(Member {
+            id,
+            queue,
+            held: None,
+        });
         if self.list.len() > SCAN {
             if self.at.is_empty() {
                 self.at
-                    .extend(self.list.iter().enumerate().map(|(i, (id, _))| (*id, i)));
+                    .extend(self.list.iter().enumerate().map(|(i, e)| (e.id, i)));
             } else {
                 self.at.insert(id, self.list.len() - 1);
             }
         }
     }
 
+    fn find(&self, id: u64) -> Option<usize> {
+        if self.at.is_empty() {
+            self.list.iter().position(|e| e.id == id)
+        } else {
+            self.at.get(&id).copied()
+        }
+    }
+
     fn remove(&mut self, id: u64) {
         let found = if self.at.is_empty() {
-            self.list.iter().position(|(i, _)| *i == id)
+            self.list.iter().position(|e| e.id == id)
         } else {
             self.at.remove(&id)
         };
@@ -81,13 +119,13 @@ impl Local {
         if self.list.len() <= SCAN {
             // Back to scanning; the map's memory goes with it.
             self.at = foldhash::HashMap::default();
-        } else if let Some((moved, _)) = self.list.get(i) {
-            self.at.insert(*moved, i);
+        } else if let Some(moved) = self.list.get(i) {
+            self.at.insert(moved.id, i);
         }
     }
 
     fn queues(&self) -> impl Iterator<Item = &Arc<SessionQueue>> {
-        self.list.iter().map(|(_, q)| q)
+        self.list.iter().map(|e| &e.queue)
     }
 }
 
@@ -176,14 +214,61 @@ impl Hub {
         }
     }
 
-    /// Pushes a message to every local subscriber of its channel; returns how many took it.
+    /// Pushes a message to every local subscriber of its channel, or has a held poll's hook
+    /// answer it (`hold`); returns how many took it.
     pub fn deliver(&self, message: &Arc<Message>) -> usize {
         let subs = match relock(self.shards.of(&message.channel)).get(&message.channel) {
             Some(s) => s.clone(),
             None => return 0,
         };
-        let local = relock(&subs);
-        local.queues().filter(|q| q.push(message)).count()
+        let mut local = relock(&subs);
+        let mut took = 0;
+        for e in &mut local.list {
+            // Used once, answered or not: a poll answers one message, and one that declined
+            // has its queue to sort out what follows.
+            if let Some(held) = e.held.take()
+                && held.answer(message)
+            {
+                took += 1;
+                continue;
+            }
+            took += usize::from(e.queue.push(message));
+        }
+        took
+    }
+
+    /// Sets a held poll's hook on its entry in `channel`'s list, if its queue is empty (the
+    /// queue's lock inside the channel's, as in `deliver`): the channel's next message goes
+    /// to the hook first. False when nothing was set (something is queued, or the session
+    /// does not follow `channel`).
+    pub fn hold(&self, channel: &ChannelName, id: u64, hook: Arc<dyn Held>) -> bool {
+        let Some(subs) = relock(self.shards.of(channel)).get(channel).cloned() else {
+            return false;
+        };
+        let mut local = relock(&subs);
+        let Some(e) = local.find(id).and_then(|i| local.list.get_mut(i)) else {
+            return false;
+        };
+        // A message weighs at least its envelope's overhead: nothing queued means 0 bytes.
+        if e.queue.queued_bytes() != 0 {
+            return false;
+        }
+        e.held = Some(hook);
+        true
+    }
+
+    /// Takes a held poll's hook back; `true` when it was still set, so no message went to
+    /// it and none will (a delivery in progress holds the channel's lock).
+    pub fn release(&self, channel: &ChannelName, id: u64) -> bool {
+        let Some(subs) = relock(self.shards.of(channel)).get(channel).cloned() else {
+            return false;
+        };
+        let mut local = relock(&subs);
+        local
+            .find(id)
+            .and_then(|i| local.list.get_mut(i))
+            .and_then(|e| e.held.take())
+            .is_some()
     }
 
     /// Pushes a join or leave to every local subscriber of its channel.
@@ -270,6 +355,13 @@ impl Hub {
         self.sessions.iter().map(|s| relock(s).len()).sum()
     }
 
+    /// How many of `channel`'s subscribers are held polls with a hook set (`hold`).
+    pub fn held_count(&self, channel: &ChannelName) -> usize {
+        relock(self.shards.of(channel)).get(channel).map_or(0, |s| {
+            relock(s).list.iter().filter(|e| e.held.is_some()).count()
+        })
+    }
+
     pub fn subscriber_count(&self, channel: &ChannelName) -> usize {
         relock(self.shards.of(channel))
             .get(channel)
@@ -313,6 +405,167 @@ mod tests {
         };
         let data = Data::Text(Bytes::from_static(b"x"));
         Arc::new(Message::new(channel.clone(), position, None, data, 0))
+    }
+
+    fn message_at(channel: &ChannelName, offset: u64) -> Arc<Message> {
+        let position = Position {
+            epoch: Epoch::new("e1").unwrap(),
+            offset,
+        };
+        let data = Data::Text(Bytes::from_static(b"x"));
+        Arc::new(Message::new(channel.clone(), position, None, data, 0))
+    }
+
+    /// A hook that answers (or declines) and remembers what it answered.
+    struct Hook {
+        accept: bool,
+        answered: Mutex<Vec<u64>>,
+    }
+
+    impl Hook {
+        fn new(accept: bool) -> Arc<Self> {
+            Arc::new(Self {
+                accept,
+                answered: Mutex::new(Vec::new()),
+            })
+        }
+
+        fn answered(&self) -> Vec<u64> {
+            self.answered.lock().unwrap().clone()
+        }
+    }
+
+    impl Held for Hook {
+        fn answer(&self, message: &Arc<Message>) -> bool {
+            if self.accept {
+                self.answered.lock().unwrap().push(message.offset);
+            }
+            self.accept
+        }
+    }
+
+    fn queued(q: &SessionQueue) -> Vec<u64> {
+        let mut items = Vec::new();
+        let _ = q.drain_into(&mut items);
+        items
+            .into_iter()
+            .filter_map(|i| match i {
+                QueueItem::Message(m) => Some(m.offset),
+                QueueItem::Presence(_) => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_held_poll_s_hook_answers_one_message_and_its_queue_takes_the_rest() {
+        let hub = Hub::new();
+        let c = ChannelName::new("c").unwrap();
+        let (q, other) = (SessionQueue::new(1 << 20), SessionQueue::new(1 << 20));
+        hub.add(&c, 1, q.clone());
+        hub.add(&c, 2, other.clone());
+        assert!(!hub.hold(&c, 9, Hook::new(true)), "no such session");
+        assert!(!hub.hold(&ChannelName::new("elsewhere").unwrap(), 1, Hook::new(true)));
+        let hook = Hook::new(true);
+        assert!(hub.hold(&c, 1, hook.clone()));
+        assert_eq!(hub.deliver(&message_at(&c, 1)), 2);
+        assert_eq!(hub.deliver(&message_at(&c, 2)), 2);
+        assert_eq!(hook.answered(), [1], "answered once, then spent");
+        assert!(!hub.release(&c, 1), "used: nothing to take back");
+        assert!(!hub.hold(&c, 1, Hook::new(true)), "something is queued");
+        assert_eq!(queued(&q), [2]);
+        assert_eq!(queued(&other), [1, 2]);
+
+        // A hook taken back before any message never sees one.
+        let unused = Hook::new(true);
+        assert!(hub.hold(&c, 1, unused.clone()));
+        assert!(hub.release(&c, 1));
+        assert!(!hub.release(&c, 1));
+        hub.deliver(&message_at(&c, 3));
+        assert!(unused.answered().is_empty());
+        assert_eq!(queued(&q), [3]);
+
+        // One that declines is spent too, and the message is queued as without it.
+        let declines = Hook::new(false);
+        assert!(hub.hold(&c, 1, declines.clone()));
+        hub.deliver(&message_at(&c, 4));
+        assert!(!hub.release(&c, 1));
+        hub.deliver(&message_at(&c, 5));
+        assert_eq!(queued(&q), [4, 5]);
+
+        // Leaving takes the hook with the entry.
+        let left = Hook::new(true);
+        assert!(hub.hold(&c, 1, left.clone()));
+        hub.remove(&c, 1);
+        hub.deliver(&message_at(&c, 6));
+        assert!(left.answered().is_empty());
+        assert_eq!(
+            Arc::strong_count(&left),
+            1,
+            "the hub keeps no hook of a session gone"
+        );
+    }
+
+    #[test]
+    fn every_message_reaches_a_held_poller_exactly_once_while_hooks_come_and_go() {
+        const POLLERS: u64 = 4;
+        const MESSAGES: u64 = 3000;
+        let hub = Arc::new(Hub::new());
+        let c = ChannelName::new("c").unwrap();
+        // Enough subscribers for the indexed list, the pollers among them.
+        let bystanders: Vec<_> = (0..SCAN as u64)
+            .map(|id| {
+                let q = SessionQueue::new(1 << 20);
+                hub.add(&c, 1000 + id, q.clone());
+                q
+            })
+            .collect();
+        let queues: Vec<_> = (0..POLLERS)
+            .map(|id| {
+                let q = SessionQueue::new(1 << 20);
+                hub.add(&c, id, q.clone());
+                q
+            })
+            .collect();
+        let pollers: Vec<_> = queues
+            .iter()
+            .enumerate()
+            .map(|(id, q)| {
+                let (hub, c, q) = (hub.clone(), c.clone(), q.clone());
+                std::thread::spawn(move || {
+                    let mut got = Vec::new();
+                    let mut hooks = 0;
+                    // Until everything came (a lost message fails at the deadline instead).
+                    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+                    while got.len() < MESSAGES as usize && std::time::Instant::now() < deadline {
+                        got.extend(queued(&q));
+                        let hook = Hook::new(true);
+                        if hub.hold(&c, id as u64, hook.clone()) {
+                            hooks += 1;
+                        }
+                        std::thread::yield_now();
+                        hub.release(&c, id as u64);
+                        let answered = hook.answered();
+                        assert!(answered.len() <= 1, "a hook answers one message");
+                        got.extend(answered);
+                    }
+                    got.extend(queued(&q));
+                    (got, hooks)
+                })
+            })
+            .collect();
+        for offset in 1..=MESSAGES {
+            hub.deliver(&message_at(&c, offset));
+        }
+        let expected: Vec<u64> = (1..=MESSAGES).collect();
+        for p in pollers {
+            let (mut got, hooks) = p.join().unwrap();
+            assert!(hooks > 0, "the poller held at least once");
+            got.sort_unstable();
+            assert_eq!(got, expected, "each message once: answered or queued");
+        }
+        for q in &bystanders {
+            assert_eq!(queued(q), expected);
+        }
     }
 
     #[test]

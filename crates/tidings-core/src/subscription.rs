@@ -164,6 +164,40 @@ impl Subscription {
         self.queue.take_tick()
     }
 
+    /// Where a held one-channel poll stands: the position the channel's next message must
+    /// follow for a hook (`hold`) to answer it alone, with the message's own cursor. `None`
+    /// when a hook cannot stand in for this subscription: more than one channel, or a replay
+    /// page still to hand out.
+    pub fn hold_position(&self) -> Option<&Position> {
+        let Channels::One(channel) = &self.channels else {
+            return None;
+        };
+        if !self.pending.is_empty() || !self.batch.is_empty() {
+            return None;
+        }
+        self.cursor.get(channel)
+    }
+
+    /// Has the channel's next message offered to `hook` before it is queued (`Hub::hold`),
+    /// if nothing is queued now and a hook can stand in at all (`hold_position`). A hook is
+    /// used once; it must decline a message that does not follow `hold_position` (a gap, or
+    /// one the join already replayed): the queue sorts those out. Dropping the subscription
+    /// takes the hook out of the hub.
+    pub fn hold(&self, hook: Arc<dyn crate::hub::Held>) -> bool {
+        let Channels::One(channel) = &self.channels else {
+            return false;
+        };
+        self.hold_position().is_some() && self.node.hub.hold(channel, self.id, hook)
+    }
+
+    /// Takes the hook back (`hold`); `true` when no message went to it and none will.
+    pub fn release(&self) -> bool {
+        let Channels::One(channel) = &self.channels else {
+            return false;
+        };
+        self.node.hub.release(channel, self.id)
+    }
+
     /// Resolves when the session is cut short: its queue overflowed (`Slow`) or the server
     /// is shutting down (`Shutdown`). What is still queued or pending goes unsent.
     pub fn cut(&self) -> impl Future<Output = DisconnectReason> + Send + '_ {
