@@ -140,6 +140,9 @@ pub struct Hub {
     /// two allocations each time (issue 17). At most `SPARES`, each with a short list only.
     /// Lock order: a shard, then this.
     spare: Mutex<Vec<Arc<Subscribers>>>,
+    /// Messages answered by held polls' hooks (`hold`) since the start: one count per
+    /// delivery, added once per `deliver`.
+    held_answers: std::sync::atomic::AtomicU64,
 }
 
 const SPARES: usize = 32;
@@ -164,6 +167,7 @@ impl Hub {
                 .collect(),
             closing: std::sync::atomic::AtomicBool::new(false),
             spare: Mutex::new(Vec::with_capacity(SPARES)),
+            held_answers: std::sync::atomic::AtomicU64::new(0),
         }
     }
 
@@ -222,19 +226,28 @@ impl Hub {
             None => return 0,
         };
         let mut local = relock(&subs);
-        let mut took = 0;
+        let (mut took, mut answered) = (0, 0);
         for e in &mut local.list {
             // Used once, answered or not: a poll answers one message, and one that declined
             // has its queue to sort out what follows.
             if let Some(held) = e.held.take()
                 && held.answer(message)
             {
-                took += 1;
+                answered += 1;
                 continue;
             }
             took += usize::from(e.queue.push(message));
         }
-        took
+        if answered > 0 {
+            self.held_answers
+                .fetch_add(answered as u64, std::sync::atomic::Ordering::Relaxed);
+        }
+        took + answered
+    }
+
+    /// How many deliveries held polls' hooks answered (`hold`) since the start.
+    pub fn held_answers(&self) -> u64 {
+        self.held_answers.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Sets a held poll's hook on its entry in `channel`'s list, if its queue is empty (the
@@ -470,6 +483,7 @@ mod tests {
         assert_eq!(hub.deliver(&message_at(&c, 1)), 2);
         assert_eq!(hub.deliver(&message_at(&c, 2)), 2);
         assert_eq!(hook.answered(), [1], "answered once, then spent");
+        assert_eq!(hub.held_answers(), 1);
         assert!(!hub.release(&c, 1), "used: nothing to take back");
         assert!(!hub.hold(&c, 1, Hook::new(true)), "something is queued");
         assert_eq!(queued(&q), [2]);
@@ -506,6 +520,8 @@ mod tests {
     }
 
     #[test]
+    // Plain threads, no runtime: tokio's paused clock has nothing to do with their deadline.
+    #[allow(clippy::disallowed_types)]
     fn every_message_reaches_a_held_poller_exactly_once_while_hooks_come_and_go() {
         const POLLERS: u64 = 4;
         const MESSAGES: u64 = 3000;

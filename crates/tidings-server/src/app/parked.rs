@@ -17,15 +17,17 @@ use crate::net::ConnectionCtx;
 use crate::net::listener::{Edge, connection};
 use crate::state::AppState;
 
-/// Today: 776 bytes in a debug build (768 before the exchange box was kept across
-/// requests, which saves an allocation per request; 1,136 before the lean path's parked
-/// states became futures of their own, `h1::Lean::serve`; 1,016 before the kill switch's wait was a poll
-/// of a flag, `net::kill`; 952 before a long poll's answer-to-come was waited on in place;
-/// 888 before the lean path read its timeouts and shutdown token from the service and hyper
-/// connections learnt of shutdown without a graceful watcher in every task; 800 before the
-/// connection's place was kept with its context, `limits::Placed`, and the TLS acceptor
-/// became the edge's); tokio adds ~112 bytes and rounds the cell up to a multiple of 128,
-/// so ≤ ~784 is a cell of 896 — which the release build's is since then (massif).
+/// Today: TODAY bytes in a debug build (776 before a long poll's CORS header and access-log
+/// entry were boxed, `app::service::Finish`, which also made room for a held poll's hook;
+/// 768 before the exchange box was kept across requests, which saves an allocation per
+/// request; 1,136 before the lean path's parked states became futures of their own,
+/// `h1::Lean::serve`; 1,016 before the kill switch's wait was a poll of a flag, `net::kill`;
+/// 952 before a long poll's answer-to-come was waited on in place; 888 before the lean path
+/// read its timeouts and shutdown token from the service and hyper connections learnt of
+/// shutdown without a graceful watcher in every task; 800 before the connection's place was
+/// kept with its context, `limits::Placed`, and the TLS acceptor became the edge's); tokio
+/// adds ~112 bytes and rounds the cell up to a multiple of 128, so ≤ ~784 is a cell of 896
+/// — which the release build's is since then (massif).
 // One bound for debug and release builds: the sizes differ by a few bytes. At most 784:
 // past it, every connection's task cell grows by 128 bytes.
 const TASK_BOUND: usize = 784;

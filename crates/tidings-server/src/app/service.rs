@@ -60,7 +60,7 @@ impl App {
                 Handled::Ready(logged(answer.into_response(), &claim, None).into())
             }
             Handled::Later(mut finish) => {
-                finish.access = Some(claim);
+                finish.decor.get_or_insert_default().access = Some(claim);
                 Handled::Later(finish)
             }
         }
@@ -86,15 +86,13 @@ impl App {
                         .await
                         .map(|reply| Polled::Now(reply.into()))
                 }
-                (_, c) => short_poll::poll(state, c, query, &req).await,
+                // No CORS and no access log: the answer goes out as it comes, and a long
+                // poll may be answered from the publishing side (`long_poll`).
+                (_, c) => short_poll::poll(state, c, query, &req, true).await,
             };
             return match answered {
                 Ok(Polled::Now(answer)) => Handled::Ready(answer),
-                Ok(Polled::Later(wait)) => Handled::Later(Finish {
-                    wait,
-                    cors: None,
-                    access: None,
-                }),
+                Ok(Polled::Later(wait)) => Handled::Later(Finish { wait, decor: None }),
                 Err(e) => Handled::Ready(e.into_response().into()),
             };
         }
@@ -124,8 +122,12 @@ impl App {
             Ok(Polled::Later(wait)) => {
                 return Handled::Later(Finish {
                     wait,
-                    cors: origin,
-                    access: None,
+                    decor: origin.map(|cors| {
+                        Box::new(Decor {
+                            cors: Some(cors),
+                            access: None,
+                        })
+                    }),
                 });
             }
             Err(e) => e.into_response().into(),
@@ -145,7 +147,7 @@ impl App {
         let (state, conn) = (&self.state, Some(conn));
         let (query, headers) = (parts.uri.query(), &parts.headers);
         let now = match (to, channel) {
-            (Direct::Poll, c) => return short_poll::poll(state, c, query, headers).await,
+            (Direct::Poll, c) => return short_poll::poll(state, c, query, headers, false).await,
             (Direct::Publish, Some(c)) => {
                 publish::publish_body(state, conn, c, query, headers, body)
                     .await
@@ -178,9 +180,18 @@ impl App {
     }
 }
 
-/// A long poll's answer still to come, and the CORS header that goes on it then.
+/// A long poll's answer still to come, and what goes on it then.
 pub struct Finish {
     wait: long_poll::Wait,
+    /// Only the few long polls with a CORS header or an access-log line have it: boxed, so
+    /// that every parked poll does not carry its ~48 bytes (the task is allocated at its
+    /// largest state, `app::parked`).
+    decor: Option<Box<Decor>>,
+}
+
+/// What goes on a long poll's answer when it comes: the CORS header, the access-log entry.
+#[derive(Default)]
+struct Decor {
     cors: Option<HeaderValue>,
     access: Option<Claim>,
 }
@@ -189,16 +200,26 @@ impl Future for Finish {
     type Output = Answer;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Answer> {
-        let answer = std::task::ready!(self.wait.as_mut().poll(cx));
-        if self.cors.is_none() && self.access.is_none() {
+        let answer = std::task::ready!(Pin::new(&mut self.wait).poll(cx));
+        let Some(decor) = self.decor.as_mut() else {
             // The lean case, without passing the answer (a reply, ~500 bytes) through by value.
             return Poll::Ready(answer);
-        }
-        let answer = decorated(self.cors.take(), answer);
-        Poll::Ready(match self.access.take() {
+        };
+        let answer = decorated(decor.cors.take(), answer);
+        Poll::Ready(match decor.access.take() {
             Some(claim) => logged(answer.into_response(), &claim, Some("long-poll")).into(),
             None => answer,
         })
+    }
+}
+
+impl crate::net::Hold for Finish {
+    fn held(&self) -> Option<&crate::net::held::HeldSocket> {
+        // Decorated or logged answers are written by the connection's task.
+        if self.decor.is_some() {
+            return None;
+        }
+        self.wait.held()
     }
 }
 

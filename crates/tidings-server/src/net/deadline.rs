@@ -13,6 +13,13 @@
 //! back later finds the timer still running only if the socket never took a byte meanwhile
 //! — which is exactly "no progress".
 //!
+//! Own or lent: while a held long poll may be answered from the publishing side, the lean
+//! path lends the plain TCP socket to it (`net::held`, `h1::Socket::lend`) and takes it back
+//! when the poll is over; meanwhile the wrapper holds nothing, and I/O through it fails with
+//! `NotConnected` (the lean path does none then: it watches for a hang-up through the lent
+//! socket). Moving the socket, rather than sharing a duplicate descriptor, keeps one
+//! descriptor per connection (the `nofile` budget `doctor` checks) and costs no system call.
+//!
 //! Concurrency: one connection, one owner; nothing shared. Memory: the timer is boxed and
 //! exists only while a write is refused, so a parked connection pays a pointer for it.
 
@@ -30,7 +37,8 @@ use tokio::time::Sleep;
 pub type Conn = Deadline<tokio::net::TcpStream>;
 
 pub struct Deadline<S> {
-    inner: S,
+    /// `None` while lent to a held long poll (see the module).
+    inner: Option<S>,
     timeout: Duration,
     stalled: Option<Pin<Box<Sleep>>>,
 }
@@ -38,7 +46,7 @@ pub struct Deadline<S> {
 impl<S> Deadline<S> {
     pub fn new(inner: S, timeout: Duration) -> Self {
         Self {
-            inner,
+            inner: Some(inner),
             timeout,
             stalled: None,
         }
@@ -74,11 +82,18 @@ impl<S> Deadline<S> {
     }
 }
 
+fn lent() -> io::Error {
+    io::Error::new(
+        io::ErrorKind::NotConnected,
+        "the socket is lent to a held long poll",
+    )
+}
+
 impl Deadline<tokio::net::TcpStream> {
     /// A write that never waits: what the kernel takes now, `WouldBlock` when it takes
     /// nothing. Progress disarms the deadline, as through `poll_write`.
     pub fn try_write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        let wrote = self.inner.try_write(buf);
+        let wrote = self.inner.as_ref().ok_or_else(lent)?.try_write(buf);
         if wrote.is_ok() {
             self.stalled = None;
         }
@@ -92,7 +107,10 @@ impl<S: AsyncRead + Unpin> AsyncRead for Deadline<S> {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_read(cx, buf)
+        match self.inner.as_mut() {
+            Some(inner) => Pin::new(inner).poll_read(cx, buf),
+            None => Poll::Ready(Err(lent())),
+        }
     }
 }
 
@@ -102,7 +120,10 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Deadline<S> {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        let polled = Pin::new(&mut self.inner).poll_write(cx, buf);
+        let Some(inner) = self.inner.as_mut() else {
+            return Poll::Ready(Err(lent()));
+        };
+        let polled = Pin::new(inner).poll_write(cx, buf);
         self.outcome(cx, polled)
     }
 
@@ -111,21 +132,30 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Deadline<S> {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        let polled = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        let Some(inner) = self.inner.as_mut() else {
+            return Poll::Ready(Err(lent()));
+        };
+        let polled = Pin::new(inner).poll_write_vectored(cx, bufs);
         self.outcome(cx, polled)
     }
 
     fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
+        self.inner.as_ref().is_some_and(|i| i.is_write_vectored())
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        let polled = Pin::new(&mut self.inner).poll_flush(cx);
+        let Some(inner) = self.inner.as_mut() else {
+            return Poll::Ready(Err(lent()));
+        };
+        let polled = Pin::new(inner).poll_flush(cx);
         self.outcome(cx, polled)
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        let polled = Pin::new(&mut self.inner).poll_shutdown(cx);
+        let Some(inner) = self.inner.as_mut() else {
+            return Poll::Ready(Err(lent()));
+        };
+        let polled = Pin::new(inner).poll_shutdown(cx);
         self.outcome(cx, polled)
     }
 }
@@ -133,13 +163,30 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Deadline<S> {
 /// The lean path reads a bare socket its own way (`h1::Socket`); the deadline changes
 /// nothing there.
 impl<S: crate::net::h1::Socket> crate::net::h1::Socket for Deadline<S> {
+    fn lend(&mut self) -> Option<tokio::net::TcpStream> {
+        match self.inner.take()?.into_tcp() {
+            Ok(tcp) => Some(tcp),
+            Err(inner) => {
+                self.inner = Some(inner);
+                None
+            }
+        }
+    }
+
+    fn take_back(&mut self, tcp: tokio::net::TcpStream) {
+        self.inner = S::from_tcp(tcp);
+    }
+
     fn poll_read_more(
         &mut self,
         cx: &mut Context<'_>,
         buf: &mut BytesMut,
         room: usize,
     ) -> Poll<io::Result<usize>> {
-        self.inner.poll_read_more(cx, buf, room)
+        match self.inner.as_mut() {
+            Some(inner) => inner.poll_read_more(cx, buf, room),
+            None => Poll::Ready(Err(lent())),
+        }
     }
 }
 

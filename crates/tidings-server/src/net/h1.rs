@@ -46,7 +46,7 @@ use crate::net::pool;
 use crate::net::reply::Reply;
 use crate::net::request::{self, LeanHead, LeanRequest, MAX_LEAN, Span};
 use crate::net::upgrade::{Pending, Upgradable};
-use crate::net::{Answer, ConnectionCtx, Handled, Service};
+use crate::net::{Answer, ConnectionCtx, Handled, Hold, Service};
 
 /// The largest request head read here (request line and headers); over it: 431.
 pub const MAX_HEAD: usize = 64 * 1024;
@@ -119,6 +119,15 @@ impl Exchange {
                 framing: Framing::None,
                 body: Body::empty(),
                 keep_alive,
+                upgrade: None,
+            },
+            // Written by a held poll's hook where no socket was lent (a bug): nothing to
+            // write, and the client cannot know where its request stands.
+            Answer::Sent => Self {
+                head: Vec::new(),
+                framing: Framing::None,
+                body: Body::empty(),
+                keep_alive: false,
                 upgrade: None,
             },
         }
@@ -271,6 +280,9 @@ impl<Svc: Service> Lean<'_, Svc> {
     }
 
     /// Waits for a long poll's answer, watching for the client hanging up, and writes it.
+    /// A poll that can be held is lent the socket (`net::held`) while it waits: its answer
+    /// may then be written from the publishing side, and only what the socket did not take
+    /// at once is written here.
     async fn wait_out<S: Socket>(
         &self,
         stream: &mut S,
@@ -279,6 +291,7 @@ impl<Svc: Service> Lean<'_, Svc> {
         keep_alive: bool,
         head_only: bool,
     ) -> Result<Next<Svc::Later>, Outcome> {
+        let lending = !head_only && lend(stream, later.as_ref().get_ref(), keep_alive);
         // In a block of its own: the answer (a `Reply`, ~300 bytes) is not kept while its
         // bytes are written.
         let answer = {
@@ -288,23 +301,54 @@ impl<Svc: Service> Lean<'_, Svc> {
                 if let Poll::Ready(answer) = later.as_mut().poll(cx) {
                     return Poll::Ready(Some(answer));
                 }
-                poll_hung_up(cx, stream, &mut watch).map(|_| None)
+                if !lending {
+                    return poll_hung_up(cx, stream, &mut watch).map(|_| None);
+                }
+                // The socket is the poll's now: watched where it lies.
+                match later.as_ref().get_ref().held() {
+                    Some(held) => poll_hung_up(cx, &mut Lent(held), &mut watch).map(|_| None),
+                    None => Poll::Pending,
+                }
             })
             .await;
             let Some(answer) = answered else {
                 return Err(Outcome::Done);
             };
-            let exchange = Exchange::of(answer, keep_alive, head_only);
-            if matches!(exchange.framing, Framing::None) && exchange.upgrade.is_none() {
-                Ok((exchange.head, exchange.keep_alive))
-            } else {
-                Err(exchange)
+            // The poll is over (its subscription, and with it the hook, left the hub): the
+            // socket comes back, with what was written of an answer from elsewhere.
+            let sent = match later.as_ref().get_ref().held().filter(|_| lending) {
+                Some(held) => {
+                    let (socket, sent) = held.detach();
+                    let Some(tcp) = socket else {
+                        return Err(Outcome::Done);
+                    };
+                    stream.take_back(tcp);
+                    sent
+                }
+                None => None,
+            };
+            match sent {
+                Some(sent) => Ok(Ok(sent)),
+                None => {
+                    let exchange = Exchange::of(answer, keep_alive, head_only);
+                    if matches!(exchange.framing, Framing::None) && exchange.upgrade.is_none() {
+                        Ok(Err((exchange.head, exchange.keep_alive)))
+                    } else {
+                        Err(exchange)
+                    }
+                }
             }
         };
         match answer {
+            Ok(Ok(crate::net::held::Answered::Whole)) => Ok(self.then(Ok(()), keep_alive)),
+            Ok(Ok(crate::net::held::Answered::Partial(mut head, sent))) => {
+                let written = write_all_flush(stream, &head[sent..]).await;
+                pool::give_write(&mut head);
+                Ok(self.then(written, keep_alive))
+            }
             // A lean reply (a long poll's usual answer): head and body are one buffer,
             // written here without a second box per poll.
-            Ok((mut head, keep_alive)) => {
+            Ok(Err((mut head, keep_alive))) => {
                 let written = write_all_flush(stream, &head).await;
                 pool::give_write(&mut head);
                 Ok(self.then(written, keep_alive))
@@ -521,8 +565,44 @@ impl<Svc: Service> Lean<'_, Svc> {
     }
 }
 
+/// Lends `later` the connection's socket if it can be held (`net::held`); false when
+/// nothing was lent (TLS, or a poll that is not held).
+fn lend<S: Socket, L: Hold>(stream: &mut S, later: &L, keep_alive: bool) -> bool {
+    let Some(held) = later.held() else {
+        return false;
+    };
+    let Some(tcp) = stream.lend() else {
+        return false;
+    };
+    held.attach(tcp, keep_alive);
+    true
+}
+
 /// A connection the lean path can serve: plaintext TCP or TLS over it.
 pub trait Socket: AsyncRead + AsyncWrite + Unpin + Send {
+    /// Lends the plain TCP socket to a held long poll (`net::held`) until `take_back`;
+    /// `None` when there is none to lend (TLS).
+    fn lend(&mut self) -> Option<TcpStream> {
+        None
+    }
+
+    fn take_back(&mut self, _tcp: TcpStream) {}
+
+    /// This socket as the plain TCP socket it is, if it is one (what `lend` moves out).
+    fn into_tcp(self) -> Result<TcpStream, Self>
+    where
+        Self: Sized,
+    {
+        Err(self)
+    }
+
+    fn from_tcp(_tcp: TcpStream) -> Option<Self>
+    where
+        Self: Sized,
+    {
+        None
+    }
+
     /// Reads what is waiting into `buf`, making `room` for it; `Ready(Ok(0))` at end of
     /// stream. A bare socket reserves the room only once bytes are there, so a connection
     /// waiting for its next request holds no buffer.
@@ -535,6 +615,14 @@ pub trait Socket: AsyncRead + AsyncWrite + Unpin + Send {
 }
 
 impl Socket for TcpStream {
+    fn into_tcp(self) -> Result<TcpStream, Self> {
+        Ok(self)
+    }
+
+    fn from_tcp(tcp: TcpStream) -> Option<Self> {
+        Some(tcp)
+    }
+
     fn poll_read_more(
         &mut self,
         cx: &mut Context<'_>,
@@ -1029,7 +1117,7 @@ fn response_head(
 }
 
 /// A lean reply's head with its body, in one buffer (one write, one allocation).
-fn reply_head(reply: &Reply, keep_alive: bool, head_only: bool) -> Vec<u8> {
+pub(crate) fn reply_head(reply: &Reply, keep_alive: bool, head_only: bool) -> Vec<u8> {
     let status = reply.status;
     let bodyless = status.is_informational()
         || status == StatusCode::NO_CONTENT
@@ -1229,7 +1317,7 @@ fn poll_next_data<S: Socket>(
 /// `Ready` when the client hangs up or the socket fails. Bytes the client sends meanwhile
 /// (a pipelined request) are kept in `watch.pending`, up to `MAX_HEAD`; past that the
 /// socket is no longer watched.
-fn poll_hung_up<S: Socket>(
+fn poll_hung_up<S: ReadMore>(
     cx: &mut Context<'_>,
     stream: &mut S,
     watch: &mut Watch<'_>,
@@ -1243,6 +1331,45 @@ fn poll_hung_up<S: Socket>(
             Ok(_) => watch.reading = watch.pending.len() < MAX_HEAD,
             Err(e) => return Poll::Ready(e),
         }
+    }
+}
+
+/// What `poll_hung_up` reads from: the connection's socket, or the one it lent (`Lent`).
+trait ReadMore {
+    fn poll_read_more(
+        &mut self,
+        cx: &mut Context<'_>,
+        buf: &mut BytesMut,
+        room: usize,
+    ) -> Poll<io::Result<usize>>;
+}
+
+impl<S: Socket> ReadMore for S {
+    fn poll_read_more(
+        &mut self,
+        cx: &mut Context<'_>,
+        buf: &mut BytesMut,
+        room: usize,
+    ) -> Poll<io::Result<usize>> {
+        Socket::poll_read_more(self, cx, buf, room)
+    }
+}
+
+/// A socket lent to a held long poll, read through the poll's hold (`net::held`).
+struct Lent<'a>(&'a crate::net::held::HeldSocket);
+
+impl ReadMore for Lent<'_> {
+    fn poll_read_more(
+        &mut self,
+        cx: &mut Context<'_>,
+        buf: &mut BytesMut,
+        room: usize,
+    ) -> Poll<io::Result<usize>> {
+        let mut chunk = [0u8; 512];
+        let room = room.min(chunk.len());
+        let n = std::task::ready!(self.0.poll_read(cx, &mut chunk[..room]))?;
+        keep(buf, &chunk[..n]);
+        Poll::Ready(Ok(n))
     }
 }
 

@@ -31,6 +31,7 @@
 
 pub mod deadline;
 pub mod h1;
+pub mod held;
 pub mod http2;
 pub mod kill;
 pub mod limits;
@@ -60,7 +61,7 @@ pub use request::{Headers, LeanRequest};
 pub trait Service: Send + Sync + 'static {
     /// An answer still to come (a long poll): resolves to the finished answer. `Unpin`: the
     /// lean path waits on it in place, where a parked connection's task keeps it once.
-    type Later: Future<Output = Answer> + Send + Unpin + 'static;
+    type Later: Future<Output = Answer> + Send + Unpin + Hold + 'static;
 
     /// Answers `req`, which came over `conn`.
     fn call(
@@ -94,6 +95,17 @@ pub trait Service: Send + Sync + 'static {
 /// What `Service::call` answers.
 // A `Reply` (504 bytes) lives briefly, on its way to being written; boxing it would
 // be the allocation per answer that it exists to save.
+#[allow(clippy::large_enum_variant)]
+/// A long poll's answer-to-come that can be answered from the publishing side: the lean
+/// path lends it the connection's socket while it waits (`held`).
+pub trait Hold {
+    /// Where to lend the socket; `None` when this answer must be written by the
+    /// connection's task.
+    fn held(&self) -> Option<&held::HeldSocket>;
+}
+
+// An answer (a `Reply`, ~500 bytes) lives briefly, on its way to being written; boxing it
+// would be an allocation per request.
 #[allow(clippy::large_enum_variant)]
 pub enum Handled<L> {
     Ready(Answer),

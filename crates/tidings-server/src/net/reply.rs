@@ -20,6 +20,9 @@ use http::{HeaderName, HeaderValue, Response, StatusCode, header};
 pub enum Answer {
     Response(Response<Body>),
     Reply(Reply),
+    /// Already written, from the publishing side, to the socket the connection lent a held
+    /// long poll (`net::held`): the connection only takes its socket back.
+    Sent,
 }
 
 impl From<Response<Body>> for Answer {
@@ -39,6 +42,12 @@ impl Answer {
         match self {
             Answer::Response(res) => res,
             Answer::Reply(reply) => reply.into_response(),
+            // Only the lean path lends a socket, and it never asks for a response then.
+            Answer::Sent => crate::net::error_response(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                "an answer written elsewhere",
+            ),
         }
     }
 
@@ -46,6 +55,7 @@ impl Answer {
         match self {
             Answer::Response(res) => res.status(),
             Answer::Reply(reply) => reply.status,
+            Answer::Sent => StatusCode::OK,
         }
     }
 }

@@ -183,11 +183,16 @@ impl Polled {
 
 /// `GET /poll/{channel}` (`channel`) or `GET /poll?channel=…`, for callers that take a
 /// long poll's wait directly (`app::service`).
+///
+/// `holdable`: the caller writes the answer as it comes (no CORS, no access log), so a long
+/// poll may be held and answered from the publishing side (`long_poll`, `net::held`) if
+/// the connection lends its socket.
 pub async fn poll<H: Headers + Sync + ?Sized>(
     state: &AppState,
     channel: Option<&str>,
     query: Option<&str>,
     headers: &H,
+    holdable: bool,
 ) -> Result<Polled, ApiError> {
     let p = params::parse(channel, query, headers, &state.config().server, true)?;
     params::authorize(state, &p, headers, query)?;
@@ -213,8 +218,24 @@ pub async fn poll<H: Headers + Sync + ?Sized>(
     match wait {
         Some(wait) if reply.is_empty() => {
             let state = state.clone();
-            Ok(Polled::Later(Box::pin(async move {
-                long_poll::wait(&mut sub, &gauge, &mut reply, wait, &state.shutdown).await;
+            let held = holdable
+                .then(|| sub.hold_position())
+                .flatten()
+                .map(|after| Arc::new(long_poll::HeldPoll::new(after.clone(), wait)));
+            let hook = held.clone();
+            let answer = Box::pin(async move {
+                let sent = long_poll::wait(
+                    &mut sub,
+                    &gauge,
+                    &mut reply,
+                    wait,
+                    &state.shutdown,
+                    hook.as_ref(),
+                )
+                .await;
+                if sent {
+                    return Answer::Sent;
+                }
                 // Ended by shutdown: say so, and when to come back (SPEC §13).
                 let goodbye = state
                     .shutdown
@@ -222,7 +243,8 @@ pub async fn poll<H: Headers + Sync + ?Sized>(
                     .then(|| crate::lifecycle::shutdown_notice(&state));
                 finish(&sub, reply, Some(wait), goodbye)
                     .unwrap_or_else(|e| e.into_response().into())
-            })))
+            });
+            Ok(Polled::Later(long_poll::Wait::new(answer, held)))
         }
         _ => finish(&sub, reply, wait, None).map(Polled::Now),
     }
@@ -239,28 +261,34 @@ fn finish(
     if reply.is_empty() && reply.ended == Some(DisconnectReason::BrokerUnavailable) {
         return Err(BrokerError::Unavailable("the broker went away during the poll".into()).into());
     }
+    if let Some(m) = reply.shared().filter(|_| goodbye.is_none()) {
+        return Ok(shared_reply(m, wait).into());
+    }
+    let cursor = sub.cursor().encode();
+    let body = ReplyBody::Owned(reply.into_body(cursor.as_bytes(), goodbye));
+    let etag =
+        Text::quoted_inline(cursor.as_bytes()).unwrap_or_else(|| Text::Quoted(Bytes::from(cursor)));
+    Ok(poll_reply(body, etag, wait).into())
+}
+
+/// The answer of a poll whose reply is one message with its own cursor: the body shared
+/// with the channel's other pollers. A held poll's hook writes exactly this
+/// (`long_poll::HeldPoll`), from the publishing side.
+pub fn shared_reply(m: &Message, wait: Option<std::time::Duration>) -> Reply {
     // The cursor as the ETag: kept in the reply when short (a message's own would otherwise
     // be promoted to shared bytes for it, an allocation per message).
-    let (body, etag) = match reply.shared().filter(|_| goodbye.is_none()) {
-        Some(m) => (
-            ReplyBody::Shared(shared_body(m)),
-            Text::quoted_inline(m.cursor()).unwrap_or_else(|| Text::Quoted(m.cursor().clone())),
-        ),
-        None => {
-            let cursor = sub.cursor().encode();
-            let body = ReplyBody::Owned(reply.into_body(cursor.as_bytes(), goodbye));
-            let etag = Text::quoted_inline(cursor.as_bytes())
-                .unwrap_or_else(|| Text::Quoted(Bytes::from(cursor)));
-            (body, etag)
-        }
-    };
+    let etag = Text::quoted_inline(m.cursor()).unwrap_or_else(|| Text::Quoted(m.cursor().clone()));
+    poll_reply(ReplyBody::Shared(shared_body(m)), etag, wait)
+}
+
+fn poll_reply(body: ReplyBody, etag: Text, wait: Option<std::time::Duration>) -> Reply {
     let mut out = Reply::new(StatusCode::OK, "application/json", body);
     out.header("cache-control", Text::Static("no-cache"))
         .header("etag", etag);
     if let Some(wait) = wait.and_then(wait_preference) {
         out.header("preference-applied", wait);
     }
-    Ok(out.into())
+    out
 }
 
 /// `wait=30`, or `wait=2.5` for a fractional wait (no `fmt` for whole seconds: it cost
@@ -285,7 +313,7 @@ pub async fn one(
     RawQuery(query): RawQuery,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    poll(&state, Some(&channel), query.as_deref(), &headers)
+    poll(&state, Some(&channel), query.as_deref(), &headers, false)
         .await
         .map(Polled::into_response)
 }
@@ -296,7 +324,7 @@ pub async fn many(
     RawQuery(query): RawQuery,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    poll(&state, None, query.as_deref(), &headers)
+    poll(&state, None, query.as_deref(), &headers, false)
         .await
         .map(Polled::into_response)
 }
