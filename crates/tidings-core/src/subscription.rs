@@ -172,7 +172,7 @@ impl Subscription {
         let Channels::One(channel) = &self.channels else {
             return None;
         };
-        if !self.pending.is_empty() || !self.batch.is_empty() {
+        if self.pending.as_ref().is_some_and(|p| !p.is_empty()) || !self.batch.is_empty() {
             return None;
         }
         self.cursor.get(channel)

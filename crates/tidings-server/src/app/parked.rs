@@ -17,7 +17,7 @@ use crate::net::ConnectionCtx;
 use crate::net::listener::{Edge, connection};
 use crate::state::AppState;
 
-/// Today: TODAY bytes in a debug build (776 before a long poll's CORS header and access-log
+/// Today: 744 bytes in a debug build (776 before a long poll's CORS header and access-log
 /// entry were boxed, `app::service::Finish`, which also made room for a held poll's hook;
 /// 768 before the exchange box was kept across requests, which saves an allocation per
 /// request; 1,136 before the lean path's parked states became futures of their own,
