@@ -128,18 +128,12 @@ async fn until_held(server: &TestServer, channel: &str, n: usize) {
     .await;
 }
 
-async fn cursor_now(server: &TestServer, channel: &str) -> String {
-    let (status, reply) = server.get_json(&format!("/poll/{channel}")).await;
-    assert_eq!(status, 200);
-    reply["cursor"].as_str().unwrap().to_owned()
-}
-
 #[tokio::test]
 async fn many_held_pollers_get_every_message_once_and_in_order() {
     const POLLERS: usize = 12;
     const MESSAGES: u64 = 40;
     let server = TestServer::spawn().await;
-    let start = cursor_now(&server, "fan").await;
+    let start = server.cursor_now("fan").await;
     let mut pollers = Vec::new();
     for _ in 0..POLLERS {
         let mut client = Client::open(&server).await;
@@ -183,7 +177,7 @@ async fn many_held_pollers_get_every_message_once_and_in_order() {
 #[tokio::test]
 async fn a_connection_answered_from_the_publishing_side_serves_its_next_poll_and_resumes_exactly() {
     let server = TestServer::spawn().await;
-    let start = cursor_now(&server, "ka").await;
+    let start = server.cursor_now("ka").await;
     let mut client = Client::open(&server).await;
     client.poll("ka", &start).await;
     until_held(&server, "ka", 1).await;
@@ -231,7 +225,7 @@ async fn a_connection_answered_from_the_publishing_side_serves_its_next_poll_and
 #[tokio::test]
 async fn a_held_poll_that_asked_to_close_is_answered_with_close_and_closed() {
     let server = TestServer::spawn().await;
-    let start = cursor_now(&server, "cl").await;
+    let start = server.cursor_now("cl").await;
     let mut client = Client::open(&server).await;
     client
         .send(
@@ -252,7 +246,7 @@ async fn a_held_poll_that_asked_to_close_is_answered_with_close_and_closed() {
 #[tokio::test]
 async fn pollers_hanging_up_while_a_publish_answers_their_channel_leave_the_others_whole() {
     let server = TestServer::spawn().await;
-    let start = cursor_now(&server, "hu").await;
+    let start = server.cursor_now("hu").await;
     let mut clients = Vec::new();
     for _ in 0..8 {
         let mut client = Client::open(&server).await;
@@ -288,7 +282,7 @@ async fn pollers_hanging_up_while_a_publish_answers_their_channel_leave_the_othe
 #[tokio::test]
 async fn a_poller_whose_socket_is_full_still_gets_every_message_in_order() {
     let server = TestServer::spawn().await;
-    let start = cursor_now(&server, "full").await;
+    let start = server.cursor_now("full").await;
     // A tiny receive window and a message near the 64 KiB limit: the socket takes part of
     // the answer from the publishing side, and the connection's task writes the rest.
     let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
@@ -322,7 +316,7 @@ async fn a_poller_whose_socket_is_full_still_gets_every_message_in_order() {
 #[tokio::test]
 async fn head_cors_and_several_channel_polls_are_not_held_and_answer_as_before() {
     let server = TestServer::spawn().await;
-    let start = cursor_now(&server, "nh").await;
+    let start = server.cursor_now("nh").await;
     let cases = [
         (
             "GET",

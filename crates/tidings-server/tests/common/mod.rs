@@ -141,6 +141,13 @@ impl TestServer {
         (status, res.json().await.unwrap_or(Value::Null))
     }
 
+    /// The channel's cursor now (a short poll's), to resume from it.
+    pub async fn cursor_now(&self, channel: &str) -> String {
+        let (status, reply) = self.get_json(&format!("/poll/{channel}")).await;
+        assert_eq!(status, 200);
+        reply["cursor"].as_str().unwrap().to_owned()
+    }
+
     /// Waits until the metric line `line_prefix` reads `want`.
     pub async fn await_metric(&self, line_prefix: &str, want: f64) {
         eventually(&format!("{line_prefix} = {want}"), async || {

@@ -6,16 +6,10 @@ use serde_json::{Value, json};
 
 use crate::common::TestServer;
 
-async fn cursor_now(server: &TestServer, channel: &str) -> String {
-    let (status, reply) = server.get_json(&format!("/poll/{channel}")).await;
-    assert_eq!(status, 200);
-    reply["cursor"].as_str().unwrap().to_owned()
-}
-
 #[tokio::test]
 async fn a_long_poll_returns_as_soon_as_a_message_is_published() {
     let server = TestServer::spawn().await;
-    let cursor = cursor_now(&server, "news").await;
+    let cursor = server.cursor_now("news").await;
     let url = format!("{}/poll/news?wait=30&since={cursor}", server.url);
     let http = server.http.clone();
     let held = tokio::spawn(async move {
@@ -46,7 +40,7 @@ async fn a_long_poll_returns_as_soon_as_a_message_is_published() {
 #[tokio::test]
 async fn a_long_poll_with_nothing_new_answers_empty_when_the_wait_runs_out() {
     let server = TestServer::spawn().await;
-    let cursor = cursor_now(&server, "news").await;
+    let cursor = server.cursor_now("news").await;
     let started = tokio::time::Instant::now();
     let (status, reply) = server
         .get_json(&format!("/poll/news?wait=0.3&since={cursor}"))
@@ -60,7 +54,7 @@ async fn a_long_poll_with_nothing_new_answers_empty_when_the_wait_runs_out() {
 #[tokio::test]
 async fn prefer_wait_makes_a_long_poll_and_if_none_match_resumes() {
     let server = TestServer::spawn().await;
-    let cursor = cursor_now(&server, "news").await;
+    let cursor = server.cursor_now("news").await;
     server.publish("news", json!(1)).await;
     let res = server
         .http
@@ -90,7 +84,7 @@ async fn a_short_poll_answers_at_once_even_when_nothing_is_new() {
 #[tokio::test]
 async fn a_wait_above_long_poll_max_wait_is_held_for_the_maximum_and_preference_applied_says_so() {
     let server = TestServer::with(|c| c.server.long_poll_max_wait = Duration::from_secs(1)).await;
-    let cursor = cursor_now(&server, "news").await;
+    let cursor = server.cursor_now("news").await;
     // The query form, far above the cap: held for the cap, then answered empty.
     let started = tokio::time::Instant::now();
     let res = server
@@ -149,7 +143,7 @@ async fn answered(held: tokio::task::JoinHandle<(String, String)>) -> (String, V
 #[tokio::test]
 async fn held_polls_answered_by_one_publish_all_get_the_same_body() {
     let server = TestServer::spawn().await;
-    let cursor = cursor_now(&server, "news").await;
+    let cursor = server.cursor_now("news").await;
     // Some resume from the cursor, some start from now: the same position either way.
     let held: Vec<_> = (0..8)
         .map(|i| {
@@ -190,7 +184,7 @@ async fn held_polls_answered_by_one_publish_all_get_the_same_body() {
 async fn one_publish_answers_polls_at_mixed_positions_each_with_its_own_cursor() {
     let server = TestServer::spawn().await;
     server.publish("other", json!("before")).await;
-    let news = cursor_now(&server, "news").await;
+    let news = server.cursor_now("news").await;
     // One channel, from now; two channels (a cursor covering both); one channel behind by
     // a message (answered at once, not held).
     let one = hold(&server, "/poll/news?wait=30");
