@@ -73,12 +73,10 @@ pub async fn wait(
         return false;
     };
     // Only `deliver` answers, and it took the hook out first: nothing to release then.
-    if held.socket.answered() {
-        gauge.delivered(1);
-        return true;
-    }
-    if sub.release() {
-        // No message went to the hook, and none will now.
+    // Otherwise a release that finds the hook says no message went to it and none will;
+    // one that does not comes after `deliver` used it (under the same lock), so `answered`
+    // is then final.
+    if !held.socket.answered() && sub.release() {
         return false;
     }
     if held.socket.answered() {
