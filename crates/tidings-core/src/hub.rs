@@ -347,16 +347,10 @@ impl Hub {
         }
     }
 
-    /// A shared timer fired: every watched session listening to `tick` wakes (its
-    /// heartbeat or ping is due).
-    pub fn tick(&self, tick: Tick) {
-        for part in 0..TICK_PARTS {
-            self.tick_part(tick, part);
-        }
-    }
-
-    /// The same for one part of the sessions (`part` modulo `TICK_PARTS`): a session is
-    /// always in the same part, so visiting the parts in turn reaches each once per round.
+    /// A shared timer fired for one part of the sessions (`part` modulo `TICK_PARTS`):
+    /// every watched session of it listening to `tick` wakes (its heartbeat or ping is
+    /// due). A session is always in the same part, so visiting the parts in turn reaches
+    /// each once per round.
     pub fn tick_part(&self, tick: Tick, part: usize) {
         for q in relock(&self.sessions[part % self.sessions.len()]).values() {
             q.signal_tick(tick);
@@ -683,11 +677,11 @@ mod tests {
         gone.listen(Tick::Heartbeat);
         hub.watch(1000, &gone);
         hub.unwatch(1000);
-        hub.tick(Tick::Heartbeat);
+        (0..TICK_PARTS).for_each(|part| hub.tick_part(Tick::Heartbeat, part));
         assert!(beats.iter().all(|q| q.take_tick() && !q.take_tick()));
         assert!(pings.iter().all(|q| !q.take_tick()));
         assert!(!gone.take_tick());
-        hub.tick(Tick::Ping);
+        (0..TICK_PARTS).for_each(|part| hub.tick_part(Tick::Ping, part));
         assert!(pings.iter().all(|q| q.take_tick()));
         assert!(beats.iter().all(|q| !q.take_tick()));
     }

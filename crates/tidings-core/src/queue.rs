@@ -18,7 +18,7 @@
 //! sees it, so a wakeup is never lost between polls.
 //!
 //! Heartbeats and pings come the same way (`Tick`): one task per node ticks every watched
-//! session through the hub (`Hub::tick`) instead of a timer in each one (a boxed `Sleep`
+//! session through the hub (`Hub::tick_part`) instead of a timer in each one (a boxed `Sleep`
 //! per session: 112 bytes and an allocation). A tick sets a flag and wakes the writer, and
 //! `take_tick` says so once, like a reload.
 
@@ -38,7 +38,7 @@ pub enum QueueItem {
     Presence(Arc<PresenceEvent>),
 }
 
-/// The shared timers a session can listen to (`Hub::tick`): what it does on a tick is the
+/// The shared timers a session can listen to (`Hub::tick_part`): what it does on a tick is the
 /// transport's (an SSE comment, an empty NDJSON line, a WebSocket ping and its timeout check).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Tick {
