@@ -334,7 +334,7 @@ pub async fn resuming_from_a_cursor_replays_then_goes_live(f: &dyn BrokerFactory
     while seen.len() < 3 {
         sub.drain(|e, cursor| {
             if let Event::Message(m) = e {
-                assert_eq!(cursor, &m.cursor()[..]);
+                assert_eq!(cursor, m.cursor());
                 seen.push(m.offset);
             }
         })

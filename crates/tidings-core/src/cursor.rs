@@ -144,10 +144,7 @@ impl Eq for Cursor {}
 /// common one-channel cursor: the base64 text is then the only allocation (this runs for
 /// every publish reply and every poll answer).
 fn encode_entries(entries: &[Entry]) -> String {
-    let len = 1 + entries
-        .iter()
-        .map(|e| 8 + 1 + e.position.epoch.as_str().len() + varint_len(e.position.offset))
-        .sum::<usize>();
+    let len = raw_len(entries);
     let mut stack = [0u8; 64];
     let mut heap = Vec::new();
     let raw: &mut [u8] = if len <= stack.len() {
@@ -156,6 +153,27 @@ fn encode_entries(entries: &[Entry]) -> String {
         heap.resize(len, 0);
         &mut heap
     };
+    let at = write_raw(entries, raw);
+    URL_SAFE_NO_PAD.encode(&raw[..at])
+}
+
+/// The binary cursor's length for `entries`.
+fn raw_len(entries: &[Entry]) -> usize {
+    1 + entries
+        .iter()
+        .map(|e| 8 + 1 + e.position.epoch.as_str().len() + varint_len(e.position.offset))
+        .sum::<usize>()
+}
+
+/// A one-channel binary cursor's longest: version, hash, epoch length, a 32-byte epoch and
+/// a 10-byte varint.
+const SINGLE_RAW_MAX: usize = 1 + 8 + 1 + crate::message::MAX_EPOCH_LEN + 10;
+/// Its text's longest (base64url without padding).
+pub const SINGLE_MAX: usize = SINGLE_RAW_MAX.div_ceil(3) * 4;
+
+/// Writes the binary cursor of `entries` into `raw` (at least `raw_len` long); returns
+/// its length.
+fn write_raw(entries: &[Entry], raw: &mut [u8]) -> usize {
     raw[0] = VERSION;
     let mut at = 1;
     for Entry {
@@ -184,7 +202,7 @@ fn encode_entries(entries: &[Entry]) -> String {
             at += 1;
         }
     }
-    URL_SAFE_NO_PAD.encode(&raw[..at])
+    at
 }
 
 /// The value of one base64url character (RFC 4648 §5), or `None` for any other byte.
@@ -342,6 +360,25 @@ impl Cursor {
         }])
     }
 
+    /// `encode_single`'s text written into `out` (no allocation: a one-channel cursor is at
+    /// most `SINGLE_MAX` bytes, whatever the channel's name); returns its length.
+    pub fn encode_single_into(
+        channel: &ChannelName,
+        position: &Position,
+        out: &mut [u8; SINGLE_MAX],
+    ) -> usize {
+        let mut raw = [0u8; SINGLE_RAW_MAX];
+        let at = write_raw(
+            &[Entry {
+                hash: channel.hash64(),
+                position: position.clone(),
+            }],
+            &mut raw,
+        );
+        // `SINGLE_MAX` is the base64 length of `SINGLE_RAW_MAX` bytes: it always fits.
+        URL_SAFE_NO_PAD.encode_slice(&raw[..at], out).unwrap_or(0)
+    }
+
     pub fn decode(text: &str) -> Result<Self, CursorError> {
         if text.is_empty() {
             return Err(CursorError("empty"));
@@ -444,6 +481,25 @@ mod tests {
         assert_eq!(back, c);
         assert_eq!(back.get(&a), Some(&pos("e1", u64::MAX)));
         assert_eq!(back.get(&ChannelName::new("zzz").unwrap()), None);
+    }
+
+    #[test]
+    fn a_one_channel_cursor_written_in_place_is_the_encoded_one_at_every_length() {
+        for epoch in ["e", "h3k9", &"e".repeat(crate::message::MAX_EPOCH_LEN)] {
+            for offset in [0, 1, 127, 128, 16_384, u64::MAX / 3, u64::MAX] {
+                let channel =
+                    ChannelName::new("a-rather-long:channel/name.that-does-not-matter").unwrap();
+                let p = pos(epoch, offset);
+                let mut out = [0u8; SINGLE_MAX];
+                let len = Cursor::encode_single_into(&channel, &p, &mut out);
+                let text = Cursor::encode_single(&channel, &p);
+                assert_eq!(&out[..len], text.as_bytes(), "{epoch} {offset}");
+                assert_eq!(
+                    Cursor::decode(&text).unwrap(),
+                    Cursor::single(&channel, p.clone())
+                );
+            }
+        }
     }
 
     #[test]

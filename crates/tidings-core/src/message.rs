@@ -96,15 +96,15 @@ impl Data {
     }
 
     /// Appends the JSON value used in envelopes.
-    pub fn write_json(&self, out: &mut BytesMut) {
+    pub fn write_json<B: BufMut + AsMut<[u8]>>(&self, out: &mut B) {
         match self {
             // Raw CR/LF can only be insignificant whitespace in valid JSON (inside strings
             // they must be escaped), so replacing them keeps the value and keeps an envelope
             // on one line, which NDJSON and SSE `data:` need.
             Data::Json(b) => {
-                let start = out.len();
+                let start = out.as_mut().len();
                 out.put_slice(b);
-                for byte in &mut out[start..] {
+                for byte in &mut out.as_mut()[start..] {
                     if *byte == b'\n' || *byte == b'\r' {
                         *byte = b' ';
                     }
@@ -142,7 +142,7 @@ fn text_of(b: &[u8]) -> std::borrow::Cow<'_, str> {
 }
 
 /// Appends `s` as a JSON string literal.
-pub fn write_json_str(out: &mut BytesMut, s: &str) {
+pub fn write_json_str<B: BufMut>(out: &mut B, s: &str) {
     // serde_json's escaper is correct for every code point; writing into a Vec cannot fail.
     let mut w = out.writer();
     if serde_json::to_writer(&mut w, s).is_err() {
@@ -162,17 +162,26 @@ pub struct Message {
     /// Milliseconds since the Unix epoch, set by the broker.
     pub time: u64,
     /// Kept apart from the envelope: raw transports and publish replies need only the cursor.
-    cursor: OnceLock<Bytes>,
+    /// In the message itself (a one-channel cursor is at most `SINGLE_MAX` bytes): its text
+    /// was an allocation of every publish (issue 17).
+    cursor: OnceLock<CursorText>,
     envelope: OnceLock<EnvelopeParts>,
     frames: [OnceLock<Bytes>; FRAME_SLOTS],
+}
+
+/// A message's own cursor text.
+struct CursorText {
+    text: [u8; crate::cursor::SINGLE_MAX],
+    len: u8,
 }
 
 /// The envelope with the message's own cursor, inside the one-message poll reply that holds
 /// it: `all` is `{"messages":[` envelope `],"cursor":"` cursor `","gaps":[]}`, the envelope
 /// is `all[POLL_START.len()..end]` and the cursor inside it is `all[head..tail]`. One buffer
-/// for both (issue 17): each was a buffer and its sharing, per message.
+/// for both, and not `Bytes` (issue 17): its sharing was one more allocation per message.
+/// Whoever shares the reply shares the message (`Arc<Message>`) instead.
 struct EnvelopeParts {
-    all: Bytes,
+    all: Vec<u8>,
     head: usize,
     tail: usize,
     end: usize,
@@ -226,14 +235,13 @@ impl Message {
     }
 
     /// The envelope with this message's own cursor and the poll reply around it, written
-    /// once into one buffer whose slices are the parts (two allocations: the buffer and its
-    /// sharing; issue 17).
+    /// once into one buffer whose slices are the parts (one allocation; issue 17).
     fn parts(&self) -> &EnvelopeParts {
         self.envelope.get_or_init(|| {
             let cursor = self.cursor();
             let (channel, epoch) = (self.channel.as_str(), self.epoch.as_str());
             let event = self.event.as_ref().map_or(0, |e| e.as_str().len() + 11);
-            let mut out = BytesMut::with_capacity(
+            let mut out = Vec::with_capacity(
                 160 + channel.len() + epoch.len() + 2 * cursor.len() + event + self.data.len(),
             );
             let mut number = itoa::Buffer::new();
@@ -267,7 +275,7 @@ impl Message {
             out.put_slice(cursor);
             out.put_slice(b"\",\"gaps\":[]}");
             EnvelopeParts {
-                all: out.freeze(),
+                all: out,
                 head,
                 tail,
                 end,
@@ -276,9 +284,17 @@ impl Message {
     }
 
     /// The cursor of this message's own channel at this message (valid as `since`).
-    pub fn cursor(&self) -> &Bytes {
-        self.cursor
-            .get_or_init(|| Bytes::from(Cursor::encode_single(&self.channel, &self.position())))
+    pub fn cursor(&self) -> &[u8] {
+        let c = self.cursor.get_or_init(|| {
+            let mut text = [0u8; crate::cursor::SINGLE_MAX];
+            let len = Cursor::encode_single_into(&self.channel, &self.position(), &mut text);
+            CursorText {
+                text,
+                // At most `SINGLE_MAX` (72).
+                len: len as u8,
+            }
+        });
+        &c.text[..usize::from(c.len)]
     }
 
     /// Appends the envelope with the given cursor text (a subscription's cursor).
@@ -291,17 +307,18 @@ impl Message {
         out.put_slice(tail);
     }
 
-    /// The envelope with this message's own cursor, encoded once and shared.
-    pub fn envelope(&self) -> Bytes {
+    /// The envelope with this message's own cursor, encoded once.
+    pub fn envelope(&self) -> &[u8] {
         let p = self.parts();
-        p.all.slice(POLL_START.len()..p.end)
+        &p.all[POLL_START.len()..p.end]
     }
 
     /// A poll's whole reply when this message is all it answers, with its own cursor and no
     /// gaps (SPEC §3: `{"messages":[envelope],"cursor":"…","gaps":[]}`): what every held
-    /// one-channel poll of the channel answers, shared, in the envelope's own buffer.
-    pub fn poll_reply(&self) -> Bytes {
-        self.parts().all.clone()
+    /// one-channel poll of the channel answers, in the envelope's own buffer (shared by
+    /// sharing the message).
+    pub fn poll_reply(&self) -> &[u8] {
+        &self.parts().all
     }
 
     /// A per-message frame cache for transports: `slot` must be one the caller owns
@@ -331,25 +348,25 @@ mod tests {
     #[test]
     fn an_envelope_is_valid_json_with_every_spec_field() {
         let m = msg(Data::Json(Bytes::from_static(b"{\"a\":\n 1}")), Some("msg"));
-        let v: serde_json::Value = serde_json::from_slice(&m.envelope()).unwrap();
+        let v: serde_json::Value = serde_json::from_slice(m.envelope()).unwrap();
         assert_eq!(v["channel"], "chat:lobby");
         assert_eq!(v["offset"], 42);
         assert_eq!(v["epoch"], "h3k9");
         assert_eq!(v["event"], "msg");
         assert_eq!(v["data"]["a"], 1);
         assert_eq!(v["time"], 1_732_200_000_123u64);
-        assert_eq!(v["cursor"].as_str().unwrap().as_bytes(), &m.cursor()[..]);
+        assert_eq!(v["cursor"].as_str().unwrap().as_bytes(), m.cursor());
         assert!(!m.envelope().contains(&b'\n'));
     }
 
     #[test]
     fn text_data_is_a_json_string_and_binary_is_base64_with_its_encoding() {
         let m = msg(Data::Text(Bytes::from_static(b"he said \"hi\"\n")), None);
-        let v: serde_json::Value = serde_json::from_slice(&m.envelope()).unwrap();
+        let v: serde_json::Value = serde_json::from_slice(m.envelope()).unwrap();
         assert_eq!(v["data"], "he said \"hi\"\n");
         assert!(v.get("event").is_none());
         let m = msg(Data::Binary(Bytes::from_static(&[0, 255])), None);
-        let v: serde_json::Value = serde_json::from_slice(&m.envelope()).unwrap();
+        let v: serde_json::Value = serde_json::from_slice(m.envelope()).unwrap();
         assert_eq!(v["data"], "AP8=");
         assert_eq!(v["encoding"], "base64");
     }
@@ -358,11 +375,11 @@ mod tests {
     fn the_poll_reply_holds_the_envelope_and_the_cursor() {
         let m = msg(Data::Json(Bytes::from_static(b"[1]")), Some("msg"));
         let mut expected = b"{\"messages\":[".to_vec();
-        expected.extend_from_slice(&m.envelope());
+        expected.extend_from_slice(m.envelope());
         expected.extend_from_slice(b"],\"cursor\":\"");
         expected.extend_from_slice(m.cursor());
         expected.extend_from_slice(b"\",\"gaps\":[]}");
-        assert_eq!(&m.poll_reply()[..], &expected[..]);
+        assert_eq!(m.poll_reply(), &expected[..]);
         let mut written = BytesMut::new();
         m.write_envelope(&mut written, b"XYZ");
         let v: serde_json::Value = serde_json::from_slice(&written).unwrap();

@@ -9,9 +9,12 @@
 //! other path (HTTP/2, hyper, an answer that must carry CORS headers or an access-log entry)
 //! turns it into a `Response` with the same headers, in the same order.
 
+use std::sync::Arc;
+
 use axum::body::Body;
 use bytes::{Bytes, BytesMut};
 use http::{HeaderName, HeaderValue, Response, StatusCode, header};
+use tidings_core::Message;
 
 /// What the service answers with: a full response, or a lean reply.
 // A `Reply` (504 bytes with its inline body) lives briefly, on its way to being
@@ -133,8 +136,10 @@ impl Text {
 // `Inline` is the point: a short body kept in the reply, which lives briefly on its way out.
 #[allow(clippy::large_enum_variant)]
 pub enum ReplyBody {
-    /// Shared with other answers (a long poll's reply to one message).
-    Shared(Bytes),
+    /// Shared with other answers: a long poll's reply to one message, in the message's own
+    /// buffer (`Message::poll_reply`). The message is what is shared: sharing its buffer as
+    /// `Bytes` was one more allocation per message (issue 17).
+    Shared(Arc<Message>),
     /// This answer's own.
     Owned(BytesMut),
     /// Short text kept in the reply itself (a publish's answer): written with the head, it
@@ -172,10 +177,19 @@ impl std::ops::Deref for ReplyBody {
 
     fn deref(&self) -> &[u8] {
         match self {
-            ReplyBody::Shared(b) => b,
+            ReplyBody::Shared(m) => m.poll_reply(),
             ReplyBody::Owned(b) => b,
             ReplyBody::Inline(text, len) => &text[..usize::from(*len)],
         }
+    }
+}
+
+/// A message's poll reply as the bytes of a response body.
+struct SharedReply(Arc<Message>);
+
+impl AsRef<[u8]> for SharedReply {
+    fn as_ref(&self) -> &[u8] {
+        self.0.poll_reply()
     }
 }
 
@@ -239,7 +253,8 @@ impl Reply {
 
     pub fn into_response(self) -> Response<Body> {
         let body = match self.body {
-            ReplyBody::Shared(b) => b,
+            // The fallback paths (h2, CORS, the access log): the message owns the bytes.
+            ReplyBody::Shared(m) => Bytes::from_owner(SharedReply(m)),
             ReplyBody::Owned(b) => b.freeze(),
             ReplyBody::Inline(text, len) => Bytes::copy_from_slice(&text[..usize::from(len)]),
         };

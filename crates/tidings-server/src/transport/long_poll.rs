@@ -10,9 +10,9 @@
 //! carries it as a `Deferred` extension (`take_deferred`).
 //!
 //! One pass for many pollers (issue 17): a held one-channel poll on the lean HTTP/1.1 path
-//! is answered from the publishing side. Its `HeldPoll` (one allocation) is the hub's hook
-//! (`tidings_core::hub::Held`) and carries the socket the connection lends it
-//! (`net::held`): when the channel's next message comes, the publisher's `deliver` writes
+//! is answered from the publishing side. Its `HeldPoll` (a spare of the thread's, reused
+//! from poll to poll) is the hub's hook (`tidings_core::hub::Held`) and carries the socket
+//! the connection lends it (`net::held`): when the channel's next message comes, the publisher's `deliver` writes
 //! the poll's answer — the message's shared body and its own head — straight to the socket,
 //! and the poll's task, woken once, only takes the socket back. A message that does not
 //! simply follow the poll's position (a gap, or one the join replayed), a socket that takes
@@ -21,9 +21,11 @@
 //! hook or queued, never both and never neither (the hub's rule). `wait` always takes the
 //! hook back before it answers any other way, so an answer is never written twice.
 
+use std::any::Any;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
+use std::task::Poll;
 use std::time::Duration;
 
 use axum::body::Body;
@@ -97,13 +99,54 @@ pub struct HeldPoll {
     wait: Duration,
 }
 
+// Spare held polls, per thread (as `net::pool` keeps read buffers): a connection that
+// long-polls again takes one back instead of allocating a hook per poll (issue 17).
+// Touched only by the task running on the thread, with no lock; at most `KEEP_HELD`.
+thread_local! {
+    static SPARE_HELD: std::cell::RefCell<Vec<Arc<HeldPoll>>> =
+        const { std::cell::RefCell::new(Vec::new()) };
+}
+
+const KEEP_HELD: usize = 32;
+
 impl HeldPoll {
-    pub fn new(after: Position, wait: Duration) -> Self {
+    fn new(after: Position, wait: Duration) -> Self {
         Self {
             socket: HeldSocket::default(),
             after,
             wait,
         }
+    }
+
+    /// A hook for a poll held at `after`: a spare one of this thread's when there is one.
+    pub fn take(after: Position, wait: Duration) -> Arc<Self> {
+        if let Some(mut spare) = SPARE_HELD.try_with(|s| s.borrow_mut().pop()).ok().flatten()
+            && let Some(h) = Arc::get_mut(&mut spare)
+        {
+            h.after = after;
+            h.wait = wait;
+            return spare;
+        }
+        Arc::new(Self::new(after, wait))
+    }
+
+    /// Gives a hook back once its poll is over. Kept only when nothing else holds it: the
+    /// hub lets go of it under the channel's lock (`release`, or `deliver` right after the
+    /// answer), and a publisher still holding it just has it freed.
+    fn give(mut held: Arc<Self>) {
+        let Some(h) = Arc::get_mut(&mut held) else {
+            return;
+        };
+        // Fresh state: a socket still lent (the client hung up while held) closes here, not
+        // in the pool.
+        h.socket = HeldSocket::default();
+        // `try_with`: a poll dropped as its thread ends finds no spares; it is just freed.
+        let _ = SPARE_HELD.try_with(|s| {
+            let mut s = s.borrow_mut();
+            if s.len() < KEEP_HELD {
+                s.push(held);
+            }
+        });
     }
 }
 
@@ -120,17 +163,84 @@ impl Held for HeldPoll {
 }
 
 /// A long poll's answer, still to come, and its hook when it can be held.
+///
+/// The answer's future (~680 bytes: the subscription, the reply, the deadline, the
+/// shutdown wait) is boxed, so that a parked connection's task does not carry it in every
+/// state (`app::parked`). The box is not allocated per poll (issue 17): a poll that ends
+/// gives it back to its thread's spares (`SPARE_WAITS`, as `net::pool` keeps read buffers)
+/// and the next long poll on the thread writes its future into it in place (`Slot::refill`).
 pub struct Wait {
-    answer: Pin<Box<dyn Future<Output = Answer> + Send>>,
+    answer: Option<Pin<Box<dyn Slot>>>,
     held: Option<Arc<HeldPoll>>,
 }
 
+/// A box a long poll's future is written into, and emptied from, in place: `Option<F>`
+/// pinned in its box. `dyn`, so that the spares need not name the future's type; a spare
+/// holding another type is refused by `refill` (there is one in practice: `short_poll`'s).
+trait Slot: Send {
+    fn poll_answer(self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> Poll<Answer>;
+    /// Moves `next` (an `Option` of this slot's future) in: `false` when it is another type.
+    fn refill(self: Pin<&mut Self>, next: &mut dyn Any) -> bool;
+    /// Drops the future: what it holds (the subscription, the hook) goes now.
+    fn clear(self: Pin<&mut Self>);
+}
+
+impl<F: Future<Output = Answer> + Send + 'static> Slot for Option<F> {
+    fn poll_answer(self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> Poll<Answer> {
+        match self.as_pin_mut() {
+            Some(answer) => answer.poll(cx),
+            None => Poll::Pending,
+        }
+    }
+
+    fn refill(mut self: Pin<&mut Self>, next: &mut dyn Any) -> bool {
+        match next.downcast_mut::<Option<F>>() {
+            Some(next) => {
+                self.set(next.take());
+                true
+            }
+            None => false,
+        }
+    }
+
+    fn clear(mut self: Pin<&mut Self>) {
+        self.set(None);
+    }
+}
+
+// Spare answer boxes, per thread: touched only by the task running on the thread, with no
+// lock; at most `KEEP_WAITS` (each ~680 bytes).
+thread_local! {
+    static SPARE_WAITS: std::cell::RefCell<Vec<Pin<Box<dyn Slot>>>> =
+        const { std::cell::RefCell::new(Vec::new()) };
+}
+
+const KEEP_WAITS: usize = 32;
+
 impl Wait {
-    pub fn new(
-        answer: Pin<Box<dyn Future<Output = Answer> + Send>>,
-        held: Option<Arc<HeldPoll>>,
-    ) -> Self {
-        Self { answer, held }
+    pub fn new<F>(answer: F, held: Option<Arc<HeldPoll>>) -> Self
+    where
+        F: Future<Output = Answer> + Send + 'static,
+    {
+        let mut next = Some(answer);
+        let answer = match SPARE_WAITS
+            .try_with(|s| s.borrow_mut().pop())
+            .ok()
+            .flatten()
+        {
+            Some(mut slot) => {
+                if slot.as_mut().refill(&mut next) {
+                    slot
+                } else {
+                    Box::pin(next)
+                }
+            }
+            None => Box::pin(next),
+        };
+        Self {
+            answer: Some(answer),
+            held,
+        }
     }
 
     /// Where the connection lends its socket, if this poll can be held.
@@ -139,11 +249,33 @@ impl Wait {
     }
 }
 
+impl Drop for Wait {
+    fn drop(&mut self) {
+        // The answer's future (and its subscription, which keeps the hook in the hub) goes
+        // first, so the hook is then this wait's alone.
+        if let Some(mut answer) = self.answer.take() {
+            answer.as_mut().clear();
+            let _ = SPARE_WAITS.try_with(|s| {
+                let mut s = s.borrow_mut();
+                if s.len() < KEEP_WAITS {
+                    s.push(answer);
+                }
+            });
+        }
+        if let Some(held) = self.held.take() {
+            HeldPoll::give(held);
+        }
+    }
+}
+
 impl Future for Wait {
     type Output = Answer;
 
-    fn poll(mut self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<Answer> {
-        self.answer.as_mut().poll(cx)
+    fn poll(mut self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> Poll<Answer> {
+        match self.answer.as_mut() {
+            Some(answer) => answer.as_mut().poll_answer(cx),
+            None => Poll::Pending,
+        }
     }
 }
 
@@ -164,4 +296,84 @@ pub fn take_deferred(res: &Response) -> Option<Wait> {
     res.extensions()
         .get::<Deferred>()
         .and_then(|d| d.0.lock().ok()?.take())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tidings_core::Epoch;
+
+    fn at(offset: u64) -> Position {
+        Position {
+            epoch: Epoch::new("h3k9").unwrap_or_else(|| panic!("an epoch")),
+            offset,
+        }
+    }
+
+    /// One future type for every wait of a test, as `short_poll::later` has in the server.
+    async fn answering(status: Option<axum::http::StatusCode>) -> Answer {
+        match status {
+            Some(status) => Answer::from(crate::net::reply::Reply::new(
+                status,
+                "text/plain",
+                crate::net::reply::ReplyBody::joined(&[b""]),
+            )),
+            None => Answer::Sent,
+        }
+    }
+
+    fn slot_of(wait: &Wait) -> *const u8 {
+        wait.answer
+            .as_ref()
+            .map_or(std::ptr::null(), |a| &**a as *const dyn Slot as *const u8)
+    }
+
+    #[test]
+    fn a_finished_wait_s_box_and_hook_serve_the_next_poll_on_the_thread() {
+        let first = Wait::new(
+            answering(None),
+            Some(HeldPoll::take(at(1), Duration::from_secs(5))),
+        );
+        let (slot, hook) = (slot_of(&first), first.held.clone());
+        drop(hook);
+        let held = first.held.as_ref().map(Arc::as_ptr);
+        drop(first);
+        let second = Wait::new(
+            answering(None),
+            Some(HeldPoll::take(at(7), Duration::from_secs(9))),
+        );
+        assert_eq!(slot_of(&second), slot, "the answer's box is reused");
+        let h = second.held.as_ref().unwrap_or_else(|| panic!("a hook"));
+        assert_eq!(Some(Arc::as_ptr(h)), held, "the hook is reused");
+        assert_eq!(h.after.offset, 7);
+        assert_eq!(h.wait, Duration::from_secs(9));
+        assert!(
+            !h.socket.attached() && !h.socket.answered(),
+            "a reused hook starts fresh"
+        );
+    }
+
+    #[test]
+    fn a_hook_something_else_still_holds_is_never_reused() {
+        let first = Wait::new(
+            answering(None),
+            Some(HeldPoll::take(at(1), Duration::from_secs(5))),
+        );
+        let kept = first.held.clone().unwrap_or_else(|| panic!("a hook"));
+        drop(first);
+        let second = HeldPoll::take(at(2), Duration::from_secs(5));
+        assert!(!Arc::ptr_eq(&kept, &second));
+        assert_eq!(kept.after.offset, 1, "the held one is untouched");
+    }
+
+    #[tokio::test]
+    async fn a_reused_box_answers_with_its_new_future() {
+        let first = Wait::new(answering(None), None);
+        let slot = slot_of(&first);
+        drop(first);
+        let second = Wait::new(answering(Some(axum::http::StatusCode::NO_CONTENT)), None);
+        assert_eq!(slot_of(&second), slot);
+        let answer = second.await;
+        assert_eq!(answer.status(), axum::http::StatusCode::NO_CONTENT);
+    }
 }

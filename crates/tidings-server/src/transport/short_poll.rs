@@ -31,9 +31,9 @@ use crate::transport::{TransportKind, long_poll, params};
 ///
 /// One pass for many pollers (issue 17): when a message reaches a channel with N held
 /// one-channel polls, each of them answers with exactly the same bytes — the message, its
-/// own cursor, no gaps. That body is encoded once per message (`shared_body`, kept with the
-/// message's envelope) and every poller's answer shares it; a poller only writes its
-/// response head. So the first message is held back (`only`) until the reply turns out to
+/// own cursor, no gaps. That body is encoded once per message (`Message::poll_reply`, kept
+/// with the message's envelope; byte for byte what `into_body` writes for it, as a test
+/// checks) and every poller's answer shares it; a poller only writes its response head. So the first message is held back (`only`) until the reply turns out to
 /// need more.
 pub struct PollReply {
     messages: BytesMut,
@@ -82,7 +82,7 @@ impl PollReply {
         );
         let drained = sub.drain(|event, cursor| match event {
             Event::Message(m) => {
-                if *count == 0 && cursor == &m.cursor()[..] {
+                if *count == 0 && cursor == m.cursor() {
                     *only = Some(m.clone());
                 } else {
                     write_only(messages, only);
@@ -154,14 +154,6 @@ fn write_only(messages: &mut BytesMut, only: &mut Option<Arc<Message>>) {
     }
 }
 
-/// A one-message poll reply with the message's own cursor and no gaps: what every held
-/// one-channel poll of the channel answers when it arrives (encoded once with the message's
-/// envelope, in its buffer: `Message::poll_reply`; byte for byte what
-/// `PollReply::into_body` writes for it, as a test checks).
-fn shared_body(m: &Message) -> Bytes {
-    m.poll_reply()
-}
-
 /// What a poll answers: now, or (a long poll with nothing yet) when its wait ends.
 // A `Reply` (504 bytes) lives briefly, on its way to being written; boxing it would
 // be the allocation per answer that it exists to save.
@@ -217,37 +209,55 @@ pub async fn poll<H: Headers + Sync + ?Sized>(
     reply.collect(&mut sub, &gauge);
     match wait {
         Some(wait) if reply.is_empty() => {
-            let state = state.clone();
             let held = holdable
                 .then(|| sub.hold_position())
                 .flatten()
-                .map(|after| Arc::new(long_poll::HeldPoll::new(after.clone(), wait)));
-            let hook = held.clone();
-            let answer = Box::pin(async move {
-                let sent = long_poll::wait(
-                    &mut sub,
-                    &gauge,
-                    &mut reply,
-                    wait,
-                    &state.shutdown,
-                    hook.as_ref(),
-                )
-                .await;
-                if sent {
-                    return Answer::Sent;
-                }
-                // Ended by shutdown: say so, and when to come back (SPEC §13).
-                let goodbye = state
-                    .shutdown
-                    .is_cancelled()
-                    .then(|| crate::lifecycle::shutdown_notice(&state));
-                finish(&sub, reply, Some(wait), goodbye)
-                    .unwrap_or_else(|e| e.into_response().into())
-            });
-            Ok(Polled::Later(long_poll::Wait::new(answer, held)))
+                .map(|after| long_poll::HeldPoll::take(after.clone(), wait));
+            Ok(Polled::Later(later(
+                state.clone(),
+                sub,
+                gauge,
+                reply,
+                wait,
+                held,
+            )))
         }
         _ => finish(&sub, reply, wait, None).map(Polled::Now),
     }
+}
+
+/// A long poll's wait: not generic (as `poll` is), so that every wait is one type and the
+/// box it lives in is reused (`long_poll::Wait`).
+fn later(
+    state: AppState,
+    mut sub: Subscription,
+    gauge: SessionGauge,
+    mut reply: PollReply,
+    wait: std::time::Duration,
+    held: Option<Arc<long_poll::HeldPoll>>,
+) -> long_poll::Wait {
+    let hook = held.clone();
+    let answer = async move {
+        let sent = long_poll::wait(
+            &mut sub,
+            &gauge,
+            &mut reply,
+            wait,
+            &state.shutdown,
+            hook.as_ref(),
+        )
+        .await;
+        if sent {
+            return Answer::Sent;
+        }
+        // Ended by shutdown: say so, and when to come back (SPEC §13).
+        let goodbye = state
+            .shutdown
+            .is_cancelled()
+            .then(|| crate::lifecycle::shutdown_notice(&state));
+        finish(&sub, reply, Some(wait), goodbye).unwrap_or_else(|e| e.into_response().into())
+    };
+    long_poll::Wait::new(answer, held)
 }
 
 /// The poll's answer from what was collected: a lean reply (`net::reply`), its body shared
@@ -274,11 +284,11 @@ fn finish(
 /// The answer of a poll whose reply is one message with its own cursor: the body shared
 /// with the channel's other pollers. A held poll's hook writes exactly this
 /// (`long_poll::HeldPoll`), from the publishing side.
-pub fn shared_reply(m: &Message, wait: Option<std::time::Duration>) -> Reply {
-    // The cursor as the ETag: kept in the reply when short (a message's own would otherwise
-    // be promoted to shared bytes for it, an allocation per message).
-    let etag = Text::quoted_inline(m.cursor()).unwrap_or_else(|| Text::Quoted(m.cursor().clone()));
-    poll_reply(ReplyBody::Shared(shared_body(m)), etag, wait)
+pub fn shared_reply(m: &Arc<Message>, wait: Option<std::time::Duration>) -> Reply {
+    // The cursor as the ETag: kept in the reply when short (a long epoch's is copied).
+    let etag = Text::quoted_inline(m.cursor())
+        .unwrap_or_else(|| Text::Quoted(Bytes::copy_from_slice(m.cursor())));
+    poll_reply(ReplyBody::Shared(Arc::clone(m)), etag, wait)
 }
 
 fn poll_reply(body: ReplyBody, etag: Text, wait: Option<std::time::Duration>) -> Reply {
@@ -351,13 +361,10 @@ mod tests {
         reply.count = 1;
         assert!(reply.shared().is_some());
         let written = reply.into_body(m.cursor(), None);
-        assert_eq!(&written[..], &shared_body(&m)[..]);
+        assert_eq!(&written[..], m.poll_reply());
         let v: serde_json::Value =
             serde_json::from_slice(&written).unwrap_or_else(|e| panic!("{e}"));
-        assert_eq!(
-            v["cursor"].as_str().map(str::as_bytes),
-            Some(&m.cursor()[..])
-        );
+        assert_eq!(v["cursor"].as_str().map(str::as_bytes), Some(m.cursor()));
         assert_eq!(v["messages"][0]["data"], "he said \"hi\"");
     }
 }

@@ -1130,7 +1130,7 @@ impl Session {
                             );
                             let messages: Vec<Value> = page
                                 .iter()
-                                .map(|m| serde_json::from_slice(&m.envelope()).unwrap_or_default())
+                                .map(|m| serde_json::from_slice(m.envelope()).unwrap_or_default())
                                 .collect();
                             let end = page.last().map_or(read.top.clone(), |m| m.position());
                             let gaps: Vec<_> = read.replay.gap().into_iter().collect();
