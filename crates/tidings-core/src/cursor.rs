@@ -488,7 +488,7 @@ mod tests {
         for epoch in ["e", "h3k9", &"e".repeat(crate::message::MAX_EPOCH_LEN)] {
             for offset in [0, 1, 127, 128, 16_384, u64::MAX / 3, u64::MAX] {
                 let channel =
-                    ChannelName::new("a-rather-long:channel/name.that-does-not-matter").unwrap();
+                    ChannelName::new("a-rather-long:channel.name_that-does-not-matter").unwrap();
                 let p = pos(epoch, offset);
                 let mut out = [0u8; SINGLE_MAX];
                 let len = Cursor::encode_single_into(&channel, &p, &mut out);

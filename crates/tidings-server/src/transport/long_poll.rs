@@ -31,63 +31,78 @@ use std::time::Duration;
 use axum::body::Body;
 use axum::response::Response;
 
+use axum::response::IntoResponse;
 use tidings_core::hub::Held;
 use tidings_core::{Message, Position, Subscription};
-use tokio_util::sync::CancellationToken;
 
 use crate::metrics::SessionGauge;
 use crate::net::Answer;
 use crate::net::held::HeldSocket;
+use crate::state::AppState;
 use crate::transport::short_poll::{self, PollReply};
 
-/// Waits for the poll's answer; `true` when `held` wrote it from the publishing side (the
-/// poll is then answered, and `reply` is not).
-pub async fn wait(
-    sub: &mut Subscription,
-    gauge: &SessionGauge,
-    reply: &mut PollReply,
+/// A long poll's wait, answered when it ends: by the message's publisher through `held`
+/// (`Answer::Sent`), or from what the subscription collected (`short_poll::finish`).
+///
+/// Not generic (as `short_poll::poll` is), so that every wait is one type and the box it
+/// lives in is reused (`Wait`). One async block, with no function of its own awaited
+/// inside: a nested future would keep a reference to each of these beside them.
+pub fn later(
+    state: AppState,
+    mut sub: Subscription,
+    gauge: SessionGauge,
+    mut reply: PollReply,
     wait: Duration,
-    shutdown: &CancellationToken,
-    held: Option<&Arc<HeldPoll>>,
-) -> bool {
-    let deadline = tokio::time::sleep(wait);
-    tokio::pin!(deadline);
-    let held = held.filter(|h| h.socket.attached() && sub.hold(Arc::clone(h) as Arc<dyn Held>));
-    let answered = std::future::poll_fn(|cx| match held {
-        Some(h) => h.socket.poll_answered(cx),
-        None => std::task::Poll::Pending,
-    });
-    tokio::pin!(answered);
-    while reply.is_empty() && !reply.ended() {
-        let ready = tokio::select! {
-            biased;
-            _ = shutdown.cancelled() => false,
-            _ = &mut deadline => false,
-            _ = &mut answered => false,
-            _ = sub.ready() => true,
-        };
-        if !ready || held.is_some_and(|h| h.socket.answered()) {
-            break;
+    held: Option<Arc<HeldPoll>>,
+) -> Wait {
+    let hook = held.clone();
+    let answer = async move {
+        let deadline = tokio::time::sleep(wait);
+        tokio::pin!(deadline);
+        let held = hook
+            .as_ref()
+            .filter(|h| h.socket.attached() && sub.hold(Arc::clone(h) as Arc<dyn Held>));
+        let answered = std::future::poll_fn(|cx| match held {
+            Some(h) => h.socket.poll_answered(cx),
+            None => Poll::Pending,
+        });
+        tokio::pin!(answered);
+        while reply.is_empty() && !reply.ended() {
+            let ready = tokio::select! {
+                biased;
+                _ = state.shutdown.cancelled() => false,
+                _ = &mut deadline => false,
+                _ = &mut answered => false,
+                _ = sub.ready() => true,
+            };
+            if !ready || held.is_some_and(|h| h.socket.answered()) {
+                break;
+            }
+            reply.collect(&mut sub, &gauge);
         }
-        reply.collect(sub, gauge);
-    }
-    let Some(held) = held else {
-        return false;
+        if let Some(held) = held {
+            // Only `deliver` answers, and it took the hook out first: nothing to release
+            // then. Otherwise a release that finds the hook says no message went to it and
+            // none will; one that does not comes after `deliver` used it (under the same
+            // lock), so `answered` is then final.
+            if held.socket.answered() || !sub.release() {
+                if held.socket.answered() {
+                    gauge.delivered(1);
+                    return Answer::Sent;
+                }
+                // The hook declined its message, which is queued: answered the usual way.
+                reply.collect(&mut sub, &gauge);
+            }
+        }
+        // Ended by shutdown: say so, and when to come back (SPEC §13).
+        let goodbye = state
+            .shutdown
+            .is_cancelled()
+            .then(|| crate::lifecycle::shutdown_notice(&state));
+        short_poll::finish(&sub, reply, Some(wait), goodbye)
+            .unwrap_or_else(|e| e.into_response().into())
     };
-    // Only `deliver` answers, and it took the hook out first: nothing to release then.
-    // Otherwise a release that finds the hook says no message went to it and none will;
-    // one that does not comes after `deliver` used it (under the same lock), so `answered`
-    // is then final.
-    if !held.socket.answered() && sub.release() {
-        return false;
-    }
-    if held.socket.answered() {
-        gauge.delivered(1);
-        return true;
-    }
-    // The hook declined its message, which is queued: answered the usual way.
-    reply.collect(sub, gauge);
-    false
+    Wait::new(answer, held)
 }
 
 /// A held poll: the hub's hook for it, and the socket its answer goes to (see the module).
@@ -241,6 +256,12 @@ impl Wait {
             answer: Some(answer),
             held,
         }
+    }
+
+    /// The boxed answer's size (`app::parked`).
+    #[cfg(test)]
+    pub fn answer_size(&self) -> usize {
+        self.answer.as_deref().map_or(0, std::mem::size_of_val)
     }
 
     /// Where the connection lends its socket, if this poll can be held.

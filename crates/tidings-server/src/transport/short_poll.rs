@@ -14,7 +14,7 @@ use std::sync::Arc;
 
 use axum::extract::{Path, RawQuery, State};
 use axum::http::{HeaderMap, StatusCode};
-use axum::response::{IntoResponse, Response};
+use axum::response::Response;
 use bytes::{BufMut, Bytes, BytesMut};
 use tidings_core::{BrokerError, Disconnect, DisconnectReason, Event, Message, Subscription};
 
@@ -213,7 +213,7 @@ pub async fn poll<H: Headers + Sync + ?Sized>(
                 .then(|| sub.hold_position())
                 .flatten()
                 .map(|after| long_poll::HeldPoll::take(after.clone(), wait));
-            Ok(Polled::Later(later(
+            Ok(Polled::Later(long_poll::later(
                 state.clone(),
                 sub,
                 gauge,
@@ -226,43 +226,9 @@ pub async fn poll<H: Headers + Sync + ?Sized>(
     }
 }
 
-/// A long poll's wait: not generic (as `poll` is), so that every wait is one type and the
-/// box it lives in is reused (`long_poll::Wait`).
-fn later(
-    state: AppState,
-    mut sub: Subscription,
-    gauge: SessionGauge,
-    mut reply: PollReply,
-    wait: std::time::Duration,
-    held: Option<Arc<long_poll::HeldPoll>>,
-) -> long_poll::Wait {
-    let hook = held.clone();
-    let answer = async move {
-        let sent = long_poll::wait(
-            &mut sub,
-            &gauge,
-            &mut reply,
-            wait,
-            &state.shutdown,
-            hook.as_ref(),
-        )
-        .await;
-        if sent {
-            return Answer::Sent;
-        }
-        // Ended by shutdown: say so, and when to come back (SPEC §13).
-        let goodbye = state
-            .shutdown
-            .is_cancelled()
-            .then(|| crate::lifecycle::shutdown_notice(&state));
-        finish(&sub, reply, Some(wait), goodbye).unwrap_or_else(|e| e.into_response().into())
-    };
-    long_poll::Wait::new(answer, held)
-}
-
 /// The poll's answer from what was collected: a lean reply (`net::reply`), its body shared
 /// with the channel's other pollers when it is one message with its own cursor.
-fn finish(
+pub(crate) fn finish(
     sub: &Subscription,
     reply: PollReply,
     wait: Option<std::time::Duration>,
