@@ -1,9 +1,11 @@
 //! A connection's kill switch: fired by a session whose queue overflowed (on the publisher's
 //! thread: a client that stopped reading stops its writer from being polled at all), and
 //! awaited by the connection's task (the server's `net::listener::drive`), which then drops
-//! the connection after a grace. It lives here, beside the queue, because the queue holds
-//! it (`SessionQueue::set_on_overflow`): an overflow fires it directly, with no boxed hook
-//! per session (issue 17).
+//! the connection after a grace. It lives here, beside the queue, because it *is* one: the
+//! connection's queue, made at accept with the kill's flag and waiter slot in it, which the
+//! connection's sessions claim in turn (`claim`; the rules are in `queue`'s module docs).
+//! One allocation per connection where the switch and each session's queue were one each
+//! (issue 17).
 //!
 //! Not a `CancellationToken`: that is a node of a cancellation tree (~112 bytes, with a
 //! `Notify`), and waiting on it keeps a `Notify` waiter (~70 bytes) in every connection's
@@ -14,54 +16,59 @@
 //! Concurrency: `cancel` may run on any thread; the flag is set before the waker is taken,
 //! and the waiter re-checks it after storing its waker, so a wake is never lost.
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll, Waker};
+use std::sync::Arc;
+use std::task::{Context, Poll};
 
-#[derive(Clone, Default)]
-pub struct Kill(Arc<State>);
+use crate::queue::SessionQueue;
 
-#[derive(Default)]
-struct State {
-    fired: AtomicBool,
-    waiter: Mutex<Option<Waker>>,
+#[derive(Clone)]
+pub struct Kill(Arc<SessionQueue>);
+
+impl Default for Kill {
+    fn default() -> Self {
+        Self::new()
+    }
 }
 
 impl Kill {
+    /// A connection's switch, with the queue its sessions claim (its budget is set by each
+    /// claim).
     pub fn new() -> Self {
-        Self::default()
+        Self(SessionQueue::new(0))
+    }
+
+    /// A session's own switch on its queue (a Pusher session's: its overflow stops its
+    /// writer, and no connection's task waits on it).
+    pub fn of(queue: &Arc<SessionQueue>) -> Self {
+        Self(queue.clone())
+    }
+
+    pub(crate) fn queue(&self) -> &Arc<SessionQueue> {
+        &self.0
+    }
+
+    /// The connection's queue for a session, reset, with the budget `max_bytes`, if no other
+    /// session holds it; otherwise a fresh one (see `queue`'s module docs).
+    pub fn claim(&self, max_bytes: usize) -> Arc<SessionQueue> {
+        if self.0.try_claim(max_bytes) {
+            self.0.clone()
+        } else {
+            SessionQueue::new(max_bytes)
+        }
     }
 
     /// Fires the switch (the first call counts; later ones change nothing).
     pub fn cancel(&self) {
-        self.0.fired.store(true, Ordering::SeqCst);
-        let waker = self.0.waiter.lock().ok().and_then(|mut w| w.take());
-        if let Some(waker) = waker {
-            waker.wake();
-        }
+        self.0.fire_kill();
     }
 
     pub fn is_cancelled(&self) -> bool {
-        self.0.fired.load(Ordering::SeqCst)
+        self.0.kill_fired()
     }
 
     /// `Ready` once fired; otherwise the waker is kept for `cancel`.
     pub fn poll_cancelled(&self, cx: &mut Context<'_>) -> Poll<()> {
-        if self.is_cancelled() {
-            return Poll::Ready(());
-        }
-        if let Ok(mut slot) = self.0.waiter.lock() {
-            match &mut *slot {
-                Some(w) if w.will_wake(cx.waker()) => {}
-                slot => *slot = Some(cx.waker().clone()),
-            }
-        }
-        // Fired between the first check and the store: `cancel` may have found no waker.
-        if self.is_cancelled() {
-            Poll::Ready(())
-        } else {
-            Poll::Pending
-        }
+        self.0.poll_kill(cx)
     }
 
     /// Resolves once fired.

@@ -21,9 +21,30 @@
 //! session through the hub (`Hub::tick_part`) instead of a timer in each one (a boxed `Sleep`
 //! per session: 112 bytes and an allocation). A tick sets a flag and wakes the writer, and
 //! `take_tick` says so once, like a reload.
+//!
+//! One allocation per connection (issue 17): a connection's kill switch (`Kill`) *is* a
+//! queue, made at accept, and the connection's sessions claim it in turn (`Kill::claim`)
+//! instead of allocating one each; it carries the kill's flag and its waiter's slot beside
+//! the session's. Ownership rules:
+//! - A queue is claimed by at most one session at a time (`claimed`, a compare-and-swap);
+//!   a second session meanwhile (an h2 stream, an overlap) gets a fresh queue of its own,
+//!   as does every session of an HTTP/2 connection.
+//! - Claiming resets what the last session left (items, end, flags, the writer's waker,
+//!   the overflow action, the budget); the kill's flag and its waiter stay, they are the
+//!   connection's. The claim is given back (`unclaim`) by the `Subscription` that holds it
+//!   when it drops, after `Hub::remove` for each channel and `Hub::unwatch` returned: those
+//!   take the same locks as every delivery, presence event, tick, reload and shutdown
+//!   pass, so once they return nothing reaches the queue until the next session registers
+//!   it. Nothing else keeps a clone of a session's queue.
+//! - The kill's waiter (the connection's task, `Kill::poll_cancelled`) and the session's
+//!   writer (`poll_ready`, `poll_cut`) have a slot each: one waiter per slot, as before.
+//! - An overflow fires the kill of this queue itself (`own_kill`, when a session on the
+//!   connection's own queue asked for it) or the one it holds (a fresh queue's, pointing at
+//!   its connection's queue; never the other way round, so no cycle of `Arc`s).
 
 use std::collections::VecDeque;
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll, Waker};
 
 use crate::disconnect::DisconnectReason;
@@ -62,10 +83,13 @@ impl QueueItem {
 
 pub struct SessionQueue {
     state: Mutex<QueueState>,
-    max_bytes: usize,
-    /// Fired once, on the publisher's thread, when the queue overflows: the edge uses it to
-    /// close a connection whose writer is not even being polled (a client that stopped reading).
-    on_overflow: OnceLock<Kill>,
+    /// Set at creation, and again by each claim (`Kill::claim`).
+    max_bytes: AtomicUsize,
+    /// The kill switch's flag when this is a connection's queue (`Kill`): set once, never
+    /// reset (a claim leaves it).
+    fired: AtomicBool,
+    /// Held by the session using the connection's queue (see the module docs).
+    claimed: AtomicBool,
 }
 
 /// What is queued, oldest first: a lone item inline, so a session that gets one message at a
@@ -128,6 +152,14 @@ struct QueueState {
     ticked: bool,
     /// The writer's, while it waits.
     waker: Option<Waker>,
+    /// An overflow fires this queue's own kill (`fire_kill`): a session on its connection's
+    /// queue that asked for it (`set_on_overflow`).
+    own_kill: bool,
+    /// An overflow fires this (a fresh queue's: its connection's kill switch).
+    on_overflow: Option<Kill>,
+    /// The connection's task while it waits on the kill switch (`Kill::poll_cancelled`);
+    /// not the writer's slot: both may wait at once.
+    kill_waker: Option<Waker>,
 }
 
 impl QueueState {
@@ -142,9 +174,69 @@ impl SessionQueue {
     pub fn new(max_bytes: usize) -> Arc<Self> {
         Arc::new(Self {
             state: Mutex::new(QueueState::default()),
-            max_bytes,
-            on_overflow: OnceLock::new(),
+            max_bytes: AtomicUsize::new(max_bytes),
+            fired: AtomicBool::new(false),
+            claimed: AtomicBool::new(false),
         })
+    }
+
+    /// Takes the queue for a session if no other holds it, reset for it (see the module
+    /// docs); false when another session holds it.
+    pub(crate) fn try_claim(&self, max_bytes: usize) -> bool {
+        if self
+            .claimed
+            .compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed)
+            .is_err()
+        {
+            return false;
+        }
+        let mut s = self.lock();
+        let kill_waker = s.kill_waker.take();
+        *s = QueueState {
+            kill_waker,
+            ..QueueState::default()
+        };
+        self.max_bytes.store(max_bytes, Ordering::Relaxed);
+        true
+    }
+
+    /// Gives the claim back (the `Subscription` that held the queue, once nothing can reach
+    /// it); a fresh queue was never claimed and this changes nothing there.
+    pub(crate) fn unclaim(&self) {
+        self.claimed.store(false, Ordering::Release);
+    }
+
+    /// The kill switch: the first call counts (`Kill::cancel`).
+    pub(crate) fn fire_kill(&self) {
+        self.fired.store(true, Ordering::SeqCst);
+        let waker = self.lock().kill_waker.take();
+        if let Some(waker) = waker {
+            waker.wake();
+        }
+    }
+
+    pub(crate) fn kill_fired(&self) -> bool {
+        self.fired.load(Ordering::SeqCst)
+    }
+
+    /// `Ready` once the kill fired; otherwise the waker is kept for `fire_kill`.
+    pub(crate) fn poll_kill(&self, cx: &mut Context<'_>) -> Poll<()> {
+        if self.kill_fired() {
+            return Poll::Ready(());
+        }
+        {
+            let mut s = self.lock();
+            match &mut s.kill_waker {
+                Some(w) if w.will_wake(cx.waker()) => {}
+                slot => *slot = Some(cx.waker().clone()),
+            }
+        }
+        // Fired between the first check and the store: `fire_kill` may have found no waker.
+        if self.kill_fired() {
+            Poll::Ready(())
+        } else {
+            Poll::Pending
+        }
     }
 
     fn lock(&self) -> MutexGuard<'_, QueueState> {
@@ -167,16 +259,20 @@ impl SessionQueue {
         }
         // One message larger than the whole budget still goes through an empty queue;
         // otherwise a small queue setting would make big messages undeliverable.
-        if s.bytes + weight > self.max_bytes && !s.items.is_empty() {
+        if s.bytes + weight > self.max_bytes.load(Ordering::Relaxed) && !s.items.is_empty() {
             s.ended = Some(DisconnectReason::Slow);
             s.items = Items::default();
             s.bytes = 0;
             let waker = s.wake();
+            let (own, other) = (s.own_kill, s.on_overflow.clone());
             drop(s);
             if let Some(waker) = waker {
                 waker.wake();
             }
-            if let Some(kill) = self.on_overflow.get() {
+            if own {
+                self.fire_kill();
+            }
+            if let Some(kill) = other {
                 kill.cancel();
             }
             return false;
@@ -339,9 +435,18 @@ impl SessionQueue {
         std::future::poll_fn(|cx| self.poll_ready(cx))
     }
 
-    /// Has an overflow fire `kill` (first call wins).
+    /// Has an overflow fire `kill` (first call wins): this queue's own flag when `kill` is
+    /// this queue (a session on its connection's queue), else the one held.
     pub fn set_on_overflow(&self, kill: Kill) {
-        let _ = self.on_overflow.set(kill);
+        let mut s = self.lock();
+        if s.own_kill || s.on_overflow.is_some() {
+            return;
+        }
+        if std::ptr::eq(Arc::as_ptr(kill.queue()), self) {
+            s.own_kill = true;
+        } else {
+            s.on_overflow = Some(kill);
+        }
     }
 
     /// Whether the queue ended by overflowing (`Slow`).
@@ -351,7 +456,7 @@ impl SessionQueue {
 
     /// The budget: more than this queued ends the session (`Slow`).
     pub fn max_bytes(&self) -> usize {
-        self.max_bytes
+        self.max_bytes.load(Ordering::Relaxed)
     }
 
     /// Bytes currently queued.
@@ -403,13 +508,60 @@ mod tests {
         assert!(!kill.is_cancelled());
     }
 
-    /// Every session allocates one: its overflow action is the kill switch it holds (8
-    /// bytes), not a boxed closure (16 here and an allocation of its own). Today 96 bytes.
+    /// Every connection allocates one at accept (its kill switch, claimed by its sessions in
+    /// turn): the queue, the kill's flag and its waiter's slot in one allocation, where the
+    /// kill switch was an allocation of its own (48 bytes) beside a 96-byte queue per
+    /// session. Today 112 bytes (an `ArcInner` of 128).
     #[test]
     fn a_session_queue_stays_small() {
         let size = std::mem::size_of::<SessionQueue>();
         eprintln!("a session queue: {size} bytes");
-        assert!(size <= 96, "a session queue is {size} bytes (bound 96)");
+        assert!(size <= 112, "a session queue is {size} bytes (bound 112)");
+    }
+
+    #[test]
+    fn an_overflow_on_the_connection_s_own_queue_fires_its_kill_switch() {
+        let kill = Kill::new();
+        let q = kill.claim(1024);
+        assert!(Arc::ptr_eq(&q, kill.queue()));
+        q.set_on_overflow(kill.clone());
+        assert!(q.push(&msg(1, 800)));
+        assert!(!kill.is_cancelled());
+        assert!(!q.push(&msg(2, 800)));
+        assert!(kill.is_cancelled());
+        assert!(q.overflowed());
+    }
+
+    #[test]
+    fn a_claimed_queue_goes_to_the_next_session_reset_and_a_second_session_gets_its_own() {
+        let kill = Kill::new();
+        let first = kill.claim(1024);
+        assert!(first.push(&msg(1, 10)));
+        first.listen(Tick::Heartbeat);
+        first.close(DisconnectReason::Shutdown);
+        // Meanwhile a second session (an overlap): a queue of its own, whose overflow
+        // fires the connection's kill switch.
+        let second = kill.claim(1024);
+        assert!(!Arc::ptr_eq(&first, &second));
+        second.set_on_overflow(kill.clone());
+        assert!(second.push(&msg(1, 800)));
+        assert!(!second.push(&msg(2, 800)));
+        assert!(kill.is_cancelled());
+        first.unclaim();
+        drop(first);
+        // The next one gets the connection's queue back, empty and open; the kill stays.
+        let third = kill.claim(2048);
+        assert!(Arc::ptr_eq(&third, kill.queue()));
+        assert_eq!(third.queued_bytes(), 0);
+        assert_eq!(third.max_bytes(), 2048);
+        assert!(!third.overflowed());
+        assert!(third.push(&msg(3, 10)));
+        let mut out = Vec::new();
+        assert!(third.drain_into(&mut out).is_ok());
+        assert_eq!(out.len(), 1);
+        third.signal_tick(Tick::Heartbeat);
+        assert!(!third.take_tick(), "the last session's tick stays with it");
+        assert!(kill.is_cancelled());
     }
 
     #[tokio::test]

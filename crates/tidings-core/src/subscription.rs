@@ -205,9 +205,15 @@ impl Subscription {
     }
 
     /// Fires `kill` once, from the publishing thread, if this subscription's queue
-    /// overflows (the queue holds it: no allocation).
+    /// overflows (the queue holds it, or is it: no allocation).
     pub fn on_overflow(&self, kill: crate::kill::Kill) {
         self.queue.set_on_overflow(kill);
+    }
+
+    /// A kill switch on this session's own queue (no allocation): for a session that stops
+    /// itself on an overflow (`on_overflow`) and has no connection's switch to share.
+    pub fn own_kill(&self) -> crate::kill::Kill {
+        crate::kill::Kill::of(&self.queue)
     }
 
     /// Whether the session was cut for falling too far behind (its queue overflowed):
@@ -375,6 +381,9 @@ impl Drop for Subscription {
         for channel in self.channels.as_slice() {
             self.leave(channel);
         }
+        // Nothing reaches the queue now (`queue`'s module docs): the connection's next
+        // session may claim it.
+        self.queue.unclaim();
     }
 }
 
@@ -534,10 +543,25 @@ impl Node {
         per_channel_cursors: bool,
         client: Option<ClientInfo>,
     ) -> Subscription {
+        self.session_on(
+            SessionQueue::new(queue_max_bytes),
+            per_channel_cursors,
+            client,
+        )
+    }
+
+    /// `session` on a given queue: one claimed from its connection (`Kill::claim`), which
+    /// the subscription gives back when it drops.
+    pub fn session_on(
+        self: &Arc<Self>,
+        queue: Arc<SessionQueue>,
+        per_channel_cursors: bool,
+        client: Option<ClientInfo>,
+    ) -> Subscription {
         Subscription {
             node: self.clone(),
             id: self.next_session_id(),
-            queue: SessionQueue::new(queue_max_bytes),
+            queue,
             channels: Channels::Many(Vec::new()),
             cursor: Cursor::default(),
             pending: None,
@@ -556,7 +580,19 @@ impl Node {
         queue_max_bytes: usize,
         client: Option<ClientInfo>,
     ) -> Result<Subscription, crate::broker::BrokerError> {
-        let mut sub = self.session(queue_max_bytes, false, client);
+        self.subscribe_on(channels, start, SessionQueue::new(queue_max_bytes), client)
+            .await
+    }
+
+    /// `subscribe` on a given queue (`session_on`).
+    pub async fn subscribe_on(
+        self: &Arc<Self>,
+        channels: &[ChannelName],
+        start: &Start,
+        queue: Arc<SessionQueue>,
+        client: Option<ClientInfo>,
+    ) -> Result<Subscription, crate::broker::BrokerError> {
+        let mut sub = self.session_on(queue, false, client);
         for channel in channels {
             sub.add(channel, &start.since(channel)).await?;
         }
@@ -671,5 +707,64 @@ mod tests {
             pages,
             vec![vec![1, 2, 3], vec![4, 5, 6], vec![7, 8, 9], vec![10]]
         );
+    }
+
+    #[tokio::test]
+    async fn a_connection_s_sessions_take_its_queue_in_turn_and_none_hears_the_last_one_s_channels()
+    {
+        let node = Node::memory(Policies::default());
+        let name = |n: &str| ChannelName::new(n).unwrap_or_else(|e| panic!("{e}"));
+        let (a, b) = (name("a"), name("b"));
+        let data = || crate::message::Data::Text(bytes::Bytes::from_static(b"x"));
+        let kill = crate::kill::Kill::new();
+        let mut first = node
+            .subscribe_on(
+                std::slice::from_ref(&a),
+                &Start::Now,
+                kill.claim(1 << 20),
+                None,
+            )
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        first.follow_lifecycle(Some(Tick::Heartbeat));
+        // An overlapping session gets a queue of its own.
+        let other = node.session_on(kill.claim(1 << 20), true, None);
+        assert!(!Arc::ptr_eq(&other.queue, &first.queue));
+        drop(other);
+        node.publish(&a, None, data())
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        drop(first);
+        let mut second = node
+            .subscribe_on(
+                std::slice::from_ref(&b),
+                &Start::Now,
+                kill.claim(1 << 20),
+                None,
+            )
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert!(Arc::ptr_eq(&second.queue, kill.queue()));
+        // It follows no tick: the last session's does not carry over.
+        second.follow_lifecycle(None);
+        for part in 0..1024 {
+            node.hub.tick_part(Tick::Heartbeat, part);
+        }
+        node.publish(&a, None, data())
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        node.publish(&b, None, data())
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        let mut got = Vec::new();
+        second
+            .drain(|e, _| {
+                if let Event::Message(m) = e {
+                    got.push(m.channel.clone());
+                }
+            })
+            .unwrap_or_else(|e| panic!("{e:?}"));
+        assert_eq!(got, [b]);
+        assert!(!second.take_tick());
     }
 }

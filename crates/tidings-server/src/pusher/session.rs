@@ -151,10 +151,11 @@ fn setup(
             Err(_) => return Err((io, code::OVER_QUOTA, "Over connection quota")),
         }
     };
-    let kill = tidings_core::Kill::new();
     let mut sub = state
         .node
         .session(state.config().server.queue_max_bytes, true, None);
+    // Its own queue's switch: no allocation of its own (no connection's task waits on it).
+    let kill = sub.own_kill();
     // Shutdown ends the queue (`drain` and `cut` say `Shutdown`); a reload only wakes it
     // (what a reload changes for Pusher, its apps, comes through `terminated`). No shared
     // tick: its liveness check keeps its own timer.

@@ -112,10 +112,10 @@ async fn writer<F: Framing>(
 ) -> Result<Writer<F>, ApiError> {
     let mut sub = state
         .node
-        .subscribe(
+        .subscribe_on(
             &params.channels,
             &params.start,
-            state.config().server.queue_max_bytes,
+            crate::net::kill::session_queue(conn, state.config().server.queue_max_bytes),
             Some(who.client_info()),
         )
         .await?;

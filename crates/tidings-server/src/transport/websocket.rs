@@ -228,8 +228,8 @@ pub async fn raw(
     let who = params::authorize(&state, &p, &headers, query.as_deref())?;
     let ws = ws?;
     let channel = p.channels[0].clone();
-    let mut sub = state.node.session(
-        state.config().server.queue_max_bytes,
+    let mut sub = state.node.session_on(
+        crate::net::kill::session_queue(conn.as_deref(), state.config().server.queue_max_bytes),
         false,
         Some(who.client_info()),
     );
@@ -264,8 +264,8 @@ pub async fn json(
     // per op, so one socket can follow public channels and granted ones.
     let who = state.auth().authenticate(&headers, query.as_deref())?;
     let ws = ws?;
-    let sub = state.node.session(
-        state.config().server.queue_max_bytes,
+    let sub = state.node.session_on(
+        crate::net::kill::session_queue(conn.as_deref(), state.config().server.queue_max_bytes),
         true,
         Some(who.client_info()),
     );
