@@ -70,7 +70,7 @@ async fn a_waiting_long_poll_s_answer_stays_small() {
     let state = AppState::new(Config::default()).unwrap();
     let headers = axum::http::HeaderMap::new();
     let polled =
-        crate::transport::short_poll::poll(&state, Some("p"), Some("wait=5"), &headers, true)
+        crate::transport::short_poll::poll(&state, None, Some("p"), Some("wait=5"), &headers, true)
             .await
             .unwrap_or_else(|_| panic!("a poll"));
     let crate::transport::short_poll::Polled::Later(wait) = polled else {

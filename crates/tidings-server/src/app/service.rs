@@ -88,7 +88,7 @@ impl App {
                 }
                 // No CORS and no access log: the answer goes out as it comes, and a long
                 // poll may be answered from the publishing side (`long_poll`).
-                (_, c) => short_poll::poll(state, c, query, &req, true).await,
+                (_, c) => short_poll::poll(state, Some(conn), c, query, &req, true).await,
             };
             return match answered {
                 Ok(Polled::Now(answer)) => Handled::Ready(answer),
@@ -147,7 +147,9 @@ impl App {
         let (state, conn) = (&self.state, Some(conn));
         let (query, headers) = (parts.uri.query(), &parts.headers);
         let now = match (to, channel) {
-            (Direct::Poll, c) => return short_poll::poll(state, c, query, headers, false).await,
+            (Direct::Poll, c) => {
+                return short_poll::poll(state, conn, c, query, headers, false).await;
+            }
             (Direct::Publish, Some(c)) => {
                 publish::publish_body(state, conn, c, query, headers, body)
                     .await

@@ -181,6 +181,7 @@ impl Polled {
 /// the connection lends its socket.
 pub async fn poll<H: Headers + Sync + ?Sized>(
     state: &AppState,
+    conn: Option<&crate::net::ConnectionCtx>,
     channel: Option<&str>,
     query: Option<&str>,
     headers: &H,
@@ -196,10 +197,12 @@ pub async fn poll<H: Headers + Sync + ?Sized>(
     };
     let mut sub = state
         .node
-        .subscribe(
+        .subscribe_on(
             &p.channels,
             &p.start,
-            state.config().server.queue_max_bytes,
+            // The connection's queue (its kill switch's allocation), claimed for this poll:
+            // no queue allocated per round trip.
+            crate::net::kill::session_queue(conn, state.config().server.queue_max_bytes),
             // A poll lasts one request: it is not "present" and carries no join/leave.
             None,
         )
@@ -289,9 +292,16 @@ pub async fn one(
     RawQuery(query): RawQuery,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    poll(&state, Some(&channel), query.as_deref(), &headers, false)
-        .await
-        .map(Polled::into_response)
+    poll(
+        &state,
+        None,
+        Some(&channel),
+        query.as_deref(),
+        &headers,
+        false,
+    )
+    .await
+    .map(Polled::into_response)
 }
 
 /// `GET /poll?channel=a&channel=b`.
@@ -300,7 +310,7 @@ pub async fn many(
     RawQuery(query): RawQuery,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    poll(&state, None, query.as_deref(), &headers, false)
+    poll(&state, None, None, query.as_deref(), &headers, false)
         .await
         .map(Polled::into_response)
 }
