@@ -41,6 +41,28 @@ pub enum SessionIo {
 }
 
 impl SessionIo {
+    /// `read_more` as a poll: a parked session waits on it without keeping a read future
+    /// (88 bytes of every WebSocket session's) in its own.
+    pub fn poll_read_more(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut BytesMut,
+    ) -> std::task::Poll<io::Result<usize>> {
+        use crate::net::h1::Socket;
+        match self {
+            SessionIo::Tcp(s) => s.poll_read_more(cx, buf, TCP_READ),
+            SessionIo::Tls(s) => s.poll_read_more(cx, buf, UPGRADED_READ),
+            SessionIo::Upgraded(s) => {
+                buf.reserve(UPGRADED_READ);
+                tokio_util::io::poll_read_buf(Pin::new(s), cx, buf)
+            }
+            SessionIo::H2(s) => {
+                buf.reserve(UPGRADED_READ);
+                tokio_util::io::poll_read_buf(Pin::new(&mut **s), cx, buf)
+            }
+        }
+    }
+
     /// Reads what is waiting into `buf`; `Ok(0)` at end of stream. Cancel-safe.
     pub async fn read_more(&mut self, buf: &mut BytesMut) -> io::Result<usize> {
         match self {
