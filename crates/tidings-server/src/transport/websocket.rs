@@ -247,10 +247,10 @@ pub async fn raw(
         Next::Continue
     };
     // Boxed: the start closure lives until the handshake's answer is out.
-    let session = Box::new((state, sub, channel, peer));
+    let session = Box::new((state, sub, peer));
     Ok(ws.accept(move |io, pre| {
-        let (state, sub, channel, peer) = *session;
-        run(state, (io, pre), sub, Mode::Raw, Some(channel), peer, first)
+        let (state, sub, peer) = *session;
+        run(state, (io, pre), sub, Mode::Raw, peer, first)
     }))
 }
 
@@ -275,15 +275,7 @@ pub async fn json(
     let session = Box::new((state, sub, peer));
     Ok(ws.accept(move |io, pre| {
         let (state, sub, peer) = *session;
-        run(
-            state,
-            (io, pre),
-            sub,
-            Mode::Json,
-            None,
-            peer,
-            Next::Continue,
-        )
+        run(state, (io, pre), sub, Mode::Json, peer, Next::Continue)
     }))
 }
 
@@ -291,7 +283,6 @@ pub async fn json(
 struct Peer {
     /// Boxed only for a token's claims (`stream::Subscriber`): most sessions have none.
     who: Subscriber,
-    state: AppState,
     /// The client's address; `None` when the session has no connection (tests).
     ip: Option<std::net::IpAddr>,
     limited: bool,
@@ -302,7 +293,6 @@ impl Peer {
         Self {
             limited: state.auth().enabled() && who != Principal::ApiKey,
             who: Subscriber::new(who),
-            state: state.clone(),
             ip: conn.map(|c| c.peer.ip()),
         }
     }
@@ -310,9 +300,9 @@ impl Peer {
     /// API keys (backends) are not rate limited, nor is anyone in open mode (development);
     /// with `[auth]`, everyone else draws from their client's bucket (token subject, else
     /// address), shared with their other connections.
-    fn may_publish_now(&self) -> bool {
+    fn may_publish_now(&self, state: &AppState) -> bool {
         match self.ip {
-            Some(ip) if self.limited => self.state.may_publish(self.who.get(), ip),
+            Some(ip) if self.limited => state.may_publish(self.who.get(), ip),
             _ => true,
         }
     }
@@ -355,7 +345,6 @@ struct Session {
     sub: Subscription,
     gauge: SessionGauge,
     mode: Mode,
-    raw_channel: Option<ChannelName>,
     peer: Peer,
     /// The token's expiry: the session ends then (disconnect `token_expired`, close 1008).
     /// Boxed, and only for a token that expires: inline, a timer would be in every session.
@@ -374,7 +363,6 @@ fn run(
     (io, pre): (SessionIo, Bytes),
     sub: Subscription,
     mode: Mode,
-    raw_channel: Option<ChannelName>,
     peer: Peer,
     first: Next,
 ) -> impl Future<Output = u64> + Send {
@@ -398,7 +386,6 @@ fn run(
         sub,
         gauge,
         mode,
-        raw_channel,
         peer,
         expires: expires.map(|at| Box::pin(tokio::time::sleep_until(at))),
         heard: now,
@@ -552,7 +539,9 @@ impl Session {
 
     async fn on_data(&mut self, data: Data) -> Next {
         if self.mode == Mode::Raw {
-            return match raw_publish(&self.state, &self.raw_channel, data, &self.peer).await {
+            return match raw_publish(&self.state, self.sub.channels().first(), data, &self.peer)
+                .await
+            {
                 Ok(()) => Next::Continue,
                 Err((code, why)) => Next::Goodbye(None, code, why),
             };
@@ -865,7 +854,7 @@ impl From<(Option<Value>, ApiError)> for Malformed {
 /// clients publish. A refused or failed publish closes the socket: raw mode has no replies.
 async fn raw_publish(
     state: &AppState,
-    channel: &Option<ChannelName>,
+    channel: Option<&ChannelName>,
     data: Data,
     peer: &Peer,
 ) -> Result<(), (u16, &'static str)> {
@@ -880,7 +869,7 @@ async fn raw_publish(
     {
         return Err((close::POLICY, "publishing to this channel is not allowed"));
     }
-    if !peer.may_publish_now() {
+    if !peer.may_publish_now(state) {
         // Raw mode has no error frame to say "slow down": the policy close is the answer.
         return Err((close::POLICY, "publish rate limit exceeded"));
     }
@@ -1088,7 +1077,7 @@ impl Session {
                     .check_publish(self.peer.who.get(), &channel, &policy)
                 {
                     error_reply(&id, e.code, &e.message)
-                } else if !self.peer.may_publish_now() {
+                } else if !self.peer.may_publish_now(&self.state) {
                     error_reply(
                         &id,
                         "rate_limited",
@@ -1270,15 +1259,7 @@ mod tests {
         let parts = Box::new((state, sub, peer));
         let res = ws.accept(move |io, pre| {
             let (state, sub, peer) = *parts;
-            run(
-                state,
-                (io, pre),
-                sub,
-                Mode::Json,
-                None,
-                peer,
-                Next::Continue,
-            )
+            run(state, (io, pre), sub, Mode::Json, peer, Next::Continue)
         });
         let pending = res.extensions().get::<Pending>().unwrap().clone();
         let session = pending.start(io, Bytes::new()).unwrap();
@@ -1291,7 +1272,9 @@ mod tests {
         );
     }
 
-    /// Today: 760 bytes in a debug build (928 while the parked select kept `read_more`'s
+    /// Today: 728 bytes in a debug build (760 with the raw channel beside the
+    /// subscription that holds it and a second `AppState` in the peer; 928 while the
+    /// parked select kept `read_more`'s
     /// future, 88 bytes, and the access log's wrapper was an `async` block that kept the
     /// socket and the first bytes a second time; 1,400 with the queue's `Notify`, a kill token,
     /// a shutdown wait and a reload watch of its own; 1,024 with a ping timer of its own
@@ -1299,5 +1282,5 @@ mod tests {
     /// boxed and its cursor text a local). Awaiting the session from a capture (it is then
     /// kept twice) made it ~2,500.
     // One bound for debug and release builds: the sizes differ by a few bytes.
-    const SESSION_BOUND: usize = 776;
+    const SESSION_BOUND: usize = 744;
 }
