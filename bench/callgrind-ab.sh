@@ -10,7 +10,9 @@
 set -euo pipefail
 BIN=$1; NAME=$2; shift 2
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
-BENCH=$ROOT/target/release/tidings
+# The load generator: TIDINGS_BENCH_BIN (a copy outside target/, so a release build during a
+# sitting cannot swap it), else this checkout's release build.
+BENCH=${TIDINGS_BENCH_BIN:-$ROOT/target/release/tidings}
 OUT=${OUT:-/tmp/tidings-bench/callgrind}
 PORT=${PORT:-$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')}
 mkdir -p "$OUT"

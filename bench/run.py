@@ -702,6 +702,13 @@ def sweep(args):
             def in_time():
                 return time.time() - started < per_series and time.time() < deadline
 
+            if args.rates:
+                # Fixed cells only (an A/B of two builds at the rates where they differ):
+                # no doubling, no bisection.
+                for r in args.rates.split(","):
+                    if in_time() and cell(int(r)):
+                        best = max(best or 0, int(r))
+                continue
             # Up, doubling, until a failure or the cap. A server that coalesces (several
             # queued messages per write) can fail a low rate and pass a higher one: each
             # message is then a whole fan-out of its own, one write per subscriber. So past
@@ -940,6 +947,8 @@ def main():
     w.add_argument("--p99-ms", type=float, default=100,
                    help="latency limit of a passing cell; 0 = none (zero loss alone)")
     w.add_argument("--budget", type=float, default=900, help="seconds for the whole sweep")
+    w.add_argument("--rates", default="",
+                   help="only these rates (msg/s, comma-separated), each once per series")
     w.add_argument("--past", type=int, default=2,
                    help="doublings tried past a failure before a series settles")
     w.add_argument("--results", default="", help=f"default {SWEEP_RESULTS}")
