@@ -48,6 +48,10 @@ pub async fn metrics(State(state): State<AppState>) -> Response {
                     "# HELP tidings_store_bytes Bytes the data dir's log occupies on disk.\n# TYPE tidings_store_bytes gauge\ntidings_store_bytes {bytes}\n"
                 ));
             }
+            let held = state.node.hub.held_answers();
+            text.push_str(&format!(
+                "# HELP tidings_long_poll_held_answers_total Long-poll deliveries written from the publishing side to held polls (one pass per message).\n# TYPE tidings_long_poll_held_answers_total counter\ntidings_long_poll_held_answers_total {held}\n"
+            ));
             if let Some(log) = &state.access_log {
                 let dropped = log.dropped.load(std::sync::atomic::Ordering::Relaxed);
                 text.push_str(&format!(
