@@ -172,6 +172,13 @@ async fn many_held_pollers_get_every_message_once_and_in_order() {
         let got = tokio::time::timeout(TIMEOUT, p).await.unwrap().unwrap();
         assert_eq!(got, expected);
     }
+    // Operators see the one pass: the hub's count is on `/metrics`.
+    let exported = server.metric("tidings_long_poll_held_answers_total ").await;
+    assert!(
+        exported >= (MESSAGES / 4 * POLLERS as u64) as f64,
+        "{exported}"
+    );
+    assert_eq!(exported, answered_in_one_pass(&server) as f64);
 }
 
 #[tokio::test]
