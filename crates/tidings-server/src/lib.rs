@@ -28,8 +28,9 @@
 //! - **something every handler shares**: a field of `state::Shared`.
 //!
 //! ## Modules
-//! - `net/`: the protocol layer. `listener` (accept loop, TLS handshake, hyper for h2/h2c and
-//!   bodies, kill grace, graceful shutdown), `h1` (the lean HTTP/1.1 path), `upgrade` (a
+//! - `net/`: the protocol layer. `listener` (accept loop, TLS handshake, hyper for HTTP/1.1
+//!   bodies and HTTP/1.0, kill grace, graceful shutdown), `h1` (the lean HTTP/1.1 path),
+//!   `http2` (our HTTP/2 driver for h2 and h2c: push, 103), `upgrade` (a
 //!   socket handed to a session), `wsframe` (RFC 6455 framing), `deadline` (the write
 //!   deadline), `limits` (connection admission), `push` (what a page's response asks the
 //!   connection to send ahead: `103 Early Hints`, HTTP/2 pushes).

@@ -36,7 +36,7 @@ const TASK_BOUND: usize = 784;
 async fn a_parked_connection_s_task_stays_small() {
     let state = AppState::new(Config::default()).unwrap();
     let app = Arc::new(App::new(state.clone()));
-    let edge = Arc::new(Edge::new(app, tokio_util::task::TaskTracker::new(), None));
+    let edge = Arc::new(Edge::new(app, None));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let _client = tokio::net::TcpStream::connect(listener.local_addr().unwrap())
         .await

@@ -24,8 +24,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
+use hyper::server::conn::http1;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 use tokio_util::task::TaskTracker;
 
@@ -53,7 +53,7 @@ pub async fn serve<S: Service>(
     // shutdown from `Service::shutdown`, as the lean path and HTTP/2 do (`Edge::hyper`).
     let tasks = TaskTracker::new();
     let acceptor = tls.as_ref().map(|(_, a)| a.clone());
-    let edge = Arc::new(Edge::new(service.clone(), tasks.clone(), acceptor));
+    let edge = Arc::new(Edge::new(service.clone(), acceptor));
     tokio::pin!(shutdown);
     loop {
         let (accepted, secure) = tokio::select! {
@@ -179,39 +179,23 @@ type TlsConn = Box<super::tls::TlsStream>;
 /// What every connection task shares.
 pub(crate) struct Edge<Svc> {
     service: Arc<Svc>,
-    builder: auto::Builder<TokioExecutor>,
-    /// Every connection task, and the sessions HTTP/2 streams hand their sockets to.
-    tasks: TaskTracker,
+    /// hyper serves HTTP/1.1 only: every HTTP/2 connection (h2c, ALPN h2) goes to our driver
+    /// before hyper could see it (`after_lean`, `tls`).
+    builder: http1::Builder,
     /// The TLS listener's (`None` without one).
     acceptor: Option<TlsAcceptor>,
 }
 
 impl<Svc: Service> Edge<Svc> {
-    pub(crate) fn new(
-        service: Arc<Svc>,
-        tasks: TaskTracker,
-        acceptor: Option<TlsAcceptor>,
-    ) -> Self {
+    pub(crate) fn new(service: Arc<Svc>, acceptor: Option<TlsAcceptor>) -> Self {
         let server = service.settings();
-        let mut builder = auto::Builder::new(TokioExecutor::new());
+        let mut builder = http1::Builder::new();
         builder
-            .http1()
             .timer(TokioTimer::new())
             .header_read_timeout(server.request_header_timeout);
-        builder
-            .http2()
-            // Lets WebSockets ride HTTP/2 streams (RFC 8441).
-            .enable_connect_protocol()
-            .timer(TokioTimer::new())
-            .max_concurrent_streams(server.max_streams_per_connection)
-            // A peer that stops answering pings (a preface, SETTINGS, then silence) is closed;
-            // one that answers them but opens no stream is closed by `hyper`'s idle watch.
-            .keep_alive_interval(server.ping_interval)
-            .keep_alive_timeout(server.ping_interval);
         Self {
             service,
             builder,
-            tasks,
             acceptor,
         }
     }
@@ -327,7 +311,6 @@ impl<Svc: Service> Edge<Svc> {
     {
         let kill = ctx.kill.clone();
         let service = self.service.clone();
-        let tasks = self.tasks.clone();
         let (open, mut streams) = tokio::sync::watch::channel(0usize);
         let open = Arc::new(open);
         // An HTTP/1.1 upgrade's session, run in this task once hyper lets the socket go.
@@ -335,30 +318,9 @@ impl<Svc: Service> Edge<Svc> {
         let take_over = upgraded.clone();
         let svc =
             hyper::service::service_fn(move |mut req: http::Request<hyper::body::Incoming>| {
-                let mut ctx = ctx.clone();
-                ctx.http2 = req.version() == http::Version::HTTP_2;
+                let ctx = ctx.clone();
                 let service = service.clone();
-                let (tasks, take_over) = (tasks.clone(), take_over.clone());
-                // An HTTP/2 stream costs what a connection does: it counts against the same
-                // limits while it is open (the connection itself holds one place already).
-                let permit =
-                    if ctx.http2 {
-                        match service.limits().try_acquire(ctx.peer.ip()) {
-                            Ok(p) => Some(p),
-                            Err(why) => {
-                                let res = super::error_response(
-                                    http::StatusCode::SERVICE_UNAVAILABLE,
-                                    "too_many_connections",
-                                    refusal(why),
-                                );
-                                return futures_util::future::Either::Left(std::future::ready(
-                                    Ok::<_, std::convert::Infallible>(res),
-                                ));
-                            }
-                        }
-                    } else {
-                        None
-                    };
+                let take_over = take_over.clone();
                 let upgrade = req.method() == http::Method::CONNECT
                     || req.headers().contains_key(http::header::UPGRADE);
                 let guard = StreamGuard::new(&open, upgrade);
@@ -368,47 +330,36 @@ impl<Svc: Service> Edge<Svc> {
                 if on_upgrade.is_some() {
                     req.extensions_mut().insert(Upgradable);
                 }
-                futures_util::future::Either::Right(async move {
+                async move {
                     let req = req.map(axum::body::Body::new);
                     let mut res = match service.call(req, &ctx).await {
                         Handled::Ready(answer) => answer.into_response(),
                         Handled::Later(later) => later.await.into_response(),
                     };
-                    let held = (guard, permit);
                     let session = res.extensions_mut().remove::<Pending>();
                     if let (Some(on), Some(session)) = (on_upgrade, session) {
-                        let takeover = Takeover { on, session };
-                        if ctx.http2 {
-                            // The connection goes on carrying other streams: the session
-                            // gets a task of its own, and keeps the stream's places (and
-                            // shutdown waits for its goodbye) until it ends.
-                            tasks.spawn(async move {
-                                let _held = held;
-                                takeover.run().await;
-                            });
-                            return Ok(res);
-                        }
-                        // HTTP/1.1: hyper ends the connection's future once the 101 is out;
-                        // the session then runs in the connection's task, which holds the
-                        // connection's place and gauge (`Edge::hyper`).
+                        // hyper ends the connection's future once the 101 is out; the
+                        // session then runs in the connection's task, which holds the
+                        // connection's place and gauge.
                         if let Ok(mut slot) = take_over.lock() {
-                            *slot = Some(takeover);
+                            *slot = Some(Takeover { on, session });
                         }
                     }
-                    // The stream's places are given back when hyper drops its body: at its end,
-                    // or when the client resets it.
+                    // The request counts as open until hyper drops its body: at its end, or
+                    // when the client goes.
                     Ok::<_, std::convert::Infallible>(
-                        res.map(|body| axum::body::Body::new(Held::new(body, held))),
+                        res.map(|body| axum::body::Body::new(Held::new(body, guard))),
                     )
-                })
+                }
             });
         let conn = self
             .builder
-            .serve_connection_with_upgrades(TokioIo::new(io), svc);
+            .serve_connection(TokioIo::new(io), svc)
+            .with_upgrades();
         let idle = self.service.settings().request_header_timeout;
         let shutdown = self.service.shutdown().clone();
         let conn = async move {
-            let mut conn = std::pin::pin!(conn.into_owned());
+            let mut conn = std::pin::pin!(conn);
             // Shutdown has hyper finish what is in flight and close. (hyper_util's graceful
             // watcher did this, at 16 bytes in every connection's task for the few that
             // hyper takes.)
@@ -420,8 +371,8 @@ impl<Svc: Service> Edge<Svc> {
                 conn.as_mut().graceful_shutdown();
                 let _ = conn.await;
             };
-            // A connection with no stream open is waiting for a request: it gets what an
-            // HTTP/1.1 connection gets between requests, then it is closed.
+            // A connection with no request open is waiting for one: it gets what a lean
+            // connection gets between requests, then it is closed.
             tokio::select! {
                 _ = served => {}
                 _ = idle_for(&mut streams, idle) => {}
@@ -466,9 +417,9 @@ pub(crate) fn refusal(why: Refused) -> &'static str {
     }
 }
 
-/// Resolves once no stream has been open for `idle` (never while one is). Requests that
-/// upgraded (a WebSocket over HTTP/2) keep their stream open beyond their response, so a
-/// connection that ever carried one is left to its keep-alive pings instead.
+/// Resolves once no request has been open for `idle` (never while one is). A request that
+/// upgrades stays counted beyond its response: its session takes the socket over once
+/// hyper lets go of it, and that connection is the session's from then on.
 async fn idle_for(streams: &mut tokio::sync::watch::Receiver<usize>, idle: Duration) {
     loop {
         if *streams.borrow_and_update() == 0 {
@@ -484,7 +435,7 @@ async fn idle_for(streams: &mut tokio::sync::watch::Receiver<usize>, idle: Durat
     }
 }
 
-/// One open stream of a hyper connection, counted while it lives.
+/// One open request of a hyper connection, counted while it lives.
 struct StreamGuard {
     open: Arc<tokio::sync::watch::Sender<usize>>,
     upgrade: bool,
@@ -508,7 +459,7 @@ impl Drop for StreamGuard {
     }
 }
 
-/// A response body that holds something (a stream's guard and permit) until hyper drops it.
+/// A response body that holds something (a request's guard) until hyper drops it.
 struct Held<T> {
     body: axum::body::Body,
     _held: T,
