@@ -20,7 +20,7 @@ use std::sync::{Arc, Mutex};
 
 use bytes::{Bytes, BytesMut};
 use hyper_util::rt::TokioIo;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 
 /// Room made per read. On a bare socket it is reserved only once bytes are waiting, and
 /// freed once they are parsed; over TLS or hyper's upgraded stream readiness cannot be
@@ -65,18 +65,7 @@ impl SessionIo {
 
     /// Reads what is waiting into `buf`; `Ok(0)` at end of stream. Cancel-safe.
     pub async fn read_more(&mut self, buf: &mut BytesMut) -> io::Result<usize> {
-        match self {
-            SessionIo::Tcp(s) => crate::net::h1::read_more(s, buf, TCP_READ).await,
-            SessionIo::Tls(s) => crate::net::h1::read_more(s, buf, UPGRADED_READ).await,
-            SessionIo::Upgraded(s) => {
-                buf.reserve(UPGRADED_READ);
-                s.read_buf(buf).await
-            }
-            SessionIo::H2(s) => {
-                buf.reserve(UPGRADED_READ);
-                s.read_buf(buf).await
-            }
-        }
+        std::future::poll_fn(|cx| self.poll_read_more(cx, buf)).await
     }
 
     /// Cancel-safe: either `Ok(n)` bytes went out or none did.

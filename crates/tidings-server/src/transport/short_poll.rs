@@ -33,8 +33,8 @@ use crate::transport::{TransportKind, long_poll, params};
 /// one-channel polls, each of them answers with exactly the same bytes — the message, its
 /// own cursor, no gaps. That body is encoded once per message (`Message::poll_reply`, kept
 /// with the message's envelope; byte for byte what `into_body` writes for it, as a test
-/// checks) and every poller's answer shares it; a poller only writes its response head. So the first message is held back (`only`) until the reply turns out to
-/// need more.
+/// checks) and every poller's answer shares it; a poller only writes its response head.
+/// So the first message is held back (`only`) until the reply turns out to need more.
 pub struct PollReply {
     messages: BytesMut,
     count: usize,
