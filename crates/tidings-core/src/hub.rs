@@ -28,7 +28,12 @@
 //! those listening to that tick wake (`SessionQueue::listen`). Its first beat comes within
 //! one interval of its start, then one every interval. Spread over parts, a node's beats
 //! are not one burst of a write per stream (a million at once, where each delivery due at
-//! that moment waited behind them), and a benchmark's window sees its share of them.
+//! that moment waited behind them), and a benchmark's window sees its share of them. The
+//! parts are many and small (512, each its own map): a part's wakes and writes run back to
+//! back on the runtime, and a delivery due then waits behind all of them. With 32 parts,
+//! 10,000 streams made bursts of ~310 keep-alives every 470 ms, and the slow 1 % of
+//! channels-5k-sse's deliveries waited behind them (p99 2.3x Nchan's; docs/benchmarks.md,
+//! session 9).
 
 use std::collections::hash_map::Entry;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -42,8 +47,9 @@ use crate::shards::Shards;
 type Subscribers = Mutex<Local>;
 
 /// How many parts `Hub::tick_part` splits the watched sessions into (one per shard of the
-/// session registry).
-pub const TICK_PARTS: usize = crate::shards::SHARDS;
+/// session registry, by id): at 15 s, a part every ~29 ms. An empty part costs a lock and a
+/// look; the registry's maps are ~40 bytes each while empty.
+pub const TICK_PARTS: usize = 512;
 
 /// A held poll that can answer a message itself, from the publishing side (`Hub::hold`):
 /// the core knows no socket; the transport's hook writes the answer where it can.
@@ -162,9 +168,7 @@ impl Hub {
     pub fn new() -> Self {
         Self {
             shards: Shards::new(),
-            sessions: (0..crate::shards::SHARDS)
-                .map(|_| Mutex::default())
-                .collect(),
+            sessions: (0..TICK_PARTS).map(|_| Mutex::default()).collect(),
             closing: std::sync::atomic::AtomicBool::new(false),
             spare: Mutex::new(Vec::with_capacity(SPARES)),
             held_answers: std::sync::atomic::AtomicU64::new(0),
@@ -689,7 +693,9 @@ mod tests {
     #[test]
     fn ticking_the_parts_in_turn_reaches_each_session_once_and_a_part_only_its_own() {
         let hub = Hub::new();
-        let beats: Vec<_> = (0..100).map(|_| SessionQueue::new(1 << 20)).collect();
+        let beats: Vec<_> = (0..TICK_PARTS * 2)
+            .map(|_| SessionQueue::new(1 << 20))
+            .collect();
         for (id, q) in beats.iter().enumerate() {
             q.listen(Tick::Heartbeat);
             hub.watch(id as u64, q);
@@ -708,6 +714,24 @@ mod tests {
             }
         }
         assert!(reached.iter().all(|&n| n == 1), "{reached:?}");
+    }
+
+    /// A part's wakes run back to back, and a delivery due then waits behind them: 10,000
+    /// streams' keep-alives come in slices of at most 20 (they came 313 at a time).
+    #[test]
+    fn a_tick_part_wakes_a_small_slice_of_ten_thousand_sessions() {
+        let hub = Hub::new();
+        let beats: Vec<_> = (0..10_000).map(|_| SessionQueue::new(1 << 10)).collect();
+        for (id, q) in beats.iter().enumerate() {
+            q.listen(Tick::Heartbeat);
+            hub.watch(id as u64, q);
+        }
+        let mut largest = 0;
+        for part in 0..TICK_PARTS {
+            hub.tick_part(Tick::Heartbeat, part);
+            largest = largest.max(beats.iter().filter(|q| q.take_tick()).count());
+        }
+        assert!(largest <= 20, "a part woke {largest} of 10,000 sessions");
     }
 
     #[test]

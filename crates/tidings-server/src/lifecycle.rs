@@ -227,10 +227,14 @@ pub fn follow(state: &AppState, sub: &mut tidings_core::Subscription, tick: Opti
 /// The node's heartbeat and ping timers: every `heartbeat_interval` the streams' tick,
 /// every `ping_interval` the WebSocket sessions', each spread over the hub's `TICK_PARTS`
 /// parts (one part every 1/`TICK_PARTS` of the interval), so every session is visited once
-/// per interval and a node's beats are not one burst. Each interval is read again at every
-/// step, so a reload's new one takes effect for every session within one old interval. A
-/// late step (a busy runtime) delays the next one rather than bunching them. Ends when the
-/// state is gone (a test's server dropped; a server's lives as long as the process).
+/// per interval and a node's beats come in small slices, not one burst. Each interval is
+/// read again at every wake, so a reload's new one takes effect for every session within
+/// one old interval. A step can be shorter than the timer's millisecond (a 100 ms interval
+/// makes ~0.2 ms steps): a wake visits the parts due by then, as many as a millisecond
+/// holds and two more, so the round keeps to its interval. A later wake (a busy runtime)
+/// delays the rest rather than bunching them: catching up a stall would be the burst the
+/// parts are there to avoid. Ends when the state is gone (a test's server dropped; a
+/// server's lives as long as the process).
 async fn ticks(
     state: crate::state::WeakState,
     start: tokio::time::Instant,
@@ -245,27 +249,52 @@ async fn ticks(
     let Some((beat_step, ping_step)) = state.upgrade().as_ref().map(steps) else {
         return;
     };
-    let (mut beat_at, mut ping_at) = (start + beat_step, start + ping_step);
-    let (mut beat_part, mut ping_part) = (0, 0);
+    let mut beat = Round::new(start + beat_step);
+    let mut ping = Round::new(start + ping_step);
     loop {
-        tokio::time::sleep_until(beat_at.min(ping_at)).await;
+        tokio::time::sleep_until(beat.at.min(ping.at)).await;
         let Some((beat_step, ping_step)) = state.upgrade().as_ref().map(steps) else {
             return;
         };
         let now = tokio::time::Instant::now();
-        let next = |at: tokio::time::Instant, step| {
-            let at = at + step;
-            if at <= now { now + step } else { at }
-        };
-        if beat_at <= now {
-            hub.tick_part(Tick::Heartbeat, beat_part);
-            beat_part = (beat_part + 1) % TICK_PARTS;
-            beat_at = next(beat_at, beat_step);
+        beat.visit(now, beat_step, |part| hub.tick_part(Tick::Heartbeat, part));
+        ping.visit(now, ping_step, |part| hub.tick_part(Tick::Ping, part));
+    }
+}
+
+/// One timer's place in its round of the hub's parts.
+struct Round {
+    /// When the next part is due.
+    at: tokio::time::Instant,
+    part: usize,
+}
+
+impl Round {
+    fn new(at: tokio::time::Instant) -> Self {
+        Self { at, part: 0 }
+    }
+
+    /// Visits the parts due by `now`, at most a millisecond's worth of steps and two more;
+    /// the next is due one step after the last one visited, or one step after `now` when
+    /// more were due (the round is late: it moves on from here instead of bunching).
+    fn visit(
+        &mut self,
+        now: tokio::time::Instant,
+        step: std::time::Duration,
+        mut tick: impl FnMut(usize),
+    ) {
+        let parts = tidings_core::TICK_PARTS;
+        let most = std::time::Duration::from_millis(1).as_nanos() / step.as_nanos().max(1);
+        for _ in 0..(most as usize + 2).min(parts) {
+            if self.at > now {
+                return;
+            }
+            tick(self.part);
+            self.part = (self.part + 1) % parts;
+            self.at += step;
         }
-        if ping_at <= now {
-            hub.tick_part(Tick::Ping, ping_part);
-            ping_part = (ping_part + 1) % TICK_PARTS;
-            ping_at = next(ping_at, ping_step);
+        if self.at <= now {
+            self.at = now + step;
         }
     }
 }

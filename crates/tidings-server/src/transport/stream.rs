@@ -475,6 +475,27 @@ mod tests {
         }
     }
 
+    /// At the shortest interval allowed (100 ms), a part's step (~0.2 ms) is shorter than
+    /// the timer's millisecond: each wake visits every part due, so a stream still beats
+    /// once every interval, not once every `TICK_PARTS` timer wakes (~0.5 s).
+    #[tokio::test(start_paused = true)]
+    async fn heartbeats_keep_the_interval_when_its_parts_are_shorter_than_a_millisecond() {
+        let mut config = Config::default();
+        let every = Duration::from_millis(100);
+        config.server.heartbeat_interval = every;
+        let state = AppState::new(config).unwrap();
+        let mut body = open_sse(&state).await;
+        let mut beats = vec![Instant::now()];
+        while beats.len() < 5 {
+            assert_eq!(next_frame(&mut body).await, ": ping\n\n");
+            beats.push(Instant::now());
+        }
+        assert!(beats[1] - beats[0] <= every, "first beat: {beats:?}");
+        for pair in beats[1..].windows(2) {
+            assert_eq!(pair[1] - pair[0], every, "beats at {beats:?}");
+        }
+    }
+
     #[tokio::test(start_paused = true)]
     async fn shutdown_sends_the_goodbye_record_with_a_delay_and_ends_the_stream() {
         let mut config = Config::default();
