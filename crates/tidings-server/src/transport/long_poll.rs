@@ -59,28 +59,28 @@ pub fn later(
     let answer = async move {
         let deadline = tokio::time::sleep(wait);
         tokio::pin!(deadline);
-        let held = hook
+        // A flag, not a reference to the hook, and the socket's answer polled in place:
+        // each local kept across the wait is in every waiting poll's box (issue 17).
+        let is_held = hook
             .as_ref()
-            .filter(|h| h.socket.attached() && sub.hold(Arc::clone(h) as Arc<dyn Held>));
-        let answered = std::future::poll_fn(|cx| match held {
-            Some(h) => h.socket.poll_answered(cx),
-            None => Poll::Pending,
-        });
-        tokio::pin!(answered);
+            .is_some_and(|h| h.socket.attached() && sub.hold(Arc::clone(h) as Arc<dyn Held>));
         while reply.is_empty() && !reply.ended() {
             let ready = tokio::select! {
                 biased;
                 _ = state.shutdown.cancelled() => false,
                 _ = &mut deadline => false,
-                _ = &mut answered => false,
+                _ = std::future::poll_fn(|cx| match hook.as_ref().filter(|_| is_held) {
+                    Some(h) => h.socket.poll_answered(cx),
+                    None => Poll::Pending,
+                }) => false,
                 _ = sub.ready() => true,
             };
-            if !ready || held.is_some_and(|h| h.socket.answered()) {
+            if !ready || (is_held && hook.as_ref().is_some_and(|h| h.socket.answered())) {
                 break;
             }
             reply.collect(&mut sub, &gauge);
         }
-        if let Some(held) = held {
+        if let Some(held) = hook.as_ref().filter(|_| is_held) {
             // Only `deliver` answers, and it took the hook out first: nothing to release
             // then. Otherwise a release that finds the hook says no message went to it and
             // none will; one that does not comes after `deliver` used it (under the same
