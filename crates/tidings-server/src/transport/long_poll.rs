@@ -69,18 +69,18 @@ pub fn later(
                 biased;
                 _ = state.shutdown.cancelled() => false,
                 _ = &mut deadline => false,
-                _ = std::future::poll_fn(|cx| match hook.as_ref().filter(|_| is_held) {
+                _ = std::future::poll_fn(|cx| match held_hook(&hook, is_held) {
                     Some(h) => h.socket.poll_answered(cx),
                     None => Poll::Pending,
                 }) => false,
                 _ = sub.ready() => true,
             };
-            if !ready || (is_held && hook.as_ref().is_some_and(|h| h.socket.answered())) {
+            if !ready || held_hook(&hook, is_held).is_some_and(|h| h.socket.answered()) {
                 break;
             }
             reply.collect(&mut sub, &gauge);
         }
-        if let Some(held) = hook.as_ref().filter(|_| is_held) {
+        if let Some(held) = held_hook(&hook, is_held) {
             // Only `deliver` answers, and it took the hook out first: nothing to release
             // then. Otherwise a release that finds the hook says no message went to it and
             // none will; one that does not comes after `deliver` used it (under the same
@@ -103,6 +103,12 @@ pub fn later(
             .unwrap_or_else(|e| e.into_response().into())
     };
     Wait::new(answer, held)
+}
+
+/// The poll's hook when the hub holds it (`is_held`): a function, so the wait keeps the
+/// flag alone across its awaits, not a reference beside the hook.
+fn held_hook(hook: &Option<Arc<HeldPoll>>, is_held: bool) -> Option<&Arc<HeldPoll>> {
+    hook.as_ref().filter(|_| is_held)
 }
 
 /// A held poll: the hub's hook for it, and the socket its answer goes to (see the module).
