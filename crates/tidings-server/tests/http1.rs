@@ -205,6 +205,17 @@ async fn a_kept_alive_connection_that_idles_past_the_header_timeout_is_closed() 
     assert!(out.starts_with("HTTP/1.1 200"), "{out}");
 }
 
+/// The same between requests on a connection hyper took over (a chunked body): hyper's
+/// header-read timer starts as soon as an answer is out, so nothing of ours watches it.
+#[tokio::test]
+async fn a_connection_hyper_served_that_idles_past_the_header_timeout_is_closed() {
+    let server =
+        TestServer::with(|c| c.server.request_header_timeout = Duration::from_millis(300)).await;
+    let out = answer_then_close(&server, b"POST /publish/idle HTTP/1.1\r\nhost: x\r\ncontent-type: text/plain\r\ntransfer-encoding: chunked\r\n\r\n2\r\nhi\r\n0\r\n\r\n").await;
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+    assert!(out.contains("\"offset\":1"), "{out}");
+}
+
 #[tokio::test]
 async fn a_malformed_request_line_gets_a_json_400() {
     let server = TestServer::spawn().await;

@@ -190,6 +190,9 @@ impl<Svc: Service> Edge<Svc> {
     pub(crate) fn new(service: Arc<Svc>, acceptor: Option<TlsAcceptor>) -> Self {
         let server = service.settings();
         let mut builder = http1::Builder::new();
+        // hyper (1.12) restarts this timer whenever a connection goes idle after an answer,
+        // so it bounds both a slow head and the wait between keep-alive requests, as the
+        // lean path's one deadline does.
         builder
             .timer(TokioTimer::new())
             .header_read_timeout(server.request_header_timeout);
@@ -311,8 +314,6 @@ impl<Svc: Service> Edge<Svc> {
     {
         let kill = ctx.kill.clone();
         let service = self.service.clone();
-        let (open, mut streams) = tokio::sync::watch::channel(0usize);
-        let open = Arc::new(open);
         // An HTTP/1.1 upgrade's session, run in this task once hyper lets the socket go.
         let upgraded: Arc<std::sync::Mutex<Option<Takeover>>> = Arc::default();
         let take_over = upgraded.clone();
@@ -321,9 +322,6 @@ impl<Svc: Service> Edge<Svc> {
                 let ctx = ctx.clone();
                 let service = service.clone();
                 let take_over = take_over.clone();
-                let upgrade = req.method() == http::Method::CONNECT
-                    || req.headers().contains_key(http::header::UPGRADE);
-                let guard = StreamGuard::new(&open, upgrade);
                 // hyper's handle on the socket after an upgrade stays here; the service only
                 // learns that this request may hand its socket to a session.
                 let on_upgrade = req.extensions_mut().remove::<hyper::upgrade::OnUpgrade>();
@@ -345,38 +343,26 @@ impl<Svc: Service> Edge<Svc> {
                             *slot = Some(Takeover { on, session });
                         }
                     }
-                    // The request counts as open until hyper drops its body: at its end, or
-                    // when the client goes.
-                    Ok::<_, std::convert::Infallible>(
-                        res.map(|body| axum::body::Body::new(Held::new(body, guard))),
-                    )
+                    Ok::<_, std::convert::Infallible>(res)
                 }
             });
         let conn = self
             .builder
             .serve_connection(TokioIo::new(io), svc)
             .with_upgrades();
-        let idle = self.service.settings().request_header_timeout;
         let shutdown = self.service.shutdown().clone();
         let conn = async move {
             let mut conn = std::pin::pin!(conn);
             // Shutdown has hyper finish what is in flight and close. (hyper_util's graceful
             // watcher did this, at 16 bytes in every connection's task for the few that
-            // hyper takes.)
-            let served = async {
-                tokio::select! {
-                    _ = conn.as_mut() => return,
-                    _ = shutdown.cancelled() => {}
-                }
-                conn.as_mut().graceful_shutdown();
-                let _ = conn.await;
-            };
-            // A connection with no request open is waiting for one: it gets what a lean
-            // connection gets between requests, then it is closed.
+            // hyper takes.) Between requests hyper's own header-read timer closes an idle
+            // connection: it starts as soon as an answer is out (`Edge::new`).
             tokio::select! {
-                _ = served => {}
-                _ = idle_for(&mut streams, idle) => {}
+                _ = conn.as_mut() => return,
+                _ = shutdown.cancelled() => {}
             }
+            conn.as_mut().graceful_shutdown();
+            let _ = conn.await;
         };
         // Killed (`None`): the connection is dropped, upgraded or not.
         if drive(std::pin::pin!(conn), &kill).await.is_none() {
@@ -414,80 +400,6 @@ pub(crate) fn refusal(why: Refused) -> &'static str {
         Refused::PerIp => {
             "too many connections from your address (max_connections_per_ip); retry later"
         }
-    }
-}
-
-/// Resolves once no request has been open for `idle` (never while one is). A request that
-/// upgrades stays counted beyond its response: its session takes the socket over once
-/// hyper lets go of it, and that connection is the session's from then on.
-async fn idle_for(streams: &mut tokio::sync::watch::Receiver<usize>, idle: Duration) {
-    loop {
-        if *streams.borrow_and_update() == 0 {
-            match tokio::time::timeout(idle, streams.changed()).await {
-                Err(_) => return,
-                Ok(Err(_)) => return std::future::pending().await,
-                Ok(Ok(())) => continue,
-            }
-        }
-        if streams.changed().await.is_err() {
-            return std::future::pending().await;
-        }
-    }
-}
-
-/// One open request of a hyper connection, counted while it lives.
-struct StreamGuard {
-    open: Arc<tokio::sync::watch::Sender<usize>>,
-    upgrade: bool,
-}
-
-impl StreamGuard {
-    fn new(open: &Arc<tokio::sync::watch::Sender<usize>>, upgrade: bool) -> Self {
-        open.send_modify(|n| *n += 1);
-        Self {
-            open: open.clone(),
-            upgrade,
-        }
-    }
-}
-
-impl Drop for StreamGuard {
-    fn drop(&mut self) {
-        if !self.upgrade {
-            self.open.send_modify(|n| *n -= 1);
-        }
-    }
-}
-
-/// A response body that holds something (a request's guard) until hyper drops it.
-struct Held<T> {
-    body: axum::body::Body,
-    _held: T,
-}
-
-impl<T> Held<T> {
-    fn new(body: axum::body::Body, held: T) -> Self {
-        Self { body, _held: held }
-    }
-}
-
-impl<T: Send + Unpin + 'static> http_body::Body for Held<T> {
-    type Data = bytes::Bytes;
-    type Error = axum::Error;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
-        Pin::new(&mut self.body).poll_frame(cx)
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.body.is_end_stream()
-    }
-
-    fn size_hint(&self) -> http_body::SizeHint {
-        self.body.size_hint()
     }
 }
 
