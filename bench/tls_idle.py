@@ -7,7 +7,9 @@
 
 Opens N TLS connections one after another (ALPN http/1.1, certificate not checked), sends
 the request (a WebSocket handshake when the path starts with /ws), reads the start of the
-answer, waits 2 s, and prints (RSS after - RSS before) / N of the server process. Use a fresh
+answer, waits 2 s, and prints (RSS after - RSS before) / N of the server process, VmRSS and
+the anonymous part (RssAnon: without the code pages the first connections fault in; the idle
+target's number). Use a fresh
 server per measurement: memory freed by earlier connections is reused and hides the cost.
 """
 import argparse
@@ -16,10 +18,10 @@ import ssl
 import time
 
 
-def rss_kb(pid):
+def rss_kb(pid, field="VmRSS"):
     with open(f"/proc/{pid}/status") as f:
         for line in f:
-            if line.startswith("VmRSS"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1])
     raise SystemExit(f"no process {pid}")
 
@@ -45,7 +47,7 @@ def main():
     else:
         request = f"GET {args.path} HTTP/1.1\r\nhost: localhost\r\n\r\n"
 
-    before = rss_kb(args.pid)
+    before, anon_before = rss_kb(args.pid), rss_kb(args.pid, "RssAnon")
     held = []
     for _ in range(args.n):
         raw = socket.create_connection(("127.0.0.1", args.port))
@@ -54,8 +56,9 @@ def main():
         s.recv(4096)
         held.append(s)
     time.sleep(2)
-    after = rss_kb(args.pid)
-    print(f"{args.path}: {args.n} TLS connections, {(after - before) * 1024 / args.n:,.0f} B each")
+    after, anon_after = rss_kb(args.pid), rss_kb(args.pid, "RssAnon")
+    print(f"{args.path}: {args.n} TLS connections, {(after - before) * 1024 / args.n:,.0f} B each, "
+          f"anon {(anon_after - anon_before) * 1024 / args.n:,.0f} B each")
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 //! The thin `tidings` binary: parses the command line and hands over to the library crates.
 
+mod alloc;
 mod client;
 mod cmd;
 mod logging;
@@ -11,6 +12,11 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+
+/// glibc's, with small over-aligned blocks (tokio's task cells and socket registrations) from
+/// slabs: see `alloc.rs`.
+#[global_allocator]
+static ALLOC: alloc::Slabs = alloc::Slabs::new();
 
 /// Tidings: a real-time push server (WebSocket, SSE, HTTP streaming, long and short polling).
 #[derive(Debug, Parser)]

@@ -13,6 +13,11 @@
 //! session registering during the pass: `closing` is set before the pass takes any shard
 //! lock, and a registration checks it under the shard lock after inserting.
 //!
+//! The node's timer sleeps while no session is watched (`Hub::until_watched`): `watching`
+//! counts the watched sessions (changed under the shard lock, with the insert or remove that
+//! changes the map), and the session that takes it from 0 to 1 leaves a permit in
+//! `first_watch` (`Notify::notify_one`), so a timer that saw 0 and then waits cannot miss it.
+//!
 //! A held long poll can be answered from the publishing side instead (`Held`, issue 17):
 //! its entry in the channel's list carries a hook beside its queue, set under the channel's
 //! lock and only while the queue is empty (the queue's lock taken inside the channel's, the
@@ -141,6 +146,9 @@ pub struct Hub {
     sessions: Vec<Mutex<foldhash::HashMap<u64, Arc<SessionQueue>>>>,
     /// Set once by `close_sessions`: a session registering later is closed at once.
     closing: std::sync::atomic::AtomicBool,
+    /// How many sessions `sessions` holds; the timer's wake when it leaves 0.
+    watching: std::sync::atomic::AtomicUsize,
+    first_watch: tokio::sync::Notify,
     /// Emptied channel entries kept for the next channel to get its first subscriber: a
     /// long poll alone on its channel empties and re-creates the entry on every round trip,
     /// two allocations each time (issue 17). At most `SPARES`, each with a short list only.
@@ -170,6 +178,8 @@ impl Hub {
             shards: Shards::new(),
             sessions: (0..TICK_PARTS).map(|_| Mutex::default()).collect(),
             closing: std::sync::atomic::AtomicBool::new(false),
+            watching: std::sync::atomic::AtomicUsize::new(0),
+            first_watch: tokio::sync::Notify::new(),
             spare: Mutex::new(Vec::with_capacity(SPARES)),
             held_answers: std::sync::atomic::AtomicU64::new(0),
         }
@@ -320,14 +330,32 @@ impl Hub {
     /// after `close_sessions` is closed at once.
     pub fn watch(&self, id: u64, queue: &Arc<SessionQueue>) {
         let mut sessions = relock(self.sessions_of(id));
-        sessions.insert(id, queue.clone());
+        if sessions.insert(id, queue.clone()).is_none()
+            && self
+                .watching
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst)
+                == 0
+        {
+            self.first_watch.notify_one();
+        }
         if self.closing.load(std::sync::atomic::Ordering::SeqCst) {
             queue.close(crate::disconnect::DisconnectReason::Shutdown);
         }
     }
 
     pub fn unwatch(&self, id: u64) {
-        relock(self.sessions_of(id)).remove(&id);
+        if relock(self.sessions_of(id)).remove(&id).is_some() {
+            self.watching
+                .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+
+    /// Resolves once at least one session is watched (at once if one is): the node's tick
+    /// timer waits here instead of visiting empty parts (~55 wakes a second for nothing).
+    pub async fn until_watched(&self) {
+        while self.watching.load(std::sync::atomic::Ordering::SeqCst) == 0 {
+            self.first_watch.notified().await;
+        }
     }
 
     /// Shutdown: every watched session (and every one that registers from now on) ends
@@ -363,7 +391,7 @@ impl Hub {
 
     /// How many sessions are watched.
     pub fn watched(&self) -> usize {
-        self.sessions.iter().map(|s| relock(s).len()).sum()
+        self.watching.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// How many of `channel`'s subscribers are held polls with a hook set (`hold`).
@@ -646,8 +674,14 @@ mod tests {
         }
         let unwatched = SessionQueue::new(1 << 20);
         hub.watch(1000, &unwatched);
+        hub.watch(1000, &unwatched);
+        hub.unwatch(1000);
         hub.unwatch(1000);
         assert_eq!(hub.watched(), 40);
+        assert_eq!(
+            hub.sessions.iter().map(|s| relock(s).len()).sum::<usize>(),
+            40
+        );
         hub.reload_sessions();
         assert!(early.iter().all(|q| q.take_reload() && !q.take_reload()));
         assert!(!unwatched.take_reload());
@@ -662,6 +696,40 @@ mod tests {
             );
         }
         assert_eq!(unwatched.drain_into(&mut out), Ok(()));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_timer_s_wait_ends_with_the_first_watched_session_and_not_before() {
+        let hub = Arc::new(Hub::new());
+        let hour = std::time::Duration::from_secs(3600);
+        assert!(
+            tokio::time::timeout(hour, hub.until_watched())
+                .await
+                .is_err()
+        );
+        let waiting = tokio::spawn({
+            let hub = hub.clone();
+            async move { hub.until_watched().await }
+        });
+        tokio::task::yield_now().await;
+        let q = SessionQueue::new(1 << 20);
+        hub.watch(1, &q);
+        assert!(waiting.await.is_ok());
+        hub.until_watched().await;
+        hub.unwatch(1);
+        assert!(
+            tokio::time::timeout(hour, hub.until_watched())
+                .await
+                .is_err()
+        );
+        // Watched and gone again before the timer looked: it waits on.
+        hub.watch(2, &q);
+        hub.unwatch(2);
+        assert!(
+            tokio::time::timeout(hour, hub.until_watched())
+                .await
+                .is_err()
+        );
     }
 
     #[test]

@@ -213,7 +213,7 @@ pub fn follow(state: &AppState, sub: &mut tidings_core::Subscription, tick: Opti
             rt.spawn(async move {
                 tokio::select! {
                     _ = shutdown.cancelled() => hub.close_sessions(),
-                    _ = ticks(config, start, &hub) => {}
+                    _ = ticks(config, start, &hub, |tick, part| hub.tick_part(tick, part)) => {}
                 }
             });
         }
@@ -233,12 +233,15 @@ pub fn follow(state: &AppState, sub: &mut tidings_core::Subscription, tick: Opti
 /// makes ~0.2 ms steps): a wake visits the parts due by then, as many as a millisecond
 /// holds and two more, so the round keeps to its interval. A later wake (a busy runtime)
 /// delays the rest rather than bunching them: catching up a stall would be the burst the
-/// parts are there to avoid. Ends when the state is gone (a test's server dropped; a
-/// server's lives as long as the process).
+/// parts are there to avoid. While the hub watches no session the timer sleeps
+/// (`Hub::until_watched`) and starts a new round when one comes, so each session is still
+/// visited within one interval of its start. Ends when the state is gone (a test's server
+/// dropped; a server's lives as long as the process), seen at the next wake.
 async fn ticks(
     state: crate::state::WeakState,
     start: tokio::time::Instant,
     hub: &tidings_core::Hub,
+    mut visit: impl FnMut(Tick, usize),
 ) {
     use tidings_core::TICK_PARTS;
     let steps = |state: &AppState| {
@@ -253,12 +256,21 @@ async fn ticks(
     let mut ping = Round::new(start + ping_step);
     loop {
         tokio::time::sleep_until(beat.at.min(ping.at)).await;
+        if hub.watched() == 0 {
+            hub.until_watched().await;
+            let Some((beat_step, ping_step)) = state.upgrade().as_ref().map(steps) else {
+                return;
+            };
+            let now = tokio::time::Instant::now();
+            (beat, ping) = (Round::new(now + beat_step), Round::new(now + ping_step));
+            continue;
+        }
         let Some((beat_step, ping_step)) = state.upgrade().as_ref().map(steps) else {
             return;
         };
         let now = tokio::time::Instant::now();
-        beat.visit(now, beat_step, |part| hub.tick_part(Tick::Heartbeat, part));
-        ping.visit(now, ping_step, |part| hub.tick_part(Tick::Ping, part));
+        beat.visit(now, beat_step, |part| visit(Tick::Heartbeat, part));
+        ping.visit(now, ping_step, |part| visit(Tick::Ping, part));
     }
 }
 
@@ -360,6 +372,51 @@ mod tests {
         tx.send(()).await.unwrap();
         drain(state, rx).await;
         assert_eq!(started.elapsed(), Duration::ZERO);
+    }
+
+    /// ~55 wakes a second (512 parts per 15 s heartbeat, 512 per 25 s ping) were made for
+    /// nothing once the last session had gone.
+    #[tokio::test(start_paused = true)]
+    async fn the_node_s_timer_sleeps_while_it_watches_no_session_and_wakes_for_the_next() {
+        use std::sync::Arc;
+        use std::sync::atomic::AtomicUsize;
+        let state = AppState::new(Config::default()).unwrap();
+        let interval = state.config().server.heartbeat_interval;
+        let hub = state.node.hub.clone();
+        let visits = Arc::new(AtomicUsize::new(0));
+        let wait = |d| tokio::time::timeout(d, std::future::pending::<()>());
+        let q = tidings_core::queue::SessionQueue::new(1 << 20);
+        q.listen(Tick::Heartbeat);
+        hub.watch(1, &q);
+        tokio::spawn({
+            let (weak, hub, visits) = (state.downgrade(), hub.clone(), visits.clone());
+            async move {
+                let start = tokio::time::Instant::now();
+                ticks(weak, start, &hub, |tick, part| {
+                    visits.fetch_add(1, Ordering::Relaxed);
+                    hub.tick_part(tick, part);
+                })
+                .await
+            }
+        });
+        let _ = wait(interval).await;
+        assert!(q.take_tick(), "a beat within the first interval");
+        hub.unwatch(1);
+        let _ = wait(Duration::from_millis(100)).await;
+        let before = visits.load(Ordering::Relaxed);
+        let _ = wait(Duration::from_secs(600)).await;
+        assert_eq!(
+            visits.load(Ordering::Relaxed),
+            before,
+            "parts visited with no session"
+        );
+        hub.watch(1, &q);
+        let _ = wait(interval).await;
+        assert!(
+            q.take_tick(),
+            "a beat within an interval of the next session's start"
+        );
+        assert!(visits.load(Ordering::Relaxed) > before);
     }
 
     #[tokio::test]

@@ -458,8 +458,12 @@ fn report(
     let server = match (&s.server, &s.idle, &s.end) {
         (Some(before), Some(idle), Some(end)) => {
             let cpu = end.ticks.saturating_sub(idle.ticks);
-            let per_conn = (connected > 0)
-                .then(|| (idle.rss_kb as f64 - before.rss_kb as f64) * 1024.0 / connected as f64);
+            let per_conn = |idle_kb: u64, before_kb: u64| {
+                (connected > 0)
+                    .then(|| (idle_kb as f64 - before_kb as f64) * 1024.0 / connected as f64)
+            };
+            let anon_per_conn = per_conn(idle.anon_kb, before.anon_kb);
+            let per_conn = per_conn(idle.rss_kb, before.rss_kb);
             json!({
                 "pids": a.server_pid,
                 "cpu_s": round2(cpu as f64 * tick_us() / 1e6),
@@ -471,7 +475,12 @@ fn report(
                 "rss_idle_kb": idle.rss_kb,
                 "rss_end_kb": end.rss_kb,
                 "rss_per_conn_bytes": per_conn.map(|b| b.round()),
-                "rss_projected_1m_gib": per_conn.map(|b| round2(b * 1e6 / (1u64 << 30) as f64)),
+                "anon_before_kb": before.anon_kb,
+                "anon_idle_kb": idle.anon_kb,
+                // The idle-memory target's number: what each connection costs, without the
+                // code pages that the first ones fault in.
+                "anon_per_conn_bytes": anon_per_conn.map(|b| b.round()),
+                "rss_projected_1m_gib": anon_per_conn.map(|b| round2(b * 1e6 / (1u64 << 30) as f64)),
             })
         }
         _ => serde_json::Value::Null,
@@ -550,10 +559,16 @@ fn user_sys_ticks(pid: u32) -> Option<(u64, u64)> {
     Some((utime, stime))
 }
 
-fn rss_kb(pid: u32) -> Option<u64> {
+/// `VmRSS` and `RssAnon` in KiB. The anonymous part is the one that grows with connections:
+/// `VmRSS` also counts the binary's code pages, which the first connections fault in once
+/// (~0.6–0.7 MB, 120–150 bytes "per connection" at 5,000; docs/benchmarks.md, idle memory).
+fn rss_kb(pid: u32) -> Option<(u64, u64)> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
-    line.split_whitespace().nth(1)?.parse().ok()
+    let field = |name: &str| -> Option<u64> {
+        let line = status.lines().find(|l| l.starts_with(name))?;
+        line.split_whitespace().nth(1)?.parse().ok()
+    };
+    Some((field("VmRSS:")?, field("RssAnon:")?))
 }
 
 struct ServerSample {
@@ -561,6 +576,8 @@ struct ServerSample {
     /// The kernel's part of `ticks`.
     sys_ticks: u64,
     rss_kb: u64,
+    /// `RssAnon`: `rss_kb` without the file-backed pages.
+    anon_kb: u64,
 }
 
 impl ServerSample {
@@ -572,12 +589,15 @@ impl ServerSample {
             ticks: 0,
             sys_ticks: 0,
             rss_kb: 0,
+            anon_kb: 0,
         };
         for &pid in pids {
             let (user, sys) = user_sys_ticks(pid)?;
             s.ticks += user + sys;
             s.sys_ticks += sys;
-            s.rss_kb += rss_kb(pid)?;
+            let (rss, anon) = rss_kb(pid)?;
+            s.rss_kb += rss;
+            s.anon_kb += anon;
         }
         Some(s)
     }
