@@ -1,6 +1,5 @@
 //! The thin `tidings` binary: parses the command line and hands over to the library crates.
 
-mod alloc;
 mod client;
 mod cmd;
 mod logging;
@@ -14,9 +13,9 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 /// glibc's, with small over-aligned blocks (tokio's task cells and socket registrations) from
-/// slabs: see `alloc.rs`.
+/// slabs: see `crates/tidings-alloc`.
 #[global_allocator]
-static ALLOC: alloc::Slabs = alloc::Slabs::new();
+static ALLOC: tidings_alloc::Slabs = tidings_alloc::Slabs::new();
 
 /// Tidings: a real-time push server (WebSocket, SSE, HTTP streaming, long and short polling).
 #[derive(Debug, Parser)]

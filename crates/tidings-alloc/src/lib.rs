@@ -1,4 +1,4 @@
-//! The process's allocator: the system's (glibc's), except for small over-aligned blocks,
+//! The `tidings` binary's allocator: the system's (glibc's), except for small over-aligned blocks,
 //! which come from slabs of our own.
 //!
 //! Why: tokio pads two allocations of every connection to a 128-byte cache line, the task's
@@ -24,8 +24,6 @@
 //! one). std's `Mutex` on Linux is a futex word: it does not allocate either. Nothing in
 //! here panics while holding a lock.
 
-#![allow(unsafe_code)]
-
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::ptr;
 use std::sync::Mutex;
@@ -42,7 +40,7 @@ const CLASSES: usize = MAX_SIZE / STEP;
 /// What a class asks the system for when its free list and slab are empty.
 const SLAB: usize = 16 * 1024;
 
-/// The allocator: `#[global_allocator]` in `main.rs`.
+/// The allocator: `#[global_allocator]` in tidings-cli's `main.rs`.
 pub struct Slabs {
     classes: [Mutex<Class>; CLASSES],
 }
