@@ -29,8 +29,8 @@ for _ in $(seq 600); do
 done
 ( sleep 7; callgrind_control -z "$VP" > /dev/null 2>&1 ) &
 # The count ends with a dump (`$NAME.out.1`), taken as soon as the generator is done; the
-# exit's own file (the teardown of every connection: with 2,000 SSE streams a third of the
-# count) is left out of the sum below. The generator closes its connections as it exits, so
+# exit's own file (the teardown of every connection: with 2,000 SSE streams, thousands of
+# instructions per publish) is left out of the sum below. The generator closes its connections as it exits, so
 # some of their closing can still land in the dump: for a cell with many connections, count
 # a window inside publishing instead (docs/benchmarks.md, channels-5k-sse CPU, session 10).
 taskset -c 1 "$BENCH" bench --quiet --settle 9 --url "http://127.0.0.1:$PORT" "$@" > "$OUT/$NAME.json"

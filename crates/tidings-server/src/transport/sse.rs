@@ -133,7 +133,7 @@ fn raw_frame(m: &Message) -> Bytes {
     let mut out = BytesMut::with_capacity(text.len() + 64);
     head(m, m.cursor(), &mut out);
     // Most payloads are one line. `contains` on bytes is core's word-at-a-time `memchr`;
-    // the scan below goes a byte at a time: ~600 of the ~29,000 instructions a 100-byte
+    // the scan below goes a byte at a time: ~530 of the ~27,000 instructions a 100-byte
     // publish cost in channels-5k-sse (docs/benchmarks.md, session 10).
     let bytes = text.as_bytes();
     if !bytes.contains(&b'\n') && !bytes.contains(&b'\r') {

@@ -238,7 +238,7 @@ enum Wake {
 
 /// The writer is the response body itself, polled by hand: no stream adapter, no future
 /// per chunk. Through `Body::from_stream(unfold(..))` each delivery went through three more
-/// layers and moved the writer into a new future and back out (~1,000 of the ~29,000
+/// layers and moved the writer into a new future and back out (~1,000 of the ~27,000
 /// instructions a publish cost in channels-5k-sse, docs/benchmarks.md, session 10), and a
 /// parked stream kept that future, larger than the writer.
 impl<F: Framing> http_body::Body for Writer<F> {
