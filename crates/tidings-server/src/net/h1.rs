@@ -551,7 +551,11 @@ impl<Svc: Service> Lean<'_, Svc> {
             // A client that connects and says nothing, keeps a connection idle between
             // requests or never finishes a head (slowloris) would otherwise hold its slot
             // forever. Shutdown ends the wait for a request that has not started.
+            // Biased: the read first, shutdown second. Unbiased, every wait for a request
+            // drew a random number to pick the first branch (a keep-alive publisher's every
+            // publish; ~250 instructions of ~27,000 in channels-5k-sse).
             let read = tokio::select! {
+                biased;
                 r = tokio::time::timeout_at(deadline, read_more(stream, buf, room)) => {
                     r.ok().and_then(Result::ok)
                 }

@@ -132,6 +132,16 @@ fn raw_frame(m: &Message) -> Bytes {
     let text = m.data.as_text();
     let mut out = BytesMut::with_capacity(text.len() + 64);
     head(m, m.cursor(), &mut out);
+    // Most payloads are one line. `contains` on bytes is core's word-at-a-time `memchr`;
+    // the scan below goes a byte at a time: ~530 of the ~27,000 instructions a 100-byte
+    // publish cost in channels-5k-sse (docs/benchmarks.md, session 10).
+    let bytes = text.as_bytes();
+    if !bytes.contains(&b'\n') && !bytes.contains(&b'\r') {
+        out.put_slice(b"data: ");
+        out.put_slice(bytes);
+        out.put_slice(b"\n\n");
+        return out.freeze();
+    }
     let mut rest = text.as_ref();
     loop {
         // A byte scan: CR and LF are ASCII, so their byte index is a char boundary.
@@ -230,6 +240,27 @@ mod tests {
             "{text}"
         );
         assert!(text.starts_with("id: "));
+    }
+
+    #[test]
+    fn a_one_line_payload_and_an_empty_one_are_one_data_line_each() {
+        for (data, line) in [
+            (&b"one line"[..], "data: one line\n\n"),
+            (b"", "data: \n\n"),
+        ] {
+            let m = msg(Data::Text(Bytes::copy_from_slice(data)));
+            let f = raw_frame(&m);
+            let text = std::str::from_utf8(&f).unwrap();
+            assert!(text.starts_with("id: ") && text.ends_with(line), "{text}");
+            assert_eq!(text.matches("data: ").count(), 1, "{text}");
+        }
+        let m = msg(Data::Text(Bytes::from_static(b"ends in cr\r")));
+        let f = raw_frame(&m);
+        assert!(
+            std::str::from_utf8(&f)
+                .unwrap()
+                .ends_with("data: ends in cr\ndata: \n\n")
+        );
     }
 
     #[test]

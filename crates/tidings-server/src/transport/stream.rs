@@ -31,7 +31,7 @@ use crate::state::AppState;
 use crate::transport::TransportKind;
 use crate::transport::params::SubscribeParams;
 
-pub trait Framing: Send + 'static {
+pub trait Framing: Send + Unpin + 'static {
     const KIND: TransportKind;
     const CONTENT_TYPE: &'static str;
 
@@ -90,7 +90,7 @@ pub async fn open<F: Framing>(
     framing: F,
 ) -> Result<Response, ApiError> {
     let writer = writer(state, conn, params, who, framing).await?;
-    let body = Body::from_stream(futures_util::stream::unfold(writer, Writer::next));
+    let body = Body::new(writer);
     let mut res = Response::new(body);
     let h = res.headers_mut();
     h.insert(
@@ -236,21 +236,31 @@ enum Wake {
     Ready,
 }
 
-impl<F: Framing> Writer<F> {
-    /// The body's next chunk, for `unfold`. Not `async` itself: an `async fn` taking the
-    /// writer by value would keep it twice (the argument, and the binding it moves into);
-    /// the block below keeps the one it captured and lends it to `next_chunk`.
-    #[allow(clippy::manual_async_fn)]
-    fn next(mut self) -> impl Future<Output = Option<(Result<Bytes, Infallible>, Self)>> {
-        async move {
-            let chunk = self.next_chunk().await?;
-            Some((Ok(chunk), self))
-        }
-    }
+/// The writer is the response body itself, polled by hand: no stream adapter, no future
+/// per chunk. Through `Body::from_stream(unfold(..))` each delivery went through three more
+/// layers and moved the writer into a new future and back out (~1,000 of the ~27,000
+/// instructions a publish cost in channels-5k-sse, docs/benchmarks.md, session 10), and a
+/// parked stream kept that future, larger than the writer.
+impl<F: Framing> http_body::Body for Writer<F> {
+    type Data = Bytes;
+    type Error = Infallible;
 
-    async fn next_chunk(&mut self) -> Option<Bytes> {
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Infallible>>> {
+        self.get_mut()
+            .poll_chunk(cx)
+            .map(|chunk| chunk.map(|c| Ok(http_body::Frame::data(c))))
+    }
+}
+
+impl<F: Framing> Writer<F> {
+    /// The body's next chunk; `None` once the goodbye is out.
+    fn poll_chunk(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<Option<Bytes>> {
+        use std::task::Poll;
         if self.done {
-            return None;
+            return Poll::Ready(None);
         }
         if !self.started {
             self.started = true;
@@ -262,7 +272,7 @@ impl<F: Framing> Writer<F> {
                 let cursor = self.sub.cursor().encode();
                 self.framing.opened(cursor.as_bytes(), &mut self.buf);
             }
-            return Some(self.buf.split().freeze());
+            return Poll::Ready(Some(self.buf.split().freeze()));
         }
         while self.buf.is_empty() && !self.done {
             if self.buf.capacity() > 0 {
@@ -270,11 +280,20 @@ impl<F: Framing> Writer<F> {
                 // allocates one).
                 self.buf = BytesMut::new();
             }
-            let wake = tokio::select! {
-                biased;
-                reason = self.sub.cut() => Wake::Cut(reason),
-                _ = expiry(&mut self.expires) => Wake::Expired,
-                _ = self.sub.ready() => Wake::Ready,
+            // In this order, as a biased `select!` would: an end first, then the token's
+            // expiry, then what is queued. Each registers its waker when pending.
+            let wake = if let Poll::Ready(reason) = self.sub.poll_cut(cx) {
+                Wake::Cut(reason)
+            } else if self
+                .expires
+                .as_mut()
+                .is_some_and(|timer| timer.as_mut().poll(cx).is_ready())
+            {
+                Wake::Expired
+            } else if self.sub.poll_ready(cx).is_ready() {
+                Wake::Ready
+            } else {
+                return Poll::Pending;
             };
             match wake {
                 Wake::Cut(reason) => self.goodbye(reason),
@@ -297,12 +316,12 @@ impl<F: Framing> Writer<F> {
                         self.framing.heartbeat(&mut self.buf);
                     }
                     if let Some(lone) = self.write_ready() {
-                        return Some(lone);
+                        return Poll::Ready(Some(lone));
                     }
                 }
             }
         }
-        Some(self.buf.split().freeze())
+        Poll::Ready(Some(self.buf.split().freeze()))
     }
 
     /// Frames everything that is ready into `buf`; on overflow, the goodbye and the end.
@@ -403,8 +422,8 @@ mod tests {
         body
     }
 
-    /// What a parked stream holds beside its connection's task: its writer's future (boxed
-    /// as the response body). Measured with `size_of_val`, not RSS, so it is exact and
+    /// What a parked stream holds beside its connection's task: its writer (boxed as the
+    /// response body). Measured with `size_of_val`, not RSS, so it is exact and
     /// repeatable; the bound has a little room over today's size (docs/benchmarks.md,
     /// *Idle memory*) and fails when a change makes every parked stream larger.
     #[tokio::test]
@@ -419,7 +438,7 @@ mod tests {
         )
         .await
         .unwrap();
-        let waiting = std::mem::size_of_val(&writer.next());
+        let waiting = std::mem::size_of_val(&writer);
         let bound = WRITER_BOUND;
         eprintln!("a parked SSE writer: {waiting} bytes");
         assert!(
@@ -428,12 +447,13 @@ mod tests {
         );
     }
 
-    /// Today: 360 bytes in a debug build (736 before the queue woke its writer through a
+    /// Today: 280 bytes in a debug build (360 while the body was an `unfold` stream, whose
+    /// parked state was a future holding the writer; 736 before the queue woke its writer through a
     /// waker slot instead of a `Notify`, 656 before shutdown and reloads came through the
     /// queue too, 456 before its heartbeats came from the node's shared tick, 408 before
     /// the subscription's replay list was boxed and its cursor text a local).
     // One bound for debug and release builds: the sizes differ by a few bytes.
-    const WRITER_BOUND: usize = 370;
+    const WRITER_BOUND: usize = 290;
 
     /// SPEC §4: a heartbeat every `heartbeat_interval`. The node's one timer visits the
     /// streams one part at a time (`lifecycle::follow`, `Hub::tick_part`), so a stream gets
