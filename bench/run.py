@@ -653,7 +653,10 @@ def verdict(r, rate, seconds, p99_limit_us=P99_LIMIT_US):
     if r["connected"] < r["subscribers"]:
         return False, f"{r['subscribers'] - r['connected']} not connected"
     if lost(r):
-        return False, f"lost {lost(r)}"
+        told = r.get("gap_notices") or 0
+        # A skip with a gap notice is history too short for the lag, told as SPEC §10 says;
+        # one without is silent loss, a bug.
+        return False, f"lost {lost(r)}" + (f" ({told} gap notices)" if told else " (silent)")
     if r.get("duplicates"):
         return False, f"{r['duplicates']} duplicates"
     if r.get("published", 0) < 0.95 * rate * seconds:
