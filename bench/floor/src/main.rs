@@ -26,7 +26,8 @@
 //! connections, channels and ring slots keep their buffers; a channel is allocated the first
 //! time it is named. Channels never go away (a bench run names a bounded set).
 //!
-//! Concurrency: none; everything runs on the one thread, in the order epoll reports it.
+//! Concurrency: none; everything runs on the one thread, in the order epoll reports it
+//! (unless `FLOOR_PUBLISHER_FIRST` is set: see `main`).
 
 // The repository's clippy.toml asks for tokio's Instant (paused time in tests); there is no
 // tokio here.
@@ -62,13 +63,28 @@ fn main() -> io::Result<()> {
     let mut server = Server::new();
     let mut events = Events::with_capacity(1024);
     let mut last_sweep = Instant::now();
+    // `FLOOR_PUBLISHER_FIRST=K` (issue 17, session 10; off by default): the connections
+    // that have published are read again after every K events, so a publish waits behind at
+    // most K re-arriving polls instead of behind every event epoll returned before it. A
+    // publish read sooner finds the polls still on their way back, and each then carries
+    // several messages: what the publisher's place in line is worth, measured.
+    let publisher_first: usize = std::env::var("FLOOR_PUBLISHER_FIRST")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
     loop {
         match poll.poll(&mut events, Some(Duration::from_secs(1))) {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(e) => return Err(e),
         }
-        for ev in events.iter() {
+        for (i, ev) in events.iter().enumerate() {
+            if publisher_first > 0 && i % publisher_first == publisher_first - 1 {
+                for k in 0..server.publishers.len() {
+                    let p = server.publishers[k];
+                    server.readable(p);
+                }
+            }
             if ev.token() == LISTENER {
                 server.accept(&listener, &poll);
                 continue;
@@ -158,6 +174,8 @@ struct Server {
     reply: Vec<u8>,
     /// The held polls being answered (swapped with a channel's list, capacity kept).
     taken: Vec<usize>,
+    /// Connections that have published (`FLOOR_PUBLISHER_FIRST`).
+    publishers: Vec<usize>,
 }
 
 impl Server {
@@ -171,6 +189,7 @@ impl Server {
             scratch: Vec::with_capacity(64 * 1024),
             reply: Vec::with_capacity(64 * 1024),
             taken: Vec::new(),
+            publishers: Vec::new(),
         }
     }
 
@@ -282,6 +301,9 @@ impl Server {
             let path = &path[..target_len];
             if is_post && let Some(name) = path.strip_prefix(b"/publish/") {
                 let ch = self.channel(name);
+                if !self.publishers.contains(&t) {
+                    self.publishers.push(t);
+                }
                 self.publish(t, ch, head_end, body_len);
             } else if is_get && let Some(name) = path.strip_prefix(b"/sse/") {
                 let ch = self.channel(name);
@@ -588,6 +610,7 @@ impl Server {
         }
         while let Some(t) = self.q.dead.pop() {
             self.unlist(t);
+            self.publishers.retain(|&p| p != t);
             if let Some(mut c) = self.conns[t].take() {
                 let _ = poll.registry().deregister(&mut c.sock);
                 self.free.push(t);
