@@ -201,7 +201,12 @@ impl Subscription {
     /// Resolves when the session is cut short: its queue overflowed (`Slow`) or the server
     /// is shutting down (`Shutdown`). What is still queued or pending goes unsent.
     pub fn cut(&self) -> impl Future<Output = DisconnectReason> + Send + '_ {
-        std::future::poll_fn(|cx| self.queue.poll_cut(cx))
+        std::future::poll_fn(|cx| self.poll_cut(cx))
+    }
+
+    /// `cut` as a poll, for a session's hand-made wait.
+    pub fn poll_cut(&self, cx: &mut std::task::Context<'_>) -> std::task::Poll<DisconnectReason> {
+        self.queue.poll_cut(cx)
     }
 
     /// Fires `kill` once, from the publishing thread, if this subscription's queue
