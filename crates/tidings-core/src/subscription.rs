@@ -204,7 +204,8 @@ impl Subscription {
         std::future::poll_fn(|cx| self.poll_cut(cx))
     }
 
-    /// `cut` as a poll, for a hand-made future or body.
+    /// `cut` as a poll, for a hand-made future or body (a WebSocket session's wait, a
+    /// stream's body).
     pub fn poll_cut(&self, cx: &mut std::task::Context<'_>) -> std::task::Poll<DisconnectReason> {
         self.queue.poll_cut(cx)
     }
