@@ -186,12 +186,15 @@ impl<F> Drop for Writer<F> {
     }
 }
 
-/// Resolves when `timer` fires; never without one.
-pub async fn expiry(timer: &mut Option<std::pin::Pin<Box<tokio::time::Sleep>>>) {
-    match timer {
-        Some(timer) => timer.as_mut().await,
-        None => std::future::pending().await,
-    }
+/// Whether a token's expiry `timer` has fired (never without one); registers the waker
+/// when not. For the hand-written waits of a stream's body and a WebSocket session.
+pub fn poll_expired(
+    timer: &mut Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+    cx: &mut std::task::Context<'_>,
+) -> bool {
+    timer
+        .as_mut()
+        .is_some_and(|timer| timer.as_mut().poll(cx).is_ready())
 }
 
 /// Who a session stands for, kept for a reload to re-check: a token's claims in a box
@@ -284,11 +287,7 @@ impl<F: Framing> Writer<F> {
             // expiry, then what is queued. Each registers its waker when pending.
             let wake = if let Poll::Ready(reason) = self.sub.poll_cut(cx) {
                 Wake::Cut(reason)
-            } else if self
-                .expires
-                .as_mut()
-                .is_some_and(|timer| timer.as_mut().poll(cx).is_ready())
-            {
+            } else if poll_expired(&mut self.expires, cx) {
                 Wake::Expired
             } else if self.sub.poll_ready(cx).is_ready() {
                 Wake::Ready

@@ -53,7 +53,7 @@ use crate::net::ConnectionCtx;
 use crate::net::upgrade::{Pending, SessionIo, StartFn, Upgradable};
 use crate::net::wsframe::{self, Decoder, Incoming, OP_BINARY, OP_PING, OP_PONG, OP_TEXT};
 use crate::state::AppState;
-use crate::transport::stream::Subscriber;
+use crate::transport::stream::{Subscriber, poll_expired};
 use crate::transport::ws_socket::{Flushed, GOODBYE_TIMEOUT, WsSocket};
 use crate::transport::{TransportKind, frame_slot, params};
 
@@ -476,9 +476,7 @@ impl Session {
         if let Poll::Ready(reason) = self.sub.poll_cut(cx) {
             return Poll::Ready(Wake::Cut(reason));
         }
-        if let Some(timer) = &mut self.expires
-            && timer.as_mut().poll(cx).is_ready()
-        {
+        if poll_expired(&mut self.expires, cx) {
             return Poll::Ready(Wake::Expired);
         }
         // A poll, not `read_more`'s future: that was 88 bytes of every session.
