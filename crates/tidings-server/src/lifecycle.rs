@@ -256,19 +256,19 @@ async fn ticks(
     let mut ping = Round::new(start + ping_step);
     loop {
         tokio::time::sleep_until(beat.at.min(ping.at)).await;
-        if hub.watched() == 0 {
+        let slept = hub.watched() == 0;
+        if slept {
             hub.until_watched().await;
-            let Some((beat_step, ping_step)) = state.upgrade().as_ref().map(steps) else {
-                return;
-            };
-            let now = tokio::time::Instant::now();
-            (beat, ping) = (Round::new(now + beat_step), Round::new(now + ping_step));
-            continue;
         }
         let Some((beat_step, ping_step)) = state.upgrade().as_ref().map(steps) else {
             return;
         };
         let now = tokio::time::Instant::now();
+        if slept {
+            // A new round from the first session's arrival, as from the node's start.
+            (beat, ping) = (Round::new(now + beat_step), Round::new(now + ping_step));
+            continue;
+        }
         beat.visit(now, beat_step, |part| visit(Tick::Heartbeat, part));
         ping.visit(now, ping_step, |part| visit(Tick::Ping, part));
     }
