@@ -23,6 +23,11 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 ROOT=$PWD
 SHARED=${TIDINGS_SHARED_DIR:-$ROOT/../shared}
+# A git worktree lives elsewhere than its main checkout, whose sibling the shared tools are.
+if [[ -z ${TIDINGS_SHARED_DIR:-} && ! -d $SHARED ]]; then
+    COMMON=$(git -C "$ROOT" rev-parse --path-format=absolute --git-common-dir 2>/dev/null || true)
+    [[ -n $COMMON ]] && SHARED=$(dirname "$COMMON")/../shared
+fi
 TOOLS=$SHARED/tools/autobahn
 export AB_HOME=${AB_HOME:-$HOME/.cache/conformance/autobahn}
 
