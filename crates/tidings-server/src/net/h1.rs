@@ -341,7 +341,8 @@ impl<Svc: Service> Lean<'_, Svc> {
         };
         match answer {
             Ok(Ok(crate::net::held::Answered::Whole)) => Ok(self.then(Ok(()), keep_alive)),
-            Ok(Ok(crate::net::held::Answered::Partial(mut head, sent))) => {
+            Ok(Ok(crate::net::held::Answered::Partial(part))) => {
+                let (mut head, sent) = *part;
                 let written = write_all_flush(stream, &head[sent..]).await;
                 pool::give_write(&mut head);
                 Ok(self.then(written, keep_alive))

@@ -56,8 +56,11 @@ pub fn later(
     held: Option<Arc<HeldPoll>>,
 ) -> Wait {
     let hook = held.clone();
+    // Kept across the wait in 8 bytes, not 16: the box's chunk is one 16-byte step of
+    // malloc's sizes smaller (issue 17).
+    let wait = Wait32::of(wait);
     let answer = async move {
-        let deadline = tokio::time::sleep(wait);
+        let deadline = tokio::time::sleep(wait.get());
         tokio::pin!(deadline);
         // A flag, not a reference to the hook, and the socket's answer polled in place:
         // each local kept across the wait is in every waiting poll's box (issue 17).
@@ -99,7 +102,7 @@ pub fn later(
             .shutdown
             .is_cancelled()
             .then(|| crate::lifecycle::shutdown_notice(&state));
-        short_poll::finish(&sub, reply, Some(wait), goodbye)
+        short_poll::finish(&sub, reply, Some(wait.get()), goodbye)
             .unwrap_or_else(|e| e.into_response().into())
     };
     Wait::new(answer, held)
@@ -117,7 +120,29 @@ pub struct HeldPoll {
     /// The poll's position: the message that follows it is answered here, with its own
     /// cursor as the whole reply's (`short_poll::shared_reply`).
     after: Position,
-    wait: Duration,
+    wait: Wait32,
+}
+
+/// The poll's wait in 8 bytes, not a `Duration`'s 16 (the hook's and the wait's size,
+/// `app::parked`): a
+/// wait is at most `long_poll_max_wait`, far under 2^32 seconds (longer is kept as that).
+#[derive(Clone, Copy)]
+struct Wait32 {
+    secs: u32,
+    nanos: u32,
+}
+
+impl Wait32 {
+    fn of(wait: Duration) -> Self {
+        Self {
+            secs: u32::try_from(wait.as_secs()).unwrap_or(u32::MAX),
+            nanos: wait.subsec_nanos(),
+        }
+    }
+
+    fn get(self) -> Duration {
+        Duration::new(u64::from(self.secs), self.nanos)
+    }
 }
 
 // Spare held polls, per thread (as `net::pool` keeps read buffers): a connection that
@@ -135,7 +160,7 @@ impl HeldPoll {
         Self {
             socket: HeldSocket::default(),
             after,
-            wait,
+            wait: Wait32::of(wait),
         }
     }
 
@@ -145,7 +170,7 @@ impl HeldPoll {
             && let Some(h) = Arc::get_mut(&mut spare)
         {
             h.after = after;
-            h.wait = wait;
+            h.wait = Wait32::of(wait);
             return spare;
         }
         Arc::new(Self::new(after, wait))
@@ -179,13 +204,13 @@ impl Held for HeldPoll {
             return false;
         }
         self.socket
-            .answer(&short_poll::shared_reply(message, Some(self.wait)))
+            .answer(&short_poll::shared_reply(message, Some(self.wait.get())))
     }
 }
 
 /// A long poll's answer, still to come, and its hook when it can be held.
 ///
-/// The answer's future (~680 bytes: the subscription, the reply, the deadline, the
+/// The answer's future (~570 bytes: the subscription, the reply, the deadline, the
 /// shutdown wait) is boxed, so that a parked connection's task does not carry it in every
 /// state (`app::parked`). The box is not allocated per poll (issue 17): a poll that ends
 /// gives it back to its thread's spares (`SPARE_WAITS`, as `net::pool` keeps read buffers)
@@ -230,7 +255,7 @@ impl<F: Future<Output = Answer> + Send + 'static> Slot for Option<F> {
 }
 
 // Spare answer boxes, per thread: touched only by the task running on the thread, with no
-// lock; at most `KEEP_WAITS` (each ~680 bytes).
+// lock; at most `KEEP_WAITS` (each ~570 bytes).
 thread_local! {
     static SPARE_WAITS: std::cell::RefCell<Vec<Pin<Box<dyn Slot>>>> =
         const { std::cell::RefCell::new(Vec::new()) };
@@ -373,7 +398,7 @@ mod tests {
         let h = second.held.as_ref().unwrap_or_else(|| panic!("a hook"));
         assert_eq!(Some(Arc::as_ptr(h)), held, "the hook is reused");
         assert_eq!(h.after.offset, 7);
-        assert_eq!(h.wait, Duration::from_secs(9));
+        assert_eq!(h.wait.get(), Duration::from_secs(9));
         assert!(
             !h.socket.attached() && !h.socket.answered(),
             "a reused hook starts fresh"
@@ -391,6 +416,34 @@ mod tests {
         let second = HeldPoll::take(at(2), Duration::from_secs(5));
         assert!(!Arc::ptr_eq(&kept, &second));
         assert_eq!(kept.after.offset, 1, "the held one is untouched");
+    }
+
+    /// Shutdown ends a waiting poll at once, with the notice of SPEC §13.
+    #[tokio::test]
+    async fn a_waiting_long_poll_answers_with_the_shutdown_notice_when_the_node_shuts_down() {
+        let mut config = crate::config::Config::default();
+        config.server.reconnect_spread = Duration::ZERO;
+        let state = AppState::new(config).unwrap_or_else(|e| panic!("{e}"));
+        let headers = axum::http::HeaderMap::new();
+        let polled =
+            short_poll::poll(&state, None, Some("p"), Some("wait=300"), &headers, true).await;
+        let Ok(short_poll::Polled::Later(wait)) = polled else {
+            panic!("a long poll with nothing to answer waits");
+        };
+        let answered = tokio::spawn(wait);
+        state.shutdown.cancel();
+        let answer = answered.await.unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(answer.status(), axum::http::StatusCode::OK);
+        let body = axum::body::to_bytes(answer.into_response().into_body(), 1 << 16)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        let reply: serde_json::Value =
+            serde_json::from_slice(&body).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(reply["messages"], serde_json::json!([]));
+        assert_eq!(
+            reply["disconnect"],
+            serde_json::json!({"reason": "shutdown", "reconnect": true, "reconnect_after_ms": 0})
+        );
     }
 
     #[tokio::test]
