@@ -48,13 +48,25 @@ enum Command {
     Bench(cmd::bench::BenchArgs),
 }
 
+/// `[server] runtime_event_interval` (read as the log format is, before the runtime exists):
+/// a file that does not load leaves tokio's default, and `serve` then reports the file.
+fn event_interval(config: Option<&std::path::Path>) -> u32 {
+    tidings_server::config::Config::load(config, std::env::vars())
+        .map(|c| c.server.runtime_event_interval)
+        .ok()
+        .filter(|&n| n > 0)
+        .unwrap_or(tidings_server::config::DEFAULT_EVENT_INTERVAL)
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     logging::init(logging::format(cli.config.as_deref()));
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    builder.enable_all();
+    if matches!(cli.command, Command::Serve(_)) {
+        builder.event_interval(event_interval(cli.config.as_deref()));
+    }
+    let runtime = match builder.build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");

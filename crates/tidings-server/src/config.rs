@@ -109,7 +109,15 @@ pub struct ServerConfig {
     pub push_max_assets: usize,
     /// At most this many bytes are pushed for one page.
     pub push_max_bytes: u64,
+    /// Tasks each runtime worker runs between two looks at which sockets became ready
+    /// (tokio's `event_interval`; read by the CLI when it builds the runtime). Lower reads a
+    /// publisher sooner when the server is overloaded by re-arriving long polls, at an
+    /// `epoll_wait` per task run (docs/benchmarks.md, issue 17, session 11). Needs a restart.
+    pub runtime_event_interval: u32,
 }
+
+/// tokio's own `event_interval`: `[server] runtime_event_interval`'s default.
+pub const DEFAULT_EVENT_INTERVAL: u32 = 61;
 
 impl Default for ServerConfig {
     fn default() -> Self {
@@ -145,6 +153,7 @@ impl Default for ServerConfig {
             push: PushMode::Auto,
             push_max_assets: 32,
             push_max_bytes: 1_048_576,
+            runtime_event_interval: DEFAULT_EVENT_INTERVAL,
         }
     }
 }
@@ -459,6 +468,9 @@ impl Config {
         if s.max_streams_per_connection == 0 {
             return invalid("server.max_streams_per_connection must be at least 1".into());
         }
+        if s.runtime_event_interval == 0 {
+            return invalid("server.runtime_event_interval must be at least 1".into());
+        }
         if self.channels.history_size > MAX_HISTORY_SIZE
             || self
                 .namespaces
@@ -651,6 +663,8 @@ push = "auto"                      # a page's CSS/JS: "auto" (HTTP/2 push where 
                                    # 103 Early Hints for all), "hints" (103 only) or "off"
 push_max_assets = 32               # at most this many of a page's assets hinted or pushed
 push_max_bytes = 1048576           # at most this many bytes pushed per page
+runtime_event_interval = 61        # tasks run between looks for ready sockets; 1 = a publisher read sooner
+                                   # under long-poll overload, at more epoll_wait calls (restart)
 
 [broker]
 url = "memory"                     # or redis://[user:password@]host:port/db, rediss://… (TLS);

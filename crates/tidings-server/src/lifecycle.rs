@@ -132,6 +132,8 @@ pub fn reload(state: &AppState, mut new: Config) -> Result<Reloaded, ConfigError
         // The broker took its cap and the logger its format at start.
         max_channels,
         log_format,
+        // The runtime was built with it.
+        runtime_event_interval,
         // The writer opened its target at start (a reload reopens the same file).
         access_log,
         // One rate per client, taken at start (rates::Rates).

@@ -362,3 +362,50 @@ async fn head_cors_and_several_channel_polls_are_not_held_and_answer_as_before()
         }
     }
 }
+
+/// Issue 17, session 11: tokio's `event_interval` at 1 (the I/O driver polled after every
+/// task) reorders which of a publisher and many re-arriving polls runs first; one loaded
+/// benchmark cell with it lost messages. Pollers race a publisher that does not wait for
+/// them, on two workers polling I/O after every task, with history long enough that any
+/// skip would be silent: each must still see every message once, in order, with no gap.
+#[test]
+fn pollers_racing_an_unwaiting_publisher_on_a_runtime_polling_io_after_every_task_lose_nothing() {
+    const POLLERS: usize = 48;
+    const MESSAGES: u64 = 300;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .event_interval(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let server = TestServer::with(|c| c.channels.history_size = 10_000).await;
+        let start = server.cursor_now("race").await;
+        let mut pollers = Vec::new();
+        for _ in 0..POLLERS {
+            let mut client = Client::open(&server).await;
+            let mut cursor = start.clone();
+            pollers.push(tokio::spawn(async move {
+                let mut got = Vec::new();
+                while got.len() < MESSAGES as usize {
+                    client.poll("race", &cursor).await;
+                    let answer = client.answer(false).await;
+                    assert_eq!(answer.status, 200);
+                    assert_eq!(answer.body["gaps"], json!([]), "no gap to tell of");
+                    cursor = answer.cursor();
+                    got.extend(answer.data());
+                }
+                got
+            }));
+        }
+        for i in 0..MESSAGES {
+            server.publish("race", json!(i)).await;
+        }
+        let expected: Vec<Value> = (0..MESSAGES).map(|i| json!(i)).collect();
+        for p in pollers {
+            let got = tokio::time::timeout(TIMEOUT * 3, p).await.unwrap().unwrap();
+            assert_eq!(got, expected);
+        }
+        server.shutdown().await;
+    });
+}

@@ -159,6 +159,10 @@ struct SubStats {
     /// Gap notices the server sent it (long poll, Tidings): a skip it was told of, because
     /// history no longer held what lay between its cursor and the next message.
     gap_notices: AtomicU64,
+    /// Messages published before its first one, when that was not message 1: a long poll's
+    /// first request (no cursor: from now on) that the server took in after publishing had
+    /// started. Loss at the start, which `lost` counts too, and no fault of the server's.
+    missed_at_start: AtomicU64,
 }
 
 struct Ctx {
@@ -421,6 +425,7 @@ fn report(
     let mut duplicates = 0u64;
     let mut reordered = 0u64;
     let mut gap_notices = 0u64;
+    let (mut missed_at_start, mut late_starts) = (0u64, 0u64);
     let mut subs_with_loss = 0u64;
     // Subscribers that never connected count under `connect_failed`, not as loss.
     for (i, st) in ctx
@@ -435,6 +440,9 @@ fn report(
         duplicates += dups;
         reordered += st.reordered.load(Relaxed);
         gap_notices += st.gap_notices.load(Relaxed);
+        let missed = st.missed_at_start.load(Relaxed);
+        missed_at_start += missed;
+        late_starts += u64::from(missed > 0);
         let unique = got - dups;
         if unique < expected {
             lost += expected - unique;
@@ -525,6 +533,10 @@ fn report(
         // Skips the server announced (history too short for a poll's lag): still loss for
         // the bench's verdict, but told, not silent (SPEC §10).
         "gap_notices": gap_notices,
+        // Of `lost`: messages published before a subscriber's first poll reached the
+        // server (it asked from "now"), over `late_starts` subscribers.
+        "missed_at_start": missed_at_start,
+        "late_starts": late_starts,
         "subscribers_with_loss": subs_with_loss,
         "latency_us": latency,
         "server": server,
@@ -890,6 +902,9 @@ impl Receiver<'_> {
             }
             if m.seq != self.last_seq + 1 {
                 reord += 1;
+                if self.last_seq == 0 {
+                    self.stats.missed_at_start.store(m.seq - 1, Relaxed);
+                }
             }
             self.last_seq = m.seq;
             self.lat.push(now.saturating_sub(m.t_us).max(1));
