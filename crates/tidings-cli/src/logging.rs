@@ -35,9 +35,14 @@ pub fn format(config_path: Option<&Path>) -> LogFormat {
 /// Installs the global subscriber. `TIDINGS_LOG` is the filter (default `info`).
 pub fn init(format: LogFormat) {
     let filter = EnvFilter::try_from_env("TIDINGS_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    // A log line that cannot be written is dropped. tracing-subscriber would otherwise report
+    // the failure with `eprintln!`, which panics when stderr is the thing that failed (a
+    // closed pipe: `tidings serve 2>&1 | head`, a log reader that died): every task that
+    // logged would panic, the stop signal's task among them, and SIGTERM would not stop.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        .log_internal_errors(false);
     let journald = std::env::var_os("JOURNAL_STREAM").is_some_and(|v| stderr_is(&v));
     let colour = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none();
     match format {

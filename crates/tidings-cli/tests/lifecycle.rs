@@ -767,3 +767,58 @@ async fn sighup_reloads_keys_cors_and_policies_under_live_connections_and_a_brok
         200
     );
 }
+
+/// `tidings serve 2>&1 | head`, or a log reader that died: the server's stdout and stderr
+/// are a pipe nobody reads any more. It still serves, and SIGTERM still stops it: a log
+/// line that cannot be written is dropped, where tracing's fallback `eprintln!` panicked
+/// every task that logged, the stop signal's own task among them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_whose_log_pipe_was_closed_still_serves_and_stops_on_sigterm() {
+    use tokio::io::{AsyncBufReadExt, BufReader};
+    let config = TempFile::new(
+        "closed-log.toml",
+        "[server]\ndrain_grace = \"1s\"\nreconnect_spread = \"1s\"\n",
+    );
+    let mut cmd = tidings_testkit::command(env!("CARGO_BIN_EXE_tidings"));
+    cmd.env("TIDINGS_LOG", "debug")
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--config",
+            config.path(),
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    let mut child = cmd.spawn().unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let url = tokio::time::timeout(WAIT, async {
+        loop {
+            let line = lines.next_line().await.unwrap().expect("the server is up");
+            if let Some(url) = line.split("listening on ").nth(1) {
+                return url.trim().to_owned();
+            }
+        }
+    })
+    .await
+    .expect("the server says where it listens");
+    drop(lines);
+    drop(child.stdout.take());
+
+    let http = http();
+    for n in 0..3 {
+        publish(&http, &url, n).await;
+    }
+    let pid = child.id().unwrap();
+    let killed = std::process::Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let status = tokio::time::timeout(WAIT, child.wait())
+        .await
+        .expect("SIGTERM stops a server whose log pipe is closed")
+        .unwrap();
+    assert!(status.success(), "it stops cleanly: {status}");
+}
