@@ -21,9 +21,26 @@ impl ClientInfo {
     /// A client with a fresh random id.
     pub fn anonymous() -> Self {
         Self {
-            client: format!("{:016x}", rand::random::<u64>()),
+            client: Self::drawn(rand::random::<u64>()),
             user: None,
         }
+    }
+
+    /// The id `anonymous` makes of its random number.
+    pub(crate) fn drawn(id: u64) -> String {
+        format!("{id:016x}")
+    }
+
+    /// The number an id made by `drawn` was made of: `None` for any other text, so that
+    /// `drawn(drawn_id(s)?) == s`.
+    pub(crate) fn drawn_id(client: &str) -> Option<u64> {
+        let digits = client.len() == 16
+            && client
+                .bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+        digits
+            .then(|| u64::from_str_radix(client, 16).ok())
+            .flatten()
     }
 }
 

@@ -58,6 +58,8 @@ pub struct Shared {
     pub access_log: Option<Arc<AccessLog>>,
     /// The Pusher apps (`[[pusher.apps]]`) and what this node knows of them (`crate::pusher`).
     pub pusher: Arc<tidings_pusher::Apps>,
+    /// When the node started: sessions keep their times as milliseconds from it (`millis`).
+    clock: tokio::time::Instant,
 }
 
 /// What a reload replaces: the whole configuration (settings that need a restart keep their
@@ -90,6 +92,20 @@ impl std::ops::Deref for AuthRef {
 }
 
 impl Shared {
+    /// Milliseconds since the node started, wrapping every ~49.7 days: 4 bytes where a
+    /// tokio `Instant` is 16, for times every idle session keeps (a WebSocket's last frame
+    /// heard). Compared only through `since`, over spans far shorter than the wrap: a ping
+    /// timeout is two ping intervals, and a session idle with no channels can only have
+    /// left them by sending a frame.
+    pub fn millis(&self) -> u32 {
+        self.clock.elapsed().as_millis() as u32
+    }
+
+    /// How long ago `then` (`millis`) was.
+    pub fn since(&self, then: u32) -> std::time::Duration {
+        std::time::Duration::from_millis(u64::from(self.millis().wrapping_sub(then)))
+    }
+
     /// The configuration in force. Take it once per request where several settings are read.
     pub fn config(&self) -> ConfigRef {
         ConfigRef(self.live.load())
@@ -239,6 +255,7 @@ impl AppState {
             None => None,
         };
         Ok(Self(Arc::new(Shared {
+            clock: tokio::time::Instant::now(),
             access_log,
             node,
             live: ArcSwap::from_pointee(Live { config, auth }),

@@ -69,29 +69,31 @@ struct Partial {
 
 /// Reassembles client frames into messages. Its only state between frames is a fragmented
 /// message; a parked connection holds none.
+#[derive(Default)]
 pub struct Decoder {
-    max_message: usize,
     partial: Option<Box<Partial>>,
 }
 
 impl Decoder {
-    /// `max_message`: the largest message (all its fragments together) accepted; over it the
-    /// connection fails with 1009.
-    pub fn new(max_message: usize) -> Self {
-        Self {
-            max_message,
-            partial: None,
-        }
+    pub fn new() -> Self {
+        Self::default()
     }
 
     /// Takes the next complete frame off the front of `buf` and returns what it completes.
     /// `Ok(None)`: more bytes are needed (room for the whole frame has been reserved in
     /// `buf`), or the frame was a fragment of a message not finished yet — call again
-    /// until it returns `Ok(None)` with `buf` unchanged.
-    pub fn next(&mut self, buf: &mut BytesMut) -> Result<Option<Incoming>, Fail> {
+    /// until it returns `Ok(None)` with `buf` unchanged. `max_message`: the largest message
+    /// (all its fragments together) accepted; over it the connection fails with 1009. The
+    /// caller's, not the decoder's: 8 bytes of every parked session, where the session can
+    /// read it from its configuration.
+    pub fn next(
+        &mut self,
+        buf: &mut BytesMut,
+        max_message: usize,
+    ) -> Result<Option<Incoming>, Fail> {
         loop {
             let before = buf.len();
-            match self.frame(buf)? {
+            match self.frame(buf, max_message)? {
                 Some(incoming) => return Ok(Some(incoming)),
                 // A fragment was consumed: there may be another frame behind it.
                 None if buf.len() != before => continue,
@@ -100,7 +102,7 @@ impl Decoder {
         }
     }
 
-    fn frame(&mut self, buf: &mut BytesMut) -> Result<Option<Incoming>, Fail> {
+    fn frame(&mut self, buf: &mut BytesMut, max_message: usize) -> Result<Option<Incoming>, Fail> {
         if buf.len() < 2 {
             return Ok(None);
         }
@@ -157,7 +159,7 @@ impl Decoder {
                 _ => {}
             }
             let so_far = self.partial.as_ref().map_or(0, |p| p.data.len()) as u64;
-            if so_far.saturating_add(len) > self.max_message as u64 {
+            if so_far.saturating_add(len) > max_message as u64 {
                 return Err(fail(1009, "message too big"));
             }
         }
@@ -347,10 +349,10 @@ mod tests {
     }
 
     fn decode_all(bytes: &[u8]) -> Result<Vec<Incoming>, Fail> {
-        let mut d = Decoder::new(1 << 20);
+        let mut d = Decoder::new();
         let mut buf = BytesMut::from(bytes);
         let mut out = Vec::new();
-        while let Some(i) = d.next(&mut buf)? {
+        while let Some(i) = d.next(&mut buf, 1 << 20)? {
             out.push(i);
         }
         Ok(out)
@@ -380,14 +382,14 @@ mod tests {
         for len in [0, 1, 7, 8, 9, 125, 126, 127, 65535, 65536, 70000] {
             let payload: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
             let wire = client(true, OP_BINARY, &payload);
-            let mut d = Decoder::new(1 << 20);
+            let mut d = Decoder::new();
             let mut buf = BytesMut::new();
             let mut got = None;
             // Fed in pieces: nothing is returned until the frame is whole.
             for piece in wire.chunks(4093) {
                 assert!(got.is_none());
                 buf.extend_from_slice(piece);
-                got = d.next(&mut buf).unwrap();
+                got = d.next(&mut buf, 1 << 20).unwrap();
             }
             assert_eq!(
                 got,
@@ -440,9 +442,9 @@ mod tests {
 
     #[test]
     fn invalid_utf8_fails_at_the_fragment_that_has_it() {
-        let mut d = Decoder::new(1 << 20);
+        let mut d = Decoder::new();
         let mut buf = BytesMut::from(&client(false, OP_TEXT, b"fine")[..]);
-        assert_eq!(d.next(&mut buf), Ok(None));
+        assert_eq!(d.next(&mut buf, 1 << 20), Ok(None));
         buf.extend_from_slice(
             &client(
                 false,
@@ -450,18 +452,18 @@ mod tests {
                 &[0xce, 0xba, 0xe1, 0xbd, 0xb9, 0xf4, 0x90],
             )[..],
         );
-        assert_eq!(d.next(&mut buf).unwrap_err().code, 1007);
+        assert_eq!(d.next(&mut buf, 1 << 20).unwrap_err().code, 1007);
     }
 
     #[test]
     fn a_fragmented_message_over_the_limit_fails_before_it_is_buffered() {
-        let mut d = Decoder::new(10);
+        let mut d = Decoder::new();
         let mut buf = BytesMut::from(&client(false, OP_BINARY, b"123456")[..]);
-        assert_eq!(d.next(&mut buf), Ok(None));
+        assert_eq!(d.next(&mut buf, 10), Ok(None));
         // Only the header has arrived: the declared length alone is refused.
         let next = client(true, OP_CONTINUATION, b"789012");
         buf.extend_from_slice(&next[..6]);
-        assert_eq!(d.next(&mut buf).unwrap_err().code, 1009);
+        assert_eq!(d.next(&mut buf, 10).unwrap_err().code, 1009);
     }
 
     #[test]

@@ -13,7 +13,8 @@ pub mod ws_socket;
 
 /// The one spelling of a transport used in config, metrics labels, logs and file names.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-#[repr(usize)]
+// One byte: it sits beside a 32-bit count in every session's gauge (`metrics::SessionGauge`).
+#[repr(u8)]
 pub enum TransportKind {
     WebSocket = 0,
     Sse = 1,

@@ -30,6 +30,7 @@
 
 use std::io;
 use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
 
 use axum::extract::{FromRequestParts, Path, RawQuery, State};
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Version, header, request::Parts};
@@ -48,12 +49,11 @@ use crate::app::access_log::Claim;
 use crate::app::error::ApiError;
 use crate::app::publish::{self, position_json};
 use crate::auth::Principal;
-use crate::metrics::SessionGauge;
 use crate::net::ConnectionCtx;
 use crate::net::upgrade::{Pending, SessionIo, StartFn, Upgradable};
 use crate::net::wsframe::{self, Decoder, Incoming, OP_BINARY, OP_PING, OP_PONG, OP_TEXT};
 use crate::state::AppState;
-use crate::transport::stream::{Subscriber, poll_expired};
+use crate::transport::stream::{self, poll_expired};
 use crate::transport::ws_socket::{Flushed, GOODBYE_TIMEOUT, WsSocket};
 use crate::transport::{TransportKind, frame_slot, params};
 
@@ -73,7 +73,7 @@ pub mod close {
 }
 
 /// Malformed frames in a row before the connection is closed with 1008.
-const MAX_MALFORMED: u32 = 10;
+const MAX_MALFORMED: u8 = 10;
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Mode {
@@ -178,10 +178,14 @@ impl WsUpgrade {
     {
         // Taken here, not by the extractor: a handshake refused after it is logged as the
         // request it then is.
-        // Boxed: inline, the entry (~100 bytes) would be in every session's future, whether
-        // or not the access log is on.
-        let entry = self.access.as_ref().and_then(Claim::take).map(Box::new);
-        let status = if self.key.is_some() { 101 } else { 200 };
+        // Boxed, with the status it will log: inline, the entry (~100 bytes) would be in
+        // every session's future, whether or not the access log is on.
+        let status: u16 = if self.key.is_some() { 101 } else { 200 };
+        let entry = self
+            .access
+            .as_ref()
+            .and_then(Claim::take)
+            .map(|entry| Box::new((entry, status)));
         // A combinator, not an `async` block: the block kept the socket and the first bytes
         // a second time (its captures, ~100 bytes of every session) when it called `start`,
         // and the whole session twice had it awaited a session made outside it (`.await`
@@ -189,6 +193,7 @@ impl WsUpgrade {
         let start = move |io, pre| {
             futures_util::FutureExt::map(start(io, pre), move |written| {
                 if let Some(entry) = entry {
+                    let (entry, status) = *entry;
                     entry.finish(status, written, "websocket");
                 }
             })
@@ -277,21 +282,75 @@ pub async fn json(
     }))
 }
 
-/// Who is on the other end, and how fast they may publish.
-struct Peer {
-    /// Boxed only for a token's claims (`stream::Subscriber`): most sessions have none.
-    who: Subscriber,
-    /// The client's address; `None` when the session has no connection (tests).
+/// Who is on the other end, and how fast they may publish. A token's claims, its address
+/// and its expiry's timer are in one box: most sessions have no token, and inline they
+/// would be in every session (an enum of 24 bytes, where the principal, the address, the
+/// flag and the timer were 48; issue 17). An API key needs no address: it is never rate
+/// limited.
+enum Peer {
+    Anonymous {
+        /// `None` when the session has no connection (tests).
+        ip: Option<std::net::IpAddr>,
+        limited: bool,
+    },
+    ApiKey,
+    User(Box<User>),
+}
+
+struct User {
+    who: Principal,
     ip: Option<std::net::IpAddr>,
     limited: bool,
+    /// The token's expiry: the session ends then (disconnect `token_expired`, close 1008).
+    /// Boxed, and only for a token that expires.
+    expires: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
 }
+
+static ANONYMOUS: Principal = Principal::Anonymous;
+static API_KEY: Principal = Principal::ApiKey;
 
 impl Peer {
     fn new(state: &AppState, who: Principal, conn: Option<&ConnectionCtx>) -> Self {
-        Self {
-            limited: state.auth().enabled() && who != Principal::ApiKey,
-            who: Subscriber::new(who),
-            ip: conn.map(|c| c.peer.ip()),
+        let limited = state.auth().enabled() && who != Principal::ApiKey;
+        let ip = conn.map(|c| c.peer.ip());
+        match who {
+            Principal::Anonymous => Self::Anonymous { ip, limited },
+            Principal::ApiKey => Self::ApiKey,
+            who => {
+                let expires = who
+                    .expires_at()
+                    .map(|at| Box::pin(tokio::time::sleep_until(stream::deadline_for(at))));
+                Self::User(Box::new(User {
+                    who,
+                    ip,
+                    limited,
+                    expires,
+                }))
+            }
+        }
+    }
+
+    fn who(&self) -> &Principal {
+        match self {
+            Self::Anonymous { .. } => &ANONYMOUS,
+            Self::ApiKey => &API_KEY,
+            Self::User(user) => &user.who,
+        }
+    }
+
+    fn ip(&self) -> Option<std::net::IpAddr> {
+        match self {
+            Self::Anonymous { ip, .. } => *ip,
+            Self::ApiKey => None,
+            Self::User(user) => user.ip,
+        }
+    }
+
+    /// The token's expiry, if it has one.
+    fn expires(&self) -> Option<Instant> {
+        match self {
+            Self::User(user) => user.expires.as_ref().map(|timer| timer.deadline()),
+            _ => None,
         }
     }
 
@@ -299,8 +358,13 @@ impl Peer {
     /// with `[auth]`, everyone else draws from their client's bucket (token subject, else
     /// address), shared with their other connections.
     fn may_publish_now(&self, state: &AppState) -> bool {
-        match self.ip {
-            Some(ip) if self.limited => state.may_publish(self.who.get(), ip),
+        let (ip, limited) = match self {
+            Self::Anonymous { ip, limited } => (*ip, *limited),
+            Self::ApiKey => return true,
+            Self::User(user) => (user.ip, user.limited),
+        };
+        match ip {
+            Some(ip) if limited => state.may_publish(self.who(), ip),
             _ => true,
         }
     }
@@ -341,17 +405,29 @@ struct Session {
     decoder: Decoder,
     state: AppState,
     sub: Subscription,
-    gauge: SessionGauge,
+    /// This session's part of the WebSocket gauges, taken off them when it drops. Not a
+    /// `SessionGauge`: that keeps a pointer to the metrics the state has (16 bytes where
+    /// this is 4).
+    channels: i32,
     mode: Mode,
     peer: Peer,
-    /// The token's expiry: the session ends then (disconnect `token_expired`, close 1008).
-    /// Boxed, and only for a token that expires: inline, a timer would be in every session.
-    expires: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
     /// When the client was last heard from (any frame, pongs included: it is alive) and
-    /// last active (a data frame: it is using the socket).
-    heard: Instant,
-    active: Instant,
-    malformed: u32,
+    /// last active (a data frame: it is using the socket), in `Shared::millis`: 8 bytes
+    /// where two `Instant`s were 32.
+    heard: u32,
+    active: u32,
+    malformed: u8,
+}
+
+/// The WebSocket gauges' index in `Metrics`.
+const WS: usize = TransportKind::WebSocket as usize;
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        let metrics = &self.state.metrics;
+        metrics.connections[WS].fetch_sub(1, Relaxed);
+        metrics.subscriptions[WS].fetch_sub(i64::from(self.channels), Relaxed);
+    }
 }
 
 /// Sets the session up and returns its future. Not `async` itself: its arguments would
@@ -364,28 +440,23 @@ fn run(
     peer: Peer,
     gap: bool,
 ) -> impl Future<Output = u64> + Send {
-    let mut gauge = state.metrics.session(TransportKind::WebSocket, 0);
-    gauge.channels_changed(sub.channels().len() as i64);
+    let channels = sub.channels().len() as i32;
+    state.metrics.connections[WS].fetch_add(1, Relaxed);
+    state.metrics.subscriptions[WS].fetch_add(i64::from(channels), Relaxed);
     // The overflow reaches the session through its queue (`Subscription::cut`), which
     // counts it at its goodbye: no kill switch (a session that owns its socket needs none)
     // and no overflow hook.
     let mut sub = sub;
     crate::lifecycle::follow(&state, &mut sub, Some(tidings_core::Tick::Ping));
-    let expires = peer
-        .who
-        .get()
-        .expires_at()
-        .map(crate::transport::stream::deadline_for);
-    let now = Instant::now();
+    let now = state.millis();
     let mut session = Session {
         ws: WsSocket::new(io, &pre),
-        decoder: Decoder::new(state.config().server.max_message_bytes),
+        decoder: Decoder::new(),
         state,
         sub,
-        gauge,
+        channels,
         mode,
         peer,
-        expires: expires.map(|at| Box::pin(tokio::time::sleep_until(at))),
         heard: now,
         active: now,
         malformed: 0,
@@ -447,7 +518,7 @@ impl Session {
                     if self.sub.take_reload()
                         && !crate::lifecycle::still_allowed(
                             &self.state,
-                            self.peer.who.get(),
+                            self.peer.who(),
                             self.sub.channels(),
                         ) =>
                 {
@@ -476,7 +547,9 @@ impl Session {
         if let Poll::Ready(reason) = self.sub.poll_cut(cx) {
             return Poll::Ready(Wake::Cut(reason));
         }
-        if poll_expired(&mut self.expires, cx) {
+        if let Peer::User(user) = &mut self.peer
+            && poll_expired(&mut user.expires, cx)
+        {
             return Poll::Ready(Wake::Expired);
         }
         // A poll, not `read_more`'s future: that was 88 bytes of every session.
@@ -493,7 +566,7 @@ impl Session {
     /// over an HTTP/2 stream, whose window the client may keep shut).
     async fn flush(&mut self) -> Next {
         let timeout = self.state.config().server.write_timeout;
-        let expires = self.expires.as_ref().map(|timer| timer.deadline());
+        let expires = self.peer.expires();
         let sub = &self.sub;
         let stop = async {
             tokio::select! {
@@ -513,13 +586,15 @@ impl Session {
 
     /// Handles every complete frame read so far.
     async fn handle_input(&mut self) -> Next {
+        // Read here, not kept in the decoder: 8 bytes of every parked session.
+        let max_message = self.state.config().server.max_message_bytes;
         loop {
-            let incoming = match self.decoder.next(&mut self.ws.rbuf) {
+            let incoming = match self.decoder.next(&mut self.ws.rbuf, max_message) {
                 Ok(Some(incoming)) => incoming,
                 Ok(None) => break,
                 Err(fail) => return Next::Goodbye(None, fail.code, fail.reason),
             };
-            let now = Instant::now();
+            let now = self.state.millis();
             self.heard = now;
             let next = match incoming {
                 Incoming::Ping(payload) => {
@@ -589,19 +664,24 @@ impl Session {
         }
     }
 
+    fn channels_changed(&mut self, delta: i32) {
+        self.channels += delta;
+        self.state.metrics.subscriptions[WS].fetch_add(i64::from(delta), Relaxed);
+    }
+
     fn push(&mut self, value: Value) {
         wsframe::encode(&mut self.ws.out, OP_TEXT, value.to_string().as_bytes());
     }
 
     fn ping(&mut self) -> Next {
         let every = self.state.config().server.ping_interval;
-        if self.heard.elapsed() > every * 2 {
+        if self.state.since(self.heard) > every * 2 {
             return Next::Goodbye(None, close::GOING_AWAY, "ping timeout");
         }
         // Idle: subscribed to nothing and sending nothing but pongs.
         if self.mode == Mode::Json
             && self.sub.channels().is_empty()
-            && self.active.elapsed() > self.state.config().server.idle_timeout
+            && self.state.since(self.active) > self.state.config().server.idle_timeout
         {
             return Next::Goodbye(None, close::NORMAL, "idle");
         }
@@ -615,7 +695,7 @@ impl Session {
         let mut gap = false;
         let mut delivered = 0u64;
         let mode = self.mode;
-        let gauge = &self.gauge;
+        let metrics = &self.state.metrics;
         let out = &mut self.ws.out;
         let drained = self.sub.drain(|event, cursor| match event {
             // Raw mode: nothing after a gap is written; the 4010 close comes first.
@@ -634,7 +714,7 @@ impl Session {
                 }
             }
             Event::Gap(g) => {
-                gauge.gap();
+                metrics.gaps[WS].fetch_add(1, Relaxed);
                 if mode == Mode::Raw {
                     gap = true;
                 } else {
@@ -647,7 +727,7 @@ impl Session {
         match drained {
             Ok(_) if gap => Next::Goodbye(None, close::GAP, "gap"),
             Ok(_) => {
-                self.gauge.delivered(delivered);
+                self.state.metrics.delivered[WS].fetch_add(delivered, Relaxed);
                 Next::Continue
             }
             Err(reason) => {
@@ -668,7 +748,7 @@ impl Session {
     async fn goodbye(&mut self, reason: Option<DisconnectReason>, code: u16, why: &'static str) {
         let slow = reason == Some(DisconnectReason::Slow);
         if slow {
-            self.gauge.slow();
+            self.state.metrics.slow_disconnects[WS].fetch_add(1, Relaxed);
             self.ws.drop_backlog();
         }
         if let (Some(reason), Mode::Json) = (reason, self.mode) {
@@ -701,7 +781,7 @@ impl Session {
         for channel in &channels {
             self.sub.remove(channel);
         }
-        self.gauge.channels_changed(-(channels.len() as i64));
+        self.channels_changed(-(channels.len() as i32));
     }
 
     /// Answers the client's close frame with its own code (none if it gave none) and ends.
@@ -879,7 +959,7 @@ async fn raw_publish(
     let policy = state.node.policies.for_channel(channel);
     if state
         .auth()
-        .check_publish(peer.who.get(), channel, &policy)
+        .check_publish(peer.who(), channel, &policy)
         .is_err()
     {
         return Err((close::POLICY, "publishing to this channel is not allowed"));
@@ -1062,7 +1142,7 @@ impl Session {
                 let policy = state.node.policies.for_channel(&channel);
                 match state
                     .auth()
-                    .check_subscribe(self.peer.who.get(), &channel, &policy)
+                    .check_subscribe(self.peer.who(), &channel, &policy)
                 {
                     Ok(()) => return Ok(self.subscribe(id, channel, since).await),
                     Err(e) => error_reply(&id, e.code, &e.message),
@@ -1070,7 +1150,7 @@ impl Session {
             }
             Op::Unsubscribe { channel } => {
                 if self.sub.remove(&channel) {
-                    self.gauge.channels_changed(-1);
+                    self.channels_changed(-1);
                     json!({"type": "reply", "id": id, "ok": true})
                 } else {
                     error_reply(
@@ -1089,7 +1169,7 @@ impl Session {
                 let policy = state.node.policies.for_channel(&channel);
                 if let Err(e) = state
                     .auth()
-                    .check_publish(self.peer.who.get(), &channel, &policy)
+                    .check_publish(self.peer.who(), &channel, &policy)
                 {
                     error_reply(&id, e.code, &e.message)
                 } else if !self.peer.may_publish_now(&self.state) {
@@ -1123,7 +1203,7 @@ impl Session {
                 let policy = state.node.policies.for_channel(&channel);
                 if let Err(e) = state
                     .auth()
-                    .check_subscribe(self.peer.who.get(), &channel, &policy)
+                    .check_subscribe(self.peer.who(), &channel, &policy)
                 {
                     error_reply(&id, e.code, &e.message)
                 } else {
@@ -1163,11 +1243,11 @@ impl Session {
                 let policy = state.node.policies.for_channel(&channel);
                 if let Err(e) = state
                     .auth()
-                    .check_subscribe(self.peer.who.get(), &channel, &policy)
+                    .check_subscribe(self.peer.who(), &channel, &policy)
                 {
                     error_reply(&id, e.code, &e.message)
-                } else if let Some(ip) = self.peer.ip
-                    && !state.may_read_presence(self.peer.who.get(), ip)
+                } else if let Some(ip) = self.peer.ip()
+                    && !state.may_read_presence(self.peer.who(), ip)
                 {
                     let e = crate::app::channels::presence_rate_limited();
                     error_reply(&id, e.code, &e.message)
@@ -1211,7 +1291,7 @@ impl Session {
         }
         match self.sub.add(&channel, &since).await {
             Ok(Some(joined)) => {
-                self.gauge.channels_changed(1);
+                self.channels_changed(1);
                 // After a gap the client must keep its own cursor: were it to adopt `begin`
                 // and drop before the gap frame, the notice would be lost.
                 let at = match (&joined.gap, &since) {
@@ -1287,8 +1367,13 @@ mod tests {
         );
     }
 
-    /// Today: 536 bytes in a debug build (680 while the parked access-log entry was inline
-    /// in the map around the session, ~100 bytes whether or not the log is on; 728 while
+    /// Today: 432 bytes in a debug build (448 while it kept a `SessionGauge`, the metrics'
+    /// pointer beside the state's, and a 32-bit count of malformed frames; 536 while the
+    /// session kept two tokio `Instant`s,
+    /// the decoder its limit, the peer its address and flag inline beside the token's timer,
+    /// the subscription its `ClientInfo` as given, the gauge a 64-bit count and kind, and the
+    /// access log's map its status beside the entry; 680 while the parked access-log entry
+    /// was inline in the map around the session, ~100 bytes whether or not the log is on; 728 while
     /// the wait was a `select!` of four futures, and the first step, a `Next`, was kept
     /// twice beside a `next` that stayed across the wait; 760 with the raw channel beside the
     /// subscription that holds it and a second `AppState` in the peer; 928 while the
@@ -1300,5 +1385,5 @@ mod tests {
     /// boxed and its cursor text a local). Awaiting the session from a capture (it is then
     /// kept twice) made it ~2,500.
     // One bound for debug and release builds: the sizes differ by a few bytes.
-    const SESSION_BOUND: usize = 552;
+    const SESSION_BOUND: usize = 440;
 }
