@@ -56,8 +56,12 @@ pub fn later(
     held: Option<Arc<HeldPoll>>,
 ) -> Wait {
     let hook = held.clone();
-    // Kept across the wait in 8 bytes, not 16: the box's chunk is one 16-byte step of
-    // malloc's sizes smaller (issue 17).
+    // Shutdown reaches the poll through its queue, closed by the node's one pass over the
+    // hub (`lifecycle::follow`), instead of a shutdown wait in every waiting poll's box
+    // (issue 17: 72 bytes of it).
+    crate::lifecycle::follow(&state, &mut sub, None);
+    // Kept across the wait in 8 bytes, not 16: with the box at 504 bytes, each 16 is one
+    // step of malloc's size classes.
     let wait = Wait32::of(wait);
     let answer = async move {
         let deadline = tokio::time::sleep(wait.get());
@@ -70,7 +74,6 @@ pub fn later(
         while reply.is_empty() && !reply.ended() {
             let ready = tokio::select! {
                 biased;
-                _ = state.shutdown.cancelled() => false,
                 _ = &mut deadline => false,
                 _ = std::future::poll_fn(|cx| match held_hook(&hook, is_held) {
                     Some(h) => h.socket.poll_answered(cx),
@@ -97,7 +100,8 @@ pub fn later(
                 reply.collect(&mut sub, &gauge);
             }
         }
-        // Ended by shutdown: say so, and when to come back (SPEC §13).
+        // Ended by shutdown (its queue closed: `collect` ended the reply): say so, and when
+        // to come back (SPEC §13).
         let goodbye = state
             .shutdown
             .is_cancelled()
@@ -210,9 +214,8 @@ impl Held for HeldPoll {
 
 /// A long poll's answer, still to come, and its hook when it can be held.
 ///
-/// The answer's future (~570 bytes: the subscription, the reply, the deadline, the
-/// shutdown wait) is boxed, so that a parked connection's task does not carry it in every
-/// state (`app::parked`). The box is not allocated per poll (issue 17): a poll that ends
+/// The answer's future (~500 bytes: the subscription, the reply, the deadline) is boxed,
+/// so that a parked connection's task does not carry it in every state (`app::parked`). The box is not allocated per poll (issue 17): a poll that ends
 /// gives it back to its thread's spares (`SPARE_WAITS`, as `net::pool` keeps read buffers)
 /// and the next long poll on the thread writes its future into it in place (`Slot::refill`).
 pub struct Wait {
@@ -255,7 +258,7 @@ impl<F: Future<Output = Answer> + Send + 'static> Slot for Option<F> {
 }
 
 // Spare answer boxes, per thread: touched only by the task running on the thread, with no
-// lock; at most `KEEP_WAITS` (each ~570 bytes).
+// lock; at most `KEEP_WAITS` (each ~500 bytes).
 thread_local! {
     static SPARE_WAITS: std::cell::RefCell<Vec<Pin<Box<dyn Slot>>>> =
         const { std::cell::RefCell::new(Vec::new()) };
@@ -418,7 +421,8 @@ mod tests {
         assert_eq!(kept.after.offset, 1, "the held one is untouched");
     }
 
-    /// Shutdown ends a waiting poll at once, with the notice of SPEC §13.
+    /// Shutdown reaches a waiting poll through its queue (the node's one pass over the hub),
+    /// not a wait of its own: it answers at once, with the notice of SPEC §13.
     #[tokio::test]
     async fn a_waiting_long_poll_answers_with_the_shutdown_notice_when_the_node_shuts_down() {
         let mut config = crate::config::Config::default();
