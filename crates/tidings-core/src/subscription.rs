@@ -154,6 +154,16 @@ impl Subscription {
         }
     }
 
+    /// The session's id (unique in its node) and its queue: for a timer outside the hub that
+    /// wakes it (`SessionQueue::wake_writer`).
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    pub fn queue(&self) -> &Arc<SessionQueue> {
+        &self.queue
+    }
+
     /// Whether a reload took effect since the last call (`follow_lifecycle`).
     pub fn take_reload(&self) -> bool {
         self.queue.take_reload()

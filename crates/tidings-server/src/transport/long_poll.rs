@@ -64,8 +64,9 @@ pub fn later(
     // step of malloc's size classes.
     let wait = Wait32::of(wait);
     let answer = async move {
-        let deadline = tokio::time::sleep(wait.get());
-        tokio::pin!(deadline);
+        // The deadline on the node's one timer, not a `Sleep` of its own (`transport::due`):
+        // it wakes the queue once the wait is over.
+        let due = state.polls_due.add(sub.id(), sub.queue(), wait.get());
         // A flag, not a reference to the hook, and the socket's answer polled in place:
         // each local kept across the wait is in every waiting poll's box (issue 17).
         let is_held = hook
@@ -74,7 +75,6 @@ pub fn later(
         while reply.is_empty() && !reply.ended() {
             let ready = tokio::select! {
                 biased;
-                _ = &mut deadline => false,
                 _ = std::future::poll_fn(|cx| match held_hook(&hook, is_held) {
                     Some(h) => h.socket.poll_answered(cx),
                     None => Poll::Pending,
@@ -85,7 +85,11 @@ pub fn later(
                 break;
             }
             reply.collect(&mut sub, &gauge);
+            if reply.is_empty() && due.passed() {
+                break;
+            }
         }
+        drop(due);
         if let Some(held) = held_hook(&hook, is_held) {
             // Only `deliver` answers, and it took the hook out first: nothing to release
             // then. Otherwise a release that finds the hook says no message went to it and
@@ -214,7 +218,7 @@ impl Held for HeldPoll {
 
 /// A long poll's answer, still to come, and its hook when it can be held.
 ///
-/// The answer's future (~500 bytes: the subscription, the reply, the deadline) is boxed,
+/// The answer's future (~390 bytes: the subscription, the reply, the deadline's place on the node's timer) is boxed,
 /// so that a parked connection's task does not carry it in every state (`app::parked`). The box is not allocated per poll (issue 17): a poll that ends
 /// gives it back to its thread's spares (`SPARE_WAITS`, as `net::pool` keeps read buffers)
 /// and the next long poll on the thread writes its future into it in place (`Slot::refill`).
@@ -258,7 +262,7 @@ impl<F: Future<Output = Answer> + Send + 'static> Slot for Option<F> {
 }
 
 // Spare answer boxes, per thread: touched only by the task running on the thread, with no
-// lock; at most `KEEP_WAITS` (each ~500 bytes).
+// lock; at most `KEEP_WAITS` (each ~390 bytes).
 thread_local! {
     static SPARE_WAITS: std::cell::RefCell<Vec<Pin<Box<dyn Slot>>>> =
         const { std::cell::RefCell::new(Vec::new()) };
