@@ -118,7 +118,11 @@ impl Deadlines {
             };
             match next {
                 Some(at) => {
-                    let at = self.start + Duration::from_millis(at);
+                    // A wait past what `Instant` holds (none the config allows) waits a year.
+                    let at = self
+                        .start
+                        .checked_add(Duration::from_millis(at))
+                        .unwrap_or_else(|| Instant::now() + Duration::from_secs(365 * 86_400));
                     tokio::select! {
                         _ = tokio::time::sleep_until(at) => {}
                         _ = self.earlier.notified() => {}
