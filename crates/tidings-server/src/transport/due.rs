@@ -14,6 +14,11 @@
 //! sleeps on `earlier`, as it does until the earliest due time; a poll due before every
 //! other wakes it (`notify_one` keeps a permit, so a wake between the task's look at the
 //! map and its wait is not lost).
+//!
+//! Shutdown reaches the waiting polls through the same map, not the hub's watch (a second
+//! lock, insert and remove per round trip): the task closes every queue in it with
+//! `Shutdown`. Race-free with a poll registering during that pass: `closing` is set before
+//! the pass takes the lock, and `add` checks it under the lock after inserting.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -28,6 +33,8 @@ pub struct Deadlines {
     waiting: Mutex<BTreeMap<(u64, u64), Arc<SessionQueue>>>,
     earlier: tokio::sync::Notify,
     started: AtomicBool,
+    /// Set once by the shutdown pass: a poll that registers later is closed at once.
+    closing: AtomicBool,
 }
 
 impl Default for Deadlines {
@@ -37,6 +44,7 @@ impl Default for Deadlines {
             waiting: Mutex::default(),
             earlier: tokio::sync::Notify::new(),
             started: AtomicBool::new(false),
+            closing: AtomicBool::new(false),
         }
     }
 }
@@ -74,19 +82,34 @@ impl Deadlines {
 
     /// Wakes `queue` (session `id`) once `wait` from now has passed; the timer task starts
     /// with the first poll.
-    pub fn add(self: &Arc<Self>, id: u64, queue: &Arc<SessionQueue>, wait: Duration) -> Due<'_> {
+    pub fn add(
+        self: &Arc<Self>,
+        id: u64,
+        queue: &Arc<SessionQueue>,
+        wait: Duration,
+        shutdown: &tokio_util::sync::CancellationToken,
+    ) -> Due<'_> {
         let end = self.start.elapsed().saturating_add(wait);
         let at = u64::try_from(end.as_nanos().div_ceil(1_000_000)).unwrap_or(u64::MAX);
         let first = {
             let mut waiting = self.lock();
             let first = waiting.first_key_value().is_none_or(|(k, _)| (at, id) < *k);
             waiting.insert((at, id), Arc::clone(queue));
+            if self.closing.load(Ordering::SeqCst) {
+                queue.close(tidings_core::DisconnectReason::Shutdown);
+            }
             first
         };
         if !self.started.swap(true, Ordering::AcqRel) {
             match tokio::runtime::Handle::try_current() {
                 Ok(rt) => {
-                    rt.spawn(Arc::clone(self).run());
+                    let (this, shutdown) = (Arc::clone(self), shutdown.clone());
+                    rt.spawn(async move {
+                        tokio::select! {
+                            _ = shutdown.cancelled() => this.close_all(),
+                            _ = Arc::clone(&this).run() => {}
+                        }
+                    });
                 }
                 // No runtime (never in the server): the next poll tries again.
                 Err(_) => self.started.store(false, Ordering::Release),
@@ -98,6 +121,15 @@ impl Deadlines {
             deadlines: self,
             at,
             id,
+        }
+    }
+
+    /// Shutdown: every waiting poll (and every one that registers from now on) ends with
+    /// `Shutdown`, through its queue, and answers with the notice of SPEC §13.
+    fn close_all(&self) {
+        self.closing.store(true, Ordering::SeqCst);
+        for queue in self.lock().values() {
+            queue.close(tidings_core::DisconnectReason::Shutdown);
         }
     }
 
@@ -147,10 +179,11 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn each_poll_is_woken_at_its_own_due_time_never_before_and_an_answered_one_not_at_all() {
         let deadlines = Arc::new(Deadlines::default());
+        let shutdown = tokio_util::sync::CancellationToken::new();
         let queues: Vec<_> = (0..3).map(|_| SessionQueue::new(1 << 20)).collect();
-        let long = deadlines.add(1, &queues[0], Duration::from_millis(2_000));
-        let short = deadlines.add(2, &queues[1], Duration::from_millis(1_000));
-        let answered = deadlines.add(3, &queues[2], Duration::from_millis(500));
+        let long = deadlines.add(1, &queues[0], Duration::from_millis(2_000), &shutdown);
+        let short = deadlines.add(2, &queues[1], Duration::from_millis(1_000), &shutdown);
+        let answered = deadlines.add(3, &queues[2], Duration::from_millis(500), &shutdown);
         drop(answered);
         tokio::time::sleep(Duration::from_millis(999)).await;
         assert!(

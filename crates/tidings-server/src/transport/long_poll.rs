@@ -56,17 +56,17 @@ pub fn later(
     held: Option<Arc<HeldPoll>>,
 ) -> Wait {
     let hook = held.clone();
-    // Shutdown reaches the poll through its queue, closed by the node's one pass over the
-    // hub (`lifecycle::follow`), instead of a shutdown wait in every waiting poll's box
-    // (issue 17: 72 bytes of it).
-    crate::lifecycle::follow(&state, &mut sub, None);
     // Kept across the wait in 8 bytes, not 16: with the box at 504 bytes, each 16 is one
     // step of malloc's size classes.
     let wait = Wait32::of(wait);
     let answer = async move {
         // The deadline on the node's one timer, not a `Sleep` of its own (`transport::due`):
         // it wakes the queue once the wait is over.
-        let due = state.polls_due.add(sub.id(), sub.queue(), wait.get());
+        // Shutdown reaches it the same way: the timer's task closes every waiting poll's
+        // queue (no shutdown wait in the box, and no entry in the hub's watch).
+        let due = state
+            .polls_due
+            .add(sub.id(), sub.queue(), wait.get(), &state.shutdown);
         // A flag, not a reference to the hook, and the socket's answer polled in place:
         // each local kept across the wait is in every waiting poll's box (issue 17).
         let is_held = hook
