@@ -142,8 +142,8 @@ impl Subscription {
     /// Has shutdown and reloads reach this session through its queue (`Hub::watch`): a
     /// shutdown ends it (`drain` and `cut` say `Shutdown`), a reload wakes it and
     /// `take_reload` says so once; so does the node's shared `tick`, if it follows one
-    /// (`Hub::tick_part`, `take_tick`). For streams and sessions, and a long poll while it
-    /// waits (for its shutdown); a short poll needs none of it.
+    /// (`Hub::tick_part`, `take_tick`). For streams and sessions; a poll needs none of it
+    /// (a waiting long poll's shutdown comes with its deadline, outside the hub).
     pub fn follow_lifecycle(&mut self, tick: Option<Tick>) {
         if !self.watched {
             self.watched = true;
