@@ -378,6 +378,15 @@ impl SessionQueue {
         }
     }
 
+    /// Wakes the writer with nothing queued and no flag: a waiting long poll's deadline
+    /// came (the server's one timer for all of them), and it checks its own clock.
+    pub fn wake_writer(&self) {
+        let waker = self.lock().wake();
+        if let Some(waker) = waker {
+            waker.wake();
+        }
+    }
+
     /// Whether a reload took effect since the last call.
     pub fn take_reload(&self) -> bool {
         std::mem::take(&mut self.lock().reloaded)

@@ -178,7 +178,8 @@ impl Subscription {
     /// Has shutdown and reloads reach this session through its queue (`Hub::watch`): a
     /// shutdown ends it (`drain` and `cut` say `Shutdown`), a reload wakes it and
     /// `take_reload` says so once; so does the node's shared `tick`, if it follows one
-    /// (`Hub::tick_part`, `take_tick`). For sessions that live long; a poll needs none of it.
+    /// (`Hub::tick_part`, `take_tick`). For streams and sessions; a poll needs none of it
+    /// (a waiting long poll's shutdown comes with its deadline, outside the hub).
     pub fn follow_lifecycle(&mut self, tick: Option<Tick>) {
         if !self.watched {
             self.watched = true;
@@ -187,6 +188,16 @@ impl Subscription {
             }
             self.node.hub.watch(self.id, &self.queue);
         }
+    }
+
+    /// The session's id (unique in its node) and its queue: for a timer outside the hub that
+    /// wakes it (`SessionQueue::wake_writer`).
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    pub fn queue(&self) -> &Arc<SessionQueue> {
+        &self.queue
     }
 
     /// Whether a reload took effect since the last call (`follow_lifecycle`).

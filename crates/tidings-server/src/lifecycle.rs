@@ -193,7 +193,8 @@ pub fn reload(state: &AppState, mut new: Config) -> Result<Reloaded, ConfigError
 
 /// Has shutdown and reloads reach a stream or WebSocket session through its queue, in one
 /// pass over the hub (`Hub::close_sessions`, `Hub::reload_sessions`), instead of a shutdown
-/// wait and a reload watch in every parked session's future; and its heartbeats or pings
+/// wait and a reload watch in every parked session's future (a waiting long poll learns of
+/// shutdown from its deadline's map instead, `transport::due`); and its heartbeats or pings
 /// (`tick`, where it has them) too, from one timer per node (`Hub::tick_part`) instead of a
 /// timer in every session.
 /// One task waits on the shutdown token and the timers for all of them; the first session

@@ -47,6 +47,8 @@ pub struct Shared {
     pub shutdown: CancellationToken,
     /// Whether the task that passes a shutdown on to the sessions was started.
     pub shutdown_pass: std::sync::atomic::AtomicBool,
+    /// Waiting long polls' deadlines, on one timer (`transport::due`).
+    pub polls_due: Arc<crate::transport::due::Deadlines>,
     /// Set when a stop signal starts the drain (`lifecycle::drain`): `/readyz` answers 503.
     pub draining: std::sync::atomic::AtomicBool,
     pub limits: Arc<ConnectionLimits>,
@@ -263,6 +265,7 @@ impl AppState {
             metrics: Arc::new(Metrics::default()),
             shutdown: CancellationToken::new(),
             shutdown_pass: std::sync::atomic::AtomicBool::new(false),
+            polls_due: Arc::default(),
             draining: std::sync::atomic::AtomicBool::new(false),
             limits,
             publish_rates: Rates::new(config_rate),

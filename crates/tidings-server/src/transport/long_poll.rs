@@ -56,12 +56,17 @@ pub fn later(
     held: Option<Arc<HeldPoll>>,
 ) -> Wait {
     let hook = held.clone();
-    // Kept across the wait in 8 bytes, not 16: the box's chunk is one 16-byte step of
-    // malloc's sizes smaller (issue 17).
+    // Kept across the wait in 8 bytes, not 16: with the box at 504 bytes, each 16 is one
+    // step of malloc's size classes.
     let wait = Wait32::of(wait);
     let answer = async move {
-        let deadline = tokio::time::sleep(wait.get());
-        tokio::pin!(deadline);
+        // The deadline on the node's one timer, not a `Sleep` of its own (`transport::due`):
+        // it wakes the queue once the wait is over.
+        // Shutdown reaches it the same way: the timer's task closes every waiting poll's
+        // queue (no shutdown wait in the box, and no entry in the hub's watch).
+        let due = state
+            .polls_due
+            .add(sub.id(), sub.queue(), wait.get(), &state.shutdown);
         // A flag, not a reference to the hook, and the socket's answer polled in place:
         // each local kept across the wait is in every waiting poll's box (issue 17).
         let is_held = hook
@@ -70,8 +75,6 @@ pub fn later(
         while reply.is_empty() && !reply.ended() {
             let ready = tokio::select! {
                 biased;
-                _ = state.shutdown.cancelled() => false,
-                _ = &mut deadline => false,
                 _ = std::future::poll_fn(|cx| match held_hook(&hook, is_held) {
                     Some(h) => h.socket.poll_answered(cx),
                     None => Poll::Pending,
@@ -82,7 +85,11 @@ pub fn later(
                 break;
             }
             reply.collect(&mut sub, &gauge);
+            if reply.is_empty() && due.passed() {
+                break;
+            }
         }
+        drop(due);
         if let Some(held) = held_hook(&hook, is_held) {
             // Only `deliver` answers, and it took the hook out first: nothing to release
             // then. Otherwise a release that finds the hook says no message went to it and
@@ -97,7 +104,8 @@ pub fn later(
                 reply.collect(&mut sub, &gauge);
             }
         }
-        // Ended by shutdown: say so, and when to come back (SPEC §13).
+        // Ended by shutdown (its queue closed: `collect` ended the reply): say so, and when
+        // to come back (SPEC §13).
         let goodbye = state
             .shutdown
             .is_cancelled()
@@ -210,9 +218,8 @@ impl Held for HeldPoll {
 
 /// A long poll's answer, still to come, and its hook when it can be held.
 ///
-/// The answer's future (~570 bytes: the subscription, the reply, the deadline, the
-/// shutdown wait) is boxed, so that a parked connection's task does not carry it in every
-/// state (`app::parked`). The box is not allocated per poll (issue 17): a poll that ends
+/// The answer's future (~390 bytes: the subscription, the reply, the deadline's place on the node's timer) is boxed,
+/// so that a parked connection's task does not carry it in every state (`app::parked`). The box is not allocated per poll (issue 17): a poll that ends
 /// gives it back to its thread's spares (`SPARE_WAITS`, as `net::pool` keeps read buffers)
 /// and the next long poll on the thread writes its future into it in place (`Slot::refill`).
 pub struct Wait {
@@ -255,7 +262,7 @@ impl<F: Future<Output = Answer> + Send + 'static> Slot for Option<F> {
 }
 
 // Spare answer boxes, per thread: touched only by the task running on the thread, with no
-// lock; at most `KEEP_WAITS` (each ~570 bytes).
+// lock; at most `KEEP_WAITS` (each ~390 bytes).
 thread_local! {
     static SPARE_WAITS: std::cell::RefCell<Vec<Pin<Box<dyn Slot>>>> =
         const { std::cell::RefCell::new(Vec::new()) };
@@ -418,7 +425,8 @@ mod tests {
         assert_eq!(kept.after.offset, 1, "the held one is untouched");
     }
 
-    /// Shutdown ends a waiting poll at once, with the notice of SPEC §13.
+    /// Shutdown reaches a waiting poll through its queue (the node's one pass over the hub),
+    /// not a wait of its own: it answers at once, with the notice of SPEC §13.
     #[tokio::test]
     async fn a_waiting_long_poll_answers_with_the_shutdown_notice_when_the_node_shuts_down() {
         let mut config = crate::config::Config::default();

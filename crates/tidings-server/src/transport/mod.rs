@@ -2,6 +2,7 @@
 //! the lifecycle that SSE and NDJSON streaming share, `params.rs` the subscribe parameters
 //! every HTTP transport accepts.
 
+pub mod due;
 pub mod http_stream;
 pub mod long_poll;
 pub mod params;
