@@ -198,4 +198,32 @@ mod tests {
         assert!(long.passed() && woken(&queues[0]));
         assert!(deadlines.lock().is_empty(), "every entry out");
     }
+
+    /// Whether `queue` was closed for shutdown.
+    fn shut(queue: &SessionQueue) -> bool {
+        queue.drain_into(&mut Vec::new()) == Err(tidings_core::DisconnectReason::Shutdown)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn shutdown_closes_every_waiting_poll_and_every_poll_that_registers_after_it() {
+        let deadlines = Arc::new(Deadlines::default());
+        let shutdown = tokio_util::sync::CancellationToken::new();
+        let queues: Vec<_> = (0..2).map(|_| SessionQueue::new(1 << 20)).collect();
+        let waiting = deadlines.add(1, &queues[0], Duration::from_secs(30), &shutdown);
+        tokio::task::yield_now().await;
+        assert!(!shut(&queues[0]), "a poll waits until shutdown");
+        shutdown.cancel();
+        while !deadlines.closing.load(Ordering::SeqCst) {
+            tokio::task::yield_now().await;
+        }
+        assert!(shut(&queues[0]), "the waiting poll is closed");
+        assert!(!waiting.passed(), "by shutdown, not by its deadline");
+        let late = deadlines.add(2, &queues[1], Duration::from_secs(30), &shutdown);
+        assert!(
+            shut(&queues[1]),
+            "a poll that registers after the pass is closed at once"
+        );
+        drop((waiting, late));
+        assert!(deadlines.lock().is_empty(), "every entry out");
+    }
 }
