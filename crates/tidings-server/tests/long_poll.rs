@@ -128,22 +128,27 @@ async fn until_held(server: &TestServer, channel: &str, n: usize) {
     .await;
 }
 
-#[tokio::test]
-async fn many_held_pollers_get_every_message_once_and_in_order() {
-    const POLLERS: usize = 12;
-    const MESSAGES: u64 = 40;
-    let server = TestServer::spawn().await;
-    let start = server.cursor_now("fan").await;
+/// `n` pollers on `channel` from now, each polling again as soon as it is answered until it
+/// has `messages`; each task returns what it got. Every answer is a 200 with no gap, whose
+/// ETag is its cursor.
+async fn pollers(
+    server: &TestServer,
+    channel: &'static str,
+    n: usize,
+    messages: u64,
+) -> Vec<tokio::task::JoinHandle<Vec<Value>>> {
+    let start = server.cursor_now(channel).await;
     let mut pollers = Vec::new();
-    for _ in 0..POLLERS {
-        let mut client = Client::open(&server).await;
+    for _ in 0..n {
+        let mut client = Client::open(server).await;
         let mut cursor = start.clone();
         pollers.push(tokio::spawn(async move {
             let mut got = Vec::new();
-            while got.len() < MESSAGES as usize {
-                client.poll("fan", &cursor).await;
+            while got.len() < messages as usize {
+                client.poll(channel, &cursor).await;
                 let answer = client.answer(false).await;
                 assert_eq!(answer.status, 200);
+                assert_eq!(answer.body["gaps"], json!([]), "no gap to tell of");
                 cursor = answer.cursor();
                 assert_eq!(answer.header("etag"), Some(&*format!("\"{cursor}\"")));
                 got.extend(answer.data());
@@ -151,6 +156,15 @@ async fn many_held_pollers_get_every_message_once_and_in_order() {
             got
         }));
     }
+    pollers
+}
+
+#[tokio::test]
+async fn many_held_pollers_get_every_message_once_and_in_order() {
+    const POLLERS: usize = 12;
+    const MESSAGES: u64 = 40;
+    let server = TestServer::spawn().await;
+    let pollers = pollers(&server, "fan", POLLERS, MESSAGES).await;
     for i in 0..MESSAGES {
         // Every fourth message finds every poller held (answered in one pass); the others
         // race the pollers' next polls, into their queues or their hooks.
@@ -380,24 +394,7 @@ fn pollers_racing_an_unwaiting_publisher_on_a_runtime_polling_io_after_every_tas
         .unwrap();
     runtime.block_on(async {
         let server = TestServer::with(|c| c.channels.history_size = 10_000).await;
-        let start = server.cursor_now("race").await;
-        let mut pollers = Vec::new();
-        for _ in 0..POLLERS {
-            let mut client = Client::open(&server).await;
-            let mut cursor = start.clone();
-            pollers.push(tokio::spawn(async move {
-                let mut got = Vec::new();
-                while got.len() < MESSAGES as usize {
-                    client.poll("race", &cursor).await;
-                    let answer = client.answer(false).await;
-                    assert_eq!(answer.status, 200);
-                    assert_eq!(answer.body["gaps"], json!([]), "no gap to tell of");
-                    cursor = answer.cursor();
-                    got.extend(answer.data());
-                }
-                got
-            }));
-        }
+        let pollers = pollers(&server, "race", POLLERS, MESSAGES).await;
         for i in 0..MESSAGES {
             server.publish("race", json!(i)).await;
         }
