@@ -767,6 +767,10 @@ mod tests {
         assert!(e.to_string().contains("drain_grace"), "{e}");
         assert!(Config::from_toml("[server]\nreconnect_spread = \"soon\"\n").is_err());
         assert!(Config::from_toml("[server]\ndrain_grace = \"0s\"\n").is_ok());
+        let e = Config::from_toml("[server]\nruntime_event_interval = 0\n").unwrap_err();
+        assert!(e.to_string().contains("runtime_event_interval"), "{e}");
+        let c = Config::from_toml("[server]\nruntime_event_interval = 1\n").unwrap();
+        assert_eq!(c.server.runtime_event_interval, 1);
     }
 
     #[test]
