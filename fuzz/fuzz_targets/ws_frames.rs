@@ -13,7 +13,7 @@ const MAX: usize = 4096;
 
 /// Decodes `data` delivered in pieces cut at `cuts`; what came out and how it ended.
 fn decode(data: &[u8], cuts: &[usize]) -> (Vec<Incoming>, Option<Fail>) {
-    let mut d = Decoder::new(MAX);
+    let mut d = Decoder::new();
     let mut buf = BytesMut::new();
     let mut out = Vec::new();
     let mut start = 0;
@@ -22,7 +22,7 @@ fn decode(data: &[u8], cuts: &[usize]) -> (Vec<Incoming>, Option<Fail>) {
         buf.extend_from_slice(&data[start..end]);
         start = end;
         loop {
-            match d.next(&mut buf) {
+            match d.next(&mut buf, MAX) {
                 Ok(Some(incoming)) => out.push(incoming),
                 Ok(None) => break,
                 Err(fail) => return (out, Some(fail)),
