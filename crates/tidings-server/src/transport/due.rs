@@ -176,25 +176,47 @@ mod tests {
         queue.poll_ready(&mut cx).is_ready()
     }
 
+    /// A node's deadlines, its shutdown token and `n` session queues.
+    fn fixture(
+        n: usize,
+    ) -> (
+        Arc<Deadlines>,
+        tokio_util::sync::CancellationToken,
+        Vec<Arc<SessionQueue>>,
+    ) {
+        let queues = (0..n).map(|_| SessionQueue::new(1 << 20)).collect();
+        (
+            Arc::default(),
+            tokio_util::sync::CancellationToken::new(),
+            queues,
+        )
+    }
+
+    /// Moves the paused clock by `by`, then lets the timer task run what is due.
+    async fn advance(by: Duration) {
+        tokio::time::advance(by).await;
+        for _ in 0..8 {
+            tokio::task::yield_now().await;
+        }
+    }
+
     #[tokio::test(start_paused = true)]
     async fn each_poll_is_woken_at_its_own_due_time_never_before_and_an_answered_one_not_at_all() {
-        let deadlines = Arc::new(Deadlines::default());
-        let shutdown = tokio_util::sync::CancellationToken::new();
-        let queues: Vec<_> = (0..3).map(|_| SessionQueue::new(1 << 20)).collect();
+        let (deadlines, shutdown, queues) = fixture(3);
         let long = deadlines.add(1, &queues[0], Duration::from_millis(2_000), &shutdown);
         let short = deadlines.add(2, &queues[1], Duration::from_millis(1_000), &shutdown);
         let answered = deadlines.add(3, &queues[2], Duration::from_millis(500), &shutdown);
         drop(answered);
-        tokio::time::sleep(Duration::from_millis(999)).await;
+        advance(Duration::from_millis(999)).await;
         assert!(
             !short.passed() && !woken(&queues[1]),
             "not before its wait ends"
         );
-        tokio::time::sleep(Duration::from_millis(2)).await;
+        advance(Duration::from_millis(2)).await;
         assert!(short.passed() && woken(&queues[1]));
         assert!(!long.passed() && !woken(&queues[0]));
         assert!(!woken(&queues[2]), "taken out when answered");
-        tokio::time::sleep(Duration::from_millis(1_000)).await;
+        advance(Duration::from_millis(1_000)).await;
         assert!(long.passed() && woken(&queues[0]));
         assert!(deadlines.lock().is_empty(), "every entry out");
     }
@@ -206,9 +228,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn shutdown_closes_every_waiting_poll_and_every_poll_that_registers_after_it() {
-        let deadlines = Arc::new(Deadlines::default());
-        let shutdown = tokio_util::sync::CancellationToken::new();
-        let queues: Vec<_> = (0..2).map(|_| SessionQueue::new(1 << 20)).collect();
+        let (deadlines, shutdown, queues) = fixture(2);
         let waiting = deadlines.add(1, &queues[0], Duration::from_secs(30), &shutdown);
         tokio::task::yield_now().await;
         assert!(!shut(&queues[0]), "a poll waits until shutdown");
