@@ -395,3 +395,33 @@ async fn websocket_upgrades_refuse_plain_requests_with_json_errors() {
         (400, json!("invalid_channel"))
     );
 }
+
+/// The WebSocket gauges follow a session: one connection while it is open, its channels as
+/// it joins and leaves them, and nothing left once it closes.
+#[tokio::test]
+async fn the_websocket_gauges_follow_a_session_s_joins_and_leaves_and_its_close() {
+    let server = TestServer::spawn().await;
+    let connections = "tidings_connections{transport=\"websocket\"}";
+    let subscriptions = "tidings_subscriptions{transport=\"websocket\"}";
+    let mut ws = connect(&server, "/ws").await;
+    server.await_metric(connections, 1.0).await;
+    for (id, channel) in [(1, "a"), (2, "b"), (3, "c")] {
+        send(
+            &mut ws,
+            json!({"id": id, "op": "subscribe", "channel": channel}),
+        )
+        .await;
+        assert_eq!(next_json(&mut ws).await["ok"], true);
+    }
+    assert_eq!(server.metric(subscriptions).await, 3.0);
+    send(
+        &mut ws,
+        json!({"id": 4, "op": "unsubscribe", "channel": "b"}),
+    )
+    .await;
+    assert_eq!(next_json(&mut ws).await["ok"], true);
+    assert_eq!(server.metric(subscriptions).await, 2.0);
+    ws.close(None).await.unwrap();
+    server.await_metric(connections, 0.0).await;
+    server.await_metric(subscriptions, 0.0).await;
+}

@@ -49,6 +49,7 @@ use crate::app::access_log::Claim;
 use crate::app::error::ApiError;
 use crate::app::publish::{self, position_json};
 use crate::auth::Principal;
+use crate::metrics::SessionCount;
 use crate::net::ConnectionCtx;
 use crate::net::upgrade::{Pending, SessionIo, StartFn, Upgradable};
 use crate::net::wsframe::{self, Decoder, Incoming, OP_BINARY, OP_PING, OP_PONG, OP_TEXT};
@@ -408,7 +409,7 @@ struct Session {
     /// This session's part of the WebSocket gauges, taken off them when it drops. Not a
     /// `SessionGauge`: that keeps a pointer to the metrics the state has (16 bytes where
     /// this is 4).
-    channels: i32,
+    count: SessionCount,
     mode: Mode,
     peer: Peer,
     /// When the client was last heard from (any frame, pongs included: it is alive) and
@@ -424,9 +425,8 @@ const WS: usize = TransportKind::WebSocket as usize;
 
 impl Drop for Session {
     fn drop(&mut self) {
-        let metrics = &self.state.metrics;
-        metrics.connections[WS].fetch_sub(1, Relaxed);
-        metrics.subscriptions[WS].fetch_sub(i64::from(self.channels), Relaxed);
+        self.count
+            .close(&self.state.metrics, TransportKind::WebSocket);
     }
 }
 
@@ -440,9 +440,11 @@ fn run(
     peer: Peer,
     gap: bool,
 ) -> impl Future<Output = u64> + Send {
-    let channels = sub.channels().len() as i32;
-    state.metrics.connections[WS].fetch_add(1, Relaxed);
-    state.metrics.subscriptions[WS].fetch_add(i64::from(channels), Relaxed);
+    let count = SessionCount::open(
+        &state.metrics,
+        TransportKind::WebSocket,
+        sub.channels().len(),
+    );
     // The overflow reaches the session through its queue (`Subscription::cut`), which
     // counts it at its goodbye: no kill switch (a session that owns its socket needs none)
     // and no overflow hook.
@@ -454,7 +456,7 @@ fn run(
         decoder: Decoder::new(),
         state,
         sub,
-        channels,
+        count,
         mode,
         peer,
         heard: now,
@@ -664,9 +666,9 @@ impl Session {
         }
     }
 
-    fn channels_changed(&mut self, delta: i32) {
-        self.channels += delta;
-        self.state.metrics.subscriptions[WS].fetch_add(i64::from(delta), Relaxed);
+    fn channels_changed(&mut self, delta: i64) {
+        self.count
+            .channels_changed(&self.state.metrics, TransportKind::WebSocket, delta);
     }
 
     fn push(&mut self, value: Value) {
@@ -781,7 +783,7 @@ impl Session {
         for channel in &channels {
             self.sub.remove(channel);
         }
-        self.channels_changed(-(channels.len() as i32));
+        self.channels_changed(-(channels.len() as i64));
     }
 
     /// Answers the client's close frame with its own code (none if it gave none) and ends.
