@@ -56,8 +56,8 @@ pub fn later(
     held: Option<Arc<HeldPoll>>,
 ) -> Wait {
     let hook = held.clone();
-    // Kept across the wait in 8 bytes, not 16: with the box at 504 bytes, each 16 is one
-    // step of malloc's size classes.
+    // Kept across the wait in 8 bytes, not 16: each 16 bytes of the box is one step of
+    // malloc's size classes.
     let wait = Wait32::of(wait);
     let answer = async move {
         // The deadline on the node's one timer, not a `Sleep` of its own (`transport::due`):
@@ -132,8 +132,8 @@ pub struct HeldPoll {
 }
 
 /// The poll's wait in 8 bytes, not a `Duration`'s 16 (the hook's and the wait's size,
-/// `app::parked`): a
-/// wait is at most `long_poll_max_wait`, far under 2^32 seconds (longer is kept as that).
+/// `app::parked`): a wait is at most `long_poll_max_wait`, far under 2^32 seconds (longer
+/// is kept as that).
 #[derive(Clone, Copy)]
 struct Wait32 {
     secs: u32,
@@ -218,9 +218,10 @@ impl Held for HeldPoll {
 
 /// A long poll's answer, still to come, and its hook when it can be held.
 ///
-/// The answer's future (~390 bytes: the subscription, the reply, the deadline's place on the node's timer) is boxed,
-/// so that a parked connection's task does not carry it in every state (`app::parked`). The box is not allocated per poll (issue 17): a poll that ends
-/// gives it back to its thread's spares (`SPARE_WAITS`, as `net::pool` keeps read buffers)
+/// The answer's future (~390 bytes: the subscription, the reply, the deadline's place on
+/// the node's timer) is boxed, so that a parked connection's task does not carry it in
+/// every state (`app::parked`). The box is not allocated per poll (issue 17): a poll that
+/// ends gives it back to its thread's spares (`SPARE_WAITS`, as `net::pool` keeps read buffers)
 /// and the next long poll on the thread writes its future into it in place (`Slot::refill`).
 pub struct Wait {
     answer: Option<Pin<Box<dyn Slot>>>,
